@@ -1,0 +1,36 @@
+# Relay: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch: a plain requirement resolves to a multi-GB CUDA build. Without a GPU, install the CPU
+# build first (on the project's CI machines `torch==2.13.0` is a CPU wheel on local disk), and the
+# project's own range (torch>=2.3,<3) is then already met.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: demo test bench results clean venv
+
+venv: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	if ! nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/relay demo
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/throttle.py
+	$(PY) bench/collectives.py
+	$(PY) bench/training.py
+
+results: venv
+	$(VENV)/bin/relay breakeven --preset headline
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

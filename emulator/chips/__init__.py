@@ -1,0 +1,167 @@
+"""The chip catalog: sourced figures for every accelerator Relay can emulate.
+
+    >>> from emulator import chips
+    >>> chips.get("h100").peak_flops("bf16")   # FLOP/s
+    989400000000000.0
+
+Figures live in catalog.toml (human units, one source per figure); this module turns them into
+frozen `Chip` objects and checks them. Code reads SI units through the properties (`hbm_Bps`,
+`peak_flops()`), never the catalog's TFLOPS or GB/s directly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+CATALOG = Path(__file__).with_name("catalog.toml")
+
+# Default efficiencies of the cost model (kernels/cost.py), overridable per chip and per run.
+MATMUL_EFF = 0.7  # fraction of dense peak a large GEMM reaches (cuBLAS-class kernels reach 0.7-0.8);
+#                   whole-job MFU of 38-47% (SPECS.md) then emerges from small ops and communication
+MEM_EFF = 0.8  # fraction of HBM bandwidth a streaming kernel reaches
+LAUNCH_US = 4.0  # fixed cost per kernel (launch + tail), us
+
+FIGURES = ("bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tbps", "scaleup_gbps", "scaleup_latency_us",
+           "scaleout_gbps", "scaleout_latency_us", "power_w")
+# figures that may be absent from a data sheet, and the word the catalog uses for that
+MAYBE = {"fp8_tflops": "none", "scaleout_gbps": "unknown", "power_w": "unknown"}
+DTYPE_PEAK = {"bf16": "bf16_tflops", "fp16": "bf16_tflops", "fp8": "fp8_tflops"}
+
+
+@dataclass(frozen=True)
+class Chip:
+    name: str  # catalog key, e.g. "ascend-910c"
+    bf16_tflops: float  # dense BF16 (and FP16) peak, 1e12 FLOP/s
+    hbm_gb: float  # HBM capacity, 1e9 bytes
+    hbm_tbps: float  # HBM bandwidth, 1e12 bytes/s
+    scaleup_gbps: float  # scale-up link bandwidth per device, per direction, 1e9 bytes/s
+    scaleup_latency_us: float  # per-message latency inside a scale-up domain, us
+    scaleout_latency_us: float  # per-message latency across domains, us
+    fp8_tflops: float | None = None  # dense FP8 peak; None: no FP8
+    scaleout_gbps: float | None = None  # scale-out bandwidth per device, per direction; None: unknown
+    power_w: float | None = None  # power per device, W; None: unknown
+    display: str = ""  # name as vendors write it
+    vendor: str = ""
+    matmul_eff: float = MATMUL_EFF  # see the module constants
+    mem_eff: float = MEM_EFF
+    launch_us: float = LAUNCH_US
+    estimates: tuple[str, ...] = ()  # figures that SPECS.md marks as estimates or disputed
+    sources: dict = field(default_factory=dict, compare=False)  # figure -> where it comes from
+    note: str = ""
+
+    def __post_init__(self):
+        for f in FIGURES + ("matmul_eff", "mem_eff", "launch_us"):
+            v = getattr(self, f)
+            if v is None and f in MAYBE:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                if f == "launch_us" and v == 0:
+                    continue
+                allowed = f' (or "{MAYBE[f]}")' if f in MAYBE else ""
+                raise ValueError(f"chip {self.name!r}: {f} = {v!r} is invalid; "
+                                 f"give a positive number{allowed}")
+        for f in ("matmul_eff", "mem_eff"):
+            if getattr(self, f) > 1:
+                raise ValueError(f"chip {self.name!r}: {f} = {getattr(self, f)!r} is above 1; "
+                                 "an efficiency is a fraction of peak in (0, 1]")
+        for f in self.estimates:
+            if f not in FIGURES:
+                raise ValueError(f"chip {self.name!r}: estimates lists {f!r}, which is not a figure; "
+                                 f"figures are {', '.join(FIGURES)}")
+
+    # -- SI views (the only way code should read figures) --
+    def peak_flops(self, dtype: str = "bf16") -> float:
+        """Dense peak in FLOP/s for an emulated dtype ("bf16", "fp16", "fp8")."""
+        if dtype not in DTYPE_PEAK:
+            raise ValueError(f"dtype = {dtype!r} is not an emulated dtype; choose one of "
+                             f"{', '.join(DTYPE_PEAK)}")
+        tflops = getattr(self, DTYPE_PEAK[dtype])
+        if tflops is None:
+            raise ValueError(f"chip {self.name!r} has no {dtype} peak; emulate dtype='bf16' instead")
+        return tflops * 1e12
+
+    @property
+    def hbm_bytes(self) -> float:
+        return self.hbm_gb * 1e9
+
+    @property
+    def hbm_Bps(self) -> float:
+        return self.hbm_tbps * 1e12
+
+    def is_estimate(self, figure: str) -> bool:
+        return figure in self.estimates
+
+    def replace(self, **changes) -> "Chip":
+        """A copy with some fields changed (validated again), e.g. chip.replace(matmul_eff=0.5)."""
+        from dataclasses import replace
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _parse(name: str, raw: dict) -> Chip:
+    raw = dict(raw)
+    kw = {"name": name}
+    for f in FIGURES:
+        if f not in raw:
+            raise ValueError(f"chip {name!r}: figure {f} is missing from the catalog; add it "
+                             f"(a positive number{' or ' + repr(MAYBE[f]) if f in MAYBE else ''})")
+        v = raw.pop(f)
+        if f in MAYBE and v == MAYBE[f]:
+            v = None
+        kw[f] = v
+    sources = raw.pop("sources", {})
+    missing = [f for f in FIGURES if kw[f] is not None and f not in sources]
+    if missing:
+        raise ValueError(f"chip {name!r}: no source for {', '.join(missing)}; "
+                         f"add them under [{name}.sources]")
+    kw["sources"] = sources
+    kw["estimates"] = tuple(raw.pop("estimates", ()))
+    allowed = {"display", "vendor", "note", "matmul_eff", "mem_eff", "launch_us"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ValueError(f"chip {name!r}: unknown field(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(FIGURES + tuple(sorted(allowed)))}")
+    kw.update(raw)
+    return Chip(**kw)
+
+
+def load(path: Path | str = CATALOG) -> dict[str, Chip]:
+    """Parse and validate a catalog file; returns {name: Chip}."""
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    return {name: _parse(name, raw) for name, raw in data.items()}
+
+
+_CATALOG: dict[str, Chip] = load()
+
+
+def names() -> list[str]:
+    return list(_CATALOG)
+
+
+def get(name: str | Chip) -> Chip:
+    """The catalog chip called `name` (case-insensitive); a Chip passes through."""
+    if isinstance(name, Chip):
+        return name
+    key = str(name).strip().lower()
+    if key in _CATALOG:
+        return _CATALOG[key]
+    close = difflib.get_close_matches(key, _CATALOG, n=3, cutoff=0.5)
+    close += [n for n in _CATALOG if key and key in n and n not in close]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ValueError(f"chip = {name!r} is not in the catalog; {hint}known chips: {', '.join(_CATALOG)}")
+
+
+def register(chip: Chip) -> Chip:
+    """Add a user-defined chip to the catalog for this process (and name it in configs)."""
+    _CATALOG[chip.name] = chip
+    return chip

@@ -1,0 +1,377 @@
+"""Cluster: the device actors of one experiment, on an embedded or an existing Ray cluster.
+
+    with Cluster(System.preset("hgx-h100"), clock="virtual") as cluster:
+        cluster.run_matmuls([1024, 2048])
+        outputs, seconds = cluster.all_reduce(tensors, algorithm="ring")
+
+With no address and no Ray running in the process, the cluster starts an embedded local Ray
+(no dashboard) and shuts it down on exit; with an address, or when Ray is already initialised,
+it uses that cluster and leaves it running. Either way, exiting kills every actor it started.
+A job runs on the first `system.devices` actors, so one set of actors serves systems of any size
+up to the number started (`configure` switches the system between jobs, growing if needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import psutil
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from emulator.collectives import DTYPE_BYTES, pipeline_chunks, topology_of
+from emulator.collectives.schedules import check as check_collective, schedule
+from emulator.device import Job, RemoteDevice
+from emulator.system import System
+from kernels.calibrate import calibrate, check_dilation, dilation_for
+from kernels.cost import CostModel
+
+MEMORY_MB = 300  # Ray memory reserved per device actor (a torch process is ~175 MB unique)
+CPU_PER_DEVICE = 0.01  # Ray CPU per device: devices time-share cores; the dilation keeps them honest
+HOST_LATENCY_S = 0.5e-3  # conservative real one-way message time between actors on one host
+HOST_BPS = 1.0e9  # conservative real bytes/s between actors on one host (measured ~2.4e9 unloaded)
+CLOCKS = ("virtual", "wall")
+OPS = ("sum", "avg")
+
+
+class DeviceError(RuntimeError):
+    """One device failed; the run was stopped. `device` is its index, `what` the job."""
+
+    def __init__(self, device: int, what: str, cause: str):
+        self.device, self.what, self.cause = device, what, cause
+        super().__init__(f"device {device} failed during {what}: {cause}")
+
+
+class CollectiveResult:
+    """Per-device outputs and the emulated seconds; unpacks as (outputs, emulated_s)."""
+
+    def __init__(self, outputs, emulated_s, per_device_s, real_s, fidelity):
+        self.outputs = outputs  # one tensor per device
+        self.emulated_s = emulated_s  # the collective's emulated time: slowest device, seconds
+        self.per_device_s = per_device_s  # each device's emulated finishing time
+        self.real_s = real_s  # host wall seconds (slowest device)
+        self.fidelity = fidelity  # wall clock: worst device's fidelity; virtual: 1.0
+
+    def __iter__(self):
+        return iter((self.outputs, self.emulated_s))
+
+
+def _system(system) -> System:
+    if isinstance(system, System):
+        return system
+    if isinstance(system, str):
+        return System.preset(system)
+    raise ValueError(f"system = {system!r} is not a System; pass emulator.System(...) or a preset "
+                     f"name ({', '.join(System.presets())})")
+
+
+class Cluster:
+    def __init__(self, system, clock: str = "virtual", dilation: float | None = None,
+                 address: str | None = None, device: str = "cpu", *, dtype: str = "bf16",
+                 efficiency: dict | None = None, timeout_s: float = 30.0, memory_mb: float = MEMORY_MB,
+                 check_dilation: bool = True):
+        self.system = _system(system)
+        self.clock, self.dilation = clock, dilation
+        self._check_clock()
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device = {device!r} is not a host device; choose 'cpu' or 'cuda'")
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValueError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
+        if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
+            raise ValueError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
+        self.efficiency = dict(efficiency or {})
+        CostModel(self.system.chip, dtype, **self.efficiency)  # validates dtype and efficiencies
+        self.address, self.device, self.dtype = address, device, dtype
+        self.timeout_s, self.memory_mb, self.check_dilation = timeout_s, memory_mb, check_dilation
+        self.actors: list = []
+        self.info: list[dict] = []  # per actor: pid, node_ip, hostname
+        self._pgs: list = []
+        self._owns_ray = False
+        self.host = None  # HostCalibration, measured on start
+
+    def _check_clock(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock = {self.clock!r} is unknown; choose 'virtual' or 'wall'")
+        if self.dilation is not None:
+            if self.clock != "wall":
+                raise ValueError(f"dilation = {self.dilation!r} applies to clock='wall' only; "
+                                 "drop it or set clock='wall'")
+            if isinstance(self.dilation, bool) or not isinstance(self.dilation, (int, float)) \
+                    or not math.isfinite(self.dilation) or self.dilation <= 0:
+                raise ValueError(f"dilation = {self.dilation!r} is invalid; give real seconds per "
+                                 "emulated second (> 0), or None to choose it automatically")
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> "Cluster":
+        if not ray.is_initialized():
+            if self.address is None:
+                ray.init(address="local", num_cpus=psutil.cpu_count() or 1, include_dashboard=False,
+                         object_store_memory=512 * 2**20, logging_level=logging.WARNING,
+                         log_to_driver=True)
+            else:
+                ray.init(address=self.address, logging_level=logging.WARNING)
+            self._owns_ray = True
+        self.host = calibrate()
+        self._grow(self.system.devices)
+        return self
+
+    def close(self) -> None:
+        """Kill every actor this cluster started (and the embedded Ray, if it started one)."""
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already dead
+                pass
+        for pg in self._pgs:
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass
+        local = ray.util.get_node_ip_address() if ray.is_initialized() else None
+        pids = [i["pid"] for i in self.info if i["node_ip"] == local]
+        self.actors, self.info, self._pgs = [], [], []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+        _wait_gone(pids, timeout_s=15)
+
+    @property
+    def pids(self) -> list[int]:
+        return [i["pid"] for i in self.info]
+
+    def configure(self, system=None, clock: str | None = None, dilation=...) -> "Cluster":
+        """Switch the system (any size; more actors are started if needed) or the clock."""
+        if system is not None:
+            self.system = _system(system)
+        if clock is not None:
+            self.clock = clock
+            if dilation is ...:
+                self.dilation = None
+        if dilation is not ...:
+            self.dilation = dilation
+        self._check_clock()
+        if self.actors and self.system.devices > len(self.actors):
+            self._grow(self.system.devices)
+        return self
+
+    def _grow(self, n: int) -> None:
+        have = len(self.actors)
+        if n <= have:
+            return
+        new = n - have
+        res = ray.available_resources()
+        mem = self.memory_mb * 2**20
+        gpu = 0.0
+        if self.device == "cuda":
+            total_gpu = ray.cluster_resources().get("GPU", 0)
+            if total_gpu <= 0:
+                raise ValueError("device = 'cuda' but the Ray cluster has no GPU; use device='cpu'")
+            gpu = min(1.0, total_gpu / n)
+        fit = min(int(res.get("memory", 0) // mem), int(res.get("CPU", 0) / CPU_PER_DEVICE + 1e-9))
+        if gpu:
+            fit = min(fit, int(res.get("GPU", 0) / gpu + 1e-9))
+        if fit < new:
+            raise ValueError(f"the Ray cluster has room for {fit} more device(s) ({res.get('memory', 0) / 2**30:.1f} "
+                             f"GiB memory free at {self.memory_mb} MB each), but {new} were asked "
+                             f"(devices = {n}); use fewer devices, a smaller memory_mb, or a larger cluster")
+        bundle = {"CPU": CPU_PER_DEVICE, "memory": mem} | ({"GPU": gpu} if gpu else {})
+        pg = placement_group([bundle] * new, strategy="PACK")
+        if not _wait_ready(pg.ready(), timeout_s=60):
+            remove_placement_group(pg)
+            raise RuntimeError(f"could not place {new} device(s) on the Ray cluster within 60 s")
+        self._pgs.append(pg)
+        for i in range(new):
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+            self.actors.append(RemoteDevice.options(
+                num_cpus=CPU_PER_DEVICE, num_gpus=gpu, memory=mem, scheduling_strategy=strategy,
+            ).remote(have + i, self.device))
+        self.info = self._gather([a.ready.remote() for a in self.actors], "start-up")
+        self._connect()
+
+    def _connect(self, tries: int = 3) -> None:
+        """(Re)build the gloo group over all actors; rank 0 picks the address and a free port."""
+        world = len(self.actors)
+        nodes = {i["node_ip"] for i in self.info}
+        host = "127.0.0.1" if len(nodes) == 1 else self.info[0]["node_ip"]
+        for attempt in range(tries):
+            addr, port = ray.get(self.actors[0].free_address.remote(host))
+            try:
+                self._gather([a.connect.remote(addr, port, world, self.timeout_s) for a in self.actors],
+                             "transport set-up", abort=attempt == tries - 1)
+                return
+            except DeviceError:
+                if attempt == tries - 1:
+                    raise
+
+    # ---------------------------------------------------------------- calls
+    def _gather(self, refs: list, what: str, abort: bool = True) -> list:
+        """Results of one call per device; the first failure stops the run and names the device."""
+        index = {ref: i for i, ref in enumerate(refs)}
+        results, pending = [None] * len(refs), list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                try:
+                    results[index[ref]] = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    if abort:
+                        self.close()
+                    raise DeviceError(index[ref], what, _cause(e)) from None
+        return results
+
+    def _job(self, ratio: float) -> Job:
+        """The settings of one run; `ratio` is the job's worst real/emulated time on this host."""
+        n = self.system.devices
+        dilation, epoch = None, None
+        if self.clock == "wall":
+            needed = dilation_for(ratio, n, self.host.cores)
+            if self.dilation is not None and self.check_dilation:
+                check_dilation(self.dilation, needed, n, self.host.cores)
+            dilation = self.dilation or needed
+            epoch = time.time() + 0.3 + 0.02 * n  # every device has the call before emulated 0
+        return Job(self.system, self.clock, dilation, epoch, self.dtype, self.efficiency, self.timeout_s)
+
+    def dilation_needed(self, ratio: float) -> float:
+        return dilation_for(ratio, self.system.devices, (self.host or calibrate()).cores)
+
+    # ---------------------------------------------------------------- compute-only job
+    def run_matmuls(self, sizes: list[int], repeats: int | list[int] = 1) -> list[dict]:
+        """Square matmuls of `sizes` on every device, throttled. Per device: emulated_s (measured),
+        modeled_s (the cost model's sum), real_s, flops, fidelity, overrun_s and per-size rows."""
+        sizes = [int(s) for s in sizes]
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"sizes = {sizes!r} is invalid; give matrix sizes >= 1")
+        reps = [repeats] * len(sizes) if isinstance(repeats, int) else list(repeats)
+        if len(reps) != len(sizes) or any(r < 1 for r in reps):
+            raise ValueError(f"repeats = {repeats!r} is invalid; give an int >= 1 or one per size")
+        cost = CostModel(self.system.chip, self.dtype, **self.efficiency)
+        host = self.host or calibrate()
+        ratio = max(host.matmul_real_s(s) / cost.matmul_cost(s, s, s).seconds for s in sizes)
+        job = self._job(ratio)
+        n = self.system.devices
+        out = self._gather([a.run_matmuls.remote(job, sizes, reps) for a in self.actors[:n]], "run_matmuls")
+        for r in out:
+            r["dilation"] = job.dilation
+        return out
+
+    # ---------------------------------------------------------------- collectives
+    def collective(self, primitive: str, tensors: list, algorithm: str = "ring", op: str = "sum",
+                   root: int = 0, chunks: int | None = None, repeats: int = 1) -> CollectiveResult:
+        """One collective over the devices: `tensors` holds one tensor per device."""
+        return self.collectives(primitive, [tensors], algorithm, op, root, chunks, repeats)[0]
+
+    def collectives(self, primitive: str, cases: list, algorithm: str = "ring", op: str = "sum",
+                    root: int = 0, chunks: int | None = None, repeats: int = 1) -> list[CollectiveResult]:
+        """Several collectives in one call to the devices. A case is a list with one tensor per
+        device, or (numel, dtype name) for tensors of ones made on the devices (benchmarks)."""
+        n = self.system.devices
+        check_collective(primitive, algorithm)
+        if op not in OPS:
+            raise ValueError(f"op = {op!r} is unknown; choose 'sum' or 'avg'")
+        if op != "sum" and primitive not in ("all_reduce", "reduce_scatter"):
+            raise ValueError(f"op = {op!r} does not apply to {primitive}; drop it")
+        if not (isinstance(root, int) and 0 <= root < n):
+            raise ValueError(f"root = {root!r} is not a device; give 0 <= root < {n}")
+        if not (isinstance(repeats, int) and repeats >= 1):
+            raise ValueError(f"repeats = {repeats!r} is invalid; give an integer >= 1")
+        per_device, biggest = [[] for _ in range(n)], 0
+        for case in cases:
+            if isinstance(case, tuple):
+                numel, dtype = case
+                if dtype not in DTYPE_BYTES:
+                    raise ValueError(f"dtype = {dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
+                shape_numel, itemsize, items = numel, DTYPE_BYTES[dtype], [case] * n
+            else:
+                _check_tensors(case, n)
+                shape_numel, itemsize, items = case[0].numel(), case[0].element_size(), case
+            count = shape_numel * (n if primitive == "all_gather" else 1)
+            schedule(primitive, algorithm, 0, n, count, topology_of(self.system))  # refuses bad layouts
+            k = chunks or pipeline_chunks(primitive, algorithm, count * itemsize, self.system)
+            biggest = max(biggest, count * itemsize)
+            for d in range(n):
+                per_device[d].append((items[d], k))
+        job = self._job(self._comm_ratio(biggest))
+        refs = [a.collective.remote(job, primitive, algorithm, per_device[d], op, root, repeats)
+                for d, a in enumerate(self.actors[:n])]
+        res = self._gather(refs, f"{primitive} ({algorithm})")
+        out = []
+        for i in range(len(cases)):
+            rows = [res[d][i] for d in range(n)]
+            times = [r["emulated_s"][-1] for r in rows]
+            out.append(CollectiveResult([r["output"] for r in rows], max(times), times,
+                                        max(r["real_s"] for r in rows), min(r["fidelity"] for r in rows)))
+        return out
+
+    def _comm_ratio(self, nbytes: float) -> float:
+        """Worst real/emulated time of one message on this host, small or large."""
+        links = [self.system.scaleup] + ([self.system.scaleout] if self.system.domains > 1 else [])
+        ratios = [HOST_LATENCY_S / l.latency_s for l in links]
+        ratios += [(HOST_LATENCY_S + nbytes / HOST_BPS) / l.seconds(nbytes) for l in links]
+        return max(ratios)
+
+    def all_reduce(self, tensors, algorithm="ring", op="sum", **kw) -> CollectiveResult:
+        return self.collective("all_reduce", tensors, algorithm, op, **kw)
+
+    def reduce_scatter(self, tensors, algorithm="ring", op="sum", **kw) -> CollectiveResult:
+        return self.collective("reduce_scatter", tensors, algorithm, op, **kw)
+
+    def all_gather(self, tensors, algorithm="ring", **kw) -> CollectiveResult:
+        return self.collective("all_gather", tensors, algorithm, **kw)
+
+    def broadcast(self, tensors, algorithm="ring", root=0, **kw) -> CollectiveResult:
+        return self.collective("broadcast", tensors, algorithm, root=root, **kw)
+
+    def __repr__(self) -> str:
+        return (f"Cluster({self.system.describe()}, clock={self.clock!r}, actors={len(self.actors)})")
+
+
+def _check_tensors(tensors, n: int) -> None:
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != n:
+        got = len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+        raise ValueError(f"tensors: got {got} for {n} devices; give a list with one tensor per device")
+    t0 = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tensors[{i}] is a {type(t).__name__}, not a torch.Tensor")
+        if t.shape != t0.shape or t.dtype != t0.dtype:
+            raise ValueError(f"tensors[{i}] has shape {tuple(t.shape)} and dtype {t.dtype}, but "
+                             f"tensors[0] has {tuple(t0.shape)} and {t0.dtype}; every device must "
+                             "give the same shape and dtype")
+
+
+def _cause(e: Exception) -> str:
+    """The useful line of a Ray error: the remote exception, or that the actor died."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        return f"{type(cause).__name__}: {cause}".split("\n")[0][:500]
+    if isinstance(e, ray.exceptions.ActorDiedError) or isinstance(e, ray.exceptions.RayActorError):
+        return "the device process died (" + str(e).split("\n")[0][:300] + ")"
+    return str(e).split("\n")[0][:500]
+
+
+def _wait_ready(ref, timeout_s: float) -> bool:
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    return bool(ready)
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    for pid in pids:
+        while psutil.pid_exists(pid) and time.time() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)

@@ -1,0 +1,153 @@
+"""One emulated accelerator: a Ray actor running real PyTorch under the throttle.
+
+The actor is generic: each call brings a `Job` (the system, clock and cost settings of that
+run), so one set of actors serves a whole sweep of chips and device counts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import ray
+import torch
+import torch.distributed as dist
+
+from emulator.collectives.core import Ports, finish, link_function, prepare
+from emulator.collectives.schedules import schedule
+from emulator.system import System
+from kernels.clock import make_lane
+from kernels.cost import CostModel
+from kernels.throttle import Throttle
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every device of one run needs to know; sent with each call."""
+    system: System
+    clock: str = "virtual"  # "virtual" | "wall"
+    dilation: float | None = None  # wall clock: real seconds per emulated second
+    epoch: float | None = None  # wall clock: real time (time.time()) of emulated 0, shared
+    dtype: str = "bf16"  # emulated dtype of floating tensors
+    efficiency: dict = field(default_factory=dict)  # matmul_eff, mem_eff, launch_us overrides
+    timeout_s: float = 30.0  # how long a device waits for a peer before failing
+    slowdown: dict = field(default_factory=dict)  # device -> compute slowdown factor (stragglers)
+
+    def lane(self):
+        return make_lane(self.clock, self.dilation, self.epoch)
+
+    def cost_model(self) -> CostModel:
+        return CostModel(self.system.chip, self.dtype, **self.efficiency)
+
+    def throttle(self, rank: int, lane, device: str = "cpu") -> Throttle:
+        return Throttle(self.cost_model(), lane, sync_cuda=device == "cuda" and self.clock == "wall",
+                        slowdown=self.slowdown.get(rank, 1.0))
+
+
+class DeviceActor:
+    def __init__(self, index: int, device: str = "cpu"):
+        torch.set_num_threads(1)
+        self.index = index
+        self.device = device
+        self.transport = None
+
+    # ---------------------------------------------------------------- control
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+                "hostname": socket.gethostname()}
+
+    def free_address(self, host: str) -> tuple[str, int]:
+        from emulator.transport import free_address
+        return free_address(host)
+
+    def connect(self, addr: str, port: int, world: int, timeout_s: float) -> bool:
+        from emulator.transport import Transport
+        self.disconnect()
+        self.transport = Transport(self.index, world, addr, port, timeout_s)
+        return True
+
+    def disconnect(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    # ---------------------------------------------------------------- compute
+    def run_matmuls(self, job: Job, sizes: list[int], repeats: list[int]) -> dict:
+        """Square matmuls of the given sizes under the throttle; per-size and total figures."""
+        gen = torch.Generator().manual_seed(self.index)
+        mats = {n: (torch.randn(n, n, generator=gen).to(self.device),
+                    torch.randn(n, n, generator=gen).to(self.device)) for n in set(sizes)}
+        lane = job.lane()
+        throttle = job.throttle(self.index, lane, self.device)
+        per_size = []
+        lane.start()
+        t_start, r_start = lane.measure(), time.time()
+        with throttle:
+            for n, reps in zip(sizes, repeats):
+                with throttle.pause():
+                    t0, r0, c0, f0 = lane.measure(), time.time(), throttle.emulated_s, throttle.flops
+                a, b = mats[n]
+                for _ in range(reps):
+                    torch.mm(a, b)
+                with throttle.pause():
+                    t1 = lane.measure()
+                per_size.append({"size": n, "repeats": reps, "emulated_s": t1 - t0,
+                                 "modeled_s": throttle.emulated_s - c0, "flops": throttle.flops - f0,
+                                 "real_s": time.time() - r0})
+        total = lane.measure() - t_start
+        stats = lane.stats()
+        return {"device": self.index, "emulated_s": total, "modeled_s": throttle.emulated_s,
+                "real_s": time.time() - r_start, "flops": throttle.flops, "fidelity": stats["fidelity"],
+                "overrun_s": stats["overrun_s"], "overruns": stats["overruns"], "sizes": per_size}
+
+    # ---------------------------------------------------------------- communication
+    def collective(self, job: Job, primitive: str, algorithm: str, cases: list, op: str = "sum",
+                   root: int = 0, repeats: int = 1) -> list[dict]:
+        """Collectives among devices 0..job.system.devices-1 (this one included), one per case.
+        A case is (tensor, chunks), or ((numel, dtype), chunks) for a tensor made here (benchmarks
+        need not ship it)."""
+        from emulator.collectives import topology_of
+        world, rank = job.system.devices, self.index
+        link_of = link_function(job.system)
+        lane = job.lane()
+        self.transport.barrier(world)  # start together: real_s measures the collective, not call skew
+        lane.start()
+        results = []
+        for tensor, chunks in cases:
+            if not isinstance(tensor, torch.Tensor):
+                tensor = torch.ones(tensor[0], dtype=getattr(torch, tensor[1]))
+            steps = schedule(primitive, algorithm, rank, world, _count(primitive, tensor, world),
+                             topology_of(job.system), root=root, chunks=chunks)
+            times, real = [], 0.0
+            for _ in range(repeats):
+                buf = prepare(primitive, rank, world, tensor.cpu())
+                if lane.kind == "virtual":  # each collective from emulated 0: exact, comparable times
+                    lane = job.lane()
+                t0, r0 = lane.measure(), time.time()
+                self.transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size())
+                times.append(lane.measure() - t0)
+                real += time.time() - r0
+            results.append({"output": finish(primitive, rank, world, buf, op, tensor.shape).to(tensor.device),
+                            "emulated_s": times, "real_s": real / repeats})
+        stats = lane.stats()
+        for r in results:
+            r.update(device=rank, fidelity=stats["fidelity"], overrun_s=stats["overrun_s"])
+        return results
+
+    def gloo_all_reduce(self, nbytes: int, repeats: int) -> float:
+        """Real seconds per torch.distributed.all_reduce (gloo's own algorithm), for comparison."""
+        x = torch.ones(nbytes // 4)
+        self.transport.barrier(dist.get_world_size())
+        t = time.time()
+        for _ in range(repeats):
+            dist.all_reduce(x)
+        return (time.time() - t) / repeats
+
+
+def _count(primitive: str, tensor: torch.Tensor, world: int) -> int:
+    return tensor.numel() * (world if primitive == "all_gather" else 1)
+
+
+RemoteDevice = ray.remote(DeviceActor)

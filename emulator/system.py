@@ -1,0 +1,150 @@
+"""Systems: a chip, a device count, scale-up domains, and the two link classes between devices.
+
+Devices are numbered 0..devices-1; domain d holds devices [d*domain, (d+1)*domain). When `domain`
+does not divide `devices`, the last domain holds the remainder (e.g. 10 devices, domain 4: domains
+of 4, 4 and 2); algorithms that need equal domains (hierarchical) refuse such a system.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, replace
+
+from emulator import chips
+from emulator.chips import Chip
+
+# name -> (chip, devices, domain, power per device in W or None for the chip's, description, source)
+PRESETS = {
+    "nvl72": ("b200", 72, 72, 145e3 / 72, "GB200 NVL72: 72 B200 in one NVLink 5 domain",
+              "Nvidia GB200 NVL72 page; power 145 kW all-in (SemiAnalysis, est.)"),
+    "cloudmatrix384": ("ascend-910c", 384, 384, 559e3 / 384,
+                       "CloudMatrix 384: 384 Ascend 910C in one all-to-all UB domain",
+                       "SemiAnalysis 2025-04-16; arXiv 2506.12708; power 559 kW all-in (est.)"),
+    "hgx-h100": ("h100", 8, 8, None, "HGX H100: 8 H100 per NVLink 4 domain, NDR scale-out",
+                 "Nvidia H100 datasheet"),
+    "dgx-a100": ("a100", 8, 8, None, "DGX A100: 8 A100 per NVLink 3 domain, HDR scale-out",
+                 "Nvidia A100 datasheet"),
+    "ascend-910b-x8": ("ascend-910b", 8, 8, None, "8 Ascend 910B on HCCS", "see the chip's sources"),
+    "mi300x-x8": ("mi300x", 8, 8, None, "8 MI300X on Infinity Fabric", "AMD MI300X datasheet"),
+}
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float  # per message
+    Bps: float  # bytes per second, per direction, per device port
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.Bps
+
+
+def _positive(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{owner}: {name} = {value!r} is invalid; give a positive number")
+
+
+@dataclass(frozen=True)
+class System:
+    chip: Chip | str  # a Chip or a catalog name; resolved to a Chip
+    devices: int  # number of emulated devices
+    domain: int | None = None  # devices per scale-up domain; None: one domain of all devices
+    scaleup_gbps: float | None = None  # per device, per direction, GB/s; None: the chip's
+    scaleup_latency_us: float | None = None  # per message, us; None: the chip's
+    scaleout_gbps: float | None = None
+    scaleout_latency_us: float | None = None
+    power_w: float | None = None  # per device, W (all-in for presets); None: the chip's
+    name: str = ""  # preset name, or "" for a custom system
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("chip", chips.get(self.chip))
+        who = f"system {self.name or self.chip.name}"
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
+            raise ValueError(f"{who}: devices = {self.devices!r} is invalid; give an integer >= 1")
+        if self.domain is None:
+            set_("domain", self.devices)
+        if isinstance(self.domain, bool) or not isinstance(self.domain, int) or self.domain < 1:
+            raise ValueError(f"{who}: domain = {self.domain!r} is invalid; give an integer >= 1 "
+                             "(devices per scale-up domain) or None for one domain")
+        if self.domain > self.devices:
+            raise ValueError(f"{who}: domain = {self.domain} is larger than devices = {self.devices}; "
+                             f"give domain <= {self.devices}, or None for one domain of all devices")
+        for f in ("scaleup_gbps", "scaleup_latency_us", "scaleout_latency_us"):
+            if getattr(self, f) is None:
+                set_(f, getattr(self.chip, f))
+            _positive(who, f, getattr(self, f))
+        if self.scaleout_gbps is None:
+            set_("scaleout_gbps", self.chip.scaleout_gbps)
+        if self.scaleout_gbps is None:
+            if self.domains > 1:
+                raise ValueError(f"{who}: scaleout_gbps is unknown for chip {self.chip.name!r} and "
+                                 f"this system spans {self.domains} domains; pass scaleout_gbps=...")
+        else:
+            _positive(who, "scaleout_gbps", self.scaleout_gbps)
+        if self.power_w is None:
+            set_("power_w", self.chip.power_w)
+        if self.power_w is not None:
+            _positive(who, "power_w", self.power_w)
+
+    # -- layout --
+    @property
+    def domains(self) -> int:
+        return -(-self.devices // self.domain)
+
+    @property
+    def domain_sizes(self) -> list[int]:
+        return [min(self.domain, self.devices - d * self.domain) for d in range(self.domains)]
+
+    def domain_of(self, device: int) -> int:
+        return device // self.domain
+
+    # -- links in SI units --
+    @property
+    def scaleup(self) -> Link:
+        return Link(self.scaleup_latency_us / 1e6, self.scaleup_gbps * 1e9)
+
+    @property
+    def scaleout(self) -> Link | None:
+        if self.scaleout_gbps is None:
+            return None
+        return Link(self.scaleout_latency_us / 1e6, self.scaleout_gbps * 1e9)
+
+    def link(self, i: int, j: int) -> Link:
+        return self.scaleup if self.domain_of(i) == self.domain_of(j) else self.scaleout
+
+    @property
+    def peak_flops(self) -> float:
+        """System dense BF16 peak, FLOP/s."""
+        return self.devices * self.chip.peak_flops("bf16")
+
+    # -- construction --
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "System":
+        key = str(name).strip().lower()
+        if key not in PRESETS:
+            close = difflib.get_close_matches(key, PRESETS, n=3, cutoff=0.4)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(f"system preset = {name!r} is unknown; {hint}presets: {', '.join(PRESETS)}")
+        chip, devices, domain, power, note, _source = PRESETS[key]
+        kw = dict(chip=chip, devices=devices, domain=domain, power_w=power, name=key, note=note)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @staticmethod
+    def presets() -> list[str]:
+        return list(PRESETS)
+
+    def scaled(self, devices: int) -> "System":
+        """The same chip and fabric with another device count. The domain size is a property of
+        the fabric (an NVL72 domain holds at most 72, an HGX node 8), so it is kept, capped at the
+        device count: nvl72 scaled to 9 is one domain of 9, to 144 two domains of 72."""
+        return replace(self, devices=devices, domain=min(self.domain, devices))
+
+    def describe(self) -> str:
+        return (f"{self.devices} x {self.chip.name} ({self.domains} domain(s) of {self.domain}; "
+                f"scale-up {self.scaleup_gbps:g} GB/s, {self.scaleup_latency_us:g} us; scale-out "
+                f"{'unknown' if self.scaleout_gbps is None else f'{self.scaleout_gbps:g} GB/s'}, "
+                f"{self.scaleout_latency_us:g} us)")

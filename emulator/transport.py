@@ -1,0 +1,138 @@
+"""The data plane: point-to-point torch.distributed (gloo) between device actors, and the
+distributed executor that runs collective schedules over it.
+
+Every message is two gloo sends posted together (no extra round trip): a 4-number header
+(sender, sequence, bytes, emulated start time) and the payload, received into a reused area. The receiver checks the header
+against its own schedule (a mismatch is a protocol error, never silently absorbed) and computes
+the arrival time with the same link model as the local executor (collectives/core.py).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import defaultdict, deque
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from emulator.collectives.core import apply, gather, time_recv, time_sends
+from emulator.collectives.schedules import Step, seg_len
+
+TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
+
+
+def free_address(host: str) -> tuple[str, int]:
+    """An address rank 0 can listen on: the host and a port the kernel says is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return host, s.getsockname()[1]
+
+
+class Transport:
+    def __init__(self, rank: int, world: int, addr: str, port: int, timeout_s: float):
+        self.rank, self.world, self.timeout = rank, world, timedelta(seconds=timeout_s)
+        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
+                                world_size=world, timeout=self.timeout)
+        self.sent = defaultdict(int)  # peer -> messages sent to it
+        self.got = defaultdict(int)  # peer -> messages received from it
+        self._spare: dict = {}  # (slot, dtype) -> reusable receive area
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self, world: int) -> None:
+        """Wait until devices 0..world-1 all get here (the process group may hold more)."""
+        from emulator.collectives.core import Ports
+        from emulator.collectives.schedules import schedule
+        from kernels.clock import VirtualLane
+        steps = schedule("all_reduce", "halving_doubling", self.rank, world, 1)
+        self.run(steps, torch.zeros(1), VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), 1)
+
+    def _tag(self, seq: int, part: int) -> int:
+        return (2 * seq + part) % TAG_SPACE
+
+    def _scratch(self, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused receive area (fresh allocations page-fault on every step)."""
+        buf = self._spare.get((slot, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._spare[slot, dtype] = torch.empty(max(n, 1), dtype=dtype)
+        return buf
+
+    def _post_recvs(self, step: Step, slot: int, dtype: torch.dtype) -> list:
+        need = sum(seg_len(r.segs) for r in step.recvs)
+        scratch, at, posted = self._scratch(slot, need, dtype), 0, []
+        for r in step.recvs:
+            seq = self.got[r.peer]
+            self.got[r.peer] += 1
+            hdr = torch.empty(4, dtype=torch.float64)
+            works = [dist.irecv(hdr, r.peer, tag=self._tag(seq, 0))]
+            n = seg_len(r.segs)
+            area = scratch[at:at + n] if n else None
+            if n:
+                works.append(dist.irecv(area, r.peer, tag=self._tag(seq, 1)))
+            at += n
+            posted.append((r, seq, n, hdr, area, works))
+        return posted
+
+    def run(self, steps: list[Step], buf: torch.Tensor, lane, ports, link_of, elem_bytes: int) -> None:
+        """Execute this rank's schedule on `buf` (flat, CPU), pacing every message on `lane`.
+
+        Receives are posted `window` steps ahead, so that a sender that runs ahead never finds
+        its peer unready: gloo then writes arriving bytes straight into place (measured on 4
+        actors, 4 MB ring steps: 4.2 ms with the receive posted first, 7.0 ms without)."""
+        me = self.rank
+        most = max((sum(seg_len(r.segs) for r in st.recvs) for st in steps), default=0)
+        window = max(1, min(len(steps), SCRATCH_BYTES // max(1, most * buf.element_size())))
+        posted = deque(self._post_recvs(steps[k], k % window, buf.dtype) for k in range(window))
+        for k, step in enumerate(steps):
+            t0 = lane.now()
+            incoming = posted.popleft()
+            starts, done = time_sends(me, step, t0, ports, link_of, elem_bytes)
+            sends, keep = [], []
+            for s, start in zip(step.sends, starts):
+                seq = self.sent[s.peer]
+                self.sent[s.peer] += 1
+                n = seg_len(s.segs)
+                hdr = torch.tensor([me, seq, n * elem_bytes, start], dtype=torch.float64)
+                sends.append((dist.isend(hdr, s.peer, tag=self._tag(seq, 0)), s.peer))
+                if n:
+                    payload = gather(buf, s.segs)
+                    sends.append((dist.isend(payload, s.peer, tag=self._tag(seq, 1)), s.peer))
+                    keep.append(payload)
+                keep.append(hdr)
+            end = done
+            for r, seq, n, hdr, area, works in incoming:
+                for w in works:
+                    _wait(w, self.timeout, me, r.peer)
+                sender, hseq, nbytes, start = hdr.tolist()
+                if (int(sender), int(hseq), int(nbytes)) != (r.peer, seq, n * elem_bytes):
+                    raise RuntimeError(f"device {me}: protocol error, expected message {seq} of "
+                                       f"{n * elem_bytes} bytes from device {r.peer}, got message "
+                                       f"{int(hseq)} of {int(nbytes)} bytes from device {int(sender)}")
+                end = max(end, time_recv(me, r, start, ports, link_of, elem_bytes))
+            for w, peer in sends:  # the buffer may change only once the sends have read it
+                _wait(w, self.timeout, me, peer)
+            for r, seq, n, hdr, area, works in incoming:
+                if area is not None:
+                    apply(buf, r, area)
+            if k + window < len(steps):
+                posted.append(self._post_recvs(steps[k + window], (k + window) % window, buf.dtype))
+            lane.advance_to(end)
+
+
+class _Link:  # an instant link, for control messages that are not part of any emulated time
+    latency_s, Bps = 0.0, float("inf")
+
+
+_FREE_LINK = _Link()
+SCRATCH_BYTES = 256 << 20  # receive areas posted ahead, at most (at least one step's)
+
+
+def _wait(work, timeout, me: int, peer: int) -> None:
+    try:
+        work.wait(timeout)
+    except RuntimeError as e:
+        raise RuntimeError(f"device {me}: no message from device {peer} within "
+                           f"{timeout.total_seconds():g} s ({str(e).splitlines()[0][:200]})") from None

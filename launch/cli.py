@@ -1,0 +1,231 @@
+"""`relay`: the command line.
+
+Every emulated figure is labelled as emulated and every host figure as real, with units in the
+column names. Bad input exits with status 2 and a one-line message (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from tabulate import tabulate
+
+from emulator import System, chips
+
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UsageError(f"size = {text!r} is not a byte count; write e.g. 8, 64K, 16M or 1G")
+    return int(m.group(1)) * UNITS[m.group(2).upper()]
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("G", "M", "K"):
+        if n >= UNITS[unit] and n % UNITS[unit] == 0:
+            return f"{n // UNITS[unit]}{unit}"
+    return str(n)
+
+
+def system_from(args) -> System:
+    """--system PRESET [--devices N] or --chip CHIP --devices N [--domain D], plus link overrides."""
+    links = {k: getattr(args, k) for k in ("scaleup_gbps", "scaleup_latency_us", "scaleout_gbps",
+                                           "scaleout_latency_us") if getattr(args, k, None) is not None}
+    if getattr(args, "system", None):
+        if args.chip:
+            raise UsageError("give --system or --chip, not both")
+        s = System.preset(args.system)
+        if args.devices:
+            s = s.scaled(args.devices)
+        if args.domain or links:
+            from dataclasses import replace
+            s = replace(s, domain=args.domain or s.domain, **links)
+        return s
+    if not args.chip:
+        raise UsageError("say what to emulate: --system PRESET, or --chip CHIP --devices N")
+    return System(args.chip, args.devices or 1, domain=args.domain, **links)
+
+
+def add_system_args(p: argparse.ArgumentParser, devices_default=None) -> None:
+    g = p.add_argument_group("what to emulate")
+    g.add_argument("--system", help=f"system preset: {', '.join(System.presets())}")
+    g.add_argument("--chip", help="chip from `relay chips` (with --devices)")
+    g.add_argument("--devices", type=int, default=devices_default, help="device count")
+    g.add_argument("--domain", type=int, help="devices per scale-up domain (default: one domain)")
+    g.add_argument("--scaleup-gbps", type=float, help="override: scale-up GB/s per device per direction")
+    g.add_argument("--scaleup-latency-us", type=float, help="override: scale-up latency per message, us")
+    g.add_argument("--scaleout-gbps", type=float, help="override: scale-out GB/s per device per direction")
+    g.add_argument("--scaleout-latency-us", type=float, help="override: scale-out latency per message, us")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("how to run")
+    g.add_argument("--clock", choices=("virtual", "wall"), default="virtual",
+                   help="virtual: exact, deterministic emulated time; wall: paced real time")
+    g.add_argument("--dilation", type=float, help="wall clock: real seconds per emulated second "
+                   "(default: chosen from a host calibration)")
+    g.add_argument("--address", help="Ray cluster to use (auto, host:port); default: an embedded local Ray")
+
+
+# ---------------------------------------------------------------- relay chips
+def cmd_chips(args) -> None:
+    rows = [chips.get(n) for n in chips.names()]
+    if args.json:
+        print(json.dumps([c.as_dict() for c in rows], indent=2))
+        return
+
+    def v(c, f):
+        x = getattr(c, f)
+        return ("-" if f == "fp8_tflops" else "unknown") if x is None else \
+            f"{x:g}" + (" (est.)" if c.is_estimate(f) else "")
+
+    table = [[c.name, c.display, v(c, "bf16_tflops"), v(c, "fp8_tflops"), v(c, "hbm_gb"), v(c, "hbm_tbps"),
+              v(c, "scaleup_gbps"), v(c, "scaleup_latency_us"), v(c, "scaleout_gbps"), v(c, "power_w")]
+             for c in rows]
+    print(tabulate(table, headers=["chip", "name", "BF16 TFLOPS", "FP8 TFLOPS", "HBM GB", "HBM TB/s",
+                                   "scale-up GB/s", "scale-up us", "scale-out GB/s", "power W"]))
+    print("\nGB/s are per device and direction; (est.) marks estimates or disputed figures.\nSources:")
+    for c in rows:
+        by_source = {}
+        for f, src in c.sources.items():
+            by_source.setdefault(src, []).append(f)
+        print(f"  {c.name}:")
+        for src, fs in by_source.items():
+            print(f"    {', '.join(fs)}: {src}")
+        if c.note:
+            print(f"    note: {c.note}")
+
+
+# ---------------------------------------------------------------- relay bench
+def cmd_bench(args) -> None:
+    from emulator.collectives import ALGORITHMS, DTYPE_BYTES, busbw_factor, simulate
+    from emulator.collectives.schedules import check
+
+    system = system_from(args)
+    algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
+    for a in algorithms:
+        check(args.primitive, a)
+    if args.dtype not in DTYPE_BYTES:
+        raise UsageError(f"--dtype = {args.dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
+    lo, hi = parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)
+    if not 0 < lo <= hi:
+        raise UsageError(f"--min-bytes {args.min_bytes} / --max-bytes {args.max_bytes}: need 0 < min <= max")
+    if args.factor < 2:
+        raise UsageError(f"--factor = {args.factor} is invalid; give an integer >= 2")
+    elem, world = DTYPE_BYTES[args.dtype], system.devices
+    unit = elem * (world if args.primitive in ("all_gather", "reduce_scatter") else 1)
+    sizes, n = [], lo
+    while n <= hi:
+        sizes.append(max(unit, n // unit * unit))
+        n *= args.factor
+    rows = []
+    if args.executor == "local":
+        for a in algorithms:
+            for size in sizes:
+                t = simulate(args.primitive, a, size, system, dtype=args.dtype)
+                rows.append((size, a, t, None))
+    else:
+        from emulator import Cluster
+        with Cluster(system, clock=args.clock, dilation=args.dilation, address=args.address) as cluster:
+            for a in algorithms:
+                per = world if args.primitive == "all_gather" else 1
+                cases = [(size // elem // per, args.dtype) for size in sizes]
+                for size, res in zip(sizes, cluster.collectives(args.primitive, cases, a, repeats=args.repeats)):
+                    rows.append((size, a, res.emulated_s, res.real_s))
+    out = []
+    for size, a, t, real in rows:
+        algbw = size / t / 1e9 if t > 0 else float("inf")
+        out.append({"size_bytes": size, "count": size // elem, "dtype": args.dtype, "primitive": args.primitive,
+                    "algorithm": a, "time_us": t * 1e6, "algbw_GBps": algbw,
+                    "busbw_GBps": algbw * busbw_factor(args.primitive, world), "real_s": real})
+    if args.json:
+        print(json.dumps({"system": system.describe(), "clock": args.clock, "executor": args.executor,
+                          "rows": out}, indent=2))
+        return
+    print(f"# relay bench: {args.primitive} on {system.describe()}")
+    print(f"# emulated figures ({args.clock} clock, {args.executor} executor); real_s is host wall time")
+    print(tabulate([[fmt_bytes(r["size_bytes"]), r["count"], r["dtype"], r["algorithm"], f"{r['time_us']:.2f}",
+                     f"{r['algbw_GBps']:.2f}", f"{r['busbw_GBps']:.2f}",
+                     "-" if r["real_s"] is None else f"{r['real_s']:.4f}"] for r in out],
+                   headers=["size", "count", "type", "algorithm", "emul time (us)", "emul algbw (GB/s)",
+                            "emul busbw (GB/s)", "real (s)"], disable_numparse=True))
+    if args.plot:
+        from emulator.results import plot_busbw
+        plot_busbw(out, system, args.plot)
+        print(f"# plot: {args.plot}")
+
+
+# ---------------------------------------------------------------- relay demo
+def cmd_demo(args) -> None:
+    from emulator import Cluster
+    sizes = [256, 512, 1024]
+    table = []
+    for chip in ("a100", "h100", "ascend-910c"):
+        with Cluster(System(chip, 4), clock="wall") as cluster:
+            res = cluster.run_matmuls(sizes, repeats=[8, 4, 2])
+        for i, n in enumerate(sizes):
+            rows = [r["sizes"][i] for r in res]
+            emu = max(r["emulated_s"] for r in rows)
+            model = max(r["modeled_s"] for r in rows)
+            table.append([chip, n, rows[0]["repeats"], f"{rows[0]['flops'] / emu / 1e12:.1f}",
+                          f"{rows[0]['flops'] / model / 1e12:.1f}", f"{emu * 1e6:.1f}",
+                          f"{max(r['real_s'] for r in rows):.3f}", f"{res[0]['dilation']:.0f}"])
+    print("# relay demo: throttled matmuls on 4 emulated devices per chip (wall clock)")
+    print(tabulate(table, headers=["chip", "n", "matmuls", "emul TFLOPS (measured)", "emul TFLOPS (model)",
+                                   "emul time (us)", "real (s)", "dilation"], disable_numparse=True))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relay", description="Emulate many accelerators with real processes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("chips", help="the chip catalog, with sources")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_chips)
+
+    b = sub.add_parser("bench", help="nccl-tests-style collective benchmark on emulated devices")
+    add_system_args(b)
+    add_run_args(b)
+    b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast")
+    b.add_argument("--algorithm", default="ring", help="ring, tree, halving_doubling, direct, hierarchical, "
+                   "a comma-separated list, or all")
+    b.add_argument("--min-bytes", default="8", help="smallest buffer (e.g. 8, 1K)")
+    b.add_argument("--max-bytes", default="64M", help="largest buffer (e.g. 64M)")
+    b.add_argument("--factor", type=int, default=4, help="size step factor")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--executor", choices=("actors", "local"), default="actors",
+                   help="actors: real processes over gloo; local: the one-process executor (any size)")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot", help="write busbw against size to this PNG")
+    b.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("demo", help="the headline experiment, small")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"relay {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"relay {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

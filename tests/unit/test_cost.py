@@ -1,0 +1,94 @@
+"""The cost model against costs computed by hand, on a toy chip with round figures:
+1 TFLOPS bf16, 1 TB/s HBM, efficiencies 0.5, launch 1 us."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emulator.chips import Chip
+from kernels import CostModel, Throttle, VirtualLane
+
+TOY = Chip(name="toy", bf16_tflops=1, hbm_gb=1, hbm_tbps=1, scaleup_gbps=1, scaleup_latency_us=1,
+           scaleout_latency_us=1, matmul_eff=0.5, mem_eff=0.5, launch_us=1)
+FLOP_RATE = 0.5e12  # FLOP/s after efficiency
+BYTE_RATE = 0.5e12  # bytes/s after efficiency
+LAUNCH = 1e-6
+
+
+def charged(fn, *args, dtype="bf16"):
+    """Emulated seconds and FLOPs that running fn(*args) is charged."""
+    lane = VirtualLane()
+    with Throttle(CostModel(TOY, dtype), lane) as t:
+        fn(*args)
+    return lane.t, t.flops, t.bytes
+
+
+def test_mm():
+    a, b = torch.randn(64, 128), torch.randn(128, 32)
+    flops = 2 * 64 * 128 * 32
+    nbytes = (64 * 128 + 128 * 32 + 64 * 32) * 2  # bf16: 2 bytes per element, whatever the host dtype
+    seconds, f, by = charged(torch.mm, a, b)
+    assert (f, by) == (flops, nbytes)
+    assert seconds == pytest.approx(LAUNCH + max(flops / FLOP_RATE, nbytes / BYTE_RATE), rel=1e-12)
+    assert flops / FLOP_RATE > nbytes / BYTE_RATE  # compute-bound
+
+
+def test_bmm():
+    a, b = torch.randn(4, 16, 32), torch.randn(4, 32, 8)
+    flops, nbytes = 2 * 4 * 16 * 32 * 8, (4 * 16 * 32 + 4 * 32 * 8 + 4 * 16 * 8) * 2
+    seconds, f, by = charged(torch.bmm, a, b)
+    assert (f, by) == (flops, nbytes)
+    assert seconds == pytest.approx(LAUNCH + flops / FLOP_RATE, rel=1e-12)
+
+
+def test_conv2d():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    # output 1 x 4 x 6 x 6; each output element is a 3*3*3 multiply-add
+    flops = 2 * (1 * 4 * 6 * 6) * (3 * 3 * 3)
+    nbytes = (1 * 3 * 8 * 8 + 4 * 3 * 3 * 3 + 1 * 4 * 6 * 6) * 2
+    seconds, f, by = charged(F.conv2d, x, w)
+    assert (f, by) == (flops, nbytes)
+    assert seconds == pytest.approx(LAUNCH + flops / FLOP_RATE, rel=1e-12)
+
+
+def test_elementwise_is_memory_bound():
+    x, y = torch.randn(1000), torch.randn(1000)
+    seconds, f, by = charged(torch.add, x, y)
+    assert (f, by) == (0, 3000 * 2)
+    assert seconds == pytest.approx(LAUNCH + 6000 / BYTE_RATE, rel=1e-12)
+
+
+def test_reduction():
+    seconds, f, by = charged(torch.sum, torch.randn(1000))
+    assert (f, by) == (0, (1000 + 1) * 2)
+    assert seconds == pytest.approx(LAUNCH + 2002 / BYTE_RATE, rel=1e-12)
+
+
+def test_integer_tensors_count_their_real_size_and_fp8_halves_float_bytes():
+    i = torch.arange(1000)
+    assert charged(torch.add, i, i)[2] == 3 * 1000 * 8
+    model = CostModel("h100", "fp8")
+    assert model.tensor_bytes(torch.randn(10)) == 10 and model.tensor_bytes(torch.arange(10)) == 80
+
+
+def test_views_and_allocations_are_free():
+    x = torch.randn(8, 8)
+    assert charged(lambda: (x.view(64), x.t(), x[2:], torch.empty(10)))[0] == 0
+
+
+def test_efficiency_overrides_and_validation():
+    assert CostModel(TOY, matmul_eff=0.25).matmul_eff == 0.25
+    assert CostModel("h100").matmul_eff == 0.7  # the documented default
+    with pytest.raises(ValueError, match="mem_eff = 0 is invalid"):
+        CostModel(TOY, mem_eff=0)
+    with pytest.raises(ValueError, match="dtype = 'fp4' is not an emulated dtype"):
+        CostModel(TOY, "fp4")
+
+
+def test_matmul_cost_matches_the_executed_op():
+    model = CostModel("a100")
+    lane = VirtualLane()
+    a = torch.randn(96, 80)
+    with Throttle(model, lane):
+        a @ a.t()
+    assert lane.t == model.matmul_cost(96, 80, 96).seconds
