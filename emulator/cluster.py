@@ -332,8 +332,68 @@ class Cluster:
     def broadcast(self, tensors, algorithm="ring", root=0, **kw) -> CollectiveResult:
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
+    # ---------------------------------------------------------------- training
+    def train(self, workload, steps: int = 10, per_device_batch: int = 8, algorithm: str = "ring",
+              seed: int = 0, overlap: bool = True, lr: float | None = None, optimizer: str | None = None,
+              bucket_mb: float | None = None, batch_scale: int = 1, csv: str | None = None):
+        """Data-parallel training of `workload` (a Workload, "mlp", "gpt-tiny" or
+        "package.module:attribute") on the devices. Returns a TrainResult.
+
+        batch_scale: each device really computes per_device_batch samples but is charged (and
+        credited, in throughput) for batch_scale times as many: a host core can then stand in for
+        a chip working on a realistic batch. Losses are those of the batch really computed."""
+        from emulator import workloads
+        from emulator.trainer import (BUCKET_MB, TrainResult, TrainSpec, aggregate, check_memory,
+                                      probe_ratio)
+        wl = workloads.get(workload)
+        n = self.system.devices
+        for name, v in (("steps", steps), ("per_device_batch", per_device_batch), ("batch_scale", batch_scale)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} = {v!r} is invalid; give an integer >= 1")
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr = {lr!r} is invalid; give a learning rate > 0")
+        if optimizer not in (None, "adamw", "sgd"):
+            raise ValueError(f"optimizer = {optimizer!r} is unknown; choose 'adamw' or 'sgd'")
+        bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
+        if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
+            raise ValueError(f"bucket_mb = {bucket_mb!r} is invalid; give MB > 0")
+        check_collective("all_reduce", algorithm)
+        schedule("all_reduce", algorithm, 0, n, n, topology_of(self.system))  # refuses bad layouts
+        memory = check_memory(wl, self.system, per_device_batch, self.dtype, optimizer, batch_scale)
+        ratio = 1.0
+        if self.clock == "wall":
+            ratio = max(probe_ratio(wl, self.system, per_device_batch, self.dtype, self.efficiency,
+                                    batch_scale), self._comm_ratio(bucket_mb * 1e6))
+        job = self._job(ratio)
+        _ship_by_value(wl)
+        spec = TrainSpec(wl, steps, per_device_batch, algorithm, seed, overlap, lr, optimizer, bucket_mb,
+                         batch_scale)
+        res = self._gather([a.train.remote(job, spec) for a in self.actors[:n]], "training")
+        config = {"workload": wl.name, "steps": steps, "per_device_batch": per_device_batch,
+                  "batch_scale": batch_scale, "global_batch": n * per_device_batch * batch_scale,
+                  "tokens_per_sample": wl.tokens_per_sample,
+                  "algorithm": algorithm, "seed": seed, "overlap": overlap, "lr": lr or wl.lr,
+                  "optimizer": optimizer or wl.optimizer, "bucket_mb": bucket_mb, "clock": self.clock,
+                  "dilation": job.dilation, "dtype": self.dtype, "devices": n,
+                  "system": self.system.describe(), "memory_bytes": memory, "loss_floor": wl.loss_floor}
+        result = TrainResult(aggregate(res, self.system, spec, self.dtype), res[0]["state_dict"], config,
+                             [r["rows"] for r in res])
+        if csv:
+            result.to_csv(csv)
+        return result
+
     def __repr__(self) -> str:
         return (f"Cluster({self.system.describe()}, clock={self.clock!r}, actors={len(self.actors)})")
+
+
+def _ship_by_value(workload) -> None:
+    """A user's workload may live in a module the devices cannot import (a test file, a script
+    outside the package path): send its code along with it rather than by module name."""
+    import sys
+    for f in (workload.build_model, workload.batches, workload.loss):
+        name = getattr(f, "__module__", None) or ""
+        if name and not name.startswith(("emulator.", "torch")) and name in sys.modules and name != "__main__":
+            ray.cloudpickle.register_pickle_by_value(sys.modules[name])
 
 
 def _check_tensors(tensors, n: int) -> None:

@@ -136,6 +136,11 @@ class DeviceActor:
             r.update(device=rank, fidelity=stats["fidelity"], overrun_s=stats["overrun_s"])
         return results
 
+    # ---------------------------------------------------------------- training
+    def train(self, job: Job, spec) -> dict:
+        from emulator.trainer import train_device
+        return train_device(self.index, job, spec, self.transport, self.device)
+
     def gloo_all_reduce(self, nbytes: int, repeats: int) -> float:
         """Real seconds per torch.distributed.all_reduce (gloo's own algorithm), for comparison."""
         x = torch.ones(nbytes // 4)

@@ -50,6 +50,16 @@ class Transport:
         steps = schedule("all_reduce", "halving_doubling", self.rank, world, 1)
         self.run(steps, torch.zeros(1), VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), 1)
 
+    def agree(self, value: float, world: int) -> float:
+        """Rank 0's value, on devices 0..world-1 (e.g. a common epoch for the wall clock)."""
+        from emulator.collectives.core import Ports
+        from emulator.collectives.schedules import schedule
+        from kernels.clock import VirtualLane
+        buf = torch.tensor([value], dtype=torch.float64)
+        steps = schedule("broadcast", "ring", self.rank, world, 1, chunks=1)
+        self.run(steps, buf, VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), 8)
+        return float(buf[0])
+
     def _tag(self, seq: int, part: int) -> int:
         return (2 * seq + part) % TAG_SPACE
 
@@ -84,7 +94,7 @@ class Transport:
         actors, 4 MB ring steps: 4.2 ms with the receive posted first, 7.0 ms without)."""
         me = self.rank
         most = max((sum(seg_len(r.segs) for r in st.recvs) for st in steps), default=0)
-        window = max(1, min(len(steps), SCRATCH_BYTES // max(1, most * buf.element_size())))
+        window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * buf.element_size())))
         posted = deque(self._post_recvs(steps[k], k % window, buf.dtype) for k in range(window))
         for k, step in enumerate(steps):
             t0 = lane.now()

@@ -32,6 +32,10 @@ class VirtualLane:
     def now(self) -> float:
         return self.t
 
+    def scheduled(self) -> float:
+        """Where the schedule has the lane now, without waiting for it (any thread may ask)."""
+        return self.t
+
     def charge(self, cost: float) -> None:
         self.t += cost
         self.charged_s += cost
@@ -87,20 +91,24 @@ class WallLane:
         self.target += cost
         self.charged_s += cost
         lead = self._behind() * self.dilation
-        if lead > self.quantum_s:
-            time.sleep(lead)
+        if lead > self.quantum_s:  # keep half a quantum of lead as a cushion for the next ops
+            time.sleep(lead - self.quantum_s / 2)
 
     def advance_to(self, t: float) -> None:
-        """Hold the lane until emulated time t (a sync point: sleeps off any lead)."""
-        lead = self._behind() * self.dilation
+        """Hold the lane until emulated time t (a sync point: sleeps off any lead). Waiting idle
+        for t is not lateness; being past max(schedule, t) is."""
         if t > self.target:
-            lead += (t - self.target) * self.dilation
             self.target = t
+        lead = self._behind() * self.dilation
         if lead > 0:
             time.sleep(lead)
 
     def now(self) -> float:
         self.advance_to(self.target)
+        return self.target
+
+    def scheduled(self) -> float:
+        """Where the schedule has the lane now, without waiting for it (any thread may ask)."""
         return self.target
 
     def measure(self) -> float:

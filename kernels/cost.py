@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from emulator.chips import Chip, get as get_chip
@@ -29,6 +29,10 @@ class OpCost:
     seconds: float  # emulated seconds
     flops: float
     bytes: float  # at the emulated dtype
+
+
+_ZERO = OpCost(0.0, 0.0, 0.0)
+_KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 
 
 def _shape(x):
@@ -59,6 +63,7 @@ class CostModel:
         object.__setattr__(self, "_flop_rate", self.chip.peak_flops(self.dtype) * self.matmul_eff)
         object.__setattr__(self, "_byte_rate", self.chip.hbm_Bps * self.mem_eff)
         object.__setattr__(self, "_launch_s", self.launch_us / 1e6)
+        object.__setattr__(self, "_float_size", ITEMSIZE[self.dtype])
 
     def tensor_bytes(self, t: torch.Tensor) -> int:
         size = ITEMSIZE[self.dtype] if t.is_floating_point() else t.element_size()
@@ -68,18 +73,28 @@ class CostModel:
         return self._launch_s + max(flops / self._flop_rate, nbytes / self._byte_rate)
 
     def op_cost(self, func, args=(), kwargs=None, out=None) -> OpCost:
-        """Cost of one executed aten op (func is an OpOverload, out its result)."""
-        kwargs = kwargs or {}
-        if func.is_view or func._overloadpacket in _FREE:
-            return OpCost(0.0, 0.0, 0.0)
+        """Cost of one executed aten op (func is an OpOverload, out its result). This runs for
+        every op a device executes, so it walks arguments by hand rather than with pytree."""
+        kind = _KIND.get(func)
+        if kind is None:
+            kind = _KIND[func] = 0 if func.is_view or func._overloadpacket in _FREE else \
+                flop_registry.get(func._overloadpacket, 1)
+        if kind == 0:
+            return _ZERO
         flops = 0
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            flops = formula(*tree_map(_shape, args), **tree_map(_shape, kwargs),
-                            out_val=tree_map(_shape, out))
-        leaves = tree_flatten((args, kwargs))[0] + tree_flatten(out)[0]
-        nbytes = sum(self.tensor_bytes(t) for t in leaves if isinstance(t, torch.Tensor))
+        if kind != 1:  # a FLOP formula
+            flops = kind(*tree_map(_shape, args), **tree_map(_shape, kwargs or {}), out_val=tree_map(_shape, out))
+        nbytes = self._bytes(args) + self._bytes(out)
+        if kwargs:
+            nbytes += self._bytes(tuple(kwargs.values()))
         return OpCost(self.seconds(flops, nbytes), float(flops), float(nbytes))
+
+    def _bytes(self, x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * (self._float_size if x.is_floating_point() else x.element_size())
+        if isinstance(x, (list, tuple)):
+            return sum(self._bytes(y) for y in x)
+        return 0
 
     def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels.clock import VirtualLane
-from kernels.cost import CostModel
+from kernels.cost import CostModel, OpCost
 
 
 class Throttle(TorchDispatchMode):
@@ -30,6 +30,7 @@ class Throttle(TorchDispatchMode):
         self.lane = lane
         self.sync_cuda = sync_cuda  # wall clock on a GPU: wait for the kernel before pacing
         self.slowdown = slowdown  # multiplies every cost (a straggler)
+        self.work_scale = 1.0  # charge each op for this many times its FLOPs and bytes (not launches)
         self.paused = False
         self.ops = 0
         self.flops = 0.0
@@ -37,13 +38,15 @@ class Throttle(TorchDispatchMode):
         self.emulated_s = 0.0  # sum of charged costs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = func(*args, **(kwargs or {}))
         if self.paused:
             return out
         if self.sync_cuda:
             torch.cuda.synchronize()
         cost = self.cost_model.op_cost(func, args, kwargs, out)
+        if cost.seconds and self.work_scale != 1.0:
+            f, b = cost.flops * self.work_scale, cost.bytes * self.work_scale
+            cost = OpCost(self.cost_model.seconds(f, b), f, b)
         if cost.seconds:
             seconds = cost.seconds * self.slowdown
             self.ops += 1

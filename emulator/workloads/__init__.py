@@ -1,0 +1,79 @@
+"""Workloads: what the emulated devices train.
+
+A workload is three callables (and a few defaults):
+    build_model() -> nn.Module
+    batches(rank, world, per_device_batch, seed) -> iterator of batches; the global batch of a
+        step is the concatenation of the ranks' batches in rank order
+    loss(model, batch) -> scalar tensor, a mean over the batch
+
+Built-ins: "mlp" and "gpt-tiny". A user's workload is named by import path
+"package.module:attribute", the attribute being a Workload or a function returning one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+
+@dataclass(frozen=True)
+class Workload:
+    build_model: Callable  # () -> nn.Module
+    batches: Callable  # (rank, world, per_device_batch, seed) -> Iterator[batch]
+    loss: Callable  # (model, batch) -> scalar tensor (mean over the batch)
+    name: str = "custom"
+    tokens_per_sample: int | None = None  # set for language models: throughput in tokens/s
+    lr: float = 1e-3  # default learning rate
+    optimizer: str = "adamw"  # "adamw" or "sgd"
+    loss_floor: float | None = None  # best achievable loss, when known (nats)
+
+    def __post_init__(self):
+        for f in ("build_model", "batches", "loss"):
+            if not callable(getattr(self, f)):
+                raise ValueError(f"workload {self.name!r}: {f} = {getattr(self, f)!r} is not callable")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"workload {self.name!r}: optimizer = {self.optimizer!r} is unknown; "
+                             "choose 'adamw' or 'sgd'")
+
+
+def shard(global_batch, rank: int, world: int):
+    """Rank `rank`'s part of a global batch (a tensor or a tuple of tensors), split on dim 0."""
+    if isinstance(global_batch, (tuple, list)):
+        return type(global_batch)(shard(t, rank, world) for t in global_batch)
+    n = global_batch.shape[0] // world
+    return global_batch[rank * n:(rank + 1) * n]
+
+
+BUILTINS = {"mlp": "emulator.workloads.mlp:workload", "gpt-tiny": "emulator.workloads.gpt:workload"}
+
+
+def get(spec) -> Workload:
+    """A Workload from a Workload, a built-in name, or an import path 'package.module:attribute'."""
+    if isinstance(spec, Workload):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"workload = {spec!r} is not a workload; give a Workload, a built-in "
+                         f"({', '.join(BUILTINS)}) or 'package.module:attribute'")
+    path = BUILTINS.get(spec, spec)
+    if ":" not in path:
+        raise ValueError(f"workload = {spec!r} is neither a built-in ({', '.join(BUILTINS)}) nor an "
+                         "import path; write it as 'package.module:attribute'")
+    module_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"workload = {spec!r}: module {module_name!r} could not be imported ({e}); "
+                         "check the name and that it is on PYTHONPATH") from None
+    if not hasattr(module, attr):
+        raise ValueError(f"workload = {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    obj = getattr(module, attr)
+    if callable(obj) and not isinstance(obj, Workload):
+        obj = obj()
+    if not isinstance(obj, Workload):
+        raise ValueError(f"workload = {spec!r}: {attr} is a {type(obj).__name__}, not an "
+                         "emulator.Workload (or a function returning one)")
+    return obj
+
+
+__all__ = ["Workload", "get", "shard", "Iterator"]

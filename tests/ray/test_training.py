@@ -1,0 +1,148 @@
+"""Data-parallel training on the device actors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from emulator import System, Workload
+from emulator.collectives import ALGORITHMS
+from emulator.chips import Chip, get as get_chip
+from emulator.trainer import STEP_COLUMNS, train_single
+from emulator.workloads import get, shard
+
+# fp32 all the way; N-device training sums gradients in another order than one process does
+ATOL = {"mlp": 1e-5, "gpt-tiny": 1e-4}
+
+
+def system_for(n):
+    return System("h100", n, domain=2 if n % 2 == 0 and n > 2 else n)
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt-tiny"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_devices_equal_one_process_on_the_global_batch(cluster8, name, n):
+    cluster8.configure(system_for(n), clock="virtual")
+    ref_losses, ref_weights = train_single(get(name), steps=3, global_batch=4 * n, seed=7)
+    for algorithm in ALGORITHMS:
+        res = cluster8.train(name, steps=3, per_device_batch=4, algorithm=algorithm, seed=7)
+        assert res.losses == pytest.approx(ref_losses, abs=ATOL[name]), algorithm
+        for k, v in ref_weights.items():
+            torch.testing.assert_close(res.state_dict[k], v, atol=ATOL[name], rtol=0, msg=f"{algorithm}: {k}")
+
+
+def test_loss_falls_for_mlp(cluster):
+    res = cluster.train("mlp", steps=40, per_device_batch=8)
+    assert res.losses[-1] < 0.3 * res.losses[0]
+
+
+def test_gpt_tiny_reaches_its_entropy_floor(cluster8):
+    """The language's entropy rate is the best loss any model can reach; 60 steps of 2 x 16
+    sequences get within 0.15 nats of it (single-process runs of this size land at 0.06-0.1)."""
+    cluster8.configure(System("h100", 2))
+    res = cluster8.train("gpt-tiny", steps=60, per_device_batch=16)
+    floor = get("gpt-tiny").loss_floor
+    assert 2.0 < floor < 3.0
+    assert res.losses[0] > floor + 1.0
+    assert min(res.losses[-5:]) < floor + 0.15
+
+
+def test_virtual_clock_is_deterministic(cluster):
+    a = cluster.train("gpt-tiny", steps=3, per_device_batch=2, seed=3)
+    b = cluster.train("gpt-tiny", steps=3, per_device_batch=2, seed=3)
+    assert a.losses == b.losses
+    assert [s["step_s"] for s in a.steps] == [s["step_s"] for s in b.steps]
+    emulated = lambda res: [[{k: v for k, v in r.items() if k != "wall_s"} for r in d] for d in res.per_device]  # noqa: E731
+    assert emulated(a) == emulated(b)
+
+
+def test_metrics_add_up(cluster):
+    res = cluster.train("gpt-tiny", steps=3, per_device_batch=2)
+    for s in res.steps:
+        assert set(STEP_COLUMNS) <= set(s)
+        assert s["step_s"] == pytest.approx(s["compute_s"] + s["exposed_comm_s"] + s["other_s"], rel=1e-9)
+        assert 0 < s["exposed_comm_s"] <= s["comm_s"] and 0 < s["mfu"] < 1
+        assert s["tokens_per_s"] == pytest.approx(s["samples_per_s"] * 64)
+        assert s["energy_j"] == pytest.approx(4 * 700 * s["step_s"])  # 4 h100 at 700 W
+    assert res.summary()["energy_per_token_j"] == pytest.approx(
+        res.summary()["energy_j"] / (4 * 2 * 64))
+
+
+def test_overlap_hides_communication(cluster):
+    """With overlap the buckets' all-reduces run during backward; without, all after it."""
+    cluster.configure(System("h100", 4, scaleup_gbps=1))  # slow links: communication matters
+    kw = dict(steps=2, per_device_batch=2, bucket_mb=0.05)
+    on, off = cluster.train("gpt-tiny", overlap=True, **kw), cluster.train("gpt-tiny", overlap=False, **kw)
+    assert on.losses == off.losses
+    assert on.steps[-1]["exposed_comm_s"] < off.steps[-1]["exposed_comm_s"]
+    assert off.steps[-1]["exposed_comm_s"] == pytest.approx(off.steps[-1]["comm_s"])
+    assert on.steps[-1]["step_s"] < off.steps[-1]["step_s"]
+
+
+def test_slower_chip_gives_a_longer_step(cluster):
+    fast = cluster.train("mlp", steps=2, per_device_batch=4).steps[-1]["compute_s"]
+    cluster.configure(System("tpu-v5e", 4))
+    assert cluster.train("mlp", steps=2, per_device_batch=4).steps[-1]["compute_s"] > fast
+
+
+def test_wall_clock_training_runs(cluster):
+    cluster.configure(clock="wall")
+    res = cluster.train("mlp", steps=2, per_device_batch=4)
+    assert res.config["dilation"] > 1 and 0 < res.summary()["fidelity"] <= 1
+    assert res.losses == pytest.approx(train_single(get("mlp"), 2, 16)[0], abs=1e-5)
+
+
+# a user's workload, defined in a test module and named by import path
+def _build():
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _batches(rank, world, per_device_batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randn(world * per_device_batch, 4, generator=g)
+        yield shard((x, x.sum(1, keepdim=True)), rank, world)
+
+
+def _loss(model, batch):
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+tiny = Workload(_build, _batches, _loss, name="tiny", lr=0.05)
+
+
+def make_tiny():
+    return tiny
+
+
+@pytest.mark.parametrize("path", [f"{__name__}:tiny", f"{__name__}:make_tiny"])
+def test_a_custom_workload_by_import_path_trains(cluster, path):
+    res = cluster.train(path, steps=25, per_device_batch=8, optimizer="sgd")
+    assert res.config["workload"] == "tiny" and res.losses[-1] < 0.5 * res.losses[0]
+
+
+@pytest.mark.parametrize("path,match", [
+    ("no_such_module_xyz:w", "module 'no_such_module_xyz' could not be imported"),
+    (f"{__name__}:nothing_here", "has no attribute 'nothing_here'"),
+    (f"{__name__}:ATOL", "is a dict, not an emulator.Workload"),
+    ("gpt-huge", "neither a built-in .* nor an import path"),
+])
+def test_bad_workload_paths_say_what_was_not_found(path, match):
+    with pytest.raises(ValueError, match=match):
+        get(path)
+
+
+def test_memory_check_names_both_figures(cluster):
+    small = Chip(**{**get_chip("h100").as_dict(), "name": "h100-1mb", "hbm_gb": 0.001})
+    cluster.configure(System(small, 4))
+    with pytest.raises(ValueError, match=r"memory: gpt-tiny needs .* GB per device .* but h100-1mb has 0.001 GB"):
+        cluster.train("gpt-tiny", steps=1, per_device_batch=64)
+
+
+def test_the_readme_example_runs_as_written():
+    out = subprocess.run([sys.executable, "examples/custom_model.py"], capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "samples/s (emulated)" in out.stdout
