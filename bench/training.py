@@ -31,12 +31,11 @@ def ddp_seconds_per_step(actor_self, workload_name: str, steps: int, per_device_
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from emulator.trainer import make_optimizer
     from emulator.workloads import get
     wl = get(workload_name)
     torch.manual_seed(0)
     model = DistributedDataParallel(wl.build_model())
-    opt = make_optimizer(wl.optimizer, model.parameters(), wl.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=wl.lr, weight_decay=0.0)
     data = wl.batches(dist.get_rank(), dist.get_world_size(), per_device_batch, 0)
     batches = [next(data) for _ in range(steps)]
     times = []

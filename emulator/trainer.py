@@ -32,10 +32,40 @@ BUCKET_MB = 1.0  # gradient bucket, MB at the emulated dtype (DDP's 25 MB would 
 OPTIMIZER_BYTES = {"adamw": 12, "sgd": 4}  # per parameter: fp32 master weights (+ Adam's m and v)
 
 
-def make_optimizer(name: str, params, lr: float):
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return torch.optim.SGD(params, lr=lr)
+class Optimizer:
+    """AdamW (no weight decay) or plain SGD, as torch.optim computes them. Not torch.optim
+    itself: its first step() imports torch._dynamo, 1-4 s in every device process."""
+
+    def __init__(self, name: str, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.name, self.params, self.lr, self.betas, self.eps = name, list(params), lr, betas, eps
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params] if name == "adamw" else []
+        self.v = [torch.zeros_like(p) for p in self.params] if name == "adamw" else []
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if self.name == "sgd":
+                p.add_(p.grad, alpha=-self.lr)
+                continue
+            self.m[i].lerp_(p.grad, 1 - b1)
+            self.v[i].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (self.v[i].sqrt() / (1 - b2 ** self.t) ** 0.5).add_(self.eps)
+            p.addcdiv_(self.m[i], denom, value=-self.lr / (1 - b1 ** self.t))
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+
+def make_optimizer(name: str, params, lr: float) -> Optimizer:
+    return Optimizer(name, params, lr)
 
 
 # ---------------------------------------------------------------- gradient synchronisation
@@ -189,7 +219,7 @@ def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu"
         compute.advance_to(comm_end)
         with throttle:
             opt.step()
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad()
         rows.append({"step": step, "loss": float(loss.detach()), "start_s": t0, "end_s": compute.measure(),
                      "compute_s": throttle.emulated_s - c0, "comm_s": sum(b - a for a, b in sync.spans),
                      "exposed_comm_s": max(0.0, comm_end - t_bwd), "flops": throttle.flops - f0,
@@ -252,7 +282,7 @@ def train_single(workload: Workload, steps: int, global_batch: int, seed: int = 
         loss = workload.loss(model, next(data))
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()
         losses.append(float(loss.detach()))
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
