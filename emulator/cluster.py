@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 
 import psutil
@@ -35,6 +36,7 @@ CPU_PER_DEVICE = 0.01  # Ray CPU per device: devices time-share cores; the dilat
 HOST_LATENCY_S = 0.5e-3  # conservative real one-way message time between actors on one host
 HOST_BPS = 1.0e9  # conservative real bytes/s between actors on one host (measured ~2.4e9 unloaded)
 CLOCKS = ("virtual", "wall")
+MAX_DILATION = 1e8  # beyond this, an emulated microsecond would take minutes of real time
 OPS = ("sum", "avg")
 
 
@@ -116,9 +118,12 @@ class Cluster:
     def start(self) -> "Cluster":
         if not ray.is_initialized():
             if self.address is None:
+                # errors still reach the driver as exceptions; worker start-up chatter does not.
+                # Ray warns once more workers start than it has CPUs; Relay's devices time-share
+                # cores on purpose, so raise the threshold (Ray's own knob; it cannot be muted).
+                os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "256")
                 ray.init(address="local", num_cpus=psutil.cpu_count() or 1, include_dashboard=False,
-                         object_store_memory=512 * 2**20, logging_level=logging.WARNING,
-                         log_to_driver=True)
+                         object_store_memory=512 * 2**20, logging_level=logging.ERROR, log_to_driver=False)
             else:
                 ray.init(address=self.address, logging_level=logging.WARNING)
             self._owns_ray = True
@@ -236,6 +241,10 @@ class Cluster:
         dilation, epoch = None, None
         if self.clock == "wall":
             needed = dilation_for(ratio, n, self.host.cores)
+            if not needed < MAX_DILATION:
+                raise ValueError(f"clock = 'wall' cannot pace this job: it would need dilation {needed:.3g} "
+                                 "(the emulated ops or links are far faster than this host can time); "
+                                 "use clock='virtual'")
             if self.dilation is not None and self.check_dilation:
                 check_dilation(self.dilation, needed, n, self.host.cores)
             dilation = self.dilation or needed

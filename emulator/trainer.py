@@ -69,6 +69,25 @@ def make_optimizer(name: str, params, lr: float) -> Optimizer:
 
 
 # ---------------------------------------------------------------- gradient synchronisation
+def make_buckets(params: list, elem_bytes: int, bucket_bytes: float) -> list[list]:
+    """Consecutive parameters, up to bucket_bytes of gradient (at the emulated dtype) each."""
+    buckets, size = [[]], 0
+    for p in params:
+        if buckets[-1] and size + p.numel() * elem_bytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel() * elem_bytes
+    return buckets
+
+
+def bucket_sizes(workload: Workload, bucket_mb: float | None, elem_bytes: int) -> list[int]:
+    """Elements in each gradient bucket of `workload`'s model, as the trainer makes them."""
+    torch.manual_seed(0)
+    params = [p for p in workload.build_model().parameters() if p.requires_grad][::-1]
+    buckets = make_buckets(params, elem_bytes, (bucket_mb or BUCKET_MB) * 1e6)
+    return [sum(p.numel() for p in b) for b in buckets]
+
 class GradSync:
     """Buckets of gradients (parameters in reverse order, as backward produces them), each
     all-reduced and averaged on the communication lane, launched strictly in bucket order (so all
@@ -80,13 +99,7 @@ class GradSync:
         self.compute_lane = compute_lane
         self.elem_bytes, self.throttle = elem_bytes, throttle
         params = [p for p in model.parameters() if p.requires_grad][::-1]
-        self.buckets, size = [[]], 0
-        for p in params:
-            if self.buckets[-1] and size + p.numel() * elem_bytes > bucket_bytes:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            size += p.numel() * elem_bytes
+        self.buckets = make_buckets(params, elem_bytes, bucket_bytes)
         self.where = {p: i for i, b in enumerate(self.buckets) for p in b}
         self.plans = [self._plan(b) for b in self.buckets]
         self.threaded = threaded
@@ -217,13 +230,17 @@ def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu"
         t_bwd = compute.now()
         comm_end = sync.finish(job.timeout_s)
         compute.advance_to(comm_end)
+        t_opt = compute.scheduled()
         with throttle:
             opt.step()
             opt.zero_grad()
-        rows.append({"step": step, "loss": float(loss.detach()), "start_s": t0, "end_s": compute.measure(),
+        t1 = compute.measure()
+        rows.append({"step": step, "loss": float(loss.detach()), "start_s": t0, "end_s": t1,
                      "compute_s": throttle.emulated_s - c0, "comm_s": sum(b - a for a, b in sync.spans),
                      "exposed_comm_s": max(0.0, comm_end - t_bwd), "flops": throttle.flops - f0,
-                     "wall_s": time.time() - r0})
+                     "wall_s": time.time() - r0,
+                     "spans": {"forward+backward": (t0, t_bwd), "optimizer": (t_opt, t1),
+                               "all-reduce": list(sync.spans)}})
     for h in sync.hooks:
         h.remove()
     stats = [compute.stats(), comm.stats()]

@@ -68,7 +68,7 @@ def add_system_args(p: argparse.ArgumentParser, devices_default=None) -> None:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("how to run")
-    g.add_argument("--clock", choices=("virtual", "wall"), default="virtual",
+    g.add_argument("--clock", choices=("virtual", "wall"),
                    help="virtual: exact, deterministic emulated time; wall: paced real time")
     g.add_argument("--dilation", type=float, help="wall clock: real seconds per emulated second "
                    "(default: chosen from a host calibration)")
@@ -109,6 +109,7 @@ def cmd_bench(args) -> None:
     from emulator.collectives import ALGORITHMS, DTYPE_BYTES, busbw_factor, simulate
     from emulator.collectives.schedules import check
 
+    args.clock = args.clock or "virtual"
     system = system_from(args)
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     for a in algorithms:
@@ -140,47 +141,38 @@ def cmd_bench(args) -> None:
                 cases = [(size // elem // per, args.dtype) for size in sizes]
                 for size, res in zip(sizes, cluster.collectives(args.primitive, cases, a, repeats=args.repeats)):
                     rows.append((size, a, res.emulated_s, res.real_s))
-    out = []
+    out_rows = []
     for size, a, t, real in rows:
         algbw = size / t / 1e9 if t > 0 else float("inf")
-        out.append({"size_bytes": size, "count": size // elem, "dtype": args.dtype, "primitive": args.primitive,
+        out_rows.append({"size_bytes": size, "count": size // elem, "dtype": args.dtype, "primitive": args.primitive,
                     "algorithm": a, "time_us": t * 1e6, "algbw_GBps": algbw,
                     "busbw_GBps": algbw * busbw_factor(args.primitive, world), "real_s": real})
     if args.json:
         print(json.dumps({"system": system.describe(), "clock": args.clock, "executor": args.executor,
-                          "rows": out}, indent=2))
+                          "rows": out_rows}, indent=2))
         return
     print(f"# relay bench: {args.primitive} on {system.describe()}")
     print(f"# emulated figures ({args.clock} clock, {args.executor} executor); real_s is host wall time")
     print(tabulate([[fmt_bytes(r["size_bytes"]), r["count"], r["dtype"], r["algorithm"], f"{r['time_us']:.2f}",
                      f"{r['algbw_GBps']:.2f}", f"{r['busbw_GBps']:.2f}",
-                     "-" if r["real_s"] is None else f"{r['real_s']:.4f}"] for r in out],
+                     "-" if r["real_s"] is None else f"{r['real_s']:.4f}"] for r in out_rows],
                    headers=["size", "count", "type", "algorithm", "emul time (us)", "emul algbw (GB/s)",
                             "emul busbw (GB/s)", "real (s)"], disable_numparse=True))
-    if args.plot:
-        from emulator.results import plot_busbw
-        plot_busbw(out, system, args.plot)
-        print(f"# plot: {args.plot}")
+    if args.name:
+        from emulator.results import ResultsDir, environment, system_dict, write_bench
+        out = ResultsDir(args.out or "results", args.name)
+        write_bench(out, {"command": "bench", "options": {k: v for k, v in vars(args).items() if k != "fn"},
+                          "system": system_dict(system), **environment()}, out_rows, system, args.primitive)
+        print(f"# results: {out.path} (busbw.png)")
 
 
 # ---------------------------------------------------------------- relay demo
 def cmd_demo(args) -> None:
-    from emulator import Cluster
-    sizes = [256, 512, 1024]
-    table = []
-    for chip in ("a100", "h100", "ascend-910c"):
-        with Cluster(System(chip, 4), clock="wall") as cluster:
-            res = cluster.run_matmuls(sizes, repeats=[8, 4, 2])
-        for i, n in enumerate(sizes):
-            rows = [r["sizes"][i] for r in res]
-            emu = max(r["emulated_s"] for r in rows)
-            model = max(r["modeled_s"] for r in rows)
-            table.append([chip, n, rows[0]["repeats"], f"{rows[0]['flops'] / emu / 1e12:.1f}",
-                          f"{rows[0]['flops'] / model / 1e12:.1f}", f"{emu * 1e6:.1f}",
-                          f"{max(r['real_s'] for r in rows):.3f}", f"{res[0]['dilation']:.0f}"])
-    print("# relay demo: throttled matmuls on 4 emulated devices per chip (wall clock)")
-    print(tabulate(table, headers=["chip", "n", "matmuls", "emul TFLOPS (measured)", "emul TFLOPS (model)",
-                                   "emul time (us)", "real (s)", "dilation"], disable_numparse=True))
+    """`relay breakeven --preset demo`."""
+    parser = build_parser()
+    demo = parser.parse_args(["breakeven", "--preset", "demo"])
+    with_preset(parser, demo)
+    demo.fn(demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,18 +197,98 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--executor", choices=("actors", "local"), default="actors",
                    help="actors: real processes over gloo; local: the one-process executor (any size)")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--plot", help="write busbw against size to this PNG")
+    b.add_argument("--name", help="also write results/<name>/ (busbw.png, summary.json, ...)")
+    b.add_argument("--out", help="results root (default: results)")
     b.set_defaults(fn=cmd_bench)
 
-    d = sub.add_parser("demo", help="the headline experiment, small")
+    from launch import experiments
+
+    r = sub.add_parser("run", help="one training run: summary table and a results folder")
+    add_preset_arg(r)
+    add_system_args(r)
+    add_train_args(r)
+    add_run_args(r)
+    r.add_argument("--algorithm", help="all-reduce algorithm for the gradients (default ring)")
+    r.add_argument("--trace", action="store_true", default=None,
+                   help="also write trace.json: a per-device timeline in emulated time (open in Perfetto)")
+    r.set_defaults(fn=experiments.cmd_run)
+
+    sw = sub.add_parser("sweep", help="one workload over device counts x chips (or systems) x algorithms")
+    add_preset_arg(sw)
+    g = sw.add_argument_group("what to sweep")
+    g.add_argument("--devices", help="device counts, e.g. 1,2,4,8")
+    g.add_argument("--chips", help="chips, e.g. h100,ascend-910c (one scale-up domain each)")
+    g.add_argument("--systems", help="system presets, scaled to each device count")
+    g.add_argument("--domain", type=int, help="with --chips: devices per scale-up domain")
+    g.add_argument("--algorithms", help="all-reduce algorithms, e.g. ring,tree (default ring)")
+    g.add_argument("--scaling", help="weak: fixed --per-device-batch (default); strong: fixed --global-batch")
+    add_train_args(sw)
+    add_run_args(sw)
+    sw.set_defaults(fn=experiments.cmd_sweep)
+
+    be = sub.add_parser("breakeven", help="how many slow devices match the fast system")
+    add_preset_arg(be)
+    g = be.add_argument_group("what to compare")
+    g.add_argument("--fast", help="the fast side: a system preset (e.g. nvl72) or a chip with --fast-devices")
+    g.add_argument("--fast-devices", type=int, help="scale the fast system to this many devices")
+    g.add_argument("--slow", help="the slow side: a chip (one domain, its own links) or a system preset")
+    g.add_argument("--algorithms", help="all-reduce algorithms to compare, e.g. ring,halving_doubling")
+    g.add_argument("--metric", help="throughput (default) or time-to-loss")
+    g.add_argument("--target-loss", type=float, help="with --metric time-to-loss: the loss to reach")
+    g.add_argument("--max-devices", type=int, help="largest slow device count to search")
+    g.add_argument("--curve", help="also run the slow side at these device counts (for the plot), e.g. 1,8,16,32")
+    add_train_args(be)
+    add_run_args(be)
+    be.set_defaults(fn=experiments.cmd_breakeven)
+
+    rp = sub.add_parser("report", help="redraw the plots of a results folder and print its summary")
+    rp.add_argument("path", help="results/<name>")
+    rp.set_defaults(fn=experiments.cmd_report)
+
+    d = sub.add_parser("demo", help="the headline experiment, small (about 3 minutes)")
     d.set_defaults(fn=cmd_demo)
     return p
+
+
+def add_preset_arg(p: argparse.ArgumentParser) -> None:
+    from launch import presets
+    p.add_argument("--preset", help=f"options from launch/presets/NAME.toml or a .toml path "
+                   f"({', '.join(presets.names())})")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--workload", help="mlp, gpt-tiny, or package.module:attribute (default gpt-tiny)")
+    g.add_argument("--steps", type=int, help="training steps per run")
+    g.add_argument("--per-device-batch", type=int, help="samples per device per step (weak scaling; default 8)")
+    g.add_argument("--global-batch", type=int, help="samples per step over all devices (strong scaling)")
+    g.add_argument("--batch-scale", type=int, help="charge each device for this many times the batch it "
+                   "computes (default 1)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--lr", type=float, help="learning rate (default: the workload's)")
+    g.add_argument("--bucket-mb", type=float, help="gradient bucket size, MB at the emulated dtype")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="all-reduce gradients after backward instead of during it")
+    g.add_argument("--max-real-devices", type=int, help="run at most this many real devices; larger "
+                   "systems are predicted (default: what the host memory holds)")
+    g.add_argument("--name", help="results folder name (results/<name>/)")
+    g.add_argument("--out", help="results root (default: results)")
+
+
+def with_preset(parser: argparse.ArgumentParser, args) -> None:
+    """Fill unset options from --preset (a command's own options only)."""
+    if getattr(args, "preset", None):
+        from launch import presets
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        valid = {a.dest for a in sub.choices[args.command]._actions} - {"help", "preset"}
+        presets.apply(args, args.command, valid)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        with_preset(parser, args)
         args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"relay {args.command}: error: {e}", file=sys.stderr)

@@ -26,7 +26,8 @@ def cluster8(ray_session):
 
 @pytest.fixture
 def cluster(cluster8):
-    """The shared actors, reset to 4 virtual h100 devices for each test."""
+    """The shared actors, reset to 4 virtual h100 devices for each test (a test may configure
+    up to 8, or another clock; the next test starts from this again)."""
     from emulator import System
     cluster8.configure(System("h100", 4), clock="virtual")
     return cluster8

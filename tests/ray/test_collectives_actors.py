@@ -30,13 +30,13 @@ def cases_for(primitive, world, seed):
 
 @pytest.mark.parametrize("world", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("primitive", PRIMITIVES)
-def test_every_algorithm_between_actors_equals_the_reference(cluster8, primitive, world):
+def test_every_algorithm_between_actors_equals_the_reference(cluster, primitive, world):
     system = system_for(world)
-    cluster8.configure(system, clock="virtual")
+    cluster.configure(system, clock="virtual")
     root = world - 1
     for algorithm in ALGORITHMS:
         cases = cases_for(primitive, world, seed=world)
-        results = cluster8.collectives(primitive, cases, algorithm, root=root)
+        results = cluster.collectives(primitive, cases, algorithm, root=root)
         for case, res in zip(cases, results):
             for d, (o, ref) in enumerate(zip(res.outputs, reference(primitive, case, "sum", root))):
                 assert o.dtype == ref.dtype and torch.equal(o, ref), (algorithm, d, case[0].dtype)

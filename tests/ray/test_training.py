@@ -23,11 +23,11 @@ def system_for(n):
 
 @pytest.mark.parametrize("name", ["mlp", "gpt-tiny"])
 @pytest.mark.parametrize("n", [2, 4])
-def test_n_devices_equal_one_process_on_the_global_batch(cluster8, name, n):
-    cluster8.configure(system_for(n), clock="virtual")
+def test_n_devices_equal_one_process_on_the_global_batch(cluster, name, n):
+    cluster.configure(system_for(n), clock="virtual")
     ref_losses, ref_weights = train_single(get(name), steps=3, global_batch=4 * n, seed=7)
     for algorithm in ALGORITHMS:
-        res = cluster8.train(name, steps=3, per_device_batch=4, algorithm=algorithm, seed=7)
+        res = cluster.train(name, steps=3, per_device_batch=4, algorithm=algorithm, seed=7)
         assert res.losses == pytest.approx(ref_losses, abs=ATOL[name]), algorithm
         for k, v in ref_weights.items():
             torch.testing.assert_close(res.state_dict[k], v, atol=ATOL[name], rtol=0, msg=f"{algorithm}: {k}")
@@ -38,11 +38,11 @@ def test_loss_falls_for_mlp(cluster):
     assert res.losses[-1] < 0.3 * res.losses[0]
 
 
-def test_gpt_tiny_reaches_its_entropy_floor(cluster8):
+def test_gpt_tiny_reaches_its_entropy_floor(cluster):
     """The language's entropy rate is the best loss any model can reach; 60 steps of 2 x 16
     sequences get within 0.15 nats of it (single-process runs of this size land at 0.06-0.1)."""
-    cluster8.configure(System("h100", 2))
-    res = cluster8.train("gpt-tiny", steps=60, per_device_batch=16)
+    cluster.configure(System("h100", 2))
+    res = cluster.train("gpt-tiny", steps=60, per_device_batch=16)
     floor = get("gpt-tiny").loss_floor
     assert 2.0 < floor < 3.0
     assert res.losses[0] > floor + 1.0

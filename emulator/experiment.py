@@ -1,0 +1,272 @@
+"""Experiments: sweeps and break-even searches over real training runs.
+
+A *point* is one training run (or, past what the machine holds, a prediction) of one workload
+on one system with one algorithm; its row holds the run's summary. A sweep is a list of points
+run on one set of device actors. Break-even finds the smallest number of slow devices whose
+emulated throughput (or time to a target loss) reaches the fast system's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from emulator.collectives import simulate
+from emulator.system import System
+
+# summary fields a point row carries (all emulated, except wall_s and fidelity)
+ROW_FIELDS = ["step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s", "samples_per_s",
+              "tokens_per_s", "mfu", "energy_j", "energy_per_sample_j", "energy_per_token_j",
+              "final_loss", "wall_s", "fidelity"]
+
+
+@dataclass
+class Settings:
+    """How each point trains (shared by every point of an experiment)."""
+    workload: object  # a Workload
+    steps: int = 4
+    per_device_batch: int | None = 8  # weak scaling: fixed per device
+    global_batch: int | None = None  # strong scaling: fixed in all (divided over the devices)
+    batch_scale: int = 1
+    seed: int = 0
+    overlap: bool = True
+    lr: float | None = None
+    bucket_mb: float | None = None
+    warmup: int = 1  # steps left out of the summary means
+
+    def per_device(self, devices: int) -> int:
+        if self.global_batch is None:
+            return self.per_device_batch
+        if self.global_batch % devices:
+            raise ValueError(f"global_batch = {self.global_batch} does not divide over {devices} devices; "
+                             "choose device counts that divide it, or weak scaling (per_device_batch)")
+        return self.global_batch // devices
+
+
+@dataclass
+class Point:
+    system: System
+    algorithm: str
+    row: dict  # summary figures (ROW_FIELDS) plus identification
+    result: object = None  # the TrainResult of a real run (None when predicted)
+    predicted: bool = False
+
+
+def point_row(system: System, algorithm: str, per_device_batch: int, settings: Settings, summary: dict,
+              predicted: bool) -> dict:
+    return {"system": system.name or "custom", "chip": system.chip.name, "devices": system.devices,
+            "domain": system.domain, "algorithm": algorithm, "per_device_batch": per_device_batch,
+            "batch_scale": settings.batch_scale,
+            "global_batch": system.devices * per_device_batch * settings.batch_scale,
+            "predicted": predicted, **{k: summary.get(k) for k in ROW_FIELDS}}
+
+
+def run_point(cluster, system: System, algorithm: str, settings: Settings) -> Point:
+    """One real training run on the cluster's first system.devices actors."""
+    cluster.configure(system)
+    b = settings.per_device(system.devices)
+    res = cluster.train(settings.workload, steps=settings.steps, per_device_batch=b, algorithm=algorithm,
+                        seed=settings.seed, overlap=settings.overlap, lr=settings.lr,
+                        bucket_mb=settings.bucket_mb, batch_scale=settings.batch_scale)
+    return Point(system, algorithm, point_row(system, algorithm, b, settings, res.summary(settings.warmup),
+                                              False), res)
+
+
+def predict_point(measured: Point, system: System, settings: Settings) -> Point:
+    """A point too large for this machine, from a real one of the same chip: per-device compute
+    is what it measured (weak scaling: each device's work does not depend on the count), the
+    gradient all-reduce of each bucket is simulated with the local executor on the large system,
+    and the measured share of communication left exposed by overlap is kept."""
+    from emulator.trainer import bucket_sizes
+    m = measured.row
+    elem = 2 if measured.result is None or measured.result.config["dtype"] in ("bf16", "fp16") else 1
+    comm = sum(simulate("all_reduce", measured.algorithm, n * elem, system, dtype="uint8")
+               for n in bucket_sizes(settings.workload, settings.bucket_mb, elem))
+    exposed = comm * (m["exposed_comm_s"] / m["comm_s"] if m["comm_s"] else 1.0)
+    step = m["compute_s"] + exposed + m["other_s"]
+    b = settings.per_device(system.devices)
+    samples = system.devices * b * settings.batch_scale
+    tps = settings.workload.tokens_per_sample
+    energy = system.devices * system.power_w * step if system.power_w else None
+    summary = {"step_s": step, "compute_s": m["compute_s"], "comm_s": comm, "exposed_comm_s": exposed,
+               "other_s": m["other_s"], "samples_per_s": samples / step,
+               "tokens_per_s": samples * tps / step if tps else None,
+               "mfu": m["mfu"] * m["step_s"] / step if m["mfu"] else None, "energy_j": energy,
+               "energy_per_sample_j": energy / samples if energy else None,
+               "energy_per_token_j": energy / samples / tps if energy and tps else None,
+               "final_loss": None, "wall_s": None, "fidelity": None}
+    return Point(system, measured.algorithm, point_row(system, measured.algorithm, b, settings, summary, True),
+                 None, True)
+
+
+def throughput(point: Point) -> float:
+    """Tokens per emulated second when the workload has tokens, else samples per second."""
+    return point.row["tokens_per_s"] or point.row["samples_per_s"]
+
+
+# ---------------------------------------------------------------- sweeps
+def sweep(cluster, systems: list[System], algorithms: list[str], settings: Settings, capacity: int,
+          progress=None, on_point=None, done: dict | None = None) -> list[Point]:
+    """Every system x algorithm. Systems larger than `capacity` devices are predicted from the
+    largest real run of the same chip and algorithm. `done` maps (system name, chip, devices,
+    algorithm) to rows already measured (a resumed sweep skips them)."""
+    points, real = [], {}
+    order = sorted(systems, key=lambda s: s.devices)
+    for system in order:
+        for algorithm in algorithms:
+            key = (system.name or "custom", system.chip.name, system.devices, algorithm)
+            if done and key in done:
+                p = Point(system, algorithm, done[key], None, done[key]["predicted"])
+            elif system.devices <= capacity:
+                p = run_point(cluster, system, algorithm, settings)
+                real[system.chip.name, algorithm] = p
+            else:
+                base = real.get((system.chip.name, algorithm))
+                if base is None:
+                    base = run_point(cluster, system.scaled(capacity), algorithm, settings)
+                    real[system.chip.name, algorithm] = base
+                p = predict_point(base, system, settings)
+            points.append(p)
+            if on_point:
+                on_point(p)
+            if progress is not None:
+                progress.update(1)
+    return points
+
+
+# ---------------------------------------------------------------- break-even
+@dataclass
+class BreakEven:
+    algorithm: str
+    fast: Point
+    slow: Point | None  # the break-even point (None: not reached within max_devices)
+    devices: int | None  # break-even device count
+    naive_devices: float  # from the FLOPS ratio alone
+    efficiency: float | None  # scaling efficiency of the slow system at break-even
+    probes: list[Point] = field(default_factory=list)  # every slow point measured or predicted
+    metric: str = "throughput"
+    target_loss: float | None = None
+
+    def row(self) -> dict:
+        f, s = self.fast.row, self.slow.row if self.slow else {}
+        per = "energy_per_token_j" if f.get("energy_per_token_j") is not None else "energy_per_sample_j"
+        return {"algorithm": self.algorithm, "metric": self.metric,
+                "fast": f"{f['devices']} x {f['chip']}", "fast_throughput": self.fast_value,
+                "break_even_devices": self.devices, "naive_devices": self.naive_devices,
+                "slow_throughput": self.slow_value, "scaling_efficiency": self.efficiency,
+                "predicted": bool(self.slow and self.slow.predicted),
+                "fast_energy_per_unit_j": f.get(per), "slow_energy_per_unit_j": s.get(per),
+                "energy_unit": "token" if per == "energy_per_token_j" else "sample"}
+
+    @property
+    def fast_value(self):
+        return _metric(self.fast, self.metric, self.target_loss)
+
+    @property
+    def slow_value(self):
+        return _metric(self.slow, self.metric, self.target_loss) if self.slow else None
+
+
+def time_to_loss(point: Point, target: float, window: int = 3) -> float | None:
+    """Emulated seconds until the mean of the last `window` losses first reaches `target`."""
+    if point.result is None:
+        return None
+    t, losses = 0.0, []
+    for s in point.result.steps:
+        t += s["step_s"]
+        losses.append(s["loss"])
+        if len(losses) >= window and sum(losses[-window:]) / window <= target:
+            return t
+    return None
+
+
+def _metric(point: Point, metric: str, target: float | None):
+    return throughput(point) if metric == "throughput" else time_to_loss(point, target)
+
+
+def _better(value, reference, metric: str) -> bool:
+    if value is None:
+        return False
+    return value >= reference if metric == "throughput" else value <= reference
+
+
+def search(passes, guess: int, lo: int = 1, hi: int = 4096) -> int | None:
+    """Smallest n in [lo, hi] with passes(n), assuming passes is monotone (false, then true),
+    galloping out from `guess` and then bisecting. None when even hi fails."""
+    guess = min(max(guess, lo), hi)
+    if passes(guess):
+        good, step = guess, 1
+        while good - step >= lo and passes(good - step):
+            good, step = good - step, step * 2
+        bad = max(good - step, lo - 1)
+    else:
+        bad, step = guess, 1
+        while True:
+            if bad + step > hi:
+                if bad == hi or not passes(hi):
+                    return None
+                good = hi
+                break
+            if passes(bad + step):
+                good = bad + step
+                break
+            bad, step = bad + step, step * 2
+    while good - bad > 1:
+        mid = (good + bad) // 2
+        if passes(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def breakeven(cluster, fast: System, slow: System, algorithm: str, settings: Settings, capacity: int,
+              metric: str = "throughput", target_loss: float | None = None, max_devices: int | None = None,
+              on_point=None) -> BreakEven:
+    """Smallest slow.scaled(n) whose throughput (or time to `target_loss`) reaches `fast`'s, by a
+    search over real runs (predicted past `capacity`). Starts from the one-device ratio."""
+    if metric not in ("throughput", "time-to-loss"):
+        raise ValueError(f"metric = {metric!r} is unknown; choose 'throughput' or 'time-to-loss'")
+    if metric == "time-to-loss" and target_loss is None:
+        raise ValueError("metric = 'time-to-loss' needs target_loss (e.g. --target-loss 2.5)")
+    cache: dict[System, Point] = {}
+
+    def measure(system: System) -> Point:
+        if system in cache:
+            return cache[system]
+        if system.devices <= capacity:
+            p = run_point(cluster, system, algorithm, settings)
+        elif metric == "throughput":
+            real = [q for q in cache.values() if not q.predicted and q.system.chip == system.chip]
+            base = max(real, key=lambda q: q.system.devices, default=None) or \
+                run_point(cluster, system.scaled(capacity), algorithm, settings)
+            p = predict_point(base, system, settings)
+        else:
+            raise ValueError(f"time-to-loss needs real training; {system.devices} devices do not fit "
+                             f"this machine (room for {capacity})")
+        if on_point:
+            on_point(p)
+        cache[system] = p
+        return p
+
+    if metric == "time-to-loss" and fast.devices > capacity:
+        raise ValueError(f"the fast system ({fast.devices} devices) does not fit this machine (room for {capacity})")
+    f = measure(fast)
+    target = _metric(f, metric, target_loss)
+    if target is None:
+        raise ValueError(f"the fast system never reached loss {target_loss} in {settings.steps} steps; "
+                         "raise steps or the target loss")
+    naive = fast.devices * fast.chip.peak_flops("bf16") / slow.chip.peak_flops("bf16")
+    one_fast = measure(fast.scaled(1)).row["step_s"]
+    one_slow = measure(slow.scaled(1))
+    guess = math.ceil(fast.devices * one_slow.row["step_s"] / one_fast)
+    limit = max_devices or max(4 * math.ceil(naive), 2 * guess)
+    n = search(lambda k: _better(_metric(measure(slow.scaled(k)), metric, target_loss), target, metric),
+               guess, 1, limit)
+    probes = sorted((p for sys_, p in cache.items() if sys_ == slow.scaled(sys_.devices)),
+                    key=lambda p: p.system.devices)
+    if n is None:
+        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss)
+    s = cache[slow.scaled(n)]
+    eff = throughput(s) / (n * throughput(one_slow))
+    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss)
