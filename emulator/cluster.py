@@ -25,6 +25,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from emulator.collectives import DTYPE_BYTES, pipeline_chunks, topology_of
+from emulator.collectives.core import link_function
+from emulator.collectives.local import execute
 from emulator.collectives.schedules import check as check_collective, schedule
 from emulator.device import Job, RemoteDevice
 from emulator.system import System
@@ -33,8 +35,10 @@ from kernels.cost import CostModel
 
 MEMORY_MB = 300  # Ray memory reserved per device actor (a torch process is ~175 MB unique)
 CPU_PER_DEVICE = 0.01  # Ray CPU per device: devices time-share cores; the dilation keeps them honest
-HOST_LATENCY_S = 0.5e-3  # conservative real one-way message time between actors on one host
-HOST_BPS = 1.0e9  # conservative real bytes/s between actors on one host (measured ~2.4e9 unloaded)
+HOST_LATENCY_S = 6e-3  # conservative real one-way message time between actors on one host (median
+#                       0.4 ms through the transport, but a device waking from a sleep can take 2 ms)
+HOST_BPS = 0.25e9  # conservative real bytes/s per message between actors on one host (2.4e9 measured
+#                    for one idle pair, ~0.6e9 per device in a 4-actor ring on 2 cores)
 CLOCKS = ("virtual", "wall")
 MAX_DILATION = 1e8  # beyond this, an emulated microsecond would take minutes of real time
 OPS = ("sum", "avg")
@@ -56,7 +60,7 @@ class CollectiveResult:
         self.emulated_s = emulated_s  # the collective's emulated time: slowest device, seconds
         self.per_device_s = per_device_s  # each device's emulated finishing time
         self.real_s = real_s  # host wall seconds (slowest device)
-        self.fidelity = fidelity  # wall clock: worst device's fidelity; virtual: 1.0
+        self.fidelity = fidelity  # wall clock: 1 - |measured / model - 1|; virtual: 1.0
 
     def __iter__(self):
         return iter((self.outputs, self.emulated_s))
@@ -294,7 +298,7 @@ class Cluster:
             raise ValueError(f"root = {root!r} is not a device; give 0 <= root < {n}")
         if not (isinstance(repeats, int) and repeats >= 1):
             raise ValueError(f"repeats = {repeats!r} is invalid; give an integer >= 1")
-        per_device, biggest = [[] for _ in range(n)], 0
+        per_device, biggest, shapes = [[] for _ in range(n)], 0, []
         for case in cases:
             if isinstance(case, tuple):
                 numel, dtype = case
@@ -308,6 +312,7 @@ class Cluster:
             schedule(primitive, algorithm, 0, n, count, topology_of(self.system))  # refuses bad layouts
             k = chunks or pipeline_chunks(primitive, algorithm, count * itemsize, self.system)
             biggest = max(biggest, count * itemsize)
+            shapes.append((count, itemsize, k))
             for d in range(n):
                 per_device[d].append((items[d], k))
         job = self._job(self._comm_ratio(biggest))
@@ -315,11 +320,16 @@ class Cluster:
                 for d, a in enumerate(self.actors[:n])]
         res = self._gather(refs, f"{primitive} ({algorithm})")
         out = []
-        for i in range(len(cases)):
+        for i, (count, itemsize, k) in enumerate(shapes):
             rows = [res[d][i] for d in range(n)]
             times = [r["emulated_s"][-1] for r in rows]
+            fidelity = 1.0
+            if self.clock == "wall":  # how close the measured time came to the model's
+                model = max(execute(primitive, algorithm, n, count, topology_of(self.system),
+                                    link_function(self.system), itemsize, root=root, chunks=k))
+                fidelity = max(0.0, 1.0 - abs(max(times) / model - 1.0)) if model > 0 else 1.0
             out.append(CollectiveResult([r["output"] for r in rows], max(times), times,
-                                        max(r["real_s"] for r in rows), min(r["fidelity"] for r in rows)))
+                                        max(r["real_s"] for r in rows), fidelity))
         return out
 
     def _comm_ratio(self, nbytes: float) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 import torch
@@ -111,10 +111,8 @@ class DeviceActor:
         from emulator.collectives import topology_of
         world, rank = job.system.devices, self.index
         link_of = link_function(job.system)
-        lane = job.lane()
         self.transport.barrier(world)  # start together: real_s measures the collective, not call skew
-        lane.start()
-        results = []
+        results, stats = [], {"overrun_s": 0.0}
         for tensor, chunks in cases:
             if not isinstance(tensor, torch.Tensor):
                 tensor = torch.ones(tensor[0], dtype=getattr(torch, tensor[1]))
@@ -123,17 +121,23 @@ class DeviceActor:
             times, real = [], 0.0
             for _ in range(repeats):
                 buf = prepare(primitive, rank, world, tensor.cpu())
-                if lane.kind == "virtual":  # each collective from emulated 0: exact, comparable times
+                # every collective starts from emulated 0 on all devices at once: in wall mode at a
+                # common real time agreed on now, so that no device's start-up skew enters it
+                if job.clock == "wall":
+                    lane = replace(job, epoch=self.transport.agree(time.time() + 0.02 + 0.002 * world,
+                                                                    world)).lane()
+                    lane.start()
+                else:
                     lane = job.lane()
-                t0, r0 = lane.measure(), time.time()
+                r0 = time.time()
                 self.transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size())
-                times.append(lane.measure() - t0)
+                times.append(lane.measure())
                 real += time.time() - r0
+                stats["overrun_s"] += lane.stats()["overrun_s"]
             results.append({"output": finish(primitive, rank, world, buf, op, tensor.shape).to(tensor.device),
                             "emulated_s": times, "real_s": real / repeats})
-        stats = lane.stats()
         for r in results:
-            r.update(device=rank, fidelity=stats["fidelity"], overrun_s=stats["overrun_s"])
+            r.update(device=rank, **stats)
         return results
 
     # ---------------------------------------------------------------- training
