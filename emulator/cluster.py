@@ -13,10 +13,14 @@ up to the number started (`configure` switches the system between jobs, growing 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import time
+import uuid
+from pathlib import Path
 
 import psutil
 import ray
@@ -66,6 +70,38 @@ class CollectiveResult:
         return iter((self.outputs, self.emulated_s))
 
 
+def record_path() -> Path:
+    """Where `relay cluster up` records the cluster it started ($RELAY_HOME, default ~/.relay)."""
+    return Path(os.environ.get("RELAY_HOME", Path.home() / ".relay")) / "cluster.json"
+
+
+def _use_token(path: str) -> None:
+    """Present the recorded cluster's shared secret. Ray reads RAY_AUTH_MODE and the token path
+    from the environment, but caches its config when it is imported, so refresh it the way Ray's
+    own ray.init does for a new local cluster (authentication_token_setup._enable_token_auth)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    from ray._raylet import AuthenticationTokenLoader, Config
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def resolve_address(address: str) -> str:
+    """'recorded' (the cluster `relay cluster up` started), 'auto' (Ray finds one), or host:port."""
+    if address == "recorded":
+        path = record_path()
+        if not path.exists():
+            raise ValueError(f"address = 'recorded' but no cluster is recorded in {path}; run "
+                             "`relay cluster up` first, or give host:port or 'auto'")
+        rec = json.loads(path.read_text())
+        if rec.get("token"):
+            _use_token(rec["token"])
+        return rec["address"]
+    if address != "auto" and not re.fullmatch(r"(ray://)?[\w.\-]+:\d+", address):
+        raise ValueError(f"address = {address!r} is not an address; give host:port, 'auto' or 'recorded'")
+    return address
+
+
 def _system(system) -> System:
     if isinstance(system, System):
         return system
@@ -91,6 +127,8 @@ class Cluster:
             raise ValueError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
         self.efficiency = dict(efficiency or {})
         CostModel(self.system.chip, dtype, **self.efficiency)  # validates dtype and efficiencies
+        if address is not None:
+            resolve_address(address)  # a malformed address fails here, before any actor
         self.address, self.device, self.dtype = address, device, dtype
         self.timeout_s, self.memory_mb, self.check_dilation = timeout_s, memory_mb, check_dilation
         self.actors: list = []
@@ -127,12 +165,18 @@ class Cluster:
                 # cores on purpose, so raise the threshold (Ray's own knob; it cannot be muted).
                 os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "256")
                 ray.init(address="local", num_cpus=psutil.cpu_count() or 1, include_dashboard=False,
-                         object_store_memory=512 * 2**20, logging_level=logging.ERROR, log_to_driver=False)
+                         object_store_memory=512 * 2**20, logging_level=logging.ERROR, log_to_driver=False,
+                         namespace=f"relay-{uuid.uuid4().hex[:8]}")
             else:
-                ray.init(address=self.address, logging_level=logging.WARNING)
+                ray.init(address=resolve_address(self.address), logging_level=logging.ERROR,
+                         namespace=f"relay-{uuid.uuid4().hex[:8]}")
             self._owns_ray = True
         self.host = calibrate()
-        self._grow(self.system.devices)
+        try:
+            self._grow(self.system.devices)
+        except BaseException:
+            self.close()  # nothing half-started is left behind
+            raise
         return self
 
     def close(self) -> None:
@@ -179,7 +223,6 @@ class Cluster:
         if n <= have:
             return
         new = n - have
-        res = ray.available_resources()
         mem = self.memory_mb * 2**20
         gpu = 0.0
         if self.device == "cuda":
@@ -187,24 +230,28 @@ class Cluster:
             if total_gpu <= 0:
                 raise ValueError("device = 'cuda' but the Ray cluster has no GPU; use device='cpu'")
             gpu = min(1.0, total_gpu / n)
-        fit = min(int(res.get("memory", 0) // mem), int(res.get("CPU", 0) / CPU_PER_DEVICE + 1e-9))
-        if gpu:
-            fit = min(fit, int(res.get("GPU", 0) / gpu + 1e-9))
+        fit = devices_that_fit(mem, gpu)
         if fit < new:
-            raise ValueError(f"the Ray cluster has room for {fit} more device(s) ({res.get('memory', 0) / 2**30:.1f} "
-                             f"GiB memory free at {self.memory_mb} MB each), but {new} were asked "
-                             f"(devices = {n}); use fewer devices, a smaller memory_mb, or a larger cluster")
+            raise ValueError(f"the Ray cluster has room for {fit} more device(s) (at {self.memory_mb} MB "
+                             f"each, counted node by node), but {new} were asked (devices = {n}); use "
+                             "fewer devices, a smaller memory_mb, or a larger cluster")
         bundle = {"CPU": CPU_PER_DEVICE, "memory": mem} | ({"GPU": gpu} if gpu else {})
-        pg = placement_group([bundle] * new, strategy="PACK")
-        if not _wait_ready(pg.ready(), timeout_s=60):
-            remove_placement_group(pg)
-            raise RuntimeError(f"could not place {new} device(s) on the Ray cluster within 60 s")
-        self._pgs.append(pg)
-        for i in range(new):
-            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-            self.actors.append(RemoteDevice.options(
-                num_cpus=CPU_PER_DEVICE, num_gpus=gpu, memory=mem, scheduling_strategy=strategy,
-            ).remote(have + i, self.device))
+        # one placement group per scale-up domain, packed onto as few nodes as it fits (and spread
+        # over more only when it must be): a domain's traffic then stays inside a node
+        domains = {}
+        for i in range(have, n):
+            domains.setdefault(self.system.domain_of(i) if i < self.system.devices else i, []).append(i)
+        for members in domains.values():
+            pg = placement_group([bundle] * len(members), strategy="PACK")
+            if not _wait_ready(pg.ready(), timeout_s=60):
+                remove_placement_group(pg)
+                raise RuntimeError(f"could not place {len(members)} device(s) on the Ray cluster within 60 s")
+            self._pgs.append(pg)
+            for k, i in enumerate(members):
+                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k)
+                self.actors.append(RemoteDevice.options(
+                    num_cpus=CPU_PER_DEVICE, num_gpus=gpu, memory=mem, scheduling_strategy=strategy,
+                ).remote(i, self.device))
         self.info = self._gather([a.ready.remote() for a in self.actors], "start-up")
         self._connect()
 
@@ -413,6 +460,19 @@ def _ship_by_value(workload) -> None:
         name = getattr(f, "__module__", None) or ""
         if name and not name.startswith(("emulator.", "torch")) and name in sys.modules and name != "__main__":
             ray.cloudpickle.register_pickle_by_value(sys.modules[name])
+
+
+def devices_that_fit(memory_bytes: float, gpu: float = 0.0, available: bool = True) -> int:
+    """Device actors the Ray cluster has room for, node by node (a device cannot straddle nodes)."""
+    from ray._private import state  # per-node resources: Ray has no public call for them
+    per_node = state.available_resources_per_node() if available else state.total_resources_per_node()
+    fit = 0
+    for res in per_node.values():
+        n = min(int(res.get("memory", 0) // memory_bytes), int(res.get("CPU", 0) / CPU_PER_DEVICE + 1e-9))
+        if gpu:
+            n = min(n, int(res.get("GPU", 0) / gpu + 1e-9))
+        fit += n
+    return fit
 
 
 def _check_tensors(tensors, n: int) -> None:

@@ -56,7 +56,7 @@ class DeviceActor:
     # ---------------------------------------------------------------- control
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
-                "hostname": socket.gethostname()}
+                "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
     def free_address(self, host: str) -> tuple[str, int]:
         from emulator.transport import free_address

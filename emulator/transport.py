@@ -9,6 +9,7 @@ the arrival time with the same link model as the local executor (collectives/cor
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import defaultdict, deque
 from datetime import timedelta
@@ -22,6 +23,15 @@ from emulator.collectives.schedules import Step, seg_len
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
 
 
+def _interface_of(ip: str) -> str | None:
+    """The network interface holding `ip` (loopback for 127.x)."""
+    import psutil
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return "lo" if ip.startswith("127.") else None
+
+
 def free_address(host: str) -> tuple[str, int]:
     """An address rank 0 can listen on: the host and a port the kernel says is free now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -32,6 +42,9 @@ def free_address(host: str) -> tuple[str, int]:
 class Transport:
     def __init__(self, rank: int, world: int, addr: str, port: int, timeout_s: float):
         self.rank, self.world, self.timeout = rank, world, timedelta(seconds=timeout_s)
+        iface = _interface_of(addr)
+        if iface and "GLOO_SOCKET_IFNAME" not in os.environ:  # gloo would otherwise pick the
+            os.environ["GLOO_SOCKET_IFNAME"] = iface  # hostname's interface, often loopback
         dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
                                 world_size=world, timeout=self.timeout)
         self.sent = defaultdict(int)  # peer -> messages sent to it

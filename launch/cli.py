@@ -72,7 +72,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="virtual: exact, deterministic emulated time; wall: paced real time")
     g.add_argument("--dilation", type=float, help="wall clock: real seconds per emulated second "
                    "(default: chosen from a host calibration)")
-    g.add_argument("--address", help="Ray cluster to use (auto, host:port); default: an embedded local Ray")
+    g.add_argument("--address", help="Ray cluster to use: host:port, auto, or recorded (the one `relay cluster "
+                   "up` started); default: an embedded local Ray for this command")
 
 
 # ---------------------------------------------------------------- relay chips
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(be)
     add_run_args(be)
     be.set_defaults(fn=experiments.cmd_breakeven)
+
+    from launch import ray_cluster
+    ray_cluster.add_parser(sub)
 
     rp = sub.add_parser("report", help="redraw the plots of a results folder and print its summary")
     rp.add_argument("path", help="results/<name>")

@@ -1,0 +1,161 @@
+"""`relay cluster up | status | down`: a Ray cluster for Relay that outlives one command.
+
+`up` starts a Ray head (loopback by default, no dashboard unless asked) in a temp dir of its
+own and records its address in $RELAY_HOME/cluster.json (default ~/.relay). Commands then join it
+with `--address recorded` (or the printed host:port, or `auto`). `down` stops the processes that
+`up` started, found by that temp dir, and nothing else: unlike `ray stop`, it leaves other Ray
+clusters on the machine alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from tabulate import tabulate
+
+from emulator.cluster import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, record_path
+
+
+def _ray_binary() -> str:
+    ray = Path(sys.executable).with_name("ray")
+    return str(ray) if ray.exists() else "ray"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ours(temp_dir: str) -> list[psutil.Process]:
+    """Processes whose command line names our temp dir: the ones `up` started."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.info["cmdline"] and any(temp_dir in part for part in p.info["cmdline"]) and p.pid != os.getpid():
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def read_record() -> dict | None:
+    path = record_path()
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a Relay cluster record; remove it and run `relay cluster up` again") from None
+
+
+def cmd_up(args) -> None:
+    rec = read_record()
+    if rec and _ours(rec["temp_dir"]):
+        raise ValueError(f"a Relay cluster is already up at {rec['address']}; `relay cluster down` first")
+    host = args.host or "127.0.0.1"
+    port = args.port or _free_port(host)
+    cpus = args.cpus or psutil.cpu_count() or 1
+    store_mb = args.object_store_mb or int(min(2048, psutil.virtual_memory().available / 2**20 * 0.1))
+    if cpus < 1 or store_mb < 100:
+        raise ValueError(f"--cpus {cpus} / --object-store-mb {store_mb}: need at least 1 CPU and 100 MB")
+    temp_dir = f"/tmp/relay-ray-{port}"  # short: Ray's socket paths must stay under 107 characters
+    cmd = [_ray_binary(), "start", "--head", f"--node-ip-address={host}", f"--port={port}",
+           f"--num-cpus={cpus}", f"--object-store-memory={store_mb * 2**20}",
+           f"--include-dashboard={'true' if args.dashboard else 'false'}", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats"]
+    # Ray authenticates every client with a shared token; Relay makes one per cluster, keeps it
+    # beside the record (mode 600), and presents it whenever it joins the recorded cluster
+    record_path().parent.mkdir(parents=True, exist_ok=True)
+    token = record_path().with_name(f"auth_token_{port}")
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = dict(os.environ, RAY_worker_maximum_startup_concurrency="256", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(token))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if out.returncode != 0:
+        raise ValueError(f"`ray start` failed (exit {out.returncode}): {out.stderr.strip()[-800:]}")
+    address = f"{host}:{port}"
+    record_path().write_text(json.dumps({"address": address, "temp_dir": temp_dir, "token": str(token), "cpus": cpus,
+                                         "object_store_mb": store_mb, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                        indent=2))
+    print(f"Relay cluster up at {address} ({cpus} CPUs, object store {store_mb} MB, "
+          f"dashboard {'on' if args.dashboard else 'off'}); recorded in {record_path()}")
+    print("Use it:")
+    print(f"  relay run --address recorded ...        (or --address {address})")
+    print(f"  Cluster(system, address='{address}')   (Python)")
+    print(f"  add a machine:  ray start --address={address}   (run on that machine; see the README)")
+    print("  see it:        relay cluster status")
+    print("  stop it:       relay cluster down")
+
+
+def cmd_status(args) -> None:
+    import ray
+    from emulator.cluster import resolve_address
+    address = resolve_address(args.address or "recorded")
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)  # resolve_address set the token
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        free = devices_that_fit(MEMORY_MB * 2**20)
+    finally:
+        ray.shutdown()
+    rows, fit_total = [], 0
+    for n in nodes:
+        res = n["Resources"]
+        mem = res.get("memory", 0)
+        fit = min(int(mem // (MEMORY_MB * 2**20)), int(res.get("CPU", 0) / CPU_PER_DEVICE + 1e-9))
+        fit_total += fit
+        rows.append([n["NodeManagerAddress"], n["NodeID"][:12], f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}",
+                     f"{mem / 2**30:.1f}", fit])
+    print(f"# Ray cluster at {address}: {len(nodes)} node(s)")
+    print(tabulate(rows, headers=["node", "id", "CPUs", "GPUs", "memory (GiB)", "devices that fit"],
+                   disable_numparse=True))
+    print(f"# devices that fit in all: {fit_total} ({MEMORY_MB} MB each); room now: {free}")
+
+
+def cmd_down(args) -> None:
+    rec = read_record()
+    if rec is None:
+        raise ValueError(f"no Relay cluster is recorded in {record_path()}; nothing to stop")
+    procs = _ours(rec["temp_dir"])
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    gone, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    record_path().unlink(missing_ok=True)
+    if rec.get("token"):
+        Path(rec["token"]).unlink(missing_ok=True)
+    print(f"Relay cluster at {rec['address']} stopped ({len(procs)} process(es)); other Ray clusters untouched")
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("cluster", help="start, inspect or stop a Ray cluster for Relay")
+    verbs = c.add_subparsers(dest="verb", required=True)
+    up = verbs.add_parser("up", help="start a local Ray head for Relay and record its address")
+    up.add_argument("--host", help="address to listen on (default 127.0.0.1; a LAN address to add machines)")
+    up.add_argument("--port", type=int, help="GCS port (default: a free one)")
+    up.add_argument("--cpus", type=int, help="CPUs to offer (default: all)")
+    up.add_argument("--object-store-mb", type=int, help="object store size (default: 10%% of free memory, at most 2 GB)")
+    up.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
+    up.set_defaults(fn=cmd_up)
+    st = verbs.add_parser("status", help="nodes, CPUs, memory and how many devices fit")
+    st.add_argument("--address", help="cluster to inspect (default: the recorded one)")
+    st.set_defaults(fn=cmd_status)
+    dn = verbs.add_parser("down", help="stop what `relay cluster up` started, and nothing else")
+    dn.set_defaults(fn=cmd_down)
