@@ -28,6 +28,7 @@ bench: venv
 	$(PY) bench/throttle.py
 	$(PY) bench/collectives.py
 	$(PY) bench/training.py
+	$(PY) bench/stragglers.py
 
 results: venv
 	$(VENV)/bin/relay breakeven --preset headline

@@ -32,7 +32,8 @@ from emulator.collectives import DTYPE_BYTES, pipeline_chunks, topology_of
 from emulator.collectives.core import link_function
 from emulator.collectives.local import execute
 from emulator.collectives.schedules import check as check_collective, schedule
-from emulator.device import Job, RemoteDevice
+from emulator.device import Faults, Job, RemoteDevice
+from emulator.monitor import DeviceError, gather
 from emulator.system import System
 from kernels.calibrate import calibrate, check_dilation, dilation_for
 from kernels.cost import CostModel
@@ -46,14 +47,6 @@ HOST_BPS = 0.25e9  # conservative real bytes/s per message between actors on one
 CLOCKS = ("virtual", "wall")
 MAX_DILATION = 1e8  # beyond this, an emulated microsecond would take minutes of real time
 OPS = ("sum", "avg")
-
-
-class DeviceError(RuntimeError):
-    """One device failed; the run was stopped. `device` is its index, `what` the job."""
-
-    def __init__(self, device: int, what: str, cause: str):
-        self.device, self.what, self.cause = device, what, cause
-        super().__init__(f"device {device} failed during {what}: {cause}")
 
 
 class CollectiveResult:
@@ -115,7 +108,7 @@ class Cluster:
     def __init__(self, system, clock: str = "virtual", dilation: float | None = None,
                  address: str | None = None, device: str = "cpu", *, dtype: str = "bf16",
                  efficiency: dict | None = None, timeout_s: float = 30.0, memory_mb: float = MEMORY_MB,
-                 check_dilation: bool = True):
+                 check_dilation: bool = True, faults: Faults | None = None):
         self.system = _system(system)
         self.clock, self.dilation = clock, dilation
         self._check_clock()
@@ -131,6 +124,8 @@ class Cluster:
             resolve_address(address)  # a malformed address fails here, before any actor
         self.address, self.device, self.dtype = address, device, dtype
         self.timeout_s, self.memory_mb, self.check_dilation = timeout_s, memory_mb, check_dilation
+        self.faults = faults or Faults()
+        self.faults.check(self.system.devices)
         self.actors: list = []
         self.info: list[dict] = []  # per actor: pid, node_ip, hostname
         self._pgs: list = []
@@ -203,10 +198,14 @@ class Cluster:
     def pids(self) -> list[int]:
         return [i["pid"] for i in self.info]
 
-    def configure(self, system=None, clock: str | None = None, dilation=...) -> "Cluster":
-        """Switch the system (any size; more actors are started if needed) or the clock."""
+    def configure(self, system=None, clock: str | None = None, dilation=..., faults: Faults | None = None) -> "Cluster":
+        """Switch the system (any size; more actors are started if needed), the clock, or the
+        injected faults."""
         if system is not None:
             self.system = _system(system)
+        if faults is not None:
+            self.faults = faults
+        self.faults.check(self.system.devices)
         if clock is not None:
             self.clock = clock
             if dilation is ...:
@@ -249,10 +248,13 @@ class Cluster:
             self._pgs.append(pg)
             for k, i in enumerate(members):
                 strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k)
-                self.actors.append(RemoteDevice.options(
+                self.actors.append(RemoteDevice.options(  # a second thread answers pings and
                     num_cpus=CPU_PER_DEVICE, num_gpus=gpu, memory=mem, scheduling_strategy=strategy,
+                    max_concurrency=2,  # progress queries while the first one works
                 ).remote(i, self.device))
-        self.info = self._gather([a.ready.remote() for a in self.actors], "start-up")
+        # starting a torch process takes ~1.3 s of a core: be generous, and do not ping yet
+        self.info = self._gather([a.ready.remote() for a in self.actors], "start-up", ping=False,
+                                 deadline_s=120 + 3 * n)
         self._connect()
 
     def _connect(self, tries: int = 3) -> None:
@@ -271,36 +273,32 @@ class Cluster:
                     raise
 
     # ---------------------------------------------------------------- calls
-    def _gather(self, refs: list, what: str, abort: bool = True) -> list:
-        """Results of one call per device; the first failure stops the run and names the device."""
-        index = {ref: i for i, ref in enumerate(refs)}
-        results, pending = [None] * len(refs), list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                try:
-                    results[index[ref]] = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    if abort:
-                        self.close()
-                    raise DeviceError(index[ref], what, _cause(e)) from None
-        return results
+    def _gather(self, refs: list, what: str, abort: bool = True, on_poll=None, **kw) -> list:
+        """Results of one call per device (refs[i] on actor i). The first failure stops the run:
+        every actor is killed and a DeviceError names the device (see emulator/monitor.py)."""
+        try:
+            return gather(self.actors[:len(refs)], refs, what, self.timeout_s, on_poll=on_poll, **kw)
+        except DeviceError:
+            if abort:
+                self.close()
+            raise
 
     def _job(self, ratio: float) -> Job:
         """The settings of one run; `ratio` is the job's worst real/emulated time on this host."""
         n = self.system.devices
         dilation, epoch = None, None
         if self.clock == "wall":
-            needed = dilation_for(ratio, n, self.host.cores)
+            needed = dilation_for(ratio, n, (self.host or calibrate()).cores)
             if not needed < MAX_DILATION:
                 raise ValueError(f"clock = 'wall' cannot pace this job: it would need dilation {needed:.3g} "
                                  "(the emulated ops or links are far faster than this host can time); "
                                  "use clock='virtual'")
             if self.dilation is not None and self.check_dilation:
-                check_dilation(self.dilation, needed, n, self.host.cores)
+                check_dilation(self.dilation, needed, n, (self.host or calibrate()).cores)
             dilation = self.dilation or needed
             epoch = time.time() + 0.3 + 0.02 * n  # every device has the call before emulated 0
-        return Job(self.system, self.clock, dilation, epoch, self.dtype, self.efficiency, self.timeout_s)
+        return Job(self.system, self.clock, dilation, epoch, self.dtype, self.efficiency, self.timeout_s,
+                   self.faults)
 
     def dilation_needed(self, ratio: float) -> float:
         return dilation_for(ratio, self.system.devices, (self.host or calibrate()).cores)
@@ -315,9 +313,9 @@ class Cluster:
         reps = [repeats] * len(sizes) if isinstance(repeats, int) else list(repeats)
         if len(reps) != len(sizes) or any(r < 1 for r in reps):
             raise ValueError(f"repeats = {repeats!r} is invalid; give an int >= 1 or one per size")
-        cost = CostModel(self.system.chip, self.dtype, **self.efficiency)
         host = self.host or calibrate()
-        ratio = max(host.matmul_real_s(s) / cost.matmul_cost(s, s, s).seconds for s in sizes)
+        ratio = max(host.matmul_real_s(s) / CostModel(chip, self.dtype, **self.efficiency).matmul_cost(s, s, s).seconds
+                    for s in sizes for chip in set(self.system.chips))
         job = self._job(ratio)
         n = self.system.devices
         out = self._gather([a.run_matmuls.remote(job, sizes, reps) for a in self.actors[:n]], "run_matmuls")
@@ -373,7 +371,8 @@ class Cluster:
             fidelity = 1.0
             if self.clock == "wall":  # how close the measured time came to the model's
                 model = max(execute(primitive, algorithm, n, count, topology_of(self.system),
-                                    link_function(self.system), itemsize, root=root, chunks=k))
+                                    link_function(self.system, self.faults.link_slowdown), itemsize,
+                                    root=root, chunks=k))
                 fidelity = max(0.0, 1.0 - abs(max(times) / model - 1.0)) if model > 0 else 1.0
             out.append(CollectiveResult([r["output"] for r in rows], max(times), times,
                                         max(r["real_s"] for r in rows), fidelity))
@@ -399,18 +398,13 @@ class Cluster:
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
     # ---------------------------------------------------------------- training
-    def train(self, workload, steps: int = 10, per_device_batch: int = 8, algorithm: str = "ring",
-              seed: int = 0, overlap: bool = True, lr: float | None = None, optimizer: str | None = None,
-              bucket_mb: float | None = None, batch_scale: int = 1, csv: str | None = None):
-        """Data-parallel training of `workload` (a Workload, "mlp", "gpt-tiny" or
-        "package.module:attribute") on the devices. Returns a TrainResult.
-
-        batch_scale: each device really computes per_device_batch samples but is charged (and
-        credited, in throughput) for batch_scale times as many: a host core can then stand in for
-        a chip working on a realistic batch. Losses are those of the batch really computed."""
+    def preflight(self, workload, steps: int = 1, per_device_batch: int = 8, algorithm: str = "ring",
+                  lr=None, optimizer=None, bucket_mb=None, batch_scale: int = 1):
+        """Every check of a training run that needs no device: settings, algorithm against the
+        layout, memory, and on the wall clock the dilation. Returns (workload, memory, ratio).
+        train() runs it; run it yourself to fail before any actor starts."""
         from emulator import workloads
-        from emulator.trainer import (BUCKET_MB, TrainResult, TrainSpec, aggregate, check_memory,
-                                      probe_ratio)
+        from emulator.trainer import BUCKET_MB, check_memory, probe_ratio
         wl = workloads.get(workload)
         n = self.system.devices
         for name, v in (("steps", steps), ("per_device_batch", per_device_batch), ("batch_scale", batch_scale)):
@@ -425,16 +419,49 @@ class Cluster:
             raise ValueError(f"bucket_mb = {bucket_mb!r} is invalid; give MB > 0")
         check_collective("all_reduce", algorithm)
         schedule("all_reduce", algorithm, 0, n, n, topology_of(self.system))  # refuses bad layouts
+        self.faults.check(n)
         memory = check_memory(wl, self.system, per_device_batch, self.dtype, optimizer, batch_scale)
         ratio = 1.0
         if self.clock == "wall":
             ratio = max(probe_ratio(wl, self.system, per_device_batch, self.dtype, self.efficiency,
                                     batch_scale), self._comm_ratio(bucket_mb * 1e6))
+            self._job(ratio)  # refuses a dilation this host cannot honour
+        return wl, memory, ratio
+
+    def train(self, workload, steps: int = 10, per_device_batch: int = 8, algorithm: str = "ring",
+              seed: int = 0, overlap: bool = True, lr: float | None = None, optimizer: str | None = None,
+              bucket_mb: float | None = None, batch_scale: int = 1, csv: str | None = None):
+        """Data-parallel training of `workload` (a Workload, "mlp", "gpt-tiny" or
+        "package.module:attribute") on the devices. Returns a TrainResult.
+
+        batch_scale: each device really computes per_device_batch samples but is charged (and
+        credited, in throughput) for batch_scale times as many: a host core can then stand in for
+        a chip working on a realistic batch. Losses are those of the batch really computed."""
+        from emulator.trainer import BUCKET_MB, TrainResult, TrainSpec, aggregate
+        wl, memory, ratio = self.preflight(workload, steps, per_device_batch, algorithm, lr, optimizer,
+                                           bucket_mb, batch_scale)
+        bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
+        n = self.system.devices
         job = self._job(ratio)
         _ship_by_value(wl)
         spec = TrainSpec(wl, steps, per_device_batch, algorithm, seed, overlap, lr, optimizer, bucket_mb,
                          batch_scale)
-        res = self._gather([a.train.remote(job, spec) for a in self.actors[:n]], "training")
+        progress = _Progress(self.actors[:n])
+        try:
+            res = self._gather([a.train.remote(job, spec) for a in self.actors[:n]], "training", abort=False,
+                               on_poll=progress.poll)
+        except DeviceError as e:  # keep what was measured: the steps every surviving device finished
+            rows = progress.final(skip=e.device)
+            self.close()
+            survivors = [r for d, r in enumerate(rows) if d != e.device]
+            e.step = min(len(r) for r in survivors) if survivors else 0
+            if e.step:
+                partial = [{"rows": r[:e.step]} for r in rows]
+                e.completed = TrainResult(aggregate(partial, self.system, spec, self.dtype, e.step), {},
+                                          {"workload": wl.name, "global_batch": n * per_device_batch * batch_scale,
+                                           "tokens_per_sample": wl.tokens_per_sample, "clock": self.clock,
+                                           "completed_steps": e.step, "failed": str(e)}, [r[:e.step] for r in rows])
+            raise
         config = {"workload": wl.name, "steps": steps, "per_device_batch": per_device_batch,
                   "batch_scale": batch_scale, "global_batch": n * per_device_batch * batch_scale,
                   "tokens_per_sample": wl.tokens_per_sample,
@@ -450,6 +477,36 @@ class Cluster:
 
     def __repr__(self) -> str:
         return (f"Cluster({self.system.describe()}, clock={self.clock!r}, actors={len(self.actors)})")
+
+
+class _Progress:
+    """Training rows fetched from the devices while they train (they answer on a second thread),
+    so that a failure loses no step already finished."""
+
+    def __init__(self, actors):
+        self.actors, self.rows, self.asked = actors, [[] for _ in actors], {}
+
+    def poll(self) -> None:
+        for d, actor in enumerate(self.actors):
+            ref = self.asked.get(d)
+            if ref is not None:
+                if not ray.wait([ref], timeout=0)[0]:
+                    continue
+                try:
+                    self.rows[d] = ray.get(ref)
+                except ray.exceptions.RayError:
+                    pass
+            self.asked[d] = actor.progress.remote()
+
+    def final(self, skip: int, timeout_s: float = 5.0) -> list[list[dict]]:
+        """The latest rows of every device still alive (the failed one keeps its last poll's)."""
+        refs = {d: a.progress.remote() for d, a in enumerate(self.actors) if d != skip}
+        for d, ref in refs.items():
+            try:
+                self.rows[d] = ray.get(ref, timeout=timeout_s)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass
+        return self.rows
 
 
 def _ship_by_value(workload) -> None:
@@ -487,16 +544,6 @@ def _check_tensors(tensors, n: int) -> None:
             raise ValueError(f"tensors[{i}] has shape {tuple(t.shape)} and dtype {t.dtype}, but "
                              f"tensors[0] has {tuple(t0.shape)} and {t0.dtype}; every device must "
                              "give the same shape and dtype")
-
-
-def _cause(e: Exception) -> str:
-    """The useful line of a Ray error: the remote exception, or that the actor died."""
-    if isinstance(e, ray.exceptions.RayTaskError):
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        return f"{type(cause).__name__}: {cause}".split("\n")[0][:500]
-    if isinstance(e, ray.exceptions.ActorDiedError) or isinstance(e, ray.exceptions.RayActorError):
-        return "the device process died (" + str(e).split("\n")[0][:300] + ")"
-    return str(e).split("\n")[0][:500]
 
 
 def _wait_ready(ref, timeout_s: float) -> bool:

@@ -7,6 +7,7 @@ run), so one set of actors serves a whole sweep of chips and device counts.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,29 @@ from kernels.throttle import Throttle
 
 
 @dataclass(frozen=True)
+class Faults:
+    """Faults injected on purpose, for experiments and tests."""
+    fail: tuple[int, int] | None = None  # (device, step): that device's process dies at that step
+    #                                      (a training step, or a collective's schedule step)
+    compute_slowdown: dict = field(default_factory=dict)  # device -> factor on every op's cost
+    link_slowdown: dict = field(default_factory=dict)  # device -> factor on its links' time
+
+    def check(self, devices: int) -> None:
+        for what, d in ([("fail", self.fail[0])] if self.fail else []) + \
+                [("straggler", d) for d in (*self.compute_slowdown, *self.link_slowdown)]:
+            if not (isinstance(d, int) and 0 <= d < devices):
+                raise ValueError(f"{what}: device = {d!r} is not a device; give 0..{devices - 1}")
+        if self.fail and not (isinstance(self.fail[1], int) and self.fail[1] >= 0):
+            raise ValueError(f"fail: step = {self.fail[1]!r} is invalid; give a step >= 0")
+        for d, x in (*self.compute_slowdown.items(), *self.link_slowdown.items()):
+            if not (isinstance(x, (int, float)) and x >= 1):
+                raise ValueError(f"straggler: slowdown = {x!r} for device {d} is invalid; give a factor >= 1")
+
+    def fails_here(self, device: int, step: int) -> bool:
+        return self.fail is not None and self.fail == (device, step)
+
+
+@dataclass(frozen=True)
 class Job:
     """What every device of one run needs to know; sent with each call."""
     system: System
@@ -33,17 +57,26 @@ class Job:
     dtype: str = "bf16"  # emulated dtype of floating tensors
     efficiency: dict = field(default_factory=dict)  # matmul_eff, mem_eff, launch_us overrides
     timeout_s: float = 30.0  # how long a device waits for a peer before failing
-    slowdown: dict = field(default_factory=dict)  # device -> compute slowdown factor (stragglers)
+    faults: Faults = field(default_factory=Faults)
 
     def lane(self):
         return make_lane(self.clock, self.dilation, self.epoch)
 
-    def cost_model(self) -> CostModel:
-        return CostModel(self.system.chip, self.dtype, **self.efficiency)
+    def cost_model(self, rank: int = 0) -> CostModel:
+        return CostModel(self.system.chip_of(rank), self.dtype, **self.efficiency)
 
     def throttle(self, rank: int, lane, device: str = "cpu") -> Throttle:
-        return Throttle(self.cost_model(), lane, sync_cuda=device == "cuda" and self.clock == "wall",
-                        slowdown=self.slowdown.get(rank, 1.0))
+        return Throttle(self.cost_model(rank), lane, sync_cuda=device == "cuda" and self.clock == "wall",
+                        slowdown=self.faults.compute_slowdown.get(rank, 1.0))
+
+    def links(self):
+        """(i, j) -> (class, Link), with any straggler's links slowed down."""
+        return link_function(self.system, self.faults.link_slowdown)
+
+
+def die() -> None:
+    """An injected failure: this device's process ends at once, as a crash would end it."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class DeviceActor:
@@ -52,11 +85,19 @@ class DeviceActor:
         self.index = index
         self.device = device
         self.transport = None
+        self.rows: list[dict] = []  # training progress
 
     # ---------------------------------------------------------------- control
     def ready(self) -> dict:
         return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
                 "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+
+    def ping(self) -> bool:
+        return True
+
+    def progress(self) -> list[dict]:
+        """Rows of the training steps done so far (answered while train() runs)."""
+        return list(self.rows)
 
     def free_address(self, host: str) -> tuple[str, int]:
         from emulator.transport import free_address
@@ -110,7 +151,7 @@ class DeviceActor:
         need not ship it)."""
         from emulator.collectives import topology_of
         world, rank = job.system.devices, self.index
-        link_of = link_function(job.system)
+        link_of = job.links()
         self.transport.barrier(world)  # start together: real_s measures the collective, not call skew
         results, stats = [], {"overrun_s": 0.0}
         for tensor, chunks in cases:
@@ -130,7 +171,8 @@ class DeviceActor:
                 else:
                     lane = job.lane()
                 r0 = time.time()
-                self.transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size())
+                self.transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size(),
+                                   fail_at=job.faults.fail[1] if job.faults.fail and job.faults.fail[0] == rank else None)
                 times.append(lane.measure())
                 real += time.time() - r0
                 stats["overrun_s"] += lane.stats()["overrun_s"]
@@ -143,7 +185,8 @@ class DeviceActor:
     # ---------------------------------------------------------------- training
     def train(self, job: Job, spec) -> dict:
         from emulator.trainer import train_device
-        return train_device(self.index, job, spec, self.transport, self.device)
+        self.rows = []
+        return train_device(self.index, job, spec, self.transport, self.device, on_step=self.rows.append)
 
     def gloo_all_reduce(self, nbytes: int, repeats: int) -> float:
         """Real seconds per torch.distributed.all_reduce (gloo's own algorithm), for comparison."""

@@ -12,6 +12,7 @@ half-written file.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
@@ -40,11 +41,51 @@ UNITS = {"step_s": "emulated s", "compute_s": "emulated s", "comm_s": "emulated 
 
 
 class ResultsDir:
-    def __init__(self, root, name: str):
+    """One results folder. While a command writes it, it holds `.lock` (the writer's pid), so a
+    second command given the same name fails at once instead of mixing its files in."""
+
+    def __init__(self, root, name: str, lock: bool = True):
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"name = {name!r} is not a results folder name; use letters, digits, - and _")
         self.path = Path(root) / name
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = self.path / ".lock"
+        if lock:
+            self._take_lock()
+
+    def _take_lock(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                atexit.register(self.release)
+                ResultsDir.held.append(self)
+                return
+            except FileExistsError:
+                try:
+                    pid = int(self._lock.read_text() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ValueError(f"results folder {str(self.path)!r} is being written by another relay "
+                                     f"(pid {pid}); choose another --name, or wait for it") from None
+                self._lock.unlink(missing_ok=True)  # left by a process that is gone
+        raise ValueError(f"could not lock results folder {str(self.path)!r}")
+
+    held: list = []  # folders this process has locked
+
+    @classmethod
+    def release_all(cls) -> None:
+        while cls.held:
+            cls.held.pop().release()
+
+    def release(self) -> None:
+        try:
+            if self._lock.read_text() == str(os.getpid()):
+                self._lock.unlink()
+        except OSError:
+            pass
 
     def write_bytes(self, rel: str, data: bytes) -> Path:
         target = self.path / rel
@@ -75,6 +116,14 @@ class ResultsDir:
 
     def read_json(self, rel: str):
         return json.loads((self.path / rel).read_text())
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _jsonable(x):
@@ -134,15 +183,24 @@ POINT_COLUMNS = ["system", "chip", "devices", "domain", "algorithm", "per_device
                  "global_batch", "predicted"]
 
 
-def write_points(out: ResultsDir, kind: str, config: dict, points, extra: dict | None = None) -> dict:
+def write_points(out: ResultsDir, kind: str, config: dict, points, extra: dict | None = None,
+                 plots: bool = True, earlier_steps: list[dict] | None = None) -> dict:
+    """config.json, steps.csv, points.csv, summary.json (and the plots) of a list of points.
+    earlier_steps: steps.csv rows of points measured by an earlier, interrupted command."""
     from emulator.experiment import ROW_FIELDS
     out.write_json("config.json", config)
-    out.write_csv("steps.csv", step_rows(points), ["point", "system", "chip", "devices", "algorithm"] + STEP_COLUMNS)
+    columns = ["point", "system", "chip", "devices", "algorithm"] + STEP_COLUMNS
+    index = {(p.row["system"], p.row["chip"], str(p.row["devices"]), p.row["algorithm"]): i
+             for i, p in enumerate(points)}
+    earlier = [dict(r, point=index[r["system"], r["chip"], str(r["devices"]), r["algorithm"]])
+               for r in earlier_steps or [] if (r["system"], r["chip"], str(r["devices"]), r["algorithm"]) in index]
+    out.write_csv("steps.csv", sorted(earlier + step_rows(points), key=lambda r: int(r["point"])), columns)
     out.write_csv("points.csv", [p.row for p in points], POINT_COLUMNS + ROW_FIELDS)
     summary = {"kind": kind, "name": out.path.name, "units": UNITS, "points": [p.row for p in points],
                **(extra or {})}
     out.write_json("summary.json", summary)
-    draw(out, summary)
+    if plots:
+        draw(out, summary)
     return summary
 
 

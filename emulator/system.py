@@ -57,13 +57,26 @@ class System:
     power_w: float | None = None  # per device, W (all-in for presets); None: the chip's
     name: str = ""  # preset name, or "" for a custom system
     note: str = field(default="", compare=False)
+    device_chips: tuple = ()  # a mixed system: one chip per device (see System.mixed)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.device_chips:
+            set_("device_chips", tuple(chips.get(c) for c in self.device_chips))
+            set_("chip", self.device_chips[0])
         set_("chip", chips.get(self.chip))
         who = f"system {self.name or self.chip.name}"
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise ValueError(f"{who}: devices = {self.devices!r} is invalid; give an integer >= 1")
+        if self.device_chips and len(self.device_chips) != self.devices:
+            raise ValueError(f"{who}: {len(self.device_chips)} device chips for devices = {self.devices}; "
+                             "give one chip per device")
+        if len(set(self.chips)) > 1:  # a mixed fabric runs at the pace of its slowest member
+            for f, pick in (("scaleup_gbps", min), ("scaleup_latency_us", max), ("scaleout_latency_us", max)):
+                if getattr(self, f) is None:
+                    set_(f, pick(getattr(c, f) for c in self.chips))
+            if self.scaleout_gbps is None and all(c.scaleout_gbps for c in self.chips):
+                set_("scaleout_gbps", min(c.scaleout_gbps for c in self.chips))
         if self.domain is None:
             set_("domain", self.devices)
         if isinstance(self.domain, bool) or not isinstance(self.domain, int) or self.domain < 1:
@@ -84,10 +97,32 @@ class System:
                                  f"this system spans {self.domains} domains; pass scaleout_gbps=...")
         else:
             _positive(who, "scaleout_gbps", self.scaleout_gbps)
-        if self.power_w is None:
+        if self.power_w is None and len(set(self.chips)) == 1:
             set_("power_w", self.chip.power_w)
         if self.power_w is not None:
             _positive(who, "power_w", self.power_w)
+
+    # -- chips --
+    @property
+    def chips(self) -> tuple:
+        """The chip of every device."""
+        return self.device_chips or (self.chip,) * self.devices
+
+    @property
+    def mixed_chips(self) -> bool:
+        return len(set(self.chips)) > 1
+
+    def chip_of(self, device: int):
+        return self.device_chips[device] if self.device_chips else self.chip
+
+    def power_of(self, device: int) -> float | None:
+        """W for one device: the system's figure, else its chip's (None: unknown)."""
+        return self.power_w if self.power_w is not None else self.chip_of(device).power_w
+
+    @property
+    def total_power_w(self) -> float | None:
+        powers = [self.power_of(i) for i in range(self.devices)]
+        return None if any(p is None for p in powers) else sum(powers)
 
     # -- layout --
     @property
@@ -118,7 +153,10 @@ class System:
     @property
     def peak_flops(self) -> float:
         """System dense BF16 peak, FLOP/s."""
-        return self.devices * self.chip.peak_flops("bf16")
+        return self.peak("bf16")
+
+    def peak(self, dtype: str = "bf16") -> float:
+        return sum(c.peak_flops(dtype) for c in self.chips)
 
     # -- construction --
     @classmethod
@@ -137,14 +175,31 @@ class System:
     def presets() -> list[str]:
         return list(PRESETS)
 
+    @classmethod
+    def mixed(cls, groups, domain: int | None = None, **links) -> "System":
+        """Devices of several chips in one run, e.g. System.mixed([("ascend-910c", 8), ("h100", 2)]):
+        each device is throttled to its own chip; links run at the slowest chip's figures unless
+        given."""
+        groups = list(groups)
+        if not groups or any(not isinstance(n, int) or n < 1 for _, n in groups):
+            raise ValueError(f"groups = {groups!r} is invalid; give (chip, count >= 1) pairs")
+        per_device = tuple(chips.get(c) for c, n in groups for _ in range(n))
+        return cls(per_device[0], len(per_device), domain=domain, device_chips=per_device, **links)
+
     def scaled(self, devices: int) -> "System":
         """The same chip and fabric with another device count. The domain size is a property of
         the fabric (an NVL72 domain holds at most 72, an HGX node 8), so it is kept, capped at the
         device count: nvl72 scaled to 9 is one domain of 9, to 144 two domains of 72."""
-        return replace(self, devices=devices, domain=min(self.domain, devices))
+        if self.mixed_chips:
+            raise ValueError("a system of mixed chips cannot be scaled; build it with System.mixed at the size wanted")
+        return replace(self, devices=devices, domain=min(self.domain, devices), device_chips=())
 
     def describe(self) -> str:
-        return (f"{self.devices} x {self.chip.name} ({self.domains} domain(s) of {self.domain}; "
+        counts = {}
+        for c in self.chips:
+            counts[c.name] = counts.get(c.name, 0) + 1
+        what = " + ".join(f"{n} x {c}" for c, n in counts.items())
+        return (f"{what} ({self.domains} domain(s) of {self.domain}; "
                 f"scale-up {self.scaleup_gbps:g} GB/s, {self.scaleup_latency_us:g} us; scale-out "
                 f"{'unknown' if self.scaleout_gbps is None else f'{self.scaleout_gbps:g} GB/s'}, "
                 f"{self.scaleout_latency_us:g} us)")

@@ -94,8 +94,9 @@ class GradSync:
     devices issue the same collectives in the same order)."""
 
     def __init__(self, model, transport, system, algorithm: str, lane, compute_lane, elem_bytes: int,
-                 bucket_bytes: float, threaded: bool, throttle, overlap: bool = True):
+                 bucket_bytes: float, threaded: bool, throttle, overlap: bool = True, link_of=None):
         self.transport, self.system, self.algorithm, self.lane = transport, system, algorithm, lane
+        self.link_of = link_of or link_function(system)
         self.compute_lane = compute_lane
         self.elem_bytes, self.throttle = elem_bytes, throttle
         params = [p for p in model.parameters() if p.requires_grad][::-1]
@@ -136,7 +137,7 @@ class GradSync:
     def _launch(self, i: int) -> None:
         with self.throttle.pause():  # flattening is communication bookkeeping, not model compute
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                              for p in self.buckets[i]])
+                              for p in self.buckets[i]]).cpu()  # gloo moves host memory
         ready = self.compute_lane.scheduled()  # the bucket is ready when backward got here
         if self.threaded:
             self.jobs.put((i, flat, ready))
@@ -147,8 +148,7 @@ class GradSync:
     def _reduce(self, i: int, flat: torch.Tensor, ready: float) -> None:
         self.lane.advance_to(ready)
         start = self.lane.now()
-        self.transport.run(self.plans[i], flat, self.lane, Ports(), link_function(self.system),
-                           self.elem_bytes)
+        self.transport.run(self.plans[i], flat, self.lane, Ports(), self.link_of, self.elem_bytes)
         self.spans.append((start, self.lane.now()))
         flat /= self.system.devices
         at = 0
@@ -199,7 +199,7 @@ class TrainSpec:
 
 
 
-def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu") -> dict:
+def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu", on_step=None) -> dict:
     """The training loop of one device. Returns per-step rows and, on rank 0, the final weights."""
     wl, world = spec.workload, job.system.devices
     torch.manual_seed(spec.seed)
@@ -213,12 +213,15 @@ def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu"
     elem = 2 if job.dtype in ("bf16", "fp16") else 1  # gradients travel at the emulated dtype
     sync = GradSync(model, transport, job.system, spec.algorithm, comm, compute, elem,
                     spec.bucket_mb * 1e6, threaded=job.clock == "wall", throttle=throttle,
-                    overlap=spec.overlap)
+                    overlap=spec.overlap, link_of=job.links())
     data = _prefetch(wl.batches(rank, world, spec.per_device_batch, spec.seed), job.clock == "wall")
     rows = []
     compute.start()
     comm.start()
     for step in range(spec.steps):
+        if job.faults.fails_here(rank, step):
+            from emulator.device import die
+            die()
         batch = _to(next(data), device)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
         sync.reset()
@@ -235,12 +238,17 @@ def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu"
             opt.step()
             opt.zero_grad()
         t1 = compute.measure()
-        rows.append({"step": step, "loss": float(loss.detach()), "start_s": t0, "end_s": t1,
+        # the global batch's loss, known to every device (so a failed device's steps keep theirs)
+        local = float(loss.detach())
+        global_loss = transport.total([local], world)[0] / world if world > 1 else local
+        rows.append({"step": step, "loss": global_loss, "local_loss": local, "start_s": t0, "end_s": t1,
                      "compute_s": throttle.emulated_s - c0, "comm_s": sum(b - a for a, b in sync.spans),
                      "exposed_comm_s": max(0.0, comm_end - t_bwd), "flops": throttle.flops - f0,
                      "wall_s": time.time() - r0,
                      "spans": {"forward+backward": (t0, t_bwd), "optimizer": (t_opt, t1),
                                "all-reduce": list(sync.spans)}})
+        if on_step is not None:
+            on_step(rows[-1])
     for h in sync.hooks:
         h.remove()
     stats = [compute.stats(), comm.stats()]
@@ -335,15 +343,16 @@ def memory_estimate(workload: Workload, per_device_batch: int, dtype: str = "bf1
 def check_memory(workload: Workload, system, per_device_batch: int, dtype: str = "bf16",
                  optimizer: str | None = None, batch_scale: int = 1) -> dict:
     need = memory_estimate(workload, per_device_batch, dtype, optimizer, batch_scale)
-    have = system.chip.hbm_bytes
+    chip = min(set(system.chips), key=lambda c: c.hbm_bytes)  # the tightest device decides
+    have = chip.hbm_bytes
     if need["total"] > have:
         gb = lambda b: f"{b / 1e9:.3g} GB"  # noqa: E731
         raise ValueError(
             f"memory: {workload.name} needs {gb(need['total'])} per device (parameters "
             f"{gb(need['parameters'])}, gradients {gb(need['gradients'])}, optimizer state "
             f"{gb(need['optimizer'])}, activations {gb(need['activations'])} at per_device_batch="
-            f"{per_device_batch}{f' x batch_scale {batch_scale}' if batch_scale != 1 else ''}) but {system.chip.name} has {gb(have)} of HBM; use a smaller "
-            "per_device_batch or a chip with more memory")
+            f"{per_device_batch}{f' x batch_scale {batch_scale}' if batch_scale != 1 else ''}) but "
+            f"{chip.name} has {gb(have)} of HBM; use a smaller per_device_batch or a chip with more memory")
     return need
 
 
@@ -363,7 +372,8 @@ def probe_ratio(workload: Workload, system, per_device_batch: int, dtype: str = 
     for _ in range(steps):
         batch = next(data)
         t0, e0 = time.perf_counter(), lane.t
-        with Throttle(CostModel(system.chip, dtype, **(efficiency or {})), lane) as throttle:
+        fastest = max(set(system.chips), key=lambda c: c.peak_flops(dtype))  # the tightest pacing
+        with Throttle(CostModel(fastest, dtype, **(efficiency or {})), lane) as throttle:
             throttle.work_scale = batch_scale
             workload.loss(model, batch).backward()
             throttle.work_scale = 1.0
@@ -412,26 +422,29 @@ class TrainResult:
                 w.writerow({k: r[k] for k in STEP_COLUMNS})
 
 
-def aggregate(per_device: list[dict], system, spec: TrainSpec, dtype: str) -> list[dict]:
-    """Global per-step rows from every device's rows. A step ends when its last device ends."""
+def aggregate(per_device: list[dict], system, spec: TrainSpec, dtype: str, steps: int | None = None) -> list[dict]:
+    """Global per-step rows from every device's rows. A step ends when its last device ends.
+    After a failure some devices may lack their last rows: a step then uses the rows it has."""
     world = system.devices
-    peak = system.chip.peak_flops(dtype)
+    peak = system.peak(dtype)
+    power = system.total_power_w
     samples = world * spec.per_device_batch * spec.batch_scale
     tps = spec.workload.tokens_per_sample
-    prev = max(d["rows"][0]["start_s"] for d in per_device)
-    steps = []
-    for k in range(spec.steps):
-        rows = [d["rows"][k] for d in per_device]
+    rows_of = [d["rows"] for d in per_device]
+    prev = max(r[0]["start_s"] for r in rows_of if r)
+    out = []
+    for k in range(spec.steps if steps is None else steps):
+        rows = [r[k] for r in rows_of if len(r) > k]
         end = max(r["end_s"] for r in rows)
         step_s = end - prev
         prev = end
-        mean = lambda key: sum(r[key] for r in rows) / world  # noqa: E731
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         compute, exposed = mean("compute_s"), mean("exposed_comm_s")
-        steps.append({
-            "step": k, "loss": mean("loss"), "step_s": step_s, "compute_s": compute,
+        out.append({
+            "step": k, "loss": rows[0]["loss"], "step_s": step_s, "compute_s": compute,
             "comm_s": mean("comm_s"), "exposed_comm_s": exposed, "other_s": max(0.0, step_s - compute - exposed),
             "samples_per_s": samples / step_s, "tokens_per_s": samples * tps / step_s if tps else None,
-            "mfu": sum(r["flops"] for r in rows) / (step_s * world * peak),
-            "energy_j": world * system.power_w * step_s if system.power_w else None,
-            "wall_s": max(r["wall_s"] for r in rows), "fidelity": min(d["fidelity"] for d in per_device)})
-    return steps
+            "mfu": sum(r["flops"] for r in rows) * world / len(rows) / (step_s * peak),
+            "energy_j": power * step_s if power else None,
+            "wall_s": max(r["wall_s"] for r in rows), "fidelity": min(d.get("fidelity", 1.0) for d in per_device)})
+    return out

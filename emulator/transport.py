@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from emulator.collectives.core import apply, gather, time_recv, time_sends
 from emulator.collectives.schedules import Step, seg_len
+from emulator.monitor import PeerError
 
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
 
@@ -65,13 +66,22 @@ class Transport:
 
     def agree(self, value: float, world: int) -> float:
         """Rank 0's value, on devices 0..world-1 (e.g. a common epoch for the wall clock)."""
+        return self._control("broadcast", [value], world)[0]
+
+    def total(self, values: list[float], world: int) -> list[float]:
+        """Elementwise sums over devices 0..world-1 (e.g. a step's loss, for the log)."""
+        return self._control("all_reduce", values, world)
+
+    def _control(self, primitive: str, values: list[float], world: int) -> list[float]:
+        """A small collective outside any emulated time (control, not training traffic)."""
         from emulator.collectives.core import Ports
         from emulator.collectives.schedules import schedule
         from kernels.clock import VirtualLane
-        buf = torch.tensor([value], dtype=torch.float64)
-        steps = schedule("broadcast", "ring", self.rank, world, 1, chunks=1)
+        buf = torch.tensor(values, dtype=torch.float64)
+        steps = schedule(primitive, "halving_doubling" if primitive == "all_reduce" else "ring",
+                         self.rank, world, len(values), chunks=1)
         self.run(steps, buf, VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), 8)
-        return float(buf[0])
+        return buf.tolist()
 
     def _tag(self, seq: int, part: int) -> int:
         return (2 * seq + part) % TAG_SPACE
@@ -99,7 +109,8 @@ class Transport:
             posted.append((r, seq, n, hdr, area, works))
         return posted
 
-    def run(self, steps: list[Step], buf: torch.Tensor, lane, ports, link_of, elem_bytes: int) -> None:
+    def run(self, steps: list[Step], buf: torch.Tensor, lane, ports, link_of, elem_bytes: int,
+            fail_at: int | None = None) -> None:
         """Execute this rank's schedule on `buf` (flat, CPU), pacing every message on `lane`.
 
         Receives are posted `window` steps ahead, so that a sender that runs ahead never finds
@@ -110,6 +121,9 @@ class Transport:
         window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * buf.element_size())))
         posted = deque(self._post_recvs(steps[k], k % window, buf.dtype) for k in range(window))
         for k, step in enumerate(steps):
+            if k == fail_at:  # an injected failure, mid-collective
+                from emulator.device import die
+                die()
             t0 = lane.now()
             incoming = posted.popleft()
             starts, done = time_sends(me, step, t0, ports, link_of, elem_bytes)
@@ -156,6 +170,6 @@ SCRATCH_BYTES = 256 << 20  # receive areas posted ahead, at most (at least one s
 def _wait(work, timeout, me: int, peer: int) -> None:
     try:
         work.wait(timeout)
-    except RuntimeError as e:
-        raise RuntimeError(f"device {me}: no message from device {peer} within "
-                           f"{timeout.total_seconds():g} s ({str(e).splitlines()[0][:200]})") from None
+    except RuntimeError as e:  # timed out, or the peer's connection closed under us
+        raise PeerError(me, peer, f"waited up to {timeout.total_seconds():g} s; gloo: "
+                        f"{str(e).splitlines()[0][:160]}") from None

@@ -44,21 +44,41 @@ def system_from(args) -> System:
             raise UsageError("give --system or --chip, not both")
         s = System.preset(args.system)
         if args.devices:
-            s = s.scaled(args.devices)
+            s = s.scaled(_count(args.devices))
         if args.domain or links:
             from dataclasses import replace
             s = replace(s, domain=args.domain or s.domain, **links)
         return s
+    devices = str(args.devices or "")
+    if ":" in devices:  # a mixed system: --devices 910c:8,h100:2
+        if args.chip:
+            raise UsageError("--devices CHIP:N,... names the chips itself; drop --chip")
+        groups = []
+        for part in devices.split(","):
+            chip, _, n = part.partition(":")
+            if not n.strip().isdigit():
+                raise UsageError(f"--devices = {devices!r}: write chip:count pairs, e.g. 910c:8,h100:2")
+            groups.append((chip.strip(), int(n)))
+        return System.mixed(groups, domain=args.domain, **links)
     if not args.chip:
         raise UsageError("say what to emulate: --system PRESET, or --chip CHIP --devices N")
-    return System(args.chip, args.devices or 1, domain=args.domain, **links)
+    return System(args.chip, _count(devices) if devices else 1, domain=args.domain, **links)
+
+
+def _count(text) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--devices = {text!r} is not a device count; give a number, or chip:count "
+                         "pairs such as 910c:8,h100:2") from None
 
 
 def add_system_args(p: argparse.ArgumentParser, devices_default=None) -> None:
     g = p.add_argument_group("what to emulate")
     g.add_argument("--system", help=f"system preset: {', '.join(System.presets())}")
     g.add_argument("--chip", help="chip from `relay chips` (with --devices)")
-    g.add_argument("--devices", type=int, default=devices_default, help="device count")
+    g.add_argument("--devices", default=devices_default,
+                   help="device count, or chip:count pairs for a mixed system (e.g. 910c:8,h100:2)")
     g.add_argument("--domain", type=int, help="devices per scale-up domain (default: one domain)")
     g.add_argument("--scaleup-gbps", type=float, help="override: scale-up GB/s per device per direction")
     g.add_argument("--scaleup-latency-us", type=float, help="override: scale-up latency per message, us")
@@ -275,6 +295,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="all-reduce gradients after backward instead of during it")
     g.add_argument("--max-real-devices", type=int, help="run at most this many real devices; larger "
                    "systems are predicted (default: what the host memory holds)")
+    g.add_argument("--fail", help="inject a failure: device=K,step=S (device K's process dies at step S)")
+    g.add_argument("--straggler", action="append", help="slow one device: device=K,slowdown=X[,links=Y] "
+                   "(X on its compute, Y on its links; repeat for several)")
+    g.add_argument("--timeout-s", type=float, help="seconds a device may wait for another before the run "
+                   "fails (default 30)")
     g.add_argument("--name", help="results folder name (results/<name>/)")
     g.add_argument("--out", help="results root (default: results)")
 
@@ -291,15 +316,22 @@ def with_preset(parser: argparse.ArgumentParser, args) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from emulator.monitor import DeviceError
     try:
         with_preset(parser, args)
         args.fn(args)
+    except DeviceError as e:  # a device failed mid-run: not bad input, but no traceback either
+        print(f"relay {args.command}: run failed: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"relay {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"relay {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from emulator.results import ResultsDir
+        ResultsDir.release_all()
     return 0
 
 

@@ -70,25 +70,70 @@ def _progress(total: int, what: str):
 
 
 # ---------------------------------------------------------------- relay run
+def faults_from(args, devices: int):
+    """--fail device=K,step=S and --straggler device=K,slowdown=X[,links=Y] as Faults."""
+    from emulator.device import Faults
+
+    def fields(flag: str, text: str, allowed: set) -> dict:
+        try:
+            out = {k.strip(): float(v) for k, v in (kv.split("=") for kv in str(text).split(","))}
+        except ValueError:
+            raise ValueError(f"{flag} = {text!r} is not key=value pairs; write e.g. "
+                             f"{'device=2,step=3' if flag == '--fail' else 'device=2,slowdown=2'}") from None
+        if not {"device"} <= set(out) <= allowed:
+            raise ValueError(f"{flag} = {text!r}: give device= and {' / '.join(sorted(allowed - {'device'}))}")
+        return out
+
+    fail, compute, links = None, {}, {}
+    if getattr(args, "fail", None):
+        f = fields("--fail", args.fail, {"device", "step"})
+        if "step" not in f:
+            raise ValueError(f"--fail = {args.fail!r}: say when, e.g. device=2,step=3")
+        fail = (int(f["device"]), int(f["step"]))
+    for text in getattr(args, "straggler", None) or []:
+        f = fields("--straggler", text, {"device", "slowdown", "links"})
+        if "slowdown" in f:
+            compute[int(f["device"])] = f["slowdown"]
+        if "links" in f:
+            links[int(f["device"])] = f["links"]
+    faults = Faults(fail, compute, links)
+    faults.check(devices)
+    return faults
+
+
 def cmd_run(args) -> None:
     from emulator import Cluster
+    from emulator.collectives.schedules import check
+    from emulator.monitor import DeviceError
     from emulator.results import write_run
-    from emulator.trainer import check_memory
     from launch.cli import system_from
     defaults(args)
     system = system_from(args)
     wl = _workload(args)
     settings = settings_from(args, wl)
+    check("all_reduce", args.algorithm)
     b = settings.per_device(system.devices)
-    check_memory(wl, system, b, batch_scale=settings.batch_scale)
+    cluster = Cluster(system, clock=args.clock, dilation=args.dilation, address=args.address,
+                      faults=faults_from(args, system.devices), timeout_s=args.timeout_s or 30.0)
+    cluster.preflight(wl, settings.steps, b, args.algorithm, settings.lr, None, settings.bucket_mb,
+                      settings.batch_scale)  # every check that needs no device, before any starts
     name = args.name or f"run-{wl.name}-{system.chip.name}x{system.devices}"
     out = ResultsDir(args.out, name)
-    with Cluster(system, clock=args.clock, dilation=args.dilation, address=args.address) as cluster:
-        res = cluster.train(wl, steps=settings.steps, per_device_batch=b, algorithm=args.algorithm,
-                            seed=settings.seed, overlap=settings.overlap, lr=settings.lr,
-                            bucket_mb=settings.bucket_mb, batch_scale=settings.batch_scale)
-        config = {"command": "run", "options": vars_of(args), "training": res.config,
-                  "system": system_dict(system), **environment(cluster.host)}
+    try:
+        with cluster:
+            res = cluster.train(wl, steps=settings.steps, per_device_batch=b, algorithm=args.algorithm,
+                                seed=settings.seed, overlap=settings.overlap, lr=settings.lr,
+                                bucket_mb=settings.bucket_mb, batch_scale=settings.batch_scale)
+    except DeviceError as e:
+        if e.completed is not None:  # keep the steps that finished, and say so
+            config = {"command": "run", "options": vars_of(args), "training": e.completed.config,
+                      "system": system_dict(system), "status": "failed", "error": str(e),
+                      **environment(cluster.host)}
+            write_run(out, config, e.completed, system)
+            e.cause += f" ({e.step} completed step(s) kept in {out.path})"
+        raise
+    config = {"command": "run", "options": vars_of(args), "training": res.config,
+              "system": system_dict(system), "status": "complete", **environment(cluster.host)}
     write_run(out, config, res, system, trace=args.trace)
     s = res.summary()
     print(f"# relay run: {wl.name} on {system.describe()}, {args.algorithm}, {args.clock} clock")
@@ -134,6 +179,30 @@ def sweep_systems(args) -> list[System]:
     return [System(c, n, domain=min(args.domain, n) if args.domain else None) for c in chips for n in counts]
 
 
+SWEEP_IDENTITY = ("workload", "steps", "per_device_batch", "global_batch", "batch_scale", "seed", "overlap",
+                  "lr", "bucket_mb", "clock", "scaling", "algorithms")
+
+
+def _resume(out: ResultsDir, args) -> tuple[dict, list[dict]]:
+    """Points an earlier, interrupted run of the same sweep measured, and their step rows."""
+    import csv
+    if not (out.path / "summary.json").exists():
+        return {}, []
+    summary, config = out.read_json("summary.json"), out.read_json("config.json")
+    if summary.get("kind") != "sweep":
+        raise ValueError(f"results folder {str(out.path)!r} holds a {summary.get('kind')}, not a sweep; "
+                         "choose another --name")
+    before = config.get("options", {})
+    changed = [k for k in SWEEP_IDENTITY if str(before.get(k)) != str(getattr(args, k, None))]
+    if changed:
+        raise ValueError(f"results folder {str(out.path)!r} holds a sweep with other settings ({', '.join(changed)}); "
+                         "choose another --name to keep both, or delete the folder")
+    done = {(r["system"], r["chip"], r["devices"], r["algorithm"]): r for r in summary["points"]}
+    with open(out.path / "steps.csv") as fh:
+        steps = [r for r in csv.DictReader(fh)]
+    return done, steps
+
+
 def cmd_sweep(args) -> None:
     from emulator import Cluster
     from emulator.collectives.schedules import check
@@ -158,14 +227,25 @@ def cmd_sweep(args) -> None:
     capacity = min(_capacity(300), args.max_real_devices or 10**9)
     name = args.name or f"sweep-{wl.name}"
     out = ResultsDir(args.out, name)
+    done, earlier = _resume(out, args)
+    if done:
+        print(f"# resuming {out.path}: {len(done)} point(s) already measured, skipped", file=sys.stderr)
     first = min(systems, key=lambda s: s.devices)
     with Cluster(first.scaled(min(max(s.devices for s in systems), capacity)), clock=args.clock,
                  dilation=args.dilation, address=args.address) as cluster:
-        with _progress(len(systems) * len(algorithms), "sweep") as bar:
-            points = sweep(cluster, systems, algorithms, settings, capacity, progress=bar)
         config = {"command": "sweep", "options": vars_of(args), "scaling": args.scaling,
                   "systems": [system_dict(s) for s in systems], **environment(cluster.host)}
-    write_points(out, "sweep", config, points)
+        measured = []
+
+        def save(point):  # after every point, so that an interrupted sweep loses nothing
+            measured.append(point)
+            write_points(out, "sweep", config, measured, {"status": "partial"}, plots=False,
+                         earlier_steps=earlier)
+
+        with _progress(len(systems) * len(algorithms), "sweep") as bar:
+            points = sweep(cluster, systems, algorithms, settings, capacity, progress=bar, on_point=save,
+                           done=done)
+    write_points(out, "sweep", config, points, {"status": "complete"}, earlier_steps=earlier)
     print(f"# relay sweep: {wl.name}, {args.scaling} scaling, {args.clock} clock")
     print(points_table([p.row for p in points]))
     print(f"# results: {out.path}")

@@ -142,6 +142,7 @@ def load(path: Path | str = CATALOG) -> dict[str, Chip]:
 
 
 _CATALOG: dict[str, Chip] = load()
+ALIASES = {"910b": "ascend-910b", "910c": "ascend-910c", "gb200": "b200", "h100-sxm": "h100"}
 
 
 def names() -> list[str]:
@@ -153,6 +154,7 @@ def get(name: str | Chip) -> Chip:
     if isinstance(name, Chip):
         return name
     key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
     if key in _CATALOG:
         return _CATALOG[key]
     close = difflib.get_close_matches(key, _CATALOG, n=3, cutoff=0.5)

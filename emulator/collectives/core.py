@@ -26,11 +26,19 @@ class Ports:
         self.ingress: dict[str, float] = {}
 
 
-def link_function(system):
-    """(i, j) -> (class, Link) for a System."""
+def link_function(system, slowdown: dict | None = None):
+    """(i, j) -> (class, Link) for a System; `slowdown` maps a device to a factor on the time of
+    every message it sends or receives (a straggler's links)."""
     up, out = system.scaleup, system.scaleout
     dom = system.domain
-    return lambda i, j: ("up", up) if i // dom == j // dom else ("out", out)
+    if not slowdown:
+        return lambda i, j: ("up", up) if i // dom == j // dom else ("out", out)
+
+    def link_of(i, j):
+        cls, link = ("up", up) if i // dom == j // dom else ("out", out)
+        f = max(slowdown.get(i, 1.0), slowdown.get(j, 1.0))
+        return cls, (link if f == 1.0 else type(link)(link.latency_s * f, link.Bps / f))
+    return link_of
 
 
 def time_sends(rank: int, step: Step, t0: float, ports: Ports, link_of, elem_bytes: int):

@@ -1,0 +1,126 @@
+"""Watching the devices while they work: results, failures, and who is to blame.
+
+A run fails promptly when one device fails: its process dies (Ray says so at once), it raises,
+or it stops answering (it misses pings for timeout_s; the devices serve pings on a second thread
+while they work). The devices waiting on a failed peer give up after timeout_s too, each naming
+the peer it waited for (a PeerError). The blame then goes, in this order, to a device that died,
+one that stopped answering, one that raised an error of its own, and otherwise to the peer that
+the others were waiting for.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+GRACE_S = 2.0  # after a first failure, how long to collect the others before blaming one
+
+
+class PeerError(RuntimeError):
+    """Device `device` gave up on a message to or from device `peer`."""
+
+    def __init__(self, device: int, peer: int, detail: str):
+        self.device, self.peer = device, peer
+        super().__init__(f"device {device} gave up on device {peer} ({detail})")
+
+    def __reduce__(self):  # travels back to the driver intact
+        return PeerError, (self.device, self.peer, str(self).split("(", 1)[-1].rstrip(")"))
+
+
+class DeviceError(RuntimeError):
+    """One device failed and the run was stopped. `device` is its index, `what` the job, `step`
+    the training step it failed in (None outside training), `completed` the steps measured."""
+
+    def __init__(self, device: int, what: str, cause: str, step: int | None = None):
+        self.device, self.what, self.cause, self.step = device, what, cause, step
+        self.completed = None  # set by the trainer: the TrainResult of the steps that did finish
+        super().__init__(device, what, cause)
+
+    def __str__(self) -> str:
+        where = f" in step {self.step}" if self.step is not None else ""
+        return f"device {self.device} failed during {self.what}{where}: {self.cause}"
+
+
+class Unresponsive(Exception):
+    pass
+
+
+def _cause(e: BaseException) -> tuple[str, BaseException]:
+    """The useful line of a Ray error, and the exception inside it."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        inner = e.cause if getattr(e, "cause", None) is not None else e
+        return f"{type(inner).__name__}: {inner}".split("\n")[0][:500], inner
+    if isinstance(e, ray.exceptions.RayActorError):
+        return "the device process died (" + str(e).split("\n")[0][:200] + ")", e
+    return str(e).split("\n")[0][:500], e
+
+
+def blame(errors: dict[int, BaseException], what: str) -> DeviceError:
+    """One DeviceError for a set of failures: {device: exception}."""
+    causes = {d: _cause(e) for d, e in errors.items()}
+    for kind in (ray.exceptions.RayActorError, Unresponsive):
+        for d, (text, inner) in sorted(causes.items()):
+            if isinstance(inner, kind):
+                return DeviceError(d, what, text)
+    own = {d: c for d, c in causes.items() if not isinstance(c[1], PeerError)}
+    if own:
+        d = min(own)
+        return DeviceError(d, what, own[d][0])
+    # everyone who reported was waiting on someone: blame a device they waited for that did not
+    # report itself (it is stuck), else the one most of them waited for
+    named = [inner.peer for _, inner in causes.values()]
+    silent = sorted(set(named) - set(causes))
+    culprit = silent[0] if silent else max(set(named), key=named.count)
+    text = next(t for t, inner in causes.values() if inner.peer == culprit)
+    return DeviceError(culprit, what, f"it stopped answering: {text}")
+
+
+def gather(actors: list, refs: list, what: str, timeout_s: float, poll_s: float = 1.0, on_poll=None,
+           ping: bool = True, deadline_s: float | None = None) -> list:
+    """The result of one call per device (refs[i] on actors[i]). Raises DeviceError as soon as a
+    device fails as described above; on_poll() runs about every poll_s while waiting. Without
+    `ping` (actors still starting cannot answer), a device that has not finished after
+    deadline_s fails instead."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    results, pending, errors, pings = [None] * len(refs), set(refs), {}, {}
+    start = time.time()
+    while pending and not errors:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
+        for ref in done:
+            pending.discard(ref)
+            try:
+                results[index[ref]] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                errors[index[ref]] = e
+        if errors:  # let the other devices report what they saw, and ping the rest, before blaming one
+            asked = {index[ref]: actors[index[ref]].ping.remote() for ref in pending} if ping else {}
+            late, _ = ray.wait(list(pending), num_returns=len(pending), timeout=GRACE_S)
+            for ref in late:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    errors[index[ref]] = e
+            for d, ping in asked.items():
+                if d not in errors and not ray.wait([ping], timeout=0)[0]:
+                    errors[d] = Unresponsive(f"it stopped answering (no reply to a ping within {GRACE_S:g} s, "
+                                             "while the devices waiting on it gave up)")
+            break
+        now = time.time()
+        if not ping:
+            if deadline_s is not None and now - start > deadline_s:
+                errors.update({index[r]: Unresponsive(f"it did not finish within {deadline_s:g} s") for r in pending})
+            continue
+        for ref in pending:
+            d = index[ref]
+            ping = pings.get(d)
+            if ping is not None and not ray.wait([ping[0]], timeout=0)[0]:
+                if now - ping[1] > timeout_s:
+                    errors[d] = Unresponsive(f"it stopped answering (no reply to a ping for {timeout_s:g} s)")
+                continue
+            pings[d] = (actors[d].ping.remote(), now)
+        if on_poll is not None:
+            on_poll()
+    if errors:
+        raise blame(errors, what)
+    return results
