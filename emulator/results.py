@@ -90,6 +90,7 @@ class ResultsDir:
     def write_bytes(self, rel: str, data: bytes) -> Path:
         target = self.path / rel
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{rel}.")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; results are ordinary files
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, target)
@@ -116,6 +117,10 @@ class ResultsDir:
 
     def read_json(self, rel: str):
         return json.loads((self.path / rel).read_text())
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _alive(pid: int) -> bool:
