@@ -198,7 +198,8 @@ class Cluster:
     def pids(self) -> list[int]:
         return [i["pid"] for i in self.info]
 
-    def configure(self, system=None, clock: str | None = None, dilation=..., faults: Faults | None = None) -> "Cluster":
+    def configure(self, system=None, clock: str | None = None, dilation=...,
+                  faults: Faults | None = None) -> "Cluster":
         """Switch the system (any size; more actors are started if needed), the clock, or the
         injected faults."""
         if system is not None:
@@ -288,20 +289,18 @@ class Cluster:
         n = self.system.devices
         dilation, epoch = None, None
         if self.clock == "wall":
-            needed = dilation_for(ratio, n, (self.host or calibrate()).cores)
+            cores = (self.host or calibrate()).cores
+            needed = dilation_for(ratio, n, cores)
             if not needed < MAX_DILATION:
                 raise ValueError(f"clock = 'wall' cannot pace this job: it would need dilation {needed:.3g} "
                                  "(the emulated ops or links are far faster than this host can time); "
                                  "use clock='virtual'")
             if self.dilation is not None and self.check_dilation:
-                check_dilation(self.dilation, needed, n, (self.host or calibrate()).cores)
+                check_dilation(self.dilation, needed, n, cores)
             dilation = self.dilation or needed
             epoch = time.time() + 0.3 + 0.02 * n  # every device has the call before emulated 0
         return Job(self.system, self.clock, dilation, epoch, self.dtype, self.efficiency, self.timeout_s,
                    self.faults)
-
-    def dilation_needed(self, ratio: float) -> float:
-        return dilation_for(ratio, self.system.devices, (self.host or calibrate()).cores)
 
     # ---------------------------------------------------------------- compute-only job
     def run_matmuls(self, sizes: list[int], repeats: int | list[int] = 1) -> list[dict]:
@@ -314,8 +313,8 @@ class Cluster:
         if len(reps) != len(sizes) or any(r < 1 for r in reps):
             raise ValueError(f"repeats = {repeats!r} is invalid; give an int >= 1 or one per size")
         host = self.host or calibrate()
-        ratio = max(host.matmul_real_s(s) / CostModel(chip, self.dtype, **self.efficiency).matmul_cost(s, s, s).seconds
-                    for s in sizes for chip in set(self.system.chips))
+        models = [CostModel(chip, self.dtype, **self.efficiency) for chip in set(self.system.chips)]
+        ratio = max(host.matmul_real_s(s) / m.matmul_cost(s, s, s).seconds for s in sizes for m in models)
         job = self._job(ratio)
         n = self.system.devices
         out = self._gather([a.run_matmuls.remote(job, sizes, reps) for a in self.actors[:n]], "run_matmuls")
@@ -381,8 +380,8 @@ class Cluster:
     def _comm_ratio(self, nbytes: float) -> float:
         """Worst real/emulated time of one message on this host, small or large."""
         links = [self.system.scaleup] + ([self.system.scaleout] if self.system.domains > 1 else [])
-        ratios = [HOST_LATENCY_S / l.latency_s for l in links]
-        ratios += [(HOST_LATENCY_S + nbytes / HOST_BPS) / l.seconds(nbytes) for l in links]
+        ratios = [HOST_LATENCY_S / link.latency_s for link in links]
+        ratios += [(HOST_LATENCY_S + nbytes / HOST_BPS) / link.seconds(nbytes) for link in links]
         return max(ratios)
 
     def all_reduce(self, tensors, algorithm="ring", op="sum", **kw) -> CollectiveResult:
@@ -446,6 +445,13 @@ class Cluster:
         _ship_by_value(wl)
         spec = TrainSpec(wl, steps, per_device_batch, algorithm, seed, overlap, lr, optimizer, bucket_mb,
                          batch_scale)
+        config = {"workload": wl.name, "steps": steps, "per_device_batch": per_device_batch,
+                  "batch_scale": batch_scale, "global_batch": n * per_device_batch * batch_scale,
+                  "tokens_per_sample": wl.tokens_per_sample,
+                  "algorithm": algorithm, "seed": seed, "overlap": overlap, "lr": lr or wl.lr,
+                  "optimizer": optimizer or wl.optimizer, "bucket_mb": bucket_mb, "clock": self.clock,
+                  "dilation": job.dilation, "dtype": self.dtype, "devices": n,
+                  "system": self.system.describe(), "memory_bytes": memory, "loss_floor": wl.loss_floor}
         progress = _Progress(self.actors[:n])
         try:
             res = self._gather([a.train.remote(job, spec) for a in self.actors[:n]], "training", abort=False,
@@ -456,19 +462,11 @@ class Cluster:
             survivors = [r for d, r in enumerate(rows) if d != e.device]
             e.step = min(len(r) for r in survivors) if survivors else 0
             if e.step:
-                partial = [{"rows": r[:e.step]} for r in rows]
-                e.completed = TrainResult(aggregate(partial, self.system, spec, self.dtype, e.step), {},
-                                          {"workload": wl.name, "global_batch": n * per_device_batch * batch_scale,
-                                           "tokens_per_sample": wl.tokens_per_sample, "clock": self.clock,
-                                           "completed_steps": e.step, "failed": str(e)}, [r[:e.step] for r in rows])
+                done = [r[:e.step] for r in rows]
+                e.completed = TrainResult(aggregate([{"rows": r} for r in done], self.system, spec, self.dtype,
+                                                    e.step), {},
+                                          {**config, "completed_steps": e.step, "failed": str(e)}, done)
             raise
-        config = {"workload": wl.name, "steps": steps, "per_device_batch": per_device_batch,
-                  "batch_scale": batch_scale, "global_batch": n * per_device_batch * batch_scale,
-                  "tokens_per_sample": wl.tokens_per_sample,
-                  "algorithm": algorithm, "seed": seed, "overlap": overlap, "lr": lr or wl.lr,
-                  "optimizer": optimizer or wl.optimizer, "bucket_mb": bucket_mb, "clock": self.clock,
-                  "dilation": job.dilation, "dtype": self.dtype, "devices": n,
-                  "system": self.system.describe(), "memory_bytes": memory, "loss_floor": wl.loss_floor}
         result = TrainResult(aggregate(res, self.system, spec, self.dtype), res[0]["state_dict"], config,
                              [r["rows"] for r in res])
         if csv:

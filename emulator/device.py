@@ -171,8 +171,9 @@ class DeviceActor:
                 else:
                     lane = job.lane()
                 r0 = time.time()
+                fail = job.faults.fail
                 self.transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size(),
-                                   fail_at=job.faults.fail[1] if job.faults.fail and job.faults.fail[0] == rank else None)
+                                   fail_at=fail[1] if fail and fail[0] == rank else None)
                 times.append(lane.measure())
                 real += time.time() - r0
                 stats["overrun_s"] += lane.stats()["overrun_s"]

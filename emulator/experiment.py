@@ -9,7 +9,7 @@ emulated throughput (or time to a target loss) reaches the fast system's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from emulator.collectives import simulate
 from emulator.system import System

@@ -94,7 +94,8 @@ class System:
         if self.scaleout_gbps is None:
             if self.domains > 1:
                 raise ValueError(f"{who}: scaleout_gbps is unknown for chip {self.chip.name!r} and "
-                                 f"this system spans {self.domains} domains; pass scaleout_gbps=...")
+                                 f"this system spans {self.domains} domains; pass scaleout_gbps=... "
+                                 "(--scaleout-gbps on the command line)")
         else:
             _positive(who, "scaleout_gbps", self.scaleout_gbps)
         if self.power_w is None and len(set(self.chips)) == 1:

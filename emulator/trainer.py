@@ -404,7 +404,8 @@ class TrainResult:
     def summary(self, skip: int = 1) -> dict:
         """Means over the steps after the first `skip` (warm-up), plus the final loss."""
         rows = self.steps[skip:] or self.steps
-        mean = lambda k: sum(r[k] for r in rows) / len(rows) if all(r[k] is not None for r in rows) else None  # noqa: E731
+        def mean(k):
+            return sum(r[k] for r in rows) / len(rows) if all(r[k] is not None for r in rows) else None
         out = {k: mean(k) for k in ("step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s",
                                      "samples_per_s", "tokens_per_s", "mfu", "energy_j", "wall_s")}
         out["final_loss"] = self.steps[-1]["loss"]

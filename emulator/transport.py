@@ -2,9 +2,10 @@
 distributed executor that runs collective schedules over it.
 
 Every message is two gloo sends posted together (no extra round trip): a 4-number header
-(sender, sequence, bytes, emulated start time) and the payload, received into a reused area. The receiver checks the header
-against its own schedule (a mismatch is a protocol error, never silently absorbed) and computes
-the arrival time with the same link model as the local executor (collectives/core.py).
+(sender, sequence, bytes, emulated start time) and the payload, received into a reused area.
+The receiver checks the header against its own schedule (a mismatch is a protocol error, never
+silently absorbed) and computes the arrival time with the same link model as the local executor
+(collectives/core.py).
 """
 
 from __future__ import annotations

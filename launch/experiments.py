@@ -419,7 +419,8 @@ def _in_context(fast: dict, slow: dict, best: dict, points: list[dict]) -> list[
              f"{best['slow_energy_per_unit_j'] / best['fast_energy_per_unit_j']:.2f}x |", "",
              "SemiAnalysis (SPECS.md), CloudMatrix 384 over GB200 NVL72: 1.7x FLOPS (with 780 TFLOPS per "
              "910C), 3.6x HBM capacity, 2.1x HBM bandwidth, 3.9x power, 2.3x more power per FLOP. At full scale "
-             f"the naive count is {F.devices} x {F.chip.bf16_tflops:g} / 780 = {F.devices * F.chip.bf16_tflops / 780:.0f} "
+             f"the naive count is {F.devices} x {F.chip.bf16_tflops:g} / 780 = "
+             f"{F.devices * F.chip.bf16_tflops / 780:.0f} "
              f"(SemiAnalysis' FLOPS), {F.devices * F.chip.bf16_tflops / S.chip.bf16_tflops:.0f} with the catalog's "
              f"{S.chip.bf16_tflops:g}."]
     if f1 and s1:

@@ -151,7 +151,8 @@ def add_parser(sub) -> None:
     up.add_argument("--host", help="address to listen on (default 127.0.0.1; a LAN address to add machines)")
     up.add_argument("--port", type=int, help="GCS port (default: a free one)")
     up.add_argument("--cpus", type=int, help="CPUs to offer (default: all)")
-    up.add_argument("--object-store-mb", type=int, help="object store size (default: 10%% of free memory, at most 2 GB)")
+    up.add_argument("--object-store-mb", type=int,
+                    help="object store size (default: 10%% of free memory, at most 2 GB)")
     up.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
     up.set_defaults(fn=cmd_up)
     st = verbs.add_parser("status", help="nodes, CPUs, memory and how many devices fit")

@@ -403,25 +403,25 @@ def _levels(rank, world, topology):
                          "choose a domain size that divides the device count, or another algorithm")
     p1 = topology.domain
     p2 = world // p1
-    d, l = divmod(rank, p1)
+    d, loc = divmod(rank, p1)
     intra = [d * p1 + j for j in range(p1)]  # my domain, by local index
-    inter = [dd * p1 + l for dd in range(p2)]  # same local index in every domain
-    return p1, p2, d, l, intra, inter
+    inter = [dd * p1 + loc for dd in range(p2)]  # same local index in every domain
+    return p1, p2, d, loc, intra, inter
 
 
 def hierarchical_all_reduce(rank, world, count, topology=None, **_):
     """Reduce-scatter inside the domain, all-reduce (ring) across domains, all-gather inside."""
     if world == 1 or count == 0:
         return []
-    p1, p2, d, l, intra, inter = _levels(rank, world, topology)
+    p1, p2, d, loc, intra, inter = _levels(rank, world, topology)
     blocks = shards(count, p1)
     inner = [(b,) for b in blocks]
-    outer = [(s,) for s in shards(blocks[l][1] - blocks[l][0], p2, start=blocks[l][0])]
-    steps = ring_reduce_scatter_group(l, intra, inner) if p1 > 1 else []
+    outer = [(s,) for s in shards(blocks[loc][1] - blocks[loc][0], p2, start=blocks[loc][0])]
+    steps = ring_reduce_scatter_group(loc, intra, inner) if p1 > 1 else []
     if p2 > 1:
         steps += ring_reduce_scatter_group(d, inter, outer) + ring_all_gather_group(d, inter, outer)
     if p1 > 1:
-        steps += ring_all_gather_group(l, intra, inner)
+        steps += ring_all_gather_group(loc, intra, inner)
     return steps
 
 
@@ -429,27 +429,27 @@ def hierarchical_reduce_scatter(rank, world, count, topology=None, **_):
     """Inside the domain, local index j collects shards {dd * p1 + j}; then across domains."""
     if world == 1 or count == 0:
         return []
-    p1, p2, d, l, intra, inter = _levels(rank, world, topology)
+    p1, p2, d, loc, intra, inter = _levels(rank, world, topology)
     sh = shards(count, world)
     steps = []
     if p1 > 1:
-        steps += ring_reduce_scatter_group(l, intra, [tuple(sh[dd * p1 + j] for dd in range(p2))
+        steps += ring_reduce_scatter_group(loc, intra, [tuple(sh[dd * p1 + j] for dd in range(p2))
                                                        for j in range(p1)])
     if p2 > 1:
-        steps += ring_reduce_scatter_group(d, inter, [(sh[dd * p1 + l],) for dd in range(p2)])
+        steps += ring_reduce_scatter_group(d, inter, [(sh[dd * p1 + loc],) for dd in range(p2)])
     return steps
 
 
 def hierarchical_all_gather(rank, world, count, topology=None, **_):
     if world == 1 or count == 0:
         return []
-    p1, p2, d, l, intra, inter = _levels(rank, world, topology)
+    p1, p2, d, loc, intra, inter = _levels(rank, world, topology)
     sh = shards(count, world)
     steps = []
     if p2 > 1:
-        steps += ring_all_gather_group(d, inter, [(sh[dd * p1 + l],) for dd in range(p2)])
+        steps += ring_all_gather_group(d, inter, [(sh[dd * p1 + loc],) for dd in range(p2)])
     if p1 > 1:
-        steps += ring_all_gather_group(l, intra, [tuple(sh[dd * p1 + j] for dd in range(p2))
+        steps += ring_all_gather_group(loc, intra, [tuple(sh[dd * p1 + j] for dd in range(p2))
                                                    for j in range(p1)])
     return steps
 
@@ -458,12 +458,12 @@ def hierarchical_broadcast(rank, world, count, topology=None, root=0, chunks=Non
     """Chain across domains (ranks with the root's local index), then a chain in each domain."""
     if world == 1 or count == 0:
         return []
-    p1, p2, d, l, intra, inter = _levels(rank, world, topology)
+    p1, p2, d, loc, intra, inter = _levels(rank, world, topology)
     segs = shards(count, _chunks(count, chunks))
     rd, rl = divmod(root, p1)
-    steps = chain_broadcast_group(d, inter, rd, segs) if p2 > 1 and l == rl else []
+    steps = chain_broadcast_group(d, inter, rd, segs) if p2 > 1 and loc == rl else []
     if p1 > 1:
-        steps += chain_broadcast_group(l, intra, rl, segs)
+        steps += chain_broadcast_group(loc, intra, rl, segs)
     return steps
 
 
