@@ -71,7 +71,7 @@ class System:
         if self.device_chips and len(self.device_chips) != self.devices:
             raise ValueError(f"{who}: {len(self.device_chips)} device chips for devices = {self.devices}; "
                              "give one chip per device")
-        if len(set(self.chips)) > 1:  # a mixed fabric runs at the pace of its slowest member
+        if self.mixed_chips:  # a mixed fabric runs at the pace of its slowest member
             for f, pick in (("scaleup_gbps", min), ("scaleup_latency_us", max), ("scaleout_latency_us", max)):
                 if getattr(self, f) is None:
                     set_(f, pick(getattr(c, f) for c in self.chips))
@@ -98,7 +98,7 @@ class System:
                                  "(--scaleout-gbps on the command line)")
         else:
             _positive(who, "scaleout_gbps", self.scaleout_gbps)
-        if self.power_w is None and len(set(self.chips)) == 1:
+        if self.power_w is None and not self.mixed_chips:
             set_("power_w", self.chip.power_w)
         if self.power_w is not None:
             _positive(who, "power_w", self.power_w)

@@ -65,9 +65,6 @@ class Throttle(TorchDispatchMode):
         finally:
             self.paused = was
 
-    def counters(self) -> dict:
-        return {"ops": self.ops, "flops": self.flops, "bytes": self.bytes, "compute_s": self.emulated_s}
-
 
 def throttled_matmul(a: torch.Tensor, b: torch.Tensor, *, chip="h100", lane=None, dtype="bf16",
                      **efficiency) -> torch.Tensor:
