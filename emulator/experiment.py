@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from emulator.collectives import simulate
+from kernels.cost import ITEMSIZE
 from emulator.system import System
 
 # summary fields a point row carries (all emulated, except wall_s and fidelity)
@@ -79,7 +80,7 @@ def predict_point(measured: Point, system: System, settings: Settings) -> Point:
     and the measured share of communication left exposed by overlap is kept."""
     from emulator.trainer import bucket_sizes
     m = measured.row
-    elem = 2 if measured.result is None or measured.result.config["dtype"] in ("bf16", "fp16") else 1
+    elem = ITEMSIZE[measured.result.config["dtype"] if measured.result is not None else "bf16"]
     comm = sum(simulate("all_reduce", measured.algorithm, n * elem, system, dtype="uint8")
                for n in bucket_sizes(settings.workload, settings.bucket_mb, elem))
     exposed = comm * (m["exposed_comm_s"] / m["comm_s"] if m["comm_s"] else 1.0)

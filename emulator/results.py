@@ -211,8 +211,7 @@ def write_points(out: ResultsDir, kind: str, config: dict, points, extra: dict |
 
 def write_run(out: ResultsDir, config: dict, result, system, trace: bool = False) -> dict:
     out.write_json("config.json", config)
-    result.to_csv(out.path / "steps.csv.tmp")
-    os.replace(out.path / "steps.csv.tmp", out.path / "steps.csv")
+    out.write_csv("steps.csv", result.steps, STEP_COLUMNS)
     summary = {"kind": "run", "name": out.path.name, "units": UNITS, "summary": result.summary(),
                "steps": result.steps, "loss_floor": result.config.get("loss_floor"),
                "system": system_dict(system)}

@@ -23,9 +23,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from emulator.collectives import pipeline_chunks, topology_of
-from emulator.collectives.core import Ports, link_function
+from emulator.collectives.core import Ports
 from emulator.collectives.schedules import schedule
 from emulator.workloads import Workload
+from kernels.cost import ITEMSIZE
 
 BUCKET_MB = 1.0  # gradient bucket, MB at the emulated dtype (DDP's 25 MB would put a small model
 #                   in one bucket, leaving nothing to overlap)
@@ -64,10 +65,6 @@ class Optimizer:
                 p.grad.zero_()
 
 
-def make_optimizer(name: str, params, lr: float) -> Optimizer:
-    return Optimizer(name, params, lr)
-
-
 # ---------------------------------------------------------------- gradient synchronisation
 def make_buckets(params: list, elem_bytes: int, bucket_bytes: float) -> list[list]:
     """Consecutive parameters, up to bucket_bytes of gradient (at the emulated dtype) each."""
@@ -88,15 +85,16 @@ def bucket_sizes(workload: Workload, bucket_mb: float | None, elem_bytes: int) -
     buckets = make_buckets(params, elem_bytes, (bucket_mb or BUCKET_MB) * 1e6)
     return [sum(p.numel() for p in b) for b in buckets]
 
+
 class GradSync:
     """Buckets of gradients (parameters in reverse order, as backward produces them), each
     all-reduced and averaged on the communication lane, launched strictly in bucket order (so all
     devices issue the same collectives in the same order)."""
 
     def __init__(self, model, transport, system, algorithm: str, lane, compute_lane, elem_bytes: int,
-                 bucket_bytes: float, threaded: bool, throttle, overlap: bool = True, link_of=None):
+                 bucket_bytes: float, threaded: bool, throttle, link_of, overlap: bool = True):
         self.transport, self.system, self.algorithm, self.lane = transport, system, algorithm, lane
-        self.link_of = link_of or link_function(system)
+        self.link_of = link_of
         self.compute_lane = compute_lane
         self.elem_bytes, self.throttle = elem_bytes, throttle
         params = [p for p in model.parameters() if p.requires_grad][::-1]
@@ -205,12 +203,12 @@ def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu"
     torch.manual_seed(spec.seed)
     model = wl.build_model().to(device)
     _broadcast_weights(model, transport, world)
-    opt = make_optimizer(spec.optimizer or wl.optimizer, model.parameters(), spec.lr or wl.lr)
+    opt = Optimizer(spec.optimizer or wl.optimizer, model.parameters(), spec.lr or wl.lr)
     if job.clock == "wall":  # emulated 0 comes once every device is set up, whatever that took
         job = replace(job, epoch=transport.agree(time.time() + 0.1 + 0.005 * world, world))
     compute, comm = job.lane(), job.lane()
     throttle = job.throttle(rank, compute, device)
-    elem = 2 if job.dtype in ("bf16", "fp16") else 1  # gradients travel at the emulated dtype
+    elem = ITEMSIZE[job.dtype]  # gradients travel at the emulated dtype
     sync = GradSync(model, transport, job.system, spec.algorithm, comm, compute, elem,
                     spec.bucket_mb * 1e6, threaded=job.clock == "wall", throttle=throttle,
                     overlap=spec.overlap, link_of=job.links())
@@ -282,11 +280,8 @@ def _prefetch(it, threaded: bool, depth: int = 2):
 
 def _broadcast_weights(model, transport, world: int) -> None:
     """Rank 0's initial weights to every device (not part of any emulated step)."""
-    from kernels.clock import VirtualLane
-    from emulator.transport import _FREE_LINK
     flat = torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
-    steps = schedule("broadcast", "ring", transport.rank, world, flat.numel(), chunks=1)
-    transport.run(steps, flat, VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), flat.element_size())
+    transport.control("broadcast", flat, world)
     at = 0
     with torch.no_grad():
         for p in model.parameters():
@@ -300,7 +295,7 @@ def train_single(workload: Workload, steps: int, global_batch: int, seed: int = 
     """Plain single-process training on the global batch: what N-device training must equal."""
     torch.manual_seed(seed)
     model = workload.build_model()
-    opt = make_optimizer(optimizer or workload.optimizer, model.parameters(), lr or workload.lr)
+    opt = Optimizer(optimizer or workload.optimizer, model.parameters(), lr or workload.lr)
     data = workload.batches(0, 1, global_batch, seed)
     losses = []
     for _ in range(steps):
@@ -365,7 +360,7 @@ def probe_ratio(workload: Workload, system, per_device_batch: int, dtype: str = 
     from kernels.throttle import Throttle
     torch.manual_seed(0)
     model = workload.build_model()
-    opt = make_optimizer(workload.optimizer, model.parameters(), workload.lr)
+    opt = Optimizer(workload.optimizer, model.parameters(), workload.lr)
     data = workload.batches(0, 1, per_device_batch, 0)
     lane = VirtualLane()
     best = float("inf")

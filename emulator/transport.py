@@ -57,32 +57,28 @@ class Transport:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def barrier(self, world: int) -> None:
-        """Wait until devices 0..world-1 all get here (the process group may hold more)."""
+    def control(self, primitive: str, buf: torch.Tensor, world: int) -> torch.Tensor:
+        """A collective among devices 0..world-1 (the process group may hold more), in place on
+        `buf`, outside any emulated time: control traffic, not training traffic."""
         from emulator.collectives.core import Ports
         from emulator.collectives.schedules import schedule
         from kernels.clock import VirtualLane
-        steps = schedule("all_reduce", "halving_doubling", self.rank, world, 1)
-        self.run(steps, torch.zeros(1), VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), 1)
+        steps = schedule(primitive, "halving_doubling" if primitive == "all_reduce" else "ring",
+                         self.rank, world, buf.numel(), chunks=1)
+        self.run(steps, buf, VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), buf.element_size())
+        return buf
+
+    def barrier(self, world: int) -> None:
+        """Wait until devices 0..world-1 all get here."""
+        self.control("all_reduce", torch.zeros(1), world)
 
     def agree(self, value: float, world: int) -> float:
         """Rank 0's value, on devices 0..world-1 (e.g. a common epoch for the wall clock)."""
-        return self._control("broadcast", [value], world)[0]
+        return float(self.control("broadcast", torch.tensor([value], dtype=torch.float64), world)[0])
 
     def total(self, values: list[float], world: int) -> list[float]:
         """Elementwise sums over devices 0..world-1 (e.g. a step's loss, for the log)."""
-        return self._control("all_reduce", values, world)
-
-    def _control(self, primitive: str, values: list[float], world: int) -> list[float]:
-        """A small collective outside any emulated time (control, not training traffic)."""
-        from emulator.collectives.core import Ports
-        from emulator.collectives.schedules import schedule
-        from kernels.clock import VirtualLane
-        buf = torch.tensor(values, dtype=torch.float64)
-        steps = schedule(primitive, "halving_doubling" if primitive == "all_reduce" else "ring",
-                         self.rank, world, len(values), chunks=1)
-        self.run(steps, buf, VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), 8)
-        return buf.tolist()
+        return self.control("all_reduce", torch.tensor(values, dtype=torch.float64), world).tolist()
 
     def _tag(self, seq: int, part: int) -> int:
         return (2 * seq + part) % TAG_SPACE

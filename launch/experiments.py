@@ -9,6 +9,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from emulator import System
+from emulator.cluster import MEMORY_MB
 from emulator.results import ResultsDir, environment, fmt, system_dict
 
 RUN_DEFAULTS = {"workload": "gpt-tiny", "steps": 10, "batch_scale": 1, "seed": 0, "clock": "virtual",
@@ -224,7 +225,7 @@ def cmd_sweep(args) -> None:
     settings = settings_from(args, wl)
     for s in systems:
         check_memory(wl, s, settings.per_device(s.devices), batch_scale=settings.batch_scale)
-    capacity = min(_capacity(300), args.max_real_devices or 10**9)
+    capacity = min(_capacity(MEMORY_MB), args.max_real_devices or 10**9)
     name = args.name or f"sweep-{wl.name}"
     out = ResultsDir(args.out, name)
     done, earlier = _resume(out, args)
@@ -311,7 +312,7 @@ def cmd_breakeven(args) -> None:
         raise ValueError("break-even compares at a fixed per-device batch (weak scaling); drop --global-batch")
     check_memory(wl, fast, settings.per_device_batch, batch_scale=settings.batch_scale)
     check_memory(wl, slow.scaled(1), settings.per_device_batch, batch_scale=settings.batch_scale)
-    capacity = min(_capacity(300), args.max_real_devices or 10**9)
+    capacity = min(_capacity(MEMORY_MB), args.max_real_devices or 10**9)
     name = args.name or f"breakeven-{fast.name or fast.chip.name}-vs-{slow.chip.name}"
     out = ResultsDir(args.out, name)
     results, seen = [], {}
