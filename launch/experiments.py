@@ -181,7 +181,7 @@ def sweep_systems(args) -> list[System]:
 
 
 SWEEP_IDENTITY = ("workload", "steps", "per_device_batch", "global_batch", "batch_scale", "seed", "overlap",
-                  "lr", "bucket_mb", "clock", "scaling", "algorithms")
+                  "lr", "bucket_mb", "clock", "scaling", "algorithms", "fail", "straggler")
 
 
 def _resume(out: ResultsDir, args) -> tuple[dict, list[dict]]:
@@ -232,8 +232,10 @@ def cmd_sweep(args) -> None:
     if done:
         print(f"# resuming {out.path}: {len(done)} point(s) already measured, skipped", file=sys.stderr)
     first = min(systems, key=lambda s: s.devices)
+    faults = faults_from(args, first.devices)  # a fault must name a device of every point
     with Cluster(first.scaled(min(max(s.devices for s in systems), capacity)), clock=args.clock,
-                 dilation=args.dilation, address=args.address) as cluster:
+                 dilation=args.dilation, address=args.address, faults=faults,
+                 timeout_s=args.timeout_s or 30.0) as cluster:
         config = {"command": "sweep", "options": vars_of(args), "scaling": args.scaling,
                   "systems": [system_dict(s) for s in systems], **environment(cluster.host)}
         measured = []
@@ -316,8 +318,9 @@ def cmd_breakeven(args) -> None:
     name = args.name or f"breakeven-{fast.name or fast.chip.name}-vs-{slow.chip.name}"
     out = ResultsDir(args.out, name)
     results, seen = [], {}
+    faults = faults_from(args, 1)  # every break-even search starts from one device
     with Cluster(fast.scaled(min(fast.devices, capacity)), clock=args.clock, dilation=args.dilation,
-                 address=args.address) as cluster:
+                 address=args.address, faults=faults, timeout_s=args.timeout_s or 30.0) as cluster:
         with _progress(0, "break-even runs") as bar:
             def on_point(p):
                 bar.total += 1
