@@ -165,9 +165,9 @@ def cmd_bench(args) -> None:
     out_rows = []
     for size, a, t, real in rows:
         algbw = size / t / 1e9 if t > 0 else float("inf")
-        out_rows.append({"size_bytes": size, "count": size // elem, "dtype": args.dtype, "primitive": args.primitive,
-                    "algorithm": a, "time_us": t * 1e6, "algbw_GBps": algbw,
-                    "busbw_GBps": algbw * busbw_factor(args.primitive, world), "real_s": real})
+        out_rows.append({"size_bytes": size, "count": size // elem, "dtype": args.dtype,
+                         "primitive": args.primitive, "algorithm": a, "time_us": t * 1e6, "algbw_GBps": algbw,
+                         "busbw_GBps": algbw * busbw_factor(args.primitive, world), "real_s": real})
     if args.json:
         print(json.dumps({"system": system.describe(), "clock": args.clock, "executor": args.executor,
                           "rows": out_rows}, indent=2))
@@ -181,8 +181,9 @@ def cmd_bench(args) -> None:
                             "emul busbw (GB/s)", "real (s)"], disable_numparse=True))
     if args.name:
         from emulator.results import ResultsDir, environment, system_dict, write_bench
+        from launch.experiments import vars_of
         out = ResultsDir(args.out or "results", args.name)
-        write_bench(out, {"command": "bench", "options": {k: v for k, v in vars(args).items() if k != "fn"},
+        write_bench(out, {"command": "bench", "options": vars_of(args),
                           "system": system_dict(system), **environment()}, out_rows, system, args.primitive)
         print(f"# results: {out.path} (busbw.png)")
 
