@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # project's own range (torch>=2.3,<3) is then already met.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test bench results clean venv
+.PHONY: demo test lint bench results clean venv
 
 venv: $(VENV)/.ready
 
@@ -21,7 +21,12 @@ $(VENV)/.ready: pyproject.toml
 demo: venv
 	$(VENV)/bin/relay demo
 
-test: venv
+# lint: the import-layer contract (pyproject.toml, [tool.importlinter]) and ruff; `make test` runs it
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: venv

@@ -16,11 +16,11 @@ import statistics
 import sys
 import time
 
-import ray
 from tabulate import tabulate
 
 from emulator import Cluster, System
 from emulator.collectives import busbw_factor
+from emulator.device import jobs
 
 MB = 2**20
 
@@ -33,7 +33,7 @@ def main() -> int:
         for mb in (1, 16, 64):
             ours, gloo = [], []
             for _ in range(5):
-                gloo.append(max(ray.get([a.gloo_all_reduce.remote(mb * MB, 1) for a in cluster.actors])))
+                gloo.append(max(cluster.run(jobs.gloo_all_reduce, mb * MB, 1)))
                 ours.append(cluster.collectives("all_reduce", [(mb * MB // 4, "float32")], "ring")[0].real_s)
             f = busbw_factor("all_reduce", 4)
             bw = lambda t: mb * MB / t * f / 1e9  # noqa: E731

@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 
-import ray
 from tabulate import tabulate
 
 from emulator import Cluster, System
@@ -25,12 +24,14 @@ from emulator import Cluster, System
 DEVICES, BATCH, STEPS = 4, 16, 8
 
 
-def ddp_seconds_per_step(actor_self, workload_name: str, steps: int, per_device_batch: int) -> float:
-    """Runs inside a device actor: plain DDP on the actors' gloo group, real seconds per step."""
+def ddp_seconds_per_step(dev, workload_name: str, steps: int, per_device_batch: int) -> float:
+    """Runs on a device worker: plain DDP on the actors' gloo group, real seconds per step."""
     import time
+
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
     from emulator.workloads import get
     wl = get(workload_name)
     torch.manual_seed(0)
@@ -70,8 +71,7 @@ def main() -> int:
         for batch in (BATCH, 4 * BATCH):
             relay = statistics.median(s["wall_s"] for s in
                                       cluster.train("gpt-tiny", steps=STEPS, per_device_batch=batch).steps[1:])
-            ddp = max(ray.get([a.__ray_call__.remote(ddp_seconds_per_step, "gpt-tiny", STEPS, batch)
-                               for a in cluster.actors]))
+            ddp = max(cluster.run(ddp_seconds_per_step, "gpt-tiny", STEPS, batch))
             rows.append([batch, f"{relay * 1e3:.1f}", f"{ddp * 1e3:.1f}", f"{relay / ddp:.2f}x"])
         print("(b) real seconds per step, same 4 actors, same model, batch and optimizer")
         print(tabulate(rows, headers=["per-device batch", "Relay trainer real ms", "torch DDP (gloo) real ms",

@@ -1,16 +1,18 @@
-"""Relay: emulate many accelerators with real processes, and measure what they would do."""
+"""Relay: emulate many accelerators with real processes, and measure what they would do.
 
-from emulator import chips
-from emulator.system import System
+The public API; the layers below it, from the bottom: hardware (chips, systems), kernels/ (cost
+model, clocks, throttle), collectives, workloads and the training definition (trainer), device
+side (worker, transport, device jobs), driver side (Cluster, monitor, experiments), results.
+docs/design.md maps every module."""
 
-__all__ = ["Cluster", "System", "chips"]
+from emulator.device.job import Faults
+from emulator.driver.cluster import Cluster
+from emulator.driver.metrics import TrainResult
+from emulator.driver.monitor import DeviceError
+from emulator.hardware import chips
+from emulator.hardware.system import System
+from emulator.trainer import TrainConfig, train_single
+from emulator.workloads import Workload
 
-
-def __getattr__(name):  # Cluster imports Ray: load it only when asked for
-    if name == "Cluster":
-        from emulator.cluster import Cluster
-        return Cluster
-    if name == "Workload":
-        from emulator.workloads import Workload
-        return Workload
-    raise AttributeError(name)
+__all__ = ["Cluster", "DeviceError", "Faults", "System", "TrainConfig", "TrainResult", "Workload", "chips",
+           "train_single"]

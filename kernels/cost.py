@@ -6,6 +6,10 @@ FLOPs come from PyTorch's own formulas (torch.utils.flop_counter's registry: mat
 attention); every other op has none and is memory-bound. Bytes are the op's inputs plus outputs,
 floating tensors counted at the *emulated* dtype (bf16 by default, whatever the host computes in),
 integer and bool tensors at their real size. Views and bare allocations launch no kernel: they cost 0.
+
+The chip is any object with the catalog's SI views (`peak_flops(dtype)`, `hbm_Bps`) and the
+default `matmul_eff`, `mem_eff` and `launch_us`: an `emulator.hardware.chips.Chip`. This layer
+sits below the rest of Relay and imports none of it.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
-
-from emulator.chips import Chip, get as get_chip
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
 # allocations that write nothing (their bytes are written by the op that fills them)
@@ -41,14 +43,13 @@ def _shape(x):
 
 @dataclass(frozen=True)
 class CostModel:
-    chip: Chip
+    chip: object  # an emulator.hardware.chips.Chip (or anything with its SI views)
     dtype: str = "bf16"  # emulated dtype of floating tensors
     matmul_eff: float | None = None  # None: the chip's default
     mem_eff: float | None = None
     launch_us: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "chip", get_chip(self.chip))
         if self.dtype not in ITEMSIZE:
             raise ValueError(f"dtype = {self.dtype!r} is not an emulated dtype; "
                              f"choose one of {', '.join(ITEMSIZE)}")

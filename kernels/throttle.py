@@ -66,8 +66,9 @@ class Throttle(TorchDispatchMode):
             self.paused = was
 
 
-def throttled_matmul(a: torch.Tensor, b: torch.Tensor, *, chip="h100", lane=None, dtype="bf16",
+def throttled_matmul(a: torch.Tensor, b: torch.Tensor, *, chip, lane=None, dtype="bf16",
                      **efficiency) -> torch.Tensor:
-    """a @ b, charged to `lane` (a fresh virtual lane if None) as on `chip` at `dtype`."""
+    """a @ b, charged to `lane` (a fresh virtual lane if None) as on `chip` (a catalog Chip) at
+    `dtype`."""
     with Throttle(CostModel(chip, dtype, **efficiency), lane or VirtualLane()):
         return a @ b

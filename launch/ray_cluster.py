@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import psutil
+import ray
 from tabulate import tabulate
 
-from emulator.cluster import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, record_path
+from emulator.driver.session import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, record_path, resolve_address
 
 
 def _ray_binary() -> str:
@@ -98,8 +99,6 @@ def cmd_up(args) -> None:
 
 
 def cmd_status(args) -> None:
-    import ray
-    from emulator.cluster import resolve_address
     address = resolve_address(args.address or "recorded")
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)  # resolve_address set the token
     try:

@@ -13,8 +13,8 @@ Built-ins: "mlp" and "gpt-tiny". A user's workload is named by import path
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def test_throttle_charges_cuda_ops_like_cpu_ones():
+    from emulator import chips
     from kernels import CostModel, Throttle, VirtualLane
     a = torch.randn(256, 256, device="cuda")
     lane = VirtualLane()
-    with Throttle(CostModel("h100"), lane, sync_cuda=True):
+    with Throttle(CostModel(chips.get("h100")), lane, sync_cuda=True):
         a @ a
-    assert lane.t == CostModel("h100").matmul_cost(256, 256, 256).seconds
+    assert lane.t == CostModel(chips.get("h100")).matmul_cost(256, 256, 256).seconds
 
 
 def test_devices_run_on_the_gpu(ray_session):

@@ -8,7 +8,7 @@ import torch
 from ray.cluster_utils import Cluster as RayCluster
 
 from emulator import Cluster, System
-from emulator.cluster import MEMORY_MB
+from emulator.driver.session import MEMORY_MB
 
 MB = 2**20
 room = int(4.5 * MEMORY_MB * MB)  # four devices fit on a node, five do not

@@ -5,7 +5,7 @@ import pytest
 import ray
 
 from emulator import Cluster, System
-from emulator.cluster import CollectiveResult
+from emulator.driver.collectives import CollectiveResult
 
 
 def test_actors_are_separate_processes_with_one_thread_of_torch(cluster):

@@ -6,10 +6,9 @@ import math
 
 import pytest
 
-from emulator import System
-from emulator.experiment import Settings, breakeven, predict_point, run_point, search, sweep
-from emulator.trainer import STEP_COLUMNS
-from emulator.workloads import get
+from emulator import System, TrainConfig
+from emulator.driver.experiment import breakeven, predict_point, run_point, search, sweep
+from emulator.driver.metrics import STEP_COLUMNS
 from launch.cli import main
 
 FAST_LINKS = dict(scaleup_gbps=1e9, scaleup_latency_us=1e-9)  # communication made negligible
@@ -18,7 +17,7 @@ FAST_LINKS = dict(scaleup_gbps=1e9, scaleup_latency_us=1e-9)  # communication ma
 def test_a_sweep_reuses_the_actors(cluster):
     cluster.configure(System("h100", 1))
     pids = list(cluster.pids)
-    settings = Settings(get("mlp"), steps=2, per_device_batch=4)
+    settings = TrainConfig(workload="mlp", steps=2, per_device_batch=4)
     systems = [System(c, n) for c in ("h100", "a100") for n in (1, 2, 4)]
     points = sweep(cluster, systems, ["ring", "tree"], settings, capacity=8)
     assert len(points) == 12 and not any(p.predicted for p in points)
@@ -28,7 +27,7 @@ def test_a_sweep_reuses_the_actors(cluster):
 
 
 def test_breakeven_with_negligible_communication_is_the_step_time_ratio(cluster):
-    settings = Settings(get("mlp"), steps=2, per_device_batch=4, batch_scale=512)
+    settings = TrainConfig(workload="mlp", steps=2, per_device_batch=4, batch_scale=512)
     fast, slow = System("h100", 3, **FAST_LINKS), System("a100", 64, **FAST_LINKS)
     t_fast = run_point(cluster, fast.scaled(1), "ring", settings).row["step_s"]
     t_slow = run_point(cluster, slow.scaled(1), "ring", settings).row["step_s"]
@@ -53,7 +52,7 @@ def test_search_finds_the_smallest_passing_count_from_any_guess():
 def test_prediction_equals_a_real_run_without_overlap(cluster):
     """Past the machine's size a point is predicted: measured compute plus the local executor's
     all-reduce. Without overlap nothing else enters, so it must equal the real run."""
-    settings = Settings(get("gpt-tiny"), steps=2, per_device_batch=2, overlap=False)
+    settings = TrainConfig(workload="gpt-tiny", steps=2, per_device_batch=2, overlap=False)
     small = run_point(cluster, System("h100", 2), "ring", settings)
     real = run_point(cluster, System("h100", 6), "ring", settings)
     pred = predict_point(small, System("h100", 6), settings)
@@ -63,14 +62,14 @@ def test_prediction_equals_a_real_run_without_overlap(cluster):
 
 
 def test_breakeven_past_the_host_capacity_is_marked_predicted(cluster):
-    settings = Settings(get("mlp"), steps=2, per_device_batch=4, batch_scale=512)
+    settings = TrainConfig(workload="mlp", steps=2, per_device_batch=4, batch_scale=512)
     result = breakeven(cluster, System("h100", 4), System("tpu-v5e", 256), "ring", settings, capacity=3)
     assert result.devices > 3 and result.slow.predicted and result.row()["predicted"]
     assert any(not p.predicted for p in result.probes) and any(p.predicted for p in result.probes)
 
 
 def test_time_to_loss_breakeven_runs(cluster):
-    settings = Settings(get("mlp"), steps=12, per_device_batch=8)
+    settings = TrainConfig(workload="mlp", steps=12, per_device_batch=8)
     result = breakeven(cluster, System("h100", 2), System("a100", 64), "ring", settings, capacity=8,
                        metric="time-to-loss", target_loss=0.4, max_devices=6)
     assert result.metric == "time-to-loss" and result.fast_value > 0
@@ -106,6 +105,22 @@ def test_relay_run_writes_a_results_folder_and_a_trace(ray_session, tmp_path, ca
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert {e["pid"] for e in spans} == {0, 1} and {e["tid"] for e in spans} == {0, 1}
     assert all(e["dur"] >= 0 for e in spans)
+
+
+def test_relay_run_checks_once_and_records_one_training_config(ray_session, tmp_path, capsys, monkeypatch):
+    from emulator.driver import training
+    calls = []
+    real = training.preflight
+    monkeypatch.setattr(training, "preflight", lambda *a: calls.append(a) or real(*a))
+    run_cli(capsys, "run", "--chip", "h100", "--devices", "2", "--workload", "mlp", "--steps", "2",
+            "--out", str(tmp_path), "--name", "once", "--clock", "wall")
+    assert len(calls) == 1  # the wall clock's probe steps too: one preflight per run
+    record = json.loads((tmp_path / "once" / "config.json").read_text())["training"]
+    defaults = TrainConfig(workload="mlp")
+    assert record["steps"] == 2 and record["workload"] == "mlp"
+    assert record["per_device_batch"] == TrainConfig.DEFAULT_PER_DEVICE_BATCH  # the one default
+    assert (record["bucket_mb"], record["seed"], record["warmup"]) == (defaults.bucket_mb, defaults.seed,
+                                                                       defaults.warmup)
 
 
 def test_relay_sweep_and_report(ray_session, tmp_path, capsys):

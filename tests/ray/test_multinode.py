@@ -9,9 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from emulator import System
+from emulator import System, train_single
 from emulator.collectives import simulate
-from emulator.trainer import train_single
 from emulator.workloads import get
 
 HERE = Path(__file__).parent

@@ -13,10 +13,7 @@ import psutil
 import pytest
 import torch
 
-from emulator import Cluster, System
-from emulator.device import Faults
-from emulator.monitor import DeviceError
-from emulator.trainer import train_single
+from emulator import Cluster, DeviceError, Faults, System, train_single
 from emulator.workloads import get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +141,7 @@ def test_two_runs_at_once_do_not_collide(tmp_path):
 
 
 def test_a_results_folder_in_use_is_refused(tmp_path):
-    from emulator.results import ResultsDir
+    from emulator.results.folder import ResultsDir
     (tmp_path / "busy").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

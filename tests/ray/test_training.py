@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from emulator import System, Workload
+from emulator import System, Workload, train_single
 from emulator.collectives import ALGORITHMS
-from emulator.chips import Chip, get as get_chip
-from emulator.trainer import STEP_COLUMNS, train_single
+from emulator.driver.metrics import STEP_COLUMNS
+from emulator.hardware.chips import Chip
+from emulator.hardware.chips import get as get_chip
 from emulator.workloads import get, shard
 
 # fp32 all the way; N-device training sums gradients in another order than one process does

@@ -3,6 +3,7 @@ import time
 import pytest
 import torch
 
+from emulator import chips
 from kernels import Throttle, VirtualLane, WallLane, throttled_matmul
 from kernels.calibrate import check_dilation, dilation_for
 from kernels.cost import CostModel
@@ -12,7 +13,7 @@ def _train_steps(lane):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with Throttle(CostModel("h100"), lane) as t:
+    with Throttle(CostModel(chips.get("h100")), lane) as t:
         for _ in range(3):
             loss = model(torch.randn(16, 32)).pow(2).mean()
             loss.backward()
@@ -28,14 +29,14 @@ def test_virtual_clock_is_deterministic_to_the_bit():
 
 def test_throttled_matmul_charges_its_modeled_cost():
     lane = VirtualLane()
-    out = throttled_matmul(torch.ones(64, 32), torch.ones(32, 16), chip="h100", lane=lane)
+    out = throttled_matmul(torch.ones(64, 32), torch.ones(32, 16), chip=chips.get("h100"), lane=lane)
     assert torch.equal(out, torch.full((64, 16), 32.0))
-    assert lane.t == CostModel("h100").matmul_cost(64, 32, 16).seconds
+    assert lane.t == CostModel(chips.get("h100")).matmul_cost(64, 32, 16).seconds
 
 
 def test_paused_throttle_charges_nothing():
     lane = VirtualLane()
-    with Throttle(CostModel("h100"), lane) as t:
+    with Throttle(CostModel(chips.get("h100")), lane) as t:
         with t.pause():
             torch.randn(100) + 1
     assert lane.t == 0 and t.ops == 0

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emulator.chips import Chip
+from emulator import chips
+from emulator.hardware.chips import Chip
 from kernels import CostModel, Throttle, VirtualLane
 
 TOY = Chip(name="toy", bf16_tflops=1, hbm_gb=1, hbm_tbps=1, scaleup_gbps=1, scaleup_latency_us=1,
@@ -67,7 +68,7 @@ def test_reduction():
 def test_integer_tensors_count_their_real_size_and_fp8_halves_float_bytes():
     i = torch.arange(1000)
     assert charged(torch.add, i, i)[2] == 3 * 1000 * 8
-    model = CostModel("h100", "fp8")
+    model = CostModel(chips.get("h100"), "fp8")
     assert model.tensor_bytes(torch.randn(10)) == 10 and model.tensor_bytes(torch.arange(10)) == 80
 
 
@@ -78,7 +79,7 @@ def test_views_and_allocations_are_free():
 
 def test_efficiency_overrides_and_validation():
     assert CostModel(TOY, matmul_eff=0.25).matmul_eff == 0.25
-    assert CostModel("h100").matmul_eff == 0.7  # the documented default
+    assert CostModel(chips.get("h100")).matmul_eff == 0.7  # the documented default
     with pytest.raises(ValueError, match="mem_eff = 0 is invalid"):
         CostModel(TOY, mem_eff=0)
     with pytest.raises(ValueError, match="dtype = 'fp4' is not an emulated dtype"):
@@ -86,7 +87,7 @@ def test_efficiency_overrides_and_validation():
 
 
 def test_matmul_cost_matches_the_executed_op():
-    model = CostModel("a100")
+    model = CostModel(chips.get("a100"))
     lane = VirtualLane()
     a = torch.randn(96, 80)
     with Throttle(model, lane):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import difflib
 import math
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 CATALOG = Path(__file__).with_name("catalog.toml")
@@ -98,9 +99,8 @@ class Chip:
     def is_estimate(self, figure: str) -> bool:
         return figure in self.estimates
 
-    def replace(self, **changes) -> "Chip":
+    def replace(self, **changes) -> Chip:
         """A copy with some fields changed (validated again), e.g. chip.replace(matmul_eff=0.5)."""
-        from dataclasses import replace
         return replace(self, **changes)
 
     def as_dict(self) -> dict:

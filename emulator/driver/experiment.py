@@ -12,36 +12,15 @@ import math
 from dataclasses import dataclass, field
 
 from emulator.collectives import simulate
+from emulator.driver.metrics import figures
+from emulator.hardware.system import System
+from emulator.trainer import TrainConfig, bucket_sizes
 from kernels.cost import ITEMSIZE
-from emulator.system import System
 
 # summary fields a point row carries (all emulated, except wall_s and fidelity)
 ROW_FIELDS = ["step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s", "samples_per_s",
               "tokens_per_s", "mfu", "energy_j", "energy_per_sample_j", "energy_per_token_j",
               "final_loss", "wall_s", "fidelity"]
-
-
-@dataclass
-class Settings:
-    """How each point trains (shared by every point of an experiment)."""
-    workload: object  # a Workload
-    steps: int = 4
-    per_device_batch: int | None = 8  # weak scaling: fixed per device
-    global_batch: int | None = None  # strong scaling: fixed in all (divided over the devices)
-    batch_scale: int = 1
-    seed: int = 0
-    overlap: bool = True
-    lr: float | None = None
-    bucket_mb: float | None = None
-    warmup: int = 1  # steps left out of the summary means
-
-    def per_device(self, devices: int) -> int:
-        if self.global_batch is None:
-            return self.per_device_batch
-        if self.global_batch % devices:
-            raise ValueError(f"global_batch = {self.global_batch} does not divide over {devices} devices; "
-                             "choose device counts that divide it, or weak scaling (per_device_batch)")
-        return self.global_batch // devices
 
 
 @dataclass
@@ -53,50 +32,44 @@ class Point:
     predicted: bool = False
 
 
-def point_row(system: System, algorithm: str, per_device_batch: int, settings: Settings, summary: dict,
-              predicted: bool) -> dict:
+def point_row(system: System, algorithm: str, config: TrainConfig, summary: dict, predicted: bool) -> dict:
+    b = config.batch_for(system.devices)
     return {"system": system.name or "custom", "chip": system.chip.name, "devices": system.devices,
-            "domain": system.domain, "algorithm": algorithm, "per_device_batch": per_device_batch,
-            "batch_scale": settings.batch_scale,
-            "global_batch": system.devices * per_device_batch * settings.batch_scale,
+            "domain": system.domain, "algorithm": algorithm, "per_device_batch": b,
+            "batch_scale": config.batch_scale, "global_batch": system.devices * b * config.batch_scale,
             "predicted": predicted, **{k: summary.get(k) for k in ROW_FIELDS}}
 
 
-def run_point(cluster, system: System, algorithm: str, settings: Settings) -> Point:
-    """One real training run on the cluster's first system.devices actors."""
+def run_point(cluster, system: System, algorithm: str, config: TrainConfig) -> Point:
+    """One real training run on the cluster's first system.devices workers."""
     cluster.configure(system)
-    b = settings.per_device(system.devices)
-    res = cluster.train(settings.workload, steps=settings.steps, per_device_batch=b, algorithm=algorithm,
-                        seed=settings.seed, overlap=settings.overlap, lr=settings.lr,
-                        bucket_mb=settings.bucket_mb, batch_scale=settings.batch_scale)
-    return Point(system, algorithm, point_row(system, algorithm, b, settings, res.summary(settings.warmup),
-                                              False), res)
+    res = cluster.train(config.replace(algorithm=algorithm))
+    return Point(system, algorithm, point_row(system, algorithm, config, res.summary(), False), res)
 
 
-def predict_point(measured: Point, system: System, settings: Settings) -> Point:
+def predict_point(measured: Point, system: System, config: TrainConfig) -> Point:
     """A point too large for this machine, from a real one of the same chip: per-device compute
     is what it measured (weak scaling: each device's work does not depend on the count), the
     gradient all-reduce of each bucket is simulated with the local executor on the large system,
     and the measured share of communication left exposed by overlap is kept."""
-    from emulator.trainer import bucket_sizes
     m = measured.row
-    elem = ITEMSIZE[measured.result.config["dtype"] if measured.result is not None else "bf16"]
+    dtype = measured.result.config["dtype"] if measured.result is not None else "bf16"
+    elem = ITEMSIZE[dtype]
     comm = sum(simulate("all_reduce", measured.algorithm, n * elem, system, dtype="uint8")
-               for n in bucket_sizes(settings.workload, settings.bucket_mb, elem))
+               for n in bucket_sizes(config, elem))
     exposed = comm * (m["exposed_comm_s"] / m["comm_s"] if m["comm_s"] else 1.0)
     step = m["compute_s"] + exposed + m["other_s"]
-    b = settings.per_device(system.devices)
-    samples = system.devices * b * settings.batch_scale
-    tps = settings.workload.tokens_per_sample
-    energy = system.devices * system.power_w * step if system.power_w else None
+    samples = system.devices * config.batch_for(system.devices) * config.batch_scale
+    tps = config.workload.tokens_per_sample
+    flops = m["mfu"] * m["step_s"] * measured.system.peak(dtype) / measured.system.devices
+    derived = figures(system, samples, tps, dtype, step, m["compute_s"], exposed, flops)
+    energy = derived["energy_j"]
     summary = {"step_s": step, "compute_s": m["compute_s"], "comm_s": comm, "exposed_comm_s": exposed,
-               "other_s": m["other_s"], "samples_per_s": samples / step,
-               "tokens_per_s": samples * tps / step if tps else None,
-               "mfu": m["mfu"] * m["step_s"] / step if m["mfu"] else None, "energy_j": energy,
+               **derived, "other_s": m["other_s"],
                "energy_per_sample_j": energy / samples if energy else None,
                "energy_per_token_j": energy / samples / tps if energy and tps else None,
                "final_loss": None, "wall_s": None, "fidelity": None}
-    return Point(system, measured.algorithm, point_row(system, measured.algorithm, b, settings, summary, True),
+    return Point(system, measured.algorithm, point_row(system, measured.algorithm, config, summary, True),
                  None, True)
 
 
@@ -106,7 +79,7 @@ def throughput(point: Point) -> float:
 
 
 # ---------------------------------------------------------------- sweeps
-def sweep(cluster, systems: list[System], algorithms: list[str], settings: Settings, capacity: int,
+def sweep(cluster, systems: list[System], algorithms: list[str], config: TrainConfig, capacity: int,
           progress=None, on_point=None, done: dict | None = None) -> list[Point]:
     """Every system x algorithm. Systems larger than `capacity` devices are predicted from the
     largest real run of the same chip and algorithm. `done` maps (system name, chip, devices,
@@ -119,14 +92,14 @@ def sweep(cluster, systems: list[System], algorithms: list[str], settings: Setti
             if done and key in done:
                 p = Point(system, algorithm, done[key], None, done[key]["predicted"])
             elif system.devices <= capacity:
-                p = run_point(cluster, system, algorithm, settings)
+                p = run_point(cluster, system, algorithm, config)
                 real[system.chip.name, algorithm] = p
             else:
                 base = real.get((system.chip.name, algorithm))
                 if base is None:
-                    base = run_point(cluster, system.scaled(capacity), algorithm, settings)
+                    base = run_point(cluster, system.scaled(capacity), algorithm, config)
                     real[system.chip.name, algorithm] = base
-                p = predict_point(base, system, settings)
+                p = predict_point(base, system, config)
             points.append(p)
             if on_point:
                 on_point(p)
@@ -221,7 +194,7 @@ def search(passes, guess: int, lo: int = 1, hi: int = 4096) -> int | None:
     return good
 
 
-def breakeven(cluster, fast: System, slow: System, algorithm: str, settings: Settings, capacity: int,
+def breakeven(cluster, fast: System, slow: System, algorithm: str, config: TrainConfig, capacity: int,
               metric: str = "throughput", target_loss: float | None = None, max_devices: int | None = None,
               on_point=None) -> BreakEven:
     """Smallest slow.scaled(n) whose throughput (or time to `target_loss`) reaches `fast`'s, by a
@@ -236,12 +209,12 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, settings: Set
         if system in cache:
             return cache[system]
         if system.devices <= capacity:
-            p = run_point(cluster, system, algorithm, settings)
+            p = run_point(cluster, system, algorithm, config)
         elif metric == "throughput":
             real = [q for q in cache.values() if not q.predicted and q.system.chip == system.chip]
             base = max(real, key=lambda q: q.system.devices, default=None) or \
-                run_point(cluster, system.scaled(capacity), algorithm, settings)
-            p = predict_point(base, system, settings)
+                run_point(cluster, system.scaled(capacity), algorithm, config)
+            p = predict_point(base, system, config)
         else:
             raise ValueError(f"time-to-loss needs real training; {system.devices} devices do not fit "
                              f"this machine (room for {capacity})")
@@ -255,7 +228,7 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, settings: Set
     f = measure(fast)
     target = _metric(f, metric, target_loss)
     if target is None:
-        raise ValueError(f"the fast system never reached loss {target_loss} in {settings.steps} steps; "
+        raise ValueError(f"the fast system never reached loss {target_loss} in {config.steps} steps; "
                          "raise steps or the target loss")
     naive = fast.devices * fast.chip.peak_flops("bf16") / slow.chip.peak_flops("bf16")
     one_fast = measure(fast.scaled(1)).row["step_s"]

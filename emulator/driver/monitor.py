@@ -14,28 +14,20 @@ import time
 
 import ray
 
+from emulator.device.transport import PeerError
+
 GRACE_S = 2.0  # after a first failure, how long to collect the others before blaming one
 
 
-class PeerError(RuntimeError):
-    """Device `device` gave up on a message to or from device `peer`."""
-
-    def __init__(self, device: int, peer: int, detail: str):
-        self.device, self.peer = device, peer
-        super().__init__(f"device {device} gave up on device {peer} ({detail})")
-
-    def __reduce__(self):  # travels back to the driver intact
-        return PeerError, (self.device, self.peer, str(self).split("(", 1)[-1].rstrip(")"))
-
-
 class DeviceError(RuntimeError):
-    """One device failed and the run was stopped. `device` is its index, `what` the job, `step`
-    the training step it failed in (None outside training), `completed` the steps measured."""
+    """A run that failed, as one value (built only by `failure`): `device` is the device to
+    blame, `what` the job, `cause` why, `step` the training step it failed in (None outside
+    training), `completed` what was measured before (a TrainResult of the steps every surviving
+    device finished, or None)."""
 
-    def __init__(self, device: int, what: str, cause: str, step: int | None = None):
-        self.device, self.what, self.cause, self.step = device, what, cause, step
-        self.completed = None  # set by the trainer: the TrainResult of the steps that did finish
-        super().__init__(device, what, cause)
+    def __init__(self, device: int, what: str, cause: str, step: int | None = None, completed=None):
+        self.device, self.what, self.cause, self.step, self.completed = device, what, cause, step, completed
+        super().__init__(device, what, cause, step, completed)
 
     def __str__(self) -> str:
         where = f" in step {self.step}" if self.step is not None else ""
@@ -44,6 +36,15 @@ class DeviceError(RuntimeError):
 
 class Unresponsive(Exception):
     pass
+
+
+class Failed(Exception):
+    """What `gather` raises: every failure it saw, {device: exception}; `failure` turns it into
+    the run's DeviceError once the caller knows what else to say (the step, the steps kept)."""
+
+    def __init__(self, errors: dict):
+        self.errors = errors
+        super().__init__(errors)
 
 
 def _cause(e: BaseException) -> tuple[str, BaseException]:
@@ -56,29 +57,36 @@ def _cause(e: BaseException) -> tuple[str, BaseException]:
     return str(e).split("\n")[0][:500], e
 
 
-def blame(errors: dict[int, BaseException], what: str) -> DeviceError:
-    """One DeviceError for a set of failures: {device: exception}."""
+def blame(errors: dict[int, BaseException]) -> tuple[int, str]:
+    """The device to blame for a set of failures ({device: exception}), and why."""
     causes = {d: _cause(e) for d, e in errors.items()}
     for kind in (ray.exceptions.RayActorError, Unresponsive):
         for d, (text, inner) in sorted(causes.items()):
             if isinstance(inner, kind):
-                return DeviceError(d, what, text)
+                return d, text
     own = {d: c for d, c in causes.items() if not isinstance(c[1], PeerError)}
     if own:
         d = min(own)
-        return DeviceError(d, what, own[d][0])
+        return d, own[d][0]
     # everyone who reported was waiting on someone: blame a device they waited for that did not
     # report itself (it is stuck), else the one most of them waited for
     named = [inner.peer for _, inner in causes.values()]
     silent = sorted(set(named) - set(causes))
     culprit = silent[0] if silent else max(set(named), key=named.count)
     text = next(t for t, inner in causes.values() if inner.peer == culprit)
-    return DeviceError(culprit, what, f"it stopped answering: {text}")
+    return culprit, f"it stopped answering: {text}"
 
 
-def gather(actors: list, refs: list, what: str, timeout_s: float, poll_s: float = 1.0, on_poll=None,
+def failure(errors: dict[int, BaseException], what: str, step: int | None = None,
+            completed=None) -> DeviceError:
+    """The one place a failed run's DeviceError is made."""
+    device, cause = blame(errors)
+    return DeviceError(device, what, cause, step, completed)
+
+
+def gather(actors: list, refs: list, timeout_s: float, poll_s: float = 1.0, on_poll=None,
            ping: bool = True, deadline_s: float | None = None) -> list:
-    """The result of one call per device (refs[i] on actors[i]). Raises DeviceError as soon as a
+    """The result of one call per device (refs[i] on actors[i]). Raises Failed as soon as a
     device fails as described above; on_poll() runs about every poll_s while waiting. Without
     `ping` (actors still starting cannot answer), a device that has not finished after
     deadline_s fails instead."""
@@ -101,8 +109,8 @@ def gather(actors: list, refs: list, what: str, timeout_s: float, poll_s: float 
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
                     errors[index[ref]] = e
-            for d, ping in asked.items():
-                if d not in errors and not ray.wait([ping], timeout=0)[0]:
+            for d, reply in asked.items():
+                if d not in errors and not ray.wait([reply], timeout=0)[0]:
                     errors[d] = Unresponsive(f"it stopped answering (no reply to a ping within {GRACE_S:g} s, "
                                              "while the devices waiting on it gave up)")
             break
@@ -113,14 +121,14 @@ def gather(actors: list, refs: list, what: str, timeout_s: float, poll_s: float 
             continue
         for ref in pending:
             d = index[ref]
-            ping = pings.get(d)
-            if ping is not None and not ray.wait([ping[0]], timeout=0)[0]:
-                if now - ping[1] > timeout_s:
+            sent = pings.get(d)
+            if sent is not None and not ray.wait([sent[0]], timeout=0)[0]:
+                if now - sent[1] > timeout_s:
                     errors[d] = Unresponsive(f"it stopped answering (no reply to a ping for {timeout_s:g} s)")
                 continue
             pings[d] = (actors[d].ping.remote(), now)
         if on_poll is not None:
             on_poll()
     if errors:
-        raise blame(errors, what)
+        raise Failed(errors)
     return results

@@ -11,8 +11,8 @@ import difflib
 import math
 from dataclasses import dataclass, field, replace
 
-from emulator import chips
-from emulator.chips import Chip
+from emulator.hardware import chips
+from emulator.hardware.chips import Chip
 
 # name -> (chip, devices, domain, power per device in W or None for the chip's, description, source)
 PRESETS = {
@@ -161,7 +161,7 @@ class System:
 
     # -- construction --
     @classmethod
-    def preset(cls, name: str, **overrides) -> "System":
+    def preset(cls, name: str, **overrides) -> System:
         key = str(name).strip().lower()
         if key not in PRESETS:
             close = difflib.get_close_matches(key, PRESETS, n=3, cutoff=0.4)
@@ -177,7 +177,7 @@ class System:
         return list(PRESETS)
 
     @classmethod
-    def mixed(cls, groups, domain: int | None = None, **links) -> "System":
+    def mixed(cls, groups, domain: int | None = None, **links) -> System:
         """Devices of several chips in one run, e.g. System.mixed([("ascend-910c", 8), ("h100", 2)]):
         each device is throttled to its own chip; links run at the slowest chip's figures unless
         given."""
@@ -187,7 +187,7 @@ class System:
         per_device = tuple(chips.get(c) for c, n in groups for _ in range(n))
         return cls(per_device[0], len(per_device), domain=domain, device_chips=per_device, **links)
 
-    def scaled(self, devices: int) -> "System":
+    def scaled(self, devices: int) -> System:
         """The same chip and fabric with another device count. The domain size is a property of
         the fabric (an NVL72 domain holds at most 72, an HGX node 8), so it is kept, capped at the
         device count: nvl72 scaled to 9 is one domain of 9, to 144 two domains of 72."""

@@ -15,19 +15,31 @@ import socket
 from collections import defaultdict, deque
 from datetime import timedelta
 
+import psutil
 import torch
 import torch.distributed as dist
 
-from emulator.collectives.core import apply, gather, time_recv, time_sends
-from emulator.collectives.schedules import Step, seg_len
-from emulator.monitor import PeerError
+from emulator.collectives.core import Ports, apply, gather, time_recv, time_sends
+from emulator.collectives.schedules import Step, schedule, seg_len
+from emulator.device.job import die
+from kernels.clock import VirtualLane
 
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
 
 
+class PeerError(RuntimeError):
+    """Device `device` gave up on a message to or from device `peer`."""
+
+    def __init__(self, device: int, peer: int, detail: str):
+        self.device, self.peer = device, peer
+        super().__init__(f"device {device} gave up on device {peer} ({detail})")
+
+    def __reduce__(self):  # travels back to the driver intact
+        return PeerError, (self.device, self.peer, str(self).split("(", 1)[-1].rstrip(")"))
+
+
 def _interface_of(ip: str) -> str | None:
     """The network interface holding `ip` (loopback for 127.x)."""
-    import psutil
     for name, addrs in psutil.net_if_addrs().items():
         if any(a.address == ip for a in addrs):
             return name
@@ -60,9 +72,6 @@ class Transport:
     def control(self, primitive: str, buf: torch.Tensor, world: int) -> torch.Tensor:
         """A collective among devices 0..world-1 (the process group may hold more), in place on
         `buf`, outside any emulated time: control traffic, not training traffic."""
-        from emulator.collectives.core import Ports
-        from emulator.collectives.schedules import schedule
-        from kernels.clock import VirtualLane
         steps = schedule(primitive, "halving_doubling" if primitive == "all_reduce" else "ring",
                          self.rank, world, buf.numel(), chunks=1)
         self.run(steps, buf, VirtualLane(), Ports(), lambda i, j: ("up", _FREE_LINK), buf.element_size())
@@ -119,7 +128,6 @@ class Transport:
         posted = deque(self._post_recvs(steps[k], k % window, buf.dtype) for k in range(window))
         for k, step in enumerate(steps):
             if k == fail_at:  # an injected failure, mid-collective
-                from emulator.device import die
                 die()
             t0 = lane.now()
             incoming = posted.popleft()

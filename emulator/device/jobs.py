@@ -1,0 +1,117 @@
+"""Functions the driver runs on device workers (`worker.run(fn, *args)`): set-up of the
+transport, throttled matmuls, and collectives over the transport."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import replace
+
+import ray
+import torch
+import torch.distributed as dist
+
+from emulator.collectives import topology_of
+from emulator.collectives.core import Ports, finish, prepare
+from emulator.collectives.schedules import schedule
+from emulator.device.job import Job
+from emulator.device.transport import Transport, free_address
+
+
+def identify(dev) -> dict:
+    """Where this device runs (answered once it has started)."""
+    return {"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+
+
+def address(dev, host: str) -> tuple[str, int]:
+    """An address this device (rank 0) can listen on."""
+    return free_address(host)
+
+
+def connect(dev, addr: str, port: int, world: int, timeout_s: float) -> bool:
+    """(Re)build the transport to every other device."""
+    if dev.transport is not None:
+        dev.transport.close()
+    dev.transport = None
+    dev.transport = Transport(dev.index, world, addr, port, timeout_s)
+    return True
+
+
+def run_matmuls(dev, job: Job, sizes: list[int], repeats: list[int]) -> dict:
+    """Square matmuls of the given sizes under the throttle; per-size and total figures."""
+    gen = torch.Generator().manual_seed(dev.index)
+    mats = {n: (torch.randn(n, n, generator=gen).to(dev.host),
+                torch.randn(n, n, generator=gen).to(dev.host)) for n in set(sizes)}
+    lane = job.lane()
+    throttle = job.throttle(dev.index, lane, dev.host)
+    per_size = []
+    lane.start()
+    t_start, r_start = lane.measure(), time.time()
+    with throttle:
+        for n, reps in zip(sizes, repeats):
+            with throttle.pause():
+                t0, r0, c0, f0 = lane.measure(), time.time(), throttle.emulated_s, throttle.flops
+            a, b = mats[n]
+            for _ in range(reps):
+                torch.mm(a, b)
+            with throttle.pause():
+                t1 = lane.measure()
+            per_size.append({"size": n, "repeats": reps, "emulated_s": t1 - t0,
+                             "modeled_s": throttle.emulated_s - c0, "flops": throttle.flops - f0,
+                             "real_s": time.time() - r0})
+    total = lane.measure() - t_start
+    stats = lane.stats()
+    return {"device": dev.index, "emulated_s": total, "modeled_s": throttle.emulated_s,
+            "real_s": time.time() - r_start, "flops": throttle.flops, "fidelity": stats["fidelity"],
+            "overrun_s": stats["overrun_s"], "overruns": stats["overruns"], "sizes": per_size}
+
+
+def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: str = "sum",
+               root: int = 0, repeats: int = 1) -> list[dict]:
+    """Collectives among devices 0..job.system.devices-1 (this one included), one per case.
+    A case is (tensor, chunks), or ((numel, dtype), chunks) for a tensor made here (benchmarks
+    need not ship it)."""
+    world, rank, transport = job.system.devices, dev.index, dev.transport
+    link_of = job.links()
+    transport.barrier(world)  # start together: real_s measures the collective, not call skew
+    results, stats = [], {"overrun_s": 0.0}
+    for tensor, chunks in cases:
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.ones(tensor[0], dtype=getattr(torch, tensor[1]))
+        count = tensor.numel() * (world if primitive == "all_gather" else 1)
+        steps = schedule(primitive, algorithm, rank, world, count, topology_of(job.system), root=root,
+                         chunks=chunks)
+        times, real = [], 0.0
+        for _ in range(repeats):
+            buf = prepare(primitive, rank, world, tensor.cpu())
+            # every collective starts from emulated 0 on all devices at once: in wall mode at a
+            # common real time agreed on now, so that no device's start-up skew enters it
+            if job.clock == "wall":
+                lane = replace(job, epoch=transport.agree(time.time() + 0.02 + 0.002 * world, world)).lane()
+                lane.start()
+            else:
+                lane = job.lane()
+            r0 = time.time()
+            fail = job.faults.fail
+            transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size(),
+                          fail_at=fail[1] if fail and fail[0] == rank else None)
+            times.append(lane.measure())
+            real += time.time() - r0
+            stats["overrun_s"] += lane.stats()["overrun_s"]
+        results.append({"output": finish(primitive, rank, world, buf, op, tensor.shape).to(tensor.device),
+                        "emulated_s": times, "real_s": real / repeats})
+    for r in results:
+        r.update(device=rank, **stats)
+    return results
+
+
+def gloo_all_reduce(dev, nbytes: int, repeats: int) -> float:
+    """Real seconds per torch.distributed.all_reduce (gloo's own algorithm), for comparison."""
+    x = torch.ones(nbytes // 4)
+    dev.transport.barrier(dist.get_world_size())
+    t = time.time()
+    for _ in range(repeats):
+        dist.all_reduce(x)
+    return (time.time() - t) / repeats

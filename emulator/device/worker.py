@@ -1,0 +1,47 @@
+"""The device worker: one Ray actor per emulated device, holding no job (as Ray Train's worker
+does). It owns what belongs to the device rather than to a run (one torch thread, the host
+device, the transport to its peers) and runs whatever function the driver sends it:
+`run(fn, *args)` returns `fn(device, *args)`. Matmul jobs, collectives and training are such
+functions (device/jobs.py, device/training.py). A second thread answers `ping` and `progress`
+while the first one works, so the driver can tell a busy device from a stuck one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from emulator.device.transport import Transport
+
+
+@dataclass
+class Device:
+    """What a function run on a worker gets: the device's state outside any one run."""
+    index: int  # global device index (rank in the transport)
+    host: str = "cpu"  # where tensors really live: "cpu" or "cuda"
+    transport: Transport | None = None  # set by jobs.connect
+    rows: list = field(default_factory=list)  # progress of the running job, read by `progress`
+
+    def report(self, row: dict) -> None:
+        self.rows.append(row)
+
+
+class DeviceWorker:
+    def __init__(self, index: int, host: str = "cpu"):
+        torch.set_num_threads(1)
+        self.device = Device(index, host)
+
+    def run(self, fn, *args, **kwargs):
+        return fn(self.device, *args, **kwargs)
+
+    def ping(self) -> bool:
+        return True
+
+    def progress(self) -> list[dict]:
+        """Rows the running job has reported so far (answered while it runs)."""
+        return list(self.device.rows)
+
+
+RemoteWorker = ray.remote(DeviceWorker)

@@ -1,0 +1,168 @@
+"""The driver side of training: the checks before any device runs (once per run), the run on
+the device workers, the progress fetched while they train, and the result, or, when a device
+fails, the one DeviceError that carries the steps already finished."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from emulator.collectives import topology_of
+from emulator.collectives.schedules import schedule
+from emulator.device import training as device_training
+from emulator.driver.metrics import TrainResult, aggregate
+from emulator.driver.monitor import Failed, blame, failure
+from emulator.driver.pacing import comm_ratio
+from emulator.trainer import Optimizer, TrainConfig, memory_estimate
+from kernels.clock import VirtualLane
+from kernels.cost import CostModel
+from kernels.throttle import Throttle
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks found: the config they passed, the memory need, the host's pace."""
+    config: TrainConfig
+    system: object  # the System it was checked against
+    clock: str
+    memory: dict  # memory_estimate's breakdown, bytes
+    ratio: float  # real seconds per emulated second of this job on this host (wall clock)
+
+
+def preflight(cluster, config: TrainConfig) -> Preflight:
+    system = cluster.system
+    n = system.devices
+    schedule("all_reduce", config.algorithm, 0, n, n, topology_of(system))  # refuses bad layouts
+    cluster.faults.check(n)
+    memory = check_memory(config, system, config.batch_for(n), cluster.dtype)
+    ratio = 1.0
+    if cluster.clock == "wall":
+        ratio = max(probe_ratio(config, system, config.batch_for(n), cluster.dtype, cluster.efficiency),
+                    comm_ratio(system, config.bucket_mb * 1e6))
+        cluster.job(ratio)  # refuses a dilation this host cannot honour
+    return Preflight(config, system, cluster.clock, memory, ratio)
+
+
+def train(cluster, config: TrainConfig, checked: Preflight | None = None, csv: str | None = None) -> TrainResult:
+    """Data-parallel training of `config` on the cluster's devices (see Cluster.train)."""
+    if checked is None or (checked.config, checked.system, checked.clock) != (config, cluster.system, cluster.clock):
+        checked = preflight(cluster, config)
+    system = cluster.system
+    n = system.devices
+    job = cluster.job(checked.ratio)
+    _ship_by_value(config.workload)
+    record = {**config.as_dict(), "per_device_batch": config.batch_for(n),
+              "global_batch": n * config.batch_for(n) * config.batch_scale,
+              "tokens_per_sample": config.workload.tokens_per_sample, "lr": config.lr_used,
+              "optimizer": config.optimizer_used, "clock": cluster.clock, "dilation": job.dilation,
+              "dtype": cluster.dtype, "devices": n, "system": system.describe(),
+              "memory_bytes": checked.memory, "loss_floor": config.workload.loss_floor}
+    progress = _Progress(cluster.actors[:n])
+    try:
+        res = cluster.run(device_training.train, job, config, what="training", abort=False,
+                          on_poll=progress.poll)
+    except Failed as e:  # keep what was measured: the steps every surviving device finished
+        culprit, _ = blame(e.errors)
+        rows = progress.final(skip=culprit)
+        cluster.close()
+        survivors = [r for d, r in enumerate(rows) if d != culprit]
+        step = min(len(r) for r in survivors) if survivors else 0
+        completed = None
+        if step:
+            done = [r[:step] for r in rows]
+            completed = TrainResult(aggregate([{"rows": r} for r in done], system, config, cluster.dtype, step),
+                                    {}, {**record, "completed_steps": step}, done)
+        raise failure(e.errors, "training", step, completed) from None
+    result = TrainResult(aggregate(res, system, config, cluster.dtype), res[0]["state_dict"], record,
+                         [r["rows"] for r in res])
+    if csv:
+        result.to_csv(csv)
+    return result
+
+
+def _ship_by_value(workload) -> None:
+    """A user's workload may live in a module the devices cannot import (a test file, a script
+    outside the package path): send its code along with it rather than by module name."""
+    for f in (workload.build_model, workload.batches, workload.loss):
+        name = getattr(f, "__module__", None) or ""
+        if name and not name.startswith(("emulator.", "torch")) and name in sys.modules and name != "__main__":
+            ray.cloudpickle.register_pickle_by_value(sys.modules[name])
+
+
+class _Progress:
+    """Training rows fetched from the devices while they train (they answer on a second thread),
+    so that a failure loses no step already finished."""
+
+    def __init__(self, actors):
+        self.actors, self.rows, self.asked = actors, [[] for _ in actors], {}
+        self.polls = 0  # times the driver polled (a test checks that it keeps polling)
+
+    def poll(self) -> None:
+        self.polls += 1
+        for d, actor in enumerate(self.actors):
+            ref = self.asked.get(d)
+            if ref is not None:
+                if not ray.wait([ref], timeout=0)[0]:
+                    continue
+                try:
+                    self.rows[d] = ray.get(ref)
+                except ray.exceptions.RayError:
+                    pass
+            self.asked[d] = actor.progress.remote()
+
+    def final(self, skip: int, timeout_s: float = 5.0) -> list[list[dict]]:
+        """The latest rows of every device still alive (the failed one keeps its last poll's)."""
+        refs = {d: a.progress.remote() for d, a in enumerate(self.actors) if d != skip}
+        for d, ref in refs.items():
+            try:
+                self.rows[d] = ray.get(ref, timeout=timeout_s)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass
+        return self.rows
+
+
+def check_memory(config: TrainConfig, system, per_device_batch: int, dtype: str = "bf16") -> dict:
+    """memory_estimate against the smallest HBM of the system's chips; refuses, with the
+    breakdown, a run that does not fit."""
+    need = memory_estimate(config, per_device_batch, dtype)
+    chip = min(set(system.chips), key=lambda c: c.hbm_bytes)  # the tightest device decides
+    have = chip.hbm_bytes
+    if need["total"] > have:
+        gb = lambda b: f"{b / 1e9:.3g} GB"  # noqa: E731
+        scale = f" x batch_scale {config.batch_scale}" if config.batch_scale != 1 else ""
+        raise ValueError(
+            f"memory: {config.workload.name} needs {gb(need['total'])} per device (parameters "
+            f"{gb(need['parameters'])}, gradients {gb(need['gradients'])}, optimizer state "
+            f"{gb(need['optimizer'])}, activations {gb(need['activations'])} at per_device_batch="
+            f"{per_device_batch}{scale}) but {chip.name} has {gb(have)} of HBM; use a smaller "
+            "per_device_batch or a chip with more memory")
+    return need
+
+
+def probe_ratio(config: TrainConfig, system, per_device_batch: int, dtype: str = "bf16",
+                efficiency: dict | None = None, steps: int = 2) -> float:
+    """Real seconds per emulated second of compute for this workload on this host, from a few
+    unthrottled steps in this process (the wall clock's dilation is chosen from it)."""
+    wl = config.workload
+    torch.manual_seed(0)
+    model = wl.build_model()
+    opt = Optimizer(wl.optimizer, model.parameters(), wl.lr)
+    data = wl.batches(0, 1, per_device_batch, 0)
+    lane = VirtualLane()
+    fastest = max(set(system.chips), key=lambda c: c.peak_flops(dtype))  # the tightest pacing
+    best = float("inf")
+    for _ in range(steps):
+        batch = next(data)
+        t0, e0 = time.perf_counter(), lane.t
+        with Throttle(CostModel(fastest, dtype, **(efficiency or {})), lane) as throttle:
+            throttle.work_scale = config.batch_scale
+            wl.loss(model, batch).backward()
+            throttle.work_scale = 1.0
+            opt.step()
+            opt.zero_grad()
+        best = min(best, (time.perf_counter() - t0) / (lane.t - e0))
+    return best

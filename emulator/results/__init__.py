@@ -1,0 +1,2 @@
+"""Results: folders (locks, atomic writes, provenance), the trace export, plots, and writing
+what a command measured."""

@@ -1,0 +1,70 @@
+"""Writing a run's results folder: config.json, steps.csv, points.csv, summary.json, the
+trace and the plots."""
+
+from __future__ import annotations
+
+from emulator.driver.experiment import ROW_FIELDS
+from emulator.driver.metrics import STEP_COLUMNS
+from emulator.results.folder import UNITS, ResultsDir, system_dict
+from emulator.results.plots import draw
+from emulator.results.trace import chrome_trace
+
+
+def step_rows(points) -> list[dict]:
+    """Every real run's steps, each row tagged with its point."""
+    rows = []
+    for i, p in enumerate(points):
+        if p.result is None:
+            continue
+        for s in p.result.steps:
+            rows.append({"point": i, "system": p.row["system"], "chip": p.row["chip"],
+                         "devices": p.row["devices"], "algorithm": p.row["algorithm"], **s})
+    return rows
+
+
+POINT_COLUMNS = ["system", "chip", "devices", "domain", "algorithm", "per_device_batch", "batch_scale",
+                 "global_batch", "predicted"]
+
+
+def write_points(out: ResultsDir, kind: str, config: dict, points, extra: dict | None = None,
+                 plots: bool = True, earlier_steps: list[dict] | None = None) -> dict:
+    """config.json, steps.csv, points.csv, summary.json (and the plots) of a list of points.
+    earlier_steps: steps.csv rows of points measured by an earlier, interrupted command."""
+    out.write_json("config.json", config)
+    columns = ["point", "system", "chip", "devices", "algorithm"] + STEP_COLUMNS
+    index = {(p.row["system"], p.row["chip"], str(p.row["devices"]), p.row["algorithm"]): i
+             for i, p in enumerate(points)}
+    earlier = [dict(r, point=index[r["system"], r["chip"], str(r["devices"]), r["algorithm"]])
+               for r in earlier_steps or [] if (r["system"], r["chip"], str(r["devices"]), r["algorithm"]) in index]
+    out.write_csv("steps.csv", sorted(earlier + step_rows(points), key=lambda r: int(r["point"])), columns)
+    out.write_csv("points.csv", [p.row for p in points], POINT_COLUMNS + ROW_FIELDS)
+    summary = {"kind": kind, "name": out.path.name, "units": UNITS, "points": [p.row for p in points],
+               **(extra or {})}
+    out.write_json("summary.json", summary)
+    if plots:
+        draw(out, summary)
+    return summary
+
+
+def write_run(out: ResultsDir, config: dict, result, system, trace: bool = False) -> dict:
+    out.write_json("config.json", config)
+    out.write_csv("steps.csv", result.steps, STEP_COLUMNS)
+    summary = {"kind": "run", "name": out.path.name, "units": UNITS, "summary": result.summary(),
+               "steps": result.steps, "loss_floor": result.config.get("loss_floor"),
+               "system": system_dict(system)}
+    out.write_json("summary.json", summary)
+    if trace:
+        out.write_json("trace.json", chrome_trace(result, system))
+    draw(out, summary)
+    return summary
+
+
+def write_bench(out: ResultsDir, config: dict, rows: list[dict], system, primitive: str) -> dict:
+    out.write_json("config.json", config)
+    out.write_csv("steps.csv", rows, list(rows[0]) if rows else ["size_bytes"])
+    summary = {"kind": "bench", "name": out.path.name, "units": UNITS, "rows": rows, "primitive": primitive,
+               "system": system.describe(), "link_gbps": system.scaleup_gbps if system.domains == 1 else
+               system.scaleout_gbps}
+    out.write_json("summary.json", summary)
+    draw(out, summary)
+    return summary

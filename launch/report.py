@@ -1,0 +1,39 @@
+"""`relay report`: redraw a results folder's plots and print its summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tabulate import tabulate
+
+from emulator.results.folder import ResultsDir, fmt
+from emulator.results.plots import draw
+from launch.breakeven import _settings_of, breakeven_table, summary_md
+from launch.run import run_table
+from launch.sweep import points_table
+
+
+def cmd_report(args) -> None:
+    path = Path(args.path)
+    if not (path / "summary.json").exists():
+        raise ValueError(f"{str(path)!r} is not a results folder (no summary.json); give results/<name>")
+    out = ResultsDir(path.parent, path.name)
+    summary = out.read_json("summary.json")
+    drawn = draw(out, summary)
+    kind = summary["kind"]
+    print(f"# relay report: {path} ({kind})")
+    if kind == "run":
+        config = out.read_json("config.json")["training"]
+        print(tabulate(run_table(summary["summary"], config), headers=["figure", "value", "unit"],
+                       disable_numparse=True))
+    elif kind in ("sweep", "breakeven"):
+        print(points_table(summary["points"]))
+        if kind == "breakeven":
+            print()
+            print(breakeven_table(summary["breakeven"]))
+            out.write_text("summary.md", summary_md(summary, _settings_of(out.read_json("config.json"))))
+    elif kind == "bench":
+        print(tabulate([[r["size_bytes"], r["algorithm"], fmt(r["time_us"]), fmt(r["busbw_GBps"])]
+                        for r in summary["rows"]],
+                       headers=["size (B)", "algorithm", "emul time (us)", "emul busbw (GB/s)"], disable_numparse=True))
+    print("# plots: " + ", ".join(p.name for p in drawn))
