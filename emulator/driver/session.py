@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import ray
 from ray._private import state  # per-node resources: Ray has no public call for them
+from ray._raylet import AuthenticationTokenLoader, Config  # the auth token cache (see _use_token)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -39,7 +40,6 @@ def _use_token(path: str) -> None:
     own ray.init does for a new local cluster (authentication_token_setup._enable_token_auth)."""
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = path
-    from ray._raylet import AuthenticationTokenLoader, Config
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 
