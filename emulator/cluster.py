@@ -28,8 +28,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from emulator.collectives import DTYPE_BYTES, pipeline_chunks, topology_of
-from emulator.collectives.core import link_function
+from emulator.collectives import DTYPE_BYTES, Fabric, pipeline_chunks, resolve, topology_of
 from emulator.collectives.local import execute
 from emulator.collectives.schedules import check as check_collective, schedule
 from emulator.device import Faults, Job, RemoteDevice
@@ -333,7 +332,7 @@ class Cluster:
         """Several collectives in one call to the devices. A case is a list with one tensor per
         device, or (numel, dtype name) for tensors of ones made on the devices (benchmarks)."""
         n = self.system.devices
-        check_collective(primitive, algorithm)
+        check_collective(primitive, algorithm, allow_auto=True)
         if op not in OPS:
             raise ValueError(f"op = {op!r} is unknown; choose 'sum' or 'avg'")
         if op != "sum" and primitive not in ("all_reduce", "reduce_scatter"):
@@ -353,10 +352,12 @@ class Cluster:
                 _check_tensors(case, n)
                 shape_numel, itemsize, items = case[0].numel(), case[0].element_size(), case
             count = shape_numel * (n if primitive == "all_gather" else 1)
-            schedule(primitive, algorithm, 0, n, count, topology_of(self.system))  # refuses bad layouts
-            k = chunks or pipeline_chunks(primitive, algorithm, count * itemsize, self.system)
+            alg, fabric = resolve(primitive, algorithm, count * itemsize, self.system,
+                                  Fabric.of(self.system, itemsize, self.faults.link_slowdown))
+            schedule(primitive, alg, 0, n, count, topology_of(self.system))  # refuses bad layouts
+            k = chunks or pipeline_chunks(primitive, alg, count * itemsize, self.system)
             biggest = max(biggest, count * itemsize)
-            shapes.append((count, itemsize, k))
+            shapes.append((count, itemsize, k, alg, fabric))
             for d in range(n):
                 per_device[d].append((items[d], k))
         job = self._job(self._comm_ratio(biggest))
@@ -364,13 +365,12 @@ class Cluster:
                 for d, a in enumerate(self.actors[:n])]
         res = self._gather(refs, f"{primitive} ({algorithm})")
         out = []
-        for i, (count, itemsize, k) in enumerate(shapes):
+        for i, (count, itemsize, k, alg, fabric) in enumerate(shapes):
             rows = [res[d][i] for d in range(n)]
             times = [r["emulated_s"][-1] for r in rows]
             fidelity = 1.0
             if self.clock == "wall":  # how close the measured time came to the model's
-                model = max(execute(primitive, algorithm, n, count, topology_of(self.system),
-                                    link_function(self.system, self.faults.link_slowdown), itemsize,
+                model = max(execute(primitive, alg, n, count, topology_of(self.system), fabric,
                                     root=root, chunks=k))
                 fidelity = max(0.0, 1.0 - abs(max(times) / model - 1.0)) if model > 0 else 1.0
             out.append(CollectiveResult([r["output"] for r in rows], max(times), times,
@@ -416,8 +416,9 @@ class Cluster:
         bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
             raise ValueError(f"bucket_mb = {bucket_mb!r} is invalid; give MB > 0")
-        check_collective("all_reduce", algorithm)
-        schedule("all_reduce", algorithm, 0, n, n, topology_of(self.system))  # refuses bad layouts
+        check_collective("all_reduce", algorithm, allow_auto=True)
+        schedule("all_reduce", resolve("all_reduce", algorithm, n, self.system)[0], 0, n, n,
+                 topology_of(self.system))  # refuses bad layouts
         self.faults.check(n)
         memory = check_memory(wl, self.system, per_device_batch, self.dtype, optimizer, batch_scale)
         ratio = 1.0

@@ -16,7 +16,8 @@ import ray
 import torch
 import torch.distributed as dist
 
-from emulator.collectives.core import Ports, finish, link_function, prepare
+from emulator.collectives.core import Ports, finish, prepare
+from emulator.collectives.fabric import Fabric
 from emulator.collectives.schedules import schedule
 from emulator.system import System
 from kernels.clock import make_lane
@@ -69,9 +70,9 @@ class Job:
         return Throttle(self.cost_model(rank), lane, sync_cuda=device == "cuda" and self.clock == "wall",
                         slowdown=self.faults.compute_slowdown.get(rank, 1.0))
 
-    def links(self):
-        """(i, j) -> (class, Link), with any straggler's links slowed down."""
-        return link_function(self.system, self.faults.link_slowdown)
+    def fabric(self, elem_bytes: int = 4) -> Fabric:
+        """The system's calibrated fabric for buffers of `elem_bytes`, any straggler's links slowed."""
+        return Fabric.of(self.system, elem_bytes, self.faults.link_slowdown)
 
 
 def die() -> None:
@@ -149,16 +150,17 @@ class DeviceActor:
         """Collectives among devices 0..job.system.devices-1 (this one included), one per case.
         A case is (tensor, chunks), or ((numel, dtype), chunks) for a tensor made here (benchmarks
         need not ship it)."""
-        from emulator.collectives import topology_of
+        from emulator.collectives import resolve, topology_of
         world, rank = job.system.devices, self.index
-        link_of = job.links()
         self.transport.barrier(world)  # start together: real_s measures the collective, not call skew
         results, stats = [], {"overrun_s": 0.0}
         for tensor, chunks in cases:
             if not isinstance(tensor, torch.Tensor):
                 tensor = torch.ones(tensor[0], dtype=getattr(torch, tensor[1]))
-            steps = schedule(primitive, algorithm, rank, world, _count(primitive, tensor, world),
-                             topology_of(job.system), root=root, chunks=chunks)
+            count = _count(primitive, tensor, world)
+            alg, fabric = resolve(primitive, algorithm, count * tensor.element_size(), job.system,
+                                  job.fabric(tensor.element_size()))
+            steps = schedule(primitive, alg, rank, world, count, topology_of(job.system), root=root, chunks=chunks)
             times, real = [], 0.0
             for _ in range(repeats):
                 buf = prepare(primitive, rank, world, tensor.cpu())
@@ -172,7 +174,7 @@ class DeviceActor:
                     lane = job.lane()
                 r0 = time.time()
                 fail = job.faults.fail
-                self.transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size(),
+                self.transport.run(steps, buf, lane, Ports(), fabric,
                                    fail_at=fail[1] if fail and fail[0] == rank else None)
                 times.append(lane.measure())
                 real += time.time() - r0

@@ -134,7 +134,7 @@ def cmd_bench(args) -> None:
     system = system_from(args)
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     for a in algorithms:
-        check(args.primitive, a)
+        check(args.primitive, a, allow_auto=True)
     if args.dtype not in DTYPE_BYTES:
         raise UsageError(f"--dtype = {args.dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
     lo, hi = parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)
@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_system_args(b)
     add_run_args(b)
     b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast")
-    b.add_argument("--algorithm", default="ring", help="ring, tree, halving_doubling, direct, hierarchical, "
-                   "a comma-separated list, or all")
+    b.add_argument("--algorithm", default="auto", help="auto (the vendor library's choice, default), ring, "
+                   "tree, halving_doubling, direct, hierarchical, nvls, a comma-separated list, or all")
     b.add_argument("--min-bytes", default="8", help="smallest buffer (e.g. 8, 1K)")
     b.add_argument("--max-bytes", default="64M", help="largest buffer (e.g. 64M)")
     b.add_argument("--factor", type=int, default=4, help="size step factor")
@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(be)
     be.set_defaults(fn=experiments.cmd_breakeven)
 
-    from launch import ray_cluster
+    from launch import ray_cluster, validate
     ray_cluster.add_parser(sub)
+    validate.add_parser(sub)
 
     rp = sub.add_parser("report", help="redraw the plots of a results folder and print its summary")
     rp.add_argument("path", help="results/<name>")
