@@ -397,7 +397,7 @@ class Cluster:
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
     # ---------------------------------------------------------------- training
-    def preflight(self, workload, steps: int = 1, per_device_batch: int = 8, algorithm: str = "ring",
+    def preflight(self, workload, steps: int = 1, per_device_batch: int = 8, algorithm: str = "auto",
                   lr=None, optimizer=None, bucket_mb=None, batch_scale: int = 1):
         """Every check of a training run that needs no device: settings, algorithm against the
         layout, memory, and on the wall clock the dilation. Returns (workload, memory, ratio).
@@ -428,7 +428,7 @@ class Cluster:
             self._job(ratio)  # refuses a dilation this host cannot honour
         return wl, memory, ratio
 
-    def train(self, workload, steps: int = 10, per_device_batch: int = 8, algorithm: str = "ring",
+    def train(self, workload, steps: int = 10, per_device_batch: int = 8, algorithm: str = "auto",
               seed: int = 0, overlap: bool = True, lr: float | None = None, optimizer: str | None = None,
               bucket_mb: float | None = None, batch_scale: int = 1, csv: str | None = None):
         """Data-parallel training of `workload` (a Workload, "mlp", "gpt-tiny" or

@@ -187,7 +187,7 @@ class TrainSpec:
     workload: Workload
     steps: int
     per_device_batch: int
-    algorithm: str = "ring"
+    algorithm: str = "auto"  # all-reduce algorithm of the gradients; auto: the vendor library's choice
     seed: int = 0
     overlap: bool = True
     lr: float | None = None

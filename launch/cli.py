@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_system_args(r)
     add_train_args(r)
     add_run_args(r)
-    r.add_argument("--algorithm", help="all-reduce algorithm for the gradients (default ring)")
+    r.add_argument("--algorithm", help="all-reduce algorithm for the gradients (default auto: the "
+                   "vendor library's choice by size and system)")
     r.add_argument("--trace", action="store_true", default=None,
                    help="also write trace.json: a per-device timeline in emulated time (open in Perfetto)")
     r.set_defaults(fn=experiments.cmd_run)
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chips", help="chips, e.g. h100,ascend-910c (one scale-up domain each)")
     g.add_argument("--systems", help="system presets, scaled to each device count")
     g.add_argument("--domain", type=int, help="with --chips: devices per scale-up domain")
-    g.add_argument("--algorithms", help="all-reduce algorithms, e.g. ring,tree (default ring)")
+    g.add_argument("--algorithms", help="all-reduce algorithms, e.g. ring,tree (default auto)")
     g.add_argument("--scaling", help="weak: fixed --per-device-batch (default); strong: fixed --global-batch")
     add_train_args(sw)
     add_run_args(sw)
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast", help="the fast side: a system preset (e.g. nvl72) or a chip with --fast-devices")
     g.add_argument("--fast-devices", type=int, help="scale the fast system to this many devices")
     g.add_argument("--slow", help="the slow side: a chip (one domain, its own links) or a system preset")
-    g.add_argument("--algorithms", help="all-reduce algorithms to compare, e.g. ring,halving_doubling")
+    g.add_argument("--algorithms", help="all-reduce algorithms to compare, e.g. ring,halving_doubling "
+                   "(default auto)")
     g.add_argument("--metric", help="throughput (default) or time-to-loss")
     g.add_argument("--target-loss", type=float, help="with --metric time-to-loss: the loss to reach")
     g.add_argument("--max-devices", type=int, help="largest slow device count to search")

@@ -13,7 +13,7 @@ from emulator.cluster import MEMORY_MB
 from emulator.results import ResultsDir, environment, fmt, system_dict
 
 RUN_DEFAULTS = {"workload": "gpt-tiny", "steps": 10, "batch_scale": 1, "seed": 0, "clock": "virtual",
-                "out": "results", "algorithm": "ring", "overlap": True}
+                "out": "results", "algorithm": "auto", "overlap": True}
 
 
 def as_list(value, typ=str) -> list:
@@ -112,7 +112,7 @@ def cmd_run(args) -> None:
     system = system_from(args)
     wl = _workload(args)
     settings = settings_from(args, wl)
-    check("all_reduce", args.algorithm)
+    check("all_reduce", args.algorithm, allow_auto=True)
     b = settings.per_device(system.devices)
     cluster = Cluster(system, clock=args.clock, dilation=args.dilation, address=args.address,
                       faults=faults_from(args, system.devices), timeout_s=args.timeout_s or 30.0)
@@ -210,7 +210,7 @@ def cmd_sweep(args) -> None:
     from emulator.experiment import sweep
     from emulator.results import write_points
     from emulator.trainer import check_memory
-    defaults(args, {"algorithms": "ring", "scaling": "weak"})
+    defaults(args, {"algorithms": "auto", "scaling": "weak"})
     if args.scaling not in ("weak", "strong"):
         raise ValueError(f"scaling = {args.scaling!r} is unknown; choose 'weak' or 'strong'")
     if args.scaling == "strong" and args.global_batch is None:
@@ -220,7 +220,7 @@ def cmd_sweep(args) -> None:
     systems = sweep_systems(args)
     algorithms = as_list(args.algorithms)
     for a in algorithms:
-        check("all_reduce", a)
+        check("all_reduce", a, allow_auto=True)
     wl = _workload(args)
     settings = settings_from(args, wl)
     for s in systems:
@@ -299,11 +299,11 @@ def cmd_breakeven(args) -> None:
     from emulator.experiment import breakeven, sweep
     from emulator.results import write_points
     from emulator.trainer import check_memory
-    defaults(args, {"algorithms": "ring", "metric": "throughput", "steps": 4})
+    defaults(args, {"algorithms": "auto", "metric": "throughput", "steps": 4})
     fast, slow = breakeven_systems(args)
     algorithms = as_list(args.algorithms)
     for a in algorithms:
-        check("all_reduce", a)
+        check("all_reduce", a, allow_auto=True)
     if args.metric not in ("throughput", "time-to-loss"):
         raise ValueError(f"metric = {args.metric!r} is unknown; choose throughput or time-to-loss")
     if args.metric == "time-to-loss" and args.target_loss is None:
