@@ -38,7 +38,8 @@ class TrainConfig:
         None, "samples per step over all devices (strong scaling: divided over the devices)")
     batch_scale: int = _option(
         1, "charge each device for this many times the batch it computes (FLOPs and activation bytes)")
-    algorithm: str = _option("ring", "all-reduce algorithm for the gradients")
+    algorithm: str = _option(
+        "auto", "all-reduce algorithm for the gradients; auto: the vendor library's choice by size and system")
     seed: int = _option(0, "seed of the initial weights and of the data")
     overlap: bool = _option(True, "all-reduce each gradient bucket during backward (as DDP does)")
     lr: float | None = _option(None, "learning rate (default: the workload's)")
@@ -61,7 +62,7 @@ class TrainConfig:
         if self.per_device_batch is not None and self.global_batch is not None:
             raise ValueError(f"per_device_batch = {self.per_device_batch} and global_batch = "
                              f"{self.global_batch}: give one (weak or strong scaling), not both")
-        check_algorithm("all_reduce", self.algorithm)
+        check_algorithm("all_reduce", self.algorithm, allow_auto=True)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap = {self.overlap!r} is invalid; give True or False")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):

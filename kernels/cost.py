@@ -1,6 +1,9 @@
 """Per-op cost model: what one aten op would cost on the emulated chip (a roofline).
 
-    seconds = launch_s + max(flops / (peak[dtype] * matmul_eff), bytes / (hbm_Bps * mem_eff))
+    seconds = launch_s + max(flops / (peak[dtype] * matmul_eff * q), bytes / (hbm_Bps * mem_eff))
+
+q is 1 except for GEMMs (mm, addmm, bmm, baddbmm), where it is the tile and wave quantisation of
+the output's shape on the chip (kernels/gemm.py): small and skinny GEMMs reach less of the peak.
 
 FLOPs come from PyTorch's own formulas (torch.utils.flop_counter's registry: matmuls, convolutions,
 attention); every other op has none and is memory-bound. Bytes are the op's inputs plus outputs,
@@ -14,11 +17,14 @@ sits below the rest of Relay and imports none of it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
+
+from kernels.gemm import quantisation
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
 # allocations that write nothing (their bytes are written by the op that fills them)
@@ -34,6 +40,7 @@ class OpCost:
 
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
+_GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 
 
@@ -83,12 +90,16 @@ class CostModel:
         if kind == 0:
             return _ZERO
         flops = 0
+        q = 1.0
         if kind != 1:  # a FLOP formula
             flops = kind(*tree_map(_shape, args), **tree_map(_shape, kwargs or {}), out_val=tree_map(_shape, out))
+            if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
+                *batch, m, n = out.shape
+                q = quantisation(m, n, self.chip.compute_units, math.prod(batch))
         nbytes = self._bytes(args) + self._bytes(out)
         if kwargs:
             nbytes += self._bytes(tuple(kwargs.values()))
-        return OpCost(self.seconds(flops, nbytes), float(flops), float(nbytes))
+        return OpCost(self.seconds(flops / q, nbytes), float(flops), float(nbytes))
 
     def _bytes(self, x) -> int:
         if isinstance(x, torch.Tensor):
@@ -100,4 +111,5 @@ class CostModel:
     def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""
         flops, nbytes = 2.0 * m * k * n, float((m * k + k * n + m * n) * ITEMSIZE[self.dtype])
-        return OpCost(self.seconds(flops, nbytes), flops, nbytes)
+        q = quantisation(m, n, self.chip.compute_units)
+        return OpCost(self.seconds(flops / q, nbytes), flops, nbytes)

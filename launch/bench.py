@@ -19,7 +19,7 @@ def cmd_bench(args) -> None:
     system = system_from(args)
     algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
     for a in algorithms:
-        check(args.primitive, a)
+        check(args.primitive, a, allow_auto=True)
     if args.dtype not in DTYPE_BYTES:
         raise UsageError(f"--dtype = {args.dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
     lo, hi = parse_bytes(args.min_bytes), parse_bytes(args.max_bytes)

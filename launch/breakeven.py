@@ -14,6 +14,7 @@ from emulator.driver.training import check_memory
 from emulator.hardware.system import PRESETS
 from emulator.results.folder import ResultsDir, environment, fmt, system_dict
 from emulator.results.write import write_points
+from emulator.trainer import defaults as train_defaults
 from launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
 from launch.options import capacity as host_capacity
 
@@ -43,7 +44,7 @@ def _system_or_chip(name: str, devices: int | None, flag: str) -> System:
 
 def cmd_breakeven(args) -> None:
     other_defaults(args)
-    args.algorithms = args.algorithms or "ring"
+    args.algorithms = args.algorithms or train_defaults()["algorithm"]
     args.metric = args.metric or "throughput"
     fast, slow = breakeven_systems(args)
     algorithms = as_list(args.algorithms)

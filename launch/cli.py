@@ -13,7 +13,7 @@ from tabulate import tabulate
 
 from emulator import DeviceError, chips
 from emulator.results.folder import ResultsDir
-from launch import presets, ray_cluster
+from launch import presets, ray_cluster, validate
 from launch.bench import cmd_bench
 from launch.breakeven import cmd_breakeven
 from launch.options import add_preset_arg, add_run_args, add_system_args, add_train_args
@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_system_args(b)
     add_run_args(b)
     b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast")
-    b.add_argument("--algorithm", default="ring", help="ring, tree, halving_doubling, direct, hierarchical, "
-                   "a comma-separated list, or all")
+    b.add_argument("--algorithm", default="auto", help="auto (the vendor library's choice, default), ring, "
+                   "tree, halving_doubling, direct, hierarchical, nvls, a comma-separated list, or all")
     b.add_argument("--min-bytes", default="8", help="smallest buffer (e.g. 8, 1K)")
     b.add_argument("--max-bytes", default="64M", help="largest buffer (e.g. 64M)")
     b.add_argument("--factor", type=int, default=4, help="size step factor")
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_system_args(r)
     add_train_args(r)
     add_run_args(r)
-    r.add_argument("--algorithm", help="all-reduce algorithm for the gradients (default ring)")
+    r.add_argument("--algorithm", help="all-reduce algorithm for the gradients (default auto: the "
+                   "vendor library's choice by size and system)")
     r.add_argument("--trace", action="store_true", default=None,
                    help="also write trace.json: a per-device timeline in emulated time (open in Perfetto)")
     r.set_defaults(fn=cmd_run)
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chips", help="chips, e.g. h100,ascend-910c (one scale-up domain each)")
     g.add_argument("--systems", help="system presets, scaled to each device count")
     g.add_argument("--domain", type=int, help="with --chips: devices per scale-up domain")
-    g.add_argument("--algorithms", help="all-reduce algorithms, e.g. ring,tree (default ring)")
+    g.add_argument("--algorithms", help="all-reduce algorithms, e.g. ring,tree (default auto)")
     g.add_argument("--scaling", help="weak: fixed --per-device-batch (default); strong: fixed --global-batch")
     add_train_args(sw)
     add_run_args(sw)
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fast", help="the fast side: a system preset (e.g. nvl72) or a chip with --fast-devices")
     g.add_argument("--fast-devices", type=int, help="scale the fast system to this many devices")
     g.add_argument("--slow", help="the slow side: a chip (one domain, its own links) or a system preset")
-    g.add_argument("--algorithms", help="all-reduce algorithms to compare, e.g. ring,halving_doubling")
+    g.add_argument("--algorithms", help="all-reduce algorithms to compare, e.g. ring,halving_doubling "
+                   "(default auto)")
     g.add_argument("--metric", help="throughput (default) or time-to-loss")
     g.add_argument("--target-loss", type=float, help="with --metric time-to-loss: the loss to reach")
     g.add_argument("--max-devices", type=int, help="largest slow device count to search")
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(fn=cmd_breakeven)
 
     ray_cluster.add_parser(sub)
+    validate.add_parser(sub)
 
     rp = sub.add_parser("report", help="redraw the plots of a results folder and print its summary")
     rp.add_argument("path", help="results/<name>")

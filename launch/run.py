@@ -6,16 +6,17 @@ import sys
 
 from tabulate import tabulate
 
-from emulator import Cluster, DeviceError, TrainConfig
+from emulator import Cluster, DeviceError
 from emulator.results.folder import ResultsDir, environment, fmt, system_dict
 from emulator.results.write import write_run
+from emulator.trainer import defaults as train_defaults
 from launch.options import config_from, faults_from, other_defaults, system_from, vars_of
 
 
 def cmd_run(args) -> int:
     other_defaults(args)
     system = system_from(args)
-    config = config_from(args, algorithm=args.algorithm or TrainConfig().algorithm)
+    config = config_from(args, algorithm=args.algorithm or train_defaults()["algorithm"])
     cluster = Cluster(system, clock=args.clock, dilation=args.dilation, address=args.address,
                       faults=faults_from(args, system.devices), timeout_s=args.timeout_s or 30.0)
     checked = cluster.preflight(config)  # every check that needs no device, once, before any starts

@@ -13,6 +13,7 @@ from emulator.driver.session import MEMORY_MB
 from emulator.driver.training import check_memory
 from emulator.results.folder import ResultsDir, environment, fmt, system_dict
 from emulator.results.write import write_points
+from emulator.trainer import defaults as train_defaults
 from launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
 from launch.options import capacity as host_capacity
 
@@ -55,7 +56,7 @@ def _resume(out: ResultsDir, args) -> tuple[dict, list[dict]]:
 
 def cmd_sweep(args) -> None:
     other_defaults(args)
-    args.algorithms = args.algorithms or "ring"
+    args.algorithms = args.algorithms or train_defaults()["algorithm"]
     args.scaling = args.scaling or "weak"
     if args.scaling not in ("weak", "strong"):
         raise ValueError(f"scaling = {args.scaling!r} is unknown; choose 'weak' or 'strong'")

@@ -2,13 +2,15 @@
 message timing) and the data semantics (preparing buffers, applying received segments).
 
 Link model. A message of n bytes from i to j uses the link class between them (scale-up inside a
-domain, scale-out across) with latency alpha and bandwidth beta. Each device has one egress and
-one ingress port per class; a port carries one message's bytes at a time, so messages that share
-it are served one after another in posting order:
-    sender:   start = max(ready, egress free);   egress busy until start + n / beta
-    receiver: begin = max(start, ingress free);  ingress busy until begin + n / beta
-              arrival = begin + n / beta + alpha
-A step ends when its sends have left (egress done) and its receives have arrived.
+domain, scale-out across, or one its step names, e.g. "switch"), timed by the Fabric (fabric.py):
+latency alpha, rate Bps, and a per-message overhead o that occupies the port (LogGP). Each device
+has one egress and one ingress port per class; a port carries one message at a time, so messages
+that share it are served one after another in posting order:
+    sender:   start = max(ready, egress free);   egress busy until start + o + n / Bps
+    receiver: begin = max(start + o, ingress free);  ingress busy until begin + n / Bps
+              arrival = begin + n / Bps + alpha
+A step ends when its sends have left (egress done) and its receives have arrived. A collective
+pays the fabric's fixed cost (launch, protocol set-up) once, before its first step.
 """
 
 from __future__ import annotations
@@ -26,39 +28,25 @@ class Ports:
         self.ingress: dict[str, float] = {}
 
 
-def link_function(system, slowdown: dict | None = None):
-    """(i, j) -> (class, Link) for a System; `slowdown` maps a device to a factor on the time of
-    every message it sends or receives (a straggler's links)."""
-    up, out = system.scaleup, system.scaleout
-    dom = system.domain
-    if not slowdown:
-        return lambda i, j: ("up", up) if i // dom == j // dom else ("out", out)
-
-    def link_of(i, j):
-        cls, link = ("up", up) if i // dom == j // dom else ("out", out)
-        f = max(slowdown.get(i, 1.0), slowdown.get(j, 1.0))
-        return cls, (link if f == 1.0 else type(link)(link.latency_s * f, link.Bps / f))
-    return link_of
-
-
-def time_sends(rank: int, step: Step, t0: float, ports: Ports, link_of, elem_bytes: int):
+def time_sends(rank: int, step: Step, t0: float, ports: Ports, fabric):
     """Emulated start time of each send of `step` (posted at t0), and when the last has left."""
     starts, done = [], t0
     for s in step.sends:
-        cls, link = link_of(rank, s.peer)
-        n = seg_len(s.segs) * elem_bytes
+        cls, link = fabric.link(rank, s.peer, step.via)
+        n = seg_len(s.segs) * fabric.elem_bytes
         start = max(t0, ports.egress.get(cls, 0.0))
-        ports.egress[cls] = start + n / link.Bps
+        end = start + link.o_s + n / link.Bps
+        ports.egress[cls] = end
         starts.append(start)
-        done = max(done, start + n / link.Bps)
+        done = max(done, end)
     return starts, done
 
 
-def time_recv(rank: int, recv: Recv, start: float, ports: Ports, link_of, elem_bytes: int) -> float:
+def time_recv(rank: int, recv: Recv, start: float, ports: Ports, fabric, via: str = "") -> float:
     """Arrival time of one message that its sender started at `start`."""
-    cls, link = link_of(recv.peer, rank)
-    n = seg_len(recv.segs) * elem_bytes
-    begin = max(start, ports.ingress.get(cls, 0.0))
+    cls, link = fabric.link(recv.peer, rank, via)
+    n = seg_len(recv.segs) * fabric.elem_bytes
+    begin = max(start + link.o_s, ports.ingress.get(cls, 0.0))
     ports.ingress[cls] = begin + n / link.Bps
     return begin + n / link.Bps + link.latency_s
 

@@ -16,13 +16,15 @@ from emulator.collectives.core import Ports, apply, gather, time_recv, time_send
 from emulator.collectives.schedules import Topology, schedule
 
 
-def execute(primitive: str, algorithm: str, world: int, count: int, topology: Topology, link_of,
-            elem_bytes: int, buffers: list[torch.Tensor] | None = None, start_times=None,
-            **options) -> list[float]:
-    """Run the schedule on all ranks; `buffers` (one flat tensor per rank, changed in place) may
-    be None to time only. Returns each rank's finishing time, emulated seconds."""
+def execute(primitive: str, algorithm: str, world: int, count: int, topology: Topology, fabric,
+            buffers: list[torch.Tensor] | None = None, start_times=None, **options) -> list[float]:
+    """Run the schedule on all ranks, timed by `fabric` (a Fabric, its protocol already chosen);
+    `buffers` (one flat tensor per rank, changed in place) may be None to time only. Returns each
+    rank's finishing time, emulated seconds."""
     plans = [schedule(primitive, algorithm, r, world, count, topology, **options) for r in range(world)]
     clock = list(start_times) if start_times is not None else [0.0] * world
+    base = fabric.base_s()
+    clock = [t + base if plan else t for t, plan in zip(clock, plans)]
     ports = [Ports() for _ in range(world)]
     at = [0] * world  # next step of each rank
     posted = [None] * world  # (send_done) once the current step's sends are out
@@ -34,7 +36,7 @@ def execute(primitive: str, algorithm: str, world: int, count: int, topology: To
             while at[r] < len(plans[r]):
                 step = plans[r][at[r]]
                 if posted[r] is None:
-                    starts, done = time_sends(r, step, clock[r], ports[r], link_of, elem_bytes)
+                    starts, done = time_sends(r, step, clock[r], ports[r], fabric)
                     for s, t in zip(step.sends, starts):
                         payload = gather(buffers[r], s.segs).clone() if buffers is not None else None
                         mail[r, s.peer].append((t, payload))
@@ -47,7 +49,7 @@ def execute(primitive: str, algorithm: str, world: int, count: int, topology: To
                 end = posted[r]
                 for rv in step.recvs:
                     t, payload = mail[rv.peer, r].popleft()
-                    end = max(end, time_recv(r, rv, t, ports[r], link_of, elem_bytes))
+                    end = max(end, time_recv(r, rv, t, ports[r], fabric, step.via))
                     if buffers is not None:
                         apply(buffers[r], rv, payload)
                 clock[r], posted[r] = end, None

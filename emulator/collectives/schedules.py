@@ -16,7 +16,7 @@ count % world parts one element longer):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 Seg = tuple[int, int]  # [start, stop) in elements
 
@@ -38,6 +38,7 @@ class Recv:
 class Step:
     sends: tuple[Send, ...] = ()
     recvs: tuple[Recv, ...] = ()
+    via: str = ""  # a link class for all of this step's messages ("switch"); "": by the peers' domains
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,21 @@ def direct_broadcast(rank, world, count, topology=None, root=0, **_):
     return [first] + _direct_ag(rank, world, sh, skip=root)
 
 
+# ---------------------------------------------------------------- nvls (in-switch reduction)
+def nvls_all_reduce(rank, world, count, topology=None, **_):
+    """NVLink SHARP: every device's shard j is summed in the switch and multicast back. The data
+    move as a direct reduce-scatter then a direct all-gather; every message goes through the
+    "switch" link class, which the fabric rates so that the clock charges the switch's traffic,
+    (1 + 1/p) n per device (closed form in closed.py). One scale-up domain only."""
+    if world == 1 or count == 0:
+        return []
+    if topology is not None and topology.domains > 1:
+        raise ValueError(f"algorithm 'nvls' reduces inside one NVSwitch domain; this system has "
+                         f"{topology.domains} domains of {topology.domain}: choose ring or hierarchical")
+    sh = shards(count, world)
+    return [replace(st, via="switch") for st in _direct_rs(rank, world, sh) + _direct_ag(rank, world, sh)]
+
+
 # ---------------------------------------------------------------- hierarchical (two levels)
 def _levels(rank, world, topology):
     if topology is None or not topology.equal_domains:
@@ -423,6 +439,35 @@ def hierarchical_all_reduce(rank, world, count, topology=None, **_):
     if p1 > 1:
         steps += ring_all_gather_group(loc, intra, inner)
     return steps
+
+
+def stagger(p1: int, q: int) -> int:
+    """Steps between the starts of consecutive chunks of the pipelined hierarchical all-reduce: a
+    chunk's scale-out phase, so that the scale-out port (nearly always the slower) is never idle
+    once the pipeline is full; the scale-up port then carries a few chunks' messages a step."""
+    return max(2 * (q - 1), 1)
+
+
+def hier_pipelined_all_reduce(rank, world, count, topology=None, chunks=None, **_):
+    """The hierarchical all-reduce with its phases overlapped, as NCCL pipelines them: the buffer
+    is cut into chunks, each does reduce-scatter inside the domain, ring all-reduce across, and
+    all-gather inside; chunk c starts `stagger` steps after chunk c-1, so one chunk crosses the
+    scale-out links while the next is reduced inside its domain."""
+    if world == 1 or count == 0:
+        return []
+    p1, p2, d, loc, intra, inter = _levels(rank, world, topology)
+    D, per = stagger(p1, p2), []
+    for c, (a, b) in enumerate(shards(count, _chunks(count, chunks))):
+        blocks = shards(b - a, p1, start=a)
+        inner = [(blk,) for blk in blocks]
+        outer = [(s,) for s in shards(blocks[loc][1] - blocks[loc][0], p2, start=blocks[loc][0])]
+        steps = [Step()] * (c * D)
+        steps += ring_reduce_scatter_group(loc, intra, inner) if p1 > 1 else []
+        if p2 > 1:
+            steps += ring_reduce_scatter_group(d, inter, outer) + ring_all_gather_group(d, inter, outer)
+        steps += ring_all_gather_group(loc, intra, inner) if p1 > 1 else []
+        per.append(steps)
+    return _merge(*per)
 
 
 def hierarchical_reduce_scatter(rank, world, count, topology=None, **_):
@@ -469,15 +514,27 @@ def hierarchical_broadcast(rank, world, count, topology=None, root=0, chunks=Non
 
 # ---------------------------------------------------------------- registry
 PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
-ALGORITHMS = ("ring", "tree", "halving_doubling", "direct", "hierarchical")
+ALGORITHMS = ("ring", "tree", "halving_doubling", "direct", "hierarchical")  # point to point, every primitive
+SWITCH_ALGORITHMS = ("nvls",)  # in-switch reduction: all_reduce only, on fabrics that have it
+ALL_REDUCE_ONLY = ("hier_pipelined",) + SWITCH_ALGORITHMS
 SCHEDULES = {(p, a): globals()[f"{a}_{p}"] for p in PRIMITIVES for a in ALGORITHMS}
+SCHEDULES["all_reduce", "nvls"] = nvls_all_reduce
+SCHEDULES["all_reduce", "hier_pipelined"] = hier_pipelined_all_reduce
 
 
-def check(primitive: str, algorithm: str) -> None:
+def check(primitive: str, algorithm: str, allow_auto: bool = False) -> None:
+    """Refuse an unknown primitive or algorithm (`auto` too, unless allowed: a schedule needs a
+    concrete algorithm; closed.resolve picks one)."""
+    if allow_auto and algorithm == "auto":
+        algorithm = "ring"
     if primitive not in PRIMITIVES:
         raise ValueError(f"primitive = {primitive!r} is unknown; choose one of {', '.join(PRIMITIVES)}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm = {algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
+    if algorithm not in ALGORITHMS + ALL_REDUCE_ONLY:
+        raise ValueError(f"algorithm = {algorithm!r} is unknown; choose one of "
+                         f"{', '.join(ALGORITHMS + ALL_REDUCE_ONLY)} (or auto)")
+    if (primitive, algorithm) not in SCHEDULES:
+        raise ValueError(f"algorithm {algorithm!r} runs all_reduce only; choose ring or another "
+                         f"point-to-point algorithm for {primitive}")
 
 
 def schedule(primitive: str, algorithm: str, rank: int, world: int, count: int,

@@ -8,7 +8,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-from emulator.collectives.core import link_function
+from emulator.collectives.fabric import Fabric
 from emulator.hardware.system import System
 from kernels.clock import make_lane
 from kernels.cost import CostModel
@@ -60,9 +60,9 @@ class Job:
         return Throttle(self.cost_model(rank), lane, sync_cuda=device == "cuda" and self.clock == "wall",
                         slowdown=self.faults.compute_slowdown.get(rank, 1.0))
 
-    def links(self):
-        """(i, j) -> (class, Link), with any straggler's links slowed down."""
-        return link_function(self.system, self.faults.link_slowdown)
+    def fabric(self, elem_bytes: int = 4) -> Fabric:
+        """The system's calibrated fabric for buffers of `elem_bytes`, any straggler's links slowed."""
+        return Fabric.of(self.system, elem_bytes, self.faults.link_slowdown)
 
 
 def die() -> None:

@@ -12,7 +12,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from emulator.collectives import topology_of
+from emulator.collectives import resolve, topology_of
 from emulator.collectives.core import Ports, finish, prepare
 from emulator.collectives.schedules import schedule
 from emulator.device.job import Job
@@ -74,15 +74,15 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
     A case is (tensor, chunks), or ((numel, dtype), chunks) for a tensor made here (benchmarks
     need not ship it)."""
     world, rank, transport = job.system.devices, dev.index, dev.transport
-    link_of = job.links()
     transport.barrier(world)  # start together: real_s measures the collective, not call skew
     results, stats = [], {"overrun_s": 0.0}
     for tensor, chunks in cases:
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.ones(tensor[0], dtype=getattr(torch, tensor[1]))
         count = tensor.numel() * (world if primitive == "all_gather" else 1)
-        steps = schedule(primitive, algorithm, rank, world, count, topology_of(job.system), root=root,
-                         chunks=chunks)
+        alg, fabric = resolve(primitive, algorithm, count * tensor.element_size(), job.system,
+                              job.fabric(tensor.element_size()))
+        steps = schedule(primitive, alg, rank, world, count, topology_of(job.system), root=root, chunks=chunks)
         times, real = [], 0.0
         for _ in range(repeats):
             buf = prepare(primitive, rank, world, tensor.cpu())
@@ -95,8 +95,7 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
                 lane = job.lane()
             r0 = time.time()
             fail = job.faults.fail
-            transport.run(steps, buf, lane, Ports(), link_of, tensor.element_size(),
-                          fail_at=fail[1] if fail and fail[0] == rank else None)
+            transport.run(steps, buf, lane, Ports(), fabric, fail_at=fail[1] if fail and fail[0] == rank else None)
             times.append(lane.measure())
             real += time.time() - r0
             stats["overrun_s"] += lane.stats()["overrun_s"]

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from emulator.collectives import pipeline_chunks, topology_of
+from emulator.collectives import pipeline_chunks, resolve, topology_of
 from emulator.collectives.core import Ports
 from emulator.collectives.schedules import schedule
 from emulator.device.job import Job, die
@@ -35,15 +35,15 @@ class GradSync:
     devices issue the same collectives in the same order)."""
 
     def __init__(self, model, transport, system, algorithm: str, lane, compute_lane, elem_bytes: int,
-                 bucket_bytes: float, threaded: bool, throttle, link_of, overlap: bool = True):
+                 bucket_bytes: float, threaded: bool, throttle, fabric, overlap: bool = True):
         self.transport, self.system, self.algorithm, self.lane = transport, system, algorithm, lane
-        self.link_of = link_of
+        self.fabric = fabric  # the system's Fabric; each bucket's all-reduce resolves its own
         self.compute_lane = compute_lane
         self.elem_bytes, self.throttle = elem_bytes, throttle
         params = grad_params(model)
         self.buckets = make_buckets(params, elem_bytes, bucket_bytes)
         self.where = {p: i for i, b in enumerate(self.buckets) for p in b}
-        self.plans = [self._plan(b) for b in self.buckets]
+        self.plans, self.fabrics = zip(*[self._plan(b) for b in self.buckets]) if self.buckets else ((), ())
         self.threaded = threaded
         self.jobs = queue.Queue()
         self.error = None
@@ -57,9 +57,9 @@ class GradSync:
     def _plan(self, bucket):
         count = sum(p.numel() for p in bucket)
         world, rank = self.system.devices, self.transport.rank
-        chunks = pipeline_chunks("all_reduce", self.algorithm, count * self.elem_bytes, self.system)
-        return schedule("all_reduce", self.algorithm, rank, world, count, topology_of(self.system),
-                        chunks=chunks)
+        alg, fabric = resolve("all_reduce", self.algorithm, count * self.elem_bytes, self.system, self.fabric)
+        chunks = pipeline_chunks("all_reduce", alg, count * self.elem_bytes, self.system)
+        return schedule("all_reduce", alg, rank, world, count, topology_of(self.system), chunks=chunks), fabric
 
     def reset(self) -> None:
         """Start a step."""
@@ -89,7 +89,7 @@ class GradSync:
     def _reduce(self, i: int, flat: torch.Tensor, ready: float) -> None:
         self.lane.advance_to(ready)
         start = self.lane.now()
-        self.transport.run(self.plans[i], flat, self.lane, Ports(), self.link_of, self.elem_bytes)
+        self.transport.run(self.plans[i], flat, self.lane, Ports(), self.fabrics[i])
         self.spans.append((start, self.lane.now()))
         flat /= self.system.devices
         at = 0
@@ -141,7 +141,7 @@ def train(dev, job: Job, config: TrainConfig) -> dict:
     elem = ITEMSIZE[job.dtype]  # gradients travel at the emulated dtype
     sync = GradSync(model, transport, job.system, config.algorithm, comm, compute, elem,
                     config.bucket_mb * 1e6, threaded=job.clock == "wall", throttle=throttle,
-                    overlap=config.overlap, link_of=job.links())
+                    overlap=config.overlap, fabric=job.fabric(elem))
     data = _prefetch(wl.batches(rank, world, config.batch_for(world), config.seed), job.clock == "wall")
     rows = []
     compute.start()

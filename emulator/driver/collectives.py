@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from emulator.collectives import DTYPE_BYTES, pipeline_chunks, topology_of
-from emulator.collectives.core import link_function
+from emulator.collectives import DTYPE_BYTES, Fabric, pipeline_chunks, resolve, topology_of
 from emulator.collectives.local import execute
 from emulator.collectives.schedules import check as check_collective
 from emulator.collectives.schedules import schedule
@@ -53,7 +52,7 @@ def collectives(cluster, primitive: str, cases: list, algorithm: str, op: str, r
                 chunks: int | None, repeats: int) -> list[CollectiveResult]:
     system = cluster.system
     n = system.devices
-    check_collective(primitive, algorithm)
+    check_collective(primitive, algorithm, allow_auto=True)
     if op not in OPS:
         raise ValueError(f"op = {op!r} is unknown; choose 'sum' or 'avg'")
     if op != "sum" and primitive not in ("all_reduce", "reduce_scatter"):
@@ -73,24 +72,24 @@ def collectives(cluster, primitive: str, cases: list, algorithm: str, op: str, r
             _check_tensors(case, n)
             shape_numel, itemsize, items = case[0].numel(), case[0].element_size(), case
         count = shape_numel * (n if primitive == "all_gather" else 1)
-        schedule(primitive, algorithm, 0, n, count, topology_of(system))  # refuses bad layouts
-        k = chunks or pipeline_chunks(primitive, algorithm, count * itemsize, system)
+        alg, fabric = resolve(primitive, algorithm, count * itemsize, system,
+                              Fabric.of(system, itemsize, cluster.faults.link_slowdown))
+        schedule(primitive, alg, 0, n, count, topology_of(system))  # refuses bad layouts
+        k = chunks or pipeline_chunks(primitive, alg, count * itemsize, system)
         biggest = max(biggest, count * itemsize)
-        shapes.append((count, itemsize, k))
+        shapes.append((count, itemsize, k, alg, fabric))
         for d in range(n):
             per_device[d].append((items[d], k))
     job = cluster.job(comm_ratio(system, biggest))
     res = cluster.run(jobs.collective, job, primitive, algorithm, each=[(c, op, root, repeats) for c in per_device],
                       what=f"{primitive} ({algorithm})")
     out = []
-    for i, (count, itemsize, k) in enumerate(shapes):
+    for i, (count, itemsize, k, alg, fabric) in enumerate(shapes):
         rows = [res[d][i] for d in range(n)]
         times = [r["emulated_s"][-1] for r in rows]
         fidelity = 1.0
         if cluster.clock == "wall":  # how close the measured time came to the model's
-            model = max(execute(primitive, algorithm, n, count, topology_of(system),
-                                link_function(system, cluster.faults.link_slowdown), itemsize,
-                                root=root, chunks=k))
+            model = max(execute(primitive, alg, n, count, topology_of(system), fabric, root=root, chunks=k))
             fidelity = max(0.0, 1.0 - abs(max(times) / model - 1.0)) if model > 0 else 1.0
         out.append(CollectiveResult([r["output"] for r in rows], max(times), times,
                                     max(r["real_s"] for r in rows), fidelity))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from emulator.collectives import topology_of
+from emulator.collectives import resolve, topology_of
 from emulator.collectives.schedules import schedule
 from emulator.device import training as device_training
 from emulator.driver.metrics import TrainResult, aggregate
@@ -36,7 +36,8 @@ class Preflight:
 def preflight(cluster, config: TrainConfig) -> Preflight:
     system = cluster.system
     n = system.devices
-    schedule("all_reduce", config.algorithm, 0, n, n, topology_of(system))  # refuses bad layouts
+    algorithm = resolve("all_reduce", config.algorithm, n, system)[0]
+    schedule("all_reduce", algorithm, 0, n, n, topology_of(system))  # refuses bad layouts
     cluster.faults.check(n)
     memory = check_memory(config, system, config.batch_for(n), cluster.dtype)
     ratio = 1.0

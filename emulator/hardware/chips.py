@@ -53,6 +53,9 @@ class Chip:
     matmul_eff: float = MATMUL_EFF  # see the module constants
     mem_eff: float = MEM_EFF
     launch_us: float = LAUNCH_US
+    compute_units: int | None = None  # SMs / CUs / cores a GEMM's tiles are spread over (wave quantisation)
+    scaleup_fabric: str | None = None  # link class in fabrics.toml; None: the default class
+    scaleout_fabric: str | None = None
     estimates: tuple[str, ...] = ()  # figures that SPECS.md marks as estimates or disputed
     sources: dict = field(default_factory=dict, compare=False)  # figure -> where it comes from
     note: str = ""
@@ -125,7 +128,8 @@ def _parse(name: str, raw: dict) -> Chip:
                          f"add them under [{name}.sources]")
     kw["sources"] = sources
     kw["estimates"] = tuple(raw.pop("estimates", ()))
-    allowed = {"display", "vendor", "note", "matmul_eff", "mem_eff", "launch_us"}
+    allowed = {"display", "vendor", "note", "matmul_eff", "mem_eff", "launch_us", "compute_units",
+               "scaleup_fabric", "scaleout_fabric"}
     unknown = set(raw) - allowed
     if unknown:
         raise ValueError(f"chip {name!r}: unknown field(s) {', '.join(sorted(unknown))}; "

@@ -5,7 +5,8 @@ import torch
 
 from emulator import System
 from emulator.collectives import ALGORITHMS, PRIMITIVES, predict, simulate
-from emulator.collectives.core import finish, link_function, prepare, reference
+from emulator.collectives.core import finish, prepare, reference
+from emulator.collectives.fabric import Fabric
 from emulator.collectives.local import execute
 from emulator.collectives.schedules import Topology
 
@@ -21,7 +22,7 @@ def run(primitive, algorithm, tensors, op="sum", root=0, domain=None, chunks=Non
     system = System("h100", world, domain=domain or domain_for(world))
     bufs = [prepare(primitive, r, world, t) for r, t in enumerate(tensors)]
     times = execute(primitive, algorithm, world, bufs[0].numel(), Topology(world, system.domain),
-                    link_function(system), tensors[0].element_size(), bufs, root=root, chunks=chunks)
+                    Fabric.of(system, tensors[0].element_size()), bufs, root=root, chunks=chunks)
     return [finish(primitive, r, world, b, op, tensors[0].shape) for r, b in enumerate(bufs)], times
 
 
@@ -99,13 +100,16 @@ def test_chain_broadcast_equals_its_closed_form():
 
 
 def test_closed_forms_are_the_textbook_ones():
+    """On the line-rate fabric (no calibration) the closed forms are Thakur et al.'s."""
     s = System("h100", 8)
     a, b, n, p = 2.5e-6, 1 / 450e9, 2**26, 8
-    assert predict("all_reduce", "ring", n, s) == pytest.approx(2 * (p - 1) * a + 2 * (p - 1) / p * n * b)
-    assert predict("all_reduce", "halving_doubling", n, s) == pytest.approx(6 * a + 2 * (p - 1) / p * n * b)
+    ideal = Fabric.ideal(s)
+    assert predict("all_reduce", "ring", n, s, fabric=ideal) == pytest.approx(2 * (p - 1) * a + 2 * (p - 1) / p * n * b)
+    assert predict("all_reduce", "halving_doubling", n, s, fabric=ideal) == pytest.approx(
+        6 * a + 2 * (p - 1) / p * n * b)
     h = System("h100", 16, domain=8)
     a2, b2 = 5e-6, 1 / 50e9
-    assert predict("all_reduce", "hierarchical", n, h) == pytest.approx(
+    assert predict("all_reduce", "hierarchical", n, h, fabric=Fabric.ideal(h)) == pytest.approx(
         2 * 7 * a + 2 * 7 / 8 * n * b + 2 * 1 * a2 + 2 * 1 / 2 * (n / 8) * b2)
 
 
@@ -129,8 +133,8 @@ def test_two_runs_are_identical():
 
 
 def test_ports_serialise_a_fan_out():
-    """Direct reduce-scatter: p-1 messages leave one egress port in turn."""
+    """Direct reduce-scatter: p-1 messages leave one egress port in turn (line-rate fabric)."""
     s = System("h100", 4, scaleup_latency_us=1, scaleup_gbps=1)
     n = 3 * 10**6  # 1 MB shards
-    assert simulate("reduce_scatter", "direct", n, s, dtype="uint8") == pytest.approx(
+    assert simulate("reduce_scatter", "direct", n, s, dtype="uint8", fabric=Fabric.ideal(s)) == pytest.approx(
         1e-6 + 3 * 10**6 / 4 / 1e9 * 3, rel=1e-12)

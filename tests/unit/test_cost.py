@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from emulator import chips
 from emulator.hardware.chips import Chip
 from kernels import CostModel, Throttle, VirtualLane
+from kernels.gemm import quantisation
 
 TOY = Chip(name="toy", bf16_tflops=1, hbm_gb=1, hbm_tbps=1, scaleup_gbps=1, scaleup_latency_us=1,
            scaleout_latency_us=1, matmul_eff=0.5, mem_eff=0.5, launch_us=1)
@@ -30,7 +31,9 @@ def test_mm():
     nbytes = (64 * 128 + 128 * 32 + 64 * 32) * 2  # bf16: 2 bytes per element, whatever the host dtype
     seconds, f, by = charged(torch.mm, a, b)
     assert (f, by) == (flops, nbytes)
-    assert seconds == pytest.approx(LAUNCH + max(flops / FLOP_RATE, nbytes / BYTE_RATE), rel=1e-12)
+    q = quantisation(64, 32, None)  # a 64 x 32 output half-fills the smallest (64 x 64) tile
+    assert q == 0.5
+    assert seconds == pytest.approx(LAUNCH + max(flops / q / FLOP_RATE, nbytes / BYTE_RATE), rel=1e-12)
     assert flops / FLOP_RATE > nbytes / BYTE_RATE  # compute-bound
 
 
@@ -39,7 +42,9 @@ def test_bmm():
     flops, nbytes = 2 * 4 * 16 * 32 * 8, (4 * 16 * 32 + 4 * 32 * 8 + 4 * 16 * 8) * 2
     seconds, f, by = charged(torch.bmm, a, b)
     assert (f, by) == (flops, nbytes)
-    assert seconds == pytest.approx(LAUNCH + flops / FLOP_RATE, rel=1e-12)
+    q = quantisation(16, 8, None, batch=4)  # four 16 x 8 outputs, each in a 64 x 64 tile
+    assert q == 16 * 8 / (64 * 64)
+    assert seconds == pytest.approx(LAUNCH + flops / q / FLOP_RATE, rel=1e-12)
 
 
 def test_conv2d():
@@ -79,7 +84,8 @@ def test_views_and_allocations_are_free():
 
 def test_efficiency_overrides_and_validation():
     assert CostModel(TOY, matmul_eff=0.25).matmul_eff == 0.25
-    assert CostModel(chips.get("h100")).matmul_eff == 0.7  # the documented default
+    assert CostModel(chips.get("h100")).matmul_eff == chips.get("h100").matmul_eff  # the catalog's, from MAMF
+    assert CostModel(chips.get("tpu-v5e")).matmul_eff == chips.MATMUL_EFF  # no published figure: the default
     with pytest.raises(ValueError, match="mem_eff = 0 is invalid"):
         CostModel(TOY, mem_eff=0)
     with pytest.raises(ValueError, match="dtype = 'fp4' is not an emulated dtype"):

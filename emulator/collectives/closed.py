@@ -1,0 +1,210 @@
+"""Closed forms of every schedule under a Fabric, and the choices made from them: the protocol
+for a given algorithm, and the algorithm for `auto`.
+
+With a the latency, o the per-message port overhead and b = 1 / rate of the link class that
+paces the algorithm (scale-up inside one domain, scale-out across; fabric.py), A = a + o per
+message, n the buffer's bytes, p devices, C pipeline chunks, and B the fabric's fixed cost:
+    ring all-reduce       B + 2 (p-1) (A + n/p b)        reduce-scatter, all-gather: half of it
+    direct all-reduce     B + 2 (a + (p-1) (o + n/p b))  (the p-1 messages share one port)
+    nvls all-reduce       B + 2 a + (1 + 1/p) n / (switch_eff x line)
+and Thakur, Rabenseifner & Gropp (2005) and NCCL's tree model for the others. Exact for the
+schedules Relay runs when links are homogeneous and counts divide evenly (ring, direct, nvls,
+hierarchical, hier_pipelined (a sum over its steps), halving-doubling at powers of two, chain
+broadcasts); the tree, the direct
+broadcast and halving-doubling at other world sizes are estimates.
+Flat algorithms on a multi-domain system are charged the scale-out link throughout (every ring
+step waits for its slowest hop).
+
+Choices, as NCCL's tuner makes them (src/graph/tuning.cc: the time of each algorithm and protocol
+from such a model, the least one wins): `resolve` picks the protocol (LL or Simple) for an
+algorithm, and for `auto` the algorithm too, among ring, nvls (where the fabric has it, for
+all-reduce, in one domain of at least `switch_min_devices`), direct (on a full-mesh fabric) and
+hierarchical, plain and pipelined (systems of equal domains). The sizes where the choice flips
+follow from the calibrated figures: on 8 x H100, LL up to about 1 MiB, NVLS above (NCCL: ring
+LL up to 1 MiB, NVLS from 2 MiB, stas00/ml-engineering).
+"""
+
+from __future__ import annotations
+
+import math
+
+from emulator.collectives.fabric import PROTOCOLS, Fabric
+from emulator.collectives.schedules import ALGORITHMS, Topology, check, schedule, stagger
+
+MAX_CHUNKS = 64  # pipeline chunks of tree and chain algorithms, at most
+AUTO = "auto"
+
+
+def _bottleneck(system):
+    link = system.scaleup if system.domains == 1 else system.scaleout
+    return link.latency_s, 1.0 / link.Bps
+
+
+def pipeline_chunks(primitive: str, algorithm: str, nbytes: float, system) -> int:
+    """Chunks a pipelined algorithm (tree, chain broadcast) cuts the buffer into: the count that
+    minimises its closed form, (k + d)(alpha + c n beta / k) -> k = sqrt(d c n beta / alpha), d
+    being the pipeline depth. One chunk for small messages (latency-bound), more for large."""
+    p = system.devices
+    if algorithm == "hier_pipelined":
+        return _pipelined_chunks(nbytes, system)
+    if algorithm not in ("tree", "ring", "hierarchical") or p < 3:
+        return 1
+    if algorithm == "tree":
+        depth = math.floor(math.log2(p)) * (1 if primitive == "broadcast" else 2) - 1
+        c = 2.0
+    elif primitive == "broadcast":
+        depth = (max(system.domain, system.domains) if algorithm == "hierarchical" else p) - 2
+        c = 1.0
+    else:
+        return 1
+    a, b = _bottleneck(system)
+    k = math.sqrt(max(depth, 0) * c * nbytes * b / a) if a > 0 else MAX_CHUNKS
+    return int(min(MAX_CHUNKS, max(1, round(k))))
+
+
+def _pipelined_chunks(nbytes: float, system) -> int:
+    """Chunks of the pipelined hierarchical all-reduce: the power of two that minimises its
+    closed form on the system's calibrated fabric (more chunks overlap more, but pay more steps)."""
+    if system.domains == 1 or not topology_of(system).equal_domains or nbytes <= 0:
+        return 1
+    fabric = Fabric.of(system).with_(algorithm="hier_pipelined")
+    best = min((_hier_pipelined(float(nbytes), system, c, fabric), c) for c in (1, 2, 4, 8, 16, 32, MAX_CHUNKS))
+    return best[1]
+
+
+def _hier_pipelined(n: float, system, C: int, fabric: Fabric) -> float:
+    """Closed form of hier_pipelined_all_reduce: chunk c's phases (scale-up reduce-scatter, p1-1
+    steps; scale-out ring all-reduce, 2(q-1) steps; scale-up all-gather, p1-1 steps) start
+    `stagger` steps after chunk c-1's. In a step where k messages share a class's port, that class
+    takes k (o + x) + a (x: one message's bytes / rate); the step takes the longer class."""
+    p1, q = system.domain, system.domains
+    up, out = fabric.link(0, 0)[1], fabric.link(0, p1)[1]
+    x1, x2 = n / C / p1 / up.Bps, n / C / p1 / q / out.Bps
+    L1, L2, D = p1 - 1, 2 * (q - 1), stagger(p1, q)
+    total = fabric.base_s("hier_pipelined")
+    for t in range((C - 1) * D + 2 * L1 + L2):
+        ku = ko = 0
+        for c in range(min(C, t // D + 1)):
+            s = t - c * D
+            if s < L1 or L1 + L2 <= s < 2 * L1 + L2:
+                ku += 1
+            elif s < L1 + L2:
+                ko += 1
+        step = ku * (up.o_s + x1) + up.latency_s if ku else 0.0
+        if ko:
+            step = max(step, ko * (out.o_s + x2) + out.latency_s)
+        total += step
+    return total
+
+
+def topology_of(system) -> Topology:
+    return Topology(system.devices, system.domain)
+
+
+def closed_form(primitive: str, algorithm: str, nbytes: float, system, chunks: int, fabric: Fabric) -> float:
+    """Seconds of one collective under `fabric` as given (its protocol already chosen)."""
+    p, n = system.devices, float(nbytes)
+    if p == 1 or n == 0:
+        return 0.0
+    _, link = fabric.bottleneck()
+    a, o, b = link.latency_s, link.o_s, 1.0 / link.Bps
+    A, B = a + o, fabric.base_s(algorithm)
+    C = max(1, min(int(n), chunks))
+    p2 = 1 << (p.bit_length() - 1)
+    rem = p > p2
+    lg = math.log2(p2)
+    ar, rs_ag = primitive == "all_reduce", primitive in ("reduce_scatter", "all_gather")
+
+    if algorithm == "hier_pipelined":
+        if not topology_of(system).equal_domains:
+            schedule(primitive, algorithm, 0, p, 1, topology_of(system))  # raises the explanatory error
+        return _hier_pipelined(n, system, C, fabric)
+    if algorithm == "nvls":
+        sw = fabric.switch_timing
+        return B + 2 * (sw.latency_s + (p - 1) * (sw.o_s + n / p / sw.Bps))
+    if algorithm == "ring":
+        if ar:
+            return B + 2 * (p - 1) * (A + n / p * b)
+        if rs_ag:
+            return B + (p - 1) * (A + n / p * b)
+        return B + (p - 1) * a + (C + p - 2) * (o + n / C * b)  # chunks stream back to back
+    if algorithm == "halving_doubling":
+        half = lg * A + (p2 - 1) / p2 * n * b
+        if ar:
+            return B + 2 * half + rem * 2 * (A + n * b)
+        if rs_ag:
+            return B + half + rem * (2 * A + n * b + n / p * b)
+        return B + 2 * half + rem * (A + n * b)
+    if algorithm == "direct":
+        one = a + (p - 1) * (o + n / p * b)
+        return B + (one if rs_ag else 2 * one)
+    if algorithm == "tree":
+        H = math.floor(math.log2(p))
+        if primitive == "broadcast":
+            return B + (C + H - 1) * (A + 2 * n / C * b)
+        return B + (C + 2 * H - 1) * (A + 2 * n / C * b)
+    # hierarchical
+    topo = topology_of(system)
+    if not topo.equal_domains:
+        schedule(primitive, algorithm, 0, p, 1, topo)  # raises the explanatory error
+    p1, q = system.domain, system.domains
+    up, out = fabric.link(0, 0)[1], (fabric.link(0, p1)[1] if q > 1 else None)
+    a1, o1, b1 = up.latency_s, up.o_s, 1.0 / up.Bps
+    a2, o2, b2 = (out.latency_s, out.o_s, 1.0 / out.Bps) if out is not None else (0.0, 0.0, 0.0)
+    if ar:
+        return B + 2 * (p1 - 1) * (a1 + o1 + n / p1 * b1) + 2 * (q - 1) * (a2 + o2 + n / p * b2)
+    if rs_ag:
+        return B + (p1 - 1) * (a1 + o1 + n / p1 * b1) + (q - 1) * (a2 + o2 + n / p * b2)
+    return B + ((q - 1) * a2 + (C + q - 2) * (o2 + n / C * b2) if q > 1 else 0.0) + \
+        ((p1 - 1) * a1 + (C + p1 - 2) * (o1 + n / C * b1) if p1 > 1 else 0.0)
+
+
+def candidates(primitive: str, system, fabric: Fabric) -> list[str]:
+    """What `auto` chooses among on this system (see the module docstring)."""
+    out = ["ring"]
+    if fabric.domains == 1 and fabric.up_class.mesh:
+        out.append("direct")
+    if primitive == "all_reduce" and fabric.switch_allowed():
+        out.append("nvls")
+    if system.domains > 1 and topology_of(system).equal_domains:
+        out.append("hierarchical")
+        if primitive == "all_reduce":
+            out.append("hier_pipelined")
+    return out
+
+
+def resolve(primitive: str, algorithm: str, nbytes: float, system, fabric: Fabric | None = None,
+            chunks: int | None = None) -> tuple[str, Fabric]:
+    """The algorithm to run (`auto` resolved) and the fabric with its protocol chosen, for one
+    collective of `nbytes`: the least closed-form time wins (ties: the earlier candidate)."""
+    fabric = fabric if fabric is not None else Fabric.of(system)
+    if algorithm == AUTO:
+        check(primitive, "ring")
+        algs = candidates(primitive, system, fabric)
+    else:
+        check(primitive, algorithm)
+        if algorithm == "nvls" and not fabric.has_switch:
+            raise ValueError(f"algorithm 'nvls' needs a scale-up fabric with in-switch reduction; "
+                             f"{fabric.up_class.name!r} has none: choose ring, or auto")
+        algs = [algorithm]
+    best = None
+    for alg in algs:
+        C = chunks or pipeline_chunks(primitive, alg, nbytes, system)
+        for proto in (("simple",) if alg == "nvls" else PROTOCOLS[::-1]):
+            f = fabric.with_(protocol=proto, algorithm=alg)
+            t = closed_form(primitive, alg, nbytes, system, C, f)
+            if best is None or t < best[0]:
+                best = (t, alg, f)
+    return best[1], best[2]
+
+
+def predict(primitive: str, algorithm: str, nbytes: float, system, chunks: int | None = None,
+            fabric: Fabric | None = None) -> float:
+    """Closed-form seconds of one collective (algorithm may be `auto`); `fabric` defaults to the
+    system's calibrated one (Fabric.ideal(system) gives the textbook line-rate model)."""
+    alg, fab = resolve(primitive, algorithm, nbytes, system, fabric, chunks)
+    return closed_form(primitive, alg, nbytes, system, chunks or pipeline_chunks(primitive, alg, nbytes, system), fab)
+
+
+__all__ = ["ALGORITHMS", "AUTO", "candidates", "closed_form", "pipeline_chunks", "predict", "resolve",
+           "topology_of"]

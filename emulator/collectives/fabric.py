@@ -1,0 +1,218 @@
+"""The fabric: everything the collective layer needs to time a message, as one value.
+
+    fabric = Fabric.of(system)                 # calibrated (emulator/hardware/fabrics.toml)
+    fabric = Fabric.ideal(system)              # line rate, no overheads (the textbook model)
+    cls, link = fabric.link(i, j)              # the link class and timing of a message i -> j
+
+A Fabric holds the system's two link classes (scale-up inside a domain, scale-out across), the
+element size of the buffer being moved, the protocol in force and any straggler's slow links.
+What the calibrated model adds to the data-sheet figures, per link class (see fabrics.toml):
+  - a bulk efficiency (the share of the line rate a ring reaches);
+  - LogGP's per-message overhead o, which occupies the sending port (a fan-out pays it k times);
+  - two protocols, as NCCL and RCCL have: low-latency (LL: small fixed cost, a quarter of the
+    rate) and bulk (Simple: a larger fixed cost per collective and per ring step, the full rate);
+  - in-switch reduction (NVLS), as its own link class "switch".
+The timing itself (ports, arrival) is in core.py; the closed forms in closed.py.
+"""
+
+from __future__ import annotations
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+FABRICS = Path(__file__).resolve().parents[1] / "hardware" / "fabrics.toml"
+PROTOCOLS = ("ll", "simple")
+
+
+@dataclass(frozen=True)
+class FabricClass:
+    """Calibrated figures of one kind of link (fabrics.toml documents each field)."""
+    name: str
+    display: str = ""
+    eff: float = 0.8  # bulk rate / line rate
+    latency_us: float | None = None  # per-message latency; None: the chip's
+    o_us: float = 0.5  # per-message port overhead (LogGP o)
+    ll_bw: float = 0.25  # LL rate / bulk rate
+    ll_base_us: float = 3.6  # per-collective fixed cost, LL
+    simple_base_us: float = 8.4  # per-collective fixed cost, Simple
+    simple_step_us: float = 2.93  # extra per ring step, Simple over LL
+    mesh: bool = False  # every pair of devices has its own link: direct algorithms run at full rate
+    switch: str = "none"  # in-switch reduction: "nvls", "sharp" or "none"
+    switch_eff: float = 0.0  # switch reduce + multicast rate / line rate
+    switch_min_devices: int = 0  # fewest devices the vendor library uses it for
+    switch_base_us: float = 0.0  # per-collective fixed cost of the switch path
+    estimates: tuple = ()
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for f in ("eff", "ll_bw"):
+            v = getattr(self, f)
+            if not 0 < v <= 1:
+                raise ValueError(f"fabric {self.name!r}: {f} = {v!r} is invalid; give a fraction in (0, 1]")
+        for f in ("o_us", "ll_base_us", "simple_base_us", "simple_step_us", "switch_base_us"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"fabric {self.name!r}: {f} = {getattr(self, f)!r} is negative; give >= 0")
+        if self.switch not in ("none", "nvls", "sharp"):
+            raise ValueError(f"fabric {self.name!r}: switch = {self.switch!r}; choose none, nvls or sharp")
+        if self.switch != "none" and not 0 < self.switch_eff <= 1:
+            raise ValueError(f"fabric {self.name!r}: switch_eff = {self.switch_eff!r}; give a fraction in (0, 1]")
+
+
+def load(path: Path | str = FABRICS) -> dict[str, FabricClass]:
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    base = dict(data.pop("default"))
+    base_sources = base.pop("sources", {})
+    known = {f.name for f in fields(FabricClass)} - {"name"}
+    out = {"default": FabricClass(name="default", **{k: v for k, v in base.items() if k != "estimates"},
+                                  estimates=tuple(base.get("estimates", ())), sources=base_sources)}
+    for name, raw in data.items():
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"fabric {name!r}: unknown field(s) {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(sorted(known))}")
+        kw = {**base, **raw}
+        kw["sources"] = {**base_sources, **raw.get("sources", {})}
+        kw["estimates"] = tuple(sorted(set(raw.get("estimates", ())) |
+                                       (set(base.get("estimates", ())) - set(raw))))
+        out[name] = FabricClass(name=name, **{k: v for k, v in kw.items() if k not in ("sources", "estimates")},
+                                estimates=kw["estimates"], sources=kw["sources"])
+    return out
+
+
+CLASSES: dict[str, FabricClass] = load()
+IDEAL = FabricClass("ideal", "line rate, no overheads", eff=1.0, o_us=0.0, ll_bw=1.0, ll_base_us=0.0,
+                    simple_base_us=0.0, simple_step_us=0.0)
+
+
+def fabric_class(name: str | None) -> FabricClass:
+    if name is None:
+        return CLASSES["default"]
+    if name not in CLASSES:
+        raise ValueError(f"fabric = {name!r} is not in fabrics.toml; known: {', '.join(CLASSES)}")
+    return CLASSES[name]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How one message is timed on a link: port busy o + n / Bps, arrival latency after that."""
+    latency_s: float
+    Bps: float
+    o_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Fabric:
+    up_line: Timing  # scale-up line rate and latency (from the system)
+    out_line: Timing | None  # scale-out; None: unknown
+    domain: int  # devices per scale-up domain
+    devices: int
+    up_class: FabricClass = IDEAL
+    out_class: FabricClass = IDEAL
+    elem_bytes: int = 4  # bytes per element of the buffer being moved
+    protocol: str = "simple"  # "ll" or "simple"
+    algorithm: str = ""  # the algorithm it times ("nvls" has its own fixed cost); set by resolve()
+    slowdown: tuple = ()  # ((device, factor), ...): a straggler's links, slower by factor
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol = {self.protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
+        # resolved once: link() runs for every message
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("_up", self._timing(self.up_line, self.up_class))
+        set_("_out", None if self.out_line is None else self._timing(self.out_line, self.out_class))
+        set_("_slow", dict(self.slowdown))
+        p, c = self.domain, self.up_class
+        # NVLS moves (1 + 1/p) n per device where a point-to-point all-reduce moves 2 (p-1)/p n:
+        # Relay moves the data point to point and rates the switch class so that the clock
+        # charges the switch's traffic (closed form in closed.py)
+        rate = self.up_line.Bps * c.switch_eff * 2 * (p - 1) / (p + 1) if c.switch != "none" and p > 1 else 0.0
+        set_("_switch", Timing(self._up.latency_s, rate) if rate else None)
+
+    def _timing(self, line: Timing, c: FabricClass) -> Timing:
+        lat = line.latency_s
+        if self.protocol == "ll":
+            return Timing(lat, line.Bps * c.eff * c.ll_bw, c.o_us / 1e6)
+        return Timing(lat + c.simple_step_us / 1e6, line.Bps * c.eff, c.o_us / 1e6)
+
+    # -- construction --
+    @classmethod
+    def of(cls, system, elem_bytes: int = 4, slowdown: dict | None = None, scaleup: str | None = None,
+           scaleout: str | None = None) -> Fabric:
+        """The calibrated fabric of a System: its chip's fabric classes unless named here.
+        A latency the user set on the system (not the chip's) is kept over the fabric's."""
+        chip = system.chip
+        up_c = fabric_class(scaleup or getattr(chip, "scaleup_fabric", None))
+        out_c = fabric_class(scaleout or getattr(chip, "scaleout_fabric", None))
+
+        def latency_us(given, chips, c):  # a fabric's measured latency, unless the user set one
+            return given if c.latency_us is None or given != chips else c.latency_us
+        up = Timing(latency_us(system.scaleup_latency_us, chip.scaleup_latency_us, up_c) / 1e6,
+                    system.scaleup_gbps * 1e9)
+        out = None if system.scaleout_gbps is None else Timing(
+            latency_us(system.scaleout_latency_us, chip.scaleout_latency_us, out_c) / 1e6,
+            system.scaleout_gbps * 1e9)
+        return cls(up, out, system.domain, system.devices, up_c, out_c, elem_bytes, "simple", "",
+                   tuple(sorted((slowdown or {}).items())))
+
+    @classmethod
+    def ideal(cls, system, elem_bytes: int = 4, slowdown: dict | None = None) -> Fabric:
+        """Line rate, the system's latency, no overheads: Relay's model before calibration."""
+        up = Timing(system.scaleup_latency_us / 1e6, system.scaleup_gbps * 1e9)
+        out = None if system.scaleout_gbps is None else \
+            Timing(system.scaleout_latency_us / 1e6, system.scaleout_gbps * 1e9)
+        return cls(up, out, system.domain, system.devices, IDEAL, IDEAL, elem_bytes, "simple", "",
+                   tuple(sorted((slowdown or {}).items())))
+
+    def with_(self, **changes) -> Fabric:
+        """A copy with some fields changed, e.g. fabric.with_(elem_bytes=2, protocol="ll")."""
+        return replace(self, **changes)
+
+    # -- the link model --
+    @property
+    def domains(self) -> int:
+        return -(-self.devices // self.domain)
+
+    @property
+    def switch_timing(self) -> Timing | None:
+        """Timing of the "switch" class (in-switch reduction); None where the fabric has none."""
+        return self._switch
+
+    @property
+    def has_switch(self) -> bool:
+        return self._switch is not None
+
+    def link(self, i: int, j: int, via: str = "") -> tuple[str, Timing]:
+        """(class, Timing) of a message from device i to device j; `via` names a class that the
+        schedule chose for the whole step ("switch": in-switch reduction)."""
+        if via:
+            cls, t = via, self._switch
+        elif i // self.domain == j // self.domain:
+            cls, t = "up", self._up
+        else:
+            cls, t = "out", self._out
+        if self._slow:
+            f = max(self._slow.get(i, 1.0), self._slow.get(j, 1.0))
+            if f != 1.0:
+                t = Timing(t.latency_s * f, t.Bps / f, t.o_s * f)
+        return cls, t
+
+    def bottleneck(self) -> tuple[FabricClass, Timing]:
+        """The class a flat algorithm is paced by: scale-out when the system spans domains."""
+        return (self.up_class, self._up) if self.domains == 1 else (self.out_class, self._out)
+
+    def base_s(self, algorithm: str | None = None) -> float:
+        """Fixed cost of one collective (launch and set-up), paid once before its first step, for
+        `algorithm` (default: the one this fabric was resolved for)."""
+        c, _ = self.bottleneck()
+        if (self.algorithm if algorithm is None else algorithm) == "nvls":
+            return self.up_class.switch_base_us / 1e6
+        return (c.ll_base_us if self.protocol == "ll" else c.simple_base_us) / 1e6
+
+    def switch_allowed(self) -> bool:
+        """Whether the vendor library would use in-switch reduction here (one domain, enough devices)."""
+        return self.has_switch and self.domains == 1 and self.devices >= self.up_class.switch_min_devices

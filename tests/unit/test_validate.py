@@ -1,0 +1,52 @@
+"""The published-measurements table and the regression guard on Relay's validated figures."""
+
+import pytest
+
+from launch import validate
+from launch.validate import REGRESSION_TOL, load, relay_figure
+
+ROWS = load()
+
+
+def test_the_table_is_complete_and_checkable():
+    assert len(ROWS) >= 30
+    chips = {r.chip for r in ROWS}
+    assert {"a100", "mi300x"} <= chips and chips & {"h100", "h200"} and chips & {"b200", "b200-hgx"}
+    for r in ROWS:
+        assert r.source and r.published > 0, r.id
+        assert (r.metric, r.unit) in {("busbw", "GB/s"), ("time", "us"), ("tflops", "TFLOPS")}, r.id
+        assert (r.kind == "matmul") == bool(r.shape) and (r.kind == "matmul") != bool(r.size), r.id
+        assert r.relay > 0, f"{r.id}: no expected Relay figure; run `relay validate --update`"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_no_validated_figure_moves_without_the_table(row):
+    """A change that moves Relay's figure for a published row by more than REGRESSION_TOL must
+    update the table's `relay` column in the same change (`relay validate --update`), so that
+    the move is visible in review next to the published figure."""
+    got, _ = relay_figure(row)
+    assert got == pytest.approx(row.relay, rel=REGRESSION_TOL), (
+        f"{row.id}: Relay now gives {got:.4g} {row.unit} (table: {row.relay:.4g}, published "
+        f"{row.published:g}); if the model change is meant, run `relay validate --update`")
+
+
+def test_summary_and_verdict():
+    results = [{"row": ROWS[0], "relay": 1.0, "ran": "", "ratio": r, "err": abs(r - 1)} for r in (1.05, 0.95, 1.5)]
+    s = validate.summary(results)
+    assert s["median_abs_err"] == pytest.approx(0.05) and s["worst_abs_err"] == pytest.approx(0.5)
+    ok, line = validate.verdict(s)
+    assert not ok and line.startswith("MISS") and "1 row(s) beyond 30%" in line
+    ok, _ = validate.verdict(validate.summary(results[:2]))
+    assert ok
+
+
+def test_update_rewrites_only_the_relay_column(tmp_path):
+    path = tmp_path / "t.toml"
+    text = validate.PUBLISHED.read_text()
+    path.write_text(text)
+    results = [{"row": r, "relay": 123.456789} for r in ROWS[:2]]
+    validate.update(path, results)
+    rows = load(path)
+    assert [r.relay for r in rows[:2]] == [123.5, 123.5]
+    assert [r.relay for r in rows[2:]] == [r.relay for r in ROWS[2:]]
+    assert [r.published for r in rows] == [r.published for r in ROWS]
