@@ -365,7 +365,7 @@ class Cluster:
                 for d, a in enumerate(self.actors[:n])]
         res = self._gather(refs, f"{primitive} ({algorithm})")
         out = []
-        for i, (count, itemsize, k, alg, fabric) in enumerate(shapes):
+        for i, (count, _, k, alg, fabric) in enumerate(shapes):
             rows = [res[d][i] for d in range(n)]
             times = [r["emulated_s"][-1] for r in rows]
             fidelity = 1.0
