@@ -6,14 +6,15 @@ for shapes that leave the machine partly idle.
 A GEMM kernel cuts the (m, n) output into tiles, each computed by one SM (CU, AI core) at a
 time; the library picks the tile among a few sizes (Relay: the one that wastes least). Two
 things waste peak (the tile and wave quantisation NVIDIA's GEMM performance guide describes):
-  - edges: a tile that overhangs the matrix computes padding (m = 129 costs two tile rows);
+  - edges: a tile that overhangs the matrix computes padding (m = 129 in 128-row tiles costs
+    two tile rows);
   - waves: tiles run in waves of `compute_units`; a last, partial wave leaves SMs idle
-    (132 SMs and 133 tiles take two waves, at half occupancy overall).
+    (132 SMs and 133 large tiles take two waves, at half occupancy overall).
 `chip.matmul_eff` is set so that the best shape of the published "maximum achievable matmul
 FLOPS" sweep (stas00/ml-engineering compute/accelerator/README.md) gets its measured TFLOPS
 after both factors (see the chip catalog). Chips without a known unit count get edges only.
-Real libraries soften both effects (split-K, smaller tiles for small problems, stream-K), so
-this errs low for small GEMMs: a bound, not a tuned library.
+Real libraries also split K and stream tiles (stream-K), which Relay does not model: for
+small GEMMs this errs low. Small tiles are taken as efficient as large ones, which errs high.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from such a model, the least one wins): `resolve` picks the protocol (LL or Simp
 algorithm, and for `auto` the algorithm too, among ring, nvls (where the fabric has it, for
 all-reduce, in one domain of at least `switch_min_devices`), direct (on a full-mesh fabric) and
 hierarchical, plain and pipelined (systems of equal domains). The sizes where the choice flips
-follow from the calibrated figures: on 8 x H100, LL up to about 1 MiB, NVLS above (NCCL: ring
-LL up to 1 MiB, NVLS from 2 MiB, stas00/ml-engineering).
+follow from the calibrated figures: on 8 x H100, ring LL up to about 1 MiB, NVLS above (NCCL:
+ring LL up to 1 MiB, NVLS from 2 MiB; stas00/ml-engineering). The NVLS device threshold is the
+fabric's switch_min_devices (5 on H100/H200, 6 on B200, as measured).
 """
 
 from __future__ import annotations
