@@ -155,3 +155,31 @@ def test_a_results_folder_in_use_is_refused(tmp_path):
         holder.kill()
     holder.wait()
     ResultsDir(tmp_path, "busy").release()  # a lock left by a process that is gone is taken over
+
+
+def _slow_loss(model, batch):
+    """The mlp's loss, 0.4 s of host time per step: a run long enough to poll many times."""
+    time.sleep(0.4)
+    return get("mlp").loss(model, batch)
+
+
+def test_progress_rows_arrive_while_a_long_run_trains(cluster, monkeypatch):
+    # The driver polls the devices' progress every second while they train (the progress bar
+    # and the steps kept on a failure come from it). Rows must keep arriving during the run,
+    # not only once at its start: every poll records how many steps each device had reported.
+    from dataclasses import replace
+    from emulator import cluster as cluster_module
+    seen = []
+    poll = cluster_module._Progress.poll
+
+    def recording_poll(self):
+        seen.append(min(len(r) for r in self.rows))
+        poll(self)
+
+    monkeypatch.setattr(cluster_module._Progress, "poll", recording_poll)
+    steps = 12
+    cluster.train(replace(get("mlp"), loss=_slow_loss, name="slow-mlp"), steps=steps, per_device_batch=4)
+    assert len(seen) >= 3, seen  # the loop kept polling (on main it polled once)
+    partial = [n for n in seen if 0 < n < steps]
+    assert partial, f"no poll saw a run in progress: {seen}"
+    assert seen == sorted(seen)
