@@ -27,6 +27,7 @@ from emulator.collectives.core import Ports
 from emulator.collectives.schedules import schedule
 from emulator.workloads import Workload
 from kernels.cost import ITEMSIZE
+from kernels.throttle import ParameterTensors
 
 BUCKET_MB = 1.0  # gradient bucket, MB at the emulated dtype (DDP's 25 MB would put a small model
 #                   in one bucket, leaving nothing to overlap)
@@ -58,11 +59,11 @@ class Optimizer:
             denom = (self.v[i].sqrt() / (1 - b2 ** self.t) ** 0.5).add_(self.eps)
             p.addcdiv_(self.m[i], denom, value=-self.lr / (1 - b1 ** self.t))
 
-    @torch.no_grad()
     def zero_grad(self) -> None:
+        """Drop the gradients (torch's default, set_to_none): the next backward writes them
+        afresh instead of adding into zeros (and GradSync fills any it leaves unset)."""
         for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
 
 
 # ---------------------------------------------------------------- gradient synchronisation
@@ -208,6 +209,7 @@ def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu"
         job = replace(job, epoch=transport.agree(time.time() + 0.1 + 0.005 * world, world))
     compute, comm = job.lane(), job.lane()
     throttle = job.throttle(rank, compute, device)
+    throttle.fixed = ParameterTensors(model.parameters())  # charged once under batch_scale
     elem = ITEMSIZE[job.dtype]  # gradients travel at the emulated dtype
     sync = GradSync(model, transport, job.system, spec.algorithm, comm, compute, elem,
                     spec.bucket_mb * 1e6, threaded=job.clock == "wall", throttle=throttle,
@@ -223,11 +225,11 @@ def train_device(rank: int, job, spec: TrainSpec, transport, device: str = "cpu"
         batch = _to(next(data), device)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
         sync.reset()
-        throttle.work_scale = spec.batch_scale  # forward and backward scale with the batch ...
+        throttle.batch_scale = spec.batch_scale  # forward and backward scale with the batch ...
         with throttle:
             loss = wl.loss(model, batch)
             loss.backward()
-        throttle.work_scale = 1.0  # ... the optimizer step does not
+        throttle.batch_scale = 1.0  # ... the optimizer step does not
         t_bwd = compute.now()
         comm_end = sync.finish(job.timeout_s)
         compute.advance_to(comm_end)
@@ -369,9 +371,10 @@ def probe_ratio(workload: Workload, system, per_device_batch: int, dtype: str = 
         t0, e0 = time.perf_counter(), lane.t
         fastest = max(set(system.chips), key=lambda c: c.peak_flops(dtype))  # the tightest pacing
         with Throttle(CostModel(fastest, dtype, **(efficiency or {})), lane) as throttle:
-            throttle.work_scale = batch_scale
+            throttle.fixed = ParameterTensors(model.parameters())
+            throttle.batch_scale = batch_scale
             workload.loss(model, batch).backward()
-            throttle.work_scale = 1.0
+            throttle.batch_scale = 1.0
             opt.step()
             opt.zero_grad()
         best = min(best, (time.perf_counter() - t0) / (lane.t - e0))

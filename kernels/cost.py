@@ -3,7 +3,8 @@
     seconds = launch_s + max(flops / (peak[dtype] * matmul_eff), bytes / (hbm_Bps * mem_eff))
 
 FLOPs come from PyTorch's own formulas (torch.utils.flop_counter's registry: matmuls, convolutions,
-attention); every other op has none and is memory-bound. Bytes are the op's inputs plus outputs,
+attention), completed below for the attention kernels the registry lacks (the CPU flash kernel
+among them); every other op has none and is memory-bound. Bytes are the op's inputs plus outputs,
 floating tensors counted at the *emulated* dtype (bf16 by default, whatever the host computes in),
 integer and bool tensors at their real size. Views and bare allocations launch no kernel: they cost 0.
 """
@@ -13,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from emulator.chips import Chip, get as get_chip
 
@@ -35,8 +35,34 @@ _ZERO = OpCost(0.0, 0.0, 0.0)
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 
 
-def _shape(x):
-    return x.shape if isinstance(x, torch.Tensor) else x
+# Attention kernels that torch.utils.flop_counter has no formula for, with torch's own counts
+# (sdpa_flop_count: QK^T and PV; the backward adds the recomputed QK^T and three more matmuls).
+# Like torch's formulas they charge the full score matrix also when is_causal (a causal kernel
+# may skip masked blocks; Relay charges what an explicitly masked matmul would). The math
+# fallback (aten._scaled_dot_product_attention_math) decomposes into matmuls and softmax, which
+# are charged op by op. Formulas take raw tensors and `out_val`, as the registry's do.
+def _sdpa_forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+def _flash_forward_into(out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    # _flash_attention_forward writing into `out`: the registry's formula of the plain kernel
+    return flop_registry[torch.ops.aten._flash_attention_forward](query, key, value, *args, out_val=None)
+
+
+_aten = torch.ops.aten
+ATTENTION_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+    _aten._scaled_dot_product_fused_attention_overrideable: _sdpa_forward,
+    _aten._scaled_dot_product_fused_attention_overrideable_backward: _sdpa_backward,
+    _aten._scaled_dot_product_attention_math_for_mps: _sdpa_forward,
+    _aten._flash_attention_forward_no_dropout_inplace: _flash_forward_into,
+}
 
 
 @dataclass(frozen=True)
@@ -73,28 +99,45 @@ class CostModel:
         return self._launch_s + max(flops / self._flop_rate, nbytes / self._byte_rate)
 
     def op_cost(self, func, args=(), kwargs=None, out=None) -> OpCost:
-        """Cost of one executed aten op (func is an OpOverload, out its result). This runs for
-        every op a device executes, so it walks arguments by hand rather than with pytree."""
-        kind = _KIND.get(func)
-        if kind is None:
-            kind = _KIND[func] = 0 if func.is_view or func._overloadpacket in _FREE else \
-                flop_registry.get(func._overloadpacket, 1)
-        if kind == 0:
+        """Cost of one executed aten op (func is an OpOverload, out its result)."""
+        parts = self.op_parts(func, args, kwargs, out)
+        if parts is None:
             return _ZERO
-        flops = 0
-        if kind != 1:  # a FLOP formula
-            flops = kind(*tree_map(_shape, args), **tree_map(_shape, kwargs or {}), out_val=tree_map(_shape, out))
-        nbytes = self._bytes(args) + self._bytes(out)
-        if kwargs:
-            nbytes += self._bytes(tuple(kwargs.values()))
+        flops, nbytes, _ = parts
         return OpCost(self.seconds(flops, nbytes), float(flops), float(nbytes))
 
-    def _bytes(self, x) -> int:
+    def op_parts(self, func, args=(), kwargs=None, out=None, fixed=None) -> tuple | None:
+        """(FLOPs, bytes, fixed bytes) of one executed aten op, or None for an op that launches
+        no kernel. `bytes` counts every tensor read or written; `fixed bytes`, the part of it in
+        tensors for which fixed(tensor) is true (the parameter- and gradient-shaped ones, whose
+        size does not grow with the batch). This runs for every op a device executes, so it
+        walks arguments by hand rather than with pytree."""
+        kind = _KIND.get(func)
+        if kind is None:
+            packet = func._overloadpacket
+            kind = _KIND[func] = 0 if func.is_view or packet in _FREE else \
+                ATTENTION_FLOPS.get(packet) or flop_registry.get(packet, 1)
+        if kind == 0:
+            return None
+        flops = 0
+        if kind != 1:  # a FLOP formula (the registry's take raw tensors and out_val)
+            flops = kind(*args, **(kwargs or {}), out_val=out)
+        counts = [0, 0]  # bytes, fixed bytes
+        self._bytes(args, counts, fixed)
+        self._bytes(out, counts, fixed)
+        if kwargs:
+            self._bytes(tuple(kwargs.values()), counts, fixed)
+        return flops, counts[0], counts[1]
+
+    def _bytes(self, x, counts: list, fixed) -> None:
         if isinstance(x, torch.Tensor):
-            return x.numel() * (self._float_size if x.is_floating_point() else x.element_size())
-        if isinstance(x, (list, tuple)):
-            return sum(self._bytes(y) for y in x)
-        return 0
+            n = x.numel() * (self._float_size if x.is_floating_point() else x.element_size())
+            counts[0] += n
+            if fixed is not None and fixed(x):
+                counts[1] += n
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                self._bytes(y, counts, fixed)
 
     def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""
