@@ -37,6 +37,7 @@ from emulator.monitor import DeviceError, gather
 from emulator.system import System
 from kernels.calibrate import calibrate, check_dilation, dilation_for
 from kernels.cost import CostModel
+from emulator.errors import ConfigError
 
 MEMORY_MB = 300  # Ray memory reserved per device actor (a torch process is ~175 MB unique)
 CPU_PER_DEVICE = 0.01  # Ray CPU per device: devices time-share cores; the dilation keeps them honest
@@ -84,14 +85,14 @@ def resolve_address(address: str) -> str:
     if address == "recorded":
         path = record_path()
         if not path.exists():
-            raise ValueError(f"address = 'recorded' but no cluster is recorded in {path}; run "
+            raise ConfigError(f"address = 'recorded' but no cluster is recorded in {path}; run "
                              "`relay cluster up` first, or give host:port or 'auto'")
         rec = json.loads(path.read_text())
         if rec.get("token"):
             _use_token(rec["token"])
         return rec["address"]
     if address != "auto" and not re.fullmatch(r"(ray://)?[\w.\-]+:\d+", address):
-        raise ValueError(f"address = {address!r} is not an address; give host:port, 'auto' or 'recorded'")
+        raise ConfigError(f"address = {address!r} is not an address; give host:port, 'auto' or 'recorded'")
     return address
 
 
@@ -100,7 +101,7 @@ def _system(system) -> System:
         return system
     if isinstance(system, str):
         return System.preset(system)
-    raise ValueError(f"system = {system!r} is not a System; pass emulator.System(...) or a preset "
+    raise ConfigError(f"system = {system!r} is not a System; pass emulator.System(...) or a preset "
                      f"name ({', '.join(System.presets())})")
 
 
@@ -113,11 +114,11 @@ class Cluster:
         self.clock, self.dilation = clock, dilation
         self._check_clock()
         if device not in ("cpu", "cuda"):
-            raise ValueError(f"device = {device!r} is not a host device; choose 'cpu' or 'cuda'")
+            raise ConfigError(f"device = {device!r} is not a host device; choose 'cpu' or 'cuda'")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ValueError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
+            raise ConfigError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
         if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
-            raise ValueError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
+            raise ConfigError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
         self.efficiency = dict(efficiency or {})
         CostModel(self.system.chip, dtype, **self.efficiency)  # validates dtype and efficiencies
         if address is not None:
@@ -134,14 +135,14 @@ class Cluster:
 
     def _check_clock(self) -> None:
         if self.clock not in CLOCKS:
-            raise ValueError(f"clock = {self.clock!r} is unknown; choose 'virtual' or 'wall'")
+            raise ConfigError(f"clock = {self.clock!r} is unknown; choose 'virtual' or 'wall'")
         if self.dilation is not None:
             if self.clock != "wall":
-                raise ValueError(f"dilation = {self.dilation!r} applies to clock='wall' only; "
+                raise ConfigError(f"dilation = {self.dilation!r} applies to clock='wall' only; "
                                  "drop it or set clock='wall'")
             if isinstance(self.dilation, bool) or not isinstance(self.dilation, (int, float)) \
                     or not math.isfinite(self.dilation) or self.dilation <= 0:
-                raise ValueError(f"dilation = {self.dilation!r} is invalid; give real seconds per "
+                raise ConfigError(f"dilation = {self.dilation!r} is invalid; give real seconds per "
                                  "emulated second (> 0), or None to choose it automatically")
 
     # ---------------------------------------------------------------- lifecycle
@@ -228,11 +229,11 @@ class Cluster:
         if self.device == "cuda":
             total_gpu = ray.cluster_resources().get("GPU", 0)
             if total_gpu <= 0:
-                raise ValueError("device = 'cuda' but the Ray cluster has no GPU; use device='cpu'")
+                raise ConfigError("device = 'cuda' but the Ray cluster has no GPU; use device='cpu'")
             gpu = min(1.0, total_gpu / n)
         fit = devices_that_fit(mem, gpu)
         if fit < new:
-            raise ValueError(f"the Ray cluster has room for {fit} more device(s) (at {self.memory_mb} MB "
+            raise ConfigError(f"the Ray cluster has room for {fit} more device(s) (at {self.memory_mb} MB "
                              f"each, counted node by node), but {new} were asked (devices = {n}); use "
                              "fewer devices, a smaller memory_mb, or a larger cluster")
         bundle = {"CPU": CPU_PER_DEVICE, "memory": mem} | ({"GPU": gpu} if gpu else {})
@@ -292,7 +293,7 @@ class Cluster:
             cores = (self.host or calibrate()).cores
             needed = dilation_for(ratio, n, cores)
             if not needed < MAX_DILATION:
-                raise ValueError(f"clock = 'wall' cannot pace this job: it would need dilation {needed:.3g} "
+                raise ConfigError(f"clock = 'wall' cannot pace this job: it would need dilation {needed:.3g} "
                                  "(the emulated ops or links are far faster than this host can time); "
                                  "use clock='virtual'")
             if self.dilation is not None and self.check_dilation:
@@ -304,14 +305,15 @@ class Cluster:
 
     # ---------------------------------------------------------------- compute-only job
     def run_matmuls(self, sizes: list[int], repeats: int | list[int] = 1) -> list[dict]:
-        """Square matmuls of `sizes` on every device, throttled. Per device: emulated_s (measured),
+        """Square matmuls of `sizes` on every device, throttled. Per device: emulated_s (the lane's
+        emulated time: measured on the wall clock, the modelled sum on the virtual clock),
         modeled_s (the cost model's sum), real_s, flops, fidelity, overrun_s and per-size rows."""
         sizes = [int(s) for s in sizes]
         if not sizes or any(s < 1 for s in sizes):
-            raise ValueError(f"sizes = {sizes!r} is invalid; give matrix sizes >= 1")
+            raise ConfigError(f"sizes = {sizes!r} is invalid; give matrix sizes >= 1")
         reps = [repeats] * len(sizes) if isinstance(repeats, int) else list(repeats)
         if len(reps) != len(sizes) or any(r < 1 for r in reps):
-            raise ValueError(f"repeats = {repeats!r} is invalid; give an int >= 1 or one per size")
+            raise ConfigError(f"repeats = {repeats!r} is invalid; give an int >= 1 or one per size")
         host = self.host or calibrate()
         models = [CostModel(chip, self.dtype, **self.efficiency) for chip in set(self.system.chips)]
         ratio = max(host.matmul_real_s(s) / m.matmul_cost(s, s, s).seconds for s in sizes for m in models)
@@ -335,19 +337,19 @@ class Cluster:
         n = self.system.devices
         check_collective(primitive, algorithm)
         if op not in OPS:
-            raise ValueError(f"op = {op!r} is unknown; choose 'sum' or 'avg'")
+            raise ConfigError(f"op = {op!r} is unknown; choose 'sum' or 'avg'")
         if op != "sum" and primitive not in ("all_reduce", "reduce_scatter"):
-            raise ValueError(f"op = {op!r} does not apply to {primitive}; drop it")
+            raise ConfigError(f"op = {op!r} does not apply to {primitive}; drop it")
         if not (isinstance(root, int) and 0 <= root < n):
-            raise ValueError(f"root = {root!r} is not a device; give 0 <= root < {n}")
+            raise ConfigError(f"root = {root!r} is not a device; give 0 <= root < {n}")
         if not (isinstance(repeats, int) and repeats >= 1):
-            raise ValueError(f"repeats = {repeats!r} is invalid; give an integer >= 1")
+            raise ConfigError(f"repeats = {repeats!r} is invalid; give an integer >= 1")
         per_device, biggest, shapes = [[] for _ in range(n)], 0, []
         for case in cases:
             if isinstance(case, tuple):
                 numel, dtype = case
                 if dtype not in DTYPE_BYTES:
-                    raise ValueError(f"dtype = {dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
+                    raise ConfigError(f"dtype = {dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
                 shape_numel, itemsize, items = numel, DTYPE_BYTES[dtype], [case] * n
             else:
                 _check_tensors(case, n)
@@ -368,7 +370,7 @@ class Cluster:
             rows = [res[d][i] for d in range(n)]
             times = [r["emulated_s"][-1] for r in rows]
             fidelity = 1.0
-            if self.clock == "wall":  # how close the measured time came to the model's
+            if self.clock == "wall":  # how close the wall-clock (measured) emulated time came to the model's
                 model = max(execute(primitive, algorithm, n, count, topology_of(self.system),
                                     link_function(self.system, self.faults.link_slowdown), itemsize,
                                     root=root, chunks=k))
@@ -408,14 +410,14 @@ class Cluster:
         n = self.system.devices
         for name, v in (("steps", steps), ("per_device_batch", per_device_batch), ("batch_scale", batch_scale)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} = {v!r} is invalid; give an integer >= 1")
+                raise ConfigError(f"{name} = {v!r} is invalid; give an integer >= 1")
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr = {lr!r} is invalid; give a learning rate > 0")
+            raise ConfigError(f"lr = {lr!r} is invalid; give a learning rate > 0")
         if optimizer not in (None, "adamw", "sgd"):
-            raise ValueError(f"optimizer = {optimizer!r} is unknown; choose 'adamw' or 'sgd'")
+            raise ConfigError(f"optimizer = {optimizer!r} is unknown; choose 'adamw' or 'sgd'")
         bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
-            raise ValueError(f"bucket_mb = {bucket_mb!r} is invalid; give MB > 0")
+            raise ConfigError(f"bucket_mb = {bucket_mb!r} is invalid; give MB > 0")
         check_collective("all_reduce", algorithm)
         schedule("all_reduce", algorithm, 0, n, n, topology_of(self.system))  # refuses bad layouts
         self.faults.check(n)
@@ -451,7 +453,8 @@ class Cluster:
                   "algorithm": algorithm, "seed": seed, "overlap": overlap, "lr": lr or wl.lr,
                   "optimizer": optimizer or wl.optimizer, "bucket_mb": bucket_mb, "clock": self.clock,
                   "dilation": job.dilation, "dtype": self.dtype, "devices": n,
-                  "system": self.system.describe(), "memory_bytes": memory, "loss_floor": wl.loss_floor}
+                  "system": self.system.describe(), "power_basis": self.system.power_basis,
+                  "memory_bytes": memory, "loss_floor": wl.loss_floor}
         progress = _Progress(self.actors[:n])
         try:
             res = self._gather([a.train.remote(job, spec) for a in self.actors[:n]], "training", abort=False,
@@ -533,13 +536,13 @@ def devices_that_fit(memory_bytes: float, gpu: float = 0.0, available: bool = Tr
 def _check_tensors(tensors, n: int) -> None:
     if not isinstance(tensors, (list, tuple)) or len(tensors) != n:
         got = len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__
-        raise ValueError(f"tensors: got {got} for {n} devices; give a list with one tensor per device")
+        raise ConfigError(f"tensors: got {got} for {n} devices; give a list with one tensor per device")
     t0 = tensors[0]
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"tensors[{i}] is a {type(t).__name__}, not a torch.Tensor")
+            raise ConfigError(f"tensors[{i}] is a {type(t).__name__}, not a torch.Tensor")
         if t.shape != t0.shape or t.dtype != t0.dtype:
-            raise ValueError(f"tensors[{i}] has shape {tuple(t.shape)} and dtype {t.dtype}, but "
+            raise ConfigError(f"tensors[{i}] has shape {tuple(t.shape)} and dtype {t.dtype}, but "
                              f"tensors[0] has {tuple(t0.shape)} and {t0.dtype}; every device must "
                              "give the same shape and dtype")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from emulator.collectives import simulate
 from kernels.cost import ITEMSIZE
 from emulator.system import System
+from emulator.errors import ConfigError
 
 # summary fields a point row carries (all emulated, except wall_s and fidelity)
 ROW_FIELDS = ["step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s", "samples_per_s",
@@ -39,7 +40,7 @@ class Settings:
         if self.global_batch is None:
             return self.per_device_batch
         if self.global_batch % devices:
-            raise ValueError(f"global_batch = {self.global_batch} does not divide over {devices} devices; "
+            raise ConfigError(f"global_batch = {self.global_batch} does not divide over {devices} devices; "
                              "choose device counts that divide it, or weak scaling (per_device_batch)")
         return self.global_batch // devices
 
@@ -59,7 +60,7 @@ def point_row(system: System, algorithm: str, per_device_batch: int, settings: S
             "domain": system.domain, "algorithm": algorithm, "per_device_batch": per_device_batch,
             "batch_scale": settings.batch_scale,
             "global_batch": system.devices * per_device_batch * settings.batch_scale,
-            "predicted": predicted, **{k: summary.get(k) for k in ROW_FIELDS}}
+            "predicted": predicted, "power_basis": system.power_basis, **{k: summary.get(k) for k in ROW_FIELDS}}
 
 
 def run_point(cluster, system: System, algorithm: str, settings: Settings) -> Point:
@@ -144,9 +145,20 @@ class BreakEven:
     devices: int | None  # break-even device count
     naive_devices: float  # from the FLOPS ratio alone
     efficiency: float | None  # scaling efficiency of the slow system at break-even
-    probes: list[Point] = field(default_factory=list)  # every slow point measured or predicted
+    probes: list[Point] = field(default_factory=list)  # every slow point run or predicted
     metric: str = "throughput"
     target_loss: float | None = None
+    below: Point | None = None  # the slow point one device short of the answer (it must fall short)
+    non_monotone: list = field(default_factory=list)  # (n, m): n < m devices, yet m did worse than n
+
+    @property
+    def verified(self) -> bool | None:
+        """The count just below the answer was run and fell short (None: the answer is 1, or
+        none was reached)."""
+        if self.devices is None or self.devices == 1:
+            return None
+        return self.below is not None and not _better(_metric(self.below, self.metric, self.target_loss),
+                                                      self.fast_value, self.metric)
 
     def row(self) -> dict:
         f, s = self.fast.row, self.slow.row if self.slow else {}
@@ -157,6 +169,10 @@ class BreakEven:
                 "slow_throughput": self.slow_value, "scaling_efficiency": self.efficiency,
                 "predicted": bool(self.slow and self.slow.predicted),
                 "fast_energy_per_unit_j": f.get(per), "slow_energy_per_unit_j": s.get(per),
+                "fast_power_basis": f.get("power_basis"), "slow_power_basis": s.get("power_basis"),
+                "below_devices": self.below.system.devices if self.below else None,
+                "below_value": _metric(self.below, self.metric, self.target_loss) if self.below else None,
+                "verified": self.verified, "non_monotone": [list(pair) for pair in self.non_monotone],
                 "energy_unit": "token" if per == "energy_per_token_j" else "sample"}
 
     @property
@@ -223,14 +239,20 @@ def search(passes, guess: int, lo: int = 1, hi: int = 4096) -> int | None:
 
 def breakeven(cluster, fast: System, slow: System, algorithm: str, settings: Settings, capacity: int,
               metric: str = "throughput", target_loss: float | None = None, max_devices: int | None = None,
-              on_point=None) -> BreakEven:
+              on_point=None, known: dict | None = None, guess: int | None = None) -> BreakEven:
     """Smallest slow.scaled(n) whose throughput (or time to `target_loss`) reaches `fast`'s, by a
-    search over real runs (predicted past `capacity`). Starts from the one-device ratio."""
+    search over real runs (predicted past `capacity`). Starts from the one-device ratio, or from
+    `guess`. `known` maps systems to points already run with this algorithm and settings (they
+    are reused, not run again).
+
+    The search assumes that more devices never do worse, and checks it: the count just below
+    the answer is run (the search has usually run it already) and must fall short, and any pair
+    of probes where more devices did worse is reported in `non_monotone`."""
     if metric not in ("throughput", "time-to-loss"):
-        raise ValueError(f"metric = {metric!r} is unknown; choose 'throughput' or 'time-to-loss'")
+        raise ConfigError(f"metric = {metric!r} is unknown; choose 'throughput' or 'time-to-loss'")
     if metric == "time-to-loss" and target_loss is None:
-        raise ValueError("metric = 'time-to-loss' needs target_loss (e.g. --target-loss 2.5)")
-    cache: dict[System, Point] = {}
+        raise ConfigError("metric = 'time-to-loss' needs target_loss (e.g. --target-loss 2.5)")
+    cache: dict[System, Point] = dict(known or {})
 
     def measure(system: System) -> Point:
         if system in cache:
@@ -243,7 +265,7 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, settings: Set
                 run_point(cluster, system.scaled(capacity), algorithm, settings)
             p = predict_point(base, system, settings)
         else:
-            raise ValueError(f"time-to-loss needs real training; {system.devices} devices do not fit "
+            raise ConfigError(f"time-to-loss needs real training; {system.devices} devices do not fit "
                              f"this machine (room for {capacity})")
         if on_point:
             on_point(p)
@@ -251,23 +273,37 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, settings: Set
         return p
 
     if metric == "time-to-loss" and fast.devices > capacity:
-        raise ValueError(f"the fast system ({fast.devices} devices) does not fit this machine (room for {capacity})")
+        raise ConfigError(f"the fast system ({fast.devices} devices) does not fit this machine (room for {capacity})")
     f = measure(fast)
     target = _metric(f, metric, target_loss)
     if target is None:
-        raise ValueError(f"the fast system never reached loss {target_loss} in {settings.steps} steps; "
+        raise ConfigError(f"the fast system never reached loss {target_loss} in {settings.steps} steps; "
                          "raise steps or the target loss")
     naive = fast.devices * fast.chip.peak_flops("bf16") / slow.chip.peak_flops("bf16")
     one_fast = measure(fast.scaled(1)).row["step_s"]
     one_slow = measure(slow.scaled(1))
-    guess = math.ceil(fast.devices * one_slow.row["step_s"] / one_fast)
+    guess = guess or math.ceil(fast.devices * one_slow.row["step_s"] / one_fast)
     limit = max_devices or max(4 * math.ceil(naive), 2 * guess)
     n = search(lambda k: _better(_metric(measure(slow.scaled(k)), metric, target_loss), target, metric),
                guess, 1, limit)
+    below = measure(slow.scaled(n - 1)) if n and n > 1 else None  # usually run by the search already
     probes = sorted((p for sys_, p in cache.items() if sys_ == slow.scaled(sys_.devices)),
                     key=lambda p: p.system.devices)
+    worse = _non_monotone(probes, metric, target_loss)
     if n is None:
-        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss)
+        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss, None, worse)
     s = cache[slow.scaled(n)]
     eff = throughput(s) / (n * throughput(one_slow))
-    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss)
+    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss, below, worse)
+
+
+def _non_monotone(probes: list[Point], metric: str, target: float | None) -> list[tuple[int, int]]:
+    """Pairs (n, m), n < m, of probes where m devices did worse than n (lower throughput, or a
+    later or no arrival at the target loss): the search's assumption failing."""
+    out = []
+    for i, p in enumerate(probes):
+        for q in probes[i + 1:]:
+            v, w = _metric(p, metric, target), _metric(q, metric, target)
+            if v is not None and not _better(w, v, metric):
+                out.append((p.system.devices, q.system.devices))
+    return out

@@ -28,6 +28,7 @@ from emulator.collectives.schedules import schedule
 from emulator.workloads import Workload
 from kernels.cost import ITEMSIZE
 from kernels.throttle import ParameterTensors
+from emulator.errors import ConfigError
 
 BUCKET_MB = 1.0  # gradient bucket, MB at the emulated dtype (DDP's 25 MB would put a small model
 #                   in one bucket, leaving nothing to overlap)
@@ -344,7 +345,7 @@ def check_memory(workload: Workload, system, per_device_batch: int, dtype: str =
     have = chip.hbm_bytes
     if need["total"] > have:
         gb = lambda b: f"{b / 1e9:.3g} GB"  # noqa: E731
-        raise ValueError(
+        raise ConfigError(
             f"memory: {workload.name} needs {gb(need['total'])} per device (parameters "
             f"{gb(need['parameters'])}, gradients {gb(need['gradients'])}, optimizer state "
             f"{gb(need['optimizer'])}, activations {gb(need['activations'])} at per_device_batch="

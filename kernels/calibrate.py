@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from emulator.errors import ConfigError
+
 UTIL = 0.7  # fraction of the host's cores the devices' real work may use
 
 
@@ -88,7 +90,7 @@ def dilation_for(ratio: float, devices: int, cores: int, util: float = UTIL) -> 
 def check_dilation(dilation: float, needed: float, devices: int, cores: int) -> None:
     """Refuse a dilation the host cannot honour, saying which one would fit."""
     if dilation < needed:
-        raise ValueError(
+        raise ConfigError(
             f"dilation = {dilation:.4g} is too small for this host: {devices} device(s) on {cores} "
             f"core(s) need dilation >= {needed:.4g} (real seconds per emulated second) to keep up; "
             f"pass dilation=None to choose it automatically, or a value >= {needed:.4g}")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import time
 
+from emulator.errors import ConfigError
+
 
 class VirtualLane:
     kind = "virtual"
@@ -61,7 +63,7 @@ class WallLane:
 
     def __init__(self, dilation: float, epoch: float | None = None, quantum_s: float = 2e-3):
         if not dilation > 0:
-            raise ValueError(f"dilation = {dilation!r} must be > 0 (real seconds per emulated second)")
+            raise ConfigError(f"dilation = {dilation!r} must be > 0 (real seconds per emulated second)")
         self.dilation = float(dilation)
         self.epoch = time.time() if epoch is None else float(epoch)  # real time of emulated 0
         self.quantum_s = quantum_s  # smallest real sleep worth taking; lateness below it is jitter
@@ -130,4 +132,4 @@ def make_lane(clock: str, dilation: float | None = None, epoch: float | None = N
         return VirtualLane()
     if clock == "wall":
         return WallLane(dilation, epoch)
-    raise ValueError(f"clock = {clock!r} is not a clock; choose 'virtual' or 'wall'")
+    raise ConfigError(f"clock = {clock!r} is not a clock; choose 'virtual' or 'wall'")

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from emulator.chips import Chip, get as get_chip
+from emulator.errors import ConfigError
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
 # allocations that write nothing (their bytes are written by the op that fills them)
@@ -76,7 +77,7 @@ class CostModel:
     def __post_init__(self):
         object.__setattr__(self, "chip", get_chip(self.chip))
         if self.dtype not in ITEMSIZE:
-            raise ValueError(f"dtype = {self.dtype!r} is not an emulated dtype; "
+            raise ConfigError(f"dtype = {self.dtype!r} is not an emulated dtype; "
                              f"choose one of {', '.join(ITEMSIZE)}")
         for f, lo in (("matmul_eff", 0), ("mem_eff", 0), ("launch_us", -1e-300)):
             v = getattr(self, f)
@@ -84,7 +85,7 @@ class CostModel:
                 object.__setattr__(self, f, getattr(self.chip, f))
             elif not isinstance(v, (int, float)) or not v > lo or (f != "launch_us" and v > 1):
                 rng = "a fraction in (0, 1]" if f != "launch_us" else "a number >= 0"
-                raise ValueError(f"{f} = {v!r} is invalid; give {rng}")
+                raise ConfigError(f"{f} = {v!r} is invalid; give {rng}")
         # resolved once: the hot path below only multiplies
         object.__setattr__(self, "_flop_rate", self.chip.peak_flops(self.dtype) * self.matmul_eff)
         object.__setattr__(self, "_byte_rate", self.chip.hbm_Bps * self.mem_eff)

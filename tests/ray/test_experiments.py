@@ -36,6 +36,10 @@ def test_breakeven_with_negligible_communication_is_the_step_time_ratio(cluster)
     assert expected > 3  # a100 is the slower chip here: more than one device per h100
     result = breakeven(cluster, fast, slow, "ring", settings, capacity=8)
     assert result.devices == expected
+    # verified: the count just below was run and falls short; throughput grew with every count
+    assert result.below.system.devices == expected - 1 and not result.below.predicted
+    assert result.verified is True and result.row()["verified"] is True
+    assert result.row()["below_value"] < result.fast_value and result.non_monotone == []
     assert result.naive_devices == pytest.approx(3 * 989.4 / 312)
     assert 0.99 < result.efficiency <= 1.0 + 1e-9
 
@@ -76,6 +80,16 @@ def test_time_to_loss_breakeven_runs(cluster):
     assert result.metric == "time-to-loss" and result.fast_value > 0
     if result.devices:
         assert result.slow_value <= result.fast_value
+
+
+def test_time_to_loss_breakeven_is_reached_where_it_must_be(cluster):
+    # the slow side is the fast system's own chip and fabric: 2 of its devices train exactly as the
+    # fast system does, so they reach the loss as soon, and the break-even is at most 2
+    settings = Settings(get("mlp"), steps=12, per_device_batch=8)
+    result = breakeven(cluster, System("h100", 2), System("h100", 64), "ring", settings, capacity=8,
+                       metric="time-to-loss", target_loss=0.4, max_devices=6)
+    assert result.devices in (1, 2), [(p.system.devices, p.row["step_s"]) for p in result.probes]
+    assert result.slow_value <= result.fast_value
 
 
 # ---------------------------------------------------------------- the commands, end to end
