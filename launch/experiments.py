@@ -359,13 +359,12 @@ def cmd_breakeven(args) -> None:
 def _beyond_the_search(args, cluster, fast, slow, results, seen, settings, capacity, on_point) -> dict:
     """The full systems predicted (when both sides are presets) and, with --sensitivity, the
     break-even's sensitivity to the uncertain model parameters (emulator/sensitivity.py)."""
-    from emulator.experiment import throughput
     from emulator.sensitivity import full_scale, sensitivity
     from emulator.system import PRESETS
     reached = [r for r in results if r.devices]
     if not reached:
         return {}
-    best = min(reached, key=lambda r: (r.devices, -throughput(r.slow)))
+    best = min(reached, key=lambda r: r.devices)  # the algorithm summary.md's finding names
     real = [p for (_, a), p in seen.items() if a == best.algorithm and not p.predicted]
     extra = {}
     if fast.name in PRESETS and slow.name in PRESETS:
