@@ -75,10 +75,10 @@ def run_point(cluster, system: System, algorithm: str, settings: Settings) -> Po
 
 
 def predict_point(measured: Point, system: System, settings: Settings) -> Point:
-    """A point too large for this machine, from a real one of the same chip: per-device compute
-    is what it measured (weak scaling: each device's work does not depend on the count), the
+    """A point too large for this machine, from a real run of the same chip: per-device compute
+    is that run's (weak scaling: each device's work does not depend on the count), the
     gradient all-reduce of each bucket is simulated with the local executor on the large system,
-    and the measured share of communication left exposed by overlap is kept."""
+    and the run's share of communication left exposed by overlap is kept."""
     from emulator.trainer import bucket_sizes
     m = measured.row
     elem = ITEMSIZE[measured.result.config["dtype"] if measured.result is not None else "bf16"]
@@ -111,7 +111,7 @@ def sweep(cluster, systems: list[System], algorithms: list[str], settings: Setti
           progress=None, on_point=None, done: dict | None = None) -> list[Point]:
     """Every system x algorithm. Systems larger than `capacity` devices are predicted from the
     largest real run of the same chip and algorithm. `done` maps (system name, chip, devices,
-    algorithm) to rows already measured (a resumed sweep skips them)."""
+    algorithm) to rows already run (a resumed sweep skips them)."""
     points, real = [], {}
     order = sorted(systems, key=lambda s: s.devices)
     for system in order:

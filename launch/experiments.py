@@ -187,7 +187,7 @@ SWEEP_IDENTITY = ("workload", "steps", "per_device_batch", "global_batch", "batc
 
 
 def _resume(out: ResultsDir, args) -> tuple[dict, list[dict]]:
-    """Points an earlier, interrupted run of the same sweep measured, and their step rows."""
+    """Points an earlier, interrupted run of the same sweep ran, and their step rows."""
     import csv
     if not (out.path / "summary.json").exists():
         return {}, []
@@ -232,7 +232,7 @@ def cmd_sweep(args) -> None:
     out = ResultsDir(args.out, name)
     done, earlier = _resume(out, args)
     if done:
-        print(f"# resuming {out.path}: {len(done)} point(s) already measured, skipped", file=sys.stderr)
+        print(f"# resuming {out.path}: {len(done)} point(s) already run, skipped", file=sys.stderr)
     first = min(systems, key=lambda s: s.devices)
     faults = faults_from(args, first.devices)  # a fault must name a device of every point
     with Cluster(first.scaled(min(max(s.devices for s in systems), capacity)), clock=args.clock,

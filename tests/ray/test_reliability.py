@@ -125,7 +125,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     second = relay(*argv)
     out, err = second.communicate(timeout=240)
     assert second.returncode == 0, err[-2000:]
-    assert f"{len(before['points'])} point(s) already measured, skipped" in err
+    assert f"{len(before['points'])} point(s) already run, skipped" in err
     after = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert after["status"] == "complete" and len(after["points"]) == 6
     assert after["points"][:len(before["points"])] == before["points"]  # kept as measured
