@@ -1,11 +1,13 @@
 """How far a break-even answer moves with the cost model's uncertain parameters, and what the
 full systems would do (predicted from the runs a search made).
 
-Sensitivity: each uncertain parameter of the *slow* side (the less documented chip and fabric)
-is moved to the low and then the high end of a plausible range, and the break-even search is run
-again: virtual clock, one algorithm (the best of the main search), starting from the main
-answer, and reusing the fast system's points (they do not change), so each case costs a few
-training runs. The ranges and the reasons for them are in RANGES.
+Sensitivity: each uncertain parameter is moved to the low and then the high end of a plausible
+range, and the break-even search is run again: virtual clock, one algorithm (the one the main
+finding names), starting from the main answer, so each case costs a few training runs. The
+launch overhead is one figure for every chip, so it moves on both sides (by the same factor);
+the efficiencies and the link efficiency move on the slow side only (the less documented chip
+and fabric), and the fast system's runs are then reused. The ranges and their reasons are in
+RANGES.
 
 Relay has no link-efficiency parameter: link efficiency is applied by scaling the slow system's
 scale-up and scale-out bandwidth (a collective then reaches that fraction of the link figure).
@@ -27,12 +29,13 @@ class Range:
     high: float
     scales: bool  # True: low and high multiply the chip's catalog figure; False: they replace it
     why: str  # where the range comes from
+    both: bool = False  # move it on the fast side too (a figure shared by every chip)
 
 
 RANGES = (
     Range("launch_us", 0.5, 2.0, True,
           "half to twice the catalog figure: per-kernel overhead is ~1-2 us for kernels launched "
-          "from a captured graph and 5-10 us for eager launches with their tail"),
+          "from a captured graph and 5-10 us for eager launches with their tail", both=True),
     Range("matmul_eff", 0.5, 0.85, False,
           "0.5 for GEMM kernels not tuned to the chip and shapes, 0.85 for the best vendor "
           "libraries on large GEMMs"),
@@ -62,17 +65,18 @@ def sensitivity(cluster, fast: System, slow: System, base: BreakEven, settings: 
     rows = []
     for r in RANGES:
         row = {"parameter": r.parameter, "low": r.low, "high": r.high, "scales": r.scales, "why": r.why,
+               "side": "both" if r.both else "slow",
                "catalog": None if r.parameter == "link_eff" else getattr(slow.chip, r.parameter)}
         for end in ("low", "high"):
-            res = breakeven(cluster, fast, vary(slow, r, getattr(r, end)), base.algorithm, settings, capacity,
-                            base.metric, base.target_loss, max_devices, on_point=on_point, known=known,
-                            guess=base.devices)
+            value = getattr(r, end)
+            res = breakeven(cluster, vary(fast, r, value) if r.both else fast, vary(slow, r, value),
+                            base.algorithm, settings, capacity, base.metric, base.target_loss, max_devices,
+                            on_point=on_point, known=None if r.both else known, guess=base.devices)
             row[f"{end}_devices"] = res.devices
             row[f"{end}_predicted"] = bool(res.slow and res.slow.predicted)
             row[f"{end}_verified"] = res.verified
         rows.append(row)
-    return {"algorithm": base.algorithm, "base_devices": base.devices, "rows": rows, "side": "slow",
-            "host_s": time.time() - start}
+    return {"algorithm": base.algorithm, "base_devices": base.devices, "rows": rows, "host_s": time.time() - start}
 
 
 def full_scale(fast: System, slow: System, real: list[Point], settings: Settings) -> dict:

@@ -167,14 +167,16 @@ def _sensitivity(sens: dict | None, slow: dict) -> list[str]:
     sc = slow["chip"]["name"]
     lines = ["", "## Sensitivity", "",
              f"Break-even slow devices ({sens['algorithm']}; {sens['base_devices']} with the catalog's figures) "
-             f"when one parameter of the slow side ({sc} and the {slow['name']} fabric, the less documented "
-             "side) moves to the low or high end of its plausible range, the others staying at their "
-             "catalog values. Each case is a new break-even search on the virtual clock, from the main "
-             f"answer, reusing the fast system's runs; all {2 * len(sens['rows'])} took "
+             "when one parameter moves to the low or high end of its plausible range, the others staying "
+             "at their catalog values. launch_us is one figure for every chip, so it moves on both sides "
+             f"by the same factor; the others move on the slow side only ({sc} and the {slow['name']} "
+             "fabric, the less documented side). Each case is a new break-even search on the virtual "
+             f"clock, from the main answer (reusing the fast system's runs where it is unchanged); all "
+             f"{2 * len(sens['rows'])} took "
              f"{sens['host_s']:.0f} s of host time. Link efficiency is applied by scaling the slow "
              "system's scale-up and scale-out bandwidth (Relay has no separate link-efficiency figure).", "",
-             "| parameter | catalog | low end | break-even | high end | break-even | why this range |",
-             "|---|---|---|---|---|---|---|"]
+             "| parameter | moved on | catalog | low end | break-even | high end | break-even | why this range |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sens["rows"]:
         def end(which):
             v = r[which]
@@ -184,5 +186,6 @@ def _sensitivity(sens: dict | None, slow: dict) -> list[str]:
             return shown, count
         (lo, n_lo), (hi, n_hi) = end("low"), end("high")
         catalog = "1 (link figure as achieved)" if r["catalog"] is None else f"{r['catalog']:g}"
-        lines.append(f"| {r['parameter']} | {catalog} | {lo} | {n_lo} | {hi} | {n_hi} | {r['why']} |")
+        side = "both sides" if r.get("side") == "both" else "slow side"
+        lines.append(f"| {r['parameter']} | {side} | {catalog} | {lo} | {n_lo} | {hi} | {n_hi} | {r['why']} |")
     return lines

@@ -31,6 +31,7 @@ def summary(fast: System, slow: System, full=True, sens=True) -> dict:
     if sens:
         out["sensitivity"] = {"algorithm": "ring", "base_devices": 20, "side": "slow", "host_s": 61.0, "rows": [
             {"parameter": "launch_us", "low": 0.5, "high": 2.0, "scales": True, "why": "because", "catalog": 4.0,
+             "side": "both",
              "low_devices": 18, "high_devices": 25, "low_predicted": False, "high_predicted": True,
              "low_verified": True, "high_verified": True}]}
     return out
@@ -42,7 +43,7 @@ def test_headline_summary_labels_predictions_and_shows_the_published_pair():
     assert "## Full systems (predicted)" in md and "| throughput on this workload | 2.00x | predicted |" in md
     assert "SemiAnalysis" in md and "780" in md  # the published comparison of this pair
     assert "power (system (all-in))" in md and "power basis: fast system (all-in), slow system (all-in)" in md
-    assert "## Sensitivity" in md and "| launch_us | 4 | x0.5 (2) | 18 | x2 (8) | 25 (predicted) |" in md
+    assert "## Sensitivity" in md and "| launch_us | both sides | 4 | x0.5 (2) | 18 | x2 (8) | 25 (predicted) |" in md
     assert "took 61 s of host time" in md
     assert "19: 1.1e+06, falls short" in md and "**Not monotone (ring).** More slow devices did worse at 12 -> 13" in md
     assert "launch_us: 4 us on both chips" in md
@@ -53,3 +54,15 @@ def test_published_comparison_only_for_its_pair():
                     SETTINGS)
     assert "SemiAnalysis" not in md and "780" not in md
     assert "power (chip)" in md  # chip power on both sides, said so
+
+
+def test_sensitivity_varies_one_figure():
+    from emulator.sensitivity import RANGES, vary
+    slow = System.preset("cloudmatrix384")
+    by = {r.parameter: r for r in RANGES}
+    assert vary(slow, by["launch_us"], 2.0).chip.launch_us == 2 * slow.chip.launch_us
+    assert vary(slow, by["matmul_eff"], 0.5).chip.matmul_eff == 0.5
+    linked = vary(slow, by["link_eff"], 0.5)
+    assert (linked.scaleup_gbps, linked.scaleout_gbps) == (slow.scaleup_gbps / 2, slow.scaleout_gbps / 2)
+    assert linked.chip == slow.chip and vary(slow, by["mem_eff"], 0.6).scaleup_gbps == slow.scaleup_gbps
+    assert by["launch_us"].both and not any(r.both for r in RANGES if r.parameter != "launch_us")
