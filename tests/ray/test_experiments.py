@@ -155,7 +155,14 @@ def test_relay_breakeven_writes_its_summary(ray_session, tmp_path, capsys):
     summary = json.loads((folder / "summary.json").read_text())
     row = summary["breakeven"][0]
     assert row["break_even_devices"] >= 2 and row["naive_devices"] == pytest.approx(2 * 989.4 / 312)
-    assert "naive" in (folder / "summary.md").read_text()
+    md = (folder / "summary.md").read_text()
+    assert "naive" in md
+    # the search's own check, in the output, summary.json and summary.md
+    n = row["break_even_devices"]
+    assert f"# ring: one device fewer ({n - 1}) falls short, as it must" in out
+    assert row["verified"] is True and row["below_devices"] == n - 1 and f"| {n - 1}: " in md
+    # bare chips, not presets: no full-system prediction and no published comparison
+    assert "SemiAnalysis" not in md and "Full systems" not in md and "chip" in row["slow_power_basis"]
 
 
 def test_relay_bench_results_folder(ray_session, tmp_path, capsys):
