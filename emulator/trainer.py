@@ -14,6 +14,7 @@ import torch
 
 from emulator import workloads
 from emulator.collectives.schedules import check as check_algorithm
+from emulator.errors import ConfigError
 from emulator.workloads import Workload
 from kernels.cost import ITEMSIZE
 
@@ -60,17 +61,17 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), 1)
         if self.per_device_batch is not None and self.global_batch is not None:
-            raise ValueError(f"per_device_batch = {self.per_device_batch} and global_batch = "
+            raise ConfigError(f"per_device_batch = {self.per_device_batch} and global_batch = "
                              f"{self.global_batch}: give one (weak or strong scaling), not both")
         check_algorithm("all_reduce", self.algorithm, allow_auto=True)
         if not isinstance(self.overlap, bool):
-            raise ValueError(f"overlap = {self.overlap!r} is invalid; give True or False")
+            raise ConfigError(f"overlap = {self.overlap!r} is invalid; give True or False")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
-            raise ValueError(f"lr = {self.lr!r} is invalid; give a learning rate > 0")
+            raise ConfigError(f"lr = {self.lr!r} is invalid; give a learning rate > 0")
         if self.optimizer not in (None, *OPTIMIZER_BYTES):
-            raise ValueError(f"optimizer = {self.optimizer!r} is unknown; choose 'adamw' or 'sgd'")
+            raise ConfigError(f"optimizer = {self.optimizer!r} is unknown; choose 'adamw' or 'sgd'")
         if not (_number(self.bucket_mb) and self.bucket_mb > 0):
-            raise ValueError(f"bucket_mb = {self.bucket_mb!r} is invalid; give MB > 0")
+            raise ConfigError(f"bucket_mb = {self.bucket_mb!r} is invalid; give MB > 0")
 
     @classmethod
     def options(cls) -> list:
@@ -89,7 +90,7 @@ class TrainConfig:
         if self.global_batch is None:
             return self.per_device_batch or self.DEFAULT_PER_DEVICE_BATCH
         if self.global_batch % devices:
-            raise ValueError(f"global_batch = {self.global_batch} does not divide over {devices} devices; "
+            raise ConfigError(f"global_batch = {self.global_batch} does not divide over {devices} devices; "
                              "choose device counts that divide it, or weak scaling (per_device_batch)")
         return self.global_batch // devices
 
@@ -126,7 +127,7 @@ def _number(v) -> bool:
 
 def _integer(name: str, v, low: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"{name} = {v!r} is invalid; give an integer >= {low}")
+        raise ConfigError(f"{name} = {v!r} is invalid; give an integer >= {low}")
 
 
 class Optimizer:
@@ -154,11 +155,11 @@ class Optimizer:
             denom = (self.v[i].sqrt() / (1 - b2 ** self.t) ** 0.5).add_(self.eps)
             p.addcdiv_(self.m[i], denom, value=-self.lr / (1 - b1 ** self.t))
 
-    @torch.no_grad()
     def zero_grad(self) -> None:
+        """Drop the gradients (torch's default, set_to_none): the next backward writes them
+        afresh instead of adding into zeros (and GradSync fills any it leaves unset)."""
         for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
 
 
 def make_buckets(params: list, elem_bytes: int, bucket_bytes: float) -> list[list]:

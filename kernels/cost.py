@@ -6,13 +6,15 @@ q is 1 except for GEMMs (mm, addmm, bmm, baddbmm), where it is the tile and wave
 the output's shape on the chip (kernels/gemm.py): small and skinny GEMMs reach less of the peak.
 
 FLOPs come from PyTorch's own formulas (torch.utils.flop_counter's registry: matmuls, convolutions,
-attention); every other op has none and is memory-bound. Bytes are the op's inputs plus outputs,
+attention), completed below for the attention kernels the registry lacks (the CPU flash kernel
+among them); every other op has none and is memory-bound. Bytes are the op's inputs plus outputs,
 floating tensors counted at the *emulated* dtype (bf16 by default, whatever the host computes in),
 integer and bool tensors at their real size. Views and bare allocations launch no kernel: they cost 0.
 
 The chip is any object with the catalog's SI views (`peak_flops(dtype)`, `hbm_Bps`) and the
-default `matmul_eff`, `mem_eff` and `launch_us`: an `emulator.hardware.chips.Chip`. This layer
-sits below the rest of Relay and imports none of it.
+default `matmul_eff`, `mem_eff`, `launch_us` and `compute_units`: an
+`emulator.hardware.chips.Chip`. This layer sits below the rest of Relay and imports none of it;
+its bad-input errors are ValueErrors that the driver checks before any device starts.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from kernels.gemm import quantisation
 
@@ -44,8 +45,34 @@ _GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 
 
-def _shape(x):
-    return x.shape if isinstance(x, torch.Tensor) else x
+# Attention kernels that torch.utils.flop_counter has no formula for, with torch's own counts
+# (sdpa_flop_count: QK^T and PV; the backward adds the recomputed QK^T and three more matmuls).
+# Like torch's formulas they charge the full score matrix also when is_causal (a causal kernel
+# may skip masked blocks; Relay charges what an explicitly masked matmul would). The math
+# fallback (aten._scaled_dot_product_attention_math) decomposes into matmuls and softmax, which
+# are charged op by op. Formulas take raw tensors and `out_val`, as the registry's do.
+def _sdpa_forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+def _flash_forward_into(out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    # _flash_attention_forward writing into `out`: the registry's formula of the plain kernel
+    return flop_registry[torch.ops.aten._flash_attention_forward](query, key, value, *args, out_val=None)
+
+
+_aten = torch.ops.aten
+ATTENTION_FLOPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+    _aten._scaled_dot_product_fused_attention_overrideable: _sdpa_forward,
+    _aten._scaled_dot_product_fused_attention_overrideable_backward: _sdpa_backward,
+    _aten._scaled_dot_product_attention_math_for_mps: _sdpa_forward,
+    _aten._flash_attention_forward_no_dropout_inplace: _flash_forward_into,
+}
 
 
 @dataclass(frozen=True)
@@ -81,32 +108,54 @@ class CostModel:
         return self._launch_s + max(flops / self._flop_rate, nbytes / self._byte_rate)
 
     def op_cost(self, func, args=(), kwargs=None, out=None) -> OpCost:
-        """Cost of one executed aten op (func is an OpOverload, out its result). This runs for
-        every op a device executes, so it walks arguments by hand rather than with pytree."""
-        kind = _KIND.get(func)
-        if kind is None:
-            kind = _KIND[func] = 0 if func.is_view or func._overloadpacket in _FREE else \
-                flop_registry.get(func._overloadpacket, 1)
-        if kind == 0:
+        """Cost of one executed aten op (func is an OpOverload, out its result)."""
+        parts = self.op_parts(func, args, kwargs, out)
+        if parts is None:
             return _ZERO
-        flops = 0
-        q = 1.0
-        if kind != 1:  # a FLOP formula
-            flops = kind(*tree_map(_shape, args), **tree_map(_shape, kwargs or {}), out_val=tree_map(_shape, out))
-            if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
-                *batch, m, n = out.shape
-                q = quantisation(m, n, self.chip.compute_units, math.prod(batch))
-        nbytes = self._bytes(args) + self._bytes(out)
-        if kwargs:
-            nbytes += self._bytes(tuple(kwargs.values()))
+        flops, nbytes, _, q = parts
         return OpCost(self.seconds(flops / q, nbytes), float(flops), float(nbytes))
 
-    def _bytes(self, x) -> int:
+    def op_parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale: float = 1.0) -> tuple | None:
+        """(FLOPs, bytes, fixed bytes, q) of one executed aten op, or None for an op that launches
+        no kernel. `bytes` counts every tensor read or written; `fixed bytes`, the part of it in
+        tensors for which fixed(tensor) is true (the parameter- and gradient-shaped ones, whose
+        size does not grow with the batch); q, a GEMM's quantisation (1 for other ops) for its
+        output as it would be with `scale` times the batch (rows, or the batch of a bmm, grow;
+        a parameter-shaped output does not). This runs for every op a device executes, so it
+        walks arguments by hand rather than with pytree."""
+        kind = _KIND.get(func)
+        if kind is None:
+            packet = func._overloadpacket
+            kind = _KIND[func] = 0 if func.is_view or packet in _FREE else \
+                ATTENTION_FLOPS.get(packet) or flop_registry.get(packet, 1)
+        if kind == 0:
+            return None
+        flops, q = 0, 1.0
+        if kind != 1:  # a FLOP formula (the registry's take raw tensors and out_val)
+            flops = kind(*args, **(kwargs or {}), out_val=out)
+            if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
+                *batch, m, n = out.shape
+                grows = scale if fixed is None or not fixed(out) else 1.0
+                if batch:
+                    q = quantisation(m, n, self.chip.compute_units, int(math.prod(batch) * grows))
+                else:
+                    q = quantisation(int(m * grows), n, self.chip.compute_units)
+        counts = [0, 0]  # bytes, fixed bytes
+        self._bytes(args, counts, fixed)
+        self._bytes(out, counts, fixed)
+        if kwargs:
+            self._bytes(tuple(kwargs.values()), counts, fixed)
+        return flops, counts[0], counts[1], q
+
+    def _bytes(self, x, counts: list, fixed) -> None:
         if isinstance(x, torch.Tensor):
-            return x.numel() * (self._float_size if x.is_floating_point() else x.element_size())
-        if isinstance(x, (list, tuple)):
-            return sum(self._bytes(y) for y in x)
-        return 0
+            n = x.numel() * (self._float_size if x.is_floating_point() else x.element_size())
+            counts[0] += n
+            if fixed is not None and fixed(x):
+                counts[1] += n
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                self._bytes(y, counts, fixed)
 
     def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""

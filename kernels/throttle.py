@@ -3,6 +3,12 @@
 It is a TorchDispatchMode, so it sees the ops of the user's model unchanged (forward, backward,
 optimizer), executes each for real, asks the cost model what it would cost on the emulated chip,
 and charges the lane (which sleeps in wall mode, adds in virtual mode).
+
+Batch scaling (`batch_scale = K`): a device computes a small batch but is charged as if it
+computed K times that batch. What grows with the batch is charged K times: every op's FLOPs and
+the bytes of activation-shaped tensors. What does not is charged once: the bytes of parameter-
+and gradient-shaped tensors (weight reads, weight-gradient writes, gradient accumulation).
+`ParameterTensors` decides which tensors those are (see there).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ class Throttle(TorchDispatchMode):
         self.lane = lane
         self.sync_cuda = sync_cuda  # wall clock on a GPU: wait for the kernel before pacing
         self.slowdown = slowdown  # multiplies every cost (a straggler)
-        self.work_scale = 1.0  # charge each op for this many times its FLOPs and bytes (not launches)
+        self.batch_scale = 1.0  # charge as for this many times the batch computed (see the module doc)
+        self.fixed = None  # a ParameterTensors: tensors whose bytes batch_scale leaves unscaled
         self.paused = False
         self.ops = 0
         self.flops = 0.0
@@ -43,10 +50,10 @@ class Throttle(TorchDispatchMode):
             return out
         if self.sync_cuda:
             torch.cuda.synchronize()
-        cost = self.cost_model.op_cost(func, args, kwargs, out)
-        if cost.seconds and self.work_scale != 1.0:
-            f, b = cost.flops * self.work_scale, cost.bytes * self.work_scale
-            cost = OpCost(self.cost_model.seconds(f, b), f, b)
+        if self.batch_scale == 1.0:
+            cost = self.cost_model.op_cost(func, args, kwargs, out)
+        else:
+            cost = self._scaled(func, args, kwargs, out)
         if cost.seconds:
             seconds = cost.seconds * self.slowdown
             self.ops += 1
@@ -56,6 +63,15 @@ class Throttle(TorchDispatchMode):
             self.lane.charge(seconds)
         return out
 
+    def _scaled(self, func, args, kwargs, out) -> OpCost:
+        k = self.batch_scale
+        parts = self.cost_model.op_parts(func, args, kwargs, out, self.fixed, k)
+        if parts is None:
+            return OpCost(0.0, 0.0, 0.0)
+        flops, nbytes, fixed, q = parts
+        f, b = flops * k, (nbytes - fixed) * k + fixed
+        return OpCost(self.cost_model.seconds(f / q, b), f, b)
+
     @contextlib.contextmanager
     def pause(self):
         """Ops inside are executed but not charged (communication bookkeeping, metrics)."""
@@ -64,6 +80,35 @@ class Throttle(TorchDispatchMode):
             yield
         finally:
             self.paused = was
+
+
+class ParameterTensors:
+    """Which tensors are parameter- or gradient-shaped, for batch scaling: a tensor is if it
+    shares storage with a parameter (a weight read through any view), or if its shape is a
+    parameter's shape, or (for matrices) its transpose, or if it has no dimension.
+
+    Identity alone cannot work: a weight gradient is a fresh tensor (the output of the backward
+    matmul, before autograd stores it as .grad), and so are optimizer moments; its shape is what
+    marks it. The shape rule is a heuristic: an activation that happens to have exactly a
+    parameter's shape (say a (B*T, C) activation when some weight is (B*T, C)) is charged once
+    instead of K times. Tensors that really do not grow with the batch, such as a position
+    embedding's (T, C) output or a (T, T) causal mask, are charged once too, which is right.
+    A bias gradient summed with keepdim, (1, C), is not matched (it is charged K times, a few KB):
+    matching it would also match every (1, C) activation of a one-sample batch."""
+
+    def __init__(self, params):
+        params = list(params)
+        self.storages = {p.untyped_storage().data_ptr() for p in params}
+        shapes = {tuple(p.shape) for p in params}
+        self.shapes = shapes | {s[::-1] for s in shapes if len(s) == 2} | {()}
+
+    def __call__(self, t: torch.Tensor) -> bool:
+        if tuple(t.shape) in self.shapes:
+            return True
+        try:
+            return t.untyped_storage().data_ptr() in self.storages
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, nested)
+            return False
 
 
 def throttled_matmul(a: torch.Tensor, b: torch.Tensor, *, chip, lane=None, dtype="bf16",

@@ -1,7 +1,8 @@
 """`relay`: the command line.
 
 Every emulated figure is labelled as emulated and every host figure as real, with units in the
-column names. Bad input exits with status 2 and a one-line message (no traceback)."""
+column names. Bad input (an emulator.errors.ConfigError) exits with status 2 and a one-line
+message; any other error is a bug or a failure of the environment and shows its traceback."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from tabulate import tabulate
 
 from emulator import DeviceError, chips
+from emulator.errors import ConfigError
 from emulator.results.folder import ResultsDir
 from launch import presets, ray_cluster, validate
 from launch.bench import cmd_bench
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-loss", type=float, help="with --metric time-to-loss: the loss to reach")
     g.add_argument("--max-devices", type=int, help="largest slow device count to search")
     g.add_argument("--curve", help="also run the slow side at these device counts (for the plot), e.g. 1,8,16,32")
+    g.add_argument("--sensitivity", action="store_true", default=None,
+                   help="also re-run the search with each uncertain model parameter at the ends of its "
+                        "range (launch, matmul and memory efficiency, link efficiency) for summary.md")
     add_train_args(be)
     add_run_args(be)
     be.set_defaults(fn=cmd_breakeven)
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     except DeviceError as e:  # a device failed mid-run: not bad input, but no traceback either
         print(f"relay {args.command}: run failed: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except ConfigError as e:  # bad input: the message says what to change; other errors show a traceback
         print(f"relay {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,14 +15,15 @@ import psutil
 from tqdm import tqdm
 
 from emulator import Faults, System, TrainConfig
+from emulator.errors import ConfigError
 from launch import presets
 
 OTHER_DEFAULTS = {"clock": "virtual", "out": "results"}  # the training options' live in TrainConfig
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
-class UsageError(ValueError):
-    pass
+class UsageError(ConfigError):
+    """Bad command-line usage (options missing or contradicting each other)."""
 
 
 def parse_bytes(text: str) -> int:
@@ -140,7 +141,7 @@ def as_list(value, typ=str) -> list:
     try:
         return [typ(v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
     except ValueError:
-        raise ValueError(f"{value!r} is not a list of {typ.__name__}; write e.g. 1,2,4") from None
+        raise ConfigError(f"{value!r} is not a list of {typ.__name__}; write e.g. 1,2,4") from None
 
 
 def _cwd_importable() -> None:
@@ -179,17 +180,17 @@ def faults_from(args, devices: int):
         try:
             out = {k.strip(): float(v) for k, v in (kv.split("=") for kv in str(text).split(","))}
         except ValueError:
-            raise ValueError(f"{flag} = {text!r} is not key=value pairs; write e.g. "
+            raise ConfigError(f"{flag} = {text!r} is not key=value pairs; write e.g. "
                              f"{'device=2,step=3' if flag == '--fail' else 'device=2,slowdown=2'}") from None
         if not {"device"} <= set(out) <= allowed:
-            raise ValueError(f"{flag} = {text!r}: give device= and {' / '.join(sorted(allowed - {'device'}))}")
+            raise ConfigError(f"{flag} = {text!r}: give device= and {' / '.join(sorted(allowed - {'device'}))}")
         return out
 
     fail, compute, links = None, {}, {}
     if getattr(args, "fail", None):
         f = fields("--fail", args.fail, {"device", "step"})
         if "step" not in f:
-            raise ValueError(f"--fail = {args.fail!r}: say when, e.g. device=2,step=3")
+            raise ConfigError(f"--fail = {args.fail!r}: say when, e.g. device=2,step=3")
         fail = (int(f["device"]), int(f["step"]))
     for text in getattr(args, "straggler", None) or []:
         f = fields("--straggler", text, {"device", "slowdown", "links"})

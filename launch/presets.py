@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emulator.errors import ConfigError
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -26,15 +28,15 @@ def load(name: str) -> dict:
     if path.suffix != ".toml":
         path = PRESETS / f"{name}.toml"
         if not path.exists():
-            raise ValueError(f"preset = {name!r} is unknown; presets: {', '.join(names())} "
+            raise ConfigError(f"preset = {name!r} is unknown; presets: {', '.join(names())} "
                              "(or give the path of a .toml file)")
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except OSError as e:
-        raise ValueError(f"preset file {str(path)!r} cannot be read ({e.strerror}); check the path") from None
+        raise ConfigError(f"preset file {str(path)!r} cannot be read ({e.strerror}); check the path") from None
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"preset file {str(path)!r} is not valid TOML ({e}); fix it or use another") from None
+        raise ConfigError(f"preset file {str(path)!r} is not valid TOML ({e}); fix it or use another") from None
 
 
 def apply(args, command: str, valid: set[str]) -> None:
@@ -44,10 +46,10 @@ def apply(args, command: str, valid: set[str]) -> None:
     values = load(args.preset)
     cmd = values.pop("command", command)
     if cmd != command:
-        raise ValueError(f"preset {args.preset!r} is for `relay {cmd}`, not `relay {command}`")
+        raise ConfigError(f"preset {args.preset!r} is for `relay {cmd}`, not `relay {command}`")
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ValueError(f"preset {args.preset!r}: unknown option(s) {', '.join(unknown)}; "
+        raise ConfigError(f"preset {args.preset!r}: unknown option(s) {', '.join(unknown)}; "
                          f"`relay {command} --help` lists the options")
     for key, value in values.items():
         if getattr(args, key, None) is None:

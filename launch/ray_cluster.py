@@ -23,6 +23,7 @@ import ray
 from tabulate import tabulate
 
 from emulator.driver.session import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, record_path, resolve_address
+from emulator.errors import ConfigError
 
 
 def _ray_binary() -> str:
@@ -55,19 +56,19 @@ def read_record() -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        raise ValueError(f"{path} is not a Relay cluster record; remove it and run `relay cluster up` again") from None
+        raise ConfigError(f"{path} is not a Relay cluster record; remove it and run `relay cluster up` again") from None
 
 
 def cmd_up(args) -> None:
     rec = read_record()
     if rec and _ours(rec["temp_dir"]):
-        raise ValueError(f"a Relay cluster is already up at {rec['address']}; `relay cluster down` first")
+        raise ConfigError(f"a Relay cluster is already up at {rec['address']}; `relay cluster down` first")
     host = args.host or "127.0.0.1"
     port = args.port or _free_port(host)
     cpus = args.cpus or psutil.cpu_count() or 1
     store_mb = args.object_store_mb or int(min(2048, psutil.virtual_memory().available / 2**20 * 0.1))
     if cpus < 1 or store_mb < 100:
-        raise ValueError(f"--cpus {cpus} / --object-store-mb {store_mb}: need at least 1 CPU and 100 MB")
+        raise ConfigError(f"--cpus {cpus} / --object-store-mb {store_mb}: need at least 1 CPU and 100 MB")
     temp_dir = f"/tmp/relay-ray-{port}"  # short: Ray's socket paths must stay under 107 characters
     cmd = [_ray_binary(), "start", "--head", f"--node-ip-address={host}", f"--port={port}",
            f"--num-cpus={cpus}", f"--object-store-memory={store_mb * 2**20}",
@@ -83,7 +84,7 @@ def cmd_up(args) -> None:
                RAY_AUTH_TOKEN_PATH=str(token))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if out.returncode != 0:
-        raise ValueError(f"`ray start` failed (exit {out.returncode}): {out.stderr.strip()[-800:]}")
+        raise RuntimeError(f"`ray start` failed (exit {out.returncode}): {out.stderr.strip()[-800:]}")
     address = f"{host}:{port}"
     record_path().write_text(json.dumps({"address": address, "temp_dir": temp_dir, "token": str(token), "cpus": cpus,
                                          "object_store_mb": store_mb, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
@@ -123,7 +124,7 @@ def cmd_status(args) -> None:
 def cmd_down(args) -> None:
     rec = read_record()
     if rec is None:
-        raise ValueError(f"no Relay cluster is recorded in {record_path()}; nothing to stop")
+        raise ConfigError(f"no Relay cluster is recorded in {record_path()}; nothing to stop")
     procs = _ours(rec["temp_dir"])
     for p in procs:
         try:

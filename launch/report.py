@@ -6,17 +6,19 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from emulator.errors import ConfigError
 from emulator.results.folder import ResultsDir, fmt
 from emulator.results.plots import draw
-from launch.breakeven import _settings_of, breakeven_table, summary_md
+from launch.breakeven import _settings_of, breakeven_table
 from launch.run import run_table
+from launch.summary import summary_md
 from launch.sweep import points_table
 
 
 def cmd_report(args) -> None:
     path = Path(args.path)
     if not (path / "summary.json").exists():
-        raise ValueError(f"{str(path)!r} is not a results folder (no summary.json); give results/<name>")
+        raise ConfigError(f"{str(path)!r} is not a results folder (no summary.json); give results/<name>")
     out = ResultsDir(path.parent, path.name)
     summary = out.read_json("summary.json")
     drawn = draw(out, summary)

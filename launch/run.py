@@ -46,15 +46,16 @@ def cmd_run(args) -> int:
 
 def run_table(s: dict, config: dict) -> list[list]:
     unit = "tokens" if s.get("tokens_per_s") else "samples"
+    basis = config.get("power_basis", "chip")
     rows = [["step time", fmt(s["step_s"], 1e3), "emulated ms"],
             ["compute", fmt(s["compute_s"], 1e3), "emulated ms"],
             ["communication (total)", fmt(s["comm_s"], 1e3), "emulated ms"],
             ["communication (exposed)", fmt(s["exposed_comm_s"], 1e3), "emulated ms"],
             ["throughput", fmt(s.get("tokens_per_s") or s["samples_per_s"]), f"{unit} per emulated s"],
             ["model FLOPs utilisation", fmt(s["mfu"], 100), "% of dense BF16 peak"],
-            ["energy per step", fmt(s["energy_j"]), "J (emulated)"],
+            ["energy per step", fmt(s["energy_j"]), f"J (emulated, {basis} power)"],
             [f"energy per {unit[:-1]}", fmt(s.get("energy_per_token_j") or s.get("energy_per_sample_j")),
-             "J (emulated)"],
+             f"J (emulated, {basis} power)"],
             ["final loss", fmt(s["final_loss"], digits=4), "nats" if config.get("loss_floor") else ""],
             ["host time per step", fmt(s["wall_s"]), "real s"],
             ["fidelity", fmt(s["fidelity"], digits=4), "wall clock: 1.0 = exact"]]

@@ -11,6 +11,7 @@ from emulator import Cluster, System
 from emulator.driver.experiment import sweep
 from emulator.driver.session import MEMORY_MB
 from emulator.driver.training import check_memory
+from emulator.errors import ConfigError
 from emulator.results.folder import ResultsDir, environment, fmt, system_dict
 from emulator.results.write import write_points
 from emulator.trainer import defaults as train_defaults
@@ -36,17 +37,17 @@ SWEEP_IDENTITY = ("workload", "steps", "per_device_batch", "global_batch", "batc
 
 
 def _resume(out: ResultsDir, args) -> tuple[dict, list[dict]]:
-    """Points an earlier, interrupted run of the same sweep measured, and their step rows."""
+    """Points an earlier, interrupted run of the same sweep ran, and their step rows."""
     if not (out.path / "summary.json").exists():
         return {}, []
     summary, config = out.read_json("summary.json"), out.read_json("config.json")
     if summary.get("kind") != "sweep":
-        raise ValueError(f"results folder {str(out.path)!r} holds a {summary.get('kind')}, not a sweep; "
+        raise ConfigError(f"results folder {str(out.path)!r} holds a {summary.get('kind')}, not a sweep; "
                          "choose another --name")
     before = config.get("options", {})
     changed = [k for k in SWEEP_IDENTITY if str(before.get(k)) != str(getattr(args, k, None))]
     if changed:
-        raise ValueError(f"results folder {str(out.path)!r} holds a sweep with other settings ({', '.join(changed)}); "
+        raise ConfigError(f"results folder {str(out.path)!r} holds a sweep with other settings ({', '.join(changed)}); "
                          "choose another --name to keep both, or delete the folder")
     done = {(r["system"], r["chip"], r["devices"], r["algorithm"]): r for r in summary["points"]}
     with open(out.path / "steps.csv") as fh:
@@ -59,11 +60,11 @@ def cmd_sweep(args) -> None:
     args.algorithms = args.algorithms or train_defaults()["algorithm"]
     args.scaling = args.scaling or "weak"
     if args.scaling not in ("weak", "strong"):
-        raise ValueError(f"scaling = {args.scaling!r} is unknown; choose 'weak' or 'strong'")
+        raise ConfigError(f"scaling = {args.scaling!r} is unknown; choose 'weak' or 'strong'")
     if args.scaling == "strong" and args.global_batch is None:
-        raise ValueError("strong scaling needs --global-batch (the batch divided over the devices)")
+        raise ConfigError("strong scaling needs --global-batch (the batch divided over the devices)")
     if args.scaling == "weak" and args.global_batch is not None:
-        raise ValueError("weak scaling fixes --per-device-batch; for a fixed --global-batch use --scaling strong")
+        raise ConfigError("weak scaling fixes --per-device-batch; for a fixed --global-batch use --scaling strong")
     systems = sweep_systems(args)
     algorithms = as_list(args.algorithms)
     config = config_from(args)
@@ -76,7 +77,7 @@ def cmd_sweep(args) -> None:
     out = ResultsDir(args.out, name)
     done, earlier = _resume(out, args)
     if done:
-        print(f"# resuming {out.path}: {len(done)} point(s) already measured, skipped", file=sys.stderr)
+        print(f"# resuming {out.path}: {len(done)} point(s) already run, skipped", file=sys.stderr)
     first = min(systems, key=lambda s: s.devices)
     faults = faults_from(args, first.devices)  # a fault must name a device of every point
     with Cluster(first.scaled(min(max(s.devices for s in systems), capacity)), clock=args.clock,
@@ -106,10 +107,10 @@ def points_table(rows: list[dict]) -> str:
     return tabulate([[r["chip"], r["devices"], r["algorithm"], r["global_batch"], fmt(r["step_s"], 1e3),
                       fmt(r["compute_s"], 1e3), fmt(r["exposed_comm_s"], 1e3),
                       fmt(r.get("tokens_per_s") or r["samples_per_s"]), fmt(r["mfu"], 100),
-                      fmt(r.get("energy_per_token_j") or r.get("energy_per_sample_j")),
-                      "predicted" if r["predicted"] else "measured"] for r in rows],
+                      fmt(r.get("energy_per_token_j") or r.get("energy_per_sample_j")), r.get("power_basis", "chip"),
+                      "predicted" if r["predicted"] else "emulated"] for r in rows],
                     headers=["chip", "devices", "algorithm", "global batch", "emul step (ms)",
                              "emul compute (ms)", "emul exposed comm (ms)", f"emul {unit}/s", "MFU (%)",
-                             f"emul J/{unit[:-1]}", "how"], disable_numparse=True)
+                             f"emul J/{unit[:-1]}", "power basis", "how"], disable_numparse=True)
 
 

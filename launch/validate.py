@@ -27,6 +27,7 @@ from tabulate import tabulate
 
 from emulator import System, chips
 from emulator.collectives import Fabric, busbw_factor, resolve, simulate
+from emulator.errors import ConfigError
 from kernels.cost import CostModel
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "emulator" / "hardware" / "published.toml"
@@ -60,7 +61,7 @@ class Row:
 def nbytes(size: str) -> int:
     m = re.fullmatch(r"(\d+)([KMG]?)", size)
     if not m:
-        raise ValueError(f"size = {size!r} is not a byte count; write e.g. 8, 1M, 16G")
+        raise ConfigError(f"size = {size!r} is not a byte count; write e.g. 8, 1M, 16G")
     return int(m.group(1)) * UNITS[m.group(2)]
 
 
@@ -70,7 +71,7 @@ def load(path: Path | str = PUBLISHED) -> list[Row]:
     ids = [r.id for r in rows]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:
-        raise ValueError(f"{path}: duplicate row id(s) {', '.join(sorted(dup))}")
+        raise ConfigError(f"{path}: duplicate row id(s) {', '.join(sorted(dup))}")
     return rows
 
 

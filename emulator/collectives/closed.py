@@ -31,6 +31,7 @@ import math
 
 from emulator.collectives.fabric import PROTOCOLS, Fabric
 from emulator.collectives.schedules import ALGORITHMS, Topology, check, schedule, stagger
+from emulator.errors import ConfigError
 
 MAX_CHUNKS = 64  # pipeline chunks of tree and chain algorithms, at most
 AUTO = "auto"
@@ -185,7 +186,7 @@ def resolve(primitive: str, algorithm: str, nbytes: float, system, fabric: Fabri
     else:
         check(primitive, algorithm)
         if algorithm == "nvls" and not fabric.has_switch:
-            raise ValueError(f"algorithm 'nvls' needs a scale-up fabric with in-switch reduction; "
+            raise ConfigError(f"algorithm 'nvls' needs a scale-up fabric with in-switch reduction; "
                              f"{fabric.up_class.name!r} has none: choose ring, or auto")
         algs = [algorithm]
     best = None

@@ -24,6 +24,8 @@ except ImportError:  # Python 3.10
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from emulator.errors import ConfigError
+
 FABRICS = Path(__file__).resolve().parents[1] / "hardware" / "fabrics.toml"
 PROTOCOLS = ("ll", "simple")
 
@@ -52,14 +54,14 @@ class FabricClass:
         for f in ("eff", "ll_bw"):
             v = getattr(self, f)
             if not 0 < v <= 1:
-                raise ValueError(f"fabric {self.name!r}: {f} = {v!r} is invalid; give a fraction in (0, 1]")
+                raise ConfigError(f"fabric {self.name!r}: {f} = {v!r} is invalid; give a fraction in (0, 1]")
         for f in ("o_us", "ll_base_us", "simple_base_us", "simple_step_us", "switch_base_us"):
             if getattr(self, f) < 0:
-                raise ValueError(f"fabric {self.name!r}: {f} = {getattr(self, f)!r} is negative; give >= 0")
+                raise ConfigError(f"fabric {self.name!r}: {f} = {getattr(self, f)!r} is negative; give >= 0")
         if self.switch not in ("none", "nvls", "sharp"):
-            raise ValueError(f"fabric {self.name!r}: switch = {self.switch!r}; choose none, nvls or sharp")
+            raise ConfigError(f"fabric {self.name!r}: switch = {self.switch!r}; choose none, nvls or sharp")
         if self.switch != "none" and not 0 < self.switch_eff <= 1:
-            raise ValueError(f"fabric {self.name!r}: switch_eff = {self.switch_eff!r}; give a fraction in (0, 1]")
+            raise ConfigError(f"fabric {self.name!r}: switch_eff = {self.switch_eff!r}; give a fraction in (0, 1]")
 
 
 def load(path: Path | str = FABRICS) -> dict[str, FabricClass]:
@@ -73,7 +75,7 @@ def load(path: Path | str = FABRICS) -> dict[str, FabricClass]:
     for name, raw in data.items():
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"fabric {name!r}: unknown field(s) {', '.join(sorted(unknown))}; known: "
+            raise ConfigError(f"fabric {name!r}: unknown field(s) {', '.join(sorted(unknown))}; known: "
                              f"{', '.join(sorted(known))}")
         kw = {**base, **raw}
         kw["sources"] = {**base_sources, **raw.get("sources", {})}
@@ -93,7 +95,7 @@ def fabric_class(name: str | None) -> FabricClass:
     if name is None:
         return CLASSES["default"]
     if name not in CLASSES:
-        raise ValueError(f"fabric = {name!r} is not in fabrics.toml; known: {', '.join(CLASSES)}")
+        raise ConfigError(f"fabric = {name!r} is not in fabrics.toml; known: {', '.join(CLASSES)}")
     return CLASSES[name]
 
 
@@ -120,7 +122,7 @@ class Fabric:
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol = {self.protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
+            raise ConfigError(f"protocol = {self.protocol!r} is unknown; choose one of {', '.join(PROTOCOLS)}")
         # resolved once: link() runs for every message
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("_up", self._timing(self.up_line, self.up_class))

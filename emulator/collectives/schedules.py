@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from emulator.errors import ConfigError
+
 Seg = tuple[int, int]  # [start, stop) in elements
 
 
@@ -48,7 +50,7 @@ class Topology:
 
     def __post_init__(self):
         if self.world < 1 or self.domain < 1:
-            raise ValueError(f"topology: world = {self.world}, domain = {self.domain}; both must be >= 1")
+            raise ConfigError(f"topology: world = {self.world}, domain = {self.domain}; both must be >= 1")
 
     @property
     def domains(self) -> int:
@@ -149,7 +151,7 @@ def ring_broadcast(rank, world, count, topology=None, root=0, chunks=None, **_):
     return chain_broadcast_group(rank, list(range(world)), root, shards(count, _chunks(count, chunks)))
 
 
-# ---------------------------------------------------------------- tree (pipelined double binary tree)
+# ---------------------------------------------------------------- tree (pipelined two binary trees)
 class _Tree:
     """A binary heap tree over positions 0..p-1 mapped to ranks by `rank_at`."""
 
@@ -193,7 +195,11 @@ class _Tree:
 
 
 def _double_tree(rank, world, count, root, chunks, reduce, bcast):
-    """Two trees, each carrying half the data; the leaves of one are inner nodes of the other."""
+    """Two binary heap trees, each carrying half the data, both rooted at `root`; the second lays
+    the other ranks out in reverse order (rank at position i of one is at position p - i of the
+    other), so the halves travel mostly different links. This is not NCCL's double binary tree:
+    there the leaves of one tree are the inner nodes of the other; here a rank can be a leaf of
+    both (p = 8: rank 4), and the root is inner in both."""
     others = [(root + k) % world for k in range(1, world)]
     a = _Tree([root] + others)
     b = _Tree([root] + others[::-1])
@@ -405,7 +411,7 @@ def nvls_all_reduce(rank, world, count, topology=None, **_):
     if world == 1 or count == 0:
         return []
     if topology is not None and topology.domains > 1:
-        raise ValueError(f"algorithm 'nvls' reduces inside one NVSwitch domain; this system has "
+        raise ConfigError(f"algorithm 'nvls' reduces inside one NVSwitch domain; this system has "
                          f"{topology.domains} domains of {topology.domain}: choose ring or hierarchical")
     sh = shards(count, world)
     return [replace(st, via="switch") for st in _direct_rs(rank, world, sh) + _direct_ag(rank, world, sh)]
@@ -415,7 +421,7 @@ def nvls_all_reduce(rank, world, count, topology=None, **_):
 def _levels(rank, world, topology):
     if topology is None or not topology.equal_domains:
         got = "none" if topology is None else f"domain = {topology.domain} for {world} devices"
-        raise ValueError(f"algorithm 'hierarchical' needs equal scale-up domains ({got}); "
+        raise ConfigError(f"algorithm 'hierarchical' needs equal scale-up domains ({got}); "
                          "choose a domain size that divides the device count, or another algorithm")
     p1 = topology.domain
     p2 = world // p1
@@ -528,12 +534,12 @@ def check(primitive: str, algorithm: str, allow_auto: bool = False) -> None:
     if allow_auto and algorithm == "auto":
         algorithm = "ring"
     if primitive not in PRIMITIVES:
-        raise ValueError(f"primitive = {primitive!r} is unknown; choose one of {', '.join(PRIMITIVES)}")
+        raise ConfigError(f"primitive = {primitive!r} is unknown; choose one of {', '.join(PRIMITIVES)}")
     if algorithm not in ALGORITHMS + ALL_REDUCE_ONLY:
-        raise ValueError(f"algorithm = {algorithm!r} is unknown; choose one of "
+        raise ConfigError(f"algorithm = {algorithm!r} is unknown; choose one of "
                          f"{', '.join(ALGORITHMS + ALL_REDUCE_ONLY)} (or auto)")
     if (primitive, algorithm) not in SCHEDULES:
-        raise ValueError(f"algorithm {algorithm!r} runs all_reduce only; choose ring or another "
+        raise ConfigError(f"algorithm {algorithm!r} runs all_reduce only; choose ring or another "
                          f"point-to-point algorithm for {primitive}")
 
 

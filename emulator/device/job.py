@@ -9,6 +9,7 @@ import signal
 from dataclasses import dataclass, field
 
 from emulator.collectives.fabric import Fabric
+from emulator.errors import ConfigError
 from emulator.hardware.system import System
 from kernels.clock import make_lane
 from kernels.cost import CostModel
@@ -27,12 +28,12 @@ class Faults:
         for what, d in ([("fail", self.fail[0])] if self.fail else []) + \
                 [("straggler", d) for d in (*self.compute_slowdown, *self.link_slowdown)]:
             if not (isinstance(d, int) and 0 <= d < devices):
-                raise ValueError(f"{what}: device = {d!r} is not a device; give 0..{devices - 1}")
+                raise ConfigError(f"{what}: device = {d!r} is not a device; give 0..{devices - 1}")
         if self.fail and not (isinstance(self.fail[1], int) and self.fail[1] >= 0):
-            raise ValueError(f"fail: step = {self.fail[1]!r} is invalid; give a step >= 0")
+            raise ConfigError(f"fail: step = {self.fail[1]!r} is invalid; give a step >= 0")
         for d, x in (*self.compute_slowdown.items(), *self.link_slowdown.items()):
             if not (isinstance(x, (int, float)) and x >= 1):
-                raise ValueError(f"straggler: slowdown = {x!r} for device {d} is invalid; give a factor >= 1")
+                raise ConfigError(f"straggler: slowdown = {x!r} for device {d} is invalid; give a factor >= 1")
 
     def fails_here(self, device: int, step: int) -> bool:
         return self.fail is not None and self.fail == (device, step)

@@ -27,6 +27,7 @@ from emulator.collectives.schedules import schedule
 from emulator.device.job import Job, die
 from emulator.trainer import Optimizer, TrainConfig, grad_params, make_buckets
 from kernels.cost import ITEMSIZE
+from kernels.throttle import ParameterTensors
 
 
 class GradSync:
@@ -138,6 +139,7 @@ def train(dev, job: Job, config: TrainConfig) -> dict:
         job = replace(job, epoch=transport.agree(time.time() + 0.1 + 0.005 * world, world))
     compute, comm = job.lane(), job.lane()
     throttle = job.throttle(rank, compute, host)
+    throttle.fixed = ParameterTensors(model.parameters())  # charged once under batch_scale
     elem = ITEMSIZE[job.dtype]  # gradients travel at the emulated dtype
     sync = GradSync(model, transport, job.system, config.algorithm, comm, compute, elem,
                     config.bucket_mb * 1e6, threaded=job.clock == "wall", throttle=throttle,
@@ -152,11 +154,11 @@ def train(dev, job: Job, config: TrainConfig) -> dict:
         batch = _to(next(data), host)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
         sync.reset()
-        throttle.work_scale = config.batch_scale  # forward and backward scale with the batch ...
+        throttle.batch_scale = config.batch_scale  # forward and backward scale with the batch ...
         with throttle:
             loss = wl.loss(model, batch)
             loss.backward()
-        throttle.work_scale = 1.0  # ... the optimizer step does not
+        throttle.batch_scale = 1.0  # ... the optimizer step does not
         t_bwd = compute.now()
         comm_end = sync.finish(job.timeout_s)
         compute.advance_to(comm_end)

@@ -26,6 +26,7 @@ from emulator.driver import training as _training
 from emulator.driver.monitor import Failed, failure, gather
 from emulator.driver.pacing import CLOCKS, make_job
 from emulator.driver.session import MEMORY_MB, connect_ray, place_workers, release, resolve_address, wait_gone
+from emulator.errors import ConfigError
 from emulator.hardware.system import System
 from emulator.trainer import TrainConfig
 from kernels.calibrate import calibrate
@@ -37,7 +38,7 @@ def _system(system) -> System:
         return system
     if isinstance(system, str):
         return System.preset(system)
-    raise ValueError(f"system = {system!r} is not a System; pass emulator.System(...) or a preset "
+    raise ConfigError(f"system = {system!r} is not a System; pass emulator.System(...) or a preset "
                      f"name ({', '.join(System.presets())})")
 
 
@@ -50,13 +51,16 @@ class Cluster:
         self.clock, self.dilation = clock, dilation
         self._check_clock()
         if device not in ("cpu", "cuda"):
-            raise ValueError(f"device = {device!r} is not a host device; choose 'cpu' or 'cuda'")
+            raise ConfigError(f"device = {device!r} is not a host device; choose 'cpu' or 'cuda'")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ValueError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
+            raise ConfigError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
         if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
-            raise ValueError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
+            raise ConfigError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
         self.efficiency = dict(efficiency or {})
-        CostModel(self.system.chip, dtype, **self.efficiency)  # validates dtype and efficiencies
+        try:  # the cost model (below this layer) checks dtype and efficiencies
+            CostModel(self.system.chip, dtype, **self.efficiency)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if address is not None:
             resolve_address(address)  # a malformed address fails here, before any worker
         self.address, self.device, self.dtype = address, device, dtype
@@ -71,14 +75,14 @@ class Cluster:
 
     def _check_clock(self) -> None:
         if self.clock not in CLOCKS:
-            raise ValueError(f"clock = {self.clock!r} is unknown; choose 'virtual' or 'wall'")
+            raise ConfigError(f"clock = {self.clock!r} is unknown; choose 'virtual' or 'wall'")
         if self.dilation is not None:
             if self.clock != "wall":
-                raise ValueError(f"dilation = {self.dilation!r} applies to clock='wall' only; "
+                raise ConfigError(f"dilation = {self.dilation!r} applies to clock='wall' only; "
                                  "drop it or set clock='wall'")
             if isinstance(self.dilation, bool) or not isinstance(self.dilation, (int, float)) \
                     or not math.isfinite(self.dilation) or self.dilation <= 0:
-                raise ValueError(f"dilation = {self.dilation!r} is invalid; give real seconds per "
+                raise ConfigError(f"dilation = {self.dilation!r} is invalid; give real seconds per "
                                  "emulated second (> 0), or None to choose it automatically")
 
     # ---------------------------------------------------------------- lifecycle

@@ -11,6 +11,7 @@ from emulator.collectives.schedules import check as check_collective
 from emulator.collectives.schedules import schedule
 from emulator.device import jobs
 from emulator.driver.pacing import comm_ratio
+from emulator.errors import ConfigError
 from kernels.calibrate import calibrate
 from kernels.cost import CostModel
 
@@ -34,10 +35,10 @@ class CollectiveResult:
 def run_matmuls(cluster, sizes: list[int], repeats) -> list[dict]:
     sizes = [int(s) for s in sizes]
     if not sizes or any(s < 1 for s in sizes):
-        raise ValueError(f"sizes = {sizes!r} is invalid; give matrix sizes >= 1")
+        raise ConfigError(f"sizes = {sizes!r} is invalid; give matrix sizes >= 1")
     reps = [repeats] * len(sizes) if isinstance(repeats, int) else list(repeats)
     if len(reps) != len(sizes) or any(r < 1 for r in reps):
-        raise ValueError(f"repeats = {repeats!r} is invalid; give an int >= 1 or one per size")
+        raise ConfigError(f"repeats = {repeats!r} is invalid; give an int >= 1 or one per size")
     host = cluster.host or calibrate()
     models = [CostModel(chip, cluster.dtype, **cluster.efficiency) for chip in set(cluster.system.chips)]
     ratio = max(host.matmul_real_s(s) / m.matmul_cost(s, s, s).seconds for s in sizes for m in models)
@@ -54,19 +55,19 @@ def collectives(cluster, primitive: str, cases: list, algorithm: str, op: str, r
     n = system.devices
     check_collective(primitive, algorithm, allow_auto=True)
     if op not in OPS:
-        raise ValueError(f"op = {op!r} is unknown; choose 'sum' or 'avg'")
+        raise ConfigError(f"op = {op!r} is unknown; choose 'sum' or 'avg'")
     if op != "sum" and primitive not in ("all_reduce", "reduce_scatter"):
-        raise ValueError(f"op = {op!r} does not apply to {primitive}; drop it")
+        raise ConfigError(f"op = {op!r} does not apply to {primitive}; drop it")
     if not (isinstance(root, int) and 0 <= root < n):
-        raise ValueError(f"root = {root!r} is not a device; give 0 <= root < {n}")
+        raise ConfigError(f"root = {root!r} is not a device; give 0 <= root < {n}")
     if not (isinstance(repeats, int) and repeats >= 1):
-        raise ValueError(f"repeats = {repeats!r} is invalid; give an integer >= 1")
+        raise ConfigError(f"repeats = {repeats!r} is invalid; give an integer >= 1")
     per_device, biggest, shapes = [[] for _ in range(n)], 0, []
     for case in cases:
         if isinstance(case, tuple):
             numel, dtype = case
             if dtype not in DTYPE_BYTES:
-                raise ValueError(f"dtype = {dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
+                raise ConfigError(f"dtype = {dtype!r} is unknown; choose one of {', '.join(DTYPE_BYTES)}")
             shape_numel, itemsize, items = numel, DTYPE_BYTES[dtype], [case] * n
         else:
             _check_tensors(case, n)
@@ -99,12 +100,12 @@ def collectives(cluster, primitive: str, cases: list, algorithm: str, op: str, r
 def _check_tensors(tensors, n: int) -> None:
     if not isinstance(tensors, (list, tuple)) or len(tensors) != n:
         got = len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__
-        raise ValueError(f"tensors: got {got} for {n} devices; give a list with one tensor per device")
+        raise ConfigError(f"tensors: got {got} for {n} devices; give a list with one tensor per device")
     t0 = tensors[0]
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"tensors[{i}] is a {type(t).__name__}, not a torch.Tensor")
+            raise ConfigError(f"tensors[{i}] is a {type(t).__name__}, not a torch.Tensor")
         if t.shape != t0.shape or t.dtype != t0.dtype:
-            raise ValueError(f"tensors[{i}] has shape {tuple(t.shape)} and dtype {t.dtype}, but "
+            raise ConfigError(f"tensors[{i}] has shape {tuple(t.shape)} and dtype {t.dtype}, but "
                              f"tensors[0] has {tuple(t0.shape)} and {t0.dtype}; every device must "
                              "give the same shape and dtype")

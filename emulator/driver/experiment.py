@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from emulator.collectives import simulate
 from emulator.driver.metrics import figures
+from emulator.errors import ConfigError
 from emulator.hardware.system import System
 from emulator.trainer import TrainConfig, bucket_sizes
 from kernels.cost import ITEMSIZE
@@ -37,7 +38,7 @@ def point_row(system: System, algorithm: str, config: TrainConfig, summary: dict
     return {"system": system.name or "custom", "chip": system.chip.name, "devices": system.devices,
             "domain": system.domain, "algorithm": algorithm, "per_device_batch": b,
             "batch_scale": config.batch_scale, "global_batch": system.devices * b * config.batch_scale,
-            "predicted": predicted, **{k: summary.get(k) for k in ROW_FIELDS}}
+            "predicted": predicted, "power_basis": system.power_basis, **{k: summary.get(k) for k in ROW_FIELDS}}
 
 
 def run_point(cluster, system: System, algorithm: str, config: TrainConfig) -> Point:
@@ -48,10 +49,10 @@ def run_point(cluster, system: System, algorithm: str, config: TrainConfig) -> P
 
 
 def predict_point(measured: Point, system: System, config: TrainConfig) -> Point:
-    """A point too large for this machine, from a real one of the same chip: per-device compute
-    is what it measured (weak scaling: each device's work does not depend on the count), the
+    """A point too large for this machine, from a real run of the same chip: per-device compute
+    is that run's (weak scaling: each device's work does not depend on the count), the
     gradient all-reduce of each bucket is simulated with the local executor on the large system,
-    and the measured share of communication left exposed by overlap is kept."""
+    and the run's share of communication left exposed by overlap is kept."""
     m = measured.row
     dtype = measured.result.config["dtype"] if measured.result is not None else "bf16"
     elem = ITEMSIZE[dtype]
@@ -83,7 +84,7 @@ def sweep(cluster, systems: list[System], algorithms: list[str], config: TrainCo
           progress=None, on_point=None, done: dict | None = None) -> list[Point]:
     """Every system x algorithm. Systems larger than `capacity` devices are predicted from the
     largest real run of the same chip and algorithm. `done` maps (system name, chip, devices,
-    algorithm) to rows already measured (a resumed sweep skips them)."""
+    algorithm) to rows already run (a resumed sweep skips them)."""
     points, real = [], {}
     order = sorted(systems, key=lambda s: s.devices)
     for system in order:
@@ -117,9 +118,20 @@ class BreakEven:
     devices: int | None  # break-even device count
     naive_devices: float  # from the FLOPS ratio alone
     efficiency: float | None  # scaling efficiency of the slow system at break-even
-    probes: list[Point] = field(default_factory=list)  # every slow point measured or predicted
+    probes: list[Point] = field(default_factory=list)  # every slow point run or predicted
     metric: str = "throughput"
     target_loss: float | None = None
+    below: Point | None = None  # the slow point one device short of the answer (it must fall short)
+    non_monotone: list = field(default_factory=list)  # (n, m): n < m devices, yet m did worse than n
+
+    @property
+    def verified(self) -> bool | None:
+        """The count just below the answer was run and fell short (None: the answer is 1, or
+        none was reached)."""
+        if self.devices is None or self.devices == 1:
+            return None
+        return self.below is not None and not _better(_metric(self.below, self.metric, self.target_loss),
+                                                      self.fast_value, self.metric)
 
     def row(self) -> dict:
         f, s = self.fast.row, self.slow.row if self.slow else {}
@@ -130,6 +142,10 @@ class BreakEven:
                 "slow_throughput": self.slow_value, "scaling_efficiency": self.efficiency,
                 "predicted": bool(self.slow and self.slow.predicted),
                 "fast_energy_per_unit_j": f.get(per), "slow_energy_per_unit_j": s.get(per),
+                "fast_power_basis": f.get("power_basis"), "slow_power_basis": s.get("power_basis"),
+                "below_devices": self.below.system.devices if self.below else None,
+                "below_value": _metric(self.below, self.metric, self.target_loss) if self.below else None,
+                "verified": self.verified, "non_monotone": [list(pair) for pair in self.non_monotone],
                 "energy_unit": "token" if per == "energy_per_token_j" else "sample"}
 
     @property
@@ -196,14 +212,20 @@ def search(passes, guess: int, lo: int = 1, hi: int = 4096) -> int | None:
 
 def breakeven(cluster, fast: System, slow: System, algorithm: str, config: TrainConfig, capacity: int,
               metric: str = "throughput", target_loss: float | None = None, max_devices: int | None = None,
-              on_point=None) -> BreakEven:
+              on_point=None, known: dict | None = None, guess: int | None = None) -> BreakEven:
     """Smallest slow.scaled(n) whose throughput (or time to `target_loss`) reaches `fast`'s, by a
-    search over real runs (predicted past `capacity`). Starts from the one-device ratio."""
+    search over real runs (predicted past `capacity`). Starts from the one-device ratio, or from
+    `guess`. `known` maps systems to points already run with this algorithm and settings (they
+    are reused, not run again).
+
+    The search assumes that more devices never do worse, and checks it: the count just below
+    the answer is run (the search has usually run it already) and must fall short, and any pair
+    of probes where more devices did worse is reported in `non_monotone`."""
     if metric not in ("throughput", "time-to-loss"):
-        raise ValueError(f"metric = {metric!r} is unknown; choose 'throughput' or 'time-to-loss'")
+        raise ConfigError(f"metric = {metric!r} is unknown; choose 'throughput' or 'time-to-loss'")
     if metric == "time-to-loss" and target_loss is None:
-        raise ValueError("metric = 'time-to-loss' needs target_loss (e.g. --target-loss 2.5)")
-    cache: dict[System, Point] = {}
+        raise ConfigError("metric = 'time-to-loss' needs target_loss (e.g. --target-loss 2.5)")
+    cache: dict[System, Point] = dict(known or {})
 
     def measure(system: System) -> Point:
         if system in cache:
@@ -216,7 +238,7 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, config: Train
                 run_point(cluster, system.scaled(capacity), algorithm, config)
             p = predict_point(base, system, config)
         else:
-            raise ValueError(f"time-to-loss needs real training; {system.devices} devices do not fit "
+            raise ConfigError(f"time-to-loss needs real training; {system.devices} devices do not fit "
                              f"this machine (room for {capacity})")
         if on_point:
             on_point(p)
@@ -224,23 +246,37 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, config: Train
         return p
 
     if metric == "time-to-loss" and fast.devices > capacity:
-        raise ValueError(f"the fast system ({fast.devices} devices) does not fit this machine (room for {capacity})")
+        raise ConfigError(f"the fast system ({fast.devices} devices) does not fit this machine (room for {capacity})")
     f = measure(fast)
     target = _metric(f, metric, target_loss)
     if target is None:
-        raise ValueError(f"the fast system never reached loss {target_loss} in {config.steps} steps; "
+        raise ConfigError(f"the fast system never reached loss {target_loss} in {config.steps} steps; "
                          "raise steps or the target loss")
     naive = fast.devices * fast.chip.peak_flops("bf16") / slow.chip.peak_flops("bf16")
     one_fast = measure(fast.scaled(1)).row["step_s"]
     one_slow = measure(slow.scaled(1))
-    guess = math.ceil(fast.devices * one_slow.row["step_s"] / one_fast)
+    guess = guess or math.ceil(fast.devices * one_slow.row["step_s"] / one_fast)
     limit = max_devices or max(4 * math.ceil(naive), 2 * guess)
     n = search(lambda k: _better(_metric(measure(slow.scaled(k)), metric, target_loss), target, metric),
                guess, 1, limit)
+    below = measure(slow.scaled(n - 1)) if n and n > 1 else None  # usually run by the search already
     probes = sorted((p for sys_, p in cache.items() if sys_ == slow.scaled(sys_.devices)),
                     key=lambda p: p.system.devices)
+    worse = _non_monotone(probes, metric, target_loss)
     if n is None:
-        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss)
+        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss, None, worse)
     s = cache[slow.scaled(n)]
     eff = throughput(s) / (n * throughput(one_slow))
-    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss)
+    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss, below, worse)
+
+
+def _non_monotone(probes: list[Point], metric: str, target: float | None) -> list[tuple[int, int]]:
+    """Pairs (n, m), n < m, of probes where m devices did worse than n (lower throughput, or a
+    later or no arrival at the target loss): the search's assumption failing."""
+    out = []
+    for i, p in enumerate(probes):
+        for q in probes[i + 1:]:
+            v, w = _metric(p, metric, target), _metric(q, metric, target)
+            if v is not None and not _better(w, v, metric):
+                out.append((p.system.devices, q.system.devices))
+    return out

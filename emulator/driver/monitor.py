@@ -85,32 +85,34 @@ def failure(errors: dict[int, BaseException], what: str, step: int | None = None
 
 
 def gather(actors: list, refs: list, timeout_s: float, poll_s: float = 1.0, on_poll=None,
-           ping: bool = True, deadline_s: float | None = None) -> list:
+           ping: bool = True, deadline_s: float | None = None, wait=None, get=None) -> list:
     """The result of one call per device (refs[i] on actors[i]). Raises Failed as soon as a
     device fails as described above; on_poll() runs about every poll_s while waiting. Without
     `ping` (actors still starting cannot answer), a device that has not finished after
-    deadline_s fails instead."""
+    deadline_s fails instead. `wait` and `get` default to ray.wait and ray.get (tests of the poll
+    loop pass stand-ins)."""
+    wait, get = wait or ray.wait, get or ray.get
     index = {ref: i for i, ref in enumerate(refs)}
     results, pending, errors, pings = [None] * len(refs), set(refs), {}, {}
     start = time.time()
     while pending and not errors:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
+        done, _ = wait(list(pending), num_returns=1, timeout=poll_s)
         for ref in done:
             pending.discard(ref)
             try:
-                results[index[ref]] = ray.get(ref)
+                results[index[ref]] = get(ref)
             except ray.exceptions.RayError as e:
                 errors[index[ref]] = e
         if errors:  # let the other devices report what they saw, and ping the rest, before blaming one
             asked = {index[ref]: actors[index[ref]].ping.remote() for ref in pending} if ping else {}
-            late, _ = ray.wait(list(pending), num_returns=len(pending), timeout=GRACE_S)
+            late, _ = wait(list(pending), num_returns=len(pending), timeout=GRACE_S)
             for ref in late:
                 try:
-                    ray.get(ref)
+                    get(ref)
                 except ray.exceptions.RayError as e:
                     errors[index[ref]] = e
             for d, reply in asked.items():
-                if d not in errors and not ray.wait([reply], timeout=0)[0]:
+                if d not in errors and not wait([reply], timeout=0)[0]:
                     errors[d] = Unresponsive(f"it stopped answering (no reply to a ping within {GRACE_S:g} s, "
                                              "while the devices waiting on it gave up)")
             break
@@ -121,8 +123,9 @@ def gather(actors: list, refs: list, timeout_s: float, poll_s: float = 1.0, on_p
             continue
         for ref in pending:
             d = index[ref]
+            # (not named `ping`: that is the flag above, and the next round would read it as False)
             sent = pings.get(d)
-            if sent is not None and not ray.wait([sent[0]], timeout=0)[0]:
+            if sent is not None and not wait([sent[0]], timeout=0)[0]:
                 if now - sent[1] > timeout_s:
                     errors[d] = Unresponsive(f"it stopped answering (no reply to a ping for {timeout_s:g} s)")
                 continue

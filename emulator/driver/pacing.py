@@ -8,6 +8,7 @@ keeps every device on schedule follows from it (kernels/calibrate.py).
 from __future__ import annotations
 
 from emulator.device.job import Job
+from emulator.errors import ConfigError
 from kernels.calibrate import calibrate, check_dilation, dilation_for
 
 CLOCKS = ("virtual", "wall")
@@ -35,11 +36,14 @@ def make_job(cluster, ratio: float, now: float) -> Job:
         cores = (cluster.host or calibrate()).cores
         needed = dilation_for(ratio, n, cores)
         if not needed < MAX_DILATION:
-            raise ValueError(f"clock = 'wall' cannot pace this job: it would need dilation {needed:.3g} "
+            raise ConfigError(f"clock = 'wall' cannot pace this job: it would need dilation {needed:.3g} "
                              "(the emulated ops or links are far faster than this host can time); "
                              "use clock='virtual'")
         if cluster.dilation is not None and cluster.check_dilation:
-            check_dilation(cluster.dilation, needed, n, cores)
+            try:  # kernels/ (below this layer) raise plain ValueErrors
+                check_dilation(cluster.dilation, needed, n, cores)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         dilation = cluster.dilation or needed
         epoch = now + 0.3 + 0.02 * n  # every device has the call before emulated 0
     return Job(cluster.system, cluster.clock, dilation, epoch, cluster.dtype, cluster.efficiency,

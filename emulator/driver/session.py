@@ -24,6 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from emulator.device.worker import RemoteWorker
+from emulator.errors import ConfigError
 
 MEMORY_MB = 300  # Ray memory reserved per device worker (a torch process is ~175 MB unique)
 CPU_PER_DEVICE = 0.01  # Ray CPU per device: devices time-share cores; the dilation keeps them honest
@@ -49,14 +50,14 @@ def resolve_address(address: str) -> str:
     if address == "recorded":
         path = record_path()
         if not path.exists():
-            raise ValueError(f"address = 'recorded' but no cluster is recorded in {path}; run "
+            raise ConfigError(f"address = 'recorded' but no cluster is recorded in {path}; run "
                              "`relay cluster up` first, or give host:port or 'auto'")
         rec = json.loads(path.read_text())
         if rec.get("token"):
             _use_token(rec["token"])
         return rec["address"]
     if address != "auto" and not re.fullmatch(r"(ray://)?[\w.\-]+:\d+", address):
-        raise ValueError(f"address = {address!r} is not an address; give host:port, 'auto' or 'recorded'")
+        raise ConfigError(f"address = {address!r} is not an address; give host:port, 'auto' or 'recorded'")
     return address
 
 
@@ -99,11 +100,11 @@ def place_workers(domain_of, first: int, n: int, host: str, memory_mb: float) ->
     if host == "cuda":
         total_gpu = ray.cluster_resources().get("GPU", 0)
         if total_gpu <= 0:
-            raise ValueError("device = 'cuda' but the Ray cluster has no GPU; use device='cpu'")
+            raise ConfigError("device = 'cuda' but the Ray cluster has no GPU; use device='cpu'")
         gpu = min(1.0, total_gpu / n)
     fit = devices_that_fit(mem, gpu)
     if fit < new:
-        raise ValueError(f"the Ray cluster has room for {fit} more device(s) (at {memory_mb} MB "
+        raise ConfigError(f"the Ray cluster has room for {fit} more device(s) (at {memory_mb} MB "
                          f"each, counted node by node), but {new} were asked (devices = {n}); use "
                          "fewer devices, a smaller memory_mb, or a larger cluster")
     bundle = {"CPU": CPU_PER_DEVICE, "memory": mem} | ({"GPU": gpu} if gpu else {})

@@ -17,10 +17,11 @@ from emulator.device import training as device_training
 from emulator.driver.metrics import TrainResult, aggregate
 from emulator.driver.monitor import Failed, blame, failure
 from emulator.driver.pacing import comm_ratio
+from emulator.errors import ConfigError
 from emulator.trainer import Optimizer, TrainConfig, memory_estimate
 from kernels.clock import VirtualLane
 from kernels.cost import CostModel
-from kernels.throttle import Throttle
+from kernels.throttle import ParameterTensors, Throttle
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def train(cluster, config: TrainConfig, checked: Preflight | None = None, csv: s
               "tokens_per_sample": config.workload.tokens_per_sample, "lr": config.lr_used,
               "optimizer": config.optimizer_used, "clock": cluster.clock, "dilation": job.dilation,
               "dtype": cluster.dtype, "devices": n, "system": system.describe(),
+              "power_basis": system.power_basis,
               "memory_bytes": checked.memory, "loss_floor": config.workload.loss_floor}
     progress = _Progress(cluster.actors[:n])
     try:
@@ -135,7 +137,7 @@ def check_memory(config: TrainConfig, system, per_device_batch: int, dtype: str 
     if need["total"] > have:
         gb = lambda b: f"{b / 1e9:.3g} GB"  # noqa: E731
         scale = f" x batch_scale {config.batch_scale}" if config.batch_scale != 1 else ""
-        raise ValueError(
+        raise ConfigError(
             f"memory: {config.workload.name} needs {gb(need['total'])} per device (parameters "
             f"{gb(need['parameters'])}, gradients {gb(need['gradients'])}, optimizer state "
             f"{gb(need['optimizer'])}, activations {gb(need['activations'])} at per_device_batch="
@@ -160,9 +162,10 @@ def probe_ratio(config: TrainConfig, system, per_device_batch: int, dtype: str =
         batch = next(data)
         t0, e0 = time.perf_counter(), lane.t
         with Throttle(CostModel(fastest, dtype, **(efficiency or {})), lane) as throttle:
-            throttle.work_scale = config.batch_scale
+            throttle.fixed = ParameterTensors(model.parameters())
+            throttle.batch_scale = config.batch_scale
             wl.loss(model, batch).backward()
-            throttle.work_scale = 1.0
+            throttle.batch_scale = 1.0
             opt.step()
             opt.zero_grad()
         best = min(best, (time.perf_counter() - t0) / (lane.t - e0))

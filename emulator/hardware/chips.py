@@ -21,11 +21,15 @@ except ImportError:  # Python 3.10
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from emulator.errors import ConfigError
+
 CATALOG = Path(__file__).with_name("catalog.toml")
 
 # Default efficiencies of the cost model (kernels/cost.py), overridable per chip and per run.
-MATMUL_EFF = 0.7  # fraction of dense peak a large GEMM reaches (cuBLAS-class kernels reach 0.7-0.8);
-#                   whole-job MFU of 38-47% (SPECS.md) then emerges from small ops and communication
+# MATMUL_EFF: the fraction of dense peak a large GEMM reaches (cuBLAS-class kernels reach 0.7-0.8);
+# whole-job MFU of 38-47% (published large-scale training runs) then emerges from small ops and
+# communication.
+MATMUL_EFF = 0.7
 MEM_EFF = 0.8  # fraction of HBM bandwidth a streaming kernel reaches
 LAUNCH_US = 4.0  # fixed cost per kernel (launch + tail), us
 
@@ -56,7 +60,7 @@ class Chip:
     compute_units: int | None = None  # SMs / CUs / cores a GEMM's tiles are spread over (wave quantisation)
     scaleup_fabric: str | None = None  # link class in fabrics.toml; None: the default class
     scaleout_fabric: str | None = None
-    estimates: tuple[str, ...] = ()  # figures that SPECS.md marks as estimates or disputed
+    estimates: tuple[str, ...] = ()  # figures that are estimates or disputed
     sources: dict = field(default_factory=dict, compare=False)  # figure -> where it comes from
     note: str = ""
 
@@ -69,26 +73,26 @@ class Chip:
                 if f == "launch_us" and v == 0:
                     continue
                 allowed = f' (or "{MAYBE[f]}")' if f in MAYBE else ""
-                raise ValueError(f"chip {self.name!r}: {f} = {v!r} is invalid; "
+                raise ConfigError(f"chip {self.name!r}: {f} = {v!r} is invalid; "
                                  f"give a positive number{allowed}")
         for f in ("matmul_eff", "mem_eff"):
             if getattr(self, f) > 1:
-                raise ValueError(f"chip {self.name!r}: {f} = {getattr(self, f)!r} is above 1; "
+                raise ConfigError(f"chip {self.name!r}: {f} = {getattr(self, f)!r} is above 1; "
                                  "an efficiency is a fraction of peak in (0, 1]")
         for f in self.estimates:
             if f not in FIGURES:
-                raise ValueError(f"chip {self.name!r}: estimates lists {f!r}, which is not a figure; "
+                raise ConfigError(f"chip {self.name!r}: estimates lists {f!r}, which is not a figure; "
                                  f"figures are {', '.join(FIGURES)}")
 
     # -- SI views (the only way code should read figures) --
     def peak_flops(self, dtype: str = "bf16") -> float:
         """Dense peak in FLOP/s for an emulated dtype ("bf16", "fp16", "fp8")."""
         if dtype not in DTYPE_PEAK:
-            raise ValueError(f"dtype = {dtype!r} is not an emulated dtype; choose one of "
+            raise ConfigError(f"dtype = {dtype!r} is not an emulated dtype; choose one of "
                              f"{', '.join(DTYPE_PEAK)}")
         tflops = getattr(self, DTYPE_PEAK[dtype])
         if tflops is None:
-            raise ValueError(f"chip {self.name!r} has no {dtype} peak; emulate dtype='bf16' instead")
+            raise ConfigError(f"chip {self.name!r} has no {dtype} peak; emulate dtype='bf16' instead")
         return tflops * 1e12
 
     @property
@@ -115,7 +119,7 @@ def _parse(name: str, raw: dict) -> Chip:
     kw = {"name": name}
     for f in FIGURES:
         if f not in raw:
-            raise ValueError(f"chip {name!r}: figure {f} is missing from the catalog; add it "
+            raise ConfigError(f"chip {name!r}: figure {f} is missing from the catalog; add it "
                              f"(a positive number{' or ' + repr(MAYBE[f]) if f in MAYBE else ''})")
         v = raw.pop(f)
         if f in MAYBE and v == MAYBE[f]:
@@ -124,7 +128,7 @@ def _parse(name: str, raw: dict) -> Chip:
     sources = raw.pop("sources", {})
     missing = [f for f in FIGURES if kw[f] is not None and f not in sources]
     if missing:
-        raise ValueError(f"chip {name!r}: no source for {', '.join(missing)}; "
+        raise ConfigError(f"chip {name!r}: no source for {', '.join(missing)}; "
                          f"add them under [{name}.sources]")
     kw["sources"] = sources
     kw["estimates"] = tuple(raw.pop("estimates", ()))
@@ -132,7 +136,7 @@ def _parse(name: str, raw: dict) -> Chip:
                "scaleup_fabric", "scaleout_fabric"}
     unknown = set(raw) - allowed
     if unknown:
-        raise ValueError(f"chip {name!r}: unknown field(s) {', '.join(sorted(unknown))}; "
+        raise ConfigError(f"chip {name!r}: unknown field(s) {', '.join(sorted(unknown))}; "
                          f"known: {', '.join(FIGURES + tuple(sorted(allowed)))}")
     kw.update(raw)
     return Chip(**kw)
@@ -164,7 +168,7 @@ def get(name: str | Chip) -> Chip:
     close = difflib.get_close_matches(key, _CATALOG, n=3, cutoff=0.5)
     close += [n for n in _CATALOG if key and key in n and n not in close]
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"chip = {name!r} is not in the catalog; {hint}known chips: {', '.join(_CATALOG)}")
+    raise ConfigError(f"chip = {name!r} is not in the catalog; {hint}known chips: {', '.join(_CATALOG)}")
 
 
 def register(chip: Chip) -> Chip:

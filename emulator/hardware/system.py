@@ -11,10 +11,14 @@ import difflib
 import math
 from dataclasses import dataclass, field, replace
 
+from emulator.errors import ConfigError
 from emulator.hardware import chips
 from emulator.hardware.chips import Chip
 
-# name -> (chip, devices, domain, power per device in W or None for the chip's, description, source)
+# name -> (chip, devices, domain, power per device in W or None for the chip's, description, source).
+# A preset's power is all-in (the rack: chips, host CPUs, switches, optics, cooling) divided by
+# its devices; a chip's catalog power is the chip alone. System.power_basis says which one a
+# system's energy figures use.
 PRESETS = {
     "nvl72": ("b200", 72, 72, 145e3 / 72, "GB200 NVL72: 72 B200 in one NVLink 5 domain",
               "Nvidia GB200 NVL72 page; power 145 kW all-in (SemiAnalysis, est.)"),
@@ -30,6 +34,9 @@ PRESETS = {
 }
 
 
+POWER_BASES = ("chip", "system (all-in)")
+
+
 @dataclass(frozen=True)
 class Link:
     latency_s: float  # per message
@@ -42,7 +49,7 @@ class Link:
 def _positive(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
-        raise ValueError(f"{owner}: {name} = {value!r} is invalid; give a positive number")
+        raise ConfigError(f"{owner}: {name} = {value!r} is invalid; give a positive number")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class System:
     scaleout_gbps: float | None = None
     scaleout_latency_us: float | None = None
     power_w: float | None = None  # per device, W (all-in for presets); None: the chip's
+    power_basis: str | None = None  # POWER_BASES: "system (all-in)" when power_w is given, else "chip"
     name: str = ""  # preset name, or "" for a custom system
     note: str = field(default="", compare=False)
     device_chips: tuple = ()  # a mixed system: one chip per device (see System.mixed)
@@ -67,9 +75,9 @@ class System:
         set_("chip", chips.get(self.chip))
         who = f"system {self.name or self.chip.name}"
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
-            raise ValueError(f"{who}: devices = {self.devices!r} is invalid; give an integer >= 1")
+            raise ConfigError(f"{who}: devices = {self.devices!r} is invalid; give an integer >= 1")
         if self.device_chips and len(self.device_chips) != self.devices:
-            raise ValueError(f"{who}: {len(self.device_chips)} device chips for devices = {self.devices}; "
+            raise ConfigError(f"{who}: {len(self.device_chips)} device chips for devices = {self.devices}; "
                              "give one chip per device")
         if self.mixed_chips:  # a mixed fabric runs at the pace of its slowest member
             for f, pick in (("scaleup_gbps", min), ("scaleup_latency_us", max), ("scaleout_latency_us", max)):
@@ -80,10 +88,10 @@ class System:
         if self.domain is None:
             set_("domain", self.devices)
         if isinstance(self.domain, bool) or not isinstance(self.domain, int) or self.domain < 1:
-            raise ValueError(f"{who}: domain = {self.domain!r} is invalid; give an integer >= 1 "
+            raise ConfigError(f"{who}: domain = {self.domain!r} is invalid; give an integer >= 1 "
                              "(devices per scale-up domain) or None for one domain")
         if self.domain > self.devices:
-            raise ValueError(f"{who}: domain = {self.domain} is larger than devices = {self.devices}; "
+            raise ConfigError(f"{who}: domain = {self.domain} is larger than devices = {self.devices}; "
                              f"give domain <= {self.devices}, or None for one domain of all devices")
         for f in ("scaleup_gbps", "scaleup_latency_us", "scaleout_latency_us"):
             if getattr(self, f) is None:
@@ -93,11 +101,16 @@ class System:
             set_("scaleout_gbps", self.chip.scaleout_gbps)
         if self.scaleout_gbps is None:
             if self.domains > 1:
-                raise ValueError(f"{who}: scaleout_gbps is unknown for chip {self.chip.name!r} and "
+                raise ConfigError(f"{who}: scaleout_gbps is unknown for chip {self.chip.name!r} and "
                                  f"this system spans {self.domains} domains; pass scaleout_gbps=... "
                                  "(--scaleout-gbps on the command line)")
         else:
             _positive(who, "scaleout_gbps", self.scaleout_gbps)
+        if self.power_basis is None:
+            set_("power_basis", "system (all-in)" if self.power_w is not None else "chip")
+        if self.power_basis not in POWER_BASES:
+            raise ConfigError(f"{who}: power_basis = {self.power_basis!r} is unknown; choose one of "
+                              f"{', '.join(map(repr, POWER_BASES))}")
         if self.power_w is None and not self.mixed_chips:
             set_("power_w", self.chip.power_w)
         if self.power_w is not None:
@@ -166,7 +179,7 @@ class System:
         if key not in PRESETS:
             close = difflib.get_close_matches(key, PRESETS, n=3, cutoff=0.4)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ValueError(f"system preset = {name!r} is unknown; {hint}presets: {', '.join(PRESETS)}")
+            raise ConfigError(f"system preset = {name!r} is unknown; {hint}presets: {', '.join(PRESETS)}")
         chip, devices, domain, power, note, _source = PRESETS[key]
         kw = dict(chip=chip, devices=devices, domain=domain, power_w=power, name=key, note=note)
         kw.update(overrides)
@@ -183,7 +196,7 @@ class System:
         given."""
         groups = list(groups)
         if not groups or any(not isinstance(n, int) or n < 1 for _, n in groups):
-            raise ValueError(f"groups = {groups!r} is invalid; give (chip, count >= 1) pairs")
+            raise ConfigError(f"groups = {groups!r} is invalid; give (chip, count >= 1) pairs")
         per_device = tuple(chips.get(c) for c, n in groups for _ in range(n))
         return cls(per_device[0], len(per_device), domain=domain, device_chips=per_device, **links)
 
@@ -192,7 +205,7 @@ class System:
         the fabric (an NVL72 domain holds at most 72, an HGX node 8), so it is kept, capped at the
         device count: nvl72 scaled to 9 is one domain of 9, to 144 two domains of 72."""
         if self.mixed_chips:
-            raise ValueError("a system of mixed chips cannot be scaled; build it with System.mixed at the size wanted")
+            raise ConfigError("a system of mixed chips cannot be scaled; build it with System.mixed at the size wanted")
         return replace(self, devices=devices, domain=min(self.domain, devices), device_chips=())
 
     def describe(self) -> str:

@@ -29,12 +29,16 @@ import numpy
 import psutil
 import ray
 import torch
+from emulator.errors import ConfigError
 
 UNITS = {"step_s": "emulated s", "compute_s": "emulated s", "comm_s": "emulated s",
          "exposed_comm_s": "emulated s", "other_s": "emulated s", "samples_per_s": "samples per emulated s",
          "tokens_per_s": "tokens per emulated s", "mfu": "fraction of dense BF16 peak",
-         "energy_j": "J per step (emulated)", "energy_per_sample_j": "J (emulated)",
-         "energy_per_token_j": "J (emulated)", "wall_s": "real s (host)", "fidelity": "fraction (wall clock)",
+         "energy_j": "J per step (emulated; power basis: the power_basis field)",
+         "energy_per_sample_j": "J (emulated; power basis: the power_basis field)",
+         "energy_per_token_j": "J (emulated; power basis: the power_basis field)",
+         "power_basis": "'chip' (chip power alone) or 'system (all-in)' (rack power per device)",
+         "wall_s": "real s (host)", "fidelity": "fraction (wall clock)",
          "time_us": "emulated us", "algbw_GBps": "emulated GB/s", "busbw_GBps": "emulated GB/s",
          "real_s": "real s (host)"}
 
@@ -45,7 +49,7 @@ class ResultsDir:
 
     def __init__(self, root, name: str, lock: bool = True):
         if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"name = {name!r} is not a results folder name; use letters, digits, - and _")
+            raise ConfigError(f"name = {name!r} is not a results folder name; use letters, digits, - and _")
         self.path = Path(root) / name
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = self.path / ".lock"
@@ -67,10 +71,10 @@ class ResultsDir:
                 except (OSError, ValueError):
                     pid = 0
                 if pid and pid != os.getpid() and _alive(pid):
-                    raise ValueError(f"results folder {str(self.path)!r} is being written by another relay "
+                    raise ConfigError(f"results folder {str(self.path)!r} is being written by another relay "
                                      f"(pid {pid}); choose another --name, or wait for it") from None
                 self._lock.unlink(missing_ok=True)  # left by a process that is gone
-        raise ValueError(f"could not lock results folder {str(self.path)!r}")
+        raise RuntimeError(f"could not lock results folder {str(self.path)!r}")
 
     held: list = []  # folders this process has locked
 
@@ -156,6 +160,7 @@ def system_dict(system) -> dict:
             "domains": system.domains, "scaleup_gbps": system.scaleup_gbps,
             "scaleup_latency_us": system.scaleup_latency_us, "scaleout_gbps": system.scaleout_gbps,
             "scaleout_latency_us": system.scaleout_latency_us, "power_w": system.power_w,
+            "power_basis": system.power_basis,
             "chip": system.chip.as_dict()}
 
 

@@ -23,7 +23,7 @@ def step_rows(points) -> list[dict]:
 
 
 POINT_COLUMNS = ["system", "chip", "devices", "domain", "algorithm", "per_device_batch", "batch_scale",
-                 "global_batch", "predicted"]
+                 "global_batch", "predicted", "power_basis"]
 
 
 def write_points(out: ResultsDir, kind: str, config: dict, points, extra: dict | None = None,

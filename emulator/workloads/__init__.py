@@ -16,6 +16,8 @@ import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from emulator.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -31,9 +33,9 @@ class Workload:
     def __post_init__(self):
         for f in ("build_model", "batches", "loss"):
             if not callable(getattr(self, f)):
-                raise ValueError(f"workload {self.name!r}: {f} = {getattr(self, f)!r} is not callable")
+                raise ConfigError(f"workload {self.name!r}: {f} = {getattr(self, f)!r} is not callable")
         if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"workload {self.name!r}: optimizer = {self.optimizer!r} is unknown; "
+            raise ConfigError(f"workload {self.name!r}: optimizer = {self.optimizer!r} is unknown; "
                              "choose 'adamw' or 'sgd'")
 
 
@@ -53,25 +55,25 @@ def get(spec) -> Workload:
     if isinstance(spec, Workload):
         return spec
     if not isinstance(spec, str):
-        raise ValueError(f"workload = {spec!r} is not a workload; give a Workload, a built-in "
+        raise ConfigError(f"workload = {spec!r} is not a workload; give a Workload, a built-in "
                          f"({', '.join(BUILTINS)}) or 'package.module:attribute'")
     path = BUILTINS.get(spec, spec)
     if ":" not in path:
-        raise ValueError(f"workload = {spec!r} is neither a built-in ({', '.join(BUILTINS)}) nor an "
+        raise ConfigError(f"workload = {spec!r} is neither a built-in ({', '.join(BUILTINS)}) nor an "
                          "import path; write it as 'package.module:attribute'")
     module_name, attr = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"workload = {spec!r}: module {module_name!r} could not be imported ({e}); "
+        raise ConfigError(f"workload = {spec!r}: module {module_name!r} could not be imported ({e}); "
                          "check the name and that it is on PYTHONPATH") from None
     if not hasattr(module, attr):
-        raise ValueError(f"workload = {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        raise ConfigError(f"workload = {spec!r}: module {module_name!r} has no attribute {attr!r}")
     obj = getattr(module, attr)
     if callable(obj) and not isinstance(obj, Workload):
         obj = obj()
     if not isinstance(obj, Workload):
-        raise ValueError(f"workload = {spec!r}: {attr} is a {type(obj).__name__}, not an "
+        raise ConfigError(f"workload = {spec!r}: {attr} is a {type(obj).__name__}, not an "
                          "emulator.Workload (or a function returning one)")
     return obj
 

@@ -35,6 +35,10 @@ def test_breakeven_with_negligible_communication_is_the_step_time_ratio(cluster)
     assert expected > 3  # a100 is the slower chip here: more than one device per h100
     result = breakeven(cluster, fast, slow, "ring", settings, capacity=8)
     assert result.devices == expected
+    # verified: the count just below was run and falls short; throughput grew with every count
+    assert result.below.system.devices == expected - 1 and not result.below.predicted
+    assert result.verified is True and result.row()["verified"] is True
+    assert result.row()["below_value"] < result.fast_value and result.non_monotone == []
     assert result.naive_devices == pytest.approx(3 * 989.4 / 312)
     assert 0.99 < result.efficiency <= 1.0 + 1e-9
 
@@ -75,6 +79,16 @@ def test_time_to_loss_breakeven_runs(cluster):
     assert result.metric == "time-to-loss" and result.fast_value > 0
     if result.devices:
         assert result.slow_value <= result.fast_value
+
+
+def test_time_to_loss_breakeven_is_reached_where_it_must_be(cluster):
+    # the slow side is the fast system's own chip and fabric: 2 of its devices train exactly as the
+    # fast system does, so they reach the loss as soon, and the break-even is at most 2
+    settings = TrainConfig(workload="mlp", steps=12, per_device_batch=8)
+    result = breakeven(cluster, System("h100", 2), System("h100", 64), "ring", settings, capacity=8,
+                       metric="time-to-loss", target_loss=0.4, max_devices=6)
+    assert result.devices in (1, 2), [(p.system.devices, p.row["step_s"]) for p in result.probes]
+    assert result.slow_value <= result.fast_value
 
 
 # ---------------------------------------------------------------- the commands, end to end
@@ -126,7 +140,8 @@ def test_relay_run_checks_once_and_records_one_training_config(ray_session, tmp_
 def test_relay_sweep_and_report(ray_session, tmp_path, capsys):
     out = run_cli(capsys, "sweep", "--chips", "h100,a100", "--devices", "1,2", "--algorithms", "ring,direct",
                   "--workload", "mlp", "--steps", "2", "--out", str(tmp_path), "--name", "s")
-    assert out.count("measured") == 8
+    assert sum(line.rstrip().endswith(" emulated") for line in out.splitlines()) == 8  # all run, none predicted
+    assert "measured" not in out and "power basis" in out and out.count(" chip ") >= 8  # energy on chip power
     folder = tmp_path / "s"
     rows = read_csv(folder / "points.csv")
     assert len(rows) == 8 and {"tokens_per_s", "energy_per_sample_j", "predicted"} <= set(rows[0])
@@ -155,7 +170,14 @@ def test_relay_breakeven_writes_its_summary(ray_session, tmp_path, capsys):
     summary = json.loads((folder / "summary.json").read_text())
     row = summary["breakeven"][0]
     assert row["break_even_devices"] >= 2 and row["naive_devices"] == pytest.approx(2 * 989.4 / 312)
-    assert "naive" in (folder / "summary.md").read_text()
+    md = (folder / "summary.md").read_text()
+    assert "naive" in md
+    # the search's own check, in the output, summary.json and summary.md
+    n = row["break_even_devices"]
+    assert f"# ring: one device fewer ({n - 1}) falls short, as it must" in out
+    assert row["verified"] is True and row["below_devices"] == n - 1 and f"| {n - 1}: " in md
+    # bare chips, not presets: no full-system prediction and no published comparison
+    assert "SemiAnalysis" not in md and "Full systems" not in md and "chip" in row["slow_power_basis"]
 
 
 def test_relay_bench_results_folder(ray_session, tmp_path, capsys):

@@ -44,10 +44,10 @@ CASES = [
 
 
 def device_processes() -> set[int]:
-    """Every device actor process on this host (Ray titles them ray::DeviceActor)."""
+    """Every device worker process on this host (Ray titles them ray::DeviceWorker)."""
     found = set()
     for p in psutil.process_iter(["cmdline"]):
-        if any("DeviceActor" in part for part in p.info["cmdline"] or []):
+        if any("DeviceWorker" in part for part in p.info["cmdline"] or []):
             found.add(p.pid)
     return found
 
@@ -71,3 +71,28 @@ def test_unknown_option_values_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "--clock", "fast"])
     assert e.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_an_internal_error_is_not_reported_as_bad_input(monkeypatch, capsys):
+    # a ValueError from a bug (not an emulator.errors.ConfigError) must surface with its traceback,
+    # not as a one-line "error:" with exit status 2
+    import launch.cli as cli
+
+    def bug(parser, args):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(cli, "with_preset", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["chips"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_bad_input_errors_are_config_errors():
+    from emulator import Cluster, System
+    from emulator.errors import ConfigError
+    # the cost model (kernels/, below Relay's error type) raises ValueError; the Cluster that
+    # takes the user's dtype reports it as bad input
+    for bad in (lambda: System("h100", 0), lambda: Cluster(System("h100", 1), dtype="fp4"),
+                lambda: System.preset("nvl73")):
+        with pytest.raises(ConfigError):
+            bad()

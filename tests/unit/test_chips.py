@@ -30,6 +30,18 @@ def test_figures_match_specs_and_units():
     assert chips.get("ascend-910b").is_estimate("bf16_tflops")
     assert chips.get("b200").hbm_gb == 186 and chips.get("b200-hgx").power_w == 1000
     assert chips.get("tpu-v5p").power_w is None  # unknown, not invented
+    assert chips.get("tpu-v5p").fp8_tflops is None  # Google publishes int8 (918), no FP8 rate
+
+
+def test_chip_power_is_chip_level():
+    # every chip's power is the chip alone (all-in rack power belongs to the system presets);
+    # where the vendor publishes none it is an estimate with its reasoning in the source
+    for name in chips.names():
+        c = chips.get(name)
+        if c.power_w is not None:
+            assert "all-in" not in c.sources["power_w"].split("System all-in")[0], name
+    c = chips.get("ascend-910c")
+    assert c.power_w == 800 and c.is_estimate("power_w") and "two 910B-class dies" in c.sources["power_w"]
 
 
 def test_no_fp8_is_refused_clearly():

@@ -67,3 +67,21 @@ def test_importing_relay_does_not_import_matplotlib():
     code = "import sys, emulator, launch.cli; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_the_repo_docs_stand_alone():
+    # the design notes, README and catalog cite only the repo and public sources, never the
+    # project's working notes outside the repo (shared/DESIGN.md, SPECS.md)
+    texts = [p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"),
+                                     ROOT / "emulator" / "hardware" / "catalog.toml"]]
+    for text in texts:
+        for outside in ("shared/", "SPECS.md", "DESIGN.md"):
+            assert outside not in text, outside
+
+
+def test_the_tree_docs_do_not_claim_nccl_s_leaf_property():
+    # the tree is two mirrored heap trees (tests/unit/test_schedules.py); a rank can be a leaf of
+    # both, so the docs must not say that the leaves of one tree are inner nodes of the other
+    design = (ROOT / "docs" / "design.md").read_text()
+    tree = design.split("**tree**", 1)[1].split("- **", 1)[0]
+    assert "leaf of both" in tree and "double binary tree, where" not in tree

@@ -94,3 +94,21 @@ def test_unknown_names_are_refused():
         schedule("all_reduce", "rings", 0, 4, 10)
     with pytest.raises(ValueError, match="primitive = 'allreduce' is unknown"):
         schedule("allreduce", "ring", 0, 4, 10)
+
+
+@pytest.mark.parametrize("p", [2, 3, 5, 8, 13])
+def test_the_two_trees_are_mirror_images_over_the_non_root_ranks(p):
+    # the property docs/design.md claims: both trees rooted at the root, the second with the other
+    # ranks in reverse order (position i of one is position p - i of the other); and, unlike
+    # NCCL's double binary tree, a rank may be a leaf of both
+    from emulator.collectives.schedules import _Tree
+    for root in (0, p - 1):
+        others = [(root + k) % p for k in range(1, p)]
+        a, b = _Tree([root] + others), _Tree([root] + others[::-1])
+        assert a.rank_at[0] == b.rank_at[0] == root
+        assert sorted(a.rank_at) == sorted(b.rank_at) == list(range(p))
+        assert all(b.pos_of[r] == p - a.pos_of[r] for r in others)
+    if p == 8:
+        leaf = lambda t, r: not t.children[t.pos_of[r]]  # noqa: E731
+        a, b = _Tree(list(range(8))), _Tree([0] + list(range(7, 0, -1)))
+        assert leaf(a, 4) and leaf(b, 4)

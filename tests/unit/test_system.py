@@ -65,3 +65,18 @@ def test_bad_systems_are_rejected_clearly(kwargs, match):
 def test_unknown_preset_lists_close_matches():
     with pytest.raises(ValueError, match="did you mean nvl72"):
         System.preset("nvl73")
+
+
+def test_power_basis_separates_chip_power_from_all_in_system_power():
+    # presets carry all-in rack power per device; a bare chip system, the chip's own figure
+    assert System.preset("nvl72").power_basis == "system (all-in)"
+    assert System.preset("cloudmatrix384").power_basis == "system (all-in)"
+    assert System.preset("cloudmatrix384").scaled(8).power_basis == "system (all-in)"
+    assert System("ascend-910c", 8).power_basis == "chip" and System("h100", 8).power_basis == "chip"
+    assert System.preset("hgx-h100").power_basis == "chip"
+    assert System("h100", 8, power_w=1000).power_basis == "system (all-in)"
+    assert System("h100", 8, power_w=700, power_basis="chip").power_basis == "chip"
+    with pytest.raises(ValueError, match="power_basis = 'wall' is unknown"):
+        System("h100", 8, power_basis="wall")
+    # the 910C's catalog figure is chip-level (an estimate), not the rack's all-in share
+    assert System("ascend-910c", 1).power_w < System.preset("cloudmatrix384").power_w

@@ -1,0 +1,67 @@
+"""Attention is charged its FLOPs whichever kernel PyTorch dispatches F.scaled_dot_product_attention
+to (on this CPU host: aten._scaled_dot_product_flash_attention_for_cpu and its backward, which
+torch.utils.flop_counter has no formula for)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emulator import chips
+from kernels import CostModel, Throttle, VirtualLane
+
+B, H, T, D = 2, 4, 32, 16
+
+
+class Attention(nn.Module):
+    def __init__(self, sdpa: bool, causal: bool):
+        super().__init__()
+        self.qkv, self.sdpa, self.causal = nn.Linear(H * D, 3 * H * D), sdpa, causal
+
+    def forward(self, x):  # (B, T, H*D)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.qkv(x).split(H * D, dim=-1))  # (B, H, T, D)
+        if self.sdpa:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, T)
+        if self.causal:
+            att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        return att.softmax(dim=-1) @ v
+
+
+def charged(sdpa: bool, causal: bool, backward: bool):
+    torch.manual_seed(0)
+    model, x = Attention(sdpa, causal), torch.randn(B, T, H * D)
+    with Throttle(CostModel(chips.get("h100")), VirtualLane()) as t:
+        out = model(x)
+        forward = t.flops
+        if backward:
+            out.sum().backward()
+    return forward, t.flops, out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_is_charged_the_flops_of_explicit_attention(causal):
+    f_sdpa, fb_sdpa, out_sdpa = charged(True, causal, True)
+    f_explicit, fb_explicit, out_explicit = charged(False, causal, True)
+    torch.testing.assert_close(out_sdpa, out_explicit, atol=1e-5, rtol=1e-5)  # the same model
+    # forward: identical counts (QK^T and PV, the full score matrix also when causal)
+    assert f_sdpa == f_explicit
+    # backward: the fused kernel recomputes QK^T (torch's sdpa_backward_flop_count), which the
+    # explicit version kept from its forward: exactly one more QK^T, nothing else differs
+    recompute = 2 * B * H * T * T * D
+    assert fb_sdpa - f_sdpa == fb_explicit - f_explicit + recompute
+    assert f_sdpa > 2 * recompute  # attention's matmuls are in it (main charged them 0 on CPU)
+
+
+def test_every_attention_kernel_torch_has_gets_a_formula():
+    from torch.utils.flop_counter import flop_registry
+
+    from kernels.cost import ATTENTION_FLOPS
+    names = [n for n in dir(torch.ops.aten) if "attention" in n and not n.startswith("_native")
+             and ("scaled_dot_product" in n or n.startswith(("_flash_attention", "_efficient_attention")))]
+    math_fallback = {"_scaled_dot_product_attention_math"}  # decomposes into matmuls and softmax
+    known = lambda n: getattr(torch.ops.aten, n) in flop_registry or getattr(torch.ops.aten, n) in ATTENTION_FLOPS
+    missing = [n for n in names if n not in math_fallback and not known(n)]
+    assert not missing, missing
