@@ -12,7 +12,7 @@ from emulator.trainer import STEP_COLUMNS
 from emulator.workloads import get
 from launch.cli import main
 
-FAST_LINKS = dict(scaleup_gbps=1e9, scaleup_latency_us=1e-9)  # communication made negligible
+FAST_LINKS = dict(scaleup_gbps=1e9, scaleup_latency_us=1e-9, link_model="ideal")  # communication made negligible
 
 
 def test_a_sweep_reuses_the_actors(cluster):
