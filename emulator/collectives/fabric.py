@@ -43,7 +43,7 @@ class FabricClass:
     simple_base_us: float = 8.4  # per-collective fixed cost, Simple
     simple_step_us: float = 2.93  # extra per ring step, Simple over LL
     mesh: bool = False  # every pair of devices has its own link: direct algorithms run at full rate
-    switch: str = "none"  # in-switch reduction: "nvls", "sharp" or "none"
+    switch: str = "none"  # in-switch reduction: "nvls" or "none" (InfiniBand SHARP: not modelled)
     switch_eff: float = 0.0  # switch reduce + multicast rate / line rate
     switch_min_devices: int = 0  # fewest devices the vendor library uses it for
     switch_base_us: float = 0.0  # per-collective fixed cost of the switch path
@@ -58,8 +58,8 @@ class FabricClass:
         for f in ("o_us", "ll_base_us", "simple_base_us", "simple_step_us", "switch_base_us"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"fabric {self.name!r}: {f} = {getattr(self, f)!r} is negative; give >= 0")
-        if self.switch not in ("none", "nvls", "sharp"):
-            raise ConfigError(f"fabric {self.name!r}: switch = {self.switch!r}; choose none, nvls or sharp")
+        if self.switch not in ("none", "nvls"):
+            raise ConfigError(f"fabric {self.name!r}: switch = {self.switch!r}; choose none or nvls")
         if self.switch != "none" and not 0 < self.switch_eff <= 1:
             raise ConfigError(f"fabric {self.name!r}: switch_eff = {self.switch_eff!r}; give a fraction in (0, 1]")
 
@@ -109,6 +109,9 @@ class Timing:
 
 @dataclass(frozen=True)
 class Fabric:
+    """The link model of one system, passed as one value to the executors and closed forms.
+    Build it with Fabric.of / Fabric.ideal; collectives.resolve() fixes the protocol and
+    algorithm for one collective; with_(elem_bytes=...) sets the buffer's element size."""
     up_line: Timing  # scale-up line rate and latency (from the system)
     out_line: Timing | None  # scale-out; None: unknown
     domain: int  # devices per scale-up domain
@@ -146,7 +149,10 @@ class Fabric:
     def of(cls, system, elem_bytes: int = 4, slowdown: dict | None = None, scaleup: str | None = None,
            scaleout: str | None = None) -> Fabric:
         """The calibrated fabric of a System: its chip's fabric classes unless named here.
-        A latency the user set on the system (not the chip's) is kept over the fabric's."""
+        A latency the user set on the system (not the chip's) is kept over the fabric's.
+        A system built with link_model="ideal" gets Fabric.ideal instead."""
+        if getattr(system, "link_model", "calibrated") == "ideal":
+            return cls.ideal(system, elem_bytes, slowdown)
         chip = system.chip
         up_c = fabric_class(scaleup or getattr(chip, "scaleup_fabric", None))
         out_c = fabric_class(scaleout or getattr(chip, "scaleout_fabric", None))

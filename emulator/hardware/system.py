@@ -66,6 +66,7 @@ class System:
     name: str = ""  # preset name, or "" for a custom system
     note: str = field(default="", compare=False)
     device_chips: tuple = ()  # a mixed system: one chip per device (see System.mixed)
+    link_model: str = "calibrated"  # "calibrated" (fabrics.toml) or "ideal" (line rate, no overheads)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -74,6 +75,9 @@ class System:
             set_("chip", self.device_chips[0])
         set_("chip", chips.get(self.chip))
         who = f"system {self.name or self.chip.name}"
+        if self.link_model not in ("calibrated", "ideal"):
+            raise ValueError(f"{who}: link_model = {self.link_model!r} is unknown; choose 'calibrated' "
+                             "(measured link efficiency and overheads) or 'ideal' (line rate)")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise ConfigError(f"{who}: devices = {self.devices!r} is invalid; give an integer >= 1")
         if self.device_chips and len(self.device_chips) != self.devices:

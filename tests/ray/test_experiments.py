@@ -11,7 +11,7 @@ from emulator.driver.experiment import breakeven, predict_point, run_point, sear
 from emulator.driver.metrics import STEP_COLUMNS
 from launch.cli import main
 
-FAST_LINKS = dict(scaleup_gbps=1e9, scaleup_latency_us=1e-9)  # communication made negligible
+FAST_LINKS = dict(scaleup_gbps=1e9, scaleup_latency_us=1e-9, link_model="ideal")  # communication made negligible
 
 
 def test_a_sweep_reuses_the_actors(cluster):
