@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("path", help="results/<name>")
     rp.set_defaults(fn=cmd_report)
 
-    d = sub.add_parser("demo", help="the headline experiment, small (about 3 minutes)")
+    d = sub.add_parser("demo", help="the headline experiment, small (about 6 minutes on 2 cores)")
     d.set_defaults(fn=cmd_demo)
     return p
 

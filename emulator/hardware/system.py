@@ -62,11 +62,11 @@ class System:
     scaleout_gbps: float | None = None
     scaleout_latency_us: float | None = None
     power_w: float | None = None  # per device, W (all-in for presets); None: the chip's
-    power_basis: str | None = None  # POWER_BASES: "system (all-in)" when power_w is given, else "chip"
     name: str = ""  # preset name, or "" for a custom system
     note: str = field(default="", compare=False)
     device_chips: tuple = ()  # a mixed system: one chip per device (see System.mixed)
     link_model: str = "calibrated"  # "calibrated" (fabrics.toml) or "ideal" (line rate, no overheads)
+    power_basis: str | None = None  # POWER_BASES: "system (all-in)" when power_w is given, else "chip"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)

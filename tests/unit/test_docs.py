@@ -85,3 +85,11 @@ def test_the_tree_docs_do_not_claim_nccl_s_leaf_property():
     design = (ROOT / "docs" / "design.md").read_text()
     tree = design.split("**tree**", 1)[1].split("- **", 1)[0]
     assert "leaf of both" in tree and "double binary tree, where" not in tree
+
+
+def test_the_demo_duration_is_stated_once_the_same_way():
+    # README, the demo preset and the CLI's help give the same (measured) duration
+    said = "about 6 minutes on 2 cores"
+    assert said in (ROOT / "README.md").read_text()
+    assert said in (ROOT / "launch" / "presets" / "demo.toml").read_text().lower()
+    assert said in (ROOT / "launch" / "cli.py").read_text()
