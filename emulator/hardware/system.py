@@ -76,7 +76,7 @@ class System:
         set_("chip", chips.get(self.chip))
         who = f"system {self.name or self.chip.name}"
         if self.link_model not in ("calibrated", "ideal"):
-            raise ValueError(f"{who}: link_model = {self.link_model!r} is unknown; choose 'calibrated' "
+            raise ConfigError(f"{who}: link_model = {self.link_model!r} is unknown; choose 'calibrated' "
                              "(measured link efficiency and overheads) or 'ideal' (line rate)")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise ConfigError(f"{who}: devices = {self.devices!r} is invalid; give an integer >= 1")
