@@ -174,8 +174,8 @@ def _sensitivity(sens: dict | None, slow: dict) -> list[str]:
              "fabric, the less documented side). Each case is a new break-even search on the virtual "
              f"clock, from the main answer (reusing the fast system's runs where it is unchanged); all "
              f"{2 * len(sens['rows'])} took "
-             f"{sens['host_s']:.0f} s of host time. Link efficiency is applied by scaling the slow "
-             "system's scale-up and scale-out bandwidth (Relay has no separate link-efficiency figure).", "",
+             f"{sens['host_s']:.0f} s of host time. Link efficiency is moved by scaling the slow "
+             "system's scale-up and scale-out bandwidth, on top of the calibrated fabric's own efficiency.", "",
              "| parameter | moved on | catalog | low end | break-even | high end | break-even | why this range |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sens["rows"]:
@@ -186,7 +186,7 @@ def _sensitivity(sens: dict | None, slow: dict) -> list[str]:
             count = "not reached" if n is None else f"{n}{' (predicted)' if r[f'{which}_predicted'] else ''}"
             return shown, count
         (lo, n_lo), (hi, n_hi) = end("low"), end("high")
-        catalog = "1 (link figure as achieved)" if r["catalog"] is None else f"{r['catalog']:g}"
+        catalog = "1 (the calibrated fabric)" if r["catalog"] is None else f"{r['catalog']:g}"
         side = "both sides" if r.get("side") == "both" else "slow side"
         lines.append(f"| {r['parameter']} | {side} | {catalog} | {lo} | {n_lo} | {hi} | {n_hi} | {r['why']} |")
     return lines

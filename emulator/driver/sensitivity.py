@@ -9,8 +9,8 @@ the efficiencies and the link efficiency move on the slow side only (the less do
 and fabric), and the fast system's runs are then reused. The ranges and their reasons are in
 RANGES.
 
-Relay has no link-efficiency parameter: link efficiency is applied by scaling the slow system's
-scale-up and scale-out bandwidth (a collective then reaches that fraction of the link figure).
+Link efficiency is moved by scaling the slow system's scale-up and scale-out bandwidth, on top of
+the calibrated fabric's own efficiency (emulator/hardware/fabrics.toml).
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ RANGES = (
           "libraries on large GEMMs"),
     Range("mem_eff", 0.6, 0.9, False,
           "0.6 for small or strided kernels, 0.9 for the best streaming (STREAM-like) kernels"),
-    Range("link_eff", 0.5, 1.0, False,
-          "fraction of the link figure a collective reaches; the catalog figure is used as "
-          "achieved (1.0); NCCL reaches 0.7-0.9 of NVLink's, 0.5 allows for a less mature stack"),
+    Range("link_eff", 0.6, 1.25, True,
+          "a factor on the calibrated fabric's bandwidth (its efficiency is an estimate where no "
+          "collective was measured, as for UB: 0.8, fabrics.toml): x0.6 allows for a less mature "
+          "collective stack, x1.25 takes it to line rate"),
 )
 
 
