@@ -35,6 +35,7 @@ from emulator.collectives.schedules import check as check_collective, schedule
 from emulator.device import Faults, Job, RemoteDevice
 from emulator.monitor import DeviceError, gather
 from emulator.system import System
+from emulator.transport import DATA_PLANES
 from kernels.calibrate import calibrate, check_dilation, dilation_for
 from kernels.cost import CostModel
 
@@ -108,7 +109,7 @@ class Cluster:
     def __init__(self, system, clock: str = "virtual", dilation: float | None = None,
                  address: str | None = None, device: str = "cpu", *, dtype: str = "bf16",
                  efficiency: dict | None = None, timeout_s: float = 30.0, memory_mb: float = MEMORY_MB,
-                 check_dilation: bool = True, faults: Faults | None = None):
+                 check_dilation: bool = True, faults: Faults | None = None, data_plane: str = "auto"):
         self.system = _system(system)
         self.clock, self.dilation = clock, dilation
         self._check_clock()
@@ -118,6 +119,10 @@ class Cluster:
             raise ValueError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
         if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
             raise ValueError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
+        if data_plane not in DATA_PLANES:
+            raise ValueError(f"data_plane = {data_plane!r} is unknown; choose 'auto' (shared memory "
+                             "between devices on one node, gloo across nodes) or 'gloo' (gloo everywhere)")
+        self.data_plane = data_plane
         self.efficiency = dict(efficiency or {})
         CostModel(self.system.chip, dtype, **self.efficiency)  # validates dtype and efficiencies
         if address is not None:
@@ -266,8 +271,8 @@ class Cluster:
         for attempt in range(tries):
             addr, port = ray.get(self.actors[0].free_address.remote(host))
             try:
-                self._gather([a.connect.remote(addr, port, world, self.timeout_s) for a in self.actors],
-                             "transport set-up", abort=attempt == tries - 1)
+                self._gather([a.connect.remote(addr, port, world, self.timeout_s, self.data_plane)
+                              for a in self.actors], "transport set-up", abort=attempt == tries - 1)
                 return
             except DeviceError:
                 if attempt == tries - 1:

@@ -103,11 +103,16 @@ class DeviceActor:
         from emulator.transport import free_address
         return free_address(host)
 
-    def connect(self, addr: str, port: int, world: int, timeout_s: float) -> bool:
+    def connect(self, addr: str, port: int, world: int, timeout_s: float, data_plane: str = "auto") -> bool:
         from emulator.transport import Transport
         self.disconnect()
-        self.transport = Transport(self.index, world, addr, port, timeout_s)
+        self.transport = Transport(self.index, world, addr, port, timeout_s,
+                                   node=ray.get_runtime_context().get_node_id(), data_plane=data_plane)
         return True
+
+    def carriers(self) -> dict[int, str]:
+        """Peer -> what carries this device's messages to it ('shm' or 'gloo')."""
+        return self.transport.carriers()
 
     def disconnect(self) -> None:
         if self.transport is not None:
