@@ -27,6 +27,7 @@ test: venv
 bench: venv
 	$(PY) bench/throttle.py
 	$(PY) bench/collectives.py
+	$(PY) bench/transport.py
 	$(PY) bench/training.py
 	$(PY) bench/stragglers.py
 

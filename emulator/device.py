@@ -194,6 +194,11 @@ class DeviceActor:
         self.rows = []
         return train_device(self.index, job, spec, self.transport, self.device, on_step=self.rows.append)
 
+    def pingpong(self, peer: int, nbytes: int, repeats: int) -> dict:
+        """Real seconds per one-way message to and from `peer`, Relay's transport and gloo's."""
+        from emulator.transport import pingpong
+        return pingpong(self.transport, peer, nbytes, repeats)
+
     def gloo_all_reduce(self, nbytes: int, repeats: int) -> float:
         """Real seconds per torch.distributed.all_reduce (gloo's own algorithm), for comparison."""
         x = torch.ones(nbytes // 4)

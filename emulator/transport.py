@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections import defaultdict, deque
 from datetime import timedelta
@@ -126,7 +127,7 @@ class Transport:
     def _post_recvs(self, step: Step, slot: int, dtype: torch.dtype) -> list:
         """Gloo receives of `step`, posted (the shared-memory ones need no posting)."""
         need = sum(seg_len(r.segs) for r in step.recvs if r.peer not in self.near)
-        scratch, at, posted = self._scratch(slot, need, dtype), 0, []
+        scratch, at, posted = self._scratch(slot, need, dtype) if need else None, 0, []
         for i, r in enumerate(step.recvs):
             if r.peer in self.near:
                 continue
@@ -267,3 +268,30 @@ def _wait(work, timeout, me: int, peer: int) -> None:
     except RuntimeError as e:  # timed out, or the peer's connection closed under us
         raise PeerError(me, peer, f"waited up to {timeout.total_seconds():g} s; gloo: "
                         f"{str(e).splitlines()[0][:160]}") from None
+
+
+def pingpong(t: Transport, peer: int, nbytes: int, repeats: int) -> dict:
+    """Real seconds per one-way message of `nbytes` between this device and `peer` (which runs the
+    same call), measured by ping-pong through this transport and through gloo's own send/recv."""
+    from emulator.collectives.core import Ports
+    from emulator.collectives.schedules import Recv, Send
+    from kernels.clock import VirtualLane
+    x = torch.ones(max(1, nbytes // 4))
+    segs = ((0, x.numel()),)
+    send, recv = [Step(sends=(Send(peer, segs),))], [Step(recvs=(Recv(peer, segs, reduce=False),))]
+    free = lambda i, j: ("up", _FREE_LINK)  # noqa: E731
+    ours = [lambda: t.run(send, x, VirtualLane(), Ports(), free, 4),
+            lambda: t.run(recv, x, VirtualLane(), Ports(), free, 4)]
+    gloo = [lambda: dist.send(x, peer), lambda: dist.recv(x, peer)]
+    out = {}
+    for name, (a, b) in (("relay_s", ours), ("gloo_s", gloo)):
+        if t.rank > peer:
+            a, b = b, a  # the second device answers
+        for timed in (False, True):  # a warm-up round first
+            t.barrier(max(t.rank, peer) + 1)
+            t0 = time.perf_counter()
+            for _ in range(repeats if timed else max(1, repeats // 10)):
+                a()
+                b()
+        out[name] = (time.perf_counter() - t0) / repeats / 2
+    return out

@@ -33,10 +33,22 @@ class OpCost:
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
+_FLOPS: dict = {}  # (op, shapes and other arguments) -> FLOPs: shapes repeat from step to step,
+#                    and PyTorch's formulas (with their tree_maps) cost more than the lookup
+_FLOPS_MAX = 100_000  # distinct entries kept at most (inputs whose shapes never repeat)
 
 
 def _shape(x):
     return x.shape if isinstance(x, torch.Tensor) else x
+
+
+def _signature(x):
+    """What a FLOP formula can see of an argument: a tensor's shape (and dtype), anything else."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape), x.dtype
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(y) for y in x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,17 @@ class CostModel:
         if kind == 0:
             return _ZERO
         flops = 0
-        if kind != 1:  # a FLOP formula
-            flops = kind(*tree_map(_shape, args), **tree_map(_shape, kwargs or {}), out_val=tree_map(_shape, out))
+        if kind != 1:  # a FLOP formula, computed once per distinct signature
+            try:
+                key = (func, _signature(args), _signature(tuple((kwargs or {}).items())), _signature(out))
+                flops = _FLOPS[key]
+            except KeyError:
+                flops = _flops(kind, args, kwargs, out)
+                if len(_FLOPS) >= _FLOPS_MAX:
+                    _FLOPS.clear()
+                _FLOPS[key] = flops
+            except TypeError:  # an unhashable argument: no memo
+                flops = _flops(kind, args, kwargs, out)
         nbytes = self._bytes(args) + self._bytes(out)
         if kwargs:
             nbytes += self._bytes(tuple(kwargs.values()))
@@ -100,3 +121,7 @@ class CostModel:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""
         flops, nbytes = 2.0 * m * k * n, float((m * k + k * n + m * n) * ITEMSIZE[self.dtype])
         return OpCost(self.seconds(flops, nbytes), flops, nbytes)
+
+
+def _flops(formula, args, kwargs, out) -> float:
+    return formula(*tree_map(_shape, args), **tree_map(_shape, kwargs or {}), out_val=tree_map(_shape, out))

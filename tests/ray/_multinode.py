@@ -4,6 +4,7 @@ devices, and Relay on top of it. Prints what it saw as JSON."""
 
 import json
 
+import ray
 import torch
 from ray.cluster_utils import Cluster as RayCluster
 
@@ -21,6 +22,7 @@ out = {}
 try:
     with Cluster(System("h100", 8, domain=4), address=ray_cluster.address) as cluster:
         out["nodes"] = [i["node_id"] for i in cluster.info]
+        out["carriers"] = [ray.get(a.carriers.remote()) for a in cluster.actors]
         res = cluster.all_reduce([torch.full((1000,), float(d)) for d in range(8)], algorithm="hierarchical")
         out["all_reduce"] = all(torch.equal(o, torch.full((1000,), 28.0)) for o in res.outputs)
         out["all_reduce_s"] = res.emulated_s
