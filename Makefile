@@ -32,6 +32,7 @@ test: lint
 bench: venv
 	$(PY) bench/throttle.py
 	$(PY) bench/collectives.py
+	$(PY) bench/transport.py
 	$(PY) bench/training.py
 	$(PY) bench/stragglers.py
 	$(PY) bench/validate.py

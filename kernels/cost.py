@@ -43,6 +43,9 @@ class OpCost:
 _ZERO = OpCost(0.0, 0.0, 0.0)
 _GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
+_FLOPS: dict = {}  # (op, shapes and other arguments) -> FLOPs: shapes repeat from step to step,
+#                    and PyTorch's formulas (with their tree_maps) cost more than the lookup
+_FLOPS_MAX = 100_000  # distinct entries kept at most (inputs whose shapes never repeat)
 
 
 # Attention kernels that torch.utils.flop_counter has no formula for, with torch's own counts
@@ -73,6 +76,15 @@ ATTENTION_FLOPS = {
     _aten._scaled_dot_product_attention_math_for_mps: _sdpa_forward,
     _aten._flash_attention_forward_no_dropout_inplace: _flash_forward_into,
 }
+
+
+def _signature(x):
+    """What a FLOP formula can see of an argument: a tensor's shape (and dtype), anything else."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape), x.dtype
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(y) for y in x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -131,8 +143,8 @@ class CostModel:
         if kind == 0:
             return None
         flops, q = 0, 1.0
-        if kind != 1:  # a FLOP formula (the registry's take raw tensors and out_val)
-            flops = kind(*args, **(kwargs or {}), out_val=out)
+        if kind != 1:  # a FLOP formula, computed once per distinct signature
+            flops = _memo_flops(func, kind, args, kwargs, out)
             if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 *batch, m, n = out.shape
                 grows = scale if fixed is None or not fixed(out) else 1.0
@@ -162,3 +174,19 @@ class CostModel:
         flops, nbytes = 2.0 * m * k * n, float((m * k + k * n + m * n) * ITEMSIZE[self.dtype])
         q = quantisation(m, n, self.chip.compute_units)
         return OpCost(self.seconds(flops / q, nbytes), flops, nbytes)
+
+
+def _memo_flops(func, formula, args, kwargs, out) -> float:
+    """FLOPs of one op from its formula (the registry's take raw tensors and out_val), looked up
+    by what the formula can see (shapes, dtypes, other arguments) after the first time."""
+    try:
+        key = (func, _signature(args), _signature(tuple((kwargs or {}).items())), _signature(out))
+        return _FLOPS[key]
+    except KeyError:
+        flops = formula(*args, **(kwargs or {}), out_val=out)
+        if len(_FLOPS) >= _FLOPS_MAX:
+            _FLOPS.clear()
+        _FLOPS[key] = flops
+        return flops
+    except TypeError:  # an unhashable argument: no memo
+        return formula(*args, **(kwargs or {}), out_val=out)

@@ -17,6 +17,7 @@ from emulator.collectives.core import Ports, finish, prepare
 from emulator.collectives.schedules import schedule
 from emulator.device.job import Job
 from emulator.device.transport import Transport, free_address
+from emulator.device.transport import pingpong as transport_pingpong
 
 
 def identify(dev) -> dict:
@@ -30,13 +31,25 @@ def address(dev, host: str) -> tuple[str, int]:
     return free_address(host)
 
 
-def connect(dev, addr: str, port: int, world: int, timeout_s: float) -> bool:
-    """(Re)build the transport to every other device."""
+def connect(dev, addr: str, port: int, world: int, timeout_s: float, data_plane: str = "auto") -> bool:
+    """(Re)build the transport to every other device (shared memory to those on this node with
+    data_plane 'auto', gloo to the rest)."""
     if dev.transport is not None:
         dev.transport.close()
     dev.transport = None
-    dev.transport = Transport(dev.index, world, addr, port, timeout_s)
+    dev.transport = Transport(dev.index, world, addr, port, timeout_s,
+                              node=ray.get_runtime_context().get_node_id(), data_plane=data_plane)
     return True
+
+
+def carriers(dev) -> dict[int, str]:
+    """Peer -> what carries this device's messages to it ('shm' or 'gloo')."""
+    return dev.transport.carriers()
+
+
+def pingpong(dev, peer: int, nbytes: int, repeats: int) -> dict:
+    """Real seconds per one-way message to and from `peer`, Relay's transport and gloo's."""
+    return transport_pingpong(dev.transport, peer, nbytes, repeats)
 
 
 def run_matmuls(dev, job: Job, sizes: list[int], repeats: list[int]) -> dict:

@@ -1,17 +1,22 @@
-"""The data plane: point-to-point torch.distributed (gloo) between device actors, and the
-distributed executor that runs collective schedules over it.
+"""The data plane between device actors, and the distributed executor that runs collective
+schedules over it.
 
-Every message is two gloo sends posted together (no extra round trip): a 4-number header
-(sender, sequence, bytes, emulated start time) and the payload, received into a reused area.
-The receiver checks the header against its own schedule (a mismatch is a protocol error, never
-silently absorbed) and computes the arrival time with the same link model as the local executor
-(collectives/core.py).
+Each pair of devices has one carrier, chosen automatically: shared memory (emulator/shm.py)
+between devices on the same Ray node, point-to-point torch.distributed (gloo) between devices on
+different nodes (or between all, with data_plane='gloo'). Over gloo, every message is two sends
+posted together (no extra round trip): a 4-number header (sender, sequence, bytes, emulated start
+time) and the payload, received into a reused area; over shared memory the same header travels
+with each piece. The receiver checks the header against its own schedule (a mismatch is a
+protocol error, never silently absorbed) and computes the arrival time with the same link model
+as the local executor (collectives/core.py).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+import uuid
 from collections import defaultdict, deque
 from datetime import timedelta
 
@@ -21,22 +26,14 @@ import torch.distributed as dist
 
 from emulator.collectives.core import Ports, apply, gather, time_recv, time_sends
 from emulator.collectives.fabric import Fabric, Timing
-from emulator.collectives.schedules import Step, schedule, seg_len
+from emulator.collectives.schedules import Recv, Send, Step, schedule, seg_len
 from emulator.device.job import die
+from emulator.device.peers import PeerError
+from emulator.device.shm import RecvOp, SendOp, ShmPlane, unsupported
 from kernels.clock import VirtualLane
 
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
-
-
-class PeerError(RuntimeError):
-    """Device `device` gave up on a message to or from device `peer`."""
-
-    def __init__(self, device: int, peer: int, detail: str):
-        self.device, self.peer = device, peer
-        super().__init__(f"device {device} gave up on device {peer} ({detail})")
-
-    def __reduce__(self):  # travels back to the driver intact
-        return PeerError, (self.device, self.peer, str(self).split("(", 1)[-1].rstrip(")"))
+DATA_PLANES = ("auto", "gloo")  # auto: shared memory within a node, gloo across nodes
 
 
 def _interface_of(ip: str) -> str | None:
@@ -55,7 +52,13 @@ def free_address(host: str) -> tuple[str, int]:
 
 
 class Transport:
-    def __init__(self, rank: int, world: int, addr: str, port: int, timeout_s: float):
+    """`node` names the host this device runs on (its Ray node id): devices with the same node
+    talk through shared memory unless data_plane is 'gloo'."""
+
+    def __init__(self, rank: int, world: int, addr: str, port: int, timeout_s: float,
+                 node: str | None = None, data_plane: str = "auto"):
+        if data_plane not in DATA_PLANES:
+            raise ValueError(f"data_plane = {data_plane!r} is unknown; choose 'auto' or 'gloo'")
         self.rank, self.world, self.timeout = rank, world, timedelta(seconds=timeout_s)
         iface = _interface_of(addr)
         if iface and "GLOO_SOCKET_IFNAME" not in os.environ:  # gloo would otherwise pick the
@@ -65,8 +68,29 @@ class Transport:
         self.sent = defaultdict(int)  # peer -> messages sent to it
         self.got = defaultdict(int)  # peer -> messages received from it
         self._spare: dict = {}  # (slot, dtype) -> reusable receive area
+        self.plane, self.near = None, frozenset()  # shared memory, and the peers it reaches
+        if data_plane == "auto":
+            self._open_shared_memory(node, timeout_s)
+
+    def _open_shared_memory(self, node: str | None, timeout_s: float) -> None:
+        ok = node is not None and unsupported() is None
+        me = (node, os.getpid(), ok, uuid.uuid4().hex[:12])
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, me)
+        peers = {r: pid for r, (n, pid, their_ok, _) in enumerate(everyone)
+                 if r != self.rank and ok and their_ok and n == node}
+        # the token (rank 0's) names this group's files apart from any other run on the host
+        self.plane = ShmPlane(self.rank, peers, everyone[0][3], timeout_s, dist.barrier)
+        self.near = frozenset(peers)
+
+    def carriers(self) -> dict[int, str]:
+        """Peer -> 'shm' or 'gloo': what carries this device's messages to each."""
+        return {p: "shm" if p in self.near else "gloo" for p in range(self.world) if p != self.rank}
 
     def close(self) -> None:
+        if self.plane is not None:
+            self.plane.close()
+            self.plane = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -101,9 +125,12 @@ class Transport:
         return buf
 
     def _post_recvs(self, step: Step, slot: int, dtype: torch.dtype) -> list:
-        need = sum(seg_len(r.segs) for r in step.recvs)
-        scratch, at, posted = self._scratch(slot, need, dtype), 0, []
-        for r in step.recvs:
+        """Gloo receives of `step`, posted (the shared-memory ones need no posting)."""
+        need = sum(seg_len(r.segs) for r in step.recvs if r.peer not in self.near)
+        scratch, at, posted = self._scratch(slot, need, dtype) if need else None, 0, []
+        for i, r in enumerate(step.recvs):
+            if r.peer in self.near:
+                continue
             seq = self.got[r.peer]
             self.got[r.peer] += 1
             hdr = torch.empty(4, dtype=torch.float64)
@@ -113,20 +140,21 @@ class Transport:
             if n:
                 works.append(dist.irecv(area, r.peer, tag=self._tag(seq, 1)))
             at += n
-            posted.append((r, seq, n, hdr, area, works))
+            posted.append((i, r, seq, n, hdr, area, works))
         return posted
 
     def run(self, steps: list[Step], buf: torch.Tensor, lane, ports, fabric, fail_at: int | None = None) -> None:
         """Execute this rank's schedule on `buf` (flat, CPU), pacing every message on `lane` with
         the link model of `fabric` (a Fabric resolved for this collective: collectives.resolve).
 
-        Receives are posted `window` steps ahead, so that a sender that runs ahead never finds
-        its peer unready: gloo then writes arriving bytes straight into place (measured on 4
-        actors, 4 MB ring steps: 4.2 ms with the receive posted first, 7.0 ms without)."""
+        Gloo receives are posted `window` steps ahead, so that a sender that runs ahead never
+        finds its peer unready: gloo then writes arriving bytes straight into place (measured on
+        4 actors, 4 MB ring steps: 4.2 ms with the receive posted first, 7.0 ms without)."""
         me, elem_bytes = self.rank, fabric.elem_bytes
         if steps:  # the collective's fixed cost, before its first step (as the local executor)
             lane.advance_to(lane.now() + fabric.base_s())
-        most = max((sum(seg_len(r.segs) for r in st.recvs) for st in steps), default=0)
+        most = max((sum(seg_len(r.segs) for r in st.recvs if r.peer not in self.near) for st in steps),
+                   default=0)
         window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * buf.element_size())))
         posted = deque(self._post_recvs(steps[k], k % window, buf.dtype) for k in range(window))
         for k, step in enumerate(steps):
@@ -135,11 +163,14 @@ class Transport:
             t0 = lane.now()
             incoming = posted.popleft()
             starts, done = time_sends(me, step, t0, ports, fabric)
-            sends, keep = [], []
+            sends, keep, near_sends = [], [], []
             for s, start in zip(step.sends, starts):
                 seq = self.sent[s.peer]
                 self.sent[s.peer] += 1
                 n = seg_len(s.segs)
+                if s.peer in self.near:
+                    near_sends.append(self._shm_send(s, (me, seq, n * elem_bytes, start), buf))
+                    continue
                 hdr = torch.tensor([me, seq, n * elem_bytes, start], dtype=torch.float64)
                 sends.append((dist.isend(hdr, s.peer, tag=self._tag(seq, 0)), s.peer))
                 if n:
@@ -147,8 +178,12 @@ class Transport:
                     sends.append((dist.isend(payload, s.peer, tag=self._tag(seq, 1)), s.peer))
                     keep.append(payload)
                 keep.append(hdr)
-            end = done
-            for r, seq, n, hdr, area, works in incoming:
+            arrived, staged = {}, {}  # recv index -> sender's emulated start; -> staging area
+            if near_sends or any(r.peer in self.near for r in step.recvs):
+                near_recvs = self._shm_recvs(step, buf, elem_bytes, staged)
+                self.plane.exchange(near_sends, list(near_recvs.values()))
+                arrived = {i: op.start for i, op in near_recvs.items()}
+            for i, r, seq, n, hdr, area, works in incoming:
                 for w in works:
                     _wait(w, self.timeout, me, r.peer)
                 sender, hseq, nbytes, start = hdr.tolist()
@@ -156,15 +191,66 @@ class Transport:
                     raise RuntimeError(f"device {me}: protocol error, expected message {seq} of "
                                        f"{n * elem_bytes} bytes from device {r.peer}, got message "
                                        f"{int(hseq)} of {int(nbytes)} bytes from device {int(sender)}")
-                end = max(end, time_recv(me, r, start, ports, fabric, step.via))
+                arrived[i] = start
+                if area is not None:
+                    staged[i] = area
+            end = done
+            for i, r in enumerate(step.recvs):  # in list order: the ingress ports serve in this order
+                end = max(end, time_recv(me, r, arrived[i], ports, fabric, step.via))
             for w, peer in sends:  # the buffer may change only once the sends have read it
                 _wait(w, self.timeout, me, peer)
-            for r, seq, n, hdr, area, works in incoming:
-                if area is not None:
-                    apply(buf, r, area)
+            for i, r in enumerate(step.recvs):
+                if i in staged:
+                    apply(buf, r, staged[i])
             if k + window < len(steps):
                 posted.append(self._post_recvs(steps[k + window], (k + window) % window, buf.dtype))
             lane.advance_to(end)
+
+    def _shm_send(self, s, header: tuple, buf: torch.Tensor):
+        views, at = [], 0
+        for a, b in s.segs:
+            if b > a:
+                views.append((at, buf[a:b].view(torch.uint8)))
+                at += (b - a) * buf.element_size()
+        return SendOp(s.peer, header, views)
+
+    def _shm_recvs(self, step: Step, buf: torch.Tensor, elem_bytes: int, staged: dict) -> dict:
+        """The shared-memory receives of `step`: straight into `buf` where that is safe, else
+        into a staging area (recorded in `staged`) applied with the gloo ones, in list order."""
+        direct = _direct(step)
+        ops, stage_at = {}, 0
+        need = sum(seg_len(r.segs) for i, r in enumerate(step.recvs) if r.peer in self.near and not direct[i])
+        area = self._scratch(-1, need, buf.dtype) if need else None
+        for i, r in enumerate(step.recvs):
+            if r.peer not in self.near:
+                continue
+            seq = self.got[r.peer]
+            self.got[r.peer] += 1
+            n = seg_len(r.segs)
+            if direct[i]:
+                views, at = [], 0
+                for a, b in r.segs:
+                    if b > a:
+                        views.append((at, buf[a:b]))
+                        at += (b - a) * buf.element_size()
+                ops[i] = RecvOp(self.rank, r.peer, seq, n * elem_bytes, views, r.reduce)
+            else:
+                staged[i] = area[stage_at:stage_at + n]
+                ops[i] = RecvOp(self.rank, r.peer, seq, n * elem_bytes, [(0, staged[i])] if n else [], False)
+                stage_at += n
+        return ops
+
+
+def _direct(step: Step) -> list[bool]:
+    """Which receives of `step` may land in the buffer piece by piece, as they arrive: those whose
+    segments meet no send's (sends read the buffer as it was at the start of the step) and no
+    other receive's (overlapping receives apply in list order, so sums keep one order)."""
+    out = []
+    for i, r in enumerate(step.recvs):
+        others = [g for s in step.sends for g in s.segs]
+        others += [g for j, q in enumerate(step.recvs) if j != i for g in q.segs]
+        out.append(not any(a < d and c < b for a, b in r.segs for c, d in others))
+    return out
 
 
 def _free_fabric(world: int, elem_bytes: int) -> Fabric:
@@ -181,3 +267,27 @@ def _wait(work, timeout, me: int, peer: int) -> None:
     except RuntimeError as e:  # timed out, or the peer's connection closed under us
         raise PeerError(me, peer, f"waited up to {timeout.total_seconds():g} s; gloo: "
                         f"{str(e).splitlines()[0][:160]}") from None
+
+
+def pingpong(t: Transport, peer: int, nbytes: int, repeats: int) -> dict:
+    """Real seconds per one-way message of `nbytes` between this device and `peer` (which runs the
+    same call), measured by ping-pong through this transport and through gloo's own send/recv."""
+    x = torch.ones(max(1, nbytes // 4))
+    segs = ((0, x.numel()),)
+    send, recv = [Step(sends=(Send(peer, segs),))], [Step(recvs=(Recv(peer, segs, reduce=False),))]
+    free = _free_fabric(t.world, 4)
+    ours = [lambda: t.run(send, x, VirtualLane(), Ports(), free),
+            lambda: t.run(recv, x, VirtualLane(), Ports(), free)]
+    gloo = [lambda: dist.send(x, peer), lambda: dist.recv(x, peer)]
+    out = {}
+    for name, (a, b) in (("relay_s", ours), ("gloo_s", gloo)):
+        if t.rank > peer:
+            a, b = b, a  # the second device answers
+        for timed in (False, True):  # a warm-up round first
+            t.barrier(max(t.rank, peer) + 1)
+            t0 = time.perf_counter()
+            for _ in range(repeats if timed else max(1, repeats // 10)):
+                a()
+                b()
+        out[name] = (time.perf_counter() - t0) / repeats / 2
+    return out

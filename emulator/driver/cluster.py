@@ -21,6 +21,7 @@ import ray
 
 from emulator.device import jobs
 from emulator.device.job import Faults, Job
+from emulator.device.transport import DATA_PLANES
 from emulator.driver import collectives as _collectives
 from emulator.driver import training as _training
 from emulator.driver.monitor import Failed, failure, gather
@@ -46,7 +47,7 @@ class Cluster:
     def __init__(self, system, clock: str = "virtual", dilation: float | None = None,
                  address: str | None = None, device: str = "cpu", *, dtype: str = "bf16",
                  efficiency: dict | None = None, timeout_s: float = 30.0, memory_mb: float = MEMORY_MB,
-                 check_dilation: bool = True, faults: Faults | None = None):
+                 check_dilation: bool = True, faults: Faults | None = None, data_plane: str = "auto"):
         self.system = _system(system)
         self.clock, self.dilation = clock, dilation
         self._check_clock()
@@ -67,6 +68,10 @@ class Cluster:
         self.timeout_s, self.memory_mb, self.check_dilation = timeout_s, memory_mb, check_dilation
         self.faults = faults or Faults()
         self.faults.check(self.system.devices)
+        if data_plane not in DATA_PLANES:
+            raise ConfigError(f"data_plane = {data_plane!r} is unknown; choose 'auto' (shared memory "
+                              "between devices on one node, gloo across nodes) or 'gloo' (gloo everywhere)")
+        self.data_plane = data_plane
         self.actors: list = []  # the device workers, in device order
         self.info: list[dict] = []  # per worker: pid, node_ip, node_id, hostname
         self._pgs: list = []
@@ -159,7 +164,7 @@ class Cluster:
         for attempt in range(tries):
             addr, port = ray.get(self.actors[0].run.remote(jobs.address, host))
             try:
-                self.run(jobs.connect, addr, port, world, self.timeout_s, what="transport set-up",
+                self.run(jobs.connect, addr, port, world, self.timeout_s, self.data_plane, what="transport set-up",
                          devices=world, abort=attempt == tries - 1)
                 return
             except Failed:

@@ -8,6 +8,7 @@ import torch
 from ray.cluster_utils import Cluster as RayCluster
 
 from emulator import Cluster, System
+from emulator.device import jobs
 from emulator.driver.session import MEMORY_MB
 
 MB = 2**20
@@ -21,6 +22,7 @@ out = {}
 try:
     with Cluster(System("h100", 8, domain=4), address=ray_cluster.address) as cluster:
         out["nodes"] = [i["node_id"] for i in cluster.info]
+        out["carriers"] = cluster.run(jobs.carriers, devices=len(cluster.actors))
         res = cluster.all_reduce([torch.full((1000,), float(d)) for d in range(8)], algorithm="hierarchical")
         out["all_reduce"] = all(torch.equal(o, torch.full((1000,), 28.0)) for o in res.outputs)
         out["all_reduce_s"] = res.emulated_s

@@ -26,6 +26,9 @@ def test_domains_land_on_one_node_each_and_devices_work_across_nodes():
     nodes = seen["nodes"]
     assert len(set(nodes[:4])) == 1 and len(set(nodes[4:])) == 1  # each domain on one node
     assert nodes[0] != nodes[4]  # the two domains on two nodes
+    # shared memory within a node, gloo across (these nodes share one host: decided by node id)
+    for i, carriers in enumerate(seen["carriers"]):
+        assert carriers == {str(j): "shm" if nodes[i] == nodes[j] else "gloo" for j in range(8) if j != i}
     assert seen["all_reduce"]  # a collective across the nodes
     assert seen["all_reduce_s"] == simulate("all_reduce", "hierarchical", 4000, System("h100", 8, domain=4))
     assert seen["losses"] == pytest.approx(train_single(get("mlp"), 3, 32)[0], abs=1e-5)  # training too

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from emulator import Cluster, DeviceError, Faults, System, train_single
+from emulator.device import jobs
 from emulator.workloads import get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,21 @@ def test_a_device_killed_mid_collective_fails_the_call(ray_session):
         cluster.all_reduce([torch.ones(1000)] * 4, algorithm="ring")
     assert e.value.device == 1 and e.value.what == "all_reduce (ring)"
     assert gone(pids)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("data_plane", ["auto", "gloo"])
+def test_a_device_killed_mid_collective_fails_the_call_on_either_data_plane(ray_session, data_plane):
+    # a 60 s timeout: the call must fail on seeing the device gone, not on waiting it out
+    cluster = Cluster(System("h100", 4), timeout_s=60, faults=Faults(fail=(1, 2)), data_plane=data_plane).start()
+    pids = list(cluster.pids)
+    carrier = "shm" if data_plane == "auto" else "gloo"
+    assert cluster.run(jobs.carriers)[0] == {1: carrier, 2: carrier, 3: carrier}
+    with pytest.raises(DeviceError) as e:
+        cluster.all_reduce([torch.ones(3 << 20)] * 4, algorithm="ring")  # 3 MB ring steps: several slots
+    assert e.value.device == 1 and "process died" in e.value.cause
+    assert cluster.actors == [] and gone(pids)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("relay-") and int(f.rsplit(".", 1)[1]) in pids]
 
 
 @pytest.mark.timeout(120)

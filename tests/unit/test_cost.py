@@ -99,3 +99,52 @@ def test_matmul_cost_matches_the_executed_op():
     with Throttle(model, lane):
         a @ a.t()
     assert lane.t == model.matmul_cost(96, 80, 96).seconds
+
+
+class _Recording(VirtualLane):
+    """A virtual lane that also keeps every charge, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.charges = []
+
+    def charge(self, cost: float) -> None:
+        self.charges.append(cost)
+        super().charge(cost)
+
+
+class _NoMemo(dict):
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+    def __setitem__(self, key, value):
+        pass
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "mlp"])
+def test_memoised_flops_charge_every_op_exactly_what_the_formulas_charge(name, monkeypatch):
+    from emulator.workloads import get
+    from kernels import cost
+
+    def charges() -> list[float]:
+        wl = get(name)
+        torch.manual_seed(0)
+        model = wl.build_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=wl.lr)
+        # the batches are made outside the throttle: a workload may cache its data
+        batches = [b for _, b in zip(range(2), wl.batches(0, 1, 4, 0))]
+        lane = _Recording()
+        with Throttle(CostModel(chips.get("h100")), lane):
+            for batch in batches:
+                loss = wl.loss(model, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        return lane.charges
+
+    monkeypatch.setattr(cost, "_FLOPS", _NoMemo())
+    formulas = charges()
+    monkeypatch.setattr(cost, "_FLOPS", {})
+    first, memoised = charges(), charges()  # the second run finds every FLOP count in the memo
+    assert len(cost._FLOPS) > 0
+    assert formulas == first == memoised  # to the bit, op by op

@@ -6,7 +6,7 @@ real actors."""
 import pytest
 import ray
 
-from emulator.device.transport import PeerError
+from emulator.device.peers import PeerError
 from emulator.driver.monitor import Failed, Unresponsive, blame, failure, gather
 
 

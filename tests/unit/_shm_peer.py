@@ -1,0 +1,80 @@
+"""One of two device processes talking through the shared-memory plane (run by test_shm.py):
+    python _shm_peer.py SCENARIO RANK PORT
+Prints RESULT <json>. Scenarios: exchange (messages both ways, checked against the data each side
+computes for itself), die (rank 0 dies after the first piece of a message), mismatch (rank 0
+skips a sequence number)."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from emulator.collectives.core import Ports
+from emulator.collectives.schedules import Recv, Send, Step
+from emulator.device.peers import PeerError
+from emulator.device.shm import SHM_DIR, SendOp
+from emulator.device.transport import Transport, _free_fabric
+from kernels.clock import VirtualLane
+
+scenario, rank, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+t = Transport(rank, 2, "127.0.0.1", port, timeout_s=60 if scenario == "die" else 20, node="one-host")
+other = 1 - rank
+out = {"carriers": t.carriers(), "token_files": [f for f in os.listdir(SHM_DIR) if f.startswith("relay-")
+                                                 and f.endswith(f".{os.getpid()}")]}
+
+
+def run(steps, buf):
+    t.run(steps, buf, VirtualLane(), Ports(), _free_fabric(t.world, buf.element_size()))
+
+
+def data(r, n, dtype):
+    g = torch.Generator().manual_seed(r)
+    return torch.randint(-50, 50, (n,), generator=g).to(dtype)
+
+
+try:
+    if scenario == "exchange":
+        ok = []
+        # multi-piece (slots are 1 MB), segments that straddle pieces, a zero-length message,
+        # reduce and copy, sends and receives in the same step
+        for dtype, n in ((torch.float32, 700_001), (torch.bfloat16, 1_500_003), (torch.int64, 3)):
+            mine, theirs = data(rank, n, dtype), data(other, n, dtype)
+            cut = [0, n // 7, n // 7 + 1, n // 2, n]
+            segs = tuple((cut[i], cut[i + 1]) for i in range(4))
+            half = ((0, n // 2),), ((n // 2, n),)
+            buf = mine.clone()
+            step = Step(sends=(Send(other, half[rank]), Send(other, ())),
+                        recvs=(Recv(other, half[other], reduce=True), Recv(other, (), reduce=False)))
+            run([step, Step(sends=(Send(other, segs),), recvs=(Recv(other, segs, reduce=False),))], buf)
+            # step 0: each adds the other's half into its own; step 1: each copies the other's
+            # whole buffer as it was after step 0 (the receive overlaps the send: staged)
+            theirs_after = theirs.clone()
+            theirs_after[slice(*half[rank][0])] += mine[slice(*half[rank][0])]
+            ok.append(torch.equal(buf, theirs_after))
+        out["exact"] = ok
+    elif scenario == "die":
+        n = 4 << 20  # 16 MB of float32: many pieces
+        buf = torch.ones(n)
+        if rank == 0:
+            op = SendOp(1, (0, 0, n * 4, 0.0), [(0, buf.view(torch.uint8))])
+            op.push(t.plane.tx[1], t.plane.files[1].addr)  # the first piece only, then a crash
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.time()
+        run([Step(recvs=(Recv(0, ((0, n),), reduce=False),))], buf)
+    elif scenario == "mismatch":
+        buf = torch.ones(8)
+        if rank == 0:
+            t.sent[1] += 1  # a message the receiver does not expect
+            run([Step(sends=(Send(1, ((0, 8),)),))], buf)
+        else:
+            run([Step(recvs=(Recv(0, ((0, 8),), reduce=True),))], buf)
+except PeerError as e:
+    out.update(error="PeerError", device=e.device, peer=e.peer, text=str(e), waited_s=time.time() - t0)
+except RuntimeError as e:
+    out.update(error="RuntimeError", text=str(e))
+print("RESULT " + json.dumps(out), flush=True)
+t.close()
