@@ -174,7 +174,7 @@ def test_relay_breakeven_writes_its_summary(ray_session, tmp_path, capsys):
     assert "naive" in md
     # the search's own check, in the output, summary.json and summary.md
     n = row["break_even_devices"]
-    assert f"# ring: one device fewer ({n - 1}) falls short, as it must" in out
+    assert f"# {row['algorithm']}: one device fewer ({n - 1}) falls short, as it must" in out
     assert row["verified"] is True and row["below_devices"] == n - 1 and f"| {n - 1}: " in md
     # bare chips, not presets: no full-system prediction and no published comparison
     assert "SemiAnalysis" not in md and "Full systems" not in md and "chip" in row["slow_power_basis"]

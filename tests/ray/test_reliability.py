@@ -108,8 +108,10 @@ def test_a_mixed_system_trains_each_device_at_its_own_chip(cluster):
     res = cluster.train("mlp", steps=3, per_device_batch=4, batch_scale=256)
     assert res.losses == pytest.approx(train_single(get("mlp"), 3, 16)[0], abs=1e-5)
     rows = [d[-1] for d in res.per_device]
-    assert rows[0]["compute_s"] == rows[1]["compute_s"] > rows[2]["compute_s"] == rows[3]["compute_s"]
-    assert res.steps[-1]["step_s"] >= rows[0]["compute_s"]  # the 910c devices set the pace
+    # each device is charged as its own chip (which is faster depends on the shapes: the 910C's
+    # unit count is unpublished, so its GEMMs pay no wave quantisation)
+    assert rows[0]["compute_s"] == rows[1]["compute_s"] != rows[2]["compute_s"] == rows[3]["compute_s"]
+    assert res.steps[-1]["step_s"] >= max(r["compute_s"] for r in rows)  # the slower chip sets the pace
     # chip power (the 910C's estimate, 800 W): a mixed system has no all-in figure
     assert res.config["power_basis"] == "chip"
     assert res.steps[-1]["energy_j"] == pytest.approx((2 * 800 + 2 * 700) * res.steps[-1]["step_s"])
@@ -184,15 +186,15 @@ def test_progress_rows_arrive_while_a_long_run_trains(cluster, monkeypatch):
     # not only once at its start: every poll records how many steps each device had reported.
     from dataclasses import replace
 
-    from emulator import cluster as cluster_module
+    from emulator.driver import training as training_module
     seen = []
-    poll = cluster_module._Progress.poll
+    poll = training_module._Progress.poll
 
     def recording_poll(self):
         seen.append(min(len(r) for r in self.rows))
         poll(self)
 
-    monkeypatch.setattr(cluster_module._Progress, "poll", recording_poll)
+    monkeypatch.setattr(training_module._Progress, "poll", recording_poll)
     steps = 12
     cluster.train(replace(get("mlp"), loss=_slow_loss, name="slow-mlp"), steps=steps, per_device_batch=4)
     assert len(seen) >= 3, seen  # the loop kept polling (on main it polled once)
