@@ -23,7 +23,10 @@ from torch.utils.flop_counter import flop_registry
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
 # allocations that write nothing (their bytes are written by the op that fills them)
 _FREE = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
-         torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
+         torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
+         # metadata queries, which fake tensors answer through the dispatcher: no kernel runs
+         torch.ops.prim.device, torch.ops.prim.layout, torch.ops.aten.sym_size, torch.ops.aten.sym_stride,
+         torch.ops.aten.sym_numel, torch.ops.aten.sym_storage_offset}
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,14 @@ class OpCost:
 
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
+_aten = torch.ops.aten
+# torch's FLOP registry lacks the CPU flash-attention kernels that scaled_dot_product_attention
+# runs on a CPU host (and on fake CPU tensors); they do the work of the GPU flash kernels.
+_FLOPS = {**flop_registry,
+          _aten._scaled_dot_product_flash_attention_for_cpu:
+              flop_registry[_aten._scaled_dot_product_flash_attention],
+          _aten._scaled_dot_product_flash_attention_for_cpu_backward:
+              flop_registry[_aten._scaled_dot_product_flash_attention_backward]}
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 
 
@@ -79,7 +90,7 @@ class CostModel:
         kind = _KIND.get(func)
         if kind is None:
             kind = _KIND[func] = 0 if func.is_view or func._overloadpacket in _FREE else \
-                flop_registry.get(func._overloadpacket, 1)
+                _FLOPS.get(func._overloadpacket, 1)
         if kind == 0:
             return _ZERO
         flops = 0
