@@ -34,6 +34,7 @@ bench: venv
 	$(PY) bench/collectives.py
 	$(PY) bench/training.py
 	$(PY) bench/stragglers.py
+	$(PY) bench/fullsize.py
 
 results: venv
 	$(VENV)/bin/relay breakeven --preset headline
