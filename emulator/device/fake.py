@@ -14,6 +14,7 @@ counts are recorded (`StepCost.routing`), which `routing.Histogram` replays.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from dataclasses import dataclass, replace
@@ -92,7 +93,7 @@ def step_cost(workload, per_device_batch: int, chip, *, tensors: str = "fake", r
     start = time.perf_counter()
     model, batch, mode = _model_and_batch(wl, per_device_batch, tensors, seed, routing)
     throttle = Throttle(CostModel(chip, dtype, **efficiency), VirtualLane())
-    with mode or _nothing():
+    with mode or contextlib.nullcontext():
         opt = Optimizer(optimizer or wl.optimizer, model.parameters(), wl.lr)
         with throttle:
             wl.loss(model, batch).backward()
@@ -131,14 +132,6 @@ def memory(workload, per_device_batch: int, *, dtype: str = "bf16", optimizer: s
            "activations": sum(saved.values()), "parameter_count": n}
     out["total"] = out["parameters"] + out["gradients"] + out["optimizer"] + out["activations"]
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def by_layers(workload, measure) -> dict:
