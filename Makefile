@@ -36,6 +36,7 @@ bench: venv
 	$(PY) bench/training.py
 	$(PY) bench/stragglers.py
 	$(PY) bench/validate.py
+	$(PY) bench/fullsize.py
 
 results: venv
 	$(VENV)/bin/relay breakeven --preset headline

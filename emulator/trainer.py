@@ -31,7 +31,8 @@ class TrainConfig:
     """How one data-parallel training run trains. Every default lives here."""
 
     workload: Workload | str = _option(
-        "gpt-tiny", "mlp, gpt-tiny, or package.module:attribute (a Workload or a function returning one)")
+        "gpt-tiny", "mlp, gpt-tiny, llama-debug, moe-debug (llama3-8b/70b/405b, deepseek-v3, mixtral-8x7b: fake "
+        "tensors only), or package.module:attribute (a Workload or a function returning one)")
     steps: int = _option(10, "training steps per run")
     per_device_batch: int | None = _option(
         None, "samples each device computes per step (weak scaling); default 8, or global_batch / devices")
@@ -203,12 +204,29 @@ def train_single(workload: Workload, steps: int, global_batch: int, seed: int = 
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def check_host_fits(workload: Workload) -> None:
+    """Refuses a model that real tensors would not fit on this host (counted on the meta device,
+    which allocates nothing): fp32 weights, gradients and Adam's moments, 16 B a parameter, in
+    every device process, must stay under half the host's free memory."""
+    import psutil
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in workload.build_model().parameters())
+    free = psutil.virtual_memory().available
+    if 16 * n > free / 2:
+        raise ValueError(f"workload = {workload.name!r} has {n / 1e9:.3g} billion parameters, {16 * n / 1e9:.3g} GB "
+                         f"of real fp32 weights, gradients and Adam state per device; this host has "
+                         f"{free / 1e9:.3g} GB free. Train its debug configuration (llama-debug, moe-debug), or cost "
+                         "a full-size step on fake tensors (emulator.device.fake.step_cost)")
+
+
 def memory_estimate(config: TrainConfig, per_device_batch: int, dtype: str = "bf16") -> dict:
     """Bytes one device needs: parameters and gradients at the emulated dtype, optimizer state
     (fp32 master weights, and Adam's two moments), and activations: the tensors autograd saves
     in one forward pass of a per-device batch (times batch_scale), floating ones counted at the
     emulated dtype."""
     size = ITEMSIZE[dtype]
+    check_host_fits(config.workload)
     torch.manual_seed(0)
     model = config.workload.build_model()
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)

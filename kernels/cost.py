@@ -30,7 +30,10 @@ from kernels.gemm import quantisation
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
 # allocations that write nothing (their bytes are written by the op that fills them)
 _FREE = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
-         torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
+         torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
+         # metadata queries, which fake tensors answer through the dispatcher: no kernel runs
+         torch.ops.prim.device, torch.ops.prim.layout, torch.ops.aten.sym_size, torch.ops.aten.sym_stride,
+         torch.ops.aten.sym_numel, torch.ops.aten.sym_storage_offset}
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ A workload is three callables (and a few defaults):
         step is the concatenation of the ranks' batches in rank order
     loss(model, batch) -> scalar tensor, a mean over the batch
 
-Built-ins: "mlp" and "gpt-tiny". A user's workload is named by import path
-"package.module:attribute", the attribute being a Workload or a function returning one.
+Built-ins: "mlp", "gpt-tiny", the Llama 3 sizes and "llama-debug" (llama.py), and the mixtures
+of experts "deepseek-v3", "mixtral-8x7b" and "moe-debug" (moe.py). A user's workload is named by
+import path "package.module:attribute", the attribute being a Workload or a function returning one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Workload:
     lr: float = 1e-3  # default learning rate
     optimizer: str = "adamw"  # "adamw" or "sgd"
     loss_floor: float | None = None  # best achievable loss, when known (nats)
+    config: object = None  # the model's configuration (a dataclass), for workloads built from one
 
     def __post_init__(self):
         for f in ("build_model", "batches", "loss"):
@@ -47,7 +49,10 @@ def shard(global_batch, rank: int, world: int):
     return global_batch[rank * n:(rank + 1) * n]
 
 
-BUILTINS = {"mlp": "emulator.workloads.mlp:workload", "gpt-tiny": "emulator.workloads.gpt:workload"}
+BUILTINS = {"mlp": "emulator.workloads.mlp:workload", "gpt-tiny": "emulator.workloads.gpt:workload",
+            **{name: f"emulator.workloads.llama:{name}" for name in
+               ("llama3-8b", "llama3-70b", "llama3-405b", "llama-debug")},
+            **{name: f"emulator.workloads.moe:{name}" for name in ("deepseek-v3", "mixtral-8x7b", "moe-debug")}}
 
 
 def get(spec) -> Workload:

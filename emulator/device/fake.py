@@ -1,0 +1,166 @@
+"""One device's training step on fake tensors: the real model code at full size, on tensors that
+carry shapes and no data (torch._subclasses.fake_tensor.FakeTensorMode).
+
+The model is built on the meta device (no memory, no initialisation) and materialised as fake
+tensors with `to_empty`. The throttle sits *above* the fake mode on the dispatch stack (entered
+after it), so it sees every aten op first, runs it (the fake mode below computes only the output's
+shape) and charges it by the cost model, which reads shapes and dtypes and nothing else: the
+same op on a fake and a real tensor costs the same, to the bit.
+
+Mixture-of-experts layers cannot route fake tokens, so a routing model (emulator/workloads/
+routing.py) gives each expert's token count; on real tensors the real top-k decides and the
+counts are recorded (`StepCost.routing`), which `routing.Histogram` replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_map
+
+from emulator.trainer import OPTIMIZER_BYTES, Optimizer
+from emulator.workloads import Workload
+from emulator.workloads import get as get_workload
+from emulator.workloads.routing import balanced
+from kernels.clock import VirtualLane
+from kernels.cost import ITEMSIZE, CostModel
+from kernels.throttle import Throttle
+
+TENSORS = ("real", "fake")
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one training step of one device costs on the emulated chip."""
+
+    seconds: float  # emulated compute seconds: forward, backward and optimizer step
+    flops: float  # FLOPs charged (matmuls and attention; torch's FLOP formulas)
+    bytes: float  # bytes charged (inputs plus outputs of every op, at the emulated dtype)
+    ops: int  # aten ops charged
+    forward_backward_s: float  # emulated seconds of the forward and backward passes alone
+    forward_backward_flops: float
+    routing: tuple  # per MoE layer, tokens per expert (empty for dense models)
+    host_s: float  # real seconds this host took
+
+
+def _check_tensors(tensors: str) -> None:
+    if tensors not in TENSORS:
+        raise ValueError(f"tensors = {tensors!r} is unknown; choose 'real' or 'fake'")
+
+
+def _moe_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "routing") and hasattr(m, "counts")]
+
+
+def _model_and_batch(wl: Workload, per_device_batch: int, tensors: str, seed: int, routing):
+    """(model, batch, fake mode or None). The fake mode must stay active while they are used."""
+    _check_tensors(tensors)
+    batch = next(wl.batches(0, 1, per_device_batch, seed))  # token ids: small, made for real
+    if tensors == "real":
+        if routing is not None:
+            raise ValueError("routing = a routing model applies to tensors = 'fake'; real tensors route "
+                             "by their real top-k (leave routing None)")
+        torch.manual_seed(seed)
+        return wl.build_model(), batch, None
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = wl.build_model()
+    # the meta parameters are inputs of to_empty's empty_like: the mode must take them
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model = model.to_empty(device="cpu")
+    batch = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+    for layer in _moe_layers(model):
+        layer.routing = routing or balanced()
+    return model, batch, mode
+
+
+def step_cost(workload, per_device_batch: int, chip, *, tensors: str = "fake", routing=None,
+              dtype: str = "bf16", optimizer: str | None = None, optimizer_step: bool = True, seed: int = 0,
+              **efficiency) -> StepCost:
+    """Emulated compute time, FLOPs and bytes of one training step (forward, backward, optimizer
+    step) of `workload` on one `chip` (a catalog Chip) at `per_device_batch` samples.
+
+    tensors: "fake" runs the model at any size on fake tensors; "real" runs it for real (the
+    reference fake mode must equal). routing: a routing model for MoE layers on fake tensors
+    (default balanced). optimizer_step=False leaves the optimizer step out."""
+    wl = get_workload(workload)
+    start = time.perf_counter()
+    model, batch, mode = _model_and_batch(wl, per_device_batch, tensors, seed, routing)
+    throttle = Throttle(CostModel(chip, dtype, **efficiency), VirtualLane())
+    with mode or contextlib.nullcontext():
+        opt = Optimizer(optimizer or wl.optimizer, model.parameters(), wl.lr)
+        with throttle:
+            wl.loss(model, batch).backward()
+            fb_s, fb_flops = throttle.emulated_s, throttle.flops
+            if optimizer_step:
+                opt.step()
+    return StepCost(throttle.emulated_s, throttle.flops, throttle.bytes, throttle.ops, fb_s, fb_flops,
+                    tuple(tuple(m.counts) for m in _moe_layers(model)), time.perf_counter() - start)
+
+
+def memory(workload, per_device_batch: int, *, dtype: str = "bf16", optimizer: str | None = None,
+           routing=None) -> dict:
+    """Bytes one device holds for a step, without sharding: parameters and gradients at the
+    emulated dtype, optimizer state (fp32 master weights, and Adam's two moments), and
+    activations: what autograd saves in the forward pass (found on fake tensors, so at any size),
+    each storage counted once, floating ones at the emulated dtype, parameters left out."""
+    wl = get_workload(workload)
+    model, batch, mode = _model_and_batch(wl, per_device_batch, "fake", 0, routing)
+    size = ITEMSIZE[dtype]
+    held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in held:
+            nbytes = t.untyped_storage().nbytes() // t.element_size() * (size if t.is_floating_point()
+                                                                          else t.element_size())
+            saved[key] = nbytes
+        return t
+
+    with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        wl.loss(model, batch)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = {"parameters": n * size, "gradients": n * size,
+           "optimizer": n * OPTIMIZER_BYTES[optimizer or wl.optimizer],
+           "activations": sum(saved.values()), "parameter_count": n}
+    out["total"] = out["parameters"] + out["gradients"] + out["optimizer"] + out["activations"]
+    return out
+
+
+def by_layers(workload, measure) -> dict:
+    """measure(workload) of a full-size model, from models of at most one block: blocks of a kind
+    are identical, so every additive figure (FLOPs, bytes, emulated seconds, parameters,
+    activations) of the full model is base + blocks x (one block - base), exactly, where base is
+    the model without blocks (embedding, final norm, output head, loss). For workloads whose
+    `config` has n_layers (and, for MoE, n_dense_layers); measure returns a StepCost or a dict."""
+    wl = get_workload(workload)
+    c = wl.config
+    if not hasattr(c, "n_layers"):
+        return _numbers(measure(wl))
+    family = importlib.import_module(type(c).__module__)  # the module whose workload() builds c
+
+    def at(dense: int, moe: int) -> dict:
+        extra = {"n_dense_layers": dense} if hasattr(c, "n_dense_layers") else {}
+        return _numbers(measure(family.workload(wl.name, replace(c, n_layers=dense + moe, **extra))))
+
+    dense = getattr(c, "n_dense_layers", c.n_layers)
+    total = base = at(0, 0)
+    for n, block in ((dense, (1, 0)), (c.n_layers - dense, (0, 1))):
+        if n:
+            one = at(*block)
+            total = {k: total[k] + n * (one[k] - base[k]) for k in total}
+    return total
+
+
+def _numbers(x) -> dict:
+    d = x if isinstance(x, dict) else {f: getattr(x, f) for f in
+                                        ("seconds", "flops", "bytes", "ops", "forward_backward_s",
+                                         "forward_backward_flops")}
+    return {k: v for k, v in d.items() if isinstance(v, (int, float))}

@@ -1,0 +1,74 @@
+"""Published closed forms for the named language models, against which the counted figures
+(fake-tensor runs, emulator/device/fake.py) are checked.
+
+FLOPs of one forward and backward pass over T tokens of sequence length s:
+    6 N T + 14 L s d_att T
+N: the parameters a token's matmuls use (the *active* ones for a mixture of experts: shared and
+top-k experts, not all), less the input embedding (a lookup, no FLOPs) and norm weights
+(elementwise). The attention term is what torch's FLOP formulas count for fused attention:
+QK^T and AV forward (2 x 2 s d_att per token), backward 5 such products (flash attention
+recomputes QK^T): 14 s d_att per token and layer, with d_att = heads x head size. It counts
+the full s x s square: causal masking is not discounted (the kernels skip about half of it).
+The textbook figure is 12 L s d_att (no recompute).
+
+Activation memory per layer, 16-bit activations, no recompute: Korthikanti et al. 2022
+(arXiv 2205.05198), sbh(34 + 5as/h) for GPT, adapted term by term (see llama_activations).
+"""
+
+from __future__ import annotations
+
+
+def llama_flops(c, tokens: int) -> float:
+    """6 N T + 14 L s d T for a LlamaConfig (N: matmul parameters)."""
+    hd = c.dim // c.n_heads
+    attn = c.dim * hd * (2 * c.n_heads + 2 * c.n_kv_heads)  # wq, wo, wk, wv
+    ffn = 3 * c.dim * c.ffn_dim
+    n = c.n_layers * (attn + ffn) + c.dim * c.vocab_size  # + the output head
+    return 6 * n * tokens + 14 * c.n_layers * c.seq_len * c.dim * tokens
+
+
+def moe_flops(c, tokens: int) -> float:
+    """6 N_active T + attention, for a MoEConfig. MLA's attention runs at head size
+    qk_nope + qk_rope for q, k and the zero-padded v (see moe.MLA)."""
+    if c.attention == "mla":
+        qk = c.qk_nope_dim + c.qk_rope_dim
+        attn = (c.dim * c.q_lora_rank + c.q_lora_rank * c.n_heads * qk + c.dim * (c.kv_lora_rank + c.qk_rope_dim)
+                + c.kv_lora_rank * c.n_heads * (c.qk_nope_dim + c.v_head_dim) + c.n_heads * c.v_head_dim * c.dim)
+        d_att = c.n_heads * qk
+    else:
+        hd = c.dim // c.n_heads
+        attn, d_att = c.dim * hd * (2 * c.n_heads + 2 * c.n_kv_heads), c.dim
+    moe_ffn = c.dim * c.n_experts + 3 * c.dim * c.expert_dim * (c.top_k + c.n_shared)  # router + active experts
+    n_moe = c.n_layers - c.n_dense_layers
+    n = (c.n_layers * attn + c.n_dense_layers * 3 * c.dim * c.ffn_dim + n_moe * moe_ffn
+         + c.dim * c.vocab_size)
+    return 6 * n * tokens + 14 * c.n_layers * c.seq_len * d_att * tokens
+
+
+def llama_activations(c, batch: int) -> float:
+    """Bytes one Llama block saves for backward, Korthikanti et al.'s sbh(34 + 5as/h) adapted:
+
+    attention   11sbh + 5as^2b -> sbh(6 + 4g/a) + 2sba: the QKV input (2sbh), Q (2sbh), K and V
+                with g of the a heads (2sbh g/a each); fused attention saves its output (2sbh,
+                also the output projection's input) and a log-sum-exp (2sba) instead of the
+                s x s softmax and dropout terms; no dropout mask.
+    MLP         19sbh -> 2sbh + 8sbf: SwiGLU of width f saves its input, the gate and up
+                projections, the SiLU output and the product (2sbf each); no dropout.
+    norms       4sbh -> 8sbh + 4sb: PyTorch's RMSNorm saves its input, its normalised output
+                before the weight (2sbh each) and 1/rms (2sb); LayerNorm in the paper saves
+                its input only.
+    """
+    s, b, h, a, g, f = c.seq_len, batch, c.dim, c.n_heads, c.n_kv_heads, c.ffn_dim
+    return s * b * h * (16 + 4 * g / a) + 8 * s * b * f + 2 * s * b * a + 4 * s * b
+
+
+def moe_gqa_activations(c, batch: int) -> float:
+    """Bytes one mixture-of-experts block with GQA attention (Mixtral) saves: the Llama block's
+    attention, norms and feed-forward input (the router's), and instead of the rest of the MLP:
+    the tokens grouped per expert, each routed copy
+    through a SwiGLU of width f_e, the experts' outputs and their gate-weighted copy (the
+    index_add that sums them back saves it): 6ksbh + 8ksbf_e, plus the routing bookkeeping
+    (top-k indices, gate weights, the grouping order: 2sbk + 18sbk bytes)."""
+    s, b, h, a, g, k = c.seq_len, batch, c.dim, c.n_heads, c.n_kv_heads, c.top_k
+    return (s * b * h * (16 + 4 * g / a) + 2 * s * b * a + 4 * s * b
+            + 6 * k * s * b * h + 8 * k * s * b * c.expert_dim + 20 * s * b * k)

@@ -1,0 +1,72 @@
+"""Fake-tensor execution of one device's training step (emulator/device/fake.py) and the MoE
+routing models (emulator/workloads/routing.py). No Ray."""
+
+import pytest
+
+from emulator.device.fake import by_layers, step_cost
+from emulator.hardware.chips import get as get_chip
+from emulator.workloads.routing import Histogram, Zipf, apportion, balanced
+
+H100 = get_chip("h100")
+
+
+@pytest.mark.parametrize("name", ["llama-debug", "moe-debug"])
+def test_a_fake_step_costs_exactly_what_the_real_step_costs(name):
+    """Same ops, same shapes, same costs, to the bit: the cost model reads shapes only. The MoE
+    routes the fake tokens as the real run did (a histogram of its real top-k counts)."""
+    real = step_cost(name, 4, H100, tensors="real")
+    fake = step_cost(name, 4, H100, tensors="fake", routing=Histogram(real.routing) if real.routing else None)
+    assert (fake.seconds, fake.flops, fake.bytes, fake.ops) == (real.seconds, real.flops, real.bytes, real.ops)
+    assert fake.forward_backward_s == real.forward_backward_s < real.seconds  # the optimizer step costs too
+    assert fake.routing == real.routing
+    assert real.flops > 0 and real.ops > 100
+
+
+def test_real_routing_is_recorded_and_any_routing_model_keeps_the_flops():
+    """Each (token, choice) is one expert's work, wherever it goes: the FLOPs and bytes of a
+    step do not depend on the routing; its time does (per-op maxima, launches of empty experts)."""
+    real = step_cost("moe-debug", 4, H100, tensors="real")
+    assert len(real.routing) == 2 and all(sum(r) == 4 * 32 * 2 for r in real.routing)  # B T k choices
+    skewed = step_cost("moe-debug", 4, H100, routing=Zipf(2.0))
+    assert skewed.flops == real.flops and skewed.bytes == real.bytes
+    assert skewed.routing[0][0] == max(skewed.routing[0]) > 2 * min(skewed.routing[0])
+
+
+def test_by_layers_equals_running_every_layer():
+    """Blocks of a kind are identical, so extrapolating from models of 0 and 1 block is exact."""
+    for name in ("llama-debug", "moe-debug"):
+        full = step_cost(name, 2, H100)
+        scaled = by_layers(name, lambda wl: step_cost(wl, 2, H100))
+        assert scaled["flops"] == full.flops and scaled["ops"] == full.ops
+        assert scaled["seconds"] == pytest.approx(full.seconds, rel=1e-12)
+        assert scaled["bytes"] == pytest.approx(full.bytes, rel=1e-12)
+
+
+def test_zipf_routing_is_balanced_at_zero_and_capped_per_token():
+    assert Zipf(0).counts(0, 100, 8, 2) == [13, 13, 13, 13, 12, 12, 12, 12]
+    hot = Zipf(3.0).counts(0, 100, 8, 2)
+    assert sum(hot) == 100 and hot == sorted(hot, reverse=True)
+    assert hot[0] == 50  # 50 tokens, each choosing 2 distinct experts: no expert gets more than 50
+    assert balanced() == Zipf(0.0)
+
+
+def test_a_histogram_scales_to_the_choices_and_keeps_its_shape():
+    h = Histogram([[1, 0, 0, 3], [1, 1, 1, 1]])
+    assert h.counts(0, 40, 4, 1) == [10, 0, 0, 30]
+    assert h.counts(1, 40, 4, 1) == [10, 10, 10, 10]
+    assert Histogram([2, 2]).counts(5, 10, 2, 1) == [5, 5]  # one list serves every layer
+    assert apportion(7, [1, 1, 1], 3) == [3, 2, 2] or sum(apportion(7, [1, 1, 1], 3)) == 7
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: Zipf(-1), "s = -1 is invalid"),
+    (lambda: Histogram([]), "per_layer = .* is invalid"),
+    (lambda: Histogram([0, 0]), "per_layer = .* is invalid"),
+    (lambda: Histogram([1, 2, 3]).counts(0, 6, 2, 1), "has 3 experts; the model has 2"),
+    (lambda: apportion(10, [1, 1], 4), "10 choices cannot be spread over 2 experts of at most 4"),
+    (lambda: step_cost("llama-debug", 1, H100, tensors="imaginary"), "tensors = 'imaginary' is unknown"),
+    (lambda: step_cost("moe-debug", 1, H100, tensors="real", routing=balanced()), "real tensors route"),
+])
+def test_bad_routing_and_tensors_say_what_to_give(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()
