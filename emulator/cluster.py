@@ -396,6 +396,19 @@ class Cluster:
     def broadcast(self, tensors, algorithm="ring", root=0, **kw) -> CollectiveResult:
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
+    # ---------------------------------------------------------------- programs
+    def launch(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on every device, with torch.distributed initialised on the `relay`
+        backend (emulator.dist.context() gives rank, world and system). Returns a LaunchResult:
+        each device's return value and emulated compute and communication time."""
+        from emulator.backend.program import Program
+        return self.run_program(Program(fn, args, kwargs))
+
+    def run_program(self, program):
+        """A Program (a function or a script, and the algorithms to use) on every device."""
+        from emulator.programs import launch
+        return launch(self, program)
+
     # ---------------------------------------------------------------- training
     def preflight(self, workload, steps: int = 1, per_device_batch: int = 8, algorithm: str = "ring",
                   lr=None, optimizer=None, bucket_mb=None, batch_scale: int = 1):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 
 import ray
 import torch
-import torch.distributed as dist
 
+from emulator.collectives.alltoall import layout_for
 from emulator.collectives.core import Ports, finish, link_function, prepare
 from emulator.collectives.schedules import schedule
 from emulator.system import System
@@ -157,11 +157,14 @@ class DeviceActor:
         for tensor, chunks in cases:
             if not isinstance(tensor, torch.Tensor):
                 tensor = torch.ones(tensor[0], dtype=getattr(torch, tensor[1]))
-            steps = schedule(primitive, algorithm, rank, world, _count(primitive, tensor, world),
-                             topology_of(job.system), root=root, chunks=chunks)
+            count = _count(primitive, tensor, world)
+            steps = schedule(primitive, algorithm, rank, world, count, topology_of(job.system), root=root,
+                             chunks=chunks)
+            layout = layout_for(rank, world, count, topology_of(job.system), algorithm) \
+                if primitive == "all_to_all" else None
             times, real = [], 0.0
             for _ in range(repeats):
-                buf = prepare(primitive, rank, world, tensor.cpu())
+                buf = prepare(primitive, rank, world, tensor.cpu(), layout)
                 # every collective starts from emulated 0 on all devices at once: in wall mode at a
                 # common real time agreed on now, so that no device's start-up skew enters it
                 if job.clock == "wall":
@@ -177,7 +180,7 @@ class DeviceActor:
                 times.append(lane.measure())
                 real += time.time() - r0
                 stats["overrun_s"] += lane.stats()["overrun_s"]
-            results.append({"output": finish(primitive, rank, world, buf, op, tensor.shape).to(tensor.device),
+            results.append({"output": finish(primitive, rank, world, buf, op, tensor.shape, layout).to(tensor.device),
                             "emulated_s": times, "real_s": real / repeats})
         for r in results:
             r.update(device=rank, **stats)
@@ -189,13 +192,19 @@ class DeviceActor:
         self.rows = []
         return train_device(self.index, job, spec, self.transport, self.device, on_step=self.rows.append)
 
+    def launch(self, job: Job, program) -> dict:
+        """A torch.distributed program on this device, on the `relay` backend (see
+        emulator/backend/program.py)."""
+        from emulator.backend.program import run_program
+        return run_program(self.index, job, self.transport, program)
+
     def gloo_all_reduce(self, nbytes: int, repeats: int) -> float:
         """Real seconds per torch.distributed.all_reduce (gloo's own algorithm), for comparison."""
         x = torch.ones(nbytes // 4)
-        self.transport.barrier(dist.get_world_size())
+        self.transport.barrier(self.transport.world)
         t = time.time()
         for _ in range(repeats):
-            dist.all_reduce(x)
+            self.transport.pg.allreduce([x]).wait()
         return (time.time() - t) / repeats
 
 

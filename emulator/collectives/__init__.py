@@ -4,7 +4,7 @@
     simulate(primitive, algorithm, nbytes, system)  the local executor's emulated seconds
 
 `nbytes` is the size of the whole buffer, as in nccl-tests: the all-reduce or broadcast buffer,
-the reduce-scatter input, the all-gather output.
+the reduce-scatter input, the all-gather output, each rank's all-to-all input (even splits).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def busbw_factor(primitive: str, world: int) -> float:
     check(primitive, "ring")
     if primitive == "all_reduce":
         return 2 * (world - 1) / world
-    if primitive in ("reduce_scatter", "all_gather"):
+    if primitive in ("reduce_scatter", "all_gather", "all_to_all"):
         return (world - 1) / world
     return 1.0
 
@@ -68,7 +68,7 @@ def simulate(primitive: str, algorithm: str, nbytes: int, system, dtype: str = "
     fine for hundreds of ranks in one process). options: root, chunks."""
     elem = DTYPE_BYTES[dtype]
     count = -(-int(nbytes) // elem)
-    if primitive == "all_gather":  # every rank contributes an equal shard
+    if primitive in ("all_gather", "all_to_all"):  # equal shards from (to) every rank
         count = -(-count // system.devices) * system.devices
     options.setdefault("chunks", pipeline_chunks(primitive, algorithm, count * elem, system))
     times = execute(primitive, algorithm, system.devices, count, topology_of(system),
@@ -93,6 +93,8 @@ def predict(primitive: str, algorithm: str, nbytes: float, system, chunks: int |
     rem = p > p2
     lg = math.log2(p2)
     ar, rs_ag = primitive == "all_reduce", primitive in ("reduce_scatter", "all_gather")
+    if primitive == "all_to_all":
+        return _all_to_all(algorithm, n, system)
 
     if algorithm == "ring":
         if ar:
@@ -129,3 +131,22 @@ def predict(primitive: str, algorithm: str, nbytes: float, system, chunks: int |
         return (p1 - 1) * (a1 + n / p1 * b1) + (q - 1) * (a2 + n / p * b2)
     return ((q - 1) * a2 + (C + q - 2) * n / C * b2 if q > 1 else 0.0) + \
         ((p1 - 1) * a1 + (C + p1 - 2) * n / C * b1 if p1 > 1 else 0.0)
+
+
+def _all_to_all(algorithm: str, n: float, system) -> float:
+    """Each rank sends a block of n/p to every other rank; a port serves one message at a time.
+    direct: p - 1 messages through the egress port, the last arriving alpha after it is
+    drained. hierarchical: p1 - 1 scale-up messages of n/p1, then p2 - 1 scale-out ones of n/p2.
+    Exact for one domain (direct) and equal domains (hierarchical) with n divisible by p; direct
+    over several domains sends on both link classes at once and is an estimate (the slower)."""
+    p, p1, q = system.devices, system.domain, system.domains
+    up, out = system.scaleup, system.scaleout
+    a1, b1 = up.latency_s, 1.0 / up.Bps
+    a2, b2 = (out.latency_s, 1.0 / out.Bps) if out is not None else (0.0, 0.0)
+    if algorithm == "direct":
+        inside = a1 + (min(p1, p) - 1) / p * n * b1
+        return inside if q == 1 else max(inside, a2 + (p - p1) / p * n * b2)
+    topo = topology_of(system)
+    if not topo.equal_domains:
+        schedule("all_to_all", algorithm, 0, p, 1, topo)  # raises the explanatory error
+    return (a1 + (p1 - 1) / p1 * n * b1 if p1 > 1 else 0.0) + (a2 + (q - 1) / q * n * b2 if q > 1 else 0.0)

@@ -71,21 +71,41 @@ def gather(buf: torch.Tensor, segs) -> torch.Tensor:
     return torch.cat([buf[a:b] for a, b in segs])
 
 
-def apply(buf: torch.Tensor, recv: Recv, payload: torch.Tensor) -> None:
+REDUCE_OPS = ("sum", "avg", "max", "min", "product")  # avg: a sum, divided by the world at the end
+
+
+def apply(buf: torch.Tensor, recv: Recv, payload: torch.Tensor, op: str = "sum") -> None:
     at = 0
     for a, b in recv.segs:
         part = payload[at:at + b - a]
         if recv.reduce:
-            buf[a:b].add_(part)
+            if op in ("sum", "avg"):
+                buf[a:b].add_(part)
+            elif op == "product":
+                buf[a:b].mul_(part)
+            elif op == "max":
+                torch.maximum(buf[a:b], part, out=buf[a:b])
+            elif op == "min":
+                torch.minimum(buf[a:b], part, out=buf[a:b])
+            else:
+                raise ValueError(f"op = {op!r} is unknown; choose one of {', '.join(REDUCE_OPS)}")
         else:
             buf[a:b].copy_(part)
         at += b - a
 
 
-def prepare(primitive: str, rank: int, world: int, tensor: torch.Tensor) -> torch.Tensor:
+def prepare(primitive: str, rank: int, world: int, tensor: torch.Tensor, layout=None) -> torch.Tensor:
     """The flat working buffer of one rank (a fresh copy; the caller's tensor is left alone).
-    all_gather: the input is this rank's shard; the buffer holds all shards, zeros elsewhere."""
+    all_gather: the input is this rank's shard; the buffer holds all shards, zeros elsewhere.
+    all_to_all: `layout` (alltoall.layout_for) places the input; the rank's own block is copied
+    to its output here (no schedule sends a rank to itself)."""
     flat = tensor.detach().reshape(-1)
+    if primitive == "all_to_all":
+        buf = torch.zeros(layout.size, dtype=flat.dtype, device=flat.device)
+        buf[:flat.numel()] = flat
+        a, b, n = layout.send_at[rank], layout.recv_at[rank], layout.row[rank]
+        buf[b:b + n] = flat[a:a + n]
+        return buf
     if primitive != "all_gather":
         return flat.clone()
     buf = torch.zeros(flat.numel() * world, dtype=flat.dtype, device=flat.device)
@@ -94,8 +114,12 @@ def prepare(primitive: str, rank: int, world: int, tensor: torch.Tensor) -> torc
     return buf
 
 
-def finish(primitive: str, rank: int, world: int, buf: torch.Tensor, op: str, shape) -> torch.Tensor:
-    """A rank's output from its working buffer: average if asked, its shard for reduce_scatter."""
+def finish(primitive: str, rank: int, world: int, buf: torch.Tensor, op: str, shape,
+           layout=None) -> torch.Tensor:
+    """A rank's output from its working buffer: average if asked, its shard for reduce_scatter,
+    the output region for all_to_all (shape: flat)."""
+    if primitive == "all_to_all":
+        return buf[layout.output[0]:layout.output[1]].clone()
     if primitive == "reduce_scatter":
         a, b = shards(buf.numel(), world)[rank]
         buf = buf[a:b].clone()
@@ -111,9 +135,20 @@ def finish(primitive: str, rank: int, world: int, buf: torch.Tensor, op: str, sh
     return buf
 
 
-def reference(primitive: str, tensors: list[torch.Tensor], op: str = "sum", root: int = 0):
+def reference(primitive: str, tensors: list[torch.Tensor], op: str = "sum", root: int = 0, splits=None):
     """What each rank should get, computed directly (for tests and self-checks)."""
     world = len(tensors)
+    if primitive == "all_to_all":
+        from emulator.collectives.alltoall import split_matrix
+        S = split_matrix(world, tensors[0].numel(), splits)
+        starts = [[sum(S[i][:j]) for j in range(world)] for i in range(world)]
+        return [torch.cat([tensors[i].reshape(-1)[starts[i][r]:starts[i][r] + S[i][r]] for i in range(world)])
+                for r in range(world)]
+    if op in ("max", "min", "product"):
+        stack = torch.stack([t.reshape(-1) for t in tensors])
+        total = {"max": lambda: stack.amax(0), "min": lambda: stack.amin(0), "product": lambda: stack.prod(0)}[op]()
+        return [finish(primitive, r, world, total.to(tensors[0].dtype).clone(), "sum", tensors[0].shape)
+                for r in range(world)]
     if primitive == "broadcast":
         return [tensors[root].clone() for _ in range(world)]
     if primitive == "all_gather":

@@ -18,9 +18,10 @@ from emulator.collectives.schedules import Topology, schedule
 
 def execute(primitive: str, algorithm: str, world: int, count: int, topology: Topology, link_of,
             elem_bytes: int, buffers: list[torch.Tensor] | None = None, start_times=None,
-            **options) -> list[float]:
+            op: str = "sum", **options) -> list[float]:
     """Run the schedule on all ranks; `buffers` (one flat tensor per rank, changed in place) may
-    be None to time only. Returns each rank's finishing time, emulated seconds."""
+    be None to time only; reducing receives combine with `op` (sum, max, min, product). Returns
+    each rank's finishing time, emulated seconds."""
     plans = [schedule(primitive, algorithm, r, world, count, topology, **options) for r in range(world)]
     clock = list(start_times) if start_times is not None else [0.0] * world
     ports = [Ports() for _ in range(world)]
@@ -49,7 +50,7 @@ def execute(primitive: str, algorithm: str, world: int, count: int, topology: To
                     t, payload = mail[rv.peer, r].popleft()
                     end = max(end, time_recv(r, rv, t, ports[r], link_of, elem_bytes))
                     if buffers is not None:
-                        apply(buffers[r], rv, payload)
+                        apply(buffers[r], rv, payload, op)
                 clock[r], posted[r] = end, None
                 at[r] += 1
                 progress = True

@@ -12,6 +12,7 @@ count % world parts one element longer):
     reduce_scatter  rank r ends with the sum over ranks of shard r (the rest is scratch)
     all_gather      rank r starts with shard r filled; every rank ends with all shards
     broadcast       every rank ends with the root's buffer
+    all_to_all      rank i's block j ends in rank j's output (buffer layout: alltoall.py)
 """
 
 from __future__ import annotations
@@ -468,9 +469,17 @@ def hierarchical_broadcast(rank, world, count, topology=None, root=0, chunks=Non
 
 
 # ---------------------------------------------------------------- registry
-PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+from emulator.collectives.alltoall import direct_all_to_all, hierarchical_all_to_all  # noqa: E402
+
+PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")
 ALGORITHMS = ("ring", "tree", "halving_doubling", "direct", "hierarchical")
-SCHEDULES = {(p, a): globals()[f"{a}_{p}"] for p in PRIMITIVES for a in ALGORITHMS}
+SCHEDULES = {(p, a): globals()[f"{a}_{p}"] for p in PRIMITIVES for a in ALGORITHMS
+             if f"{a}_{p}" in globals()}
+
+
+def algorithms_for(primitive: str) -> tuple[str, ...]:
+    """The algorithms that implement `primitive` (all of them, but all-to-all: direct, hierarchical)."""
+    return tuple(a for a in ALGORITHMS if (primitive, a) in SCHEDULES)
 
 
 def check(primitive: str, algorithm: str) -> None:
@@ -478,11 +487,15 @@ def check(primitive: str, algorithm: str) -> None:
         raise ValueError(f"primitive = {primitive!r} is unknown; choose one of {', '.join(PRIMITIVES)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm = {algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
+    if (primitive, algorithm) not in SCHEDULES:
+        raise ValueError(f"algorithm = {algorithm!r} does not implement {primitive}; choose one of "
+                         f"{', '.join(algorithms_for(primitive))}")
 
 
 def schedule(primitive: str, algorithm: str, rank: int, world: int, count: int,
              topology: Topology | None = None, **options) -> list[Step]:
-    """The steps rank `rank` performs. options: root (broadcast), chunks (tree and chains)."""
+    """The steps rank `rank` performs. options: root (broadcast), chunks (tree and chains),
+    splits (all_to_all: splits[i][j] elements from rank i to rank j; see alltoall.py)."""
     check(primitive, algorithm)
     return SCHEDULES[primitive, algorithm](rank, world, count, topology or Topology(world, world),
                                            **options)

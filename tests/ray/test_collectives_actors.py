@@ -29,7 +29,7 @@ def cases_for(primitive, world, seed):
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("primitive", PRIMITIVES)
+@pytest.mark.parametrize("primitive", [p for p in PRIMITIVES if p != "all_to_all"])  # see test_all_to_all
 def test_every_algorithm_between_actors_equals_the_reference(cluster, primitive, world):
     system = system_for(world)
     cluster.configure(system, clock="virtual")

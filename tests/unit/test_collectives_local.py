@@ -34,7 +34,7 @@ def small_ints(world, n, dtype, seed):
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6, 7, 8, 9, 16])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("primitive", PRIMITIVES)
+@pytest.mark.parametrize("primitive", [p for p in PRIMITIVES if p != "all_to_all"])  # see test_all_to_all
 def test_every_primitive_and_algorithm_equals_the_reference(primitive, algorithm, world):
     for i, dtype in enumerate(DTYPES):
         for count in (0, 1, world + 1, 3 * world + 2):  # empty, tiny, not divisible by world
