@@ -185,7 +185,11 @@ class Engine:
             return
         for t in tree_flatten(args)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                end = self._ready_at.pop(t.untyped_storage().data_ptr(), None)
+                try:
+                    ptr = t.untyped_storage().data_ptr()
+                except RuntimeError:  # a wrapper subclass (DTensor) has no storage of its own
+                    continue
+                end = self._ready_at.pop(ptr, None)
                 if end is not None:
                     self.consume(end)
 
