@@ -127,12 +127,14 @@ def cmd_chips(args) -> None:
 
 # ---------------------------------------------------------------- relay bench
 def cmd_bench(args) -> None:
-    from emulator.collectives import ALGORITHMS, DTYPE_BYTES, busbw_factor, simulate
-    from emulator.collectives.schedules import check
+    from emulator.collectives import DTYPE_BYTES, busbw_factor, simulate
+    from emulator.collectives.schedules import algorithms_for, check
 
     args.clock = args.clock or "virtual"
     system = system_from(args)
-    algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
+    if args.algorithm is None:
+        args.algorithm = "direct" if args.primitive == "all_to_all" else "ring"
+    algorithms = list(algorithms_for(args.primitive)) if args.algorithm == "all" else args.algorithm.split(",")
     for a in algorithms:
         check(args.primitive, a)
     if args.dtype not in DTYPE_BYTES:
@@ -143,7 +145,7 @@ def cmd_bench(args) -> None:
     if args.factor < 2:
         raise UsageError(f"--factor = {args.factor} is invalid; give an integer >= 2")
     elem, world = DTYPE_BYTES[args.dtype], system.devices
-    unit = elem * (world if args.primitive in ("all_gather", "reduce_scatter") else 1)
+    unit = elem * (world if args.primitive in ("all_gather", "reduce_scatter", "all_to_all") else 1)
     sizes, n = [], lo
     while n <= hi:
         sizes.append(max(unit, n // unit * unit))
@@ -208,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="nccl-tests-style collective benchmark on emulated devices")
     add_system_args(b)
     add_run_args(b)
-    b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast")
-    b.add_argument("--algorithm", default="ring", help="ring, tree, halving_doubling, direct, hierarchical, "
-                   "a comma-separated list, or all")
+    b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast, "
+                   "all_to_all (size: each device's input)")
+    b.add_argument("--algorithm", help="ring, tree, halving_doubling, direct, hierarchical, a comma-separated "
+                   "list, or all (default ring; direct for all_to_all, which has direct and hierarchical)")
     b.add_argument("--min-bytes", default="8", help="smallest buffer (e.g. 8, 1K)")
     b.add_argument("--max-bytes", default="64M", help="largest buffer (e.g. 64M)")
     b.add_argument("--factor", type=int, default=4, help="size step factor")
@@ -263,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(be)
     be.set_defaults(fn=experiments.cmd_breakeven)
 
-    from launch import ray_cluster
+    from launch import ray_cluster, script
     ray_cluster.add_parser(sub)
+    script.add_parser(sub)
 
     rp = sub.add_parser("report", help="redraw the plots of a results folder and print its summary")
     rp.add_argument("path", help="results/<name>")

@@ -54,7 +54,7 @@ def topology_of(system) -> Topology:
 
 def busbw_factor(primitive: str, world: int) -> float:
     """nccl-tests' bus-bandwidth factor: busbw = algbw x factor."""
-    check(primitive, "ring")
+    check(primitive, "direct")
     if primitive == "all_reduce":
         return 2 * (world - 1) / world
     if primitive in ("reduce_scatter", "all_gather", "all_to_all"):

@@ -160,3 +160,125 @@ def moe_reference(world):
         for e in experts:
             sgd(e.parameters())
     return {f"expert{r}.{k}": v.detach().clone() for r, e in enumerate(experts) for k, v in e.state_dict().items()}
+
+
+# ---------------------------------------------------------------- every operation, checked
+DTYPES = (torch.float32, torch.bfloat16, torch.int64)
+
+
+def every_operation():
+    """Each operation on each dtype, against a reference computed directly (every rank can make
+    every rank's input). Small integers: any summation order gives the reference bit for bit.
+    Returns (mismatches, timings); a timing is (primitive, group, nbytes, dtype, options, end)
+    of one collective started from emulated 0 on every device (restart_clocks)."""
+    import emulator.dist as ed
+    eng = ed.context().engine
+    r, w = dist.get_rank(), dist.get_world_size()
+    bad, times = [], []
+
+    def check(name, got, want):
+        if not (got.dtype == want.dtype and torch.equal(got, want)):
+            bad.append(f"rank {r}: {name}: got {got.tolist()} want {want.tolist()}")
+
+    def timed(primitive, group, nbytes, dtype, options, run):
+        ed.restart_clocks()
+        run()
+        members = dist.get_process_group_ranks(group) if group is not None else list(range(w))
+        end = eng.spans[-1][2] if r in members else None
+        times.append((primitive, members, nbytes, str(dtype).split(".")[1], options, end))
+
+    for k, dt in enumerate(DTYPES):
+        g = torch.Generator().manual_seed(k)
+        n = 2 * w + 1
+        xs = [torch.randint(-4, 5, (n,), generator=g).to(dt) for _ in range(w)]
+        es = dt.itemsize if hasattr(dt, "itemsize") else torch.tensor([], dtype=dt).element_size()
+        total = torch.stack(xs).sum(0)
+        ops = {"sum": total, "max": torch.stack(xs).amax(0), "min": torch.stack(xs).amin(0)}
+        if dt.is_floating_point:
+            ops["avg"] = total / w
+        for op, want in ops.items():
+            t = xs[r].clone()
+            timed("all_reduce", None, n * es, dt, {}, lambda: dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper())))
+            check(f"all_reduce {op} {dt}", t, want)
+        signs = [torch.tensor([(-1, 1, 2)[(i * 7 + j + k) % 3] for j in range(n)]).to(dt) for i in range(w)]
+        t = signs[r].clone()
+        dist.all_reduce(t, op=dist.ReduceOp.PRODUCT)
+        check(f"all_reduce product {dt}", t, torch.stack(signs).prod(0).to(dt))
+        t = xs[r].clone()
+        timed("broadcast", None, n * es, dt, {"root": w - 1}, lambda: dist.broadcast(t, src=w - 1))
+        check(f"broadcast {dt}", t, xs[w - 1])
+        t = xs[r].clone()
+        dist.reduce(t, dst=0)
+        if r == 0:
+            check(f"reduce {dt}", t, total)
+        outs = [torch.empty(n, dtype=dt) for _ in range(w)]
+        dist.all_gather(outs, xs[r])
+        check(f"all_gather {dt}", torch.cat(outs), torch.cat(xs))
+        out = torch.empty(w * n, dtype=dt)
+        timed("all_gather", None, w * n * es, dt, {}, lambda: dist.all_gather_into_tensor(out, xs[r]))
+        check(f"all_gather_into_tensor {dt}", out, torch.cat(xs))
+        big = [torch.cat([x] * w) + i for i, x in enumerate(xs)]  # w * n elements per rank
+        out = torch.empty(n, dtype=dt)
+        timed("reduce_scatter", None, w * n * es, dt, {}, lambda: dist.reduce_scatter_tensor(out, big[r]))
+        check(f"reduce_scatter_tensor {dt}", out, torch.stack(big).sum(0).chunk(w)[r])
+        out = torch.empty(n, dtype=dt)
+        dist.reduce_scatter(out, list(big[r].chunk(w)))
+        check(f"reduce_scatter {dt}", out, torch.stack(big).sum(0).chunk(w)[r])
+        # all-to-all, even and uneven (some blocks empty)
+        out = torch.empty(w * n, dtype=dt)
+        timed("all_to_all", None, w * n * es, dt, {}, lambda: dist.all_to_all_single(out, big[r]))
+        check(f"all_to_all_single even {dt}", out, torch.cat([b.chunk(w)[r] for b in big]))
+        S = [[(i + 2 * j) % 3 for j in range(w)] for i in range(w)]
+        src = [torch.arange(sum(S[i])).to(dt) + 10 * i for i in range(w)]
+        out = torch.empty(sum(S[i][r] for i in range(w)), 2, dtype=dt)
+        rows = lambda i: [2 * x for x in S[i]]  # noqa: E731
+        want = torch.cat([src[i].repeat_interleave(2).split(rows(i))[r] for i in range(w)]).view(-1, 2)
+        timed("all_to_all", None, None, dt, {"splits": [[2 * x for x in row] for row in S]},
+              lambda: dist.all_to_all_single(out, src[r].repeat_interleave(2).view(-1, 2),
+                                             [S[i][r] for i in range(w)], S[r]))
+        check(f"all_to_all_single uneven {dt}", out, want)
+        outs = [torch.empty(S[i][r], dtype=dt) for i in range(w)]
+        dist.all_to_all(outs, list(src[r].split(S[r])))
+        check(f"all_to_all {dt}", torch.cat(outs), torch.cat([src[i].split(S[i])[r] for i in range(w)]))
+        # rooted
+        outs = [torch.empty(n, dtype=dt) for _ in range(w)] if r == 0 else None
+        dist.gather(xs[r], outs, dst=0)
+        if r == 0:
+            check(f"gather {dt}", torch.cat(outs), torch.cat(xs))
+        out = torch.empty(n, dtype=dt)
+        dist.scatter(out, [x.clone() for x in xs] if r == 0 else None, src=0)
+        check(f"scatter {dt}", out, xs[r])
+        # point to point: a ring both ways, async, and batched
+        got = torch.empty(n, dtype=dt)
+        works = [dist.isend(xs[r], (r + 1) % w), dist.irecv(got, (r - 1) % w)]
+        for wk in works:
+            wk.wait()
+        check(f"isend/irecv {dt}", got, xs[(r - 1) % w])
+        got = torch.empty(n, dtype=dt)
+        for wk in dist.batch_isend_irecv([dist.P2POp(dist.irecv, got, (r + 1) % w),
+                                          dist.P2POp(dist.isend, xs[r], (r - 1) % w)]):
+            wk.wait()
+        check(f"batch_isend_irecv {dt}", got, xs[(r + 1) % w])
+        if w > 1 and r < 2:
+            got = torch.empty(n, dtype=dt)
+            if r == 0:
+                dist.send(xs[0], 1)
+            else:
+                dist.recv(got, 0)
+                check(f"send/recv {dt}", got, xs[0])
+        dist.barrier()
+        # sub-groups: the first scale-up domain, and one member of each domain
+        dom = ed.context().domain
+        for members in (list(range(dom)), list(range(0, w, dom))):
+            grp = dist.new_group(members)
+            if len(members) < 2:
+                continue
+            t = xs[r].clone()
+            timed("all_reduce", grp, n * es, dt, {}, lambda: dist.all_reduce(t, group=grp) if r in members else None)
+            if r in members:
+                check(f"all_reduce on {members} {dt}", t, torch.stack([xs[m] for m in members]).sum(0))
+            out = torch.empty(len(members) * n, dtype=dt)
+            if r in members:
+                dist.all_to_all_single(out, torch.cat([xs[r]] * len(members)), group=grp)
+                check(f"all_to_all_single on {members} {dt}", out, torch.cat([xs[m] for m in members]))
+    return bad, times
