@@ -22,9 +22,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from emulator.collectives import pipeline_chunks, topology_of
-from emulator.collectives.core import Ports
-from emulator.collectives.schedules import schedule
 from emulator.workloads import Workload
 from kernels.cost import ITEMSIZE
 
@@ -100,7 +97,6 @@ class GradSync:
         params = [p for p in model.parameters() if p.requires_grad][::-1]
         self.buckets = make_buckets(params, elem_bytes, bucket_bytes)
         self.where = {p: i for i, b in enumerate(self.buckets) for p in b}
-        self.plans = [self._plan(b) for b in self.buckets]
         self.threaded = threaded
         self.jobs = queue.Queue()
         self.error = None
@@ -110,13 +106,6 @@ class GradSync:
         # sends them all once backward is over
         self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if overlap else []
         self.reset()
-
-    def _plan(self, bucket):
-        count = sum(p.numel() for p in bucket)
-        world, rank = self.system.devices, self.transport.rank
-        chunks = pipeline_chunks("all_reduce", self.algorithm, count * self.elem_bytes, self.system)
-        return schedule("all_reduce", self.algorithm, rank, world, count, topology_of(self.system),
-                        chunks=chunks)
 
     def reset(self) -> None:
         """Start a step."""
@@ -144,10 +133,11 @@ class GradSync:
                 self._reduce(i, flat, ready)
 
     def _reduce(self, i: int, flat: torch.Tensor, ready: float) -> None:
-        self.lane.advance_to(ready)
-        start = self.lane.now()
-        self.transport.run(self.plans[i], flat, self.lane, Ports(), self.link_of, self.elem_bytes)
-        self.spans.append((start, self.lane.now()))
+        # the relay backend's code path: one implementation of collectives on devices
+        from emulator.backend.engine import group_of, run_collective
+        world = group_of(self.system, self.link_of, range(self.system.devices), self.transport.rank)
+        self.spans.append(run_collective(self.transport, world, "all_reduce", self.algorithm, flat, flat.numel(),
+                                         self.lane, ready, elem_bytes=self.elem_bytes))
         flat /= self.system.devices
         at = 0
         for p in self.buckets[i]:

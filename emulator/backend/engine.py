@@ -84,6 +84,30 @@ def group_of(system, links, members, device: int) -> Group:
                  lambda i, j: links(members[i], members[j]))
 
 
+def run_steps(transport, group: Group, steps: list[Step], buf: torch.Tensor, lane, link_of, op: str = "sum",
+              elem_bytes: int | None = None) -> None:
+    """THE one call of Transport.run on a device (adapt here when its signature changes)."""
+    transport.run(steps, buf, lane, Ports(), link_of, elem_bytes or buf.element_size(),
+                  ranks=list(group.members), op=op)
+
+
+def run_collective(transport, group: Group, primitive: str, algorithm: str, buf: torch.Tensor, count: int,
+                   lane, ready: float, op: str = "sum", elem_bytes: int | None = None,
+                   **options) -> tuple[float, float]:
+    """One collective of `group` on `buf` (flat, CPU), paced on `lane` from `ready`: the code
+    path of every collective a device runs, the backend's and the trainer's. Returns the
+    emulated (start, end). `elem_bytes`: the emulated size of an element (default: the real)."""
+    if algorithm == "hierarchical" and not group.regular:  # no two levels to use
+        algorithm = "direct" if primitive == "all_to_all" else "ring"
+    elem = elem_bytes or buf.element_size()
+    options.setdefault("chunks", pipeline_chunks(primitive, algorithm, count * elem, group.system))
+    steps = schedule(primitive, algorithm, group.rank, group.size, count, group.topology, **options)
+    lane.advance_to(ready)
+    start = lane.now()
+    run_steps(transport, group, steps, buf, lane, group.link_of, op, elem)
+    return start, lane.now()
+
+
 class Work(dist.Work):
     """An operation's handle: wait() re-raises the engine's error (torch's future-based work
     drops it), then holds the compute lane until the operation's emulated end."""
@@ -259,22 +283,19 @@ class Engine:
     # ------------------------------------------------------------ running (the thread only)
     def collective(self, group: Group, primitive: str, buf: torch.Tensor, count: int, ready: float,
                    op: str = "sum", **options) -> float:
-        """THE place the backend runs a schedule on the transport: `primitive` among `group` on
-        the flat CPU buffer `buf`, on the communication lane. Returns the emulated end."""
-        algorithm = self.algorithms[primitive]
-        if algorithm == "hierarchical" and not group.regular:  # no two levels to use
-            algorithm = "direct" if primitive == "all_to_all" else "ring"
-        elem = buf.element_size()
-        options.setdefault("chunks", pipeline_chunks(primitive, algorithm, count * elem, group.system))
-        steps = schedule(primitive, algorithm, group.rank, group.size, count, group.topology, **options)
-        return self.steps(group, primitive, steps, buf, ready, op)
+        """`primitive` among `group` on the flat CPU buffer `buf`, with this run's algorithm for
+        it, on the communication lane. Returns the emulated end."""
+        start, end = run_collective(self.transport, group, primitive, self.algorithms[primitive], buf, count,
+                                    self.comm, ready, op, **options)
+        self.spans.append((primitive, start, end, buf.numel() * buf.element_size()))
+        return end
 
     def steps(self, group: Group, name: str, steps: list[Step], buf: torch.Tensor, ready: float,
               op: str = "sum") -> float:
         """Any schedule of `group` (gather and scatter are built by the caller)."""
         self.comm.advance_to(ready)
         start = self.comm.now()
-        self._run(group, steps, buf, self.comm, group.link_of, op)
+        run_steps(self.transport, group, steps, buf, self.comm, group.link_of, op)
         end = self.comm.now()
         self.spans.append((name, start, end, buf.numel() * buf.element_size()))
         return end
@@ -283,13 +304,8 @@ class Engine:
         """Every member's `row` (all-to-all splits), as control traffic outside emulated time."""
         buf = prepare("all_gather", group.rank, group.size, torch.tensor(row, dtype=torch.int64))
         steps = schedule("all_gather", "ring", group.rank, group.size, buf.numel(), group.topology)
-        self._run(group, steps, buf, VirtualLane(), lambda i, j: ("up", _INSTANT), "sum")
+        run_steps(self.transport, group, steps, buf, VirtualLane(), lambda i, j: ("up", _INSTANT), "sum")
         return buf.view(group.size, group.size).tolist()
-
-    def _run(self, group: Group, steps: list[Step], buf: torch.Tensor, lane, link_of, op: str) -> None:
-        """The one call of Transport.run (adapt here when its signature changes)."""
-        self.transport.run(steps, buf, lane, Ports(), link_of, buf.element_size(), ranks=list(group.members),
-                           op=op)
 
     def send(self, group: Group, tensor: torch.Tensor, peer: int, ready: float, work: Work) -> None:
         """Post one message to group rank `peer` (header and payload, as the transport sends)."""

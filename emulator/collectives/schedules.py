@@ -469,7 +469,7 @@ def hierarchical_broadcast(rank, world, count, topology=None, root=0, chunks=Non
 
 
 # ---------------------------------------------------------------- registry
-from emulator.collectives.alltoall import direct_all_to_all, hierarchical_all_to_all  # noqa: E402
+from emulator.collectives.alltoall import direct_all_to_all, hierarchical_all_to_all  # noqa: E402, F401 (registered by name below)
 
 PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")
 ALGORITHMS = ("ring", "tree", "halving_doubling", "direct", "hierarchical")

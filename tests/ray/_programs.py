@@ -90,13 +90,13 @@ def tensor_parallel_2d():
     return {**full(model), "tp_group": dist.get_process_group_ranks(mesh.get_group("tp"))}
 
 
-def pipeline(schedule="1F1B", microbatches=4):
-    """Two stages (ranks 0 and 1), the whole batch in microbatches."""
+def pipeline(schedule="1F1B", microbatches=4, group=None):
+    """Two stages (group ranks 0 and 1), the whole batch in microbatches."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-    r = dist.get_rank()
+    r = dist.get_rank(group)
     model = mlp()
     part = model[:2] if r == 0 else model[2:]
-    stage = PipelineStage(part, r, 2, torch.device("cpu"))
+    stage = PipelineStage(part, r, 2, torch.device("cpu"), group=group)
     kind = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}[schedule]
     sched = kind(stage, microbatches, loss_fn=nn.functional.mse_loss)
     x, y = data()
@@ -107,6 +107,33 @@ def pipeline(schedule="1F1B", microbatches=4):
             sched.step(target=y)
         sgd(part.parameters())
     return {k: v for k, v in full(model).items() if k.startswith("0." if r == 0 else "2.")}
+
+
+def ddp_overlap(steps=3):
+    """DDP with small buckets on a deeper model: emulated communication and the part of it the
+    compute lane waited for, from the second step on (after DDP has rebuilt its buckets)."""
+    import emulator.dist as ed
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    eng = ed.context().engine
+    torch.manual_seed(0)
+    model = DDP(nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 64), nn.ReLU())]), bucket_cap_mb=0.01)
+    x = torch.randn(32, 64)
+    for step in range(steps):
+        if step == 1:
+            ed.restart_clocks()
+            e0, n0 = eng.exposed_s, len(eng.spans)
+        model(x).pow(2).mean().backward()
+        sgd(model.parameters())
+    ops = [s for s in eng.spans[n0:] if s[0] == "all_reduce"]
+    return {"comm_s": sum(e - a for _, a, e, _ in ops), "exposed_comm_s": eng.exposed_s - e0, "all_reduces": len(ops)}
+
+
+def all_programs():
+    """Every program above in one launch on 4 devices (two pipelines side by side)."""
+    r = dist.get_rank()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    return {"ddp": ddp(), "fsdp2": fsdp2(), "tp": tensor_parallel_2d(), "moe": moe(),
+            "pipeline": pipeline(group=groups[r // 2]), "overlap": ddp_overlap()}
 
 
 # ---------------------------------------------------------------- expert parallelism

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from emulator.collectives.schedules import ALGORITHMS, SCHEDULES, Topology, schedule
+from emulator.collectives.schedules import SCHEDULES, Topology, schedule
 
 
 def sends(primitive, algorithm, rank, world, count=1000, domain=None, **kw):

@@ -1,0 +1,90 @@
+"""The `relay` torch.distributed backend on real device actors: every operation against a direct
+reference and its emulated time against `simulate`; unmodified PyTorch programs (DDP, FSDP2, 2-D
+tensor parallelism, a pipeline, expert parallelism) against one-process training; DDP's overlap.
+
+Tolerance for training: 1e-5 absolute on every weight after 3 SGD steps (fp32; the devices sum
+gradients in another order than one process does)."""
+
+import pytest
+import torch
+
+from emulator import System
+from emulator.backend.engine import algorithms, group_of
+from emulator.backend.program import Program
+from emulator.collectives import simulate
+
+import _programs as P  # noqa: E402 (tests/ray is on the path: no package)
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("world,algorithm", [(2, None), (3, None), (8, "hierarchical")])
+def test_every_operation_equals_the_reference_and_simulate(cluster, world, algorithm):
+    system = System("h100", world, domain=max(1, world // 2))
+    cluster.configure(system, clock="virtual")
+    res = cluster.run_program(Program(P.every_operation, algorithm=algorithm))
+    chosen = algorithms(algorithm)
+    for d in res.per_device:
+        bad, times = d["result"]
+        assert bad == []
+    timings = list(zip(*[d["result"][1] for d in res.per_device]))
+    assert len(timings) > 20
+    for per_device in timings:
+        primitive, members, nbytes, dtype, options, _ = per_device[0]
+        group = group_of(system, None, members, members[0])
+        alg = chosen[primitive]
+        if alg == "hierarchical" and not group.regular:
+            alg = "direct" if primitive == "all_to_all" else "ring"
+        ends = [t[-1] for t in per_device if t[-1] is not None]
+        want = simulate(primitive, alg, nbytes or 0, group.system, dtype=dtype, **options)
+        assert max(ends) == want, (primitive, members, nbytes, dtype, alg)
+
+
+def test_a_group_inside_a_domain_uses_its_links():
+    system = System("h100", 8, domain=4)
+    inside, across = group_of(system, None, [0, 1], 0), group_of(system, None, [0, 4], 0)
+    assert (inside.system.domains, across.system.domains) == (1, 2) and inside.regular and across.regular
+    # 450 GB/s NVLink inside the domain, 50 GB/s scale-out across
+    assert simulate("all_reduce", "ring", 2**20, across.system) > 3 * simulate("all_reduce", "ring", 2**20, inside.system)
+    assert not group_of(system, None, [0, 1, 4], 0).regular  # 2 + 1 members: no two equal levels
+
+
+@pytest.fixture(scope="module")
+def programs(cluster8):
+    cluster8.configure(System("h100", 4, domain=2), clock="virtual")
+    return cluster8.launch(P.all_programs)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "tp"])
+def test_data_fsdp_and_tensor_parallel_training_equal_one_process(programs, name):
+    ref = P.reference()
+    for d in programs.per_device:
+        got = d["result"][name]
+        for k, v in ref.items():
+            torch.testing.assert_close(got[k], v, atol=TOL, rtol=0)
+    if name == "tp":  # the mesh's tensor-parallel dimension is a scale-up domain
+        assert [d["result"]["tp"]["tp_group"] for d in programs.per_device] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def test_pipeline_training_equals_one_process(programs):
+    ref = P.reference()
+    for d in programs.per_device:
+        got = d["result"]["pipeline"]
+        assert got and all(k.startswith("0." if d["device"] % 2 == 0 else "2.") for k in got)
+        for k, v in got.items():
+            torch.testing.assert_close(v, ref[k], atol=TOL, rtol=0)
+
+
+def test_expert_parallel_moe_equals_one_process(programs):
+    ref = P.moe_reference(4)
+    for d in programs.per_device:
+        for k, v in d["result"]["moe"].items():
+            torch.testing.assert_close(v, ref[k], atol=TOL, rtol=0)
+
+
+def test_ddp_all_reduce_overlaps_backward(programs):
+    for d in programs.per_device:
+        o = d["result"]["overlap"]
+        assert o["all_reduces"] >= 2 * 8  # several buckets per step, two steps
+        assert 0 <= o["exposed_comm_s"] < o["comm_s"]
+        assert d["comm_s"] > 0 and d["compute_s"] > 0 and d["emulated_s"] > 0
