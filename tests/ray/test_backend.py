@@ -88,3 +88,21 @@ def test_ddp_all_reduce_overlaps_backward(programs):
         assert o["all_reduces"] >= 2 * 8  # several buckets per step, two steps
         assert 0 <= o["exposed_comm_s"] < o["comm_s"]
         assert d["comm_s"] > 0 and d["compute_s"] > 0 and d["emulated_s"] > 0
+
+
+def test_readme_script_runs_unmodified_through_relay_launch(cluster8, tmp_path, capsys):
+    """The README's example, as written, through the command line (a cluster of its own on the
+    session's Ray)."""
+    import json
+    from pathlib import Path
+    from launch.cli import main
+    script = Path(__file__).resolve().parents[2] / "examples" / "torch_ddp.py"
+    assert main(["launch", "--chip", "h100", "--devices", "4", "--domain", "2", "--out", str(tmp_path),
+                 "--name", "ddp", str(script)]) == 0
+    out = capsys.readouterr().out
+    assert "samples per emulated s" in out and "exposed comm (emulated ms)" in out
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())["summary"]
+    assert summary["samples_per_s"] == pytest.approx(4 * 5 * 16 / summary["emulated_s"])
+    assert 0 <= summary["exposed_comm_s"] <= summary["comm_s"] and summary["comm_s"] > 0
+    trace = json.loads((tmp_path / "ddp" / "trace.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in trace} == {0, 1, 2, 3} and any(e["name"] == "all_reduce" for e in trace)
