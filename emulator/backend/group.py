@@ -126,14 +126,15 @@ class RelayProcessGroup(dist.ProcessGroup):
         opts = opts or dist.ReduceOptions()
         return self._all_reduce(tensors, opts, root=opts.rootRank)
 
-    def _reduce_scatter(self, pairs, red):
-        """pairs: (output, flat input of world x output elements)."""
+    def _reduce_scatter(self, outputs, inputs, red):
+        """inputs(): the flat input of world x output elements for each output (made on the
+        engine's thread: working copies are not the program's compute)."""
         op, factor = _op(red)
         eng, g = self.engine, self.g
 
         def run(ready):
             end = ready
-            for out, buf in pairs:
+            for out, buf in zip(outputs, inputs()):
                 if buf.numel() != out.numel() * g.size:
                     raise ValueError(f"relay: reduce_scatter input has {buf.numel()} elements, output "
                                      f"{out.numel()}; the input must hold group size ({g.size}) x output")
@@ -147,17 +148,17 @@ class RelayProcessGroup(dist.ProcessGroup):
                     mine = mine / g.size if mine.is_floating_point() else torch.div(mine, g.size, rounding_mode="trunc")
                 _into(out, mine)
             return end
-        return self.engine.submit(run, [out for out, _ in pairs])
+        return self.engine.submit(run, list(outputs))
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
-        pairs = [(o, torch.cat([_flat(t) for t in ins])) for o, ins in zip(outputs, input_lists)]
-        return self._reduce_scatter(pairs, (opts or dist.ReduceScatterOptions()).reduceOp)
+        return self._reduce_scatter(outputs, lambda: [torch.cat([_flat(t) for t in ins]) for ins in input_lists],
+                                    (opts or dist.ReduceScatterOptions()).reduceOp)
 
     def reduce_scatter_single(self, output, input, opts=None):
-        return self._reduce_scatter([(output, _flat(input))], (opts or dist.ReduceScatterOptions()).reduceOp)
+        return self.reduce_scatter_single_coalesced([output], [input], opts)
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
-        return self._reduce_scatter([(o, _flat(i)) for o, i in zip(outputs, inputs)],
+        return self._reduce_scatter(outputs, lambda: [_flat(i) for i in inputs],
                                     (opts or dist.ReduceScatterOptions()).reduceOp)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
@@ -217,7 +218,8 @@ class RelayProcessGroup(dist.ProcessGroup):
         return self.engine.submit(run, list(tensors))
 
     # ------------------------------------------------------------ all-to-all
-    def _all_to_all(self, inp: torch.Tensor, in_elems, out_elems, write, outputs):
+    def _all_to_all(self, inp, in_elems, out_elems, write, outputs):
+        """inp(): the flat input, made on the engine's thread."""
         eng, g = self.engine, self.g
         world, me = g.size, g.rank
 
@@ -231,7 +233,7 @@ class RelayProcessGroup(dist.ProcessGroup):
                 S = eng.exchange(g, in_elems)
             S = split_matrix(world, 0, S)
             lay = layout(me, world, S, g.topology, staged)
-            buf = prepare("all_to_all", me, world, _flat(inp), lay)
+            buf = prepare("all_to_all", me, world, inp(), lay)
             end = eng.collective(g, "all_to_all", buf, 0, ready, splits=S)
             write(buf[lay.output[0]:lay.output[1]])
             return end
@@ -246,7 +248,7 @@ class RelayProcessGroup(dist.ProcessGroup):
         if sum(ins) != input.numel() or sum(outs) != output.numel():
             raise ValueError(f"relay: all_to_all_single splits {list(input_splits)} / {list(output_splits)} do "
                              f"not add up to the input ({tuple(input.shape)}) / output ({tuple(output.shape)})")
-        return self._all_to_all(input, ins, outs, lambda buf: _into(output, buf), [output])
+        return self._all_to_all(lambda: _flat(input), ins, outs, lambda buf: _into(output, buf), [output])
 
     alltoall_base = all_to_all_single
 
@@ -256,9 +258,8 @@ class RelayProcessGroup(dist.ProcessGroup):
             for o in outputs:
                 _into(o, buf[at:at + o.numel()])
                 at += o.numel()
-        flat = torch.cat([_flat(t) for t in inputs])
-        return self._all_to_all(flat, [t.numel() for t in inputs], [t.numel() for t in outputs], write,
-                                list(outputs))
+        return self._all_to_all(lambda: torch.cat([_flat(t) for t in inputs]), [t.numel() for t in inputs],
+                                [t.numel() for t in outputs], write, list(outputs))
 
     # ------------------------------------------------------------ rooted, direct
     def gather(self, output_lists, inputs, opts=None):

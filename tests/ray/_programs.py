@@ -260,9 +260,9 @@ def every_operation():
         out = torch.empty(sum(S[i][r] for i in range(w)), 2, dtype=dt)
         rows = lambda i: [2 * x for x in S[i]]  # noqa: E731
         want = torch.cat([src[i].repeat_interleave(2).split(rows(i))[r] for i in range(w)]).view(-1, 2)
+        mine = src[r].repeat_interleave(2).view(-1, 2)
         timed("all_to_all", None, None, dt, {"splits": [[2 * x for x in row] for row in S]},
-              lambda: dist.all_to_all_single(out, src[r].repeat_interleave(2).view(-1, 2),
-                                             [S[i][r] for i in range(w)], S[r]))
+              lambda: dist.all_to_all_single(out, mine, [S[i][r] for i in range(w)], S[r]))
         check(f"all_to_all_single uneven {dt}", out, want)
         outs = [torch.empty(S[i][r], dtype=dt) for i in range(w)]
         dist.all_to_all(outs, list(src[r].split(S[r])))
