@@ -85,7 +85,7 @@ def test_expert_parallel_moe_equals_one_process(programs):
 def test_ddp_all_reduce_overlaps_backward(programs):
     for d in programs.per_device:
         o = d["result"]["overlap"]
-        assert o["all_reduces"] >= 2 * 8  # several buckets per step, two steps
+        assert o["all_reduces"] == 2 * 4  # a bucket per layer (10 kB cap, 16 kB weights), two steps
         assert 0 <= o["exposed_comm_s"] < o["comm_s"]
         assert d["comm_s"] > 0 and d["compute_s"] > 0 and d["emulated_s"] > 0
 
