@@ -71,6 +71,8 @@ DEVICE_COLUMNS = ["device", "emulated_s", "compute_s", "comm_s", "exposed_comm_s
 def launch(cluster, program: Program) -> LaunchResult:
     """Run `program` on every device of `cluster` (started if it is not)."""
     algorithms(program.algorithm)  # refuses an unknown algorithm before any device starts
+    if program.script is None and not callable(program.fn):
+        raise ValueError(f"fn = {program.fn!r} is not callable; pass the function every device runs")
     if not cluster.actors:
         cluster.start()
     n = cluster.system.devices

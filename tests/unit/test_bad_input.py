@@ -37,6 +37,11 @@ CASES = [
     (RUN[:-1] + ["0"], r"steps = 0 is invalid; give an integer >= 1"),
     (["run", "--devices", "910c:x"], r"write chip:count pairs, e.g. 910c:8,h100:2"),
     (["bench", "--chip", "h100", "--devices", "4", "--min-bytes", "lots"], r"size = 'lots' is not a byte count"),
+    (["bench", "--chip", "h100", "--devices", "4", "--primitive", "all_to_all", "--algorithm", "ring"],
+     r"algorithm = 'ring' does not implement all_to_all; choose one of direct, hierarchical"),
+    (["launch", "--chip", "h100", "--devices", "2", "/nonexistent/train.py"], r"script = '/nonexistent/train.py' is not a file"),
+    (["launch", "--chip", "h100", "--devices", "2", "--algorithm", "all_to_all=ring", "README.md"],
+     r"algorithm = 'ring' does not implement all_to_all"),
 ]
 
 
