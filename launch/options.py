@@ -116,7 +116,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             g.add_argument(f"--no-{f.name}", dest=f.name, action="store_false", default=None,
-                           help=f"do not: {f.metadata['doc']}")
+                           help=f"turn {f.name} off (on by default: {f.metadata['doc']})")
             continue
         typ = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         default = "" if f.default is None else f" (default {f.default})"
