@@ -45,6 +45,7 @@ class OpCost:
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
 _GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+_ADDS = {torch.ops.aten.addmm, torch.ops.aten.baddbmm}  # (input, a, b): the reduction is a's last dim
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 _FLOPS: dict = {}  # (op, shapes and other arguments) -> FLOPs: shapes repeat from step to step,
 #                    and PyTorch's formulas (with their tree_maps) cost more than the lookup
@@ -150,11 +151,15 @@ class CostModel:
             flops = _memo_flops(func, kind, args, kwargs, out)
             if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 *batch, m, n = out.shape
-                grows = scale if fixed is None or not fixed(out) else 1.0
-                if batch:
-                    q = quantisation(m, n, self.chip.compute_units, int(math.prod(batch) * grows))
+                a = args[1] if func._overloadpacket in _ADDS else args[0]
+                k = a.shape[-1] if isinstance(a, torch.Tensor) else None
+                if fixed is not None and fixed(out):  # a weight gradient: its reduction grows
+                    q = quantisation(m, n, self.chip.compute_units, int(math.prod(batch)),
+                                     int(k * scale) if k else None)
+                elif batch:
+                    q = quantisation(m, n, self.chip.compute_units, int(math.prod(batch) * scale), k)
                 else:
-                    q = quantisation(int(m * grows), n, self.chip.compute_units)
+                    q = quantisation(int(m * scale), n, self.chip.compute_units, 1, k)
         counts = [0, 0]  # bytes, fixed bytes
         self._bytes(args, counts, fixed)
         self._bytes(out, counts, fixed)
@@ -175,7 +180,7 @@ class CostModel:
     def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""
         flops, nbytes = 2.0 * m * k * n, float((m * k + k * n + m * n) * ITEMSIZE[self.dtype])
-        q = quantisation(m, n, self.chip.compute_units)
+        q = quantisation(m, n, self.chip.compute_units, k=k)
         return OpCost(self.seconds(flops / q, nbytes), flops, nbytes)
 
 

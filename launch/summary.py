@@ -181,7 +181,10 @@ def _sensitivity(sens: dict | None, slow: dict) -> list[str]:
     for r in sens["rows"]:
         def end(which):
             v = r[which]
-            shown = f"x{v:g} ({v * r['catalog']:g})" if r["scales"] else f"{v:g}"
+            if not r["scales"]:
+                shown = f"{v:g}"
+            else:  # a factor on a catalog figure, or on the calibrated fabric (no single figure)
+                shown = f"x{v:g}" + ("" if r["catalog"] is None else f" ({v * r['catalog']:g})")
             n = r[f"{which}_devices"]
             count = "not reached" if n is None else f"{n}{' (predicted)' if r[f'{which}_predicted'] else ''}"
             return shown, count

@@ -40,8 +40,8 @@ def test_slower_chip_takes_longer_by_the_modeled_ratio(cluster):
     # each chip's published best-shape efficiency, times the 1024 x 1024 output's quantisation on its SMs
     a100, h100 = chips.get("a100"), chips.get("h100")
     assert slow / fast == pytest.approx(
-        (4e-6 + 2 * 1024**3 / (312e12 * a100.matmul_eff * quantisation(1024, 1024, 108)))
-        / (4e-6 + 2 * 1024**3 / (989.4e12 * h100.matmul_eff * quantisation(1024, 1024, 132))), rel=1e-9)
+        (4e-6 + 2 * 1024**3 / (312e12 * a100.matmul_eff * quantisation(1024, 1024, 108, k=1024)))
+        / (4e-6 + 2 * 1024**3 / (989.4e12 * h100.matmul_eff * quantisation(1024, 1024, 132, k=1024))), rel=1e-9)
 
 
 def test_wall_clock_runs_and_reports_fidelity(cluster):

@@ -39,3 +39,12 @@ def test_published_chips_carry_their_measured_efficiency():
     for name in ("a100", "h100", "b200", "b200-hgx", "mi300x"):
         c = chips.get(name)
         assert c.matmul_eff != chips.MATMUL_EFF and "matmul_eff" in c.sources and c.compute_units
+
+
+def test_a_small_output_over_a_long_reduction_is_split_to_fill_the_units():
+    # a 64 x 64 weight gradient over 524288 rows (batch_scale): one tile, but split-K slices
+    # of the reduction fill all 148 SMs; without K it would run on one SM
+    assert quantisation(64, 64, 148) == pytest.approx(1 / 148)
+    assert quantisation(64, 64, 148, k=524288) == 1.0
+    assert quantisation(64, 64, 148, k=512) == pytest.approx(2 / 148)  # two slices of 256
+    assert quantisation(128 * 132, 256, 132, k=8192) == 1.0  # enough tiles: no split

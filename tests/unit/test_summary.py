@@ -31,7 +31,10 @@ def summary(fast: System, slow: System, full=True, sens=True) -> dict:
             {"parameter": "launch_us", "low": 0.5, "high": 2.0, "scales": True, "why": "because", "catalog": 4.0,
              "side": "both",
              "low_devices": 18, "high_devices": 25, "low_predicted": False, "high_predicted": True,
-             "low_verified": True, "high_verified": True}]}
+             "low_verified": True, "high_verified": True},
+            {"parameter": "link_eff", "low": 0.6, "high": 1.25, "scales": True, "why": "fabric", "catalog": None,
+             "side": "slow", "low_devices": 21, "high_devices": 20, "low_predicted": False,
+             "high_predicted": False, "low_verified": True, "high_verified": True}]}
     return out
 
 
@@ -42,6 +45,7 @@ def test_headline_summary_labels_predictions_and_shows_the_published_pair():
     assert "SemiAnalysis" in md and "780" in md  # the published comparison of this pair
     assert "power (system (all-in))" in md and "power basis: fast system (all-in), slow system (all-in)" in md
     assert "## Sensitivity" in md and "| launch_us | both sides | 4 | x0.5 (2) | 18 | x2 (8) | 25 (predicted) |" in md
+    assert "| link_eff | slow side | 1 (the calibrated fabric) | x0.6 | 21 | x1.25 | 20 |" in md
     assert "took 61 s of host time" in md
     assert "19: 1.1e+06, falls short" in md and "**Not monotone (ring).** More slow devices did worse at 12 -> 13" in md
     assert "launch_us: 4 us on both chips" in md
