@@ -1,18 +1,7 @@
-"""Collective algorithms as pure schedules: (rank, world, count, topology) -> list of steps.
-
-No processes, no tensors. A rank's buffer is a flat array of `count` elements; a message carries
-one or more element ranges ("segments") of it. In each step a rank posts its sends (which read the
-buffer as it was at the start of the step) and its receives; when all have completed, each
-received message is added into (reduce) or copied over (copy) its segments, in list order.
-The k-th message from rank i to rank j matches the k-th receive that j posts from i.
-
-Primitive semantics (shards: `count` split into `world` balanced, contiguous parts, the first
-count % world parts one element longer):
-    all_reduce      every rank ends with the elementwise sum of all buffers
-    reduce_scatter  rank r ends with the sum over ranks of shard r (the rest is scratch)
-    all_gather      rank r starts with shard r filled; every rank ends with all shards
-    broadcast       every rank ends with the root's buffer
-"""
+"""The registry of collective schedules: which function builds the steps of each primitive and
+algorithm, and the checks that refuse a pair that does not exist. The vocabulary (steps,
+segments, topology, primitive semantics) is documented in steps.py, the algorithms in flat.py and
+hierarchical.py; this module re-exports the vocabulary for its callers."""
 
 from __future__ import annotations
 
