@@ -181,14 +181,5 @@ def build(c: MoEConfig) -> llama.Transformer:
     return llama.Transformer(c, blocks, rope_dim)
 
 
-def workload(name: str, config: MoEConfig | None = None):
-    """The workload `name` (one of CONFIGS), or a custom configuration under that name."""
-    c = config or CONFIGS[name]
-    return tokens.workload(name, lambda: build(c), c, lr=3e-3)
-
-
-def __getattr__(name: str):
-    """`emulator.workloads.moe:deepseek-v3` (how BUILTINS names them) is the workload of that name."""
-    if name in CONFIGS:
-        return workload(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# workload(name, config=None), and the import paths BUILTINS names the configurations by
+workload, __getattr__ = tokens.named(CONFIGS, build)

@@ -48,6 +48,21 @@ def loss(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def named(configs: dict, build):
+    """A model family's `workload(name, config=None)` (one of `configs`, or a custom configuration
+    under that name) and its module `__getattr__`, through which BUILTINS' import paths
+    (`emulator.workloads.llama:llama3-8b`) reach the named workloads."""
+    def family_workload(name: str, config=None) -> Workload:
+        c = config or configs[name]
+        return workload(name, lambda: build(c), c, lr=3e-3)
+
+    def module_getattr(name: str):
+        if name in configs:
+            return family_workload(name)
+        raise AttributeError(f"no workload named {name!r}; named: {', '.join(configs)}")
+    return family_workload, module_getattr
+
+
 def workload(name: str, build_model, config, lr: float) -> Workload:
     """A language-model workload on this synthetic language; config has vocab_size and seq_len."""
     return Workload(build_model, batches(config.vocab_size, config.seq_len), loss, name=name,
