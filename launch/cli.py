@@ -15,7 +15,7 @@ from tabulate import tabulate
 from emulator import DeviceError, chips
 from emulator.errors import ConfigError
 from emulator.results.folder import ResultsDir
-from launch import presets, ray_cluster, validate
+from launch import presets, ray_cluster, script, validate
 from launch.bench import cmd_bench
 from launch.breakeven import cmd_breakeven
 from launch.options import add_preset_arg, add_run_args, add_system_args, add_train_args
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="nccl-tests-style collective benchmark on emulated devices")
     add_system_args(b)
     add_run_args(b)
-    b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast")
+    b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast, "
+                   "all_to_all")
     b.add_argument("--algorithm", default="auto", help="auto (the vendor library's choice, default), ring, "
                    "tree, halving_doubling, direct, hierarchical, nvls, a comma-separated list, or all")
     b.add_argument("--min-bytes", default="8", help="smallest buffer (e.g. 8, 1K)")
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ray_cluster.add_parser(sub)
     validate.add_parser(sub)
+    script.add_parser(sub)
 
     rp = sub.add_parser("report", help="redraw the plots of a results folder and print its summary")
     rp.add_argument("path", help="results/<name>")

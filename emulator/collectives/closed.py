@@ -117,6 +117,8 @@ def closed_form(primitive: str, algorithm: str, nbytes: float, system, chunks: i
     lg = math.log2(p2)
     ar, rs_ag = primitive == "all_reduce", primitive in ("reduce_scatter", "all_gather")
 
+    if primitive == "all_to_all":
+        return B + _all_to_all(algorithm, n, system, fabric)
     if algorithm == "hier_pipelined":
         if not topology_of(system).equal_domains:
             schedule(primitive, algorithm, 0, p, 1, topology_of(system))  # raises the explanatory error
@@ -161,8 +163,29 @@ def closed_form(primitive: str, algorithm: str, nbytes: float, system, chunks: i
         ((p1 - 1) * a1 + (C + p1 - 2) * (o1 + n / C * b1) if p1 > 1 else 0.0)
 
 
+def _all_to_all(algorithm: str, n: float, system, fabric: Fabric) -> float:
+    """Each rank sends n/p bytes to every other rank, and its egress port serves one message at a
+    time (the receivers, in shifted order, never queue). direct: a + (p-1)(o + n/p b) in one
+    domain; across domains the two link classes work side by side and the slower is taken (exact
+    for equal domains; with a smaller last domain an estimate). hierarchical: p1-1 scale-up messages of n/p1, then
+    q-1 scale-out messages of n/q, exact for equal domains."""
+    p, p1, q = system.devices, system.domain, system.domains
+    up = fabric.link(0, 0)[1]
+    out = fabric.link(0, p1)[1] if q > 1 else None
+    level = lambda t, k, nbytes: t.latency_s + k * (t.o_s + nbytes / t.Bps) if k else 0.0  # noqa: E731
+    if algorithm == "direct":
+        inside = level(up, min(p1, p) - 1, n / p)
+        return inside if q == 1 else max(inside, level(out, p - min(p1, p), n / p))
+    topo = topology_of(system)
+    if not topo.equal_domains:
+        schedule("all_to_all", algorithm, 0, p, 1, topo)  # raises the explanatory error
+    return level(up, p1 - 1, n / p1) + (level(out, q - 1, n / q) if q > 1 else 0.0)
+
+
 def candidates(primitive: str, system, fabric: Fabric) -> list[str]:
     """What `auto` chooses among on this system (see the module docstring)."""
+    if primitive == "all_to_all":
+        return ["direct"] + (["hierarchical"] if system.domains > 1 and topology_of(system).equal_domains else [])
     out = ["ring"]
     if fabric.domains == 1 and fabric.up_class.mesh:
         out.append("direct")
@@ -181,7 +204,7 @@ def resolve(primitive: str, algorithm: str, nbytes: float, system, fabric: Fabri
     collective of `nbytes`: the least closed-form time wins (ties: the earlier candidate)."""
     fabric = fabric if fabric is not None else Fabric.of(system)
     if algorithm == AUTO:
-        check(primitive, "ring")
+        check(primitive, "direct")
         algs = candidates(primitive, system, fabric)
     else:
         check(primitive, algorithm)

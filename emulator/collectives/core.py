@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from emulator.collectives.alltoall import split_matrix
 from emulator.collectives.schedules import Recv, Step, seg_len, shards
+from emulator.errors import ConfigError
 
 
 class Ports:
@@ -59,21 +61,41 @@ def gather(buf: torch.Tensor, segs) -> torch.Tensor:
     return torch.cat([buf[a:b] for a, b in segs])
 
 
-def apply(buf: torch.Tensor, recv: Recv, payload: torch.Tensor) -> None:
+REDUCE_OPS = ("sum", "avg", "max", "min", "product")  # avg: a sum, divided at the end (finish)
+
+
+def apply(buf: torch.Tensor, recv: Recv, payload: torch.Tensor, op: str = "sum") -> None:
+    """A received message into `buf`: copied over its segments, or reduced into them with `op`."""
     at = 0
     for a, b in recv.segs:
-        part = payload[at:at + b - a]
-        if recv.reduce:
-            buf[a:b].add_(part)
+        part, mine = payload[at:at + b - a], buf[a:b]
+        if not recv.reduce:
+            mine.copy_(part)
+        elif op in ("sum", "avg"):
+            mine.add_(part)
+        elif op == "product":
+            mine.mul_(part)
+        elif op == "max":
+            torch.maximum(mine, part, out=mine)
+        elif op == "min":
+            torch.minimum(mine, part, out=mine)
         else:
-            buf[a:b].copy_(part)
+            raise ConfigError(f"op = {op!r} is unknown; choose one of {', '.join(REDUCE_OPS)}")
         at += b - a
 
 
-def prepare(primitive: str, rank: int, world: int, tensor: torch.Tensor) -> torch.Tensor:
+def prepare(primitive: str, rank: int, world: int, tensor: torch.Tensor, layout=None) -> torch.Tensor:
     """The flat working buffer of one rank (a fresh copy; the caller's tensor is left alone).
-    all_gather: the input is this rank's shard; the buffer holds all shards, zeros elsewhere."""
+    all_gather: the input is this rank's shard; the buffer holds all shards, zeros elsewhere.
+    all_to_all: `layout` (alltoall.layout_for) places the input; the rank's own block is copied
+    to its output here (no schedule sends a rank to itself)."""
     flat = tensor.detach().reshape(-1)
+    if primitive == "all_to_all":
+        buf = torch.zeros(layout.size, dtype=flat.dtype, device=flat.device)
+        buf[:flat.numel()] = flat
+        a, b, n = layout.send_at[rank], layout.recv_at[rank], layout.row[rank]
+        buf[b:b + n] = flat[a:a + n]
+        return buf
     if primitive != "all_gather":
         return flat.clone()
     buf = torch.zeros(flat.numel() * world, dtype=flat.dtype, device=flat.device)
@@ -82,8 +104,11 @@ def prepare(primitive: str, rank: int, world: int, tensor: torch.Tensor) -> torc
     return buf
 
 
-def finish(primitive: str, rank: int, world: int, buf: torch.Tensor, op: str, shape) -> torch.Tensor:
-    """A rank's output from its working buffer: average if asked, its shard for reduce_scatter."""
+def finish(primitive: str, rank: int, world: int, buf: torch.Tensor, op: str, shape, layout=None) -> torch.Tensor:
+    """A rank's output from its working buffer: average if asked, its shard for reduce_scatter,
+    the output region (flat) for all_to_all."""
+    if primitive == "all_to_all":
+        return buf[layout.output[0]:layout.output[1]].clone()
     if primitive == "reduce_scatter":
         a, b = shards(buf.numel(), world)[rank]
         buf = buf[a:b].clone()
@@ -99,9 +124,18 @@ def finish(primitive: str, rank: int, world: int, buf: torch.Tensor, op: str, sh
     return buf
 
 
-def reference(primitive: str, tensors: list[torch.Tensor], op: str = "sum", root: int = 0):
+def reference(primitive: str, tensors: list[torch.Tensor], op: str = "sum", root: int = 0, splits=None):
     """What each rank should get, computed directly (for tests and self-checks)."""
     world = len(tensors)
+    if primitive == "all_to_all":  # rank r gets block r of every rank, in rank order
+        S = split_matrix(world, tensors[0].numel(), splits)
+        starts = [[sum(S[i][:j]) for j in range(world)] for i in range(world)]
+        return [torch.cat([tensors[i].reshape(-1)[starts[i][r]:starts[i][r] + S[i][r]] for i in range(world)])
+                for r in range(world)]
+    if op in ("max", "min", "product"):
+        stack = torch.stack([t.reshape(-1) for t in tensors])
+        total = {"max": stack.amax, "min": stack.amin, "product": stack.prod}[op](0).to(tensors[0].dtype)
+        return [finish(primitive, r, world, total.clone(), "sum", tensors[0].shape) for r in range(world)]
     if primitive == "broadcast":
         return [tensors[root].clone() for _ in range(world)]
     if primitive == "all_gather":

@@ -122,6 +122,8 @@ class Fabric:
     protocol: str = "simple"  # "ll" or "simple"
     algorithm: str = ""  # the algorithm it times ("nvls" has its own fixed cost); set by resolve()
     slowdown: tuple = ()  # ((device, factor), ...): a straggler's links, slower by factor
+    members: tuple = ()  # a process group's fabric: the device of each group rank; (): rank = device
+    member_domain: int = 0  # with members: the whole system's devices per domain (link classes)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -176,6 +178,16 @@ class Fabric:
         return cls(up, out, system.domain, system.devices, IDEAL, IDEAL, elem_bytes, "simple", "",
                    tuple(sorted((slowdown or {}).items())))
 
+    def group(self, members, domain: int) -> Fabric:
+        """The fabric of a process group: group rank i is device members[i]. Its size and `domain`
+        (its own devices per domain, for the closed forms and the fixed costs) are the group's;
+        each message still takes the link between the two devices, with their slowdowns."""
+        members = tuple(members)
+        if self.members:
+            members = tuple(self.members[m] for m in members)
+        return replace(self, devices=len(members), domain=domain, members=members,
+                       member_domain=self.member_domain or self.domain)
+
     def with_(self, **changes) -> Fabric:
         """A copy with some fields changed, e.g. fabric.with_(elem_bytes=2, protocol="ll")."""
         return replace(self, **changes)
@@ -197,9 +209,12 @@ class Fabric:
     def link(self, i: int, j: int, via: str = "") -> tuple[str, Timing]:
         """(class, Timing) of a message from device i to device j; `via` names a class that the
         schedule chose for the whole step ("switch": in-switch reduction)."""
+        domain = self.domain
+        if self.members:
+            i, j, domain = self.members[i], self.members[j], self.member_domain
         if via:
             cls, t = via, self._switch
-        elif i // self.domain == j // self.domain:
+        elif i // domain == j // domain:
             cls, t = "up", self._up
         else:
             cls, t = "out", self._out

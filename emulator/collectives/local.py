@@ -17,10 +17,12 @@ from emulator.collectives.schedules import Topology, schedule
 
 
 def execute(primitive: str, algorithm: str, world: int, count: int, topology: Topology, fabric,
-            buffers: list[torch.Tensor] | None = None, start_times=None, **options) -> list[float]:
+            buffers: list[torch.Tensor] | None = None, start_times=None, op: str = "sum",
+            **options) -> list[float]:
     """Run the schedule on all ranks, timed by `fabric` (a Fabric, its protocol already chosen);
-    `buffers` (one flat tensor per rank, changed in place) may be None to time only. Returns each
-    rank's finishing time, emulated seconds."""
+    `buffers` (one flat tensor per rank, changed in place) may be None to time only; reducing
+    receives combine with `op` (sum, max, min, product). Returns each rank's finishing time,
+    emulated seconds."""
     plans = [schedule(primitive, algorithm, r, world, count, topology, **options) for r in range(world)]
     clock = list(start_times) if start_times is not None else [0.0] * world
     base = fabric.base_s()
@@ -51,7 +53,7 @@ def execute(primitive: str, algorithm: str, world: int, count: int, topology: To
                     t, payload = mail[rv.peer, r].popleft()
                     end = max(end, time_recv(r, rv, t, ports[r], fabric, step.via))
                     if buffers is not None:
-                        apply(buffers[r], rv, payload)
+                        apply(buffers[r], rv, payload, op)
                 clock[r], posted[r] = end, None
                 at[r] += 1
                 progress = True

@@ -5,19 +5,21 @@ hierarchical.py; this module re-exports the vocabulary for its callers."""
 
 from __future__ import annotations
 
-from emulator.collectives import flat, hierarchical
+from emulator.collectives import alltoall, flat, hierarchical
 from emulator.collectives.flat import _Tree  # noqa: F401 (tests check the trees' shape)
 from emulator.collectives.hierarchical import stagger  # noqa: F401 (closed.py's pipelined form)
 from emulator.collectives.steps import Recv, Seg, Send, Step, Topology, seg_len, shards  # noqa: F401
 from emulator.errors import ConfigError
 
 # ---------------------------------------------------------------- registry
-PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")
 ALGORITHMS = ("ring", "tree", "halving_doubling", "direct", "hierarchical")  # point to point, every primitive
 SWITCH_ALGORITHMS = ("nvls",)  # in-switch reduction: all_reduce only, on fabrics that have it
 ALL_REDUCE_ONLY = ("hier_pipelined",) + SWITCH_ALGORITHMS
 _MODULE = {a: hierarchical if a.startswith("hier") else flat for a in ALGORITHMS + ALL_REDUCE_ONLY}
-SCHEDULES = {(p, a): getattr(_MODULE[a], f"{a}_{p}") for p in PRIMITIVES for a in ALGORITHMS}
+SCHEDULES = {(p, a): getattr(_MODULE[a], f"{a}_{p}") for p in PRIMITIVES if p != "all_to_all" for a in ALGORITHMS}
+SCHEDULES["all_to_all", "direct"] = alltoall.direct_all_to_all
+SCHEDULES["all_to_all", "hierarchical"] = alltoall.hierarchical_all_to_all
 SCHEDULES["all_reduce", "nvls"] = flat.nvls_all_reduce
 SCHEDULES["all_reduce", "hier_pipelined"] = hierarchical.hier_pipelined_all_reduce
 
@@ -26,20 +28,26 @@ def check(primitive: str, algorithm: str, allow_auto: bool = False) -> None:
     """Refuse an unknown primitive or algorithm (`auto` too, unless allowed: a schedule needs a
     concrete algorithm; closed.resolve picks one)."""
     if allow_auto and algorithm == "auto":
-        algorithm = "ring"
+        algorithm = "direct"  # runs every primitive
     if primitive not in PRIMITIVES:
         raise ConfigError(f"primitive = {primitive!r} is unknown; choose one of {', '.join(PRIMITIVES)}")
     if algorithm not in ALGORITHMS + ALL_REDUCE_ONLY:
         raise ConfigError(f"algorithm = {algorithm!r} is unknown; choose one of "
                          f"{', '.join(ALGORITHMS + ALL_REDUCE_ONLY)} (or auto)")
     if (primitive, algorithm) not in SCHEDULES:
-        raise ConfigError(f"algorithm {algorithm!r} runs all_reduce only; choose ring or another "
-                         f"point-to-point algorithm for {primitive}")
+        raise ConfigError(f"algorithm = {algorithm!r} does not run {primitive}; choose one of "
+                         f"{', '.join(algorithms_for(primitive))}")
+
+
+def algorithms_for(primitive: str) -> tuple[str, ...]:
+    """The algorithms that implement `primitive` (all-to-all: direct and hierarchical)."""
+    return tuple(a for a in ALGORITHMS + ALL_REDUCE_ONLY if (primitive, a) in SCHEDULES)
 
 
 def schedule(primitive: str, algorithm: str, rank: int, world: int, count: int,
              topology: Topology | None = None, **options) -> list[Step]:
-    """The steps rank `rank` performs. options: root (broadcast), chunks (tree and chains)."""
+    """The steps rank `rank` performs. options: root (broadcast), chunks (tree and chains),
+    splits (all_to_all: splits[i][j] elements from rank i to rank j; see alltoall.py)."""
     check(primitive, algorithm)
     return SCHEDULES[primitive, algorithm](rank, world, count, topology or Topology(world, world),
                                            **options)

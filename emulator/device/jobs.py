@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import ray
 import torch
-import torch.distributed as dist
 
 from emulator.collectives import resolve, topology_of
+from emulator.collectives.alltoall import layout_for
 from emulator.collectives.core import Ports, finish, prepare
 from emulator.collectives.schedules import schedule
 from emulator.device.job import Job
@@ -96,9 +96,10 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
         alg, fabric = resolve(primitive, algorithm, count * tensor.element_size(), job.system,
                               job.fabric(tensor.element_size()))
         steps = schedule(primitive, alg, rank, world, count, topology_of(job.system), root=root, chunks=chunks)
+        layout = layout_for(rank, world, count, topology_of(job.system), alg) if primitive == "all_to_all" else None
         times, real = [], 0.0
         for _ in range(repeats):
-            buf = prepare(primitive, rank, world, tensor.cpu())
+            buf = prepare(primitive, rank, world, tensor.cpu(), layout)
             # every collective starts from emulated 0 on all devices at once: in wall mode at a
             # common real time agreed on now, so that no device's start-up skew enters it
             if job.clock == "wall":
@@ -112,7 +113,7 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
             times.append(lane.measure())
             real += time.time() - r0
             stats["overrun_s"] += lane.stats()["overrun_s"]
-        results.append({"output": finish(primitive, rank, world, buf, op, tensor.shape).to(tensor.device),
+        results.append({"output": finish(primitive, rank, world, buf, op, tensor.shape, layout).to(tensor.device),
                         "emulated_s": times, "real_s": real / repeats})
     for r in results:
         r.update(device=rank, **stats)
@@ -122,8 +123,8 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
 def gloo_all_reduce(dev, nbytes: int, repeats: int) -> float:
     """Real seconds per torch.distributed.all_reduce (gloo's own algorithm), for comparison."""
     x = torch.ones(nbytes // 4)
-    dev.transport.barrier(dist.get_world_size())
+    dev.transport.barrier(dev.transport.world)
     t = time.time()
     for _ in range(repeats):
-        dist.all_reduce(x)
+        dev.transport.pg.allreduce([x]).wait()
     return (time.time() - t) / repeats

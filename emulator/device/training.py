@@ -21,9 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from emulator.collectives import pipeline_chunks, resolve, topology_of
-from emulator.collectives.core import Ports
-from emulator.collectives.schedules import schedule
+from emulator.device.collective import group_of, run_collective
 from emulator.device.job import Job, die
 from emulator.trainer import Optimizer, TrainConfig, grad_params, make_buckets
 from kernels.cost import ITEMSIZE
@@ -38,13 +36,12 @@ class GradSync:
     def __init__(self, model, transport, system, algorithm: str, lane, compute_lane, elem_bytes: int,
                  bucket_bytes: float, threaded: bool, throttle, fabric, overlap: bool = True):
         self.transport, self.system, self.algorithm, self.lane = transport, system, algorithm, lane
-        self.fabric = fabric  # the system's Fabric; each bucket's all-reduce resolves its own
+        self.group = group_of(system, fabric, range(system.devices), transport.rank)  # every device
         self.compute_lane = compute_lane
         self.elem_bytes, self.throttle = elem_bytes, throttle
         params = grad_params(model)
         self.buckets = make_buckets(params, elem_bytes, bucket_bytes)
         self.where = {p: i for i, b in enumerate(self.buckets) for p in b}
-        self.plans, self.fabrics = zip(*[self._plan(b) for b in self.buckets]) if self.buckets else ((), ())
         self.threaded = threaded
         self.jobs = queue.Queue()
         self.error = None
@@ -54,13 +51,6 @@ class GradSync:
         # sends them all once backward is over
         self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if overlap else []
         self.reset()
-
-    def _plan(self, bucket):
-        count = sum(p.numel() for p in bucket)
-        world, rank = self.system.devices, self.transport.rank
-        alg, fabric = resolve("all_reduce", self.algorithm, count * self.elem_bytes, self.system, self.fabric)
-        chunks = pipeline_chunks("all_reduce", alg, count * self.elem_bytes, self.system)
-        return schedule("all_reduce", alg, rank, world, count, topology_of(self.system), chunks=chunks), fabric
 
     def reset(self) -> None:
         """Start a step."""
@@ -88,10 +78,9 @@ class GradSync:
                 self._reduce(i, flat, ready)
 
     def _reduce(self, i: int, flat: torch.Tensor, ready: float) -> None:
-        self.lane.advance_to(ready)
-        start = self.lane.now()
-        self.transport.run(self.plans[i], flat, self.lane, Ports(), self.fabrics[i])
-        self.spans.append((start, self.lane.now()))
+        # the relay backend's code path (engine.py): one implementation of collectives on devices
+        self.spans.append(run_collective(self.transport, self.group, "all_reduce", self.algorithm, flat, flat.numel(),
+                                         self.lane, ready, elem_bytes=self.elem_bytes))
         flat /= self.system.devices
         at = 0
         for p in self.buckets[i]:

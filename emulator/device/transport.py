@@ -3,7 +3,9 @@ schedules over it.
 
 Each pair of devices has one carrier, chosen automatically: shared memory (emulator/shm.py)
 between devices on the same Ray node, point-to-point torch.distributed (gloo) between devices on
-different nodes (or between all, with data_plane='gloo'). Over gloo, every message is two sends
+different nodes (or between all, with data_plane='gloo'). The gloo group is the transport's own
+(on its own TCPStore), not torch's default group, which stays free for the program a device
+runs (`cluster.launch`: a `relay` group over this transport). Over gloo, every message is two sends
 posted together (no extra round trip): a 4-number header (sender, sequence, bytes, emulated start
 time) and the payload, received into a reused area; over shared memory the same header travels
 with each piece. The receiver checks the header against its own schedule (a mismatch is a
@@ -14,6 +16,7 @@ as the local executor (collectives/core.py).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import uuid
@@ -33,6 +36,7 @@ from emulator.device.shm import RecvOp, SendOp, ShmPlane, unsupported
 from kernels.clock import VirtualLane
 
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
+P2P_TAGS = 1 << 25  # point-to-point messages' tags start here
 DATA_PLANES = ("auto", "gloo")  # auto: shared memory within a node, gloo across nodes
 
 
@@ -63,25 +67,24 @@ class Transport:
         iface = _interface_of(addr)
         if iface and "GLOO_SOCKET_IFNAME" not in os.environ:  # gloo would otherwise pick the
             os.environ["GLOO_SOCKET_IFNAME"] = iface  # hostname's interface, often loopback
-        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank,
-                                world_size=world, timeout=self.timeout)
+        self.store = dist.TCPStore(addr, port, world, rank == 0, self.timeout)
+        self.pg = dist.ProcessGroupGloo(self.store, rank, world, self.timeout)
+        self._meetings = 0
         self.sent = defaultdict(int)  # peer -> messages sent to it
         self.got = defaultdict(int)  # peer -> messages received from it
+        self.p2p_sent = defaultdict(int)  # the same for point-to-point messages (Transport.post)
+        self.p2p_got = defaultdict(int)
         self._spare: dict = {}  # (slot, dtype) -> reusable receive area
         self.plane, self.near = None, frozenset()  # shared memory, and the peers it reaches
         if data_plane == "auto":
-            self._open_shared_memory(node, timeout_s)
+            _open_shared_memory(self, node, timeout_s)
 
-    def _open_shared_memory(self, node: str | None, timeout_s: float) -> None:
-        ok = node is not None and unsupported() is None
-        me = (node, os.getpid(), ok, uuid.uuid4().hex[:12])
-        everyone = [None] * self.world
-        dist.all_gather_object(everyone, me)
-        peers = {r: pid for r, (n, pid, their_ok, _) in enumerate(everyone)
-                 if r != self.rank and ok and their_ok and n == node}
-        # the token (rank 0's) names this group's files apart from any other run on the host
-        self.plane = ShmPlane(self.rank, peers, everyone[0][3], timeout_s, dist.barrier)
-        self.near = frozenset(peers)
+    def meet(self, value=None) -> list:
+        """Every device's `value` once all have arrived (through the store: set-up, not data)."""
+        self._meetings += 1
+        key = f"meet{self._meetings}"
+        self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
+        return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
 
     def carriers(self) -> dict[int, str]:
         """Peer -> 'shm' or 'gloo': what carries this device's messages to each."""
@@ -91,15 +94,15 @@ class Transport:
         if self.plane is not None:
             self.plane.close()
             self.plane = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.pg = self.store = None
 
-    def control(self, primitive: str, buf: torch.Tensor, world: int) -> torch.Tensor:
-        """A collective among devices 0..world-1 (the process group may hold more), in place on
-        `buf`, outside any emulated time: control traffic, not training traffic."""
+    def control(self, primitive: str, buf: torch.Tensor, world: int, ranks: list[int] | None = None) -> torch.Tensor:
+        """A collective among devices 0..world-1 (or among `ranks`), in place on `buf`, outside
+        any emulated time: control traffic, not training traffic."""
+        me, world = (self.rank, world) if ranks is None else (ranks.index(self.rank), len(ranks))
         steps = schedule(primitive, "halving_doubling" if primitive == "all_reduce" else "ring",
-                         self.rank, world, buf.numel(), chunks=1)
-        self.run(steps, buf, VirtualLane(), Ports(), _free_fabric(world, buf.element_size()))
+                         me, world, buf.numel(), chunks=1)
+        self.run(steps, buf, VirtualLane(), Ports(), _free_fabric(world, buf.element_size()), ranks=ranks)
         return buf
 
     def barrier(self, world: int) -> None:
@@ -114,6 +117,17 @@ class Transport:
         """Elementwise sums over devices 0..world-1 (e.g. a step's loss, for the log)."""
         return self.control("all_reduce", torch.tensor(values, dtype=torch.float64), world).tolist()
 
+    def post(self, kind: str, peer: int, tensors: list[torch.Tensor]) -> tuple[int, list]:
+        """Point-to-point messages (the `relay` backend's send and recv): gloo sends or receives
+        of `tensors` (a header, then the payload unless empty) to or from device `peer`, posted at
+        once and not waited for, on sequence numbers and tags of their own (they never mix with a
+        collective's messages). Returns the message's sequence number and the gloo works."""
+        count = self.p2p_sent if kind == "send" else self.p2p_got
+        seq = count[peer]
+        count[peer] += 1
+        call = self.pg.send if kind == "send" else self.pg.recv
+        return seq, [call([t], peer, P2P_TAGS + self._tag(seq, k)) for k, t in enumerate(tensors) if t.numel()]
+
     def _tag(self, seq: int, part: int) -> int:
         return (2 * seq + part) % TAG_SPACE
 
@@ -124,39 +138,45 @@ class Transport:
             buf = self._spare[slot, dtype] = torch.empty(max(n, 1), dtype=dtype)
         return buf
 
-    def _post_recvs(self, step: Step, slot: int, dtype: torch.dtype) -> list:
+    def _post_recvs(self, step: Step, slot: int, dtype: torch.dtype, dev) -> list:
         """Gloo receives of `step`, posted (the shared-memory ones need no posting)."""
-        need = sum(seg_len(r.segs) for r in step.recvs if r.peer not in self.near)
+        need = sum(seg_len(r.segs) for r in step.recvs if dev(r.peer) not in self.near)
         scratch, at, posted = self._scratch(slot, need, dtype) if need else None, 0, []
         for i, r in enumerate(step.recvs):
-            if r.peer in self.near:
+            peer = dev(r.peer)
+            if peer in self.near:
                 continue
-            seq = self.got[r.peer]
-            self.got[r.peer] += 1
+            seq = self.got[peer]
+            self.got[peer] += 1
             hdr = torch.empty(4, dtype=torch.float64)
-            works = [dist.irecv(hdr, r.peer, tag=self._tag(seq, 0))]
+            works = [self.pg.recv([hdr], peer, self._tag(seq, 0))]
             n = seg_len(r.segs)
             area = scratch[at:at + n] if n else None
             if n:
-                works.append(dist.irecv(area, r.peer, tag=self._tag(seq, 1)))
+                works.append(self.pg.recv([area], peer, self._tag(seq, 1)))
             at += n
             posted.append((i, r, seq, n, hdr, area, works))
         return posted
 
-    def run(self, steps: list[Step], buf: torch.Tensor, lane, ports, fabric, fail_at: int | None = None) -> None:
+    def run(self, steps: list[Step], buf: torch.Tensor, lane, ports, fabric, fail_at: int | None = None,
+            ranks: list[int] | None = None, op: str = "sum") -> None:
         """Execute this rank's schedule on `buf` (flat, CPU), pacing every message on `lane` with
         the link model of `fabric` (a Fabric resolved for this collective: collectives.resolve).
+        `ranks`: the schedule is a process group's, whose rank i is device ranks[i] (the schedule
+        and the fabric speak group ranks; messages go to devices). `op`: how reducing receives
+        combine (sum, max, min, product).
 
         Gloo receives are posted `window` steps ahead, so that a sender that runs ahead never
         finds its peer unready: gloo then writes arriving bytes straight into place (measured on
         4 actors, 4 MB ring steps: 4.2 ms with the receive posted first, 7.0 ms without)."""
-        me, elem_bytes = self.rank, fabric.elem_bytes
+        elem_bytes, dev = fabric.elem_bytes, (lambda r: r) if ranks is None else ranks.__getitem__
+        me = self.rank if ranks is None else ranks.index(self.rank)
         if steps:  # the collective's fixed cost, before its first step (as the local executor)
             lane.advance_to(lane.now() + fabric.base_s())
-        most = max((sum(seg_len(r.segs) for r in st.recvs if r.peer not in self.near) for st in steps),
+        most = max((sum(seg_len(r.segs) for r in st.recvs if dev(r.peer) not in self.near) for st in steps),
                    default=0)
         window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * buf.element_size())))
-        posted = deque(self._post_recvs(steps[k], k % window, buf.dtype) for k in range(window))
+        posted = deque(self._post_recvs(steps[k], k % window, buf.dtype, dev) for k in range(window))
         for k, step in enumerate(steps):
             if k == fail_at:  # an injected failure, mid-collective
                 die()
@@ -165,31 +185,33 @@ class Transport:
             starts, done = time_sends(me, step, t0, ports, fabric)
             sends, keep, near_sends = [], [], []
             for s, start in zip(step.sends, starts):
-                seq = self.sent[s.peer]
-                self.sent[s.peer] += 1
+                peer = dev(s.peer)
+                seq = self.sent[peer]
+                self.sent[peer] += 1
                 n = seg_len(s.segs)
-                if s.peer in self.near:
-                    near_sends.append(self._shm_send(s, (me, seq, n * elem_bytes, start), buf))
+                if peer in self.near:
+                    near_sends.append(_shm_send(peer, s, (self.rank, seq, n * elem_bytes, start), buf))
                     continue
-                hdr = torch.tensor([me, seq, n * elem_bytes, start], dtype=torch.float64)
-                sends.append((dist.isend(hdr, s.peer, tag=self._tag(seq, 0)), s.peer))
+                hdr = torch.tensor([self.rank, seq, n * elem_bytes, start], dtype=torch.float64)
+                sends.append((self.pg.send([hdr], peer, self._tag(seq, 0)), peer))
                 if n:
                     payload = gather(buf, s.segs)
-                    sends.append((dist.isend(payload, s.peer, tag=self._tag(seq, 1)), s.peer))
+                    sends.append((self.pg.send([payload], peer, self._tag(seq, 1)), peer))
                     keep.append(payload)
                 keep.append(hdr)
             arrived, staged = {}, {}  # recv index -> sender's emulated start; -> staging area
-            if near_sends or any(r.peer in self.near for r in step.recvs):
-                near_recvs = self._shm_recvs(step, buf, elem_bytes, staged)
+            if near_sends or any(dev(r.peer) in self.near for r in step.recvs):
+                near_recvs = self._shm_recvs(step, buf, elem_bytes, staged, dev, op)
                 self.plane.exchange(near_sends, list(near_recvs.values()))
-                arrived = {i: op.start for i, op in near_recvs.items()}
+                arrived = {i: rop.start for i, rop in near_recvs.items()}
             for i, r, seq, n, hdr, area, works in incoming:
+                peer = dev(r.peer)
                 for w in works:
-                    _wait(w, self.timeout, me, r.peer)
+                    _wait(w, self.timeout, self.rank, peer)
                 sender, hseq, nbytes, start = hdr.tolist()
-                if (int(sender), int(hseq), int(nbytes)) != (r.peer, seq, n * elem_bytes):
-                    raise RuntimeError(f"device {me}: protocol error, expected message {seq} of "
-                                       f"{n * elem_bytes} bytes from device {r.peer}, got message "
+                if (int(sender), int(hseq), int(nbytes)) != (peer, seq, n * elem_bytes):
+                    raise RuntimeError(f"device {self.rank}: protocol error, expected message {seq} of "
+                                       f"{n * elem_bytes} bytes from device {peer}, got message "
                                        f"{int(hseq)} of {int(nbytes)} bytes from device {int(sender)}")
                 arrived[i] = start
                 if area is not None:
@@ -198,34 +220,28 @@ class Transport:
             for i, r in enumerate(step.recvs):  # in list order: the ingress ports serve in this order
                 end = max(end, time_recv(me, r, arrived[i], ports, fabric, step.via))
             for w, peer in sends:  # the buffer may change only once the sends have read it
-                _wait(w, self.timeout, me, peer)
+                _wait(w, self.timeout, self.rank, peer)
             for i, r in enumerate(step.recvs):
                 if i in staged:
-                    apply(buf, r, staged[i])
+                    apply(buf, r, staged[i], op)
             if k + window < len(steps):
-                posted.append(self._post_recvs(steps[k + window], (k + window) % window, buf.dtype))
+                posted.append(self._post_recvs(steps[k + window], (k + window) % window, buf.dtype, dev))
             lane.advance_to(end)
 
-    def _shm_send(self, s, header: tuple, buf: torch.Tensor):
-        views, at = [], 0
-        for a, b in s.segs:
-            if b > a:
-                views.append((at, buf[a:b].view(torch.uint8)))
-                at += (b - a) * buf.element_size()
-        return SendOp(s.peer, header, views)
-
-    def _shm_recvs(self, step: Step, buf: torch.Tensor, elem_bytes: int, staged: dict) -> dict:
-        """The shared-memory receives of `step`: straight into `buf` where that is safe, else
-        into a staging area (recorded in `staged`) applied with the gloo ones, in list order."""
-        direct = _direct(step)
+    def _shm_recvs(self, step: Step, buf: torch.Tensor, elem_bytes: int, staged: dict, dev, op: str) -> dict:
+        """The shared-memory receives of `step`: straight into `buf` where that is safe (and the
+        reduction a sum), else into a staging area (recorded in `staged`) applied with the gloo
+        ones, in list order."""
+        direct = [d and (op in ("sum", "avg") or not r.reduce) for d, r in zip(_direct(step), step.recvs)]
         ops, stage_at = {}, 0
-        need = sum(seg_len(r.segs) for i, r in enumerate(step.recvs) if r.peer in self.near and not direct[i])
+        need = sum(seg_len(r.segs) for i, r in enumerate(step.recvs) if dev(r.peer) in self.near and not direct[i])
         area = self._scratch(-1, need, buf.dtype) if need else None
         for i, r in enumerate(step.recvs):
-            if r.peer not in self.near:
+            peer = dev(r.peer)
+            if peer not in self.near:
                 continue
-            seq = self.got[r.peer]
-            self.got[r.peer] += 1
+            seq = self.got[peer]
+            self.got[peer] += 1
             n = seg_len(r.segs)
             if direct[i]:
                 views, at = [], 0
@@ -233,12 +249,34 @@ class Transport:
                     if b > a:
                         views.append((at, buf[a:b]))
                         at += (b - a) * buf.element_size()
-                ops[i] = RecvOp(self.rank, r.peer, seq, n * elem_bytes, views, r.reduce)
+                ops[i] = RecvOp(self.rank, peer, seq, n * elem_bytes, views, r.reduce)
             else:
                 staged[i] = area[stage_at:stage_at + n]
-                ops[i] = RecvOp(self.rank, r.peer, seq, n * elem_bytes, [(0, staged[i])] if n else [], False)
+                ops[i] = RecvOp(self.rank, peer, seq, n * elem_bytes, [(0, staged[i])] if n else [], False)
                 stage_at += n
         return ops
+
+
+def _open_shared_memory(t: Transport, node: str | None, timeout_s: float) -> None:
+    """The shared-memory plane to the devices on this node (every device calls this at once)."""
+    ok = node is not None and unsupported() is None
+    me = (node, os.getpid(), ok, uuid.uuid4().hex[:12])
+    everyone = t.meet(me)
+    peers = {r: pid for r, (n, pid, their_ok, _) in enumerate(everyone)
+             if r != t.rank and ok and their_ok and n == node}
+    # the token (rank 0's) names this group's files apart from any other run on the host
+    t.plane = ShmPlane(t.rank, peers, everyone[0][3], timeout_s, t.meet)
+    t.near = frozenset(peers)
+
+
+def _shm_send(peer: int, s, header: tuple, buf: torch.Tensor) -> SendOp:
+    """A shared-memory send of the segments of `s` (uint8 views of the buffer, no copy)."""
+    views, at = [], 0
+    for a, b in s.segs:
+        if b > a:
+            views.append((at, buf[a:b].view(torch.uint8)))
+            at += (b - a) * buf.element_size()
+    return SendOp(peer, header, views)
 
 
 def _direct(step: Step) -> list[bool]:
@@ -278,7 +316,7 @@ def pingpong(t: Transport, peer: int, nbytes: int, repeats: int) -> dict:
     free = _free_fabric(t.world, 4)
     ours = [lambda: t.run(send, x, VirtualLane(), Ports(), free),
             lambda: t.run(recv, x, VirtualLane(), Ports(), free)]
-    gloo = [lambda: dist.send(x, peer), lambda: dist.recv(x, peer)]
+    gloo = [lambda: t.pg.send([x], peer, 0).wait(), lambda: t.pg.recv([x], peer, 0).wait()]
     out = {}
     for name, (a, b) in (("relay_s", ours), ("gloo_s", gloo)):
         if t.rank > peer:

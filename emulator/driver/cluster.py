@@ -21,8 +21,10 @@ import ray
 
 from emulator.device import jobs
 from emulator.device.job import Faults, Job
+from emulator.device.program import Program
 from emulator.device.transport import DATA_PLANES
 from emulator.driver import collectives as _collectives
+from emulator.driver import programs as _programs
 from emulator.driver import training as _training
 from emulator.driver.monitor import Failed, failure, gather
 from emulator.driver.pacing import CLOCKS, make_job
@@ -223,6 +225,11 @@ class Cluster:
     def broadcast(self, tensors, algorithm="ring", root=0, **kw):
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
+    def launch(self, fn, *args, **kwargs) -> _programs.LaunchResult:
+        """fn(*args, **kwargs) on every device, torch.distributed initialised on the `relay` backend;
+        each device's result and emulated times (driver/programs.py; emulator.dist inside fn)."""
+        return _programs.launch(self, Program(fn, args, kwargs))
+
     def preflight(self, workload=None, **options) -> _training.Preflight:
         """Every check of a training run that needs no device (settings, algorithm against the
         layout, memory, and on the wall clock the dilation). train() runs it unless given its
@@ -233,11 +240,7 @@ class Cluster:
     def train(self, workload=None, *, csv: str | None = None, preflight=None, **options):
         """Data-parallel training on the devices; returns a TrainResult. `workload` is a Workload,
         "mlp", "gpt-tiny", "package.module:attribute" or a whole TrainConfig; `options` are
-        TrainConfig's fields (steps, per_device_batch, algorithm, batch_scale, ...).
-
-        batch_scale: each device really computes per_device_batch samples but is charged (and
-        credited, in throughput) for batch_scale times as many: a host core can then stand in for
-        a chip working on a realistic batch. Losses are those of the batch really computed."""
+        TrainConfig's fields (steps, per_device_batch, algorithm, batch_scale, ...)."""
         return _training.train(self, _config(workload, options), preflight, csv)
 
     def __repr__(self) -> str:

@@ -1,4 +1,5 @@
-"""The Perfetto (Chrome-trace) timeline of a training run, in emulated time."""
+"""The Perfetto (Chrome-trace) timelines of a training run and of a launched program, in
+emulated time."""
 
 from __future__ import annotations
 
@@ -21,3 +22,21 @@ def chrome_trace(result, system) -> dict:
                                    "ts": a * 1e6, "dur": max(b - a, 0.0) * 1e6, "args": {"step": r["step"]}})
     return {"traceEvents": events, "displayTimeUnit": "ns",
             "otherData": {"clock": result.config["clock"], "time": "emulated"}}
+
+
+def launch_trace(result) -> dict:
+    """A launched program's timeline (driver/programs.py LaunchResult): per device, the program
+    on the compute lane and each communication operation on the communication lane."""
+    events = []
+    for d in result.per_device:
+        pid = d["device"]
+        events += [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"device {pid} (emulated time)"}},
+                   {"ph": "M", "name": "thread_name", "pid": pid, "tid": 0, "args": {"name": "compute lane"}},
+                   {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "communication lane"}},
+                   {"ph": "X", "name": "program", "pid": pid, "tid": 0, "ts": 0.0, "dur": d["emulated_s"] * 1e6,
+                    "args": {"compute_s": d["compute_s"], "exposed_comm_s": d["exposed_comm_s"]}}]
+        for name, a, b, nbytes in d["spans"]:
+            events.append({"ph": "X", "name": name, "pid": pid, "tid": 1, "ts": a * 1e6,
+                           "dur": max(b - a, 0.0) * 1e6, "args": {"bytes": nbytes}})
+    return {"traceEvents": events, "displayTimeUnit": "ns", "otherData": {"clock": result.config["clock"],
+                                                                        "time": "emulated"}}

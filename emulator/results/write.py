@@ -1,13 +1,14 @@
-"""Writing a run's results folder: config.json, steps.csv, points.csv, summary.json, the
-trace and the plots."""
+"""Writing a run's results folder: config.json, steps.csv (devices.csv for a launched program),
+points.csv, summary.json, the trace and the plots."""
 
 from __future__ import annotations
 
 from emulator.driver.experiment import ROW_FIELDS
 from emulator.driver.metrics import STEP_COLUMNS
+from emulator.driver.programs import DEVICE_COLUMNS
 from emulator.results.folder import UNITS, ResultsDir, system_dict
 from emulator.results.plots import draw
-from emulator.results.trace import chrome_trace
+from emulator.results.trace import chrome_trace, launch_trace
 
 
 def step_rows(points) -> list[dict]:
@@ -67,4 +68,15 @@ def write_bench(out: ResultsDir, config: dict, rows: list[dict], system, primiti
                system.scaleout_gbps}
     out.write_json("summary.json", summary)
     draw(out, summary)
+    return summary
+
+
+def write_launch(out: ResultsDir, config: dict, result) -> dict:
+    """A launched program's folder: config.json, devices.csv, summary.json and trace.json."""
+    out.write_json("config.json", config)
+    out.write_csv("devices.csv", result.rows(), DEVICE_COLUMNS + ["tokens", "samples"])
+    summary = {"kind": "launch", "name": out.path.name, "units": UNITS | {"emulated_s": "emulated s"},
+               "summary": result.summary(), "devices": result.rows()}
+    out.write_json("summary.json", summary)
+    out.write_json("trace.json", launch_trace(result))
     return summary

@@ -7,6 +7,7 @@ import torch
 from emulator import System
 from emulator.collectives import ALGORITHMS, PRIMITIVES, pipeline_chunks, simulate
 from emulator.collectives.core import reference
+from emulator.collectives.schedules import SCHEDULES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
 
@@ -34,7 +35,7 @@ def test_every_algorithm_between_actors_equals_the_reference(cluster, primitive,
     system = system_for(world)
     cluster.configure(system, clock="virtual")
     root = world - 1
-    for algorithm in ALGORITHMS:
+    for algorithm in [a for a in ALGORITHMS if (primitive, a) in SCHEDULES]:
         cases = cases_for(primitive, world, seed=world)
         results = cluster.collectives(primitive, cases, algorithm, root=root)
         for case, res in zip(cases, results):

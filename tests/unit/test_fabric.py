@@ -49,7 +49,7 @@ def test_nvls_schedule_shape_and_data():
 
 
 def test_nvls_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="all_reduce only"):
+    with pytest.raises(ValueError, match="does not run reduce_scatter; choose one of ring"):
         simulate("reduce_scatter", "nvls", 2**20, System("h100", 8))
     with pytest.raises(ValueError, match="one NVSwitch domain"):
         simulate("all_reduce", "nvls", 2**20, System("h100", 16, domain=8))

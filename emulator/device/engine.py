@@ -1,0 +1,287 @@
+"""One device's communication engine: every operation of this device's `relay` process groups
+(group.py) runs here, in issue order, on ONE background thread (collectives must run in the same
+order on every member, and the transport's per-peer sequence numbers are not thread-safe).
+
+Emulated time. An operation is stamped *ready* at the compute lane's time when it is issued; on
+the communication lane it starts at max(ready, the lane's time), and its schedule runs on the
+transport, pacing each message on that lane (virtual or wall clock). The compute lane moves to
+the operation's end only when the program waits for it: `Work.wait()`, or the first compute op
+that reads one of its outputs (`CommThrottle`), as a GPU's compute stream waits on a
+communication event. So communication overlaps compute on the emulated timeline, and the time
+the compute lane spends waiting is the *exposed* communication.
+
+Point-to-point messages are posted at once (over the transport's gloo group, on tags of their
+own) and completed when they arrive: a blocking receive on the one thread would deadlock two
+pipeline stages that both send first. They are timed on persistent ports of their own;
+collectives use fresh ports, as the transport's other callers do.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_flatten
+
+from emulator.collectives.core import Ports, prepare, time_recv, time_sends
+from emulator.collectives.fabric import Fabric
+from emulator.collectives.schedules import Recv, Send, Step
+from emulator.device.collective import Group, algorithms, group_of, run_collective
+from emulator.errors import ConfigError
+from kernels.clock import VirtualLane
+from kernels.throttle import Throttle
+
+POLL_S = 1e-3  # how often the thread looks at posted point-to-point messages while any is in flight
+
+
+class Work(dist.Work):
+    """An operation's handle: wait() re-raises the engine's error (torch's future-based work
+    drops it), then holds the compute lane until the operation's emulated end."""
+
+    def __init__(self, engine: Engine, outputs: list):
+        super().__init__()
+        self.engine, self.outputs = engine, outputs
+        self.event, self.error, self.end = threading.Event(), None, 0.0
+        self.future = torch.futures.Future()
+
+    def wait(self, timeout=None) -> bool:
+        seconds = self.engine.timeout_s if timeout is None or timeout.total_seconds() <= 0 \
+            else timeout.total_seconds()
+        if not self.event.wait(seconds):
+            raise RuntimeError(f"relay: device {self.engine.device}: an operation did not finish within "
+                               f"{seconds:g} s (a peer is missing or issued collectives in another order)")
+        if self.error is not None:
+            raise self.error
+        self.engine.consume(self.end)
+        return True
+
+    def is_completed(self) -> bool:
+        return self.event.is_set()
+
+    def is_success(self) -> bool:
+        return self.event.is_set() and self.error is None
+
+    def exception(self):
+        return self.error
+
+    def result(self) -> list:
+        return self.outputs
+
+    def get_future(self):
+        return self.future
+
+    def synchronize(self) -> None:
+        self.wait()
+
+    def _done(self, end: float, error=None) -> None:
+        self.end, self.error = end, error
+        if error is None:
+            self.engine.produced(self.outputs, end)
+        self.event.set()
+        if error is None:
+            self.future.set_result(self.outputs)
+        else:
+            self.future.set_exception(error)
+
+
+class Engine:
+    """The device's communication lane and its one thread."""
+
+    def __init__(self, device: int, transport, system, fabric: Fabric, compute, comm, timeout_s: float,
+                 algorithm=None):
+        self.device, self.transport, self.system, self.fabric = device, transport, system, fabric
+        self.compute, self.comm, self.timeout_s = compute, comm, timeout_s
+        self.algorithms = algorithms(algorithm)
+        self.spans: list[tuple[str, float, float, int]] = []  # (operation, start, end, bytes), emulated s
+        self.exposed_s = 0.0  # emulated seconds the compute lane waited for communication
+        self._ready_at: dict[int, float] = {}  # storage address -> emulated end of the op that wrote it
+        self._p2p_ports = Ports()
+        self._pending: deque = deque()  # point-to-point messages posted, in posting order
+        self._waiters = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"relay-p2p-{device}")
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=f"relay-comm-{device}", daemon=True)
+        self._thread.start()
+
+    def group(self, members) -> Group:
+        return group_of(self.system, self.fabric, members, self.device)
+
+    # ------------------------------------------------------------ issuing (program threads)
+    def submit(self, run, outputs: list) -> Work:
+        """Queue `run(ready)` -> emulated end; `outputs` are what the work yields."""
+        work = Work(self, outputs)
+        self._jobs.put((run, self.compute.scheduled(), work))
+        return work
+
+    def p2p(self, kind: str, group: Group, tensor: torch.Tensor, peer: int) -> Work:
+        """Queue a send or a receive of `tensor` to or from group rank `peer`."""
+        work = Work(self, [tensor] if kind == "recv" else [])
+        post = self.send if kind == "send" else self.recv
+        self._jobs.put((lambda ready: post(group, tensor, peer, ready, work), self.compute.scheduled(), work))
+        return work
+
+    def consume(self, end: float) -> None:
+        """The compute lane needs a result that is ready at `end`."""
+        gap = end - self.compute.scheduled()
+        if gap > 0:
+            self.exposed_s += gap
+            self.compute.advance_to(end)
+
+    def produced(self, tensors, end: float) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._ready_at[t.untyped_storage().data_ptr()] = end
+
+    def wait_for_inputs(self, args) -> None:
+        """Called by the throttle before a compute op: hold it until communication that wrote
+        its inputs has ended (then forget those entries)."""
+        if not self._ready_at:
+            return
+        for t in tree_flatten(args)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                try:
+                    ptr = t.untyped_storage().data_ptr()
+                except RuntimeError:  # a wrapper subclass (DTensor) has no storage of its own
+                    continue
+                end = self._ready_at.pop(ptr, None)
+                if end is not None:
+                    self.consume(end)
+
+    def drain(self) -> None:
+        """Wait for everything issued so far (at the end of a program)."""
+        self.submit(lambda ready: self.comm.scheduled(), []).event.wait(self.timeout_s)
+        while self._pending:
+            threading.Event().wait(POLL_S)
+
+    def restart(self) -> None:
+        """emulator.dist.restart_clocks(): every device's lanes back to emulated 0, together."""
+        if not isinstance(self.comm, VirtualLane):
+            raise ConfigError("restart_clocks() needs clock = 'virtual' (a wall clock cannot go back)")
+        self.drain()
+        everyone = self.group(range(self.system.devices))
+
+        def run(ready):
+            self.exchange(everyone, [0] * everyone.size)  # a barrier, outside emulated time
+            self.compute.t = self.comm.t = 0.0
+            self._ready_at.clear()
+            self._p2p_ports = Ports()
+            return 0.0
+        self.submit(run, []).wait()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=self.timeout_s)
+        self._waiters.shutdown(wait=False)
+
+    # ------------------------------------------------------------ the thread
+    def _loop(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=POLL_S if self._pending else None)
+            except queue.Empty:
+                job = ()
+            self._reap()
+            if job is None:
+                return
+            if not job:
+                continue
+            run, ready, work = job
+            try:
+                with torch.no_grad():  # outputs may be leaves that require grad (parameters)
+                    end = run(ready)
+            except BaseException as e:  # surfaces in the program, from Work.wait()
+                work._done(self.comm.scheduled(), e)
+                continue
+            if end is not None:  # None: a point-to-point message, completed by _reap
+                work._done(end)
+
+    def _post(self, works: list, finish, work: Work) -> None:
+        """A posted message: a waiter thread sees its gloo works through (gloo's point-to-point
+        works cannot be polled), then this thread finishes it, in posting order."""
+        timeout = self.transport.timeout
+        arrived = self._waiters.submit(lambda: [w.wait(timeout) for w in works])
+        self._pending.append((arrived, finish, work))
+
+    def _reap(self) -> None:
+        while self._pending and self._pending[0][0].done():
+            arrived, finish, work = self._pending.popleft()
+            try:
+                arrived.result()
+                work._done(finish())
+            except BaseException as e:
+                work._done(0.0, e)
+
+    # ------------------------------------------------------------ running (the thread only)
+    def collective(self, group: Group, primitive: str, buf: torch.Tensor, count: int, ready: float,
+                   op: str = "sum", algorithm: str | None = None, **options) -> float:
+        """`primitive` among `group` on the flat CPU buffer `buf`, with this run's algorithm for
+        it (unless given), on the communication lane. Returns the emulated end."""
+        start, end = run_collective(self.transport, group, primitive, algorithm or self.algorithms[primitive], buf,
+                                    count, self.comm, ready, op, **options)
+        self.spans.append((primitive, start, end, buf.numel() * buf.element_size()))
+        return end
+
+    def steps(self, group: Group, name: str, steps: list[Step], buf: torch.Tensor, ready: float) -> float:
+        """Any schedule of `group` (gather and scatter are built by the caller)."""
+        self.comm.advance_to(ready)
+        start = self.comm.now()
+        fabric = group.fabric.with_(elem_bytes=buf.element_size())
+        self.transport.run(steps, buf, self.comm, Ports(), fabric, ranks=group.ranks)
+        end = self.comm.now()
+        self.spans.append((name, start, end, buf.numel() * buf.element_size()))
+        return end
+
+    def exchange(self, group: Group, row: list[int]) -> list[list[int]]:
+        """Every member's `row` (all-to-all splits), as control traffic outside emulated time."""
+        buf = prepare("all_gather", group.rank, group.size, torch.tensor(row, dtype=torch.int64))
+        self.transport.control("all_gather", buf, group.size, ranks=list(group.members))
+        return buf.view(group.size, -1).tolist()
+
+    def send(self, group: Group, tensor: torch.Tensor, peer: int, ready: float, work: Work) -> None:
+        """Post one message to group rank `peer` (header and payload, as the transport sends)."""
+        payload = tensor.detach().reshape(-1).contiguous().clone()
+        nbytes = payload.numel() * payload.element_size()
+        step = Step(sends=(Send(peer, ((0, payload.numel()),)),))
+        fabric = group.fabric.with_(elem_bytes=payload.element_size())
+        starts, done = time_sends(group.rank, step, max(ready, self.comm.scheduled()), self._p2p_ports, fabric)
+        hdr = torch.tensor([group.rank, 0, nbytes, starts[0]], dtype=torch.float64)
+        seq, works = self.transport.post("send", group.members[peer], [hdr, payload])
+        self.spans.append(("send", starts[0], done, nbytes))
+        self._post(works, lambda keep=(hdr, payload): done, work)  # keep: alive until sent
+
+    def recv(self, group: Group, tensor: torch.Tensor, peer: int, ready: float, work: Work) -> None:
+        area = torch.empty(tensor.numel(), dtype=tensor.dtype)
+        hdr = torch.empty(4, dtype=torch.float64)
+        seq, works = self.transport.post("recv", group.members[peer], [hdr, area])
+        nbytes = area.numel() * area.element_size()
+
+        def finish() -> float:
+            sender, _, got, start = hdr.tolist()
+            if (int(sender), int(got)) != (peer, nbytes):
+                raise RuntimeError(f"relay: device {self.device}: expected message {seq} of {nbytes} bytes "
+                                   f"from group rank {peer}, got {int(got)} bytes from group rank {int(sender)} "
+                                   "(send and recv sizes differ?)")
+            fabric = group.fabric.with_(elem_bytes=area.element_size())
+            arrival = time_recv(group.rank, Recv(peer, ((0, area.numel()),), False), start,
+                                self._p2p_ports, fabric)
+            with torch.no_grad():
+                tensor.copy_(area.view_as(tensor))
+            self.spans.append(("recv", start, arrival, nbytes))
+            return max(ready, arrival)
+        self._post(works, finish, work)
+
+
+class CommThrottle(Throttle):
+    """The device's throttle, made to wait for communication whose results an op reads."""
+
+    def __init__(self, engine: Engine, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine = engine
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.engine.wait_for_inputs((args, kwargs))
+        return super().__torch_dispatch__(func, types, args, kwargs)

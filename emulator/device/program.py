@@ -1,0 +1,127 @@
+"""A user's torch.distributed program on one device: torchrun's environment, the `relay`
+backend, the throttle on the compute lane, and the figures of the run.
+
+`cluster.launch(fn)` runs a function with the default group already initialised; `relay launch
+script.py` runs a script as `__main__`, which initialises it itself: `init_process_group` with
+"gloo" or "nccl" is taken over to "relay" (said once, by device 0), and a second call is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+
+import torch.distributed as dist
+
+import emulator.dist as relay_dist
+from emulator.device import group as relay_group
+from emulator.device.engine import CommThrottle, Engine
+from emulator.device.job import Job
+
+
+@dataclass(frozen=True)
+class Program:
+    """What every device runs: a function (with args) or a script (with argv)."""
+    fn: object = None  # a callable, for cluster.launch
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    script: str | None = None  # a path, for relay launch
+    argv: tuple = ()  # the script's arguments
+    master: tuple = ("127.0.0.1", 29500)  # MASTER_ADDR, MASTER_PORT: device 0's rendezvous store
+    algorithm: object = None  # None (auto), one algorithm name, or {primitive: algorithm}
+
+    def env(self, device: int, system) -> dict:
+        """torchrun's variables; a scale-up domain plays the part of a node."""
+        node = system.domain_of(device)
+        return {"RANK": str(device), "WORLD_SIZE": str(system.devices), "LOCAL_RANK": str(device % system.domain),
+                "LOCAL_WORLD_SIZE": str(system.domain_sizes[node]), "GROUP_RANK": str(node),
+                "NODE_RANK": str(node), "ROLE_RANK": str(device), "ROLE_WORLD_SIZE": str(system.devices),
+                "MASTER_ADDR": self.master[0], "MASTER_PORT": str(self.master[1]),
+                "TORCHELASTIC_RUN_ID": "relay", "OMP_NUM_THREADS": "1"}
+
+
+def run_program(dev, job: Job, program: Program) -> dict:
+    """Run `program` on this device (a function run on the worker by driver/programs.py)."""
+    device, transport, world = dev.index, dev.transport, job.system.devices
+    env = program.env(device, job.system)
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if job.clock == "wall":  # emulated 0 comes once every device is here, whatever set-up took
+        job = replace(job, epoch=transport.agree(time.time() + 0.1 + 0.005 * world, world))
+    compute, comm = job.lane(), job.lane()
+    engine = Engine(device, transport, job.system, job.fabric(), compute, comm, job.timeout_s, program.algorithm)
+    throttle = CommThrottle(engine, job.cost_model(device), compute,
+                            slowdown=job.faults.compute_slowdown.get(device, 1.0))
+    ctx = relay_dist.Context(device, world, job.system, job.clock, engine)
+    relay_group.register()
+    relay_group.activate(engine)
+    relay_dist._current = ctx
+    restore = _take_over(device)
+    r0 = time.time()
+    result = None
+    try:
+        compute.start()
+        comm.start()
+        with throttle:
+            if program.script is None:
+                dist.init_process_group(relay_group.NAME, rank=device, world_size=world,
+                                        timeout=timedelta(seconds=job.timeout_s))
+                result = program.fn(*program.args, **program.kwargs)
+            else:
+                _run_script(program.script, program.argv)
+        engine.drain()
+        end = max(compute.measure(), comm.measure())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        restore()
+        relay_group.activate(None)
+        relay_dist._current = None
+        engine.close()
+        for k, v in saved_env.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    stats = [compute.stats(), comm.stats()]
+    return {"device": device, "result": result, "emulated_s": end, "compute_s": throttle.emulated_s,
+            "comm_s": sum(e - s for _, s, e, _ in engine.spans), "exposed_comm_s": engine.exposed_s,
+            "flops": throttle.flops, "spans": list(engine.spans), "counts": dict(ctx.counts),
+            "real_s": time.time() - r0, "fidelity": min(s["fidelity"] for s in stats),
+            "overrun_s": sum(s["overrun_s"] for s in stats)}
+
+
+def _run_script(path: str, argv) -> None:
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [path, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(f"{path} exited with status {e.code}") from None
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def _take_over(device: int):
+    """init_process_group(...) of any backend starts the relay group; returns the undo."""
+    original = dist.init_process_group
+
+    def init_process_group(backend=None, *args, **kwargs):
+        if dist.is_initialized():  # cluster.launch has done it already
+            return None
+        if backend not in (None, "relay") and device == 0:
+            print(f"relay: init_process_group(backend={backend!r}) runs on the 'relay' backend "
+                  "(the emulated fabric)", file=sys.stderr, flush=True)
+        kwargs.pop("device_id", None)
+        return original("relay", *args, **kwargs)
+
+    dist.init_process_group = init_process_group
+    dist.distributed_c10d.init_process_group = init_process_group
+
+    def restore():
+        dist.init_process_group = original
+        dist.distributed_c10d.init_process_group = original
+    return restore

@@ -1,0 +1,77 @@
+"""The driver side of `cluster.launch(fn)` and `relay launch script.py`: start the program on
+every device (device/program.py runs it there) and gather what each device measured."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import ray
+
+from emulator.device import jobs
+from emulator.device.collective import algorithms
+from emulator.device.program import Program, run_program
+from emulator.driver.pacing import comm_ratio
+from emulator.errors import ConfigError
+
+DEVICE_COLUMNS = ["device", "emulated_s", "compute_s", "comm_s", "exposed_comm_s", "real_s", "fidelity"]
+
+
+class LaunchResult:
+    """Per device: the program's return value and its emulated figures (seconds)."""
+
+    def __init__(self, per_device: list[dict], config: dict):
+        self.per_device = per_device
+        self.config = config
+
+    @property
+    def results(self) -> list:
+        """What the function returned on each device (None for a script)."""
+        return [d["result"] for d in self.per_device]
+
+    @property
+    def emulated_s(self) -> float:
+        """The program's emulated time: its slowest device, seconds."""
+        return max(d["emulated_s"] for d in self.per_device)
+
+    def __getitem__(self, device: int) -> dict:
+        return self.per_device[device]
+
+    def summary(self) -> dict:
+        t = self.emulated_s
+        mean = lambda k: sum(d[k] for d in self.per_device) / len(self.per_device)  # noqa: E731
+        out = {"emulated_s": t, "compute_s": mean("compute_s"), "comm_s": mean("comm_s"),
+               "exposed_comm_s": mean("exposed_comm_s"), "real_s": max(d["real_s"] for d in self.per_device),
+               "fidelity": min(d["fidelity"] for d in self.per_device)}
+        for k in ("tokens", "samples"):
+            total = sum(d["counts"].get(k, 0) for d in self.per_device)
+            out[f"{k}_per_s"] = total / t if total and t > 0 else None
+        return out
+
+    def rows(self) -> list[dict]:
+        return [{k: d[k] for k in DEVICE_COLUMNS} | {"tokens": d["counts"].get("tokens"),
+                                                    "samples": d["counts"].get("samples")}
+                for d in self.per_device]
+
+
+def launch(cluster, program: Program) -> LaunchResult:
+    """Run `program` on every device of `cluster` (started if it is not)."""
+    algorithms(program.algorithm)  # an unknown algorithm is refused before any device starts
+    if program.script is None and not callable(program.fn):
+        raise ConfigError(f"fn = {program.fn!r} is not callable; pass the function every device runs")
+    if not cluster.actors:
+        cluster.start()
+    n = cluster.system.devices
+    job = cluster.job(comm_ratio(cluster.system, 4e6))
+    nodes = {i["node_ip"] for i in cluster.info}
+    host = "127.0.0.1" if len(nodes) == 1 else cluster.info[0]["node_ip"]
+    program = replace(program, master=tuple(cluster.run(jobs.address, host, devices=1, what="launch set-up")[0]))
+    fn = program.fn
+    name = getattr(fn, "__module__", None) or ""
+    if fn is not None and name in sys.modules and name != "__main__" and not name.startswith(("emulator.", "torch")):
+        ray.cloudpickle.register_pickle_by_value(sys.modules[name])  # a test file, a user's module
+    per_device = cluster.run(run_program, job, program, what="launch")
+    config = {"devices": n, "system": cluster.system.describe(), "clock": cluster.clock,
+              "dilation": job.dilation, "algorithms": algorithms(program.algorithm),
+              "script": program.script, "argv": list(program.argv)}
+    return LaunchResult(per_device, config)
