@@ -37,6 +37,7 @@ bench: venv
 	$(PY) bench/stragglers.py
 	$(PY) bench/validate.py
 	$(PY) bench/fullsize.py
+	$(PY) bench/backend_overlap.py
 
 results: venv
 	$(VENV)/bin/relay breakeven --preset headline

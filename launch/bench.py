@@ -8,7 +8,7 @@ from tabulate import tabulate
 
 from emulator import Cluster
 from emulator.collectives import ALGORITHMS, DTYPE_BYTES, busbw_factor, simulate
-from emulator.collectives.schedules import check
+from emulator.collectives.schedules import algorithms_for, check
 from emulator.results.folder import ResultsDir, environment, system_dict
 from emulator.results.write import write_bench
 from launch.options import UsageError, fmt_bytes, parse_bytes, system_from, vars_of
@@ -17,7 +17,8 @@ from launch.options import UsageError, fmt_bytes, parse_bytes, system_from, vars
 def cmd_bench(args) -> None:
     args.clock = args.clock or "virtual"
     system = system_from(args)
-    algorithms = list(ALGORITHMS) if args.algorithm == "all" else args.algorithm.split(",")
+    algorithms = [a for a in ALGORITHMS if a in algorithms_for(args.primitive)] if args.algorithm == "all" \
+        else args.algorithm.split(",")
     for a in algorithms:
         check(args.primitive, a, allow_auto=True)
     if args.dtype not in DTYPE_BYTES:
@@ -28,7 +29,7 @@ def cmd_bench(args) -> None:
     if args.factor < 2:
         raise UsageError(f"--factor = {args.factor} is invalid; give an integer >= 2")
     elem, world = DTYPE_BYTES[args.dtype], system.devices
-    unit = elem * (world if args.primitive in ("all_gather", "reduce_scatter") else 1)
+    unit = elem * (world if args.primitive in ("all_gather", "reduce_scatter", "all_to_all") else 1)
     sizes, n = [], lo
     while n <= hi:
         sizes.append(max(unit, n // unit * unit))

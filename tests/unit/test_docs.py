@@ -20,6 +20,15 @@ def test_readme_gives_the_two_setup_commands_and_ci_uses_the_test_one():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_readme_torch_distributed_example_is_examples_torch_ddp():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Run your own torch.distributed script", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    source = (ROOT / "examples" / "torch_ddp.py").read_text()
+    assert block.strip() == source[source.index("import torch"):].strip()
+    assert "relay launch --chip h100 --devices 4 --domain 2 examples/torch_ddp.py" in section
+
+
 def _map_rows() -> list[str]:
     """The module column of docs/design.md's "Where things live" table."""
     text = (ROOT / "docs" / "design.md").read_text().split("## Where things live", 1)[1].split("\n## ", 1)[0]
