@@ -44,19 +44,6 @@ def test_every_operation_equals_the_reference_and_simulate(cluster, world, algor
         assert max(ends) == want, (primitive, members, nbytes, dtype, alg)
 
 
-def test_a_group_inside_a_domain_uses_its_links():
-    system = System("h100", 8, domain=4)
-    group = lambda members: group_of(system, Fabric.of(system), members, members[0])  # noqa: E731
-    inside, across = group([0, 1]), group([0, 4])
-    assert (inside.system.domains, across.system.domains) == (1, 2) and inside.regular and across.regular
-    # 450 GB/s NVLink inside the domain, 50 GB/s scale-out across
-    ring = lambda g: simulate("all_reduce", "ring", 2**26, g.system)  # noqa: E731
-    assert ring(across) > 3 * ring(inside)
-    assert not group([0, 1, 4]).regular  # 2 + 1 members: no two equal levels
-    # the group's fabric times each message on its two devices' link, whatever their group ranks
-    assert [group([2, 5, 3]).fabric.link(i, j)[0] for i, j in ((0, 1), (0, 2), (1, 2))] == ["out", "up", "out"]
-
-
 @pytest.fixture(scope="module")
 def programs(cluster8):
     cluster8.configure(System("h100", 4, domain=2), clock="virtual")

@@ -40,15 +40,27 @@ CASES = [
     (RUN[:-1] + ["0"], r"steps = 0 is invalid; give an integer >= 1"),
     (["run", "--devices", "910c:x"], r"write chip:count pairs, e.g. 910c:8,h100:2"),
     (["bench", "--chip", "h100", "--devices", "4", "--min-bytes", "lots"], r"size = 'lots' is not a byte count"),
+    (["bench", "--chip", "h100", "--devices", "4", "--primitive", "all_to_all", "--algorithm", "ring"],
+     r"algorithm = 'ring' does not run all_to_all; choose one of direct, hierarchical"),
+    (["launch", "--chip", "h100", "--devices", "2", "/nonexistent/train.py"],
+     r"script = '/nonexistent/train.py' is not a file"),
+    (["launch", "--chip", "h100", "--devices", "2", "--algorithm", "all_to_all=ring", "README.md"],
+     r"algorithm = 'ring' does not run all_to_all"),
+    (["launch", "--chip", "h100", "--devices", "2", "--algorithm", "all_reduce:ring", "README.md"],
+     r"algorithm = 'all_reduce:ring' is unknown"),
 ]
 
 
 def device_processes() -> set[int]:
-    """Every device worker process on this host (Ray titles them ray::DeviceWorker)."""
+    """Every device worker process this test process started, however deep (Ray titles them
+    ray::DeviceWorker); other users' workers on a shared host are not counted."""
     found = set()
-    for p in psutil.process_iter(["cmdline"]):
-        if any("DeviceWorker" in part for part in p.info["cmdline"] or []):
-            found.add(p.pid)
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("DeviceWorker" in part for part in p.cmdline()):
+                found.add(p.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
     return found
 
 

@@ -1,0 +1,37 @@
+"""Process groups on the emulated system: a group's own System and Fabric (device/collective.py),
+and the algorithm a group may run."""
+
+import pytest
+
+from emulator import System
+from emulator.collectives import Fabric, simulate
+from emulator.device.collective import algorithms, choose, group_of
+
+
+def test_a_group_inside_a_domain_uses_its_links():
+    system = System("h100", 8, domain=4)
+    group = lambda members: group_of(system, Fabric.of(system), members, members[0])  # noqa: E731
+    inside, across = group([0, 1]), group([0, 4])
+    assert (inside.system.domains, across.system.domains) == (1, 2) and inside.regular and across.regular
+    # 450 GB/s NVLink inside the domain, 50 GB/s scale-out across
+    ring = lambda g: simulate("all_reduce", "ring", 2**26, g.system)  # noqa: E731
+    assert ring(across) > 3 * ring(inside)
+    assert not group([0, 1, 4]).regular  # 2 + 1 members: no two equal levels
+    # the group's fabric times each message on its two devices' link, whatever their group ranks
+    assert [group([2, 5, 3]).fabric.link(i, j)[0] for i, j in ((0, 1), (0, 2), (1, 2))] == ["out", "up", "out"]
+
+
+def test_a_group_without_two_equal_levels_runs_flat():
+    system = System("h100", 8, domain=4)
+    g = group_of(system, Fabric.of(system), [0, 1, 4], 0)
+    assert choose("all_reduce", "hierarchical", 2**20, g, g.fabric)[0] == "ring"
+    assert choose("all_to_all", "hierarchical", 2**20, g, g.fabric)[0] == "direct"
+    assert not choose("all_reduce", "auto", 2**26, g, g.fabric)[0].startswith("hier")
+
+
+def test_algorithm_choices_per_primitive():
+    assert algorithms() == {p: "auto" for p in algorithms()}
+    assert algorithms("ring")["all_to_all"] == "auto" and algorithms("ring")["all_reduce"] == "ring"
+    assert algorithms({"all_to_all": "hierarchical"})["all_to_all"] == "hierarchical"
+    with pytest.raises(ValueError, match="'ring' does not run all_to_all"):
+        algorithms({"all_to_all": "ring"})
