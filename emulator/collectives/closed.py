@@ -81,7 +81,7 @@ def _hier_pipelined(n: float, system, C: int, fabric: Fabric) -> float:
     takes k (o + x) + a (x: one message's bytes / rate); the step takes the longer class."""
     p1, q = system.domain, system.domains
     up, out = fabric.link(0, 0)[1], fabric.link(0, p1)[1]
-    x1, x2 = n / C / p1 / up.Bps, n / C / p1 / q / out.Bps
+    x1, x2 = up.wire_s(n / C / p1), out.wire_s(n / C / p1 / q)
     L1, L2, D = p1 - 1, 2 * (q - 1), stagger(p1, q)
     total = fabric.base_s("hier_pipelined")
     for t in range((C - 1) * D + 2 * L1 + L2):
@@ -109,7 +109,7 @@ def closed_form(primitive: str, algorithm: str, nbytes: float, system, chunks: i
     if p == 1 or n == 0:
         return 0.0
     _, link = fabric.bottleneck()
-    a, o, b = link.latency_s, link.o_s, 1.0 / link.Bps
+    a, o, w = link.latency_s, link.o_s, link.wire_s  # w(x): a message of x bytes on the wire
     A, B = a + o, fabric.base_s(algorithm)
     C = max(1, min(int(n), chunks))
     p2 = 1 << (p.bit_length() - 1)
@@ -123,42 +123,42 @@ def closed_form(primitive: str, algorithm: str, nbytes: float, system, chunks: i
         return _hier_pipelined(n, system, C, fabric)
     if algorithm == "nvls":
         sw = fabric.switch_timing
-        return B + 2 * (sw.latency_s + (p - 1) * (sw.o_s + n / p / sw.Bps))
+        return B + 2 * (sw.latency_s + (p - 1) * (sw.o_s + sw.wire_s(n / p)))
     if algorithm == "ring":
         if ar:
-            return B + 2 * (p - 1) * (A + n / p * b)
+            return B + 2 * (p - 1) * (A + w(n / p))
         if rs_ag:
-            return B + (p - 1) * (A + n / p * b)
-        return B + (p - 1) * a + (C + p - 2) * (o + n / C * b)  # chunks stream back to back
+            return B + (p - 1) * (A + w(n / p))
+        return B + (p - 1) * a + (C + p - 2) * (o + w(n / C))  # chunks stream back to back
     if algorithm == "halving_doubling":
-        half = lg * A + (p2 - 1) / p2 * n * b
+        half = sum(A + w(n / 2**i) for i in range(1, int(lg) + 1))
         if ar:
-            return B + 2 * half + rem * 2 * (A + n * b)
+            return B + 2 * half + rem * 2 * (A + w(n))
         if rs_ag:
-            return B + half + rem * (2 * A + n * b + n / p * b)
-        return B + 2 * half + rem * (A + n * b)
+            return B + half + rem * (2 * A + w(n) + w(n / p))
+        return B + 2 * half + rem * (A + w(n))
     if algorithm == "direct":
-        one = a + (p - 1) * (o + n / p * b)
+        one = a + (p - 1) * (o + w(n / p))
         return B + (one if rs_ag else 2 * one)
     if algorithm == "tree":
         H = math.floor(math.log2(p))
         if primitive == "broadcast":
-            return B + (C + H - 1) * (A + 2 * n / C * b)
-        return B + (C + 2 * H - 1) * (A + 2 * n / C * b)
+            return B + (C + H - 1) * (A + 4 * w(n / 2 / C))
+        return B + (C + 2 * H - 1) * (A + 4 * w(n / 2 / C))
     # hierarchical
     topo = topology_of(system)
     if not topo.equal_domains:
         schedule(primitive, algorithm, 0, p, 1, topo)  # raises the explanatory error
     p1, q = system.domain, system.domains
     up, out = fabric.link(0, 0)[1], (fabric.link(0, p1)[1] if q > 1 else None)
-    a1, o1, b1 = up.latency_s, up.o_s, 1.0 / up.Bps
-    a2, o2, b2 = (out.latency_s, out.o_s, 1.0 / out.Bps) if out is not None else (0.0, 0.0, 0.0)
+    a1, o1, w1 = up.latency_s, up.o_s, up.wire_s
+    a2, o2, w2 = (out.latency_s, out.o_s, out.wire_s) if out is not None else (0.0, 0.0, lambda x: 0.0)
     if ar:
-        return B + 2 * (p1 - 1) * (a1 + o1 + n / p1 * b1) + 2 * (q - 1) * (a2 + o2 + n / p * b2)
+        return B + 2 * (p1 - 1) * (a1 + o1 + w1(n / p1)) + 2 * (q - 1) * (a2 + o2 + w2(n / p))
     if rs_ag:
-        return B + (p1 - 1) * (a1 + o1 + n / p1 * b1) + (q - 1) * (a2 + o2 + n / p * b2)
-    return B + ((q - 1) * a2 + (C + q - 2) * (o2 + n / C * b2) if q > 1 else 0.0) + \
-        ((p1 - 1) * a1 + (C + p1 - 2) * (o1 + n / C * b1) if p1 > 1 else 0.0)
+        return B + (p1 - 1) * (a1 + o1 + w1(n / p1)) + (q - 1) * (a2 + o2 + w2(n / p))
+    return B + ((q - 1) * a2 + (C + q - 2) * (o2 + w2(n / C)) if q > 1 else 0.0) + \
+        ((p1 - 1) * a1 + (C + p1 - 2) * (o1 + w1(n / C)) if p1 > 1 else 0.0)
 
 
 def candidates(primitive: str, system, fabric: Fabric) -> list[str]:

@@ -21,6 +21,7 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class FabricClass:
     switch_eff: float = 0.0  # switch reduce + multicast rate / line rate
     switch_min_devices: int = 0  # fewest devices the vendor library uses it for
     switch_base_us: float = 0.0  # per-collective fixed cost of the switch path
+    chunk_kib: float = 0.0  # Simple protocol: bytes a message moves per handshake; 0: not chunked
+    chunk_us: float = 0.0  # Simple protocol: port time of one chunk's handshake
     estimates: tuple = ()
     sources: dict = field(default_factory=dict, compare=False)
 
@@ -55,7 +58,8 @@ class FabricClass:
             v = getattr(self, f)
             if not 0 < v <= 1:
                 raise ConfigError(f"fabric {self.name!r}: {f} = {v!r} is invalid; give a fraction in (0, 1]")
-        for f in ("o_us", "ll_base_us", "simple_base_us", "simple_step_us", "switch_base_us"):
+        for f in ("o_us", "ll_base_us", "simple_base_us", "simple_step_us", "switch_base_us", "chunk_kib",
+                  "chunk_us"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"fabric {self.name!r}: {f} = {getattr(self, f)!r} is negative; give >= 0")
         if self.switch not in ("none", "nvls"):
@@ -101,10 +105,24 @@ def fabric_class(name: str | None) -> FabricClass:
 
 @dataclass(frozen=True)
 class Timing:
-    """How one message is timed on a link: port busy o + n / Bps, arrival latency after that."""
+    """How one message is timed on a link: port busy o + wire_s(n), arrival latency after that.
+    A chunked link (chunk_B > 0) moves a message as ceil(n / chunk_B) pipelined chunks, each
+    paying chunk_s of handshake on the port besides its bytes."""
     latency_s: float
     Bps: float
     o_s: float = 0.0
+    chunk_B: float = 0.0
+    chunk_s: float = 0.0
+
+    def chunks(self, n: float) -> int:
+        """Chunks a message of n bytes moves as (1 on an unchunked link; 0 for no bytes)."""
+        if n <= 0:
+            return 0
+        return max(1, math.ceil(n / self.chunk_B - 1e-9)) if self.chunk_B else 1
+
+    def wire_s(self, n: float) -> float:
+        """Seconds a message of n bytes holds a port, besides o: its bytes and its chunks' handshakes."""
+        return n / self.Bps + (self.chunks(n) * self.chunk_s if self.chunk_B else 0.0)
 
 
 @dataclass(frozen=True)
@@ -142,7 +160,16 @@ class Fabric:
         lat = line.latency_s
         if self.protocol == "ll":
             return Timing(lat, line.Bps * c.eff * c.ll_bw, c.o_us / 1e6)
-        return Timing(lat + c.simple_step_us / 1e6, line.Bps * c.eff, c.o_us / 1e6)
+        bulk = line.Bps * c.eff
+        if not (c.chunk_kib and c.chunk_us):
+            return Timing(lat + c.simple_step_us / 1e6, bulk, c.o_us / 1e6)
+        # eff is measured on whole chunks, handshakes included: the wire itself is faster, so that
+        # a message of whole chunks takes n / (eff x line) exactly and only a partial chunk pays more
+        S, h = c.chunk_kib * 1024, c.chunk_us / 1e6
+        if h >= S / bulk:
+            raise ConfigError(f"fabric {c.name!r}: chunk_us = {c.chunk_us!r} is no less than a chunk's "
+                             f"{S / bulk * 1e6:.3g} us at {bulk / 1e9:.4g} GB/s; give a smaller chunk_us")
+        return Timing(lat + c.simple_step_us / 1e6, 1.0 / (1.0 / bulk - h / S), c.o_us / 1e6, S, h)
 
     # -- construction --
     @classmethod
@@ -206,7 +233,7 @@ class Fabric:
         if self._slow:
             f = max(self._slow.get(i, 1.0), self._slow.get(j, 1.0))
             if f != 1.0:
-                t = Timing(t.latency_s * f, t.Bps / f, t.o_s * f)
+                t = Timing(t.latency_s * f, t.Bps / f, t.o_s * f, t.chunk_B, t.chunk_s * f)
         return cls, t
 
     def bottleneck(self) -> tuple[FabricClass, Timing]:
