@@ -31,3 +31,15 @@ def test_chunked_messages_between_actors(cluster):
     assert all(torch.equal(o, torch.full((numel,), 2.0)) for o in res.outputs)
     assert res.emulated_s == simulate("all_reduce", "ring", numel * 4, system)
     assert res.emulated_s == pytest.approx(predict("all_reduce", "ring", numel * 4, system), rel=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["sharp", "auto"])
+def test_sharp_between_actors(cluster, algorithm):
+    """In-network reduction across two domains of 4: right data, the local executor's time to the bit."""
+    system = System("h100", 8, domain=4, sharp=True)
+    cluster.configure(system, clock="virtual")
+    cases = [(8 * 37 + 3, "float32"), (3 * 2**16 + 5, "bfloat16")]
+    for (numel, dtype), res in zip(cases, cluster.collectives("all_reduce", cases, algorithm)):
+        assert all(torch.equal(o, torch.full((numel,), 8.0, dtype=getattr(torch, dtype))) for o in res.outputs)
+        elem = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+        assert res.emulated_s == simulate("all_reduce", algorithm, numel * elem, system, dtype=dtype)
