@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--primitive", default="all_reduce", help="all_reduce, reduce_scatter, all_gather, broadcast, "
                    "all_to_all")
     b.add_argument("--algorithm", default="auto", help="auto (the vendor library's choice, default), ring, "
-                   "tree, halving_doubling, direct, hierarchical, nvls, a comma-separated list, or all")
+                   "tree, halving_doubling, direct, hierarchical, hier_pipelined, nvls, sharp (with --sharp), "
+                   "a comma-separated list, or all")
     b.add_argument("--min-bytes", default="8", help="smallest buffer (e.g. 8, 1K)")
     b.add_argument("--max-bytes", default="64M", help="largest buffer (e.g. 64M)")
     b.add_argument("--factor", type=int, default=4, help="size step factor")

@@ -44,6 +44,8 @@ def system_from(args) -> System:
     """--system PRESET [--devices N] or --chip CHIP --devices N [--domain D], plus link overrides."""
     links = {k: getattr(args, k) for k in ("scaleup_gbps", "scaleup_latency_us", "scaleout_gbps",
                                            "scaleout_latency_us") if getattr(args, k, None) is not None}
+    if getattr(args, "sharp", False):
+        links["sharp"] = True
     if getattr(args, "system", None):
         if args.chip:
             raise UsageError("give --system or --chip, not both")
@@ -88,6 +90,8 @@ def add_system_args(p: argparse.ArgumentParser, devices_default=None) -> None:
     g.add_argument("--scaleup-latency-us", type=float, help="override: scale-up latency per message, us")
     g.add_argument("--scaleout-gbps", type=float, help="override: scale-out GB/s per device per direction")
     g.add_argument("--scaleout-latency-us", type=float, help="override: scale-out latency per message, us")
+    g.add_argument("--sharp", action="store_true",
+                   help="the scale-out switches reduce (InfiniBand SHARP): enables the 'sharp' all-reduce")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

@@ -170,6 +170,9 @@ def cmd_validate(args) -> int:
                   f"geometric-mean {vs['geomean_abs_err']:.1%}, worst {vs['worst_id']} {vs['worst_abs_err']:.1%}")
         if s["beyond_30pct"]:
             print(f"# beyond 30%: {', '.join(s['beyond_30pct'])}")
+            for x in results:
+                if x["err"] > TARGET_WORST and x["row"].note:
+                    print(f"#   {x['row'].id}: {x['row'].note}")
         if args.update:
             print(f"# updated the relay column of {args.table or PUBLISHED}")
         print(line)

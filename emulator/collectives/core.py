@@ -3,12 +3,15 @@ message timing) and the data semantics (preparing buffers, applying received seg
 
 Link model. A message of n bytes from i to j uses the link class between them (scale-up inside a
 domain, scale-out across, or one its step names, e.g. "switch"), timed by the Fabric (fabric.py):
-latency alpha, rate Bps, and a per-message overhead o that occupies the port (LogGP). Each device
-has one egress and one ingress port per class; a port carries one message at a time, so messages
-that share it are served one after another in posting order:
-    sender:   start = max(ready, egress free);   egress busy until start + o + n / Bps
-    receiver: begin = max(start + o, ingress free);  ingress busy until begin + n / Bps
-              arrival = begin + n / Bps + alpha
+latency alpha, rate Bps, and a per-message overhead o that occupies the port (LogGP). A message's
+wire time w(n) = n / Bps + k h: on a chunked link (the Simple protocol) it moves as k = ceil(n / S)
+pipelined chunks of at most S bytes, each paying a handshake h (Timing.wire_s); one message
+is still sent, the chunks are a timing notion. Each device has one egress and one ingress port
+per class; a port carries one message at a time, so messages that share it are served one after
+another in posting order:
+    sender:   start = max(ready, egress free);   egress busy until start + o + w(n)
+    receiver: begin = max(start + o, ingress free);  ingress busy until begin + w(n)
+              arrival = begin + w(n) + alpha
 A step ends when its sends have left (egress done) and its receives have arrived. A collective
 pays the fabric's fixed cost (launch, protocol set-up) once, before its first step.
 """
@@ -37,7 +40,7 @@ def time_sends(rank: int, step: Step, t0: float, ports: Ports, fabric):
         cls, link = fabric.link(rank, s.peer, step.via)
         n = seg_len(s.segs) * fabric.elem_bytes
         start = max(t0, ports.egress.get(cls, 0.0))
-        end = start + link.o_s + n / link.Bps
+        end = start + link.o_s + link.wire_s(n)
         ports.egress[cls] = end
         starts.append(start)
         done = max(done, end)
@@ -49,8 +52,8 @@ def time_recv(rank: int, recv: Recv, start: float, ports: Ports, fabric, via: st
     cls, link = fabric.link(recv.peer, rank, via)
     n = seg_len(recv.segs) * fabric.elem_bytes
     begin = max(start + link.o_s, ports.ingress.get(cls, 0.0))
-    ports.ingress[cls] = begin + n / link.Bps
-    return begin + n / link.Bps + link.latency_s
+    ports.ingress[cls] = begin + link.wire_s(n)
+    return begin + link.wire_s(n) + link.latency_s
 
 
 # ---------------------------------------------------------------- data

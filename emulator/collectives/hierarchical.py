@@ -1,9 +1,11 @@
 """Two-level collective algorithms as pure schedules: inside each scale-up domain, then across
-domains (plain, and pipelined by chunks for all-reduce)."""
+domains (plain, pipelined by chunks, and reduced in the scale-out switches for all-reduce)."""
 
 from __future__ import annotations
 
 from emulator.collectives.steps import (
+    Recv,
+    Send,
     Step,
     _chunks,
     _merge,
@@ -57,21 +59,56 @@ def hier_pipelined_all_reduce(rank, world, count, topology=None, chunks=None, **
     is cut into chunks, each does reduce-scatter inside the domain, ring all-reduce across, and
     all-gather inside; chunk c starts `stagger` steps after chunk c-1, so one chunk crosses the
     scale-out links while the next is reduced inside its domain."""
+    return _pipelined(rank, world, count, topology, chunks, sharp=False)
+
+
+def _pipelined(rank, world, count, topology, chunks, sharp: bool):
+    """Chunks of the two-level all-reduce, chunk c starting c x D steps in; across domains a ring
+    all-reduce (D = stagger) or the scale-out switches' reduction (two steps, D = 2)."""
     if world == 1 or count == 0:
         return []
     p1, p2, d, loc, intra, inter = _levels(rank, world, topology)
-    D, per = stagger(p1, p2), []
+    if sharp and p2 == 1:
+        raise ConfigError("algorithm 'sharp' reduces across domains in the scale-out switches; this "
+                          "system is one domain: choose ring, or nvls")
+    D, per = (2 if sharp else stagger(p1, p2)), []
     for c, (a, b) in enumerate(shards(count, _chunks(count, chunks))):
         blocks = shards(b - a, p1, start=a)
         inner = [(blk,) for blk in blocks]
-        outer = [(s,) for s in shards(blocks[loc][1] - blocks[loc][0], p2, start=blocks[loc][0])]
+        outer = shards(blocks[loc][1] - blocks[loc][0], p2, start=blocks[loc][0])
         steps = [Step()] * (c * D)
         steps += ring_reduce_scatter_group(loc, intra, inner) if p1 > 1 else []
-        if p2 > 1:
-            steps += ring_reduce_scatter_group(d, inter, outer) + ring_all_gather_group(d, inter, outer)
+        if sharp:
+            steps += [_direct_group(d, inter, outer, True), _direct_group(d, inter, outer, False)]
+        elif p2 > 1:
+            ring = [(s,) for s in outer]
+            steps += ring_reduce_scatter_group(d, inter, ring) + ring_all_gather_group(d, inter, ring)
         steps += ring_all_gather_group(loc, intra, inner) if p1 > 1 else []
         per.append(steps)
     return _merge(*per)
+
+
+def _direct_group(me: int, group: list[int], segs, reduce: bool) -> Step:
+    """One step among `group` (me: my position) through the "sharp" class: reduce, segs[j] goes
+    straight to position j; gather, my segment goes to every other. Peers in shifted order."""
+    q = len(group)
+    peers = [(me + k) % q for k in range(1, q)]
+    srcs = [(me - k) % q for k in range(1, q)]
+    if reduce:
+        return Step(tuple(Send(group[j], (segs[j],)) for j in peers),
+                    tuple(Recv(group[i], (segs[me],), True) for i in srcs), via="sharp")
+    return Step(tuple(Send(group[j], (segs[me],)) for j in peers),
+                tuple(Recv(group[i], (segs[i],), False) for i in srcs), via="sharp")
+
+
+def sharp_all_reduce(rank, world, count, topology=None, chunks=None, **_):
+    """In-network reduction across domains (InfiniBand SHARP; NCCL's CollNet Direct), pipelined by
+    chunks as hier_pipelined is: each chunk is reduce-scattered inside the domain (ring), its
+    blocks summed in the scale-out switches and sent back to every domain, then all-gathered
+    inside. The switch phase moves as a direct reduce-scatter and all-gather among the devices of
+    my local index, through the "sharp" link class, which the fabric rates so that the clock
+    charges the switch's traffic: each block once up, once down."""
+    return _pipelined(rank, world, count, topology, chunks, sharp=True)
 
 
 def hierarchical_reduce_scatter(rank, world, count, topology=None, **_):

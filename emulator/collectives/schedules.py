@@ -14,14 +14,15 @@ from emulator.errors import ConfigError
 # ---------------------------------------------------------------- registry
 PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")
 ALGORITHMS = ("ring", "tree", "halving_doubling", "direct", "hierarchical")  # point to point, every primitive
-SWITCH_ALGORITHMS = ("nvls",)  # in-switch reduction: all_reduce only, on fabrics that have it
+SWITCH_ALGORITHMS = ("nvls", "sharp")  # in-switch reduction: all_reduce only, where the system has it
 ALL_REDUCE_ONLY = ("hier_pipelined",) + SWITCH_ALGORITHMS
-_MODULE = {a: hierarchical if a.startswith("hier") else flat for a in ALGORITHMS + ALL_REDUCE_ONLY}
+_MODULE = {a: hierarchical if a.startswith("hier") else flat for a in ALGORITHMS}
 SCHEDULES = {(p, a): getattr(_MODULE[a], f"{a}_{p}") for p in PRIMITIVES if p != "all_to_all" for a in ALGORITHMS}
 SCHEDULES["all_to_all", "direct"] = alltoall.direct_all_to_all
 SCHEDULES["all_to_all", "hierarchical"] = alltoall.hierarchical_all_to_all
 SCHEDULES["all_reduce", "nvls"] = flat.nvls_all_reduce
 SCHEDULES["all_reduce", "hier_pipelined"] = hierarchical.hier_pipelined_all_reduce
+SCHEDULES["all_reduce", "sharp"] = hierarchical.sharp_all_reduce
 
 
 def check(primitive: str, algorithm: str, allow_auto: bool = False) -> None:

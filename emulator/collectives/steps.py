@@ -40,7 +40,8 @@ class Recv:
 class Step:
     sends: tuple[Send, ...] = ()
     recvs: tuple[Recv, ...] = ()
-    via: str = ""  # a link class for all of this step's messages ("switch"); "": by the peers' domains
+    via: str = ""  # "switch": every message through the in-switch reduction class; "sharp": messages
+    # between domains through the scale-out switches' reduction (inside a domain: scale-up); "": by domains
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,15 @@ def seg_len(segs) -> int:
 
 
 def _merge(*schedules: list[Step]) -> list[Step]:
-    """Run schedules side by side: step t of the result holds step t of each."""
+    """Run schedules side by side: step t of the result holds step t of each (and its `via`)."""
     out = []
     for t in range(max((len(s) for s in schedules), default=0)):
         parts = [s[t] for s in schedules if t < len(s)]
-        out.append(Step(sum((p.sends for p in parts), ()), sum((p.recvs for p in parts), ())))
+        vias = {p.via for p in parts if p.via}
+        if len(vias) > 1:
+            raise ValueError(f"cannot merge steps through different link classes {sorted(vias)}")
+        out.append(Step(sum((p.sends for p in parts), ()), sum((p.recvs for p in parts), ()),
+                        vias.pop() if vias else ""))
     return out
 
 

@@ -73,14 +73,17 @@ def group_of(system, fabric: Fabric, members, device: int) -> Group:
     return Group(members, members.index(device), sub, regular, fabric.group(members, domain))
 
 
+TWO_LEVEL = ("hierarchical", "hier_pipelined", "sharp")  # need a group of equal domains, in order
+
+
 def choose(primitive: str, algorithm: str, nbytes: float, group: Group, fabric: Fabric) -> tuple[str, Fabric]:
     """The algorithm and the protocol for one collective of `group` (`auto` resolved), as
     collectives.resolve chooses them for the group's own system; a group without two equal
     levels runs the flat algorithm instead of a two-level one."""
-    if not group.regular and algorithm.startswith("hier"):
+    if not group.regular and algorithm in TWO_LEVEL:
         algorithm = "direct" if primitive == "all_to_all" else "ring"
     alg, fab = resolve(primitive, algorithm, nbytes, group.system, fabric)
-    if not group.regular and alg.startswith("hier"):
+    if not group.regular and alg in TWO_LEVEL:
         alg, fab = resolve(primitive, "direct" if primitive == "all_to_all" else "ring", nbytes, group.system, fabric)
     return alg, fab
 

@@ -67,6 +67,7 @@ class System:
     device_chips: tuple = ()  # a mixed system: one chip per device (see System.mixed)
     link_model: str = "calibrated"  # "calibrated" (fabrics.toml) or "ideal" (line rate, no overheads)
     power_basis: str | None = None  # POWER_BASES: "system (all-in)" when power_w is given, else "chip"
+    sharp: bool = False  # the scale-out switches reduce (InfiniBand SHARP, NCCL CollNet); off by default
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -78,6 +79,9 @@ class System:
         if self.link_model not in ("calibrated", "ideal"):
             raise ConfigError(f"{who}: link_model = {self.link_model!r} is unknown; choose 'calibrated' "
                              "(measured link efficiency and overheads) or 'ideal' (line rate)")
+        if not isinstance(self.sharp, bool):
+            raise ConfigError(f"{who}: sharp = {self.sharp!r} is invalid; give True (the scale-out switches "
+                             "reduce, InfiniBand SHARP) or False")
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1:
             raise ConfigError(f"{who}: devices = {self.devices!r} is invalid; give an integer >= 1")
         if self.device_chips and len(self.device_chips) != self.devices:

@@ -14,7 +14,7 @@ import torch
 
 from emulator import System
 from emulator.collectives import Fabric, simulate
-from emulator.device.collective import algorithms, choose, group_of
+from emulator.device.collective import TWO_LEVEL, algorithms, choose, group_of
 from emulator.device.program import Program
 from emulator.driver.programs import launch
 from launch.cli import main
@@ -37,7 +37,7 @@ def test_every_operation_equals_the_reference_and_simulate(cluster, world, algor
         primitive, members, nbytes, dtype, options, _ = per_device[0]
         group = group_of(system, Fabric.of(system), members, members[0])
         alg = chosen[primitive]
-        if alg.startswith("hier") and not group.regular:  # a group without two equal levels runs flat
+        if alg in TWO_LEVEL and not group.regular:  # a group without two equal levels runs flat
             alg = choose(primitive, alg, nbytes or 0, group, group.fabric)[0]
         ends = [t[-1] for t in per_device if t[-1] is not None]
         want = simulate(primitive, alg, nbytes or 0, group.system, dtype=dtype, **options)

@@ -121,7 +121,7 @@ def test_port_overhead_is_paid_per_message_of_a_fan_out():
     t = simulate("reduce_scatter", "direct", n, s, dtype="uint8")
     tuned = resolve("reduce_scatter", "direct", n, s, f.with_(elem_bytes=1))[1]
     link = tuned.link(0, 1)[1]
-    assert t == pytest.approx(tuned.base_s() + link.latency_s + 3 * (o + n / 4 / link.Bps), rel=1e-12)
+    assert t == pytest.approx(tuned.base_s() + link.latency_s + 3 * (o + link.wire_s(n / 4)), rel=1e-12)
 
 
 def test_a_users_latency_is_kept_over_the_fabrics():
