@@ -43,6 +43,9 @@ class Throttle(TorchDispatchMode):
         self.flops = 0.0
         self.bytes = 0.0
         self.emulated_s = 0.0  # sum of charged costs
+        # while kernels/replay.py records a step: (seconds, flops, bytes) of every charged op
+        self.log = None
+        self.steered = False  # while logging, an op ran whose result or output shape depends on data
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -54,6 +57,8 @@ class Throttle(TorchDispatchMode):
             cost = self.cost_model.op_cost(func, args, kwargs, out)
         else:
             cost = self._scaled(func, args, kwargs, out)
+        if self.log is not None and _steers(func):
+            self.steered = True
         if cost.seconds:
             seconds = cost.seconds * self.slowdown
             self.ops += 1
@@ -61,6 +66,8 @@ class Throttle(TorchDispatchMode):
             self.bytes += cost.bytes
             self.emulated_s += seconds
             self.lane.charge(seconds)
+            if self.log is not None:
+                self.log.append((seconds, cost.flops, cost.bytes))
         return out
 
     def _scaled(self, func, args, kwargs, out) -> OpCost:
@@ -80,6 +87,20 @@ class Throttle(TorchDispatchMode):
             yield
         finally:
             self.paused = was
+
+
+_STEERS: dict = {}  # op -> whether it steers (see _steers)
+
+
+def _steers(func) -> bool:
+    """Whether an op hands data to Python (.item(), bool(t): torch's data_dependent_output tag)
+    or makes an output whose shape depends on data (nonzero, bincount, unique: its
+    dynamic_output_shape tag). Only through such ops can the data change which ops run next."""
+    steers = _STEERS.get(func)
+    if steers is None:
+        tags = getattr(func, "tags", ())
+        steers = _STEERS[func] = torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags
+    return steers
 
 
 class ParameterTensors:
