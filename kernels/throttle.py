@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels.clock import VirtualLane
-from kernels.cost import CostModel, OpCost
+from kernels.cost import CostModel
 
 
 class Throttle(TorchDispatchMode):
@@ -53,31 +53,34 @@ class Throttle(TorchDispatchMode):
             return out
         if self.sync_cuda:
             torch.cuda.synchronize()
-        if self.batch_scale == 1.0:
-            cost = self.cost_model.op_cost(func, args, kwargs, out)
-        else:
-            cost = self._scaled(func, args, kwargs, out)
         if self.log is not None and _steers(func):
             self.steered = True
-        if cost.seconds:
-            seconds = cost.seconds * self.slowdown
+        # the cost model's parts, without an OpCost per op (this runs for every op)
+        k, model = self.batch_scale, self.cost_model
+        if k == 1.0:
+            parts = model.op_parts(func, args, kwargs, out)
+            if parts is None:
+                return out
+            flops, nbytes, _, q = parts
+            seconds = model.seconds(flops / q, nbytes)
+            flops, nbytes = float(flops), float(nbytes)
+        else:
+            parts = model.op_parts(func, args, kwargs, out, self.fixed, k)
+            if parts is None:
+                return out
+            flops, nbytes, fixed, q = parts
+            flops, nbytes = flops * k, (nbytes - fixed) * k + fixed
+            seconds = model.seconds(flops / q, nbytes)
+        if seconds:
+            seconds *= self.slowdown
             self.ops += 1
-            self.flops += cost.flops
-            self.bytes += cost.bytes
+            self.flops += flops
+            self.bytes += nbytes
             self.emulated_s += seconds
             self.lane.charge(seconds)
             if self.log is not None:
-                self.log.append((seconds, cost.flops, cost.bytes))
+                self.log.append((seconds, flops, nbytes))
         return out
-
-    def _scaled(self, func, args, kwargs, out) -> OpCost:
-        k = self.batch_scale
-        parts = self.cost_model.op_parts(func, args, kwargs, out, self.fixed, k)
-        if parts is None:
-            return OpCost(0.0, 0.0, 0.0)
-        flops, nbytes, fixed, q = parts
-        f, b = flops * k, (nbytes - fixed) * k + fixed
-        return OpCost(self.cost_model.seconds(f / q, b), f, b)
 
     @contextlib.contextmanager
     def pause(self):
