@@ -113,6 +113,16 @@ def test_a_step_whose_ops_follow_the_data_is_never_replayed():
     assert throttle.ops > 0
 
 
+def test_moe_routing_turns_replay_off():
+    """moe-debug routes its tokens by their real top-k: the experts' batch shapes follow the data."""
+    wl = get("moe-debug")
+    batches = _batches(wl, [2] * 3)
+    per_op, _ = _train(wl, batches, enabled=False)
+    fast, _ = _train(wl, batches, enabled=True)
+    assert [s[0] for s in fast] == ["record", "per-op", "per-op"]
+    assert [s[1:] for s in fast] == [s[1:] for s in per_op]
+
+
 def test_a_replayed_step_with_other_sync_points_raises():
     wl = get("mlp")
     torch.manual_seed(0)
