@@ -59,13 +59,14 @@ def test_virtual_clock_is_deterministic(cluster):
     assert emulated(a) == emulated(b)
 
 
-@pytest.mark.parametrize("name, bucket_mb", [("gpt-tiny", 0.05), ("mlp", 0.002)])
-def test_replayed_steps_give_the_emulated_times_of_per_op_charging(cluster, name, bucket_mb):
+@pytest.mark.parametrize("name, bucket_mb, overlap", [("gpt-tiny", 0.05, True), ("mlp", 0.002, True),
+                                                     ("gpt-tiny", 0.05, False)])
+def test_replayed_steps_give_the_emulated_times_of_per_op_charging(cluster, name, bucket_mb, overlap):
     """Replay (kernels/replay.py) against charging every op: the same emulated figures on every
     device and step, to the bit, including when each gradient bucket became ready and each
     all-reduce's span; slow links and small buckets, so that readiness decides the overlap."""
     cluster.configure(System("h100", 2, scaleup_gbps=2), clock="virtual")
-    kw = dict(steps=5, per_device_batch=4, bucket_mb=bucket_mb, seed=1)
+    kw = dict(steps=5, per_device_batch=4, bucket_mb=bucket_mb, seed=1, overlap=overlap)
     per_op = cluster.train(name, replay=False, **kw)
     fast = cluster.train(name, **kw)
     assert all(r["charged"] == "per-op" for d in per_op.per_device for r in d)
