@@ -53,7 +53,7 @@ class TrainConfig:
     replay: bool = _option(
         True, "once a step's ops repeat, run it at plain torch speed and charge its recorded segments (the same "
         "emulated times); off: charge every op as it runs, for a model whose ops change from step to step "
-        "with Python state")
+        "with Python state or data read through tolist() or numpy()")
 
     DEFAULT_PER_DEVICE_BATCH = 8  # when neither per_device_batch nor global_batch is given
 

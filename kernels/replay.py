@@ -31,8 +31,9 @@ Falling back:
   one more or one fewer) raises `ReplayError`: its ops already ran unmetered, so their cost is
   unknown. Such a model's ops depend on something no signature sees (Python state, a step
   counter); charge it per op (`Replay(enabled=False)`).
-Ops that change with Python state while every sync point stays in place go unseen; that is the
-one case where a replayed step's cost can differ from per-op charging.
+Two cases go unseen, and only in them can a replayed step's cost differ from per-op charging:
+ops that change with Python state while every sync point stays in place, and data read by
+`Tensor.tolist()` or `.numpy()` (on the CPU these read memory without dispatching any op).
 """
 
 from __future__ import annotations
