@@ -4,11 +4,12 @@
     dilation, host not oversubscribed) against the virtual clock's exact figure.
 (b) Relay's real overhead: real seconds per step of Relay's trainer run unthrottled (virtual
     clock: nothing sleeps) against plain torch DistributedDataParallel on gloo in the same 4 Ray
-    actors, same model, batch and optimizer.
+    actors, same model, batch and optimizer; with replayed steps (the default) and with every op
+    charged through the dispatch mode (replay=False), whose emulated times must be identical.
 (c) overlap: exposed communication with and without overlapping the all-reduce with backward
     (slow links, small buckets, so that communication is worth hiding).
 
-    python bench/training.py        (about 2 minutes)
+    python bench/training.py        (about 3 minutes)
 """
 
 from __future__ import annotations
@@ -69,15 +70,21 @@ def main() -> int:
         cluster.configure(clock="virtual")
         rows, misses = [], []
         for batch, target in ((BATCH, 1.15), (4 * BATCH, 1.05)):
-            relay = statistics.median(s["wall_s"] for s in
-                                      cluster.train("gpt-tiny", steps=STEPS, per_device_batch=batch).steps[1:])
+            runs = {replay: cluster.train("gpt-tiny", steps=STEPS, per_device_batch=batch, replay=replay)
+                    for replay in (True, False)}
+            relay, per_op = (statistics.median(s["wall_s"] for s in runs[r].steps[1:]) for r in (True, False))
             ddp = max(cluster.run(ddp_seconds_per_step, "gpt-tiny", STEPS, batch))
-            rows.append([batch, f"{relay * 1e3:.1f}", f"{ddp * 1e3:.1f}", f"{relay / ddp:.2f}x", f"<= {target}x"])
+            same = [s["step_s"] for s in runs[True].steps] == [s["step_s"] for s in runs[False].steps]
+            rows.append([batch, f"{relay * 1e3:.1f}", f"{per_op * 1e3:.1f}", f"{ddp * 1e3:.1f}",
+                         f"{relay / ddp:.2f}x", f"{per_op / ddp:.2f}x", f"<= {target}x", "yes" if same else "NO"])
             if relay / ddp > target:
                 misses.append(f"batch {batch} at {relay / ddp:.2f}x DDP")
+            if not same:
+                misses.append(f"batch {batch}: replayed steps' emulated times differ from per-op charging")
         print("(b) real seconds per step, same 4 actors, same model, batch and optimizer")
-        print(tabulate(rows, headers=["per-device batch", "Relay trainer real ms", "torch DDP (gloo) real ms",
-                                      "Relay / DDP", "target (issue 16)"], disable_numparse=True))
+        print(tabulate(rows, headers=["per-device batch", "Relay real ms", "Relay per-op real ms",
+                                      "torch DDP (gloo) real ms", "Relay / DDP", "per-op / DDP", "target (issue 16)",
+                                      "emul times identical"], disable_numparse=True))
         print()
 
         # (c) overlap

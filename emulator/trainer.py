@@ -50,6 +50,10 @@ class TrainConfig:
         1.0, "gradient bucket, MB at the emulated dtype (DDP's 25 MB would leave a small model nothing "
         "to overlap)")
     warmup: int = _option(1, "steps left out of the summary means")
+    replay: bool = _option(
+        True, "once a step's ops repeat, run it at plain torch speed and charge its recorded segments (the same "
+        "emulated times); off: charge every op as it runs, for a model whose ops change from step to step "
+        "with Python state or data read through tolist() or numpy()")
 
     DEFAULT_PER_DEVICE_BATCH = 8  # when neither per_device_batch nor global_batch is given
 
@@ -65,8 +69,9 @@ class TrainConfig:
             raise ConfigError(f"per_device_batch = {self.per_device_batch} and global_batch = "
                              f"{self.global_batch}: give one (weak or strong scaling), not both")
         check_algorithm("all_reduce", self.algorithm, allow_auto=True)
-        if not isinstance(self.overlap, bool):
-            raise ConfigError(f"overlap = {self.overlap!r} is invalid; give True or False")
+        for name in ("overlap", "replay"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} = {getattr(self, name)!r} is invalid; give True or False")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
             raise ConfigError(f"lr = {self.lr!r} is invalid; give a learning rate > 0")
         if self.optimizer not in (None, *OPTIMIZER_BYTES):

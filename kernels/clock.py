@@ -40,6 +40,15 @@ class VirtualLane:
         self.t += cost
         self.charged_s += cost
 
+    def charge_all(self, costs) -> None:
+        """Charge a recorded run of op costs: one by one, in order, so that the clock rounds
+        exactly as charge() after each op would have (kernels/replay.py)."""
+        t, c = self.t, self.charged_s
+        for x in costs:
+            t += x
+            c += x
+        self.t, self.charged_s = t, c
+
     def advance_to(self, t: float) -> None:
         if t > self.t:
             self.t = t
@@ -93,6 +102,11 @@ class WallLane:
         lead = self._behind() * self.dilation
         if lead > self.quantum_s:  # keep half a quantum of lead as a cushion for the next ops
             time.sleep(lead - self.quantum_s / 2)
+
+    def charge_all(self, costs) -> None:
+        """Charge a recorded run of op costs whose work has just run back to back: paced once,
+        as charge() after its last op would (kernels/replay.py)."""
+        self.charge(sum(costs))
 
     def advance_to(self, t: float) -> None:
         """Hold the lane until emulated time t (a sync point: sleeps off any lead). Waiting idle

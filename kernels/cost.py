@@ -160,22 +160,23 @@ class CostModel:
                     q = quantisation(m, n, self.chip.compute_units, int(math.prod(batch) * scale), k)
                 else:
                     q = quantisation(int(m * scale), n, self.chip.compute_units, 1, k)
-        counts = [0, 0]  # bytes, fixed bytes
-        self._bytes(args, counts, fixed)
-        self._bytes(out, counts, fixed)
-        if kwargs:
-            self._bytes(tuple(kwargs.values()), counts, fixed)
-        return flops, counts[0], counts[1], q
+        nbytes, fixed_bytes = self._bytes((args, out, tuple(kwargs.values()) if kwargs else ()), fixed)
+        return flops, nbytes, fixed_bytes, q
 
-    def _bytes(self, x, counts: list, fixed) -> None:
-        if isinstance(x, torch.Tensor):
-            n = x.numel() * (self._float_size if x.is_floating_point() else x.element_size())
-            counts[0] += n
-            if fixed is not None and fixed(x):
-                counts[1] += n
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                self._bytes(y, counts, fixed)
+    def _bytes(self, x, fixed) -> tuple[int, int]:
+        """(bytes, fixed bytes) of the tensors in the sequence x, nested in lists and tuples."""
+        nbytes = fixed_bytes = 0
+        for y in x:
+            if isinstance(y, torch.Tensor):
+                n = y.numel() * (self._float_size if y.is_floating_point() else y.element_size())
+                nbytes += n
+                if fixed is not None and fixed(y):
+                    fixed_bytes += n
+            elif isinstance(y, (list, tuple)):
+                n, f = self._bytes(y, fixed)
+                nbytes += n
+                fixed_bytes += f
+        return nbytes, fixed_bytes
 
     def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""

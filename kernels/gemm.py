@@ -21,6 +21,7 @@ fills the machine. Small tiles are taken as efficient as large ones, which errs 
 
 from __future__ import annotations
 
+import functools
 import math
 
 # Output tiles cuBLAS / CUTLASS choose among for bf16 (NVIDIA's GEMM performance guide lists
@@ -40,6 +41,7 @@ def _one(m: int, n: int, units: int | None, batch: int, tm: int, tn: int, k: int
     return edges * tiles / (math.ceil(tiles / units) * units)
 
 
+@functools.lru_cache(maxsize=4096)  # shapes repeat from step to step; the throttle asks per GEMM
 def quantisation(m: int, n: int, units: int | None, batch: int = 1, k: int | None = None) -> float:
     """Share of the tiles' issued work that is useful, in (0, 1], for `batch` GEMMs of (m, n)
     outputs over a reduction of k (None: unknown, no split-K) run as one kernel (bmm), with the

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels.clock import VirtualLane
-from kernels.cost import CostModel, OpCost
+from kernels.cost import CostModel
 
 
 class Throttle(TorchDispatchMode):
@@ -43,6 +43,9 @@ class Throttle(TorchDispatchMode):
         self.flops = 0.0
         self.bytes = 0.0
         self.emulated_s = 0.0  # sum of charged costs
+        # while kernels/replay.py records a step: (seconds, flops, bytes) of every charged op
+        self.log = None
+        self.steered = False  # while logging, an op ran whose result or output shape depends on data
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -50,27 +53,34 @@ class Throttle(TorchDispatchMode):
             return out
         if self.sync_cuda:
             torch.cuda.synchronize()
-        if self.batch_scale == 1.0:
-            cost = self.cost_model.op_cost(func, args, kwargs, out)
+        if self.log is not None and _steers(func):
+            self.steered = True
+        # the cost model's parts, without an OpCost per op (this runs for every op)
+        k, model = self.batch_scale, self.cost_model
+        if k == 1.0:
+            parts = model.op_parts(func, args, kwargs, out)
+            if parts is None:
+                return out
+            flops, nbytes, _, q = parts
+            seconds = model.seconds(flops / q, nbytes)
+            flops, nbytes = float(flops), float(nbytes)
         else:
-            cost = self._scaled(func, args, kwargs, out)
-        if cost.seconds:
-            seconds = cost.seconds * self.slowdown
+            parts = model.op_parts(func, args, kwargs, out, self.fixed, k)
+            if parts is None:
+                return out
+            flops, nbytes, fixed, q = parts
+            flops, nbytes = flops * k, (nbytes - fixed) * k + fixed
+            seconds = model.seconds(flops / q, nbytes)
+        if seconds:
+            seconds *= self.slowdown
             self.ops += 1
-            self.flops += cost.flops
-            self.bytes += cost.bytes
+            self.flops += flops
+            self.bytes += nbytes
             self.emulated_s += seconds
             self.lane.charge(seconds)
+            if self.log is not None:
+                self.log.append((seconds, flops, nbytes))
         return out
-
-    def _scaled(self, func, args, kwargs, out) -> OpCost:
-        k = self.batch_scale
-        parts = self.cost_model.op_parts(func, args, kwargs, out, self.fixed, k)
-        if parts is None:
-            return OpCost(0.0, 0.0, 0.0)
-        flops, nbytes, fixed, q = parts
-        f, b = flops * k, (nbytes - fixed) * k + fixed
-        return OpCost(self.cost_model.seconds(f / q, b), f, b)
 
     @contextlib.contextmanager
     def pause(self):
@@ -80,6 +90,20 @@ class Throttle(TorchDispatchMode):
             yield
         finally:
             self.paused = was
+
+
+_STEERS: dict = {}  # op -> whether it steers (see _steers)
+
+
+def _steers(func) -> bool:
+    """Whether an op hands data to Python (.item(), bool(t): torch's data_dependent_output tag)
+    or makes an output whose shape depends on data (nonzero, bincount, unique: its
+    dynamic_output_shape tag). Only through such ops can the data change which ops run next."""
+    steers = _STEERS.get(func)
+    if steers is None:
+        tags = getattr(func, "tags", ())
+        steers = _STEERS[func] = torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags
+    return steers
 
 
 class ParameterTensors:

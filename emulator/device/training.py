@@ -25,6 +25,7 @@ from emulator.device.collective import group_of, run_collective
 from emulator.device.job import Job, die
 from emulator.trainer import Optimizer, TrainConfig, grad_params, make_buckets
 from kernels.cost import ITEMSIZE
+from kernels.replay import Replay, signature
 from kernels.throttle import ParameterTensors
 
 
@@ -34,12 +35,14 @@ class GradSync:
     devices issue the same collectives in the same order)."""
 
     def __init__(self, model, transport, system, algorithm: str, lane, compute_lane, elem_bytes: int,
-                 bucket_bytes: float, threaded: bool, throttle, fabric, overlap: bool = True):
+                 bucket_bytes: float, threaded: bool, throttle, fabric, overlap: bool = True, replay=None):
         self.transport, self.system, self.algorithm, self.lane = transport, system, algorithm, lane
         self.group = group_of(system, fabric, range(system.devices), transport.rank)  # every device
         self.compute_lane = compute_lane
         self.elem_bytes, self.throttle = elem_bytes, throttle
+        self.replay = replay  # a kernels.replay.Replay: each gradient that becomes ready is a sync point
         params = grad_params(model)
+        self.position = {p: k for k, p in enumerate(params)}
         self.buckets = make_buckets(params, elem_bytes, bucket_bytes)
         self.where = {p: i for i, b in enumerate(self.buckets) for p in b}
         self.threaded = threaded
@@ -57,9 +60,12 @@ class GradSync:
         self.waiting = [len(b) for b in self.buckets]
         self.launched = 0
         self.spans = []  # (start, end) of each bucket's all-reduce, emulated s
+        self.ready = []  # when each bucket became ready on the compute lane, emulated s
         self.done = threading.Semaphore(0)
 
     def _ready(self, p) -> None:
+        if self.replay is not None:
+            self.replay.sync(self.position[p])
         i = self.where[p]
         self.waiting[i] -= 1
         while self.launched < len(self.buckets) and self.waiting[self.launched] == 0:
@@ -71,6 +77,7 @@ class GradSync:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                               for p in self.buckets[i]]).cpu()  # gloo moves host memory
         ready = self.compute_lane.scheduled()  # the bucket is ready when backward got here
+        self.ready.append(ready)
         if self.threaded:
             self.jobs.put((i, flat, ready))
         else:
@@ -130,9 +137,11 @@ def train(dev, job: Job, config: TrainConfig) -> dict:
     throttle = job.throttle(rank, compute, host)
     throttle.fixed = ParameterTensors(model.parameters())  # charged once under batch_scale
     elem = ITEMSIZE[job.dtype]  # gradients travel at the emulated dtype
+    # charges recorded segments of a step once its ops repeat (kernels/replay.py)
+    replay = Replay(throttle, enabled=config.replay)
     sync = GradSync(model, transport, job.system, config.algorithm, comm, compute, elem,
                     config.bucket_mb * 1e6, threaded=job.clock == "wall", throttle=throttle,
-                    overlap=config.overlap, fabric=job.fabric(elem))
+                    overlap=config.overlap, fabric=job.fabric(elem), replay=replay)
     data = _prefetch(wl.batches(rank, world, config.batch_for(world), config.seed), job.clock == "wall")
     rows = []
     compute.start()
@@ -143,18 +152,21 @@ def train(dev, job: Job, config: TrainConfig) -> dict:
         batch = _to(next(data), host)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
         sync.reset()
+        replay.begin((signature(batch), config.batch_scale))
         throttle.batch_scale = config.batch_scale  # forward and backward scale with the batch ...
-        with throttle:
+        with replay.charged():
             loss = wl.loss(model, batch)
             loss.backward()
         throttle.batch_scale = 1.0  # ... the optimizer step does not
+        replay.sync("backward")
         t_bwd = compute.now()
         comm_end = sync.finish(job.timeout_s)
         compute.advance_to(comm_end)
         t_opt = compute.scheduled()
-        with throttle:
+        with replay.charged():
             opt.step()
             opt.zero_grad()
+        replay.end()
         t1 = compute.measure()
         # the global batch's loss, known to every device (so a failed device's steps keep theirs)
         local = float(loss.detach())
@@ -162,7 +174,7 @@ def train(dev, job: Job, config: TrainConfig) -> dict:
         rows.append({"step": step, "loss": global_loss, "local_loss": local, "start_s": t0, "end_s": t1,
                      "compute_s": throttle.emulated_s - c0, "comm_s": sum(b - a for a, b in sync.spans),
                      "exposed_comm_s": max(0.0, comm_end - t_bwd), "flops": throttle.flops - f0,
-                     "wall_s": time.time() - r0,
+                     "wall_s": time.time() - r0, "ready_s": list(sync.ready), "charged": replay.mode,
                      "spans": {"forward+backward": (t0, t_bwd), "optimizer": (t_opt, t1),
                                "all-reduce": list(sync.spans)}})
         dev.report(rows[-1])

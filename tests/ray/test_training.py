@@ -59,6 +59,25 @@ def test_virtual_clock_is_deterministic(cluster):
     assert emulated(a) == emulated(b)
 
 
+@pytest.mark.parametrize("name, bucket_mb, overlap", [("gpt-tiny", 0.05, True), ("mlp", 0.002, True),
+                                                     ("gpt-tiny", 0.05, False)])
+def test_replayed_steps_give_the_emulated_times_of_per_op_charging(cluster, name, bucket_mb, overlap):
+    """Replay (kernels/replay.py) against charging every op: the same emulated figures on every
+    device and step, to the bit, including when each gradient bucket became ready and each
+    all-reduce's span; slow links and small buckets, so that readiness decides the overlap."""
+    cluster.configure(System("h100", 2, scaleup_gbps=2), clock="virtual")
+    kw = dict(steps=5, per_device_batch=4, bucket_mb=bucket_mb, seed=1, overlap=overlap)
+    per_op = cluster.train(name, replay=False, **kw)
+    fast = cluster.train(name, **kw)
+    assert all(r["charged"] == "per-op" for d in per_op.per_device for r in d)
+    assert [r["charged"] for r in fast.per_device[0]] == ["record", "record", "replay", "replay", "replay"]
+    emulated = lambda res: [[{k: v for k, v in r.items() if k not in ("wall_s", "charged")} for r in d]  # noqa: E731
+                            for d in res.per_device]
+    assert emulated(fast) == emulated(per_op)
+    assert len(fast.per_device[0][-1]["ready_s"]) > 2  # several buckets, each with its moment
+    assert [s["step_s"] for s in fast.steps] == [s["step_s"] for s in per_op.steps]
+
+
 def test_metrics_add_up(cluster):
     res = cluster.train("gpt-tiny", steps=3, per_device_batch=2)
     for s in res.steps:
@@ -90,9 +109,13 @@ def test_slower_chip_gives_a_longer_step(cluster):
 
 def test_wall_clock_training_runs(cluster):
     cluster.configure(clock="wall")
-    res = cluster.train("mlp", steps=2, per_device_batch=4)
+    res = cluster.train("mlp", steps=4, per_device_batch=4)
     assert res.config["dilation"] > 1 and 0 < res.summary()["fidelity"] <= 1
-    assert res.losses == pytest.approx(train_single(get("mlp"), 2, 16)[0], abs=1e-5)
+    assert res.losses == pytest.approx(train_single(get("mlp"), 4, 16)[0], abs=1e-5)
+    # the last two steps were replayed (paced per segment), and charged what the recorded ones were
+    rows = res.per_device[0]
+    assert [r["charged"] for r in rows] == ["record", "record", "replay", "replay"]
+    assert rows[3]["compute_s"] == pytest.approx(rows[1]["compute_s"], rel=1e-9)
 
 
 # a user's workload, defined in a test module and named by import path

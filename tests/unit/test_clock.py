@@ -1,3 +1,4 @@
+import random
 import time
 
 import pytest
@@ -67,3 +68,25 @@ def test_auto_dilation_fits_70_percent_of_the_cores():
 def test_too_small_dilation_names_the_one_that_fits():
     with pytest.raises(ValueError, match=r"dilation = 10 is too small .* need dilation >= 285.7"):
         check_dilation(10, dilation_for(100.0, 4, 2), 4, 2)
+
+
+def test_charging_a_recorded_run_of_costs_rounds_as_charging_them_one_by_one():
+    rng = random.Random(1)
+    costs = [rng.random() * 10 ** rng.randint(-9, -3) for _ in range(50)]  # op costs, s
+    one, all_ = VirtualLane(), VirtualLane()
+    one.charge(0.3)
+    all_.charge(0.3)
+    for c in costs:
+        one.charge(c)
+    all_.charge_all(costs)
+    assert (all_.now(), all_.charged_s) == (one.now(), one.charged_s)
+    assert one.now() != 0.3 + sum(costs)  # adding the run's sum at once would round otherwise
+
+
+def test_a_wall_lane_paces_a_recorded_run_once_at_its_end():
+    lane = WallLane(dilation=1.0)
+    start = time.time()
+    lane.charge_all([0.01] * 5)  # the work is done: the lane sleeps off its lead once
+    assert lane.scheduled() == pytest.approx(0.05)
+    assert time.time() - start >= 0.05 - lane.quantum_s / 2 - 1e-3
+    assert lane.overruns == 0
