@@ -67,6 +67,9 @@ def cmd_launch(args) -> int:
     for k in ("tokens", "samples"):
         if summary[f"{k}_per_s"]:
             print(f"throughput: {fmt(summary[f'{k}_per_s'])} {k} per emulated s")
+    if clock == "wall":
+        print(f"wall-clock fidelity: {summary['fidelity']:.3f} (1.0: every device kept to the emulated schedule; "
+              f"below, the host fell behind at dilation {res.config['dilation']:.3g}: raise --dilation)")
     print(f"# results: {out.path} (trace.json opens in Perfetto)")
     return 0
 
