@@ -15,6 +15,7 @@ import torch
 from emulator import workloads
 from emulator.collectives.schedules import check as check_algorithm
 from emulator.errors import ConfigError
+from emulator.parallel import Parallel
 from emulator.workloads import Workload
 from kernels.cost import ITEMSIZE
 
@@ -50,6 +51,10 @@ class TrainConfig:
         1.0, "gradient bucket, MB at the emulated dtype (DDP's 25 MB would leave a small model nothing "
         "to overlap)")
     warmup: int = _option(1, "steps left out of the summary means")
+    parallel: Parallel | None = _option(
+        None, "parallelism plan through PyTorch's own APIs, e.g. dp=4,tp=2,pp=2,ep=2,microbatches=4 with the "
+        "bare words fsdp and recompute (default: Relay's data-parallel trainer over every device); "
+        "per_device_batch is then the batch of one data-parallel replica")
 
     DEFAULT_PER_DEVICE_BATCH = 8  # when neither per_device_batch nor global_batch is given
 
@@ -73,6 +78,8 @@ class TrainConfig:
             raise ConfigError(f"optimizer = {self.optimizer!r} is unknown; choose 'adamw' or 'sgd'")
         if not (_number(self.bucket_mb) and self.bucket_mb > 0):
             raise ConfigError(f"bucket_mb = {self.bucket_mb!r} is invalid; give MB > 0")
+        if self.parallel is not None:
+            object.__setattr__(self, "parallel", Parallel.parse(self.parallel))
 
     @classmethod
     def options(cls) -> list:
@@ -95,6 +102,15 @@ class TrainConfig:
                              "choose device counts that divide it, or weak scaling (per_device_batch)")
         return self.global_batch // devices
 
+    def replicas(self, devices: int) -> int:
+        """Data-parallel replicas among `devices`: each takes batch_for(replicas) samples a step."""
+        return self.parallel.dp if self.parallel is not None else devices
+
+    def global_samples(self, devices: int) -> int:
+        """Samples a step computes over all devices (times batch_scale: as charged)."""
+        n = self.replicas(devices)
+        return n * self.batch_for(n) * self.batch_scale
+
     @property
     def weak(self) -> bool:
         return self.global_batch is None
@@ -114,6 +130,7 @@ class TrainConfig:
         """For config.json: every field, the workload by name."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["workload"] = self.workload.name
+        out["parallel"] = None if self.parallel is None else str(self.parallel)
         return out
 
 

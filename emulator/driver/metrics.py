@@ -26,7 +26,7 @@ def figures(system, samples: int, tokens_per_sample: int | None, dtype: str, ste
 def aggregate(per_device: list[dict], system, config, dtype: str, steps: int | None = None) -> list[dict]:
     """Global per-step rows from every device's rows. A step ends when its last device ends.
     After a failure some devices may lack their last rows: a step then uses the rows it has."""
-    samples = system.devices * config.batch_for(system.devices) * config.batch_scale
+    samples = config.global_samples(system.devices)
     rows_of = [d["rows"] for d in per_device]
     prev = max(r[0]["start_s"] for r in rows_of if r)
     fidelity = min(d.get("fidelity", 1.0) for d in per_device)
