@@ -6,7 +6,8 @@ Each step's row has the data-parallel trainer's columns (device/training.py), in
 seconds: the step on the compute lane (start, end), compute (charged op costs), communication
 (the backend's operations of the step, summed), exposed communication (how long the compute
 lane waited for them), the global batch's loss, FLOPs, wall seconds and the spans for the
-trace. The loss is summed over the devices that computed one (the last pipeline stage) by a
+trace. Waiting on a pipeline neighbour's receive (its compute, mostly: the bubble) is
+`pipeline_wait_s`, not exposed communication; the step's `other_s` includes it. The loss is summed over the devices that computed one (the last pipeline stage) by a
 control all-reduce, outside emulated time.
 """
 
@@ -103,7 +104,7 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
         with throttle.pause():
             batch = next(data)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
-        n0, e0 = len(engine.spans), engine.exposed_s
+        n0, e0, w0 = len(engine.spans), engine.exposed_s, engine.recv_wait_s
         throttle.batch_scale = config.batch_scale  # forward and backward scale with the batch ...
         local = m.step(wl.loss, batch)
         throttle.batch_scale = 1.0  # ... the optimizer step does not
@@ -118,7 +119,8 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
             total, holders = transport.total([local or 0.0, 1.0 if local is not None else 0.0], world)
         row = {"step": step, "loss": total / holders, "local_loss": local, "start_s": t0, "end_s": t1,
                "compute_s": throttle.emulated_s - c0, "comm_s": sum(e - s for _, s, e, _ in spans),
-               "exposed_comm_s": engine.exposed_s - e0, "flops": throttle.flops - f0, "wall_s": time.time() - r0,
+               "exposed_comm_s": (engine.exposed_s - e0) - (engine.recv_wait_s - w0),
+               "pipeline_wait_s": engine.recv_wait_s - w0, "flops": throttle.flops - f0, "wall_s": time.time() - r0,
                "spans": {"forward+backward": (t0, t_bwd), "optimizer": (t_opt, t1)}}
         for name, s, e, _ in spans:
             row["spans"].setdefault(name, []).append((s, e))

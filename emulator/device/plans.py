@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -139,6 +139,7 @@ def tensor_parallel(blocks, mesh, tp: int) -> None:
         if isinstance(attn, MLA):
             attn.c = replace(attn.c, n_heads=attn.c.n_heads // tp)  # the low-rank latents stay whole
             plan |= {"attn.wq_b": ColwiseParallel(), "attn.wkv_b": ColwiseParallel()}
+            attn.wkv_a.register_forward_hook(_SharedKey(mesh, attn.c))
         else:
             attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
             plan |= {f"attn.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")}
@@ -146,6 +147,21 @@ def tensor_parallel(blocks, mesh, tp: int) -> None:
         if isinstance(block.ffn, SwiGLU):
             plan |= {"ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(), "ffn.w2": RowwiseParallel()}
         parallelize_module(block, mesh, plan)
+
+
+class _SharedKey:
+    """MLA's rotary key is one for all heads and reaches attention without a column-wise layer,
+    so each device's gradient for it holds only its own heads' share: Megatron's "copy to the
+    tensor-parallel region" (identity forward, all-reduce in backward), made of DTensor's
+    from_local and to_local(grad_placements=Partial)."""
+
+    def __init__(self, mesh, c):
+        self.mesh, self.split = mesh, [c.kv_lora_rank, c.qk_rope_dim]
+
+    def __call__(self, module, args, out):
+        kv, k_pe = out.split(self.split, dim=-1)
+        k_pe = DTensor.from_local(k_pe, self.mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+        return torch.cat([kv, k_pe], dim=-1)
 
 
 def recompute(blocks) -> None:
