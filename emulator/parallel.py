@@ -15,7 +15,7 @@ orders its groups the same way (tp, ep, dp, pp from the inside out).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from emulator.errors import ConfigError
 
@@ -47,12 +47,6 @@ class Parallel:
             raise ConfigError(f"parallel: microbatches = {m!r} is invalid; give an integer >= 1")
         if m is not None and self.pp == 1 and m != 1:
             raise ConfigError(f"parallel: microbatches = {m} needs a pipeline; set pp > 1 or drop microbatches")
-        if self.dp % self.ep:
-            raise ConfigError(f"parallel: ep = {self.ep} does not divide dp = {self.dp}; expert parallelism "
-                              "splits the experts over groups of ep data-parallel replicas: choose ep dividing dp")
-        if self.fsdp and self.dp == 1:
-            raise ConfigError("parallel: fsdp shards over the data-parallel replicas, and dp = 1; set dp > 1 "
-                              "or drop fsdp")
 
     @classmethod
     def parse(cls, text) -> Parallel:
@@ -87,6 +81,13 @@ class Parallel:
         parts += [f"microbatches={self.microbatches}"] if self.microbatches else []
         parts += [k for k in ("fsdp", "recompute") if getattr(self, k)]
         return ",".join(parts) or "dp=1"
+
+    def fill(self, devices: int) -> Parallel:
+        """The plan with dp = devices / (tp x pp): a sweep's point of `devices` devices."""
+        if devices % (self.tp * self.pp):
+            raise ConfigError(f"parallel: tp ({self.tp}) x pp ({self.pp}) does not divide devices ({devices}); "
+                              "sweep device counts that are multiples of it")
+        return replace(self, dp=devices // (self.tp * self.pp))
 
     @property
     def devices(self) -> int:
@@ -126,6 +127,12 @@ class Parallel:
         if domain % self.tp:
             raise ConfigError(f"parallel: tp = {self.tp} does not divide the scale-up domain ({domain} devices); "
                               "tensor parallelism stays inside a domain: choose tp dividing it")
+        if self.dp % self.ep:
+            raise ConfigError(f"parallel: ep = {self.ep} does not divide dp = {self.dp}; expert parallelism "
+                              "splits the experts over groups of ep data-parallel replicas: choose ep dividing dp")
+        if self.fsdp and self.dp == 1:
+            raise ConfigError("parallel: fsdp shards over the data-parallel replicas, and dp = 1; set dp > 1 "
+                              "or drop fsdp")
         m = self.n_microbatches
         if replica_batch is not None and self.pp > 1 and replica_batch % m:
             raise ConfigError(f"parallel: microbatches = {m} does not divide the batch of a replica "

@@ -63,7 +63,8 @@ def run_table(s: dict, config: dict) -> list[list]:
             ["host time per step", fmt(s["wall_s"]), "real s"],
             ["fidelity", fmt(s["fidelity"], digits=4), "wall clock: 1.0 = exact"]]
     if config.get("loss_floor") is not None:
-        rows.insert([r[0] for r in rows].index("final loss") + 1, ["best achievable loss", fmt(config["loss_floor"], digits=4), "nats"])
+        at = [r[0] for r in rows].index("final loss") + 1
+        rows.insert(at, ["best achievable loss", fmt(config["loss_floor"], digits=4), "nats"])
     return rows
 
 

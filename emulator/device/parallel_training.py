@@ -7,8 +7,9 @@ seconds: the step on the compute lane (start, end), compute (charged op costs), 
 (the backend's operations of the step, summed), exposed communication (how long the compute
 lane waited for them), the global batch's loss, FLOPs, wall seconds and the spans for the
 trace. Waiting on a pipeline neighbour's receive (its compute, mostly: the bubble) is
-`pipeline_wait_s`, not exposed communication; the step's `other_s` includes it. The loss is summed over the devices that computed one (the last pipeline stage) by a
-control all-reduce, outside emulated time.
+`pipeline_wait_s`, not exposed communication; the step's `other_s` includes it. The loss is
+summed over the devices that computed one (the last pipeline stage) by a control all-reduce,
+outside emulated time.
 """
 
 from __future__ import annotations

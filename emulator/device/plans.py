@@ -194,7 +194,12 @@ def data_parallel(module: nn.Module, blocks, plan, mesh, ignored: list, bucket_m
         return module, True
     if skip:
         DDP._set_params_and_buffers_to_ignore_for_model(module, [n for n, p in module.named_parameters() if p in skip])
-    return DDP(module, process_group=mesh.get_group(), bucket_cap_mb=bucket_mb), False
+    # Under a pipeline schedule DDP's first step has a backward per microbatch, and the bucket
+    # order it then rebuilds lists each parameter once per microbatch (an internal assert of
+    # torch's reducer fails in the second step: "rebuilt parameter indices size is not same as
+    # original model parameters size"); find_unused_parameters turns that rebuild off.
+    return DDP(module, process_group=mesh.get_group(), bucket_cap_mb=bucket_mb,
+               find_unused_parameters=plan.pp > 1), False
 
 
 def average_gradients(params, group) -> None:

@@ -29,6 +29,7 @@ PLANS = [  # (workload, plan): each kind alone, then 3-D combinations that fit o
     ("llama-debug", "dp=4,fsdp"),
     ("llama-debug", "tp=2"),
     ("llama-debug", "pp=2,microbatches=4"),
+    ("llama-debug", "dp=2,pp=2"),  # DDP under a pipeline schedule
     ("moe-debug", "dp=4,ep=4"),
     ("llama-debug", "dp=2,tp=2,pp=2"),
     ("llama-debug", "dp=2,tp=2,pp=2,fsdp,recompute"),
@@ -95,3 +96,11 @@ def test_relay_run_takes_a_plan(cluster8, tmp_path, capsys):
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert config["training"]["parallel"] == "dp=2,pp=2" and config["training"]["global_batch"] == 16
     assert len((tmp_path / "p" / "steps.csv").read_text().splitlines()) == 3
+
+
+def test_relay_sweep_fills_dp_with_each_points_devices(cluster8, tmp_path, capsys):
+    assert main(["sweep", "--chips", "h100", "--devices", "2,4", "--workload", "llama-debug", "--parallel", "tp=2",
+                 "--steps", "2", "--out", str(tmp_path), "--name", "s"]) == 0
+    assert "parallel tp=2 with dp = devices / (tp x pp)" in capsys.readouterr().out
+    points = json.loads((tmp_path / "s" / "summary.json").read_text())["points"]
+    assert [(p["devices"], p["global_batch"], p["predicted"]) for p in points] == [(2, 8, False), (4, 16, False)]

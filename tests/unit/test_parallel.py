@@ -6,7 +6,7 @@ import pytest
 from emulator import Cluster, Parallel, System, TrainConfig
 from emulator.errors import ConfigError
 from emulator.workloads import get
-from launch.cli import build_parser
+from launch.cli import build_parser, main
 from launch.options import config_from
 
 LLAMA, MOE = get("llama-debug").config, get("moe-debug").config
@@ -17,8 +17,6 @@ LLAMA, MOE = get("llama-debug").config, get("moe-debug").config
     (dict(tp=1.5), r"parallel: tp = 1.5 is invalid"),
     (dict(pp=True), r"parallel: pp = True is invalid"),
     (dict(fsdp="yes", dp=2), r"parallel: fsdp = 'yes' is invalid; give True or False"),
-    (dict(dp=4, ep=3), r"parallel: ep = 3 does not divide dp = 4; .* choose ep dividing dp"),
-    (dict(fsdp=True), r"parallel: fsdp shards over the data-parallel replicas, and dp = 1; set dp > 1"),
     (dict(microbatches=4), r"parallel: microbatches = 4 needs a pipeline; set pp > 1"),
     (dict(pp=2, microbatches=0), r"parallel: microbatches = 0 is invalid"),
 ])
@@ -37,6 +35,8 @@ def test_bad_fields_name_the_field_the_value_and_the_fix(fields, match):
     (Parallel(dp=8, ep=8, tp=1), 8, 8, MOE.__class__(**{**MOE.__dict__, "n_experts": 12}), 8,
      r"ep = 8 does not divide n_experts = 12"),
     (Parallel(tp=2), 2, 2, None, 8, r"tp, pp and ep split a transformer of this project"),
+    (Parallel(dp=4, ep=3), 4, 4, MOE, 8, r"parallel: ep = 3 does not divide dp = 4; .* choose ep dividing dp"),
+    (Parallel(tp=2, fsdp=True), 2, 2, LLAMA, 8, r"fsdp shards over the data-parallel replicas, and dp = 1; set dp > 1"),
 ])
 def test_a_plan_that_does_not_fit_is_refused(plan, devices, domain, config, batch, match):
     with pytest.raises(ConfigError, match=match):
@@ -75,6 +75,12 @@ def test_mesh_keeps_tensor_parallel_inside_a_domain_then_experts_then_replicas_t
     assert plan.coords(9)["dp"] == plan.coords(1)["dp"] and plan.coords(9)["pp"] == 1
 
 
+def test_a_sweep_point_fills_dp_with_what_tp_and_pp_leave():
+    assert Parallel(tp=2, pp=2, fsdp=True).fill(16) == Parallel(dp=4, tp=2, pp=2, fsdp=True)
+    with pytest.raises(ConfigError, match=r"tp \(2\) x pp \(2\) does not divide devices \(6\)"):
+        Parallel(tp=2, pp=2).fill(6)
+
+
 def test_train_config_takes_a_plan_as_text_and_records_it():
     c = TrainConfig(workload="llama-debug", parallel="dp=2,tp=2", per_device_batch=3)
     assert c.parallel == Parallel(dp=2, tp=2)
@@ -91,3 +97,9 @@ def test_the_command_line_option_and_the_preflight():
     with pytest.raises(ConfigError, match=r"dp \(2\) x tp \(1\) x pp \(1\) = 2 != devices \(4\)"):
         cluster.preflight("llama-debug", parallel="dp=2")
     assert cluster.actors == []
+
+
+def test_breakeven_refuses_a_plan_before_any_device(capsys, tmp_path):
+    assert main(["breakeven", "--fast", "hgx-h100", "--slow", "a100", "--workload", "llama-debug",
+                 "--parallel", "tp=2", "--out", str(tmp_path)]) == 2
+    assert "breakeven: --parallel is not supported yet" in capsys.readouterr().err
