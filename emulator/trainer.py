@@ -80,6 +80,9 @@ class TrainConfig:
             raise ConfigError(f"bucket_mb = {self.bucket_mb!r} is invalid; give MB > 0")
         if self.parallel is not None:
             object.__setattr__(self, "parallel", Parallel.parse(self.parallel))
+            if self.batch_scale != 1:  # parameter-shaped tensors are recognised on whole, unsharded ones only
+                raise ConfigError(f"batch_scale = {self.batch_scale} with parallel = '{self.parallel}' is not "
+                                  "supported yet; use batch_scale = 1 with a plan, or drop parallel")
 
     @classmethod
     def options(cls) -> list:

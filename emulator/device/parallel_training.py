@@ -40,7 +40,7 @@ class _Model:
     """The plan applied: what this device calls, steps and reports."""
 
     def __init__(self, config: TrainConfig, rank: int):
-        plan, self.plan = config.parallel, config.parallel
+        plan = self.plan = config.parallel
         self.at = plan.coords(rank)
         mesh = init_device_mesh("cpu", plan.shape, mesh_dim_names=DIMS)
         dp_mesh = mesh["dp_outer", "ep"]._flatten("dp")
@@ -62,7 +62,8 @@ class _Model:
         self.schedule = plans.pipeline(self.module, self.at["pp"], plan, mesh.get_group("pp")) if plan.pp > 1 \
             else None
         self.opt = Optimizer(config.optimizer_used, self.module.parameters(), config.lr_used)
-        self.holds_loss = self.last  # the devices whose loss is the replica's
+        experts = set(self.experts)
+        self.shared = [p for p in self.module.parameters() if p not in experts]  # averaged by hand if by_hand
 
     def step(self, loss_fn, batch) -> float | None:
         """Forward and backward of one replica's batch; the loss where this device has it."""
@@ -83,8 +84,7 @@ class _Model:
                 self.schedule.step()
             local = float(torch.stack([x.detach() for x in losses]).mean()) if losses else None
         if self.by_hand:
-            plans.average_gradients([p for p in self.module.parameters() if p not in set(self.experts)],
-                                    self.dp_group)
+            plans.average_gradients(self.shared, self.dp_group)
         if self.experts:
             plans.sync_experts(self.experts, self.expert_group, self.plan.dp)
         return local

@@ -42,11 +42,12 @@ def preflight(cluster, config: TrainConfig) -> Preflight:
     schedule("all_reduce", algorithm, 0, n, n, topology_of(system))  # refuses bad layouts
     cluster.faults.check(n)
     if config.parallel is not None:
-        config.parallel.check(n, system.domain, config.workload.config, config.batch_for(config.replicas(n)))
-    memory = check_memory(config, system, config.batch_for(n), cluster.dtype)
+        config.parallel.check(n, system.domain, config.workload.config, config.batch_for(config.parallel.dp))
+    batch = config.batch_for(config.replicas(n))  # a device's, or under a plan a replica's
+    memory = check_memory(config, system, batch, cluster.dtype)
     ratio = 1.0
     if cluster.clock == "wall":
-        ratio = max(probe_ratio(config, system, config.batch_for(n), cluster.dtype, cluster.efficiency),
+        ratio = max(probe_ratio(config, system, batch, cluster.dtype, cluster.efficiency),
                     comm_ratio(system, config.bucket_mb * 1e6))
         cluster.job(ratio)  # refuses a dilation this host cannot honour
     return Preflight(config, system, cluster.clock, memory, ratio)
