@@ -11,8 +11,9 @@ from emulator.driver.metrics import TrainResult
 from emulator.driver.monitor import DeviceError
 from emulator.hardware import chips
 from emulator.hardware.system import System
+from emulator.parallel import Parallel
 from emulator.trainer import TrainConfig, train_single
 from emulator.workloads import Workload
 
-__all__ = ["Cluster", "DeviceError", "Faults", "System", "TrainConfig", "TrainResult", "Workload", "chips",
+__all__ = ["Cluster", "DeviceError", "Faults", "Parallel", "System", "TrainConfig", "TrainResult", "Workload", "chips",
            "train_single"]

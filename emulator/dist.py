@@ -27,6 +27,7 @@ class Context:
     clock: str  # "virtual" or "wall"
     engine: object = field(repr=False, compare=False)
     counts: dict = field(default_factory=dict, repr=False, compare=False)  # reported tokens, samples
+    throttle: object = field(default=None, repr=False, compare=False)  # the compute lane's CommThrottle
 
     @property
     def domain(self) -> int:

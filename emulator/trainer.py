@@ -15,6 +15,7 @@ import torch
 from emulator import workloads
 from emulator.collectives.schedules import check as check_algorithm
 from emulator.errors import ConfigError
+from emulator.parallel import Parallel
 from emulator.workloads import Workload
 from kernels.cost import ITEMSIZE
 
@@ -54,6 +55,10 @@ class TrainConfig:
         True, "once a step's ops repeat, run it at plain torch speed and charge its recorded segments (the same "
         "emulated times); off: charge every op as it runs, for a model whose ops change from step to step "
         "with Python state or data read through tolist() or numpy()")
+    parallel: Parallel | None = _option(
+        None, "parallelism plan through PyTorch's own APIs, e.g. dp=4,tp=2,pp=2,ep=2,microbatches=4 with the "
+        "bare words fsdp and recompute (default: Relay's data-parallel trainer over every device); "
+        "per_device_batch is then the batch of one data-parallel replica")
 
     DEFAULT_PER_DEVICE_BATCH = 8  # when neither per_device_batch nor global_batch is given
 
@@ -78,6 +83,11 @@ class TrainConfig:
             raise ConfigError(f"optimizer = {self.optimizer!r} is unknown; choose 'adamw' or 'sgd'")
         if not (_number(self.bucket_mb) and self.bucket_mb > 0):
             raise ConfigError(f"bucket_mb = {self.bucket_mb!r} is invalid; give MB > 0")
+        if self.parallel is not None:
+            object.__setattr__(self, "parallel", Parallel.parse(self.parallel))
+            if self.batch_scale != 1:  # parameter-shaped tensors are recognised on whole, unsharded ones only
+                raise ConfigError(f"batch_scale = {self.batch_scale} with parallel = '{self.parallel}' is not "
+                                  "supported yet; use batch_scale = 1 with a plan, or drop parallel")
 
     @classmethod
     def options(cls) -> list:
@@ -100,6 +110,15 @@ class TrainConfig:
                              "choose device counts that divide it, or weak scaling (per_device_batch)")
         return self.global_batch // devices
 
+    def replicas(self, devices: int) -> int:
+        """Data-parallel replicas among `devices`: each takes batch_for(replicas) samples a step."""
+        return self.parallel.dp if self.parallel is not None else devices
+
+    def global_samples(self, devices: int) -> int:
+        """Samples a step computes over all devices (times batch_scale: as charged)."""
+        n = self.replicas(devices)
+        return n * self.batch_for(n) * self.batch_scale
+
     @property
     def weak(self) -> bool:
         return self.global_batch is None
@@ -119,6 +138,7 @@ class TrainConfig:
         """For config.json: every field, the workload by name."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["workload"] = self.workload.name
+        out["parallel"] = None if self.parallel is None else str(self.parallel)
         return out
 
 

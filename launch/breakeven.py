@@ -55,6 +55,9 @@ def cmd_breakeven(args) -> None:
     if args.metric == "time-to-loss" and args.target_loss is None:
         raise ConfigError("--metric time-to-loss needs --target-loss (the loss both sides must reach)")
     settings = config_from(args)
+    if settings.parallel is not None:
+        raise ConfigError("breakeven: --parallel is not supported yet (its search probes device counts a plan "
+                          "may not divide); compare plans with relay sweep --parallel")
     if not settings.weak:
         raise ConfigError("break-even compares at a fixed per-device batch (weak scaling); drop --global-batch")
     settings = settings.replace(per_device_batch=settings.batch_for(1))

@@ -123,6 +123,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                            help=f"turn {f.name} off (on by default: {f.metadata['doc']})")
             continue
         typ = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        if typ not in (int, float, str):  # a structured value (--parallel dp=4,tp=2): TrainConfig parses the text
+            typ = str
         default = "" if f.default is None else f" (default {f.default})"
         g.add_argument(flag, type=typ, help=f.metadata["doc"] + default)
     g.add_argument("--workload", help=TrainConfig.__dataclass_fields__["workload"].metadata["doc"] +

@@ -37,7 +37,8 @@ def cmd_run(args) -> int:
     record = {"command": "run", "options": vars_of(args), "training": res.config,
               "system": system_dict(system), "status": "complete", **environment(cluster.host)}
     write_run(out, record, res, system, trace=args.trace)
-    print(f"# relay run: {config.workload.name} on {system.describe()}, {config.algorithm}, {args.clock} clock")
+    plan = f", parallel {config.parallel}" if config.parallel is not None else ""
+    print(f"# relay run: {config.workload.name} on {system.describe()}{plan}, {config.algorithm}, {args.clock} clock")
     print(tabulate(run_table(res.summary(), res.config), headers=["figure", "value", "unit"],
                    disable_numparse=True))
     print(f"# results: {out.path}" + (" (with trace.json for Perfetto)" if args.trace else ""))
@@ -51,6 +52,8 @@ def run_table(s: dict, config: dict) -> list[list]:
             ["compute", fmt(s["compute_s"], 1e3), "emulated ms"],
             ["communication (total)", fmt(s["comm_s"], 1e3), "emulated ms"],
             ["communication (exposed)", fmt(s["exposed_comm_s"], 1e3), "emulated ms"],
+            *([["pipeline wait (in other)", fmt(s["pipeline_wait_s"], 1e3), "emulated ms"]]
+              if s.get("pipeline_wait_s") else []),
             ["throughput", fmt(s.get("tokens_per_s") or s["samples_per_s"]), f"{unit} per emulated s"],
             ["model FLOPs utilisation", fmt(s["mfu"], 100), "% of dense BF16 peak"],
             ["energy per step", fmt(s["energy_j"]), f"J (emulated, {basis} power)"],
@@ -60,7 +63,8 @@ def run_table(s: dict, config: dict) -> list[list]:
             ["host time per step", fmt(s["wall_s"]), "real s"],
             ["fidelity", fmt(s["fidelity"], digits=4), "wall clock: 1.0 = exact"]]
     if config.get("loss_floor") is not None:
-        rows.insert(9, ["best achievable loss", fmt(config["loss_floor"], digits=4), "nats"])
+        at = [r[0] for r in rows].index("final loss") + 1
+        rows.insert(at, ["best achievable loss", fmt(config["loss_floor"], digits=4), "nats"])
     return rows
 
 

@@ -33,7 +33,7 @@ def sweep_systems(args) -> list[System]:
 
 
 SWEEP_IDENTITY = ("workload", "steps", "per_device_batch", "global_batch", "batch_scale", "seed", "overlap",
-                  "lr", "bucket_mb", "warmup", "clock", "scaling", "algorithms", "fail", "straggler")
+                  "lr", "bucket_mb", "warmup", "parallel", "clock", "scaling", "algorithms", "fail", "straggler")
 
 
 def _resume(out: ResultsDir, args) -> tuple[dict, list[dict]]:
@@ -72,7 +72,13 @@ def cmd_sweep(args) -> None:
         config.replace(algorithm=a)  # refuses an unknown algorithm
     for s in systems:
         check_memory(config, s, config.batch_for(s.devices))
+        if config.parallel is not None:  # each point's plan: dp = devices / (tp x pp)
+            plan = config.parallel.fill(s.devices)
+            plan.check(s.devices, s.domain, config.workload.config, config.batch_for(plan.dp))
     capacity = min(host_capacity(MEMORY_MB), args.max_real_devices or 10**9)
+    if config.parallel is not None and max(s.devices for s in systems) > capacity:
+        raise ConfigError(f"sweep --parallel: {max(s.devices for s in systems)} devices is more than this host runs "
+                          f"({capacity}), and predicting a plan's point is not done; sweep fewer devices")
     name = args.name or f"sweep-{config.workload.name}"
     out = ResultsDir(args.out, name)
     done, earlier = _resume(out, args)
@@ -97,7 +103,8 @@ def cmd_sweep(args) -> None:
             points = sweep(cluster, systems, algorithms, config, capacity, progress=bar, on_point=save,
                            done=done)
     write_points(out, "sweep", record, points, {"status": "complete"}, earlier_steps=earlier)
-    print(f"# relay sweep: {config.workload.name}, {args.scaling} scaling, {args.clock} clock")
+    plan = f", parallel {config.parallel} with dp = devices / (tp x pp)" if config.parallel is not None else ""
+    print(f"# relay sweep: {config.workload.name}, {args.scaling} scaling{plan}, {args.clock} clock")
     print(points_table([p.row for p in points]))
     print(f"# results: {out.path}")
 

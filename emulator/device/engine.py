@@ -47,6 +47,7 @@ class Work(dist.Work):
         self.engine, self.outputs = engine, outputs
         self.event, self.error, self.end = threading.Event(), None, 0.0
         self.future = torch.futures.Future()
+        self.kind = "collective"  # or "send" / "recv": a wait on a receive is counted apart (recv_wait_s)
 
     def wait(self, timeout=None) -> bool:
         seconds = self.engine.timeout_s if timeout is None or timeout.total_seconds() <= 0 \
@@ -56,7 +57,7 @@ class Work(dist.Work):
                                f"{seconds:g} s (a peer is missing or issued collectives in another order)")
         if self.error is not None:
             raise self.error
-        self.engine.consume(self.end)
+        self.engine.consume(self.end, self.kind)
         return True
 
     def is_completed(self) -> bool:
@@ -98,6 +99,7 @@ class Engine:
         self.algorithms = algorithms(algorithm)
         self.spans: list[tuple[str, float, float, int]] = []  # (operation, start, end, bytes), emulated s
         self.exposed_s = 0.0  # emulated seconds the compute lane waited for communication
+        self.recv_wait_s = 0.0  # the part of it spent in Work.wait() on receives (a pipeline's bubble, mostly)
         self._ready_at: dict[int, float] = {}  # storage address -> emulated end of the op that wrote it
         self._p2p_ports = Ports()
         self._pending: deque = deque()  # point-to-point messages posted, in posting order
@@ -119,15 +121,18 @@ class Engine:
     def p2p(self, kind: str, group: Group, tensor: torch.Tensor, peer: int) -> Work:
         """Queue a send or a receive of `tensor` to or from group rank `peer`."""
         work = Work(self, [tensor] if kind == "recv" else [])
+        work.kind = kind
         post = self.send if kind == "send" else self.recv
         self._jobs.put((lambda ready: post(group, tensor, peer, ready, work), self.compute.scheduled(), work))
         return work
 
-    def consume(self, end: float) -> None:
+    def consume(self, end: float, kind: str = "collective") -> None:
         """The compute lane needs a result that is ready at `end`."""
         gap = end - self.compute.scheduled()
         if gap > 0:
             self.exposed_s += gap
+            if kind == "recv":
+                self.recv_wait_s += gap
             self.compute.advance_to(end)
 
     def produced(self, tensors, end: float) -> None:

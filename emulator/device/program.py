@@ -56,7 +56,7 @@ def run_program(dev, job: Job, program: Program) -> dict:
     engine = Engine(device, transport, job.system, job.fabric(), compute, comm, job.timeout_s, program.algorithm)
     throttle = CommThrottle(engine, job.cost_model(device), compute,
                             slowdown=job.faults.compute_slowdown.get(device, 1.0))
-    ctx = relay_dist.Context(device, world, job.system, job.clock, engine)
+    ctx = relay_dist.Context(device, world, job.system, job.clock, engine, throttle=throttle)
     relay_group.register()
     relay_group.activate(engine)
     relay_dist._current = ctx

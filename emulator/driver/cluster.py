@@ -238,9 +238,9 @@ class Cluster:
         return _training.preflight(self, _config(workload, options))
 
     def train(self, workload=None, *, csv: str | None = None, preflight=None, **options):
-        """Data-parallel training on the devices; returns a TrainResult. `workload` is a Workload,
-        "mlp", "gpt-tiny", "package.module:attribute" or a whole TrainConfig; `options` are
-        TrainConfig's fields (steps, per_device_batch, algorithm, batch_scale, ...)."""
+        """Training on the devices; returns a TrainResult. `workload`: a Workload, a name, an import
+        path or a whole TrainConfig; `options`: TrainConfig's fields (steps, per_device_batch, ...,
+        and `parallel=Parallel(dp=, tp=, pp=, ep=, fsdp=)`: PyTorch's own parallelism on `relay`)."""
         return _training.train(self, _config(workload, options), preflight, csv)
 
     def __repr__(self) -> str:

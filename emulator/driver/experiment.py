@@ -34,16 +34,18 @@ class Point:
 
 
 def point_row(system: System, algorithm: str, config: TrainConfig, summary: dict, predicted: bool) -> dict:
-    b = config.batch_for(system.devices)
+    b = config.batch_for(config.replicas(system.devices))
     return {"system": system.name or "custom", "chip": system.chip.name, "devices": system.devices,
             "domain": system.domain, "algorithm": algorithm, "per_device_batch": b,
-            "batch_scale": config.batch_scale, "global_batch": system.devices * b * config.batch_scale,
+            "batch_scale": config.batch_scale, "global_batch": config.global_samples(system.devices),
             "predicted": predicted, "power_basis": system.power_basis, **{k: summary.get(k) for k in ROW_FIELDS}}
 
 
 def run_point(cluster, system: System, algorithm: str, config: TrainConfig) -> Point:
     """One real training run on the cluster's first system.devices workers."""
     cluster.configure(system)
+    if config.parallel is not None:  # a sweep's plan: dp is what tp x pp leave of the point's devices
+        config = config.replace(parallel=config.parallel.fill(system.devices))
     res = cluster.train(config.replace(algorithm=algorithm))
     return Point(system, algorithm, point_row(system, algorithm, config, res.summary(), False), res)
 
@@ -53,6 +55,9 @@ def predict_point(measured: Point, system: System, config: TrainConfig) -> Point
     is that run's (weak scaling: each device's work does not depend on the count), the
     gradient all-reduce of each bucket is simulated with the local executor on the large system,
     and the run's share of communication left exposed by overlap is kept."""
+    if config.parallel is not None:
+        raise ConfigError(f"a point of {system.devices} devices is past what this host runs, and predicting a "
+                          "parallelism plan's point is not done; sweep fewer devices (--max-real-devices)")
     m = measured.row
     dtype = measured.result.config["dtype"] if measured.result is not None else "bf16"
     elem = ITEMSIZE[dtype]

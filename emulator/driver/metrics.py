@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 
-STEP_COLUMNS = ["step", "loss", "step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s",
+STEP_COLUMNS = ["step", "loss", "step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s", "pipeline_wait_s",
                 "samples_per_s", "tokens_per_s", "mfu", "energy_j", "wall_s", "fidelity"]
 SUMMED = ("step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s", "samples_per_s", "tokens_per_s",
           "mfu", "energy_j", "wall_s")
@@ -26,7 +26,7 @@ def figures(system, samples: int, tokens_per_sample: int | None, dtype: str, ste
 def aggregate(per_device: list[dict], system, config, dtype: str, steps: int | None = None) -> list[dict]:
     """Global per-step rows from every device's rows. A step ends when its last device ends.
     After a failure some devices may lack their last rows: a step then uses the rows it has."""
-    samples = system.devices * config.batch_for(system.devices) * config.batch_scale
+    samples = config.global_samples(system.devices)
     rows_of = [d["rows"] for d in per_device]
     prev = max(r[0]["start_s"] for r in rows_of if r)
     fidelity = min(d.get("fidelity", 1.0) for d in per_device)
@@ -41,7 +41,9 @@ def aggregate(per_device: list[dict], system, config, dtype: str, steps: int | N
                     "comm_s": mean("comm_s"), "exposed_comm_s": exposed, "flops": flops,
                     **figures(system, samples, config.workload.tokens_per_sample, dtype, step_s, compute,
                               exposed, flops),
-                    "wall_s": max(r["wall_s"] for r in rows), "fidelity": fidelity})
+                    "wall_s": max(r["wall_s"] for r in rows), "fidelity": fidelity,
+                    # waiting on a pipeline neighbour (device/parallel_training.py), part of other_s
+                    "pipeline_wait_s": mean("pipeline_wait_s") if "pipeline_wait_s" in rows[0] else 0.0})
     return out
 
 
@@ -66,7 +68,7 @@ class TrainResult:
 
         def mean(k):
             return sum(r[k] for r in rows) / len(rows) if all(r.get(k) is not None for r in rows) else None
-        out = {k: mean(k) for k in SUMMED + ("flops",)}
+        out = {k: mean(k) for k in SUMMED + ("flops", "pipeline_wait_s")}
         out["final_loss"] = self.steps[-1]["loss"]
         out["fidelity"] = min(r["fidelity"] for r in self.steps)
         out["energy_per_sample_j"] = out["energy_j"] / self.config["global_batch"] if out["energy_j"] else None

@@ -13,6 +13,7 @@ import torch
 
 from emulator.collectives import resolve, topology_of
 from emulator.collectives.schedules import schedule
+from emulator.device import parallel_training as device_plans
 from emulator.device import training as device_training
 from emulator.driver.metrics import TrainResult, aggregate
 from emulator.driver.monitor import Failed, blame, failure
@@ -40,10 +41,13 @@ def preflight(cluster, config: TrainConfig) -> Preflight:
     algorithm = resolve("all_reduce", config.algorithm, n, system)[0]
     schedule("all_reduce", algorithm, 0, n, n, topology_of(system))  # refuses bad layouts
     cluster.faults.check(n)
-    memory = check_memory(config, system, config.batch_for(n), cluster.dtype)
+    if config.parallel is not None:
+        config.parallel.check(n, system.domain, config.workload.config, config.batch_for(config.parallel.dp))
+    batch = config.batch_for(config.replicas(n))  # a device's, or under a plan a replica's
+    memory = check_memory(config, system, batch, cluster.dtype)
     ratio = 1.0
     if cluster.clock == "wall":
-        ratio = max(probe_ratio(config, system, config.batch_for(n), cluster.dtype, cluster.efficiency),
+        ratio = max(probe_ratio(config, system, batch, cluster.dtype, cluster.efficiency),
                     comm_ratio(system, config.bucket_mb * 1e6))
         cluster.job(ratio)  # refuses a dilation this host cannot honour
     return Preflight(config, system, cluster.clock, memory, ratio)
@@ -57,8 +61,9 @@ def train(cluster, config: TrainConfig, checked: Preflight | None = None, csv: s
     n = system.devices
     job = cluster.job(checked.ratio)
     _ship_by_value(config.workload)
-    record = {**config.as_dict(), "per_device_batch": config.batch_for(n),
-              "global_batch": n * config.batch_for(n) * config.batch_scale,
+    replicas = config.replicas(n)
+    record = {**config.as_dict(), "per_device_batch": config.batch_for(replicas),
+              "global_batch": config.global_samples(n),
               "tokens_per_sample": config.workload.tokens_per_sample, "lr": config.lr_used,
               "optimizer": config.optimizer_used, "clock": cluster.clock, "dilation": job.dilation,
               "dtype": cluster.dtype, "devices": n, "system": system.describe(),
@@ -66,8 +71,9 @@ def train(cluster, config: TrainConfig, checked: Preflight | None = None, csv: s
               "memory_bytes": checked.memory, "loss_floor": config.workload.loss_floor}
     progress = _Progress(cluster.actors[:n])
     try:
-        res = cluster.run(device_training.train, job, config, what="training", abort=False,
-                          on_poll=progress.poll)
+        # a parallelism plan runs on torch.distributed's own APIs over the relay backend
+        fn = device_plans.train if config.parallel is not None else device_training.train
+        res = cluster.run(fn, job, config, what="training", abort=False, on_poll=progress.poll)
     except Failed as e:  # keep what was measured: the steps every surviving device finished
         culprit, _ = blame(e.errors)
         rows = progress.final(skip=culprit)
@@ -80,7 +86,8 @@ def train(cluster, config: TrainConfig, checked: Preflight | None = None, csv: s
             completed = TrainResult(aggregate([{"rows": r} for r in done], system, config, cluster.dtype, step),
                                     {}, {**record, "completed_steps": step}, done)
         raise failure(e.errors, "training", step, completed) from None
-    result = TrainResult(aggregate(res, system, config, cluster.dtype), res[0]["state_dict"], record,
+    state = {k: v for r in res for k, v in r.get("state_dict", {}).items()}  # a plan's devices hold parts
+    result = TrainResult(aggregate(res, system, config, cluster.dtype), state, record,
                          [r["rows"] for r in res])
     if csv:
         result.to_csv(csv)

@@ -16,7 +16,7 @@ def chrome_trace(result, system) -> dict:
                        "args": {"name": "communication lane"}})
         for r in rows:
             for name, spans in r["spans"].items():
-                tid = 1 if name == "all-reduce" else 0
+                tid = 1 if isinstance(spans, list) else 0  # lists: communication operations
                 for a, b in (spans if tid else [spans]):
                     events.append({"ph": "X", "name": f"{name} (step {r['step']})", "pid": d, "tid": tid,
                                    "ts": a * 1e6, "dur": max(b - a, 0.0) * 1e6, "args": {"step": r["step"]}})

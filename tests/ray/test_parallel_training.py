@@ -1,0 +1,106 @@
+"""Parallelism plans in real mode (emulator.Parallel through PyTorch's own DDP, FSDP2, tensor
+parallelism, pipelining and an expert all-to-all on the `relay` backend) against one process
+training on the global batch (`train_single`).
+
+Tolerance: fp32, plain SGD (lr 0.5, 3 steps): every weight within 1e-5 absolute and every
+step's loss within 1e-5 relative. The devices add the same terms in another order (gradients
+averaged over replicas, partial matmuls summed over the tensor-parallel group, microbatch
+gradients accumulated), which moves fp32 results by a few 1e-7 (measured: at most 1.5e-7 on
+these plans); a wrong plan (a gradient not averaged, an expert's tokens lost, a head dropped)
+moves them by 1e-3 or more. SGD, because AdamW divides by the root of a tiny second moment,
+which turns rounding in a near-zero gradient into a difference of up to lr in that weight; the
+AdamW case compares the losses only."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from emulator import Parallel, System, train_single
+from emulator.parallel import DIMS
+from emulator.workloads import get
+from launch.cli import main
+
+STEPS, BATCH, LR, TOL = 3, 4, 0.5, 1e-5
+
+PLANS = [  # (workload, plan): each kind alone, then 3-D combinations that fit on 8 devices
+    ("llama-debug", "dp=4"),
+    ("llama-debug", "dp=4,fsdp"),
+    ("llama-debug", "tp=2"),
+    ("llama-debug", "pp=2,microbatches=4"),
+    ("llama-debug", "dp=2,pp=2"),  # DDP under a pipeline schedule
+    ("moe-debug", "dp=4,ep=4"),
+    ("llama-debug", "dp=2,tp=2,pp=2"),
+    ("llama-debug", "dp=2,tp=2,pp=2,fsdp,recompute"),
+    ("moe-debug", "dp=2,ep=2,tp=2"),
+    ("moe-debug", "dp=4,ep=2,pp=2,fsdp"),
+]
+
+
+def system_for(plan: Parallel) -> System:
+    """Domains of 4: tensor and expert parallelism inside one, data parallelism across two."""
+    return System("h100", plan.devices, domain=min(plan.devices, 4))
+
+
+@pytest.mark.parametrize("workload,text", PLANS, ids=[f"{w}:{t}" for w, t in PLANS])
+def test_plan_equals_one_process_training(cluster8, workload, text):
+    plan, wl = Parallel.parse(text), get(workload)
+    cluster8.configure(system_for(plan), clock="virtual")
+    res = cluster8.train(wl, parallel=plan, steps=STEPS, per_device_batch=BATCH, optimizer="sgd", lr=LR)
+    losses, state = train_single(wl, STEPS, plan.dp * BATCH, optimizer="sgd", lr=LR)
+    assert res.losses == pytest.approx(losses, rel=TOL)
+    assert set(res.state_dict) == set(state)  # every weight, experts and stages included, came back
+    for k, v in state.items():
+        torch.testing.assert_close(res.state_dict[k], v, atol=TOL, rtol=0, msg=k)
+    # the data-parallel trainer's columns, in emulated seconds, and a sensible breakdown
+    assert res.config["global_batch"] == plan.dp * BATCH and res.config["parallel"] == str(plan)
+    for s in res.steps:
+        assert s["step_s"] > 0 and s["compute_s"] > 0 and s["flops"] > 0
+        assert s["comm_s"] > 0 and 0 <= s["exposed_comm_s"] <= s["step_s"]
+        assert (s["pipeline_wait_s"] > 0) == (plan.pp > 1)
+    ops = {name for rows in res.per_device for r in rows for name in r["spans"]}
+    assert ("recv" in ops) == (plan.pp > 1) and ("all_to_all" in ops) == (plan.ep > 1)
+
+
+def test_adamw_on_a_3d_plan_follows_one_process_losses(cluster8):
+    plan, wl = Parallel(dp=2, tp=2, pp=2, fsdp=True), get("llama-debug")
+    cluster8.configure(system_for(plan), clock="virtual")
+    res = cluster8.train(wl, parallel=plan, steps=STEPS, per_device_batch=BATCH)
+    losses, _ = train_single(wl, STEPS, plan.dp * BATCH)
+    assert res.losses == pytest.approx(losses, rel=TOL)
+
+
+def _mesh_groups(shape):
+    """What torch's own DeviceMesh makes of the plan's shape: each device's groups."""
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=DIMS)
+    groups = {d: dist.get_process_group_ranks(mesh.get_group(d)) for d in ("tp", "ep", "pp")}
+    groups["dp"] = dist.get_process_group_ranks(mesh["dp_outer", "ep"]._flatten("dp").get_group())
+    return groups
+
+
+def test_torch_mesh_puts_each_device_where_the_plan_says(cluster8):
+    plan = Parallel(dp=4, ep=2, tp=2)
+    cluster8.configure(System("h100", 8, domain=4), clock="virtual")
+    res = cluster8.launch(_mesh_groups, plan.shape)
+    for d, got in enumerate(res.results):
+        assert got == {dim: plan.group(dim, d) for dim in ("tp", "ep", "pp", "dp")}
+        assert {m // 4 for m in got["tp"]} == {d // 4}  # tensor parallel inside the scale-up domain
+
+
+def test_relay_run_takes_a_plan(cluster8, tmp_path, capsys):
+    assert main(["run", "--chip", "h100", "--devices", "4", "--domain", "2", "--workload", "llama-debug",
+                 "--parallel", "dp=2,pp=2", "--steps", "2", "--out", str(tmp_path), "--name", "p"]) == 0
+    out = capsys.readouterr().out
+    assert "parallel dp=2,pp=2" in out and "pipeline wait (in other)" in out
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["training"]["parallel"] == "dp=2,pp=2" and config["training"]["global_batch"] == 16
+    assert len((tmp_path / "p" / "steps.csv").read_text().splitlines()) == 3
+
+
+def test_relay_sweep_fills_dp_with_each_points_devices(cluster8, tmp_path, capsys):
+    assert main(["sweep", "--chips", "h100", "--devices", "2,4", "--workload", "llama-debug", "--parallel", "tp=2",
+                 "--steps", "2", "--out", str(tmp_path), "--name", "s"]) == 0
+    assert "parallel tp=2 with dp = devices / (tp x pp)" in capsys.readouterr().out
+    points = json.loads((tmp_path / "s" / "summary.json").read_text())["points"]
+    assert [(p["devices"], p["global_batch"], p["predicted"]) for p in points] == [(2, 8, False), (4, 16, False)]
