@@ -24,8 +24,7 @@ from launch.cli import main
 
 STEPS, BATCH, LR, TOL = 3, 4, 0.5, 1e-5
 
-PLANS = [  # (workload, plan): each kind alone, then 3-D combinations that fit on 8 devices
-    ("llama-debug", "dp=4"),
+PLANS = [  # (workload, plan): each kind alone (DDP alone: test_backend.py), then 3-D combinations on 8 devices
     ("llama-debug", "dp=4,fsdp"),
     ("llama-debug", "tp=2"),
     ("llama-debug", "pp=2,microbatches=4"),
