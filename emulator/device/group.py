@@ -2,7 +2,7 @@
 
 Each method checks its arguments on the program's thread, then queues one job on the device's
 engine (engine.py) and returns its Work at once; the job runs on the engine's thread. Methods are
-named as torch reaches them (see docs/design.md, "The torch.distributed backend", and torch's
+named as torch reaches them (see docs/design.md, "The `relay` torch.distributed backend", and torch's
 multi_threaded_pg.py). A method torch has but Relay lacks raises rather than falling back to
 another backend, so no traffic ever leaves the emulated fabric unseen.
 
@@ -45,6 +45,7 @@ def activate(engine) -> None:
     """The engine that groups created from now on in this process use (None: none)."""
     global _engine
     _engine = engine
+
 
 _OPS = {ReduceOp.RedOpType.SUM: "sum", ReduceOp.RedOpType.AVG: "avg", ReduceOp.RedOpType.MAX: "max",
         ReduceOp.RedOpType.MIN: "min", ReduceOp.RedOpType.PRODUCT: "product",
