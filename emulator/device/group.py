@@ -65,6 +65,15 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).to("cpu", copy=True).contiguous()
 
 
+def _reduced(eng, g, primitive: str, buf: torch.Tensor, ready: float, op: str, factor):
+    """`primitive` (all_reduce or reduce_scatter) on `buf` with torch's reduce op: PREMUL_SUM
+    scales first and AVG divides after, both running as a sum. Returns (emulated end, result)."""
+    if op == "premul_sum":
+        buf.mul_(factor)
+    end = eng.collective(g, primitive, buf, buf.numel(), ready, op="sum" if op in ("avg", "premul_sum") else op)
+    return end, (_divide(buf, g.size) if op == "avg" else buf)
+
+
 def _divide(t: torch.Tensor, n: int) -> torch.Tensor:
     """An average's division (integers truncate, as gloo's do)."""
     return t / n if t.is_floating_point() else torch.div(t, n, rounding_mode="trunc")
@@ -262,13 +271,7 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
         def run(ready):
             end = ready
             for t in tensors:
-                buf = _flat(t)
-                if op == "premul_sum":
-                    buf.mul_(factor)
-                end = eng.collective(g, "all_reduce", buf, buf.numel(), ready,
-                                     op="sum" if op in ("avg", "premul_sum") else op)
-                if op == "avg":
-                    buf = _divide(buf, g.size)
+                end, buf = _reduced(eng, g, "all_reduce", _flat(t), ready, op, factor)
                 if root is None or root == g.rank:
                     _into(t, buf)
             return end
@@ -285,13 +288,8 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
 
         def run(ready):
             flats = [_flat(t) for t in tensors]
-            buf = torch.cat(flats) if len(flats) > 1 else flats[0]
-            if op == "premul_sum":
-                buf.mul_(factor)
-            end = eng.collective(g, "all_reduce", buf, buf.numel(), ready,
-                                 op="sum" if op in ("avg", "premul_sum") else op)
-            if op == "avg":
-                buf = _divide(buf, g.size)
+            end, buf = _reduced(eng, g, "all_reduce", torch.cat(flats) if len(flats) > 1 else flats[0], ready,
+                                op, factor)
             at = 0
             for t in tensors:
                 _into(t, buf[at:at + t.numel()])
@@ -315,15 +313,9 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
                 if buf.numel() != out.numel() * g.size:
                     raise ValueError(f"relay: reduce_scatter input has {buf.numel()} elements, output "
                                      f"{out.numel()}; the input must hold group size ({g.size}) x output")
-                if op == "premul_sum":
-                    buf.mul_(factor)
-                end = eng.collective(g, "reduce_scatter", buf, buf.numel(), ready,
-                                     op="sum" if op in ("avg", "premul_sum") else op)
+                end, buf = _reduced(eng, g, "reduce_scatter", buf, ready, op, factor)
                 a, b = shards(buf.numel(), g.size)[g.rank]
-                mine = buf[a:b]
-                if op == "avg":
-                    mine = _divide(mine, g.size)
-                _into(out, mine)
+                _into(out, buf[a:b])
             return end
         return self.engine.submit(run, list(outputs))
 
