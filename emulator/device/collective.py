@@ -80,26 +80,27 @@ def choose(primitive: str, algorithm: str, nbytes: float, group: Group, fabric: 
     """The algorithm and the protocol for one collective of `group` (`auto` resolved), as
     collectives.resolve chooses them for the group's own system; a group without two equal
     levels runs the flat algorithm instead of a two-level one."""
-    if not group.regular and algorithm in TWO_LEVEL:
-        algorithm = "direct" if primitive == "all_to_all" else "ring"
-    alg, fab = resolve(primitive, algorithm, nbytes, group.system, fabric)
-    if not group.regular and alg in TWO_LEVEL:
-        alg, fab = resolve(primitive, "direct" if primitive == "all_to_all" else "ring", nbytes, group.system, fabric)
+    flat = "direct" if primitive == "all_to_all" else "ring"
+    alg, fab = resolve(primitive, flat if not group.regular and algorithm in TWO_LEVEL else algorithm, nbytes,
+                       group.system, fabric)
+    if not group.regular and alg in TWO_LEVEL:  # auto's pick
+        alg, fab = resolve(primitive, flat, nbytes, group.system, fabric)
     return alg, fab
 
 
 def run_collective(transport, group: Group, primitive: str, algorithm: str, buf: torch.Tensor, count: int,
                    lane, ready: float, op: str = "sum", elem_bytes: int | None = None, nbytes: float | None = None,
-                   **options) -> tuple[float, float]:
+                   fail_at: int | None = None, **options) -> tuple[float, float]:
     """One collective of `group` on `buf` (flat, CPU), paced on `lane` from `ready`: THE code
-    path of every collective a device runs, the backend's and the trainer's. `elem_bytes`: the
-    emulated size of an element (default: the real one); `nbytes`: the size that chooses the
-    algorithm and protocol (default: count elements). Returns the emulated (start, end)."""
+    path of every collective a device runs, the backend's, the trainer's and the collective
+    jobs' (jobs.py). `elem_bytes`: the emulated size of an element (default: the real one);
+    `nbytes`: the size that chooses the algorithm and protocol (default: count elements);
+    `fail_at`: an injected failure at that step. Returns the emulated (start, end)."""
     elem = elem_bytes or buf.element_size()
     steps, fabric = _plan(group, primitive, algorithm, count, elem, nbytes, tuple(sorted(options.items())))
     lane.advance_to(ready)
     start = lane.now()
-    transport.run(steps, buf, lane, Ports(), fabric, ranks=group.ranks, op=op)
+    transport.run(steps, buf, lane, Ports(), fabric, fail_at=fail_at, ranks=group.ranks, op=op)
     return start, lane.now()
 
 

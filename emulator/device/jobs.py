@@ -11,10 +11,9 @@ from dataclasses import replace
 import ray
 import torch
 
-from emulator.collectives import resolve, topology_of
 from emulator.collectives.alltoall import layout_for
-from emulator.collectives.core import Ports, finish, prepare
-from emulator.collectives.schedules import schedule
+from emulator.collectives.core import finish, prepare
+from emulator.device.collective import choose, group_of, run_collective
 from emulator.device.job import Job
 from emulator.device.transport import Transport, free_address
 from emulator.device.transport import pingpong as transport_pingpong
@@ -89,14 +88,14 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
     world, rank, transport = job.system.devices, dev.index, dev.transport
     transport.barrier(world)  # start together: real_s measures the collective, not call skew
     results, stats = [], {"overrun_s": 0.0}
+    group = group_of(job.system, job.fabric(), range(world), rank)
+    fail = job.faults.fail
     for tensor, chunks in cases:
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.ones(tensor[0], dtype=getattr(torch, tensor[1]))
-        count = tensor.numel() * (world if primitive == "all_gather" else 1)
-        alg, fabric = resolve(primitive, algorithm, count * tensor.element_size(), job.system,
-                              job.fabric(tensor.element_size()))
-        steps = schedule(primitive, alg, rank, world, count, topology_of(job.system), root=root, chunks=chunks)
-        layout = layout_for(rank, world, count, topology_of(job.system), alg) if primitive == "all_to_all" else None
+        count, elem = tensor.numel() * (world if primitive == "all_gather" else 1), tensor.element_size()
+        alg, _ = choose(primitive, algorithm, count * elem, group, group.fabric.with_(elem_bytes=elem))
+        layout = layout_for(rank, world, count, group.topology, alg) if primitive == "all_to_all" else None
         times, real = [], 0.0
         for _ in range(repeats):
             buf = prepare(primitive, rank, world, tensor.cpu(), layout)
@@ -108,8 +107,8 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
             else:
                 lane = job.lane()
             r0 = time.time()
-            fail = job.faults.fail
-            transport.run(steps, buf, lane, Ports(), fabric, fail_at=fail[1] if fail and fail[0] == rank else None)
+            run_collective(transport, group, primitive, alg, buf, count, lane, 0.0, root=root, chunks=chunks,
+                           fail_at=fail[1] if fail and fail[0] == rank else None)
             times.append(lane.measure())
             real += time.time() - r0
             stats["overrun_s"] += lane.stats()["overrun_s"]
