@@ -16,9 +16,10 @@ from emulator import workloads
 from emulator.collectives.schedules import check as check_algorithm
 from emulator.errors import ConfigError
 from emulator.parallel import Parallel
-from emulator.workloads import Workload
+from emulator.workloads import Workload, routing
 from kernels.cost import ITEMSIZE
 
+TENSORS = ("real", "fake")
 OPTIMIZER_BYTES = {"adamw": 12, "sgd": 4}  # per parameter: fp32 master weights (+ Adam's m and v)
 
 
@@ -59,6 +60,13 @@ class TrainConfig:
         None, "parallelism plan through PyTorch's own APIs, e.g. dp=4,tp=2,pp=2,ep=2,microbatches=4 with the "
         "bare words fsdp and recompute (default: Relay's data-parallel trainer over every device); "
         "per_device_batch is then the batch of one data-parallel replica")
+    tensors: str | None = _option(
+        None, "real: tensors hold data and models train; fake: tensors carry shapes only (any model size; the "
+        "same ops charged and the same messages, their data a stand-in; runs under a plan, by default dp over "
+        "every device); default: the cluster's (real)")
+    routing: object = _option(
+        None, "fake tensors' mixture-of-experts routing: balanced (default), zipf:S (skewed, S the Zipf exponent) "
+        "or a JSON file of token counts per expert (one list per MoE layer: a real run's)")
 
     DEFAULT_PER_DEVICE_BATCH = 8  # when neither per_device_batch nor global_batch is given
 
@@ -83,6 +91,15 @@ class TrainConfig:
             raise ConfigError(f"optimizer = {self.optimizer!r} is unknown; choose 'adamw' or 'sgd'")
         if not (_number(self.bucket_mb) and self.bucket_mb > 0):
             raise ConfigError(f"bucket_mb = {self.bucket_mb!r} is invalid; give MB > 0")
+        if self.tensors not in (None, *TENSORS):
+            raise ConfigError(f"tensors = {self.tensors!r} is unknown; choose 'real' or 'fake'")
+        try:
+            object.__setattr__(self, "routing", routing.parse(self.routing))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.routing is not None and self.tensors != "fake":
+            raise ConfigError("routing applies to tensors = 'fake' (real tensors route by their data); drop it "
+                              "or set tensors = 'fake'")
         if self.parallel is not None:
             object.__setattr__(self, "parallel", Parallel.parse(self.parallel))
             if self.batch_scale != 1:  # parameter-shaped tensors are recognised on whole, unsharded ones only
@@ -120,6 +137,10 @@ class TrainConfig:
         return n * self.batch_for(n) * self.batch_scale
 
     @property
+    def fake(self) -> bool:
+        return self.tensors == "fake"
+
+    @property
     def weak(self) -> bool:
         return self.global_batch is None
 
@@ -138,6 +159,7 @@ class TrainConfig:
         """For config.json: every field, the workload by name."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["workload"] = self.workload.name
+        out["routing"] = None if self.routing is None else repr(self.routing)
         out["parallel"] = None if self.parallel is None else str(self.parallel)
         return out
 

@@ -94,14 +94,14 @@ def prepare(primitive: str, rank: int, world: int, tensor: torch.Tensor, layout=
     to its output here (no schedule sends a rank to itself)."""
     flat = tensor.detach().reshape(-1)
     if primitive == "all_to_all":
-        buf = torch.zeros(layout.size, dtype=flat.dtype, device=flat.device)
+        buf = flat.new_zeros(layout.size)  # (fake, like the input, when it is fake)
         buf[:flat.numel()] = flat
         a, b, n = layout.send_at[rank], layout.recv_at[rank], layout.row[rank]
         buf[b:b + n] = flat[a:a + n]
         return buf
     if primitive != "all_gather":
         return flat.clone()
-    buf = torch.zeros(flat.numel() * world, dtype=flat.dtype, device=flat.device)
+    buf = flat.new_zeros(flat.numel() * world)
     a, b = shards(buf.numel(), world)[rank]
     buf[a:b] = flat
     return buf

@@ -25,6 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import _resolve_process_group
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.utils._pytree import tree_flatten
 
 from emulator.collectives.core import Ports, prepare, time_recv, time_sends
@@ -57,6 +60,7 @@ class Work(dist.Work):
                                f"{seconds:g} s (a peer is missing or issued collectives in another order)")
         if self.error is not None:
             raise self.error
+        self.engine.forget(self.outputs)
         self.engine.consume(self.end, self.kind)
         return True
 
@@ -80,8 +84,6 @@ class Work(dist.Work):
 
     def _done(self, end: float, error=None) -> None:
         self.end, self.error = end, error
-        if error is None:
-            self.engine.produced(self.outputs, end)
         self.event.set()
         if error is None:
             self.future.set_result(self.outputs)
@@ -100,7 +102,7 @@ class Engine:
         self.spans: list[tuple[str, float, float, int]] = []  # (operation, start, end, bytes), emulated s
         self.exposed_s = 0.0  # emulated seconds the compute lane waited for communication
         self.recv_wait_s = 0.0  # the part of it spent in Work.wait() on receives (a pipeline's bubble, mostly)
-        self._ready_at: dict[int, float] = {}  # storage address -> emulated end of the op that wrote it
+        self._writing: dict[int, Work] = {}  # storage (_key) -> the unwaited operation that writes it
         self._p2p_ports = Ports()
         self._pending: deque = deque()  # point-to-point messages posted, in posting order
         self._waiters = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"relay-p2p-{device}")
@@ -115,6 +117,7 @@ class Engine:
     def submit(self, run, outputs: list) -> Work:
         """Queue `run(ready)` -> emulated end; `outputs` are what the work yields."""
         work = Work(self, outputs)
+        self._writes(work)
         self._jobs.put((run, self.compute.scheduled(), work))
         return work
 
@@ -122,6 +125,7 @@ class Engine:
         """Queue a send or a receive of `tensor` to or from group rank `peer`."""
         work = Work(self, [tensor] if kind == "recv" else [])
         work.kind = kind
+        self._writes(work)
         post = self.send if kind == "send" else self.recv
         self._jobs.put((lambda ready: post(group, tensor, peer, ready, work), self.compute.scheduled(), work))
         return work
@@ -135,25 +139,34 @@ class Engine:
                 self.recv_wait_s += gap
             self.compute.advance_to(end)
 
-    def produced(self, tensors, end: float) -> None:
-        for t in tensors:
+    def _writes(self, work: Work) -> None:
+        for t in work.outputs:
             if isinstance(t, torch.Tensor):
-                self._ready_at[t.untyped_storage().data_ptr()] = end
+                self._writing[_key(t)] = work
+
+    def forget(self, outputs) -> None:
+        for t in outputs:
+            if isinstance(t, torch.Tensor):
+                self._writing.pop(_key(t), None)
 
     def wait_for_inputs(self, args) -> None:
-        """Called by the throttle before a compute op: hold it until communication that wrote
-        its inputs has ended (then forget those entries)."""
-        if not self._ready_at:
+        """Called by the throttle before a compute op: an input that an operation not yet waited
+        for writes waits for it (Work.wait), whether or not it has finished on this host, so the
+        compute lane waits at the same op in every run. Registered when the operation is issued,
+        on the program's thread. An AsyncCollectiveTensor (an eager functional collective's
+        result) counts as the tensor it wraps."""
+        if not self._writing:
             return
         for t in tree_flatten(args)[0]:
+            if isinstance(t, AsyncCollectiveTensor):
+                t = t.elem
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 try:
-                    ptr = t.untyped_storage().data_ptr()
+                    work = self._writing.get(_key(t))
                 except RuntimeError:  # a wrapper subclass (DTensor) has no storage of its own
                     continue
-                end = self._ready_at.pop(ptr, None)
-                if end is not None:
-                    self.consume(end)
+                if work is not None:
+                    work.wait()
 
     def drain(self) -> None:
         """Wait for everything issued so far (at the end of a program)."""
@@ -171,7 +184,7 @@ class Engine:
         def run(ready):
             self.exchange(everyone, [0] * everyone.size)  # a barrier, outside emulated time
             self.compute.t = self.comm.t = 0.0
-            self._ready_at.clear()
+            self._writing.clear()
             self._p2p_ports = Ports()
             return 0.0
         self.submit(run, []).wait()
@@ -247,10 +260,10 @@ class Engine:
 
     def send(self, group: Group, tensor: torch.Tensor, peer: int, ready: float, work: Work) -> None:
         """Post one message to group rank `peer` (header and payload, as the transport sends)."""
-        payload = tensor.detach().reshape(-1).contiguous().clone()
-        nbytes = payload.numel() * payload.element_size()
-        step = Step(sends=(Send(peer, ((0, payload.numel()),)),))
-        fabric = group.fabric.with_(elem_bytes=payload.element_size())
+        payload = _payload(tensor)
+        numel, nbytes = tensor.numel(), tensor.numel() * tensor.element_size()
+        step = Step(sends=(Send(peer, ((0, numel),)),))
+        fabric = group.fabric.with_(elem_bytes=tensor.element_size())
         starts, done = time_sends(group.rank, step, max(ready, self.comm.scheduled()), self._p2p_ports, fabric)
         hdr = torch.tensor([group.rank, 0, nbytes, starts[0]], dtype=torch.float64)
         seq, works = self.transport.post("send", group.members[peer], [hdr, payload])
@@ -258,10 +271,11 @@ class Engine:
         self._post(works, lambda keep=(hdr, payload): done, work)  # keep: alive until sent
 
     def recv(self, group: Group, tensor: torch.Tensor, peer: int, ready: float, work: Work) -> None:
-        area = torch.empty(tensor.numel(), dtype=tensor.dtype)
+        fake = isinstance(tensor, FakeTensor)
+        area = torch.empty(0 if fake and tensor.numel() > FAKE_CONSTANT else tensor.numel(), dtype=tensor.dtype)
         hdr = torch.empty(4, dtype=torch.float64)
         seq, works = self.transport.post("recv", group.members[peer], [hdr, area])
-        nbytes = area.numel() * area.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
 
         def finish() -> float:
             sender, _, got, start = hdr.tolist()
@@ -269,14 +283,40 @@ class Engine:
                 raise RuntimeError(f"relay: device {self.device}: expected message {seq} of {nbytes} bytes "
                                    f"from group rank {peer}, got {int(got)} bytes from group rank {int(sender)} "
                                    "(send and recv sizes differ?)")
-            fabric = group.fabric.with_(elem_bytes=area.element_size())
-            arrival = time_recv(group.rank, Recv(peer, ((0, area.numel()),), False), start,
+            fabric = group.fabric.with_(elem_bytes=tensor.element_size())
+            arrival = time_recv(group.rank, Recv(peer, ((0, tensor.numel()),), False), start,
                                 self._p2p_ports, fabric)
-            with torch.no_grad():
-                tensor.copy_(area.view_as(tensor))
+            if fake:
+                tensor.constant = area.view(tensor.shape).clone() if area.numel() else None
+            else:
+                with torch.no_grad():
+                    tensor.copy_(area.view_as(tensor))
             self.spans.append(("recv", start, arrival, nbytes))
             return max(ready, arrival)
         self._post(works, finish, work)
+
+
+FAKE_CONSTANT = 1  # elements of a fake tensor that travel: FakeTensorMode's constants (its CONSTANT_NUMEL_LIMIT)
+
+
+def _payload(tensor: torch.Tensor) -> torch.Tensor:
+    """What a point-to-point message carries: the tensor's data; for a fake tensor (shapes only),
+    nothing, except that a one-element one carries its constant (FakeTensorMode propagates
+    those, so a value torch reads with .item(), as pipelining's start-up vote does, still
+    arrives; an unknown one arrives as 0)."""
+    if not isinstance(tensor, FakeTensor):
+        return tensor.detach().reshape(-1).contiguous().clone()
+    with unset_fake_temporarily():
+        if tensor.numel() > FAKE_CONSTANT:
+            return torch.empty(0, dtype=tensor.dtype)
+        c = tensor.constant
+        return c.reshape(-1).clone() if c is not None else torch.zeros(tensor.numel(), dtype=tensor.dtype)
+
+
+def _key(t: torch.Tensor) -> int:
+    """A tensor's storage, as the engine tracks what communication wrote (fake tensors share
+    data pointer 0, so the storage object's identity, not its address)."""
+    return t.untyped_storage()._cdata
 
 
 class CommThrottle(Throttle):
@@ -290,3 +330,51 @@ class CommThrottle(Throttle):
         if not self.paused:
             self.engine.wait_for_inputs((args, kwargs))
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def execute(self, func, args, kwargs):
+        if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
+            return _FUNCTIONAL[func](*args)
+        return func(*args, **(kwargs or {}))
+
+
+# Functional collectives (DTensor's, all_to_all_single_autograd's) on fake tensors: FakeTensorMode
+# would answer them from their shape rule alone and no message would leave, so they are issued as
+# their CPU kernels issue them (torch/csrc/distributed/c10d/Functional.cpp): an output made like
+# the input, one process-group call; the op that reads the output waits (Engine.wait_for_inputs).
+_F = torch.ops._c10d_functional
+_REDUCE = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "product": dist.ReduceOp.PRODUCT,
+           "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def _pg(group):
+    return group if isinstance(group, dist.ProcessGroup) else _resolve_process_group(group)
+
+
+def _all_reduce(inp, op, group):
+    out = inp.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=_REDUCE[op], group=_pg(group), async_op=True)
+    return out
+
+
+def _all_gather(inp, size, group):
+    out = inp.new_empty((inp.shape[0] * size, *inp.shape[1:]))
+    dist.all_gather_into_tensor(out, inp.contiguous(), group=_pg(group), async_op=True)
+    return out
+
+
+def _reduce_scatter(inp, op, size, group):
+    out = inp.new_empty((inp.shape[0] // size, *inp.shape[1:]))
+    dist.reduce_scatter_tensor(out, inp.contiguous(), op=_REDUCE[op], group=_pg(group), async_op=True)
+    return out
+
+
+def _all_to_all(inp, out_splits, in_splits, group):
+    out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
+    dist.all_to_all_single(out, inp.contiguous(), list(out_splits), list(in_splits), group=_pg(group), async_op=True)
+    return out
+
+
+_FUNCTIONAL = {_F.all_reduce.default: _all_reduce, _F.all_gather_into_tensor.default: _all_gather,
+               _F.reduce_scatter_tensor.default: _reduce_scatter, _F.all_to_all_single.default: _all_to_all,
+               # the result waited for when used, as eager wraps it (fake mode's rule makes a fresh tensor)
+               _F._wrap_tensor_autograd.default: AsyncCollectiveTensor}

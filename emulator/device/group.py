@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import ReduceOp
+from torch._subclasses.fake_tensor import FakeTensor
 
 from emulator.collectives.alltoall import layout, split_matrix
 from emulator.collectives.core import prepare
@@ -61,7 +62,11 @@ def _op(red) -> tuple[str, object]:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A flat CPU working copy (the transport sends host memory; inputs may be non-contiguous)."""
+    """A flat CPU working copy (the transport sends host memory; inputs may be non-contiguous).
+    A fake tensor's (shapes only) is a meta tensor of its size: the transport then sends headers
+    alone, and no op touches the fake mode, which is the program thread's (it is not thread-safe)."""
+    if isinstance(t, FakeTensor):
+        return torch.empty(t.numel(), dtype=t.dtype, device="meta")
     return t.detach().reshape(-1).to("cpu", copy=True).contiguous()
 
 
@@ -80,7 +85,8 @@ def _divide(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.detach().copy_(src.reshape(dst.shape))
+    if not src.is_meta:  # (a fake tensor's result: nothing to write)
+        dst.detach().copy_(src.reshape(dst.shape))
 
 
 class _Movement:
@@ -212,7 +218,7 @@ class _Movement:
 
         def run(ready):
             buf = torch.cat([_flat(t) for t in input_lists[0]]) if g.rank == root else \
-                torch.zeros(n * g.size, dtype=out.dtype)
+                torch.zeros(n * g.size, dtype=out.dtype, device="meta" if isinstance(out, FakeTensor) else "cpu")
             seg = lambda r: ((r * n, (r + 1) * n),)  # noqa: E731
             step = Step(sends=tuple(Send((root + k) % g.size, seg((root + k) % g.size)) for k in range(1, g.size))) \
                 if g.rank == root else Step(recvs=(Recv(root, seg(g.rank), False),))

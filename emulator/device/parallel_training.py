@@ -14,10 +14,14 @@ outside emulated time.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._pytree import tree_map
 
 import emulator.dist as relay_dist
 from emulator.device import plans
@@ -25,6 +29,8 @@ from emulator.device.job import Job, die
 from emulator.device.program import Program, run_program
 from emulator.parallel import DIMS
 from emulator.trainer import Optimizer, TrainConfig
+from emulator.workloads.moe import MoE
+from emulator.workloads.routing import balanced
 
 
 def train(dev, job: Job, config: TrainConfig) -> dict:
@@ -37,16 +43,25 @@ def train(dev, job: Job, config: TrainConfig) -> dict:
 
 
 class _Model:
-    """The plan applied: what this device calls, steps and reports."""
+    """The plan applied: what this device calls, steps and reports. On fake tensors (`mode`, a
+    FakeTensorMode, active while this is built and used) the model is made on the meta device and
+    materialised as fake tensors, at any size; its MoE layers route by the run's routing model."""
 
-    def __init__(self, config: TrainConfig, rank: int):
+    def __init__(self, config: TrainConfig, rank: int, meshes: tuple, mode=None):
         plan = self.plan = config.parallel
         self.at = plan.coords(rank)
-        mesh = init_device_mesh("cpu", plan.shape, mesh_dim_names=DIMS)
-        dp_mesh = mesh["dp_outer", "ep"]._flatten("dp")
+        mesh, dp_mesh, tp_mesh = meshes
         self.dp_group, self.expert_group = dp_mesh.get_group(), mesh.get_group("dp_outer")
         torch.manual_seed(config.seed)  # every device builds the same whole model, then keeps its part
-        model = config.workload.build_model()
+        if mode is None:
+            model = config.workload.build_model()
+        else:
+            with unset_fake_temporarily(), torch.device("meta"):  # shapes only: no memory, no initialisation
+                model = config.workload.build_model()
+            model = model.to_empty(device="cpu")
+            for layer in model.modules():
+                if isinstance(layer, MoE):
+                    layer.routing = config.routing or balanced()
         self.experts = plans.expert_parallel(model, mesh.get_group("ep"), plan.ep, self.at["ep"]) \
             if plan.ep > 1 else []
         self.offset = self.at["ep"] * model.config.n_experts // plan.ep if plan.ep > 1 else 0
@@ -54,23 +69,27 @@ class _Model:
         part = plans.stage_of(model, self.at["pp"], plan.pp) if plan.pp > 1 else model
         blocks = list(part.blocks.values() if plan.pp > 1 else part.blocks) if hasattr(part, "blocks") else []
         if plan.tp > 1:
-            plans.tensor_parallel(blocks, mesh["tp"], plan.tp)
+            plans.tensor_parallel(blocks, tp_mesh, plan.tp)
         if plan.recompute:
             plans.recompute(blocks)
         self.part = part  # the unwrapped module: its state is the weights this device holds
-        self.module, self.by_hand = plans.data_parallel(part, blocks, plan, dp_mesh, self.experts, config.bucket_mb)
-        self.schedule = plans.pipeline(self.module, self.at["pp"], plan, mesh.get_group("pp")) if plan.pp > 1 \
-            else None
+        self.module, self.buckets = plans.data_parallel(part, blocks, plan, dp_mesh, self.experts, config.bucket_mb)
+        self.schedule = None
+        if plan.pp > 1:
+            c = model.config
+            micro = (config.batch_for(plan.dp) // plan.n_microbatches, c.seq_len)
+            dtype = next(model.parameters()).dtype
+            self.schedule = plans.pipeline(self.module, self.at["pp"], plan, mesh.get_group("pp"), micro, c.dim,
+                                           c.vocab_size, dtype)
         self.opt = Optimizer(config.optimizer_used, self.module.parameters(), config.lr_used)
-        experts = set(self.experts)
-        self.shared = [p for p in self.module.parameters() if p not in experts]  # averaged by hand if by_hand
 
-    def step(self, loss_fn, batch) -> float | None:
-        """Forward and backward of one replica's batch; the loss where this device has it."""
+    def step(self, loss_fn, batch) -> list:
+        """Forward and backward of one replica's batch; the losses this device has (the last
+        pipeline stage's, one per microbatch)."""
         if self.schedule is None:
             loss = loss_fn(self.module, batch)
             loss.backward()
-            local = float(loss.detach())
+            losses = [loss]
         else:
             idx, targets = batch
             losses = []
@@ -82,20 +101,43 @@ class _Model:
                 self.schedule.step(target=targets, losses=losses)
             else:
                 self.schedule.step()
-            local = float(torch.stack([x.detach() for x in losses]).mean()) if losses else None
-        if self.by_hand:
-            plans.average_gradients(self.shared, self.dp_group)
+        if self.buckets is not None:
+            self.buckets.finish()
         if self.experts:
             plans.sync_experts(self.experts, self.expert_group, self.plan.dp)
-        return local
+        return losses
 
 
 def _train(dev, job: Job, config: TrainConfig) -> dict:
     ctx = relay_dist.context()
+    with ctx.throttle.pause():  # (a mesh's device table is a tensor: made real, before any fake mode)
+        mesh = init_device_mesh("cpu", config.parallel.shape, mesh_dim_names=DIMS)
+        meshes = (mesh, mesh["dp_outer", "ep"]._flatten("dp"), mesh["tp"])
+    # fake tensors: the mode stays active for the whole run (below the throttle: FakeTensorMode is
+    # an infrastructure mode, always last on the dispatch stack, so the throttle still sees every op)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if config.fake else None
+    with (mode or contextlib.nullcontext()), (_eager() if mode else contextlib.nullcontext()):
+        return _steps(dev, job, config, ctx, meshes, mode)
+
+
+@contextlib.contextmanager
+def _eager():
+    """Functional collectives as in eager mode on fake tensors too: torch takes an active fake
+    mode for tracing and waits on each result at once (wait_tensor), where eager wraps it and
+    waits when it is used (AsyncCollectiveTensor): the same ops and waits as on real tensors."""
+    traced = funcol._are_we_tracing
+    funcol._are_we_tracing = lambda: False
+    try:
+        yield
+    finally:
+        funcol._are_we_tracing = traced
+
+
+def _steps(dev, job: Job, config: TrainConfig, ctx, meshes: tuple, mode) -> dict:
     rank, engine, throttle, transport = ctx.rank, ctx.engine, ctx.throttle, dev.transport
     compute, world, wl = engine.compute, ctx.world, config.workload
     with throttle.pause():  # setting up is not part of any step
-        m = _Model(config, rank)
+        m = _Model(config, rank, meshes, mode)
     batch_size = config.batch_for(config.parallel.dp)
     data = wl.batches(m.at["dp"], config.parallel.dp, batch_size, config.seed)
     rows = []
@@ -104,10 +146,12 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
             die()
         with throttle.pause():
             batch = next(data)
+            if mode is not None:
+                batch = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
         n0, e0, w0 = len(engine.spans), engine.exposed_s, engine.recv_wait_s
         throttle.batch_scale = config.batch_scale  # forward and backward scale with the batch ...
-        local = m.step(wl.loss, batch)
+        losses = m.step(wl.loss, batch)
         throttle.batch_scale = 1.0  # ... the optimizer step does not
         t_bwd = compute.now()
         t_opt = compute.scheduled()
@@ -115,10 +159,14 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
         m.opt.zero_grad()
         t1 = compute.measure()
         spans = engine.spans[n0:]
-        with throttle.pause():
+        with throttle.pause(), unset_fake_temporarily():  # bookkeeping and control traffic, real numbers
+            local = None if not losses or isinstance(losses[0], FakeTensor) else \
+                float(torch.stack([x.detach() for x in losses]).mean())
             engine.drain()  # the transport is the engine thread's until then
             total, holders = transport.total([local or 0.0, 1.0 if local is not None else 0.0], world)
-        row = {"step": step, "loss": total / holders, "local_loss": local, "start_s": t0, "end_s": t1,
+        row = {"step": step, "loss": total / holders if holders else float("nan"), "local_loss": local,
+               "routing": [list(layer.counts) for layer in m.part.modules() if isinstance(layer, MoE)],
+               "start_s": t0, "end_s": t1,
                "compute_s": throttle.emulated_s - c0, "comm_s": sum(e - s for _, s, e, _ in spans),
                "exposed_comm_s": (engine.exposed_s - e0) - (engine.recv_wait_s - w0),
                "pipeline_wait_s": engine.recv_wait_s - w0, "flops": throttle.flops - f0, "wall_s": time.time() - r0,
@@ -128,6 +176,6 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
         rows.append(row)
         dev.report(row)
     with throttle.pause():
-        state = plans.full_state(m.part, m.offset)
+        state = plans.full_state(m.part, m.offset) if mode is None else {}
     keep = m.at["dp_outer"] == 0 and m.at["tp"] == 0  # one copy of each tensor is enough
     return {"rows": rows, "state": state if keep else {}}

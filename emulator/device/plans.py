@@ -11,9 +11,12 @@ device, on the plan's one DeviceMesh (pp, dp / ep, ep, tp) over the `relay` back
   the output head, routers and experts stay replicated inside the tensor-parallel group;
 * recompute: each block's forward under `torch.utils.checkpoint` (non-reentrant);
 * data parallel (dp): FSDP2 (`fully_shard` on each block, then the root) with `fsdp`; otherwise
-  DDP, except with tp > 1, where torch's DDP does not take DTensor parameters and each local
-  gradient is averaged over the replicas with all_reduce after backward instead. Expert
-  parameters are left out of both and summed over the replicas that hold the same experts.
+  DDP's algorithm (`Buckets`: bucketed asynchronous all_reduce during backward), since torch's
+  DDP takes neither DTensor parameters nor fake tensors. Expert parameters are left out of both
+  and summed over the replicas that hold the same experts.
+
+Every part runs on fake tensors too (tensors="fake"): the pipeline's shapes are given, not
+inferred at run time, and expert parallelism routes by the layers' routing models.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from emulator.workloads.llama import SwiGLU
@@ -90,7 +92,9 @@ def expert_parallel(model: nn.Module, group, ep: int, index: int) -> list[nn.Par
 
 class _ExpertDispatch:
     """MoE.dispatch across an expert-parallel group: the same sums, in the same order, as the
-    one-device dispatch (workloads/moe.py), with the pairs of each expert computed on its device."""
+    one-device dispatch (workloads/moe.py), with the pairs of each expert computed on its device.
+    On fake tensors the layer's routing model gives the counts, and every peer, routing as many
+    tokens by the same model, sends this device as many pairs per expert as it sends its own."""
 
     def __init__(self, moe: MoE, group, ep: int, local: int):
         self.moe, self.group, self.ep, self.local = moe, group, ep, local
@@ -99,19 +103,25 @@ class _ExpertDispatch:
         moe, ep, local, k = self.moe, self.ep, self.local, self.moe.c.top_k
         choice = idx.reshape(-1)  # (N k,) the expert of each (token, choice)
         order = choice.argsort(stable=True)  # grouped by expert, hence by the expert's device
-        counts = torch.bincount(choice, minlength=moe.c.n_experts)  # (E,)
-        moe.counts = counts.tolist()
+        counts = torch.zeros(moe.c.n_experts, dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, choice, torch.ones_like(choice))  # (E,) choices per expert
         token = order // k
         grouped = x[token]  # (N k, d)
         got = torch.empty_like(counts)  # from each peer: its pairs for each of my experts
         dist.all_to_all_single(got, counts, group=self.group)
-        got = got.view(ep, local)
-        send = counts.view(ep, local).sum(1).tolist()
-        recv = got.sum(1).tolist()
+        if moe.routing is None:  # the data decides
+            moe.counts = counts.tolist()
+            got = got.view(ep, local).tolist()
+        else:
+            moe.counts = moe.routing.counts(moe.layer, choice.numel(), moe.c.n_experts, k)
+            mine = moe.counts[moe.expert_offset:moe.expert_offset + local]
+            got = [mine] * ep
+        send = [sum(moe.counts[p * local:(p + 1) * local]) for p in range(ep)]
+        recv = [sum(row) for row in got]
         arrived = all_to_all_single_autograd(grouped, recv, send, self.group)  # by peer, then expert
-        pieces = arrived.split(got.reshape(-1).tolist())  # piece p * local + e
+        pieces = arrived.split([n for row in got for n in row])  # piece p * local + e
         outs = [moe.experts[e](torch.cat([pieces[p * local + e] for p in range(ep)])) for e in range(local)]
-        parts = [o.split(got[:, e].tolist()) for e, o in enumerate(outs)]  # parts[e][p]
+        parts = [o.split([got[p][e] for p in range(ep)]) for e, o in enumerate(outs)]  # parts[e][p]
         back = torch.cat([parts[e][p] for p in range(ep) for e in range(local)])  # by peer, then expert
         out = all_to_all_single_autograd(back, send, recv, self.group)  # (N k, d) in `order`
         out = out * weights.reshape(-1)[order].unsqueeze(1)
@@ -180,39 +190,86 @@ class _Recompute:
 
 # ---------------------------------------------------------------- data parallel
 def data_parallel(module: nn.Module, blocks, plan, mesh, ignored: list, bucket_mb: float):
-    """FSDP2 or DDP over the replicas (see the module's docstring); returns the module to call
-    and whether gradients still need averaging by hand (tp > 1 without fsdp)."""
+    """FSDP2 over the replicas with `fsdp`; otherwise the replicas' mean gradient by Buckets (see
+    the module's docstring). Returns the module to call and the Buckets (None: nothing to do)."""
     if plan.dp == 1:
-        return module, False
-    skip = set(ignored) or None
+        return module, None
+    skip = set(ignored)
     if plan.fsdp:
         for block in blocks:
-            fully_shard(block, mesh=mesh, ignored_params=skip)
-        fully_shard(module, mesh=mesh, ignored_params=skip)
-        return module, False
-    if plan.tp > 1:
-        return module, True
-    if skip:
-        DDP._set_params_and_buffers_to_ignore_for_model(module, [n for n, p in module.named_parameters() if p in skip])
-    # Under a pipeline schedule DDP's first step has a backward per microbatch, and the bucket
-    # order it then rebuilds lists each parameter once per microbatch (an internal assert of
-    # torch's reducer fails in the second step: "rebuilt parameter indices size is not same as
-    # original model parameters size"); find_unused_parameters turns that rebuild off.
-    return DDP(module, process_group=mesh.get_group(), bucket_cap_mb=bucket_mb,
-               find_unused_parameters=plan.pp > 1), False
+            fully_shard(block, mesh=mesh, ignored_params=skip or None)
+        fully_shard(module, mesh=mesh, ignored_params=skip or None)
+        return module, None
+    params = [p for p in module.parameters() if p.requires_grad and p not in skip]
+    return module, Buckets(params, mesh.get_group(), bucket_mb, overlap=plan.pp == 1)
 
 
-def average_gradients(params, group) -> None:
-    """The replicas' mean of each local gradient (tensor parallel without fsdp)."""
-    for p in params:
-        if p.grad is not None:
-            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            dist.all_reduce(g, op=dist.ReduceOp.AVG, group=group)
+class Buckets:
+    """DDP's algorithm on the replicas, through torch.distributed on `relay`: gradients (local
+    shards of DTensors) in buckets of about `bucket_mb` MB, parameters in reverse order (as
+    backward makes them), each bucket averaged by an asynchronous all_reduce as soon as its last
+    gradient is made (`overlap`; a pipeline, whose backward runs once per microbatch, sends them
+    all after the schedule's step instead). torch's DDP cannot take DTensor parameters nor fake
+    tensors (its C++ reducer reads gradient storage), hence this."""
+
+    def __init__(self, params: list, group, bucket_mb: float, overlap: bool = True):
+        self.group, self.buckets, size = group, [[]], 0
+        for p in reversed(params):
+            n = _local(p).numel() * _local(p).element_size()
+            if self.buckets[-1] and size + n > bucket_mb * 1e6:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += n
+        self.where = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params] if overlap else []
+        self.reset()
+
+    def reset(self) -> None:
+        self.waiting = [len(b) for b in self.buckets]
+        self.sent: list = []  # (work, flat) per bucket launched, in bucket order
+
+    def _ready(self, p) -> None:
+        self.waiting[self.where[p]] -= 1
+        while len(self.sent) < len(self.buckets) and self.waiting[len(self.sent)] == 0:
+            self._launch(len(self.sent))
+
+    def _launch(self, i: int) -> None:
+        flat = torch.cat([_local(p.grad).reshape(-1) if p.grad is not None else _local(p).new_zeros(_local(p).numel())
+                          for p in self.buckets[i]])
+        self.sent.append((dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.group, async_op=True), flat))
+
+    def finish(self) -> None:
+        """After backward: send what is left, wait, and put the means back into the gradients."""
+        while len(self.sent) < len(self.buckets):
+            self._launch(len(self.sent))
+        for (work, flat), bucket in zip(self.sent, self.buckets):
+            work.wait()
+            at = 0
+            for p in bucket:
+                g = _local(p)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                _local(p.grad).copy_(flat[at:at + g.numel()].view_as(g))
+                at += g.numel()
+        self.reset()
 
 
-def pipeline(stage: nn.Module, index: int, plan, group) -> Schedule1F1B:
-    return Schedule1F1B(PipelineStage(stage, index, plan.pp, torch.device("cpu"), group=group),
-                        plan.n_microbatches, loss_fn=lm_loss)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def pipeline(stage: nn.Module, index: int, plan, group, micro: tuple, dim: int, vocab: int, dtype) -> Schedule1F1B:
+    """Schedule1F1B over this device's stage, its inputs' and outputs' shapes given (torch then
+    skips inferring them at run time, a metadata exchange that fake tensors could not carry):
+    token ids (micro = (batch, T)) into the first stage, activations (micro + (dim,)) between
+    stages, logits (micro + (vocab,)) out of the last."""
+    with torch.device("meta"):  # activations carry gradients back
+        inp = torch.empty(micro, dtype=torch.long) if index == 0 else \
+            torch.empty(micro + (dim,), dtype=dtype, requires_grad=True)
+        out = torch.empty(micro + ((vocab if index == plan.pp - 1 else dim),), dtype=dtype, requires_grad=True)
+    return Schedule1F1B(PipelineStage(stage, index, plan.pp, torch.device("cpu"), input_args=inp, output_args=out,
+                                      group=group), plan.n_microbatches, loss_fn=lm_loss)
 
 
 def full_state(module: nn.Module, expert_offset: int) -> dict:

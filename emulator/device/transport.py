@@ -138,9 +138,10 @@ class Transport:
             buf = self._spare[slot, dtype] = torch.empty(max(n, 1), dtype=dtype)
         return buf
 
-    def _post_recvs(self, step: Step, slot: int, dtype: torch.dtype, dev) -> list:
-        """Gloo receives of `step`, posted (the shared-memory ones need no posting)."""
-        need = sum(seg_len(r.segs) for r in step.recvs if dev(r.peer) not in self.near)
+    def _post_recvs(self, step: Step, slot: int, dtype: torch.dtype, dev, data: bool = True) -> list:
+        """Gloo receives of `step`, posted (the shared-memory ones need no posting); without
+        `data`, headers alone."""
+        need = sum(seg_len(r.segs) for r in step.recvs if dev(r.peer) not in self.near) if data else 0
         scratch, at, posted = self._scratch(slot, need, dtype) if need else None, 0, []
         for i, r in enumerate(step.recvs):
             peer = dev(r.peer)
@@ -151,8 +152,8 @@ class Transport:
             hdr = torch.empty(4, dtype=torch.float64)
             works = [self.pg.recv([hdr], peer, self._tag(seq, 0))]
             n = seg_len(r.segs)
-            area = scratch[at:at + n] if n else None
-            if n:
+            area = scratch[at:at + n] if n and data else None
+            if area is not None:
                 works.append(self.pg.recv([area], peer, self._tag(seq, 1)))
             at += n
             posted.append((i, r, seq, n, hdr, area, works))
@@ -168,15 +169,23 @@ class Transport:
 
         Gloo receives are posted `window` steps ahead, so that a sender that runs ahead never
         finds its peer unready: gloo then writes arriving bytes straight into place (measured on
-        4 actors, 4 MB ring steps: 4.2 ms with the receive posted first, 7.0 ms without)."""
+        4 actors, 4 MB ring steps: 4.2 ms with the receive posted first, 7.0 ms without).
+
+        A meta `buf` (a fake tensor's stand-in, tensors="fake") moves no data: each message is its
+        header alone, which carries the real message's size, so the timing is the real run's."""
+        self._run(steps, None if buf.is_meta else buf, buf.dtype, lane, ports, fabric, fail_at, ranks, op)
+
+    def _run(self, steps, buf, dtype, lane, ports, fabric, fail_at, ranks, op) -> None:
+        """run(), on `buf`, or on no data at all (buf None: every message a header alone)."""
         elem_bytes, dev = fabric.elem_bytes, (lambda r: r) if ranks is None else ranks.__getitem__
         me = self.rank if ranks is None else ranks.index(self.rank)
         if steps:  # the collective's fixed cost, before its first step (as the local executor)
             lane.advance_to(lane.now() + fabric.base_s())
         most = max((sum(seg_len(r.segs) for r in st.recvs if dev(r.peer) not in self.near) for st in steps),
                    default=0)
-        window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * buf.element_size())))
-        posted = deque(self._post_recvs(steps[k], k % window, buf.dtype, dev) for k in range(window))
+        window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * dtype.itemsize)))
+        data = buf is not None
+        posted = deque(self._post_recvs(steps[k], k % window, dtype, dev, data) for k in range(window))
         for k, step in enumerate(steps):
             if k == fail_at:  # an injected failure, mid-collective
                 die()
@@ -194,14 +203,14 @@ class Transport:
                     continue
                 hdr = torch.tensor([self.rank, seq, n * elem_bytes, start], dtype=torch.float64)
                 sends.append((self.pg.send([hdr], peer, self._tag(seq, 0)), peer))
-                if n:
+                if n and data:
                     payload = gather(buf, s.segs)
                     sends.append((self.pg.send([payload], peer, self._tag(seq, 1)), peer))
                     keep.append(payload)
                 keep.append(hdr)
             arrived, staged = {}, {}  # recv index -> sender's emulated start; -> staging area
             if near_sends or any(dev(r.peer) in self.near for r in step.recvs):
-                near_recvs = self._shm_recvs(step, buf, elem_bytes, staged, dev, op)
+                near_recvs = self._shm_recvs(step, buf, dtype, elem_bytes, staged, dev, op)
                 self.plane.exchange(near_sends, list(near_recvs.values()))
                 arrived = {i: rop.start for i, rop in near_recvs.items()}
             for i, r, seq, n, hdr, area, works in incoming:
@@ -225,17 +234,17 @@ class Transport:
                 if i in staged:
                     apply(buf, r, staged[i], op)
             if k + window < len(steps):
-                posted.append(self._post_recvs(steps[k + window], (k + window) % window, buf.dtype, dev))
+                posted.append(self._post_recvs(steps[k + window], (k + window) % window, dtype, dev, data))
             lane.advance_to(end)
 
-    def _shm_recvs(self, step: Step, buf: torch.Tensor, elem_bytes: int, staged: dict, dev, op: str) -> dict:
+    def _shm_recvs(self, step: Step, buf, dtype, elem_bytes: int, staged: dict, dev, op: str) -> dict:
         """The shared-memory receives of `step`: straight into `buf` where that is safe (and the
         reduction a sum), else into a staging area (recorded in `staged`) applied with the gloo
-        ones, in list order."""
+        ones, in list order; with no `buf`, headers alone."""
         direct = [d and (op in ("sum", "avg") or not r.reduce) for d, r in zip(_direct(step), step.recvs)]
         ops, stage_at = {}, 0
         need = sum(seg_len(r.segs) for i, r in enumerate(step.recvs) if dev(r.peer) in self.near and not direct[i])
-        area = self._scratch(-1, need, buf.dtype) if need else None
+        area = self._scratch(-1, need, dtype) if need and buf is not None else None
         for i, r in enumerate(step.recvs):
             peer = dev(r.peer)
             if peer not in self.near:
@@ -243,7 +252,9 @@ class Transport:
             seq = self.got[peer]
             self.got[peer] += 1
             n = seg_len(r.segs)
-            if direct[i]:
+            if buf is None:
+                ops[i] = RecvOp(self.rank, peer, seq, n * elem_bytes, [], r.reduce)
+            elif direct[i]:
                 views, at = [], 0
                 for a, b in r.segs:
                     if b > a:
@@ -269,10 +280,11 @@ def _open_shared_memory(t: Transport, node: str | None, timeout_s: float) -> Non
     t.near = frozenset(peers)
 
 
-def _shm_send(peer: int, s, header: tuple, buf: torch.Tensor) -> SendOp:
-    """A shared-memory send of the segments of `s` (uint8 views of the buffer, no copy)."""
+def _shm_send(peer: int, s, header: tuple, buf: torch.Tensor | None) -> SendOp:
+    """A shared-memory send of the segments of `s` (uint8 views of the buffer, no copy; no buffer:
+    the header alone)."""
     views, at = [], 0
-    for a, b in s.segs:
+    for a, b in s.segs if buf is not None else ():
         if b > a:
             views.append((at, buf[a:b].view(torch.uint8)))
             at += (b - a) * buf.element_size()

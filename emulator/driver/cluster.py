@@ -31,7 +31,8 @@ from emulator.driver.pacing import CLOCKS, make_job
 from emulator.driver.session import MEMORY_MB, connect_ray, place_workers, release, resolve_address, wait_gone
 from emulator.errors import ConfigError
 from emulator.hardware.system import System
-from emulator.trainer import TrainConfig
+from emulator.parallel import Parallel
+from emulator.trainer import TENSORS, TrainConfig
 from kernels.calibrate import calibrate
 from kernels.cost import CostModel
 
@@ -49,8 +50,12 @@ class Cluster:
     def __init__(self, system, clock: str = "virtual", dilation: float | None = None,
                  address: str | None = None, device: str = "cpu", *, dtype: str = "bf16",
                  efficiency: dict | None = None, timeout_s: float = 30.0, memory_mb: float = MEMORY_MB,
-                 check_dilation: bool = True, faults: Faults | None = None, data_plane: str = "auto"):
+                 check_dilation: bool = True, faults: Faults | None = None, data_plane: str = "auto",
+                 tensors: str = "real"):
         self.system = _system(system)
+        if tensors not in TENSORS:
+            raise ConfigError(f"tensors = {tensors!r} is unknown; choose 'real' (data) or 'fake' (shapes only)")
+        self.tensors = tensors  # what training runs on unless its config says (TrainConfig.tensors)
         self.clock, self.dilation = clock, dilation
         self._check_clock()
         if device not in ("cpu", "cuda"):
@@ -235,13 +240,23 @@ class Cluster:
         layout, memory, and on the wall clock the dilation). train() runs it unless given its
         result; run it yourself to fail before any worker starts. Takes a TrainConfig, or a
         workload and TrainConfig's options."""
-        return _training.preflight(self, _config(workload, options))
+        return _training.preflight(self, self._config(workload, options))
 
     def train(self, workload=None, *, csv: str | None = None, preflight=None, **options):
         """Training on the devices; returns a TrainResult. `workload`: a Workload, a name, an import
         path or a whole TrainConfig; `options`: TrainConfig's fields (steps, per_device_batch, ...,
         and `parallel=Parallel(dp=, tp=, pp=, ep=, fsdp=)`: PyTorch's own parallelism on `relay`)."""
-        return _training.train(self, _config(workload, options), preflight, csv)
+        return _training.train(self, self._config(workload, options), preflight, csv)
+
+    def _config(self, workload, options: dict) -> TrainConfig:
+        """The run's TrainConfig: tensors from the cluster unless given; fake tensors without a plan
+        run data-parallel over every device."""
+        config = _config(workload, options)
+        if config.tensors is None:
+            config = config.replace(tensors=self.tensors)
+        if config.fake and config.parallel is None:
+            config = config.replace(parallel=Parallel(dp=self.system.devices))
+        return config
 
     def __repr__(self) -> str:
         return f"Cluster({self.system.describe()}, clock={self.clock!r}, workers={len(self.actors)})"

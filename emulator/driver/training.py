@@ -44,7 +44,10 @@ def preflight(cluster, config: TrainConfig) -> Preflight:
     if config.parallel is not None:
         config.parallel.check(n, system.domain, config.workload.config, config.batch_for(config.parallel.dp))
     batch = config.batch_for(config.replicas(n))  # a device's, or under a plan a replica's
-    memory = check_memory(config, system, batch, cluster.dtype)
+    if config.fake and cluster.clock != "virtual":
+        raise ConfigError("tensors = 'fake' runs on the virtual clock (its host time says nothing of the "
+                          "emulated one); use clock = 'virtual'")
+    memory = {} if config.fake else check_memory(config, system, batch, cluster.dtype)
     ratio = 1.0
     if cluster.clock == "wall":
         ratio = max(probe_ratio(config, system, batch, cluster.dtype, cluster.efficiency),

@@ -8,6 +8,7 @@ recorded from a real run, makes a fake run route exactly as that run did.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -83,3 +84,25 @@ def apportion(total: int, weights: list[float], cap: int) -> list[int]:
     for i in by_remainder[:total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def parse(spec):
+    """A routing model from its name: 'balanced', 'zipf:S' (S the exponent), or the path of a JSON
+    file holding a Histogram's counts (one list per MoE layer, or one list for all); a routing
+    model passes through, None stays None (balanced, where one is needed)."""
+    if spec is None or isinstance(spec, (Zipf, Histogram)):
+        return spec
+    text = str(spec).strip()
+    if text == "balanced":
+        return balanced()
+    if text.startswith("zipf:"):
+        try:
+            return Zipf(float(text[5:]))
+        except ValueError:
+            raise ValueError(f"routing = {spec!r}: the Zipf exponent is not a number; write e.g. zipf:1.2") from None
+    try:
+        with open(text) as fh:
+            return Histogram(json.load(fh))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"routing = {spec!r} is neither 'balanced', 'zipf:S' nor a readable JSON file of counts "
+                         f"per expert ({e}); give one of those") from None
