@@ -73,7 +73,9 @@ class _Model:
         if plan.recompute:
             plans.recompute(blocks)
         self.part = part  # the unwrapped module: its state is the weights this device holds
-        self.module, self.buckets = plans.data_parallel(part, blocks, plan, dp_mesh, self.experts, config.bucket_mb)
+        with unset_fake_temporarily():  # (FSDP2 over tensor parallel builds a mesh: its device table is real)
+            self.module, self.buckets = plans.data_parallel(part, blocks, plan, dp_mesh, self.experts,
+                                                            config.bucket_mb)
         self.schedule = None
         if plan.pp > 1:
             c = model.config

@@ -8,6 +8,7 @@ while the first one works, so the driver can tell a busy device from a stuck one
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
 import ray
@@ -34,7 +35,15 @@ class DeviceWorker:
         self.device = Device(index, host)
 
     def run(self, fn, *args, **kwargs):
-        return fn(self.device, *args, **kwargs)
+        try:
+            return fn(self.device, *args, **kwargs)
+        except Exception as e:
+            try:
+                pickle.dumps(e)
+            except Exception:  # (torch's, holding C++ objects): Ray could not send it back, and would
+                # report an internal error instead of the device's; the same message, in a plain one
+                raise RuntimeError(f"{type(e).__name__}: {e}") from None
+            raise
 
     def ping(self) -> bool:
         return True

@@ -11,7 +11,9 @@ moves them by 1e-3 or more. SGD, because AdamW divides by the root of a tiny sec
 which turns rounding in a near-zero gradient into a difference of up to lr in that weight; the
 AdamW case compares the losses only."""
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from emulator import Parallel, System, train_single
 from emulator.parallel import DIMS
 from emulator.workloads import get
+from emulator.workloads.routing import Histogram
 from launch.cli import main
 
 STEPS, BATCH, LR, TOL = 3, 4, 0.5, 1e-5
@@ -60,6 +63,34 @@ def test_plan_equals_one_process_training(cluster8, workload, text):
         assert (s["pipeline_wait_s"] > 0) == (plan.pp > 1)
     ops = {name for rows in res.per_device for r in rows for name in r["spans"]}
     assert ("recv" in ops) == (plan.pp > 1) and ("all_to_all" in ops) == (plan.ep > 1)
+    if wl.name == "llama-debug":  # fake tensors: the same charges and messages (MoE: test_fake_moe_...)
+        fake = cluster8.train(wl, parallel=plan, steps=STEPS, per_device_batch=BATCH, optimizer="sgd", lr=LR,
+                              tensors="fake")
+        assert _times(fake) == _times(res)
+        assert fake.state_dict == {} and all(math.isnan(x) for x in fake.losses)  # fake tensors hold no values
+
+
+def _times(res) -> list:
+    """Every device's emulated figures and spans, step by step (what fake tensors must reproduce)."""
+    keys = ("start_s", "end_s", "compute_s", "comm_s", "exposed_comm_s", "pipeline_wait_s", "flops", "spans")
+    return [[{k: r[k] for k in keys} for r in rows] for rows in res.per_device]
+
+
+def test_fake_moe_with_recorded_routing_equals_real(cluster8):
+    """Fake tensors route by a routing model; a histogram of a real run's counts makes them route
+    as it did. Every replica is given the same samples, so one device's counts are every device's."""
+    moe = get("moe-debug")
+    same = dataclasses.replace(moe, batches=lambda rank, world, b, seed: moe.batches(0, world, b, seed))
+    plan = Parallel(dp=4, ep=2, tp=2)
+    cluster8.configure(system_for(plan), clock="virtual")
+    real = cluster8.train(same, parallel=plan, steps=1, per_device_batch=BATCH)
+    counts = real.per_device[0][0]["routing"]
+    assert len(counts) == moe.config.n_layers - moe.config.n_dense_layers and sum(counts[0]) > 0
+    fake = cluster8.train(same, parallel=plan, steps=1, per_device_batch=BATCH, tensors="fake",
+                          routing=Histogram(counts))
+    assert _times(fake) == _times(real)
+    skewed = cluster8.train(same, parallel=plan, steps=1, per_device_batch=BATCH, tensors="fake", routing="zipf:2")
+    assert skewed.per_device[0][0]["routing"][0][0] > 2 * max(counts[0])  # the first expert takes the most
 
 
 def test_adamw_on_a_3d_plan_follows_one_process_losses(cluster8):
