@@ -20,7 +20,7 @@ state divided by the replicas, experts excepted as plans.py leaves them out, plu
 gathered whole), and the 2 + 2 + 12 bytes per
 parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
 
-Units: bytes in the figures, GiB (2^30 bytes) where printed; HBM capacity from the catalog.
+Units: bytes in the figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from kernels.clock import VirtualLane
 from kernels.cost import ITEMSIZE, CostModel
 from kernels.throttle import Throttle
 
-GiB = 2 ** 30
+GB = 1e9  # printed figures are GB (1e9 bytes), the catalog's unit of HBM
 KINDS = ("base", "dense", "moe")  # base: the model without blocks (embedding, norm, head, loss)
 
 
@@ -98,17 +98,51 @@ def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dty
     swapped: + (dense block with only the heads split by tp) - (the same at tp = 1). Exact, and
     a full-size MoE block (256 experts) is what takes seconds."""
     c = config_of(workload, seq_len)
-    raw = _measure(workload, shard(c, tp, ep), micro_batch, chip, dtype, optimizer, ("dense",))
+    # a dense block holds no experts: measured at ep = 1, shared by every ep
+    raw = _measure(workload, shard(c, tp, 1), micro_batch, chip, dtype, optimizer, ("dense",))
     parts = dict(raw)
     if hasattr(c, "n_experts"):
         moe = _measure(workload, shard(c, 1, ep), micro_batch, chip, dtype, optimizer, ("moe",))["moe"]
         if tp > 1:
-            heads_only = lambda t: replace(shard(c, t, ep), ffn_dim=c.ffn_dim)  # noqa: E731
+            heads_only = lambda t: replace(shard(c, t, 1), ffn_dim=c.ffn_dim)  # noqa: E731
             split, whole = (_measure(workload, heads_only(t), micro_batch, chip, dtype, optimizer, ("dense",))["dense"]
                             for t in (tp, 1))
             moe = moe + split - whole
-        parts["moe"] = moe
+        parts["moe"] = _per_expert_share(c, ep, moe)
     return Measured(parts, micro_batch)
+
+
+def _per_expert_share(c, ep: int, moe: Part) -> Part:
+    """A MoE block's figures with the parameters (and optimizer step) of n_experts / ep experts:
+    the shard keeps top_k experts when n_experts / ep < top_k (see `shard`)."""
+    k = c.n_experts / ep / shard(c, 1, ep).n_experts
+    if k == 1:
+        return moe
+    return replace(moe, params=round(moe.params - moe.expert_params * (1 - k)), expert_params=round(moe.expert_params * k),
+                   optimizer_s=moe.optimizer_s * (moe.params - moe.expert_params * (1 - k)) / moe.params)
+
+
+@functools.lru_cache(maxsize=None)
+def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> Measured:
+    """Like `measure`, with the parameters alone (counted on the meta device, no fake run: a
+    lower bound of the memory that prunes most plans before any measurement)."""
+    c = config_of(workload, seq_len)
+    cfg = shard(c, tp, ep)
+    family = importlib.import_module(type(c).__module__)
+    moe = hasattr(c, "n_dense_layers")
+
+    def count(n_layers: int, dense: int) -> Part:
+        extra = {"n_dense_layers": dense} if moe else {}
+        with torch.device("meta"):
+            model = family.workload(workload, replace(cfg, n_layers=n_layers, **extra)).build_model()
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        return Part(0.0, 0.0, 0.0, 0.0, sum(p.numel() for p in model.parameters()), experts)
+
+    base = count(0, 0)
+    parts = {"base": base, "dense": count(1, 1) - base}
+    if moe:
+        parts["moe"] = _per_expert_share(c, ep, count(1, 0) - base)
+    return Measured(parts, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +156,9 @@ def _measure(workload: str, config, micro_batch: int, chip: str, dtype: str, opt
         return _run(family.workload(workload, replace(config, n_layers=n_layers, **extra)), micro_batch,
                     chips.get(chip), dtype, optimizer)
 
-    base = run(0, 0)
+    # the model without blocks does not depend on the blocks' shard: measured once per size
+    base = _measure(workload, config_of(workload, config.seq_len), micro_batch, chip, dtype, optimizer,
+                    ())["base"] if kinds else run(0, 0)
     out = {"base": base}
     for kind in kinds:
         out[kind] = run(1, 1 if kind == "dense" else 0) - base
@@ -177,7 +213,7 @@ class Footprint:
         return self.total <= self.capacity
 
     def describe(self) -> str:
-        g = lambda x: f"{x / GiB:.1f} GiB"  # noqa: E731
+        g = lambda x: f"{x / GB:.1f} GB"  # noqa: E731
         return (f"{self.device}: parameters {g(self.parameters)} + gradients {g(self.gradients)} + optimizer "
                 f"{g(self.optimizer)} + activations {g(self.activations)} = {g(self.total)} of "
                 f"{g(self.capacity)} HBM")
@@ -251,6 +287,6 @@ def check(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footp
                  "recompute" if not plan.recompute else "",
                  "more microbatches" if plan.pp > 1 else "", "a smaller --global-batch"]
         raise ConfigError(f"memory: {workload} under {plan} at global batch {global_batch} does not fit the "
-                          f"{chips.get(chip).name}'s HBM ({fp.capacity / GiB:.1f} GiB): {fp.describe()}; "
+                          f"{chips.get(chip).name}'s HBM ({fp.capacity / GB:.1f} GB): {fp.describe()}; "
                           f"try {', '.join(f for f in fixes if f)}")
     return fp
