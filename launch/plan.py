@@ -11,9 +11,9 @@ from emulator.errors import ConfigError
 from emulator.parallel import Parallel
 from launch.options import add_system_args, system_from
 
-HEADERS = ["#", "plan", "micro-batch (samples)", "step (emulated s)", "tokens/s (emulated)", "MFU (emulated %)",
-           "compute (emulated s)", "exposed tensor-parallel (emulated s)", "pipeline bubble + p2p (emulated s)",
-           "expert all-to-all (emulated s)", "data-parallel comm. (emulated s)", "peak memory / HBM (GB)"]
+HEADERS = ["#", "plan", "micro-batch\n(samples)", "step\n(emulated s)", "tokens/s\n(emulated)", "MFU\n(emulated %)",
+           "compute\n(emulated s)", "exposed TP\n(emulated s)", "pipeline bubble\n+ p2p (emulated s)",
+           "expert all-to-all\n(emulated s)", "data-parallel\n(emulated s)", "peak memory / HBM\n(GB per device)"]
 
 
 def add_parser(sub) -> None:

@@ -5,9 +5,9 @@ the memory check and the plan search (emulator/driver/planner.py) are built from
 Measured, not assumed: `measure` runs models of 0 and 1 block of each kind (dense, MoE) on fake
 tensors (emulator/device/fake.py's `by_layers` method: every block of a kind is identical, so a
 block's figure is the 1-block model's minus the 0-block model's, exactly), with the block split
-as the plan splits it on one device (`shard`: Megatron tensor parallel divides the heads and the
-dense SwiGLU's width by tp and leaves norms, embeddings, the head, routers and experts whole, as
-plans.py does; expert parallel keeps n_experts / ep experts). Each run charges every aten op by
+as the plan splits it on one device (`shard` and `_split_heads`: Megatron tensor parallel divides
+the heads and the dense SwiGLU's width by tp and leaves norms, embeddings, the head, routers and
+experts whole, as plans.py does; expert parallel keeps n_experts / ep experts). Each run charges every aten op by
 the cost model (forward, backward and optimizer step separately) and records what autograd
 saves for backward (fake.memory's rule), at the plan's own micro-batch size (fake tensors cost
 the same at any size: a 70B block takes well under a second), cached per shard and size.
@@ -30,6 +30,7 @@ import importlib
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from emulator.device.fake import _model_and_batch
@@ -38,6 +39,7 @@ from emulator.hardware import chips
 from emulator.parallel import Parallel
 from emulator.trainer import OPTIMIZER_BYTES, Optimizer
 from emulator.workloads import get as get_workload
+from emulator.workloads.moe import MLA
 from kernels.clock import VirtualLane
 from kernels.cost import ITEMSIZE, CostModel
 from kernels.throttle import Throttle
@@ -73,19 +75,45 @@ class Measured:
 
 
 def shard(config, tp: int = 1, ep: int = 1):
-    """The configuration of one device's share of a block under tensor and expert parallelism,
-    as plans.py splits it (see the module docstring). Expert parallelism keeps n_experts / ep
-    experts per device, each fed by the ep replicas of its group: with balanced routing, the
-    same k expert passes per token as on one device, so the shard keeps top_k and at least
-    top_k experts (the FLOPs are those of the real split; fewer, larger expert GEMMs when
-    n_experts / ep < top_k)."""
-    c = config
-    changes = {"n_heads": c.n_heads // tp, "ffn_dim": c.ffn_dim // tp}
-    if getattr(c, "attention", "gqa") == "gqa":
-        changes["n_kv_heads"] = c.n_kv_heads // tp
-    if hasattr(c, "n_experts"):
-        changes["n_experts"] = max(c.n_experts // ep, c.top_k)
-    return replace(c, **changes)
+    """The configuration of one device's share of a block's feed-forward under tensor and expert
+    parallelism, as plans.py splits it (the heads split in the built model: `_split_heads`).
+    Expert parallelism keeps n_experts / ep experts per device, each fed by the ep replicas of
+    its group: with balanced routing, the same k expert passes per token as on one device, so
+    the shard keeps top_k and at least top_k experts (the FLOPs are those of the real split;
+    fewer, larger expert GEMMs when n_experts / ep < top_k; the router keeps as many outputs as
+    the shard has experts, a fraction of a percent of the block)."""
+    changes = {"ffn_dim": config.ffn_dim // tp}
+    if hasattr(config, "n_experts"):
+        changes["n_experts"] = max(config.n_experts // ep, config.top_k)
+    return replace(config, **changes)
+
+
+def _split_heads(model, tp: int):
+    """Each block's attention with n_heads / tp heads (and key/value heads) of the same size, as
+    plans.tensor_parallel leaves it on one device (the low-rank latents of MLA stay whole)."""
+    if tp == 1:
+        return model
+    for block in model.blocks:
+        a = block.attn
+        if isinstance(a, MLA):
+            c = a.c = replace(a.c, n_heads=a.c.n_heads // tp)
+            a.wq_b = nn.Linear(c.q_lora_rank, c.n_heads * a.qk_dim, bias=False)
+            a.wkv_b = nn.Linear(c.kv_lora_rank, c.n_heads * (c.qk_nope_dim + c.v_head_dim), bias=False)
+            a.wo = nn.Linear(c.n_heads * c.v_head_dim, c.dim, bias=False)
+        else:
+            a.n_heads, a.n_kv_heads, d = a.n_heads // tp, a.n_kv_heads // tp, a.wq.in_features
+            a.wq, a.wo = nn.Linear(d, a.n_heads * a.head_dim, bias=False), nn.Linear(a.n_heads * a.head_dim, d, bias=False)
+            a.wk, a.wv = (nn.Linear(d, a.n_kv_heads * a.head_dim, bias=False) for _ in range(2))
+    return model
+
+
+def _workload(workload: str, config, tp: int, n_layers: int, dense: int):
+    """The named workload built from `config` with n_layers blocks (the first `dense` of them
+    dense), the heads split tp ways."""
+    family = importlib.import_module(type(config).__module__)
+    extra = {"n_dense_layers": dense} if hasattr(config, "n_dense_layers") else {}
+    wl = family.workload(workload, replace(config, n_layers=n_layers, **extra))
+    return replace(wl, build_model=lambda: _split_heads(wl.build_model(), tp))
 
 
 def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dtype: str = "bf16",
@@ -99,13 +127,11 @@ def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dty
     a full-size MoE block (256 experts) is what takes seconds."""
     c = config_of(workload, seq_len)
     # a dense block holds no experts: measured at ep = 1, shared by every ep
-    raw = _measure(workload, shard(c, tp, 1), micro_batch, chip, dtype, optimizer, ("dense",))
-    parts = dict(raw)
+    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",)))
     if hasattr(c, "n_experts"):
-        moe = _measure(workload, shard(c, 1, ep), micro_batch, chip, dtype, optimizer, ("moe",))["moe"]
+        moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",))["moe"]
         if tp > 1:
-            heads_only = lambda t: replace(shard(c, t, 1), ffn_dim=c.ffn_dim)  # noqa: E731
-            split, whole = (_measure(workload, heads_only(t), micro_batch, chip, dtype, optimizer, ("dense",))["dense"]
+            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",))["dense"]
                             for t in (tp, 1))
             moe = moe + split - whole
         parts["moe"] = _per_expert_share(c, ep, moe)
@@ -118,8 +144,9 @@ def _per_expert_share(c, ep: int, moe: Part) -> Part:
     k = c.n_experts / ep / shard(c, 1, ep).n_experts
     if k == 1:
         return moe
-    return replace(moe, params=round(moe.params - moe.expert_params * (1 - k)), expert_params=round(moe.expert_params * k),
-                   optimizer_s=moe.optimizer_s * (moe.params - moe.expert_params * (1 - k)) / moe.params)
+    kept = moe.params - moe.expert_params * (1 - k)
+    return replace(moe, params=round(kept), expert_params=round(moe.expert_params * k),
+                   optimizer_s=moe.optimizer_s * kept / moe.params)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,37 +154,29 @@ def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> M
     """Like `measure`, with the parameters alone (counted on the meta device, no fake run: a
     lower bound of the memory that prunes most plans before any measurement)."""
     c = config_of(workload, seq_len)
-    cfg = shard(c, tp, ep)
-    family = importlib.import_module(type(c).__module__)
-    moe = hasattr(c, "n_dense_layers")
 
     def count(n_layers: int, dense: int) -> Part:
-        extra = {"n_dense_layers": dense} if moe else {}
         with torch.device("meta"):
-            model = family.workload(workload, replace(cfg, n_layers=n_layers, **extra)).build_model()
+            model = _workload(workload, shard(c, tp, ep), tp, n_layers, dense).build_model()
         experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
         return Part(0.0, 0.0, 0.0, 0.0, sum(p.numel() for p in model.parameters()), experts)
 
     base = count(0, 0)
     parts = {"base": base, "dense": count(1, 1) - base}
-    if moe:
+    if hasattr(c, "n_experts"):
         parts["moe"] = _per_expert_share(c, ep, count(1, 0) - base)
     return Measured(parts, 1)
 
 
 @functools.lru_cache(maxsize=None)
-def _measure(workload: str, config, micro_batch: int, chip: str, dtype: str, optimizer: str, kinds: tuple) -> dict:
+def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype: str, optimizer: str,
+             kinds: tuple) -> dict:
     """{"base": the model without blocks, kind: one block of each of `kinds`} (by_layers' method)."""
-    family = importlib.import_module(type(config).__module__)
-    moe = hasattr(config, "n_dense_layers")
-
     def run(n_layers: int, dense: int) -> Part:
-        extra = {"n_dense_layers": dense} if moe else {}
-        return _run(family.workload(workload, replace(config, n_layers=n_layers, **extra)), micro_batch,
-                    chips.get(chip), dtype, optimizer)
+        return _run(_workload(workload, config, tp, n_layers, dense), micro_batch, chips.get(chip), dtype, optimizer)
 
     # the model without blocks does not depend on the blocks' shard: measured once per size
-    base = _measure(workload, config_of(workload, config.seq_len), micro_batch, chip, dtype, optimizer,
+    base = _measure(workload, config_of(workload, config.seq_len), 1, micro_batch, chip, dtype, optimizer,
                     ())["base"] if kinds else run(0, 0)
     out = {"base": base}
     for kind in kinds:

@@ -20,7 +20,8 @@ one scale-up domain runs on its links), algorithm "auto" (the vendor library's c
                      dense SwiGLU, forward, and the same in backward (experts are not split: a
                      MoE block has one each way); recompute repeats the forward ones; exposed
     expert parallel  per MoE layer and microbatch, 2 all-to-alls forward (dispatch, combine) and
-                     2 backward of each device's k s b d routed tokens, balanced routing; exposed
+                     2 backward of each device's k s b d routed tokens, balanced routing, and
+                     a small all-to-all of the token counts per forward pass; exposed
     pipeline p2p     each microbatch's activation forward and its gradient back, on the link
                      between neighbouring stages; exposed
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from emulator.collectives import predict
 from emulator.collectives.fabric import Fabric
@@ -161,27 +162,32 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     tp_ar = _collective(system, plan, "tp", "all_reduce", act)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
+    # and before the dispatch, the token counts per expert (int64), once per forward pass
+    counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
     p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
     dense = getattr(c, "n_dense_layers", c.n_layers)
     runs = 2 if plan.recompute else 1  # forward passes per microbatch
-    stages = []
+    base, stages = meas.parts["base"], []
     for s in range(plan.pp):
         layers = stage_layers(c.n_layers, plan.pp, s)
         kinds = ["dense" if i < dense else "moe" for i in layers]
-        base = meas.parts["base"]
         # the embedding's lookup is cheap: the base's figures (head, norm, loss) go to the last stage
         compute = sum(runs * meas.parts[k].forward_s + meas.parts[k].backward_s for k in kinds)
         compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
         tp = sum((runs + 1) * (2 if k == "dense" else 1) for k in kinds) * tp_ar
-        ep = sum((runs + 1) * 2 for k in kinds if k == "moe") * a2a
+        ep = sum((runs + 1) * 2 * a2a + runs * counts for k in kinds if k == "moe")
         stages.append((compute, tp, ep, p2p, kinds, s))
     slowest = max(stages, key=lambda x: sum(x[:4]))
     compute, tp, ep, p2p, kinds, s = slowest
     t_max = compute + tp + ep + p2p
-    params = [meas.parts[k] for k in kinds] + ([meas.parts["base"]] if s in (0, plan.pp - 1) else [])
-    share = 1 / plan.dp if plan.fsdp else 1.0
-    opt = sum(p.optimizer_s * (share if not p.expert_params else 1.0) for p in params)
-    dp = _data_parallel(system, plan, params, size, meas, kinds, m, runs)
+    params = [meas.parts[k] for k in kinds]
+    # the embedding's half of the base on stage 0, the head's on the last (as footprint.py)
+    halves = (s == 0) + (s == plan.pp - 1)
+    share = 1 / plan.dp if plan.fsdp else 1.0  # FSDP steps the optimizer on its shard; experts are whole
+    opt = sum(p.optimizer_s * ((p.params - p.expert_params) * share + p.expert_params) / max(p.params, 1)
+              for p in params) + base.optimizer_s * share * halves / 2
+    held = params + [replace(base, params=base.params * halves // 2)]
+    dp = _data_parallel(system, plan, held, size, meas, kinds, m, runs)
     bd = Breakdown(m * compute + opt, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas)
