@@ -102,7 +102,8 @@ def _split_heads(model, tp: int):
             a.wo = nn.Linear(c.n_heads * c.v_head_dim, c.dim, bias=False)
         else:
             a.n_heads, a.n_kv_heads, d = a.n_heads // tp, a.n_kv_heads // tp, a.wq.in_features
-            a.wq, a.wo = nn.Linear(d, a.n_heads * a.head_dim, bias=False), nn.Linear(a.n_heads * a.head_dim, d, bias=False)
+            a.wq = nn.Linear(d, a.n_heads * a.head_dim, bias=False)
+            a.wo = nn.Linear(a.n_heads * a.head_dim, d, bias=False)
             a.wk, a.wv = (nn.Linear(d, a.n_kv_heads * a.head_dim, bias=False) for _ in range(2))
     return model
 
@@ -149,7 +150,7 @@ def _per_expert_share(c, ep: int, moe: Part) -> Part:
                    optimizer_s=moe.optimizer_s * kept / moe.params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> Measured:
     """Like `measure`, with the parameters alone (counted on the meta device, no fake run: a
     lower bound of the memory that prunes most plans before any measurement)."""
@@ -168,7 +169,7 @@ def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> M
     return Measured(parts, 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype: str, optimizer: str,
              kinds: tuple) -> dict:
     """{"base": the model without blocks, kind: one block of each of `kinds`} (by_layers' method)."""

@@ -131,22 +131,24 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
     system = System.preset(system) if isinstance(system, str) else system
     system = system.scaled(devices) if devices else system
     global_batch = global_batch or default_batch(workload, system.devices, seq_len)
+    for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", seq_len or 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
+    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len)
     chip = system.chip.name
     fits, considered = [], 0
     for p in plans(system, workload, global_batch, seq_len):
         considered += 1
-        mb = global_batch // p.dp // p.n_microbatches
-        kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len)
         # memory first, the parameters alone (counted, no fake run) ruling out most plans; then one
         # measurement per (tp, ep, microbatch), cached, serves every plan that shares it
-        if not footprint(workload, p, global_batch, chip, **kw, measured=parameters(workload, p.tp, p.ep, seq_len)).fits:
+        counted = parameters(workload, p.tp, p.ep, seq_len)
+        if not footprint(workload, p, global_batch, chip, **kw, measured=counted).fits:
             continue
-        fp = footprint(workload, p, global_batch, chip, **kw,
-                       measured=measure(workload, p.tp, p.ep, mb, chip, dtype=dtype, optimizer=optimizer, seq_len=seq_len))
+        mb = global_batch // p.dp // p.n_microbatches
+        fp = footprint(workload, p, global_batch, chip, **kw, measured=measure(workload, p.tp, p.ep, mb, chip, **kw))
         if fp.fits:
-            fits.append((p, fp, mb))
-    results = sorted((cost(system, workload, p, global_batch, fp, dtype=dtype, optimizer=optimizer, seq_len=seq_len)
-                      for p, fp, mb in fits), key=lambda r: r.step_s)
+            fits.append((p, fp))
+    results = sorted((cost(system, workload, p, global_batch, fp, **kw) for p, fp in fits), key=lambda r: r.step_s)
     return Search(results[:top], considered, considered - len(fits), global_batch, time.perf_counter() - start)
 
 
@@ -156,7 +158,8 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     c = config_of(workload, seq_len)
     m = plan.n_microbatches
     mb = global_batch // plan.dp // m
-    meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer, seq_len=seq_len)
+    meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer,
+                   seq_len=seq_len)
     size = ITEMSIZE[dtype]
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
     tp_ar = _collective(system, plan, "tp", "all_reduce", act)
