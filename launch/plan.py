@@ -41,7 +41,11 @@ def cmd_plan(args) -> int:
     system = system_from(args)
     if args.top < 1:
         raise ConfigError(f"--top = {args.top} is invalid; give a number of plans >= 1")
-    batch = args.global_batch or planner.default_batch(args.workload, system.devices, args.seq_len)
+    batch = args.global_batch
+    if batch is None:
+        batch = planner.default_batch(args.workload, system.devices, args.seq_len)
+    elif batch < 1:
+        raise ConfigError(f"--global-batch = {batch} is invalid; give a number of samples >= 1")
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
           f"({tokens:,} tokens); analytic model, every figure emulated")

@@ -245,7 +245,12 @@ def config_of(workload, seq_len: int | None = None):
     if c is None or not hasattr(c, "n_layers"):
         raise ConfigError(f"workload = {workload!r} has no transformer configuration; the memory model and "
                           "the plan search take the language models (llama3-70b, deepseek-v3, llama-debug, ...)")
-    return replace(c, seq_len=seq_len) if seq_len else c
+    if seq_len is None:
+        return c
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len = {seq_len!r} is invalid; give tokens per sample >= 1 (or leave it out for the "
+                          f"model's own, {c.seq_len})")
+    return replace(c, seq_len=seq_len)
 
 
 def stage_layers(n_layers: int, pp: int, stage: int) -> range:

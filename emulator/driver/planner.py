@@ -130,8 +130,8 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
     start = time.perf_counter()
     system = System.preset(system) if isinstance(system, str) else system
     system = system.scaled(devices) if devices else system
-    global_batch = global_batch or default_batch(workload, system.devices, seq_len)
-    for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", seq_len or 1)):
+    global_batch = default_batch(workload, system.devices, seq_len) if global_batch is None else global_batch
+    for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", 1 if seq_len is None else seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
     kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len)
