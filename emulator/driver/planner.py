@@ -15,10 +15,11 @@ The step of the slowest pipeline stage, all figures emulated seconds:
 
 Collectives are `predict` closed forms on each group's own System (`group_of`: a group inside
 one scale-up domain runs on its links), algorithm "auto" (the vendor library's choice):
-    tensor parallel  Megatron's pairing as plans.py applies it: per block and microbatch, an
-                     all-reduce of the block's activation (s b d) after attention and after the
-                     dense SwiGLU, forward, and the same in backward (experts are not split: a
-                     MoE block has one each way); recompute repeats the forward ones; exposed
+    tensor parallel  Megatron's pairing as plans.py applies it through DTensor: per block and
+                     microbatch, an all-reduce of the block's activation (s b d) after attention
+                     and after the dense SwiGLU forward (experts are not split); in backward one
+                     per column-wise layer (`_tensor_parallel`); recompute repeats the forward
+                     ones; exposed
     expert parallel  per MoE layer and microbatch, 2 all-to-alls forward (dispatch, combine) and
                      2 backward of each device's k s b d routed tokens, balanced routing, and
                      a small all-to-all of the token counts per forward pass; exposed
@@ -162,7 +163,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
                    seq_len=seq_len)
     size = ITEMSIZE[dtype]
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
-    tp_ar = _collective(system, plan, "tp", "all_reduce", act)
+    tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
     # and before the dispatch, the token counts per expert (int64), once per forward pass
@@ -177,7 +178,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         # the embedding's lookup is cheap: the base's figures (head, norm, loss) go to the last stage
         compute = sum(runs * meas.parts[k].forward_s + meas.parts[k].backward_s for k in kinds)
         compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
-        tp = sum((runs + 1) * (2 if k == "dense" else 1) for k in kinds) * tp_ar
+        tp = sum(runs * tp_fwd[k] + tp_bwd[k] for k in kinds)
         ep = sum((runs + 1) * 2 * a2a + runs * counts for k in kinds if k == "moe")
         stages.append((compute, tp, ep, p2p, kinds, s))
     slowest = max(stages, key=lambda x: sum(x[:4]))
@@ -198,6 +199,22 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
     step = bd.total
     return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak(dtype)), mb)
+
+
+def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int) -> tuple[dict, dict]:
+    """Seconds of one block's tensor-parallel all-reduces, forward and backward, per kind, as
+    DTensor runs plans.py's plan (counted with CommDebugMode): forward, one after the row-wise
+    wo and one after w2 (dense blocks only: experts are not split); backward, one per
+    column-wise layer for its input's gradient: wq, wk, wv (s b d each) or MLA's wq_b, wkv_b
+    (the two latents) and its shared rotary key, and w1, w3 (dense blocks)."""
+    tokens = mb * c.seq_len * size  # bytes per unit of width
+    ar = functools.partial(_collective, system, plan, "tp", "all_reduce")
+    if getattr(c, "attention", "gqa") == "mla":
+        attn_bwd = ar(tokens * c.q_lora_rank) + ar(tokens * c.kv_lora_rank) + ar(tokens * c.qk_rope_dim)
+    else:
+        attn_bwd = 3 * ar(tokens * c.dim)
+    x = ar(tokens * c.dim)
+    return {"dense": 2 * x, "moe": x}, {"dense": attn_bwd + 2 * x, "moe": attn_bwd}
 
 
 def _data_parallel(system, plan: Parallel, parts, size: int, meas, kinds, m: int, runs: int) -> float:

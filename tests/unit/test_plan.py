@@ -3,8 +3,15 @@ the memory check, and the plan search (emulator/driver/planner.py, `relay plan`)
 figures come from fake-tensor blocks (well under a second each at full size) and closed forms."""
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from emulator.collectives import predict
 from emulator.device.footprint import GB, check, footprint, measure, parameters
+from emulator.device.plans import tensor_parallel
 from emulator.driver import planner
 from emulator.errors import ConfigError
 from emulator.hardware.system import System
@@ -141,3 +148,24 @@ def test_relay_plan_refuses_a_plan_over_the_hbm(capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "HBM" in err and "GB" in err and "recompute" in err
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # the token ids need no gradient
+def test_tensor_parallel_all_reduces_are_those_dtensor_runs_for_the_plan():
+    """The planner's tensor-parallel charge is one all-reduce per collective that plans.py's
+    plan really issues (counted by CommDebugMode on torch's fake process group, no Ray): for
+    llama-debug, 2 forward and 5 backward per block, each of the block's activation."""
+    c = llama.CONFIGS["llama-debug"]
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = llama.build(c)
+        tensor_parallel(model.blocks, init_device_mesh("cpu", (2,)), 2)
+        with CommDebugMode() as comms:
+            model(torch.randint(0, c.vocab_size, (2, c.seq_len))).float().mean().backward()
+        issued = sum(comms.get_comm_counts().values())
+    finally:
+        dist.destroy_process_group()
+    assert issued == 7 * c.n_layers
+    r = planner.cost(System(H100, 2), "llama-debug", Parallel(tp=2), 2)
+    one = predict("all_reduce", "auto", 2 * c.seq_len * c.dim * 2, System(H100, 2))
+    assert r.breakdown.tensor_parallel == pytest.approx(issued * one, rel=1e-6)
