@@ -240,7 +240,8 @@ def _data_parallel(system, plan: Parallel, parts, size: int, meas, kinds, m: int
             scatter = _collective(system, plan, "dp", "reduce_scatter", nbytes)
             exposed += m * (max(gather - runs * b.forward_s, 0) + max(gather - b.backward_s, 0))
             exposed += max(scatter - b.backward_s, 0)
-        first = _collective(system, plan, "dp", "all_gather", (meas.parts[kinds[0]].params if kinds else 0) * size)
+        head = meas.parts[kinds[0]] if kinds else meas.parts["base"]
+        first = _collective(system, plan, "dp", "all_gather", (head.params - head.expert_params) * size)
         return exposed + first + experts
     ar = _collective(system, plan, "dp", "all_reduce", dense_params * size)
     if plan.tp > 1:
