@@ -10,6 +10,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from emulator.collectives import predict
+from emulator.device.fake import memory
 from emulator.device.footprint import GB, check, footprint, measure, parameters
 from emulator.device.plans import tensor_parallel
 from emulator.driver import planner
@@ -136,7 +137,8 @@ def test_ranking_responds_to_the_fabric_and_the_device_count():
 
 
 def test_relay_plan_prints_the_best_plans_with_units(capsys):
-    assert main(["plan", "--chip", "h100", "--devices", "8", "--workload", "llama-debug", "--top", "3"]) == 0
+    assert main(["plan", "--chip", "h100", "--devices", "8", "--workload", "llama-debug", "--top", "3",
+                 "--global-batch", "64"]) == 0
     out = capsys.readouterr().out
     assert "emulated s" in out and "GB per device" in out and "tokens/s" in out and "MFU" in out
     assert "valid plans considered" in out and "pruned by memory" in out and "real s" in out
@@ -169,3 +171,13 @@ def test_tensor_parallel_all_reduces_are_those_dtensor_runs_for_the_plan():
     r = planner.cost(System(H100, 2), "llama-debug", Parallel(tp=2), 2)
     one = predict("all_reduce", "auto", 2 * c.seq_len * c.dim * 2, System(H100, 2))
     assert r.breakdown.tensor_parallel == pytest.approx(issued * one, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama-debug", "moe-debug"])
+def test_one_device_footprint_equals_the_whole_model_measured_on_fake_tensors(name):
+    """Without a split, the per-block measurement adds up to fake.memory's figures for the whole
+    model, exactly: blocks of a kind are identical."""
+    whole = memory(name, 4)
+    fp = footprint(name, Parallel(), 4, H100)
+    assert fp.activations == whole["activations"]
+    assert (fp.parameters, fp.gradients, fp.optimizer) == (whole["parameters"], whole["gradients"], whole["optimizer"])
