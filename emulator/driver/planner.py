@@ -125,9 +125,11 @@ def plans(system: System, workload: str, global_batch: int, seq_len: int | None 
 
 
 def search(system, workload: str, global_batch: int | None = None, devices: int | None = None, top: int = 5, *,
-           seq_len: int | None = None, dtype: str = "bf16", optimizer: str = "adamw") -> Search:
+           seq_len: int | None = None, dtype: str = "bf16", optimizer: str = "adamw",
+           message_bytes: int | None = None) -> Search:
     """The `top` fastest plans of `workload` on `system` (a System or a preset name, scaled to
-    `devices` if given) that fit in memory, by emulated step time."""
+    `devices` if given) that fit in memory, by emulated step time. message_bytes: bytes per
+    element of every message (default: the emulated dtype's; real-mode plans move fp32, 4)."""
     start = time.perf_counter()
     system = System.preset(system) if isinstance(system, str) else system
     system = system.scaled(devices) if devices else system
@@ -149,19 +151,21 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
         fp = footprint(workload, p, global_batch, chip, **kw, measured=measure(workload, p.tp, p.ep, mb, chip, **kw))
         if fp.fits:
             fits.append((p, fp))
-    results = sorted((cost(system, workload, p, global_batch, fp, **kw) for p, fp in fits), key=lambda r: r.step_s)
+    results = sorted((cost(system, workload, p, global_batch, fp, **kw, message_bytes=message_bytes) for p, fp in fits),
+                     key=lambda r: r.step_s)
     return Search(results[:top], considered, considered - len(fits), global_batch, time.perf_counter() - start)
 
 
 def cost(system: System, workload: str, plan: Parallel, global_batch: int, memory: Footprint | None = None, *,
-         dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None) -> PlanResult:
-    """The plan's emulated step on `system` (see the module docstring)."""
+         dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None,
+         message_bytes: int | None = None) -> PlanResult:
+    """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`."""
     c = config_of(workload, seq_len)
     m = plan.n_microbatches
     mb = global_batch // plan.dp // m
     meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer,
                    seq_len=seq_len)
-    size = ITEMSIZE[dtype]
+    size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
     tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
