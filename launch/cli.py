@@ -15,7 +15,7 @@ from tabulate import tabulate
 from emulator import DeviceError, chips
 from emulator.errors import ConfigError
 from emulator.results.folder import ResultsDir
-from launch import presets, ray_cluster, script, validate
+from launch import plan, presets, ray_cluster, script, validate
 from launch.bench import cmd_bench
 from launch.breakeven import cmd_breakeven
 from launch.options import add_preset_arg, add_run_args, add_system_args, add_train_args
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(be)
     be.set_defaults(fn=cmd_breakeven)
 
+    plan.add_parser(sub)
     ray_cluster.add_parser(sub)
     validate.add_parser(sub)
     script.add_parser(sub)

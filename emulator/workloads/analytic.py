@@ -45,7 +45,7 @@ def moe_flops(c, tokens: int) -> float:
     return 6 * n * tokens + 14 * c.n_layers * c.seq_len * d_att * tokens
 
 
-def llama_activations(c, batch: int) -> float:
+def llama_activations(c, batch: int, tp: int = 1) -> float:
     """Bytes one Llama block saves for backward, Korthikanti et al.'s sbh(34 + 5as/h) adapted:
 
     attention   11sbh + 5as^2b -> sbh(6 + 4g/a) + 2sba: the QKV input (2sbh), Q (2sbh), K and V
@@ -57,9 +57,14 @@ def llama_activations(c, batch: int) -> float:
     norms       4sbh -> 8sbh + 4sb: PyTorch's RMSNorm saves its input, its normalised output
                 before the weight (2sbh each) and 1/rms (2sb); LayerNorm in the paper saves
                 its input only.
+
+    With tensor parallelism t (Korthikanti's sbh(10 + 24/t + 5as/(ht)), no sequence parallel):
+    what the split layers produce divides by t (Q, K, V, the attention output and log-sum-exp,
+    the SwiGLU's 8sbf), what enters them stays whole (the QKV and MLP inputs, the norms):
+    sbh(12 + (4 + 4g/a)/t) + 8sbf/t + 2sba/t + 4sb.
     """
     s, b, h, a, g, f = c.seq_len, batch, c.dim, c.n_heads, c.n_kv_heads, c.ffn_dim
-    return s * b * h * (16 + 4 * g / a) + 8 * s * b * f + 2 * s * b * a + 4 * s * b
+    return s * b * h * (12 + (4 + 4 * g / a) / tp) + 8 * s * b * f / tp + 2 * s * b * a / tp + 4 * s * b
 
 
 def moe_gqa_activations(c, batch: int) -> float:

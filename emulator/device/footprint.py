@@ -1,0 +1,317 @@
+"""Memory per device under a parallel plan, at full size, checked against the chip's HBM before
+anything runs; and the per-block figures (emulated seconds, saved activations, parameters) that
+the memory check and the plan search (emulator/driver/planner.py) are built from.
+
+Measured, not assumed: `measure` runs models of 0 and 1 block of each kind (dense, MoE) on fake
+tensors (emulator/device/fake.py's `by_layers` method: every block of a kind is identical, so a
+block's figure is the 1-block model's minus the 0-block model's, exactly), with the block split
+as the plan splits it on one device (`shard` and `_split_heads`: Megatron tensor parallel divides
+the heads and the dense SwiGLU's width by tp and leaves norms, embeddings, the head, routers and
+experts whole, as plans.py does; expert parallel keeps n_experts / ep experts). Each run charges every aten op by
+the cost model (forward, backward and optimizer step separately) and records what autograd
+saves for backward (fake.memory's rule), at the plan's own micro-batch size (fake tensors cost
+the same at any size: a 70B block takes well under a second), cached per shard and size.
+
+Closed forms, on top of the measured blocks (`footprint`): which blocks, embedding and head a
+pipeline stage holds, how many microbatches of activations 1F1B keeps in flight on it (pp - stage,
+at most the microbatches), recompute (each block keeps its input, 2 s b d bytes at bf16, and one
+block's activations are live while it is recomputed), FSDP (parameters, gradients and optimizer
+state divided by the replicas, experts excepted as plans.py leaves them out, plus one block
+gathered whole), and the 2 + 2 + 12 bytes per
+parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
+
+Units: bytes in the figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from emulator.device.fake import _model_and_batch
+from emulator.errors import ConfigError
+from emulator.hardware import chips
+from emulator.parallel import Parallel
+from emulator.trainer import OPTIMIZER_BYTES, Optimizer
+from emulator.workloads import get as get_workload
+from emulator.workloads.moe import MLA
+from kernels.clock import VirtualLane
+from kernels.cost import ITEMSIZE, CostModel
+from kernels.throttle import Throttle
+
+GB = 1e9  # printed figures are GB (1e9 bytes), the catalog's unit of HBM
+KINDS = ("base", "dense", "moe")  # base: the model without blocks (embedding, norm, head, loss)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of the model on one device, at one micro-batch of `micro_batch` samples."""
+
+    forward_s: float  # emulated seconds of its forward pass
+    backward_s: float  # emulated seconds of its backward pass
+    optimizer_s: float  # emulated seconds of its optimizer step
+    activations: float  # bytes autograd saves in its forward pass
+    params: int  # parameters this device holds of it
+    expert_params: int  # of which experts' (synchronised over dp / ep replicas, not dp)
+
+    def __sub__(self, o: Part) -> Part:
+        return Part(*(getattr(self, f) - getattr(o, f) for f in Part.__dataclass_fields__))
+
+    def __add__(self, o: Part) -> Part:
+        return Part(*(getattr(self, f) + getattr(o, f) for f in Part.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Per kind (KINDS), what one device's share of it costs, measured at `micro_batch` samples."""
+
+    parts: dict  # kind -> Part (a block's figures for "dense" and "moe"; the rest for "base")
+    micro_batch: int  # samples per micro-batch it was measured at
+
+
+def shard(config, tp: int = 1, ep: int = 1):
+    """The configuration of one device's share of a block's feed-forward under tensor and expert
+    parallelism, as plans.py splits it (the heads split in the built model: `_split_heads`).
+    Expert parallelism keeps n_experts / ep experts per device, each fed by the ep replicas of
+    its group: with balanced routing, the same k expert passes per token as on one device, so
+    the shard keeps top_k and at least top_k experts (the FLOPs are those of the real split;
+    fewer, larger expert GEMMs when n_experts / ep < top_k; the router keeps as many outputs as
+    the shard has experts, a fraction of a percent of the block)."""
+    changes = {"ffn_dim": config.ffn_dim // tp}
+    if hasattr(config, "n_experts"):
+        changes["n_experts"] = max(config.n_experts // ep, config.top_k)
+    return replace(config, **changes)
+
+
+def _split_heads(model, tp: int):
+    """Each block's attention with n_heads / tp heads (and key/value heads) of the same size, as
+    plans.tensor_parallel leaves it on one device (the low-rank latents of MLA stay whole)."""
+    if tp == 1:
+        return model
+    for block in model.blocks:
+        a = block.attn
+        if isinstance(a, MLA):
+            c = a.c = replace(a.c, n_heads=a.c.n_heads // tp)
+            a.wq_b = nn.Linear(c.q_lora_rank, c.n_heads * a.qk_dim, bias=False)
+            a.wkv_b = nn.Linear(c.kv_lora_rank, c.n_heads * (c.qk_nope_dim + c.v_head_dim), bias=False)
+            a.wo = nn.Linear(c.n_heads * c.v_head_dim, c.dim, bias=False)
+        else:
+            a.n_heads, a.n_kv_heads, d = a.n_heads // tp, a.n_kv_heads // tp, a.wq.in_features
+            a.wq = nn.Linear(d, a.n_heads * a.head_dim, bias=False)
+            a.wo = nn.Linear(a.n_heads * a.head_dim, d, bias=False)
+            a.wk, a.wv = (nn.Linear(d, a.n_kv_heads * a.head_dim, bias=False) for _ in range(2))
+    return model
+
+
+def _workload(workload: str, config, tp: int, n_layers: int, dense: int):
+    """The named workload built from `config` with n_layers blocks (the first `dense` of them
+    dense), the heads split tp ways."""
+    family = importlib.import_module(type(config).__module__)
+    extra = {"n_dense_layers": dense} if hasattr(config, "n_dense_layers") else {}
+    wl = family.workload(workload, replace(config, n_layers=n_layers, **extra))
+    return replace(wl, build_model=lambda: _split_heads(wl.build_model(), tp))
+
+
+def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dtype: str = "bf16",
+            optimizer: str = "adamw", seq_len: int | None = None) -> Measured:
+    """One device's share of each kind of part of `workload` under tensor parallel `tp` and
+    expert parallel `ep`, measured on fake tensors at `micro_batch` samples (cached).
+
+    A MoE block's attention splits by tp and its experts by ep, independently, and its figures
+    are sums over its ops, so for tp > 1 it is measured once per ep at tp = 1 and its attention
+    swapped: + (dense block with only the heads split by tp) - (the same at tp = 1). Exact, and
+    a full-size MoE block (256 experts) is what takes seconds."""
+    c = config_of(workload, seq_len)
+    # a dense block holds no experts: measured at ep = 1, shared by every ep
+    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",)))
+    if hasattr(c, "n_experts"):
+        moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",))["moe"]
+        if tp > 1:
+            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",))["dense"]
+                            for t in (tp, 1))
+            moe = moe + split - whole
+        parts["moe"] = _per_expert_share(c, ep, moe)
+    return Measured(parts, micro_batch)
+
+
+def _per_expert_share(c, ep: int, moe: Part) -> Part:
+    """A MoE block's figures with the parameters (and optimizer step) of n_experts / ep experts:
+    the shard keeps top_k experts when n_experts / ep < top_k (see `shard`)."""
+    k = c.n_experts / ep / shard(c, 1, ep).n_experts
+    if k == 1:
+        return moe
+    kept = moe.params - moe.expert_params * (1 - k)
+    return replace(moe, params=round(kept), expert_params=round(moe.expert_params * k),
+                   optimizer_s=moe.optimizer_s * kept / moe.params)
+
+
+@functools.cache
+def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> Measured:
+    """Like `measure`, with the parameters alone (counted on the meta device, no fake run: a
+    lower bound of the memory that prunes most plans before any measurement)."""
+    c = config_of(workload, seq_len)
+
+    def count(n_layers: int, dense: int) -> Part:
+        with torch.device("meta"):
+            model = _workload(workload, shard(c, tp, ep), tp, n_layers, dense).build_model()
+        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        return Part(0.0, 0.0, 0.0, 0.0, sum(p.numel() for p in model.parameters()), experts)
+
+    base = count(0, 0)
+    parts = {"base": base, "dense": count(1, 1) - base}
+    if hasattr(c, "n_experts"):
+        parts["moe"] = _per_expert_share(c, ep, count(1, 0) - base)
+    return Measured(parts, 1)
+
+
+@functools.cache
+def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype: str, optimizer: str,
+             kinds: tuple) -> dict:
+    """{"base": the model without blocks, kind: one block of each of `kinds`} (by_layers' method)."""
+    def run(n_layers: int, dense: int) -> Part:
+        return _run(_workload(workload, config, tp, n_layers, dense), micro_batch, chips.get(chip), dtype, optimizer)
+
+    # the model without blocks does not depend on the blocks' shard: measured once per size
+    base = _measure(workload, config_of(workload, config.seq_len), 1, micro_batch, chip, dtype, optimizer,
+                    ())["base"] if kinds else run(0, 0)
+    out = {"base": base}
+    for kind in kinds:
+        out[kind] = run(1, 1 if kind == "dense" else 0) - base
+    return out
+
+
+def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str) -> Part:
+    model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
+    size = ITEMSIZE[dtype]
+    held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):  # fake.memory's rule: each storage once, floating ones at the emulated dtype
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in held:
+            saved[key] = t.untyped_storage().nbytes() // t.element_size() * (
+                size if t.is_floating_point() else t.element_size())
+        return t
+
+    throttle = Throttle(CostModel(chip, dtype), VirtualLane())
+    with mode:
+        opt = Optimizer(optimizer, model.parameters(), wl.lr)
+        with throttle:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = wl.loss(model, batch)
+            forward_s = throttle.emulated_s
+            loss.backward()
+            backward_s = throttle.emulated_s - forward_s
+            opt.step()
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return Part(forward_s, backward_s, throttle.emulated_s - forward_s - backward_s, sum(saved.values()),
+                sum(p.numel() for p in model.parameters()), experts)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes the most loaded device of a plan holds at its peak, and what it is."""
+
+    device: str  # which device: e.g. "pipeline stage 0 (embedding + 20 blocks)"
+    parameters: float  # bytes, at the emulated dtype
+    gradients: float  # bytes, at the emulated dtype
+    optimizer: float  # bytes: fp32 master weights and AdamW's two moments (12 per parameter)
+    activations: float  # bytes saved for backward at the peak (microbatches in flight)
+    capacity: float  # the chip's HBM, bytes
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    def describe(self) -> str:
+        g = lambda x: f"{x / GB:.1f} GB"  # noqa: E731
+        return (f"{self.device}: parameters {g(self.parameters)} + gradients {g(self.gradients)} + optimizer "
+                f"{g(self.optimizer)} + activations {g(self.activations)} = {g(self.total)} of "
+                f"{g(self.capacity)} HBM")
+
+
+def config_of(workload, seq_len: int | None = None):
+    """The workload's model configuration (with another sequence length if given)."""
+    c = get_workload(workload).config
+    if c is None or not hasattr(c, "n_layers"):
+        raise ConfigError(f"workload = {workload!r} has no transformer configuration; the memory model and "
+                          "the plan search take the language models (llama3-70b, deepseek-v3, llama-debug, ...)")
+    if seq_len is None:
+        return c
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len = {seq_len!r} is invalid; give tokens per sample >= 1 (or leave it out for the "
+                          f"model's own, {c.seq_len})")
+    return replace(c, seq_len=seq_len)
+
+
+def stage_layers(n_layers: int, pp: int, stage: int) -> range:
+    """The blocks pipeline stage `stage` holds: contiguous, as even as can be (plans.stage_of)."""
+    lo, hi = n_layers * stage // pp, n_layers * (stage + 1) // pp
+    return range(lo, hi)
+
+
+def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: str = "bf16",
+              optimizer: str = "adamw", seq_len: int | None = None, measured: Measured | None = None) -> Footprint:
+    """The most loaded device's memory under `plan` for a step of `global_batch` samples (see the
+    module docstring for what is measured and what is closed form)."""
+    chip = chips.get(chip)
+    c = config_of(workload, seq_len)
+    replica = global_batch // plan.dp
+    m = plan.n_microbatches
+    mb = max(replica // m, 1)
+    meas = measured or measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
+                               seq_len=seq_len)
+    size, opt_bytes = ITEMSIZE[dtype], OPTIMIZER_BYTES[optimizer]
+    dense = getattr(c, "n_dense_layers", c.n_layers)
+    best = None
+    for stage in sorted({0, plan.pp - 1}):
+        layers = stage_layers(c.n_layers, plan.pp, stage)
+        kinds = ["dense" if i < dense else "moe" for i in layers]
+        blocks = [meas.parts[k] for k in kinds]
+        base = meas.parts["base"]
+        # the embedding is on stage 0 and the head on the last; their parameters split by the
+        # vocabulary's share of each (the embedding and the head are the same size)
+        share = (0.5 if stage == 0 else 0) + (0.5 if stage == plan.pp - 1 else 0)
+        params = sum(b.params for b in blocks) + base.params * share
+        experts = sum(b.expert_params for b in blocks)
+        # FSDP shards all but the experts (plans.py leaves them out of fully_shard)
+        sharded = (params - experts) / plan.dp + experts if plan.fsdp else params
+        gathered = max((b.params for b in blocks), default=0) if plan.fsdp else 0  # one block gathered whole
+        in_flight = min(plan.pp - stage, m)
+        if plan.recompute:  # each block keeps its input; one block is live while it is recomputed
+            per_mb = len(blocks) * size * mb * c.seq_len * c.dim
+            act = in_flight * per_mb + max((b.activations for b in blocks), default=0)
+        else:
+            act = in_flight * sum(b.activations for b in blocks)
+        if stage == plan.pp - 1:
+            act += base.activations  # logits and loss (the embedding's output is small)
+        what = " + ".join(x for x in ("embedding" if stage == 0 else "", f"{len(blocks)} blocks",
+                                      "head" if stage == plan.pp - 1 else "") if x)
+        fp = Footprint(f"pipeline stage {stage} ({what})" if plan.pp > 1 else f"every device ({what})",
+                       (sharded + gathered) * size, (sharded + gathered) * size, sharded * opt_bytes, act,
+                       chip.hbm_bytes)
+        best = fp if best is None or fp.total > best.total else best
+    return best
+
+
+def check(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footprint:
+    """The plan's footprint, or a ConfigError naming the device, the breakdown, the capacity and
+    the ways to fit, when its peak exceeds the chip's HBM."""
+    fp = footprint(workload, plan, global_batch, chip, **kw)
+    if not fp.fits:
+        fixes = ["more tensor or pipeline parallelism (tp=, pp=)", "fsdp" if not plan.fsdp else "",
+                 "recompute" if not plan.recompute else "",
+                 "more microbatches" if plan.pp > 1 else "", "a smaller --global-batch"]
+        raise ConfigError(f"memory: {workload} under {plan} at global batch {global_batch} does not fit the "
+                          f"{chips.get(chip).name}'s HBM ({fp.capacity / GB:.1f} GB): {fp.describe()}; "
+                          f"try {', '.join(f for f in fixes if f)}")
+    return fp

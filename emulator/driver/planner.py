@@ -1,0 +1,271 @@
+"""The plan search behind `relay plan`: every parallel plan (dp, fsdp, tp, pp, ep, microbatches,
+recompute) of a language model on a system, pruned by memory (emulator/device/footprint.py),
+ranked by an analytic emulated step time built from the project's own cost models. Fast (no
+device runs): a few seconds of fake-tensor block measurements, cached, then arithmetic.
+
+The step of the slowest pipeline stage, all figures emulated seconds:
+
+    per microbatch   t = compute (forward + backward, + forward again with recompute: the
+                     fake-tensor measurement of the stage's blocks and its share of the
+                     embedding and head) + tensor parallel + expert all-to-all + pipeline p2p
+    pipeline         1F1B: (m + pp - 1) x t_max; the bubble is (pp - 1) x t_max, that is
+                     (pp - 1) / m of the m microbatches' time
+    data parallel    after the pipeline drains; see `_data_parallel` for the overlap assumed
+    optimizer        the measured step of the device's (sharded) parameters
+
+Collectives are `predict` closed forms on each group's own System (`group_of`: a group inside
+one scale-up domain runs on its links), algorithm "auto" (the vendor library's choice):
+    tensor parallel  Megatron's pairing as plans.py applies it through DTensor: per block and
+                     microbatch, an all-reduce of the block's activation (s b d) after attention
+                     and after the dense SwiGLU forward (experts are not split); in backward one
+                     per column-wise layer (`_tensor_parallel`); recompute repeats the forward
+                     ones; exposed
+    expert parallel  per MoE layer and microbatch, 2 all-to-alls forward (dispatch, combine) and
+                     2 backward of each device's k s b d routed tokens, balanced routing, and
+                     a small all-to-all of the token counts per forward pass; exposed
+    pipeline p2p     each microbatch's activation forward and its gradient back, on the link
+                     between neighbouring stages; exposed
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, replace
+
+from emulator.collectives import predict
+from emulator.collectives.fabric import Fabric
+from emulator.device.collective import group_of
+from emulator.device.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
+from emulator.errors import ConfigError
+from emulator.hardware.system import System
+from emulator.parallel import Parallel
+from emulator.workloads import analytic
+from kernels.cost import ITEMSIZE
+
+MICRO_BATCHES = (1, 2, 4)  # samples per pipeline microbatch the search tries
+TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """One step of the plan, emulated seconds, on its slowest pipeline stage."""
+
+    compute: float  # forward, backward (and recompute) of the m microbatches, and the optimizer step
+    tensor_parallel: float  # exposed tensor-parallel all-reduces
+    pipeline: float  # the 1F1B bubble ((pp - 1) x the slowest microbatch) and the stages' p2p messages
+    expert_all_to_all: float  # exposed expert-parallel all-to-alls
+    data_parallel: float  # exposed gradient all-reduce, or FSDP all-gathers and reduce-scatters
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tensor_parallel + self.pipeline + self.expert_all_to_all + self.data_parallel
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A plan of the search, with its emulated step and its memory."""
+
+    plan: Parallel
+    breakdown: Breakdown  # emulated seconds per part of the step
+    memory: Footprint  # the most loaded device's bytes at its peak, and the HBM
+    step_s: float  # emulated seconds per step
+    tokens_per_s: float  # emulated tokens per second (global batch x sequence length / step)
+    mfu: float  # model FLOPs (6 N T + attention; recompute not counted) / (step x system peak), 0..1
+    micro_batch: int  # samples per microbatch
+
+
+@dataclass(frozen=True)
+class Search:
+    """What `search` found and how much it looked at."""
+
+    results: list  # the best PlanResults, fastest first
+    considered: int  # valid plans enumerated
+    pruned_memory: int  # of which did not fit in HBM
+    global_batch: int  # samples per step
+    host_s: float  # real seconds the search took
+
+
+def default_batch(workload: str, devices: int, seq_len: int | None = None) -> int:
+    """About TOKENS_PER_STEP tokens, rounded up to a multiple of the device count (so that any
+    data-parallel degree divides it)."""
+    c = config_of(workload, seq_len)
+    want = max(TOKENS_PER_STEP // c.seq_len, 1)
+    return -(-want // devices) * devices
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plans(system: System, workload: str, global_batch: int, seq_len: int | None = None):
+    """Every plan that passes Parallel.check on `system` for `global_batch` samples, with
+    microbatches of MICRO_BATCHES samples (at least pp of them) under a pipeline."""
+    c = config_of(workload, seq_len)
+    n = system.devices
+    for tp in _divisors(n):
+        for pp in _divisors(n // tp):
+            dp = n // (tp * pp)
+            if global_batch % dp:
+                continue
+            replica = global_batch // dp
+            experts = _divisors(dp) if hasattr(c, "n_experts") else [1]
+            micro = [None] if pp == 1 else sorted({replica // mb for mb in MICRO_BATCHES
+                                                    if replica % mb == 0 and replica // mb >= pp})
+            for ep in experts:
+                for fsdp in (False, True) if dp > 1 else (False,):
+                    for m in micro:
+                        for rc in (False, True):
+                            try:
+                                p = Parallel(dp=dp, tp=tp, pp=pp, ep=ep, fsdp=fsdp, microbatches=m, recompute=rc)
+                                p.check(n, system.domain, c, replica)
+                            except ConfigError:
+                                continue
+                            yield p
+
+
+def search(system, workload: str, global_batch: int | None = None, devices: int | None = None, top: int = 5, *,
+           seq_len: int | None = None, dtype: str = "bf16", optimizer: str = "adamw",
+           message_bytes: int | None = None) -> Search:
+    """The `top` fastest plans of `workload` on `system` (a System or a preset name, scaled to
+    `devices` if given) that fit in memory, by emulated step time. message_bytes: bytes per
+    element of every message (default: the emulated dtype's; real-mode plans move fp32, 4)."""
+    start = time.perf_counter()
+    system = System.preset(system) if isinstance(system, str) else system
+    system = system.scaled(devices) if devices else system
+    global_batch = default_batch(workload, system.devices, seq_len) if global_batch is None else global_batch
+    for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", 1 if seq_len is None else seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
+    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len)
+    chip = system.chip.name
+    fits, considered = [], 0
+    for p in plans(system, workload, global_batch, seq_len):
+        considered += 1
+        # memory first, the parameters alone (counted, no fake run) ruling out most plans; then one
+        # measurement per (tp, ep, microbatch), cached, serves every plan that shares it
+        counted = parameters(workload, p.tp, p.ep, seq_len)
+        if not footprint(workload, p, global_batch, chip, **kw, measured=counted).fits:
+            continue
+        mb = global_batch // p.dp // p.n_microbatches
+        fp = footprint(workload, p, global_batch, chip, **kw, measured=measure(workload, p.tp, p.ep, mb, chip, **kw))
+        if fp.fits:
+            fits.append((p, fp))
+    results = sorted((cost(system, workload, p, global_batch, fp, **kw, message_bytes=message_bytes) for p, fp in fits),
+                     key=lambda r: r.step_s)
+    return Search(results[:top], considered, considered - len(fits), global_batch, time.perf_counter() - start)
+
+
+def cost(system: System, workload: str, plan: Parallel, global_batch: int, memory: Footprint | None = None, *,
+         dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None,
+         message_bytes: int | None = None) -> PlanResult:
+    """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`."""
+    c = config_of(workload, seq_len)
+    m = plan.n_microbatches
+    mb = global_batch // plan.dp // m
+    meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer,
+                   seq_len=seq_len)
+    size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
+    act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
+    tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size)
+    routed = c.top_k * act if hasattr(c, "n_experts") else 0
+    a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
+    # and before the dispatch, the token counts per expert (int64), once per forward pass
+    counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
+    p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
+    dense = getattr(c, "n_dense_layers", c.n_layers)
+    runs = 2 if plan.recompute else 1  # forward passes per microbatch
+    base, stages = meas.parts["base"], []
+    for s in range(plan.pp):
+        layers = stage_layers(c.n_layers, plan.pp, s)
+        kinds = ["dense" if i < dense else "moe" for i in layers]
+        # the embedding's lookup is cheap: the base's figures (head, norm, loss) go to the last stage
+        compute = sum(runs * meas.parts[k].forward_s + meas.parts[k].backward_s for k in kinds)
+        compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
+        tp = sum(runs * tp_fwd[k] + tp_bwd[k] for k in kinds)
+        ep = sum((runs + 1) * 2 * a2a + runs * counts for k in kinds if k == "moe")
+        stages.append((compute, tp, ep, p2p, kinds, s))
+    slowest = max(stages, key=lambda x: sum(x[:4]))
+    compute, tp, ep, p2p, kinds, s = slowest
+    t_max = compute + tp + ep + p2p
+    params = [meas.parts[k] for k in kinds]
+    # the embedding's half of the base on stage 0, the head's on the last (as footprint.py)
+    halves = (s == 0) + (s == plan.pp - 1)
+    share = 1 / plan.dp if plan.fsdp else 1.0  # FSDP steps the optimizer on its shard; experts are whole
+    opt = sum(p.optimizer_s * ((p.params - p.expert_params) * share + p.expert_params) / max(p.params, 1)
+              for p in params) + base.optimizer_s * share * halves / 2
+    held = params + [replace(base, params=base.params * halves // 2)]
+    dp = _data_parallel(system, plan, held, size, meas, kinds, m, runs)
+    bd = Breakdown(m * compute + opt, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
+    memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
+                                 seq_len=seq_len, measured=meas)
+    tokens = global_batch * c.seq_len
+    flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
+    step = bd.total
+    return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak(dtype)), mb)
+
+
+def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int) -> tuple[dict, dict]:
+    """Seconds of one block's tensor-parallel all-reduces, forward and backward, per kind, as
+    DTensor runs plans.py's plan (counted with CommDebugMode): forward, one after the row-wise
+    wo and one after w2 (dense blocks only: experts are not split); backward, one per
+    column-wise layer for its input's gradient: wq, wk, wv (s b d each) or MLA's wq_b, wkv_b
+    (the two latents) and its shared rotary key, and w1, w3 (dense blocks)."""
+    tokens = mb * c.seq_len * size  # bytes per unit of width
+    ar = functools.partial(_collective, system, plan, "tp", "all_reduce")
+    if getattr(c, "attention", "gqa") == "mla":
+        attn_bwd = ar(tokens * c.q_lora_rank) + ar(tokens * c.kv_lora_rank) + ar(tokens * c.qk_rope_dim)
+    else:
+        attn_bwd = 3 * ar(tokens * c.dim)
+    x = ar(tokens * c.dim)
+    return {"dense": 2 * x, "moe": x}, {"dense": attn_bwd + 2 * x, "moe": attn_bwd}
+
+
+def _data_parallel(system, plan: Parallel, parts, size: int, meas, kinds, m: int, runs: int) -> float:
+    """Exposed data-parallel seconds. Assumed overlap: DDP (tp = 1) all-reduces its buckets while
+    the last microbatch's backward runs, so only what outlasts that backward is exposed; with
+    tp > 1 and no fsdp, plans.py averages each gradient after backward (all exposed); FSDP2
+    gathers each block's parameters forward and backward (every microbatch: they are resharded
+    after each use) and reduce-scatters its gradients, each overlapped with one block's compute
+    (prefetch), the excess exposed, plus the first gather. Expert gradients are all-reduced over
+    the replicas holding the same experts (dp / ep), after backward: exposed."""
+    if plan.dp == 1:
+        return 0.0
+    dense_params = sum(p.params - p.expert_params for p in parts)
+    expert_params = sum(p.expert_params for p in parts)
+    experts = (_collective(system, plan, "dp_outer", "all_reduce", expert_params * size)
+               if expert_params and plan.dp // plan.ep > 1 else 0.0)
+    if plan.fsdp:
+        exposed = 0.0
+        for k in kinds:
+            b = meas.parts[k]
+            nbytes = (b.params - b.expert_params) * size
+            gather = _collective(system, plan, "dp", "all_gather", nbytes)
+            scatter = _collective(system, plan, "dp", "reduce_scatter", nbytes)
+            exposed += m * (max(gather - runs * b.forward_s, 0) + max(gather - b.backward_s, 0))
+            exposed += max(scatter - b.backward_s, 0)
+        head = meas.parts[kinds[0]] if kinds else meas.parts["base"]
+        first = _collective(system, plan, "dp", "all_gather", (head.params - head.expert_params) * size)
+        return exposed + first + experts
+    ar = _collective(system, plan, "dp", "all_reduce", dense_params * size)
+    if plan.tp > 1:
+        return ar + experts
+    backward = sum(meas.parts[k].backward_s for k in kinds)
+    return max(ar - backward, 0.0) + experts
+
+
+def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes: float) -> float:
+    """Closed-form seconds of one collective of device 0's `dim` group, on that group's System."""
+    if nbytes <= 0:
+        return 0.0
+    sub, fabric = _group(system, plan.dp, plan.tp, plan.pp, plan.ep, dim)
+    if sub.devices == 1:
+        return 0.0
+    return predict(primitive, "auto", nbytes, sub, fabric=fabric)
+
+
+@functools.lru_cache(maxsize=4096)
+def _group(system: System, dp: int, tp: int, pp: int, ep: int, dim: str):
+    members = Parallel(dp=dp, tp=tp, pp=pp, ep=ep).group(dim, 0)
+    g = group_of(system, Fabric.of(system), members, members[0])
+    return g.system, g.fabric

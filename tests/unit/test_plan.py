@@ -1,0 +1,183 @@
+"""Memory per device under a plan (emulator/device/footprint.py) against the published formulas,
+the memory check, and the plan search (emulator/driver/planner.py, `relay plan`). No Ray: the
+figures come from fake-tensor blocks (well under a second each at full size) and closed forms."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from emulator.collectives import predict
+from emulator.device.fake import memory
+from emulator.device.footprint import GB, check, footprint, measure, parameters
+from emulator.device.plans import tensor_parallel
+from emulator.driver import planner
+from emulator.errors import ConfigError
+from emulator.hardware.system import System
+from emulator.parallel import Parallel
+from emulator.workloads import analytic, llama, moe
+from launch.cli import main
+
+H100 = "h100"
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "llama3-70b"])
+@pytest.mark.parametrize("tp", [1, 8])
+def test_block_activations_under_tensor_parallel_match_korthikanti(name, tp):
+    """One block's saved activations on one device of a tp group, 2 samples, against Korthikanti
+    et al.'s sbh(10 + 24/t + 5as/(ht)) adapted to Llama (analytic.llama_activations), within 10%."""
+    c = llama.CONFIGS[name]
+    got = measure(name, tp, 1, 2, H100).parts["dense"].activations
+    assert got == pytest.approx(analytic.llama_activations(c, 2, tp), rel=0.10)
+    if tp > 1:  # and the split really shrinks what a device holds
+        assert got < 0.7 * measure(name, 1, 1, 2, H100).parts["dense"].activations
+
+
+def test_moe_block_activations_match_the_formula_under_expert_parallel():
+    """Mixtral's block, balanced routing: a device of an ep group runs as many (token, expert)
+    pairs as one device alone, so its saved activations are the formula's at any ep."""
+    c = moe.CONFIGS["mixtral-8x7b"]
+    for ep in (1, 4):
+        got = measure("mixtral-8x7b", 1, ep, 1, H100).parts["moe"].activations
+        assert got == pytest.approx(analytic.moe_gqa_activations(c, 1), rel=0.10)
+    whole, split = (parameters("mixtral-8x7b", 1, ep).parts["moe"] for ep in (1, 4))
+    assert split.expert_params == pytest.approx(whole.expert_params / 4, rel=1e-6)
+
+
+def test_parameters_and_optimizer_are_zero_s_16_bytes_per_parameter_divided_by_the_plan():
+    """ZeRO (Rajbhandari et al. 2020): bf16 weights and gradients + fp32 master weights and Adam
+    moments = 2 + 2 + 12 bytes per parameter; DDP holds them all, ZeRO-3 / FSDP a 1/dp share
+    (plus, here, the one block being gathered); a pipeline stage about 1/pp of them."""
+    n = parameters("llama3-70b", 1, 1).parts
+    total = n["base"].params + 80 * n["dense"].params
+    assert total / 1e9 == pytest.approx(70.6, rel=0.005)
+    ddp = footprint("llama3-70b", Parallel(dp=8), 8, H100)
+    assert ddp.parameters + ddp.gradients + ddp.optimizer == pytest.approx(16 * total, rel=0.01)
+    fsdp = footprint("llama3-70b", Parallel(dp=64, fsdp=True), 64, H100)
+    assert fsdp.optimizer == pytest.approx(12 * total / 64, rel=0.01)
+    assert fsdp.parameters == pytest.approx(2 * total / 64 + 2 * n["dense"].params, rel=0.01)
+    stage = footprint("llama3-70b", Parallel(dp=2, pp=4, microbatches=4), 8, H100)
+    assert stage.optimizer == pytest.approx(12 * total / 4, rel=0.10)
+
+
+def test_pipeline_and_recompute_activations_follow_korthikanti():
+    """1F1B: the first stage holds pp microbatches of its L/pp layers, L layers' worth in all
+    (Korthikanti et al. section 4.2.3); full recompute keeps 2sbh per layer (their 2sbhL) plus
+    the layer being recomputed."""
+    c = llama.CONFIGS["llama3-70b"]
+    s, h = c.seq_len, c.dim
+    plain = footprint("llama3-70b", Parallel(dp=2, tp=8, pp=4, microbatches=8), 16, H100)
+    assert "stage 0" in plain.device
+    assert plain.activations == pytest.approx(80 * analytic.llama_activations(c, 1, 8), rel=0.10)
+    rc = footprint("llama3-70b", Parallel(dp=2, tp=8, pp=4, microbatches=8, recompute=True), 16, H100)
+    assert rc.activations == pytest.approx(2 * s * h * 80 + analytic.llama_activations(c, 1, 8), rel=0.10)
+    assert rc.activations < plain.activations / 5
+
+
+def test_memory_check_refuses_a_plan_that_does_not_fit_and_says_how():
+    with pytest.raises(ConfigError) as e:
+        check("llama3-70b", Parallel(dp=8), 8, H100)
+    msg = str(e.value)
+    for word in ("llama3-70b", "dp=8", "HBM", "80.0 GB", "optimizer", "activations", "fsdp", "recompute", "tp="):
+        assert word in msg, word
+    fp = check("llama3-8b", Parallel(dp=8, fsdp=True, recompute=True), 8, H100)
+    assert fp.fits and fp.total < 80 * GB
+
+
+def test_search_returns_only_valid_plans_that_fit_fastest_first():
+    system = System(H100, 8, domain=8)
+    found = planner.search(system, "llama3-8b", 16, top=1000, seq_len=2048)
+    assert found.results and found.pruned_memory > 0
+    assert len(found.results) == found.considered - found.pruned_memory
+    every = list(planner.plans(system, "llama3-8b", 16, seq_len=2048))
+    assert len(every) == found.considered
+    over = [p for p in every if not footprint("llama3-8b", p, 16, H100, seq_len=2048).fits]
+    assert len(over) == found.pruned_memory and not {r.plan for r in found.results} & set(over)
+    c = llama.CONFIGS["llama3-8b"]
+    for r in found.results:
+        r.plan.check(8, 8, c, 16 // r.plan.dp)
+        assert r.memory.fits and r.memory.total <= system.chip.hbm_bytes
+        assert r.step_s == pytest.approx(r.breakdown.total) and 0 < r.mfu < 1
+        assert r.tokens_per_s == pytest.approx(16 * 2048 / r.step_s)
+    steps = [r.step_s for r in found.results]
+    assert steps == sorted(steps)
+    assert all(r.plan.fsdp or r.plan.tp > 1 or r.plan.pp > 1 for r in found.results)  # 16 B/param x 8B > 80 GB
+
+
+def test_the_pipeline_bubble_is_positive_and_shrinks_with_microbatches():
+    system = System(H100, 8, domain=8)
+    few, many = (planner.cost(system, "llama3-8b", Parallel(dp=2, pp=4, microbatches=m), 32, seq_len=2048)
+                 for m in (4, 16))
+    assert few.breakdown.pipeline > 0 and many.breakdown.pipeline > 0
+    assert many.breakdown.pipeline / many.step_s < few.breakdown.pipeline / few.step_s
+    flat = planner.cost(system, "llama3-8b", Parallel(dp=8, fsdp=True), 32, seq_len=2048)
+    assert flat.breakdown.pipeline == 0 and flat.breakdown.tensor_parallel == 0
+
+
+def test_ranking_responds_to_the_fabric_and_the_device_count():
+    """A slower scale-out exposes more data-parallel time across domains; tensor parallelism's
+    all-reduces cost only when tp > 1; expert all-to-alls only when ep > 1; twice the devices
+    give more tokens per second."""
+    fast = System(H100, 16, domain=8)
+    slow = System(H100, 16, domain=8, scaleout_gbps=0.5)
+    plan = Parallel(dp=16, fsdp=True)
+    a, b = (planner.cost(s, "llama3-8b", plan, 16, seq_len=2048) for s in (fast, slow))
+    assert b.breakdown.data_parallel > a.breakdown.data_parallel and b.step_s > a.step_s
+    tp = planner.cost(fast, "llama3-8b", Parallel(dp=8, tp=2, fsdp=True), 16, seq_len=2048)
+    assert tp.breakdown.tensor_parallel > 0 == a.breakdown.tensor_parallel
+    moe_sys = System(H100, 8)
+    ep = planner.cost(moe_sys, "moe-debug", Parallel(dp=8, ep=4), 32)
+    assert ep.breakdown.expert_all_to_all > 0
+    assert planner.cost(moe_sys, "moe-debug", Parallel(dp=8), 32).breakdown.expert_all_to_all == 0
+    best = [planner.search(System(H100, n, domain=8), "llama3-8b", 32, top=1, seq_len=2048).results[0]
+            for n in (8, 16)]
+    assert best[1].tokens_per_s > best[0].tokens_per_s
+
+
+def test_relay_plan_prints_the_best_plans_with_units(capsys):
+    assert main(["plan", "--chip", "h100", "--devices", "8", "--workload", "llama-debug", "--top", "3",
+                 "--global-batch", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "emulated s" in out and "GB per device" in out and "tokens/s" in out and "MFU" in out
+    assert "valid plans considered" in out and "pruned by memory" in out and "real s" in out
+    assert out.count("\n1 ") + out.count("\n1  ") >= 1 and "\n3 " in out
+
+
+def test_relay_plan_refuses_a_plan_over_the_hbm(capsys):
+    rc = main(["plan", "--chip", "h100", "--devices", "8", "--workload", "llama3-70b", "--parallel", "dp=8"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "HBM" in err and "GB" in err and "recompute" in err
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # the token ids need no gradient
+def test_tensor_parallel_all_reduces_are_those_dtensor_runs_for_the_plan():
+    """The planner's tensor-parallel charge is one all-reduce per collective that plans.py's
+    plan really issues (counted by CommDebugMode on torch's fake process group, no Ray): for
+    llama-debug, 2 forward and 5 backward per block, each of the block's activation."""
+    c = llama.CONFIGS["llama-debug"]
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = llama.build(c)
+        tensor_parallel(model.blocks, init_device_mesh("cpu", (2,)), 2)
+        with CommDebugMode() as comms:
+            model(torch.randint(0, c.vocab_size, (2, c.seq_len))).float().mean().backward()
+        issued = sum(comms.get_comm_counts().values())
+    finally:
+        dist.destroy_process_group()
+    assert issued == 7 * c.n_layers
+    r = planner.cost(System(H100, 2), "llama-debug", Parallel(tp=2), 2)
+    one = predict("all_reduce", "auto", 2 * c.seq_len * c.dim * 2, System(H100, 2))
+    assert r.breakdown.tensor_parallel == pytest.approx(issued * one, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama-debug", "moe-debug"])
+def test_one_device_footprint_equals_the_whole_model_measured_on_fake_tensors(name):
+    """Without a split, the per-block measurement adds up to fake.memory's figures for the whole
+    model, exactly: blocks of a kind are identical."""
+    whole = memory(name, 4)
+    fp = footprint(name, Parallel(), 4, H100)
+    assert fp.activations == whole["activations"]
+    assert (fp.parameters, fp.gradients, fp.optimizer) == (whole["parameters"], whole["gradients"], whole["optimizer"])
