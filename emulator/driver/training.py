@@ -13,6 +13,7 @@ import torch
 
 from emulator.collectives import resolve, topology_of
 from emulator.collectives.schedules import schedule
+from emulator.device import footprint
 from emulator.device import parallel_training as device_plans
 from emulator.device import training as device_training
 from emulator.driver.metrics import TrainResult, aggregate
@@ -20,6 +21,7 @@ from emulator.driver.monitor import Failed, blame, failure
 from emulator.driver.pacing import comm_ratio
 from emulator.errors import ConfigError
 from emulator.trainer import Optimizer, TrainConfig, memory_estimate
+from emulator.workloads import BUILTINS
 from kernels.clock import VirtualLane
 from kernels.cost import CostModel
 from kernels.throttle import ParameterTensors, Throttle
@@ -47,7 +49,9 @@ def preflight(cluster, config: TrainConfig) -> Preflight:
     if config.fake and cluster.clock != "virtual":
         raise ConfigError("tensors = 'fake' runs on the virtual clock (its host time says nothing of the "
                           "emulated one); use clock = 'virtual'")
-    memory = {} if config.fake else check_memory(config, system, batch, cluster.dtype)
+    memory = check_plan_memory(config, system, cluster.dtype) if config.parallel is not None and \
+        config.workload.name in BUILTINS and hasattr(config.workload.config, "n_layers") else \
+        check_memory(config, system, batch, cluster.dtype)
     ratio = 1.0
     if cluster.clock == "wall":
         ratio = max(probe_ratio(config, system, batch, cluster.dtype, cluster.efficiency),
@@ -136,6 +140,16 @@ class _Progress:
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 pass
         return self.rows
+
+
+def check_plan_memory(config: TrainConfig, system, dtype: str = "bf16") -> dict:
+    """The most loaded device's memory under the plan (device/footprint.py) against the smallest
+    HBM of the system's chips; refuses, with the breakdown, a plan that does not fit."""
+    chip = min(set(system.chips), key=lambda c: c.hbm_bytes)
+    fp = footprint.check(config.workload.name, config.parallel, config.global_samples(system.devices), chip.name,
+                         dtype=dtype, optimizer=config.optimizer_used)
+    return {"parameters": fp.parameters, "gradients": fp.gradients, "optimizer": fp.optimizer,
+            "activations": fp.activations, "total": fp.total, "device": fp.device}
 
 
 def check_memory(config: TrainConfig, system, per_device_batch: int, dtype: str = "bf16") -> dict:
