@@ -64,6 +64,10 @@ class TrainConfig:
         None, "real: tensors hold data and models train; fake: tensors carry shapes only (any model size; the "
         "same ops charged and the same messages, their data a stand-in; runs under a plan, by default dp over "
         "every device); default: the cluster's (real)")
+    shared: bool | None = _option(
+        None, "fake tensors: one worker per distinct role (a pipeline stage; with skewed routing, each expert "
+        "group too) records its step, and every device is timed from its role's recording (the emulated times "
+        "of one process per device); default: on above 16 devices")
     routing: object = _option(
         None, "fake tensors' mixture-of-experts routing: balanced (default), zipf:S (skewed, S the Zipf exponent) "
         "or a JSON file of token counts per expert (one list per MoE layer: a real run's)")
@@ -91,6 +95,10 @@ class TrainConfig:
             raise ConfigError(f"optimizer = {self.optimizer!r} is unknown; choose 'adamw' or 'sgd'")
         if not (_number(self.bucket_mb) and self.bucket_mb > 0):
             raise ConfigError(f"bucket_mb = {self.bucket_mb!r} is invalid; give MB > 0")
+        if self.shared is not None and not isinstance(self.shared, bool):
+            raise ConfigError(f"shared = {self.shared!r} is invalid; give True, False or None (automatic)")
+        if self.shared and self.tensors == "real":
+            raise ConfigError("shared = True needs tensors = 'fake' (real tensors move real data between devices)")
         if self.tensors not in (None, *TENSORS):
             raise ConfigError(f"tensors = {self.tensors!r} is unknown; choose 'real' or 'fake'")
         try:

@@ -107,8 +107,16 @@ def run_collective(transport, group: Group, primitive: str, algorithm: str, buf:
 @functools.lru_cache(maxsize=4096)
 def _plan(group: Group, primitive: str, algorithm: str, count: int, elem: int, nbytes, options: tuple):
     """The schedule and the resolved fabric of one collective (the same ones recur every step)."""
+    alg, fabric, options = resolved(group, primitive, algorithm, count, elem, nbytes, options)
+    return schedule(primitive, alg, group.rank, group.size, count, group.topology, **options), fabric
+
+
+@functools.lru_cache(maxsize=4096)
+def resolved(group: Group, primitive: str, algorithm: str, count: int, elem: int, nbytes, options: tuple):
+    """(algorithm, fabric, schedule options) one collective runs with: `auto` and the protocol
+    chosen for the group's system by `nbytes` (default: count elements of `elem` bytes)."""
     size = count * elem if nbytes is None else nbytes
     alg, fabric = choose(primitive, algorithm, size, group, group.fabric.with_(elem_bytes=elem))
     options = dict(options)
     options.setdefault("chunks", pipeline_chunks(primitive, alg, size, group.system))
-    return schedule(primitive, alg, group.rank, group.size, count, group.topology, **options), fabric
+    return alg, fabric, options

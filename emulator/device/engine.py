@@ -61,7 +61,7 @@ class Work(dist.Work):
         if self.error is not None:
             raise self.error
         self.engine.forget(self.outputs)
-        self.engine.consume(self.end, self.kind)
+        self.engine.waited(self)
         return True
 
     def is_completed(self) -> bool:
@@ -93,6 +93,8 @@ class Work(dist.Work):
 
 class Engine:
     """The device's communication lane and its one thread."""
+
+    recording = False  # record.py's Recorder: operations are noted, not run
 
     def __init__(self, device: int, transport, system, fabric: Fabric, compute, comm, timeout_s: float,
                  algorithm=None):
@@ -129,6 +131,13 @@ class Engine:
         post = self.send if kind == "send" else self.recv
         self._jobs.put((lambda ready: post(group, tensor, peer, ready, work), self.compute.scheduled(), work))
         return work
+
+    def waited(self, work: Work) -> None:
+        """The program waited for `work` (Work.wait)."""
+        self.consume(work.end, work.kind)
+
+    def mark(self, name: str) -> None:
+        """A point of the program's step (record.py's recorder keeps them)."""
 
     def consume(self, end: float, kind: str = "collective") -> None:
         """The compute lane needs a result that is ready at `end`."""

@@ -15,6 +15,7 @@ outside emulated time.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -27,17 +28,19 @@ import emulator.dist as relay_dist
 from emulator.device import plans
 from emulator.device.job import Job, die
 from emulator.device.program import Program, run_program
+from emulator.device.record import Recorder
 from emulator.parallel import DIMS
 from emulator.trainer import Optimizer, TrainConfig
 from emulator.workloads.moe import MoE
 from emulator.workloads.routing import balanced
 
 
-def train(dev, job: Job, config: TrainConfig) -> dict:
-    """Per-step rows of this device, and the parts of the final weights it holds in full."""
+def train(dev, job: Job, config: TrainConfig, master: tuple) -> dict:
+    """Per-step rows of this device, and the parts of the final weights it holds in full.
+    `master`: the rendezvous address of torch.distributed's default group."""
     dev.rows = []
     algorithm = None if config.algorithm == "auto" else {"all_reduce": config.algorithm}
-    out = run_program(dev, job, Program(_train, (dev, job, config), algorithm=algorithm))
+    out = run_program(dev, job, Program(_train, (dev, job, config), algorithm=algorithm, master=master))
     return {"device": dev.index, "rows": out["result"]["rows"], "state_dict": out["result"]["state"],
             "fidelity": out["fidelity"], "overrun_s": out["overrun_s"]}
 
@@ -135,6 +138,22 @@ def _eager():
         funcol._are_we_tracing = traced
 
 
+def step_row(step: int, marks: tuple, spans: list, compute_s: float, flops: float, exposed_s: float,
+             pipeline_wait_s: float) -> dict:
+    """One step's row from the compute lane's marks (start, end of backward, start of the optimizer,
+    end), the spans of the step's operations (name, start, end, bytes) and the step's sums: the same
+    for a device that ran and for one replayed (driver/shared.py). Sums over spans are exact
+    (math.fsum), so they do not depend on the order spans were appended in."""
+    t0, t_bwd, t_opt, t1 = marks
+    row = {"step": step, "start_s": t0, "end_s": t1, "compute_s": compute_s,
+           "comm_s": math.fsum(e - s for _, s, e, _ in spans), "exposed_comm_s": exposed_s,
+           "pipeline_wait_s": pipeline_wait_s, "flops": flops,
+           "spans": {"forward+backward": (t0, t_bwd), "optimizer": (t_opt, t1)}}
+    for name, s, e, _ in spans:
+        row["spans"].setdefault(name, []).append((s, e))
+    return row
+
+
 def _steps(dev, job: Job, config: TrainConfig, ctx, meshes: tuple, mode) -> dict:
     rank, engine, throttle, transport = ctx.rank, ctx.engine, ctx.throttle, dev.transport
     compute, world, wl = engine.compute, ctx.world, config.workload
@@ -152,32 +171,42 @@ def _steps(dev, job: Job, config: TrainConfig, ctx, meshes: tuple, mode) -> dict
                 batch = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
         n0, e0, w0 = len(engine.spans), engine.exposed_s, engine.recv_wait_s
+        engine.mark("start")
         throttle.batch_scale = config.batch_scale  # forward and backward scale with the batch ...
         losses = m.step(wl.loss, batch)
         throttle.batch_scale = 1.0  # ... the optimizer step does not
         t_bwd = compute.now()
         t_opt = compute.scheduled()
+        engine.mark("backward")
         m.opt.step()
         m.opt.zero_grad()
         t1 = compute.measure()
-        spans = engine.spans[n0:]
+        engine.mark("end")
         with throttle.pause(), unset_fake_temporarily():  # bookkeeping and control traffic, real numbers
             local = None if not losses or isinstance(losses[0], FakeTensor) else \
                 float(torch.stack([x.detach() for x in losses]).mean())
-            engine.drain()  # the transport is the engine thread's until then
-            total, holders = transport.total([local or 0.0, 1.0 if local is not None else 0.0], world)
-        row = {"step": step, "loss": total / holders if holders else float("nan"), "local_loss": local,
-               "routing": [list(layer.counts) for layer in m.part.modules() if isinstance(layer, MoE)],
-               "start_s": t0, "end_s": t1,
-               "compute_s": throttle.emulated_s - c0, "comm_s": sum(e - s for _, s, e, _ in spans),
-               "exposed_comm_s": (engine.exposed_s - e0) - (engine.recv_wait_s - w0),
-               "pipeline_wait_s": engine.recv_wait_s - w0, "flops": throttle.flops - f0, "wall_s": time.time() - r0,
-               "spans": {"forward+backward": (t0, t_bwd), "optimizer": (t_opt, t1)}}
-        for name, s, e, _ in spans:
-            row["spans"].setdefault(name, []).append((s, e))
+            engine.drain()  # the transport is the engine thread's until then; the step's spans are all in
+            total, holders = transport.total([local or 0.0, 1.0 if local is not None else 0.0], world) \
+                if not engine.recording else (0.0, 0)
+        row = step_row(step, (t0, t_bwd, t_opt, t1), engine.spans[n0:], throttle.emulated_s - c0,
+                       throttle.flops - f0, (engine.exposed_s - e0) - (engine.recv_wait_s - w0),
+                       engine.recv_wait_s - w0)
+        row.update({"loss": total / holders if holders else float("nan"), "local_loss": local,
+                    "routing": [list(layer.counts) for layer in m.part.modules() if isinstance(layer, MoE)],
+                    "wall_s": time.time() - r0})
         rows.append(row)
         dev.report(row)
     with throttle.pause():
         state = plans.full_state(m.part, m.offset) if mode is None else {}
     keep = m.at["dp_outer"] == 0 and m.at["tp"] == 0  # one copy of each tensor is enough
-    return {"rows": rows, "state": state if keep else {}}
+    return {"rows": rows, "state": state if keep else {},
+            "recording": engine.recording_of() if engine.recording else None}
+
+
+def record(dev, job: Job, config: TrainConfig, device: int) -> dict:
+    """The step of `device`'s role, recorded on this worker alone (record.py, driver/shared.py)."""
+    algorithm = None if config.algorithm == "auto" else {"all_reduce": config.algorithm}
+    out = run_program(dev, job, Program(_train, (dev, job, config), algorithm=algorithm), device=device,
+                      engine_class=Recorder)
+    return {"device": device, "rows": out["result"]["rows"], "recording": out["result"]["recording"],
+            "real_s": out["real_s"]}

@@ -156,7 +156,8 @@ def tensor_parallel(blocks, mesh, tp: int) -> None:
         plan["attn.wo"] = RowwiseParallel()
         if isinstance(block.ffn, SwiGLU):
             plan |= {"ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(), "ffn.w2": RowwiseParallel()}
-        parallelize_module(block, mesh, plan)
+        # every device built the same weights from one seed: each keeps its own shard, no scatter
+        parallelize_module(block, mesh, plan, src_data_rank=None)
 
 
 class _SharedKey:

@@ -44,16 +44,20 @@ class Program:
                 "TORCHELASTIC_RUN_ID": "relay", "OMP_NUM_THREADS": "1"}
 
 
-def run_program(dev, job: Job, program: Program) -> dict:
-    """Run `program` on this device (a function run on the worker by driver/programs.py)."""
-    device, transport, world = dev.index, dev.transport, job.system.devices
+def run_program(dev, job: Job, program: Program, *, device: int | None = None, engine_class=Engine) -> dict:
+    """Run `program` on this device (a function run on the worker by driver/programs.py).
+    `device` and `engine_class`: the worker plays that device of the system with that engine
+    (record.py: one worker records a role's step, alone, on a store of its own)."""
+    device = dev.index if device is None else device
+    transport, world = dev.transport, job.system.devices
     env = program.env(device, job.system)
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     if job.clock == "wall":  # emulated 0 comes once every device is here, whatever set-up took
         job = replace(job, epoch=transport.agree(time.time() + 0.1 + 0.005 * world, world))
     compute, comm = job.lane(), job.lane()
-    engine = Engine(device, transport, job.system, job.fabric(), compute, comm, job.timeout_s, program.algorithm)
+    engine = engine_class(device, transport, job.system, job.fabric(), compute, comm, job.timeout_s,
+                          program.algorithm)
     throttle = CommThrottle(engine, job.cost_model(device), compute,
                             slowdown=job.faults.compute_slowdown.get(device, 1.0))
     ctx = relay_dist.Context(device, world, job.system, job.clock, engine, throttle=throttle)
@@ -68,7 +72,8 @@ def run_program(dev, job: Job, program: Program) -> dict:
         comm.start()
         with throttle:
             if program.script is None:
-                dist.init_process_group(relay_group.NAME, rank=device, world_size=world,
+                store = dist.HashStore() if engine.recording else None  # (alone: no rendezvous)
+                dist.init_process_group(relay_group.NAME, rank=device, world_size=world, store=store,
                                         timeout=timedelta(seconds=job.timeout_s))
                 result = program.fn(*program.args, **program.kwargs)
             else:

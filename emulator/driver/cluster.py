@@ -46,6 +46,9 @@ def _system(system) -> System:
                      f"name ({', '.join(System.presets())})")
 
 
+SHARED_ABOVE = 16  # fake-tensor runs of more devices than this are shared runs by default
+
+
 class Cluster:
     def __init__(self, system, clock: str = "virtual", dilation: float | None = None,
                  address: str | None = None, device: str = "cpu", *, dtype: str = "bf16",
@@ -108,7 +111,7 @@ class Cluster:
         self._owns_ray = connect_ray(self.address) or self._owns_ray
         self.host = calibrate()
         try:
-            self._grow(self.system.devices)
+            self._grow(self._workers())
         except BaseException:
             self.close()  # nothing half-started is left behind
             raise
@@ -145,9 +148,19 @@ class Cluster:
         if dilation is not ...:
             self.dilation = dilation
         self._check_clock()
-        if self.actors and self.system.devices > len(self.actors):
-            self._grow(self.system.devices)
+        if self.actors and self._workers() > len(self.actors):
+            self._grow(self._workers())
         return self
+
+    def _workers(self) -> int:
+        """Workers to start: one per device, but a fake-tensor cluster of more than SHARED_ABOVE
+        devices starts that many (its runs are shared: one worker per role, driver/shared.py)."""
+        n = self.system.devices
+        return min(n, SHARED_ABOVE) if self.tensors == "fake" else n
+
+    def grow(self, n: int) -> None:
+        """At least n workers (started and connected if fewer)."""
+        self._grow(n)
 
     def _grow(self, n: int) -> None:
         have = len(self.actors)
@@ -256,6 +269,10 @@ class Cluster:
             config = config.replace(tensors=self.tensors)
         if config.fake and config.parallel is None:
             config = config.replace(parallel=Parallel(dp=self.system.devices))
+        if config.shared is None:
+            config = config.replace(shared=config.fake and self.system.devices > SHARED_ABOVE)
+        if config.shared and not config.fake:
+            raise ConfigError("shared = True needs tensors = 'fake'; set tensors='fake' or drop shared")
         return config
 
     def __repr__(self) -> str:

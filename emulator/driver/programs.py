@@ -54,6 +54,13 @@ class LaunchResult:
                 for d in self.per_device]
 
 
+def master(cluster) -> tuple[str, int]:
+    """A free address on device 0's host for torch.distributed's rendezvous (MASTER_ADDR, _PORT)."""
+    nodes = {i["node_ip"] for i in cluster.info}
+    host = "127.0.0.1" if len(nodes) == 1 else cluster.info[0]["node_ip"]
+    return tuple(cluster.run(jobs.address, host, devices=1, what="launch set-up")[0])
+
+
 def launch(cluster, program: Program) -> LaunchResult:
     """Run `program` on every device of `cluster` (started if it is not)."""
     algorithms(program.algorithm)  # an unknown algorithm is refused before any device starts
@@ -63,9 +70,7 @@ def launch(cluster, program: Program) -> LaunchResult:
         cluster.start()
     n = cluster.system.devices
     job = cluster.job(comm_ratio(cluster.system, 4e6))
-    nodes = {i["node_ip"] for i in cluster.info}
-    host = "127.0.0.1" if len(nodes) == 1 else cluster.info[0]["node_ip"]
-    program = replace(program, master=tuple(cluster.run(jobs.address, host, devices=1, what="launch set-up")[0]))
+    program = replace(program, master=master(cluster))
     fn = program.fn
     name = getattr(fn, "__module__", None) or ""
     if fn is not None and name in sys.modules and name != "__main__" and not name.startswith(("emulator.", "torch")):

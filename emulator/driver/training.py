@@ -16,9 +16,11 @@ from emulator.collectives.schedules import schedule
 from emulator.device import footprint
 from emulator.device import parallel_training as device_plans
 from emulator.device import training as device_training
+from emulator.driver import shared
 from emulator.driver.metrics import TrainResult, aggregate
 from emulator.driver.monitor import Failed, blame, failure
 from emulator.driver.pacing import comm_ratio
+from emulator.driver.programs import master
 from emulator.errors import ConfigError
 from emulator.trainer import Optimizer, TrainConfig, memory_estimate
 from emulator.workloads import BUILTINS
@@ -79,8 +81,14 @@ def train(cluster, config: TrainConfig, checked: Preflight | None = None, csv: s
     progress = _Progress(cluster.actors[:n])
     try:
         # a parallelism plan runs on torch.distributed's own APIs over the relay backend
-        fn = device_plans.train if config.parallel is not None else device_training.train
-        res = cluster.run(fn, job, config, what="training", abort=False, on_poll=progress.poll)
+        if config.shared:  # one worker per role records; every device is replayed from it
+            res = shared.run(cluster, job, config)
+        else:
+            if config.parallel is not None:
+                fn, args = device_plans.train, (job, config, master(cluster))
+            else:
+                fn, args = device_training.train, (job, config)
+            res = cluster.run(fn, *args, what="training", abort=False, on_poll=progress.poll)
     except Failed as e:  # keep what was measured: the steps every surviving device finished
         culprit, _ = blame(e.errors)
         rows = progress.final(skip=culprit)

@@ -1,0 +1,242 @@
+"""Shared fake-tensor runs: a full system's training step from one worker per distinct role.
+
+`roles` picks the representatives: one device per pipeline stage (and per expert-parallel index
+when routing is skewed, since expert groups then see different token counts); every other device
+of a role does the same work, on its own groups. Each representative records its step on a worker
+of its own (device/record.py), then `replay` times every device of the system from its role's
+recording with the engine's arithmetic: the compute lane charged op by op (VirtualLane), each
+operation started on the device's communication lane at max(ready, the lane's time) in issue
+order, a collective timed by the local executor from its members' start times (the distributed
+executor's arithmetic, collectives/core.py), point-to-point messages on persistent ports of their
+own, and the compute lane held at each wait until the operation's end. So its figures equal those
+of one process per device, to the bit (tests/ray/test_shared.py checks it where both fit).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+from emulator.collectives.core import Ports, time_recv, time_sends
+from emulator.collectives.local import execute
+from emulator.collectives.schedules import Recv, Send, Step
+from emulator.device import parallel_training as device_plans
+from emulator.device.collective import group_of, resolved
+from emulator.device.parallel_training import step_row
+from emulator.errors import ConfigError
+from emulator.parallel import DIMS
+from kernels.clock import VirtualLane
+
+DIM_NAMES = (*DIMS, "dp")
+
+
+def roles(plan, skewed: bool) -> dict[int, list[int]]:
+    """Representative device -> the devices of its role."""
+    out = defaultdict(list)
+    for d in range(plan.devices):
+        c = plan.coords(d)
+        rep = {**c, "dp_outer": 0, "tp": 0, "ep": c["ep"] if skewed else 0}
+        out[_device(plan, rep)].append(d)
+    return dict(out)
+
+
+def _device(plan, coords: dict) -> int:
+    d = 0
+    for name, size in zip(DIMS, plan.shape):
+        d = d * size + coords[name]
+    return d
+
+
+class _Device:
+    """One device's replay: its role's recording, on its own groups."""
+
+    def __init__(self, d: int, recording: dict, rows: list, rename):
+        self.d, self.events, self.rows, self.rename = d, recording["events"], rows, rename
+        self.jobs = recording["jobs"]
+        self.at = 0  # next event
+        self.comp, self.comm, self.ports = VirtualLane(), VirtualLane(), Ports()
+        self.queue: deque = deque()  # (job, ready) issued, not yet run on the communication lane
+        self.part = 0  # the next part of the queue's first job
+        self.job_end: dict[int, float] = {}
+        self.recvs: deque = deque()  # (job, ready, part) posted receives, in posting order
+        self.seq: dict = defaultdict(int)  # group -> collectives this device has started on it
+        self.started: dict = {}  # (group, seq) of the collective it waits in, and its start
+        self.spans: dict[int, list] = defaultdict(list)  # job -> (name, start, end, bytes)
+        self.step_of: dict[int, int] = {}
+        self.exposed = self.recv_wait = 0.0
+        self.marks: list = []  # per step: [start, backward, end, exposed, recv_wait] at each mark
+        self.out: list = []
+
+    def run_compute(self) -> bool:
+        """Events until a wait that cannot be met yet; True if any ran."""
+        moved = False
+        while self.at < len(self.events):
+            kind, arg = self.events[self.at]
+            if kind == "seg":
+                self.comp.charge_all(arg)
+            elif kind == "issue":
+                self.queue.append((arg, self.comp.t))
+                self.step_of[arg] = len(self.marks) - 1
+            elif kind == "wait":
+                if arg not in self.job_end:
+                    return moved
+                gap = self.job_end[arg] - self.comp.t
+                if gap > 0:
+                    self.exposed += gap
+                    if self.jobs[arg]["kind"] == "recv":
+                        self.recv_wait += gap
+                    self.comp.advance_to(self.job_end[arg])
+            elif kind == "mark":
+                self._mark(arg)
+            self.at += 1
+            moved = True
+        return moved
+
+    def _mark(self, name: str) -> None:
+        if name == "start":
+            self.marks.append({"start": self.comp.t, "exposed": self.exposed, "recv_wait": self.recv_wait})
+        elif name == "backward":
+            self.marks[-1]["backward"] = self.comp.t
+        elif name == "end":
+            self.marks[-1].update(end=self.comp.t, exposed_end=self.exposed, recv_wait_end=self.recv_wait)
+
+    def finish_rows(self) -> list:
+        out = []
+        for step, (m, rec) in enumerate(zip(self.marks, self.rows)):
+            spans = [s for j, k in sorted(self.step_of.items()) if k == step for s in self.spans[j]]
+            wait = m["recv_wait_end"] - m["recv_wait"]
+            row = step_row(step, (m["start"], m["backward"], m["backward"], m["end"]), spans, rec["compute_s"],
+                           rec["flops"], (m["exposed_end"] - m["exposed"]) - wait, wait)
+            row.update({k: rec[k] for k in ("loss", "local_loss", "routing", "wall_s")})
+            out.append(row)
+        return out
+
+
+def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int, list[int]]) -> list[list[dict]]:
+    """Every device's rows from its role's recording (recordings: representative -> the record
+    worker's result, members: representative -> its role's devices)."""
+    n = system.devices
+    groups: dict = {}
+
+    def group(ms: tuple, d: int):
+        key = (ms, d)
+        if key not in groups:
+            groups[key] = group_of(system, fabric, ms, d)
+        return groups[key]
+
+    devices = []
+    for rep, devs in members.items():
+        dims = {tuple(plan.group(dim, rep)): dim for dim in DIM_NAMES}
+        dims[tuple(range(n))] = "world"
+        rec = recordings[rep]
+        for d in devs:
+            def rename(ms, d=d, dims=dims, rep=rep):
+                if len(ms) == 1:
+                    return (d,)
+                dim = dims.get(tuple(ms))
+                if dim is None:
+                    raise ConfigError(f"shared run: device {rep} used a group {list(ms)} that is none of the plan's; "
+                                      "run one process per device")
+                return tuple(range(n)) if dim == "world" else tuple(plan.group(dim, d))
+            devices.append(_Device(d, rec["recording"], rec["rows"], rename))
+    by_index = {x.d: x for x in devices}
+    waiting: dict = defaultdict(dict)  # (group, seq) -> {device: start}
+    mail: dict = defaultdict(deque)  # (sender, receiver) -> emulated starts of the messages sent
+
+    def run_comm(x: _Device) -> bool:
+        moved = False
+        while x.queue:
+            job, ready = x.queue[0]
+            parts = x.jobs[job]["parts"]
+            if x.part < len(parts):
+                part = parts[x.part]
+                kind, ms = part[0], x.rename(part[1])
+                if kind == "collective":
+                    key = (ms, x.seq[ms])
+                    if key not in x.started:
+                        x.started[key] = max(ready, x.comm.t)  # the lane: advance_to(ready), then now()
+                        waiting[key][x.d] = x.started[key]
+                        moved = True
+                    if len(waiting[key]) < len(ms):
+                        return moved
+                    _collective(key, part, ms, waiting.pop(key), by_index, group)  # every member's part done
+                    moved = True
+                    continue
+                if kind == "send":
+                    _send(x, job, ready, part, ms, group, mail)
+                else:
+                    x.recvs.append((job, ready, part, ms))
+                x.part += 1
+                moved = True
+                continue
+            if x.jobs[job]["kind"] == "collective":
+                x.job_end[job] = x.spans[job][-1][2] if x.spans[job] else ready
+            x.queue.popleft()
+            x.part = 0
+            moved = True
+        return moved
+
+    remaining = True
+    while remaining:
+        moved = False
+        for x in devices:
+            moved |= x.run_compute()
+            moved |= run_comm(x)
+            while x.recvs and mail[(x.recvs[0][3][x.recvs[0][2][2]], x.d)]:
+                job, ready, part, ms = x.recvs.popleft()
+                _recv(x, job, ready, part, ms, group, mail)
+                moved = True
+        remaining = any(x.at < len(x.events) or x.queue or x.recvs for x in devices)
+        if remaining and not moved:
+            stuck = [x.d for x in devices if x.at < len(x.events)][:8]
+            raise RuntimeError(f"shared run: the replay cannot go on (devices {stuck} wait forever); the roles' "
+                               "recordings do not match: run one process per device")
+    return [by_index[d].finish_rows() for d in range(n)]
+
+
+def _collective(key, part, ms, starts: dict, by_index, group) -> None:
+    _, _, primitive, algorithm, count, elem, nbytes, options, nbuf = part
+    g = group(ms, ms[0])
+    alg, fab, opts = resolved(g, primitive, algorithm, count, elem, nbytes, options)
+    ends = execute(primitive, alg, g.size, count, g.topology, fab, start_times=[starts[m] for m in ms], **opts)
+    for m, end in zip(ms, ends):
+        y = by_index[m]
+        job = y.queue[0][0]
+        y.spans[job].append((primitive, starts[m], end, nbuf))
+        y.comm.advance_to(end)
+        y.seq[ms] += 1
+        y.part += 1
+        del y.started[key]
+
+
+def _send(x, job, ready, part, ms, group, mail) -> None:
+    _, _, peer, numel, elem = part
+    g = group(ms, x.d)
+    fabric = g.fabric.with_(elem_bytes=elem)
+    step = Step(sends=(Send(peer, ((0, numel),)),))
+    starts, done = time_sends(g.rank, step, max(ready, x.comm.t), x.ports, fabric)
+    mail[(x.d, ms[peer])].append(starts[0])
+    x.spans[job].append(("send", starts[0], done, numel * elem))
+    x.job_end[job] = done
+
+
+def _recv(x, job, ready, part, ms, group, mail) -> None:
+    _, _, peer, numel, elem = part
+    g = group(ms, x.d)
+    start = mail[(ms[peer], x.d)].popleft()
+    arrival = time_recv(g.rank, Recv(peer, ((0, numel),), False), start, x.ports, g.fabric.with_(elem_bytes=elem))
+    x.spans[job].append(("recv", start, arrival, numel * elem))
+    x.job_end[job] = max(ready, arrival)
+
+
+def run(cluster, job, config) -> list[dict]:
+    """A shared run of `config` on the cluster (driver/training.py): record, then replay."""
+    plan = config.parallel
+    skewed = config.routing is not None and getattr(config.routing, "s", None) != 0
+    members = roles(plan, skewed)
+    reps = sorted(members)
+    cluster.grow(len(reps))
+    recs = cluster.run(device_plans.record, job, config, each=[[r] for r in reps], devices=len(reps),
+                       what="recording the roles")
+    rows = replay(cluster.system, job.fabric(), plan, {r: x for r, x in zip(reps, recs)}, members)
+    return [{"device": d, "rows": r, "state_dict": {}, "fidelity": 1.0, "overrun_s": 0.0, "roles": len(reps)}
+            for d, r in enumerate(rows)]
