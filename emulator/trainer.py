@@ -105,7 +105,7 @@ class TrainConfig:
             object.__setattr__(self, "routing", routing.parse(self.routing))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.routing is not None and self.tensors != "fake":
+        if self.routing is not None and self.tensors == "real":
             raise ConfigError("routing applies to tensors = 'fake' (real tensors route by their data); drop it "
                               "or set tensors = 'fake'")
         if self.parallel is not None:

@@ -261,8 +261,9 @@ class Engine:
         self.spans.append((name, start, end, buf.numel() * buf.element_size()))
         return end
 
-    def exchange(self, group: Group, row: list[int]) -> list[list[int]]:
-        """Every member's `row` (all-to-all splits), as control traffic outside emulated time."""
+    def exchange(self, group: Group, row: list[int], column=None) -> list[list[int]]:
+        """Every member's `row` (all-to-all splits), as control traffic outside emulated time
+        (`column`, what this member receives from each, is not needed here: see record.py)."""
         buf = prepare("all_gather", group.rank, group.size, torch.tensor(row, dtype=torch.int64))
         self.transport.control("all_gather", buf, group.size, ranks=list(group.members))
         return buf.view(group.size, -1).tolist()

@@ -156,7 +156,7 @@ class _Movement:
         def run(ready):
             # every rank needs the whole split matrix to choose the same algorithm and protocol
             # (and the hierarchical schedule to route): given splits are exchanged first
-            S = split_matrix(world, 0, eng.exchange(g, in_elems) if uneven else [list(in_elems)] * world)
+            S = split_matrix(world, 0, eng.exchange(g, in_elems, out_elems) if uneven else [list(in_elems)] * world)
             if [S[i][me] for i in range(world)] != list(out_elems):
                 raise ValueError(f"relay: all_to_all on group rank {me}: output splits {list(out_elems)} (elements) "
                                  f"differ from what the other ranks send it, {[S[i][me] for i in range(world)]}")

@@ -9,8 +9,9 @@ store: no peer), with the `Recorder` for engine: each operation the program issu
 group, primitive, algorithm, sizes), finished at once, and never sent; the compute lane's charges
 are kept op by op, and every wait and step mark in between. What the program reads of its peers
 on fake tensors is decided as the plan's devices would decide it together: an all-to-all's split
-matrix has every row equal to this device's (every device routes as many tokens by the same
-routing model), and a one-element value received (the pipeline's start-up vote) is 1.
+matrix is made from this device's row and column as devices that route alike make it (every
+device routes as many tokens by the same routing model: Recorder.exchange), and a one-element
+value received (the pipeline's start-up vote) is 1.
 
 A recording is a list of events, in program order:
     ("seg", costs)   compute charges (emulated s), one per op
@@ -115,8 +116,17 @@ class Recorder(Engine):
     def steps(self, group, name, steps, buf, ready) -> float:
         raise ConfigError(f"{name} is not supported in shared runs (record.py); run one process per device")
 
-    def exchange(self, group, row: list[int]) -> list[list[int]]:
-        return [list(row)] * group.size
+    def exchange(self, group, row: list[int], column=None) -> list[list[int]]:
+        """The split matrix as devices that route alike make it: a dispatch (this device receives
+        as much from every peer) sends every row like this one; a return trip (it sends as much to
+        every peer) has each sender send alike, what this device receives from it."""
+        column = list(column if column is not None else row)
+        if len(set(column)) == 1:
+            return [list(row)] * group.size
+        if len(set(row)) == 1:
+            return [[c] * group.size for c in column]
+        raise ConfigError(f"shared run: an all-to-all on devices {list(group.members)} whose sizes differ by sender "
+                          "and by receiver; run one process per device (shared=False)")
 
     def _note(self, part: tuple) -> float:
         self.jobs[self._running]["parts"].append(part)

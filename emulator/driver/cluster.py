@@ -271,6 +271,9 @@ class Cluster:
             config = config.replace(parallel=Parallel(dp=self.system.devices))
         if config.shared is None:
             config = config.replace(shared=config.fake and self.system.devices > SHARED_ABOVE)
+        if config.routing is not None and not config.fake:
+            raise ConfigError("routing applies to tensors = 'fake' (real tensors route by their data); drop it "
+                              "or set tensors = 'fake'")
         if config.shared and not config.fake:
             raise ConfigError("shared = True needs tensors = 'fake'; set tensors='fake' or drop shared")
         return config
