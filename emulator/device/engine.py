@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _resolve_process_group
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.utils._pytree import tree_flatten
@@ -36,7 +35,6 @@ from emulator.collectives.schedules import Recv, Send, Step
 from emulator.device.collective import Group, algorithms, group_of, run_collective
 from emulator.errors import ConfigError
 from kernels.clock import VirtualLane
-from kernels.throttle import Throttle
 
 POLL_S = 1e-3  # how often the thread looks at posted point-to-point messages while any is in flight
 
@@ -93,7 +91,6 @@ class Work(dist.Work):
 
 class Engine:
     """The device's communication lane and its one thread."""
-
     recording = False  # record.py's Recorder: operations are noted, not run
 
     def __init__(self, device: int, transport, system, fabric: Fabric, compute, comm, timeout_s: float,
@@ -184,19 +181,7 @@ class Engine:
             threading.Event().wait(POLL_S)
 
     def restart(self) -> None:
-        """emulator.dist.restart_clocks(): every device's lanes back to emulated 0, together."""
-        if not isinstance(self.comm, VirtualLane):
-            raise ConfigError("restart_clocks() needs clock = 'virtual' (a wall clock cannot go back)")
-        self.drain()
-        everyone = self.group(range(self.system.devices))
-
-        def run(ready):
-            self.exchange(everyone, [0] * everyone.size)  # a barrier, outside emulated time
-            self.compute.t = self.comm.t = 0.0
-            self._writing.clear()
-            self._p2p_ports = Ports()
-            return 0.0
-        self.submit(run, []).wait()
+        restart(self)
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -329,62 +314,17 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-class CommThrottle(Throttle):
-    """The device's throttle, made to wait for communication whose results an op reads."""
+def restart(engine: Engine) -> None:
+    """emulator.dist.restart_clocks(): every device's lanes back to emulated 0, together."""
+    if not isinstance(engine.comm, VirtualLane):
+        raise ConfigError("restart_clocks() needs clock = 'virtual' (a wall clock cannot go back)")
+    engine.drain()
+    everyone = engine.group(range(engine.system.devices))
 
-    def __init__(self, engine: Engine, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.engine = engine
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.engine.wait_for_inputs((args, kwargs))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-    def execute(self, func, args, kwargs):
-        if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
-            return _FUNCTIONAL[func](*args)
-        return func(*args, **(kwargs or {}))
-
-
-# Functional collectives (DTensor's, all_to_all_single_autograd's) on fake tensors: FakeTensorMode
-# would answer them from their shape rule alone and no message would leave, so they are issued as
-# their CPU kernels issue them (torch/csrc/distributed/c10d/Functional.cpp): an output made like
-# the input, one process-group call; the op that reads the output waits (Engine.wait_for_inputs).
-_F = torch.ops._c10d_functional
-_REDUCE = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "product": dist.ReduceOp.PRODUCT,
-           "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-
-
-def _pg(group):
-    return group if isinstance(group, dist.ProcessGroup) else _resolve_process_group(group)
-
-
-def _all_reduce(inp, op, group):
-    out = inp.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, op=_REDUCE[op], group=_pg(group), async_op=True)
-    return out
-
-
-def _all_gather(inp, size, group):
-    out = inp.new_empty((inp.shape[0] * size, *inp.shape[1:]))
-    dist.all_gather_into_tensor(out, inp.contiguous(), group=_pg(group), async_op=True)
-    return out
-
-
-def _reduce_scatter(inp, op, size, group):
-    out = inp.new_empty((inp.shape[0] // size, *inp.shape[1:]))
-    dist.reduce_scatter_tensor(out, inp.contiguous(), op=_REDUCE[op], group=_pg(group), async_op=True)
-    return out
-
-
-def _all_to_all(inp, out_splits, in_splits, group):
-    out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
-    dist.all_to_all_single(out, inp.contiguous(), list(out_splits), list(in_splits), group=_pg(group), async_op=True)
-    return out
-
-
-_FUNCTIONAL = {_F.all_reduce.default: _all_reduce, _F.all_gather_into_tensor.default: _all_gather,
-               _F.reduce_scatter_tensor.default: _reduce_scatter, _F.all_to_all_single.default: _all_to_all,
-               # the result waited for when used, as eager wraps it (fake mode's rule makes a fresh tensor)
-               _F._wrap_tensor_autograd.default: AsyncCollectiveTensor}
+    def run(ready):
+        engine.exchange(everyone, [0] * everyone.size)  # a barrier, outside emulated time
+        engine.compute.t = engine.comm.t = 0.0
+        engine._writing.clear()
+        engine._p2p_ports = Ports()
+        return 0.0
+    engine.submit(run, []).wait()

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 import emulator.dist as relay_dist
 from emulator.device import group as relay_group
-from emulator.device.engine import CommThrottle, Engine
+from emulator.device.comm_throttle import CommThrottle
+from emulator.device.engine import Engine
 from emulator.device.job import Job
 
 

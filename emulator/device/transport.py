@@ -173,10 +173,8 @@ class Transport:
 
         A meta `buf` (a fake tensor's stand-in, tensors="fake") moves no data: each message is its
         header alone, which carries the real message's size, so the timing is the real run's."""
-        self._run(steps, None if buf.is_meta else buf, buf.dtype, lane, ports, fabric, fail_at, ranks, op)
-
-    def _run(self, steps, buf, dtype, lane, ports, fabric, fail_at, ranks, op) -> None:
-        """run(), on `buf`, or on no data at all (buf None: every message a header alone)."""
+        dtype, data = buf.dtype, not buf.is_meta
+        buf = buf if data else None
         elem_bytes, dev = fabric.elem_bytes, (lambda r: r) if ranks is None else ranks.__getitem__
         me = self.rank if ranks is None else ranks.index(self.rank)
         if steps:  # the collective's fixed cost, before its first step (as the local executor)
@@ -184,7 +182,6 @@ class Transport:
         most = max((sum(seg_len(r.segs) for r in st.recvs if dev(r.peer) not in self.near) for st in steps),
                    default=0)
         window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * dtype.itemsize)))
-        data = buf is not None
         posted = deque(self._post_recvs(steps[k], k % window, dtype, dev, data) for k in range(window))
         for k, step in enumerate(steps):
             if k == fail_at:  # an injected failure, mid-collective
@@ -210,7 +207,7 @@ class Transport:
                 keep.append(hdr)
             arrived, staged = {}, {}  # recv index -> sender's emulated start; -> staging area
             if near_sends or any(dev(r.peer) in self.near for r in step.recvs):
-                near_recvs = self._shm_recvs(step, buf, dtype, elem_bytes, staged, dev, op)
+                near_recvs = _shm_recvs(self, step, buf, dtype, elem_bytes, staged, dev, op)
                 self.plane.exchange(near_sends, list(near_recvs.values()))
                 arrived = {i: rop.start for i, rop in near_recvs.items()}
             for i, r, seq, n, hdr, area, works in incoming:
@@ -237,35 +234,36 @@ class Transport:
                 posted.append(self._post_recvs(steps[k + window], (k + window) % window, dtype, dev, data))
             lane.advance_to(end)
 
-    def _shm_recvs(self, step: Step, buf, dtype, elem_bytes: int, staged: dict, dev, op: str) -> dict:
-        """The shared-memory receives of `step`: straight into `buf` where that is safe (and the
-        reduction a sum), else into a staging area (recorded in `staged`) applied with the gloo
-        ones, in list order; with no `buf`, headers alone."""
-        direct = [d and (op in ("sum", "avg") or not r.reduce) for d, r in zip(_direct(step), step.recvs)]
-        ops, stage_at = {}, 0
-        need = sum(seg_len(r.segs) for i, r in enumerate(step.recvs) if dev(r.peer) in self.near and not direct[i])
-        area = self._scratch(-1, need, dtype) if need and buf is not None else None
-        for i, r in enumerate(step.recvs):
-            peer = dev(r.peer)
-            if peer not in self.near:
-                continue
-            seq = self.got[peer]
-            self.got[peer] += 1
-            n = seg_len(r.segs)
-            if buf is None:
-                ops[i] = RecvOp(self.rank, peer, seq, n * elem_bytes, [], r.reduce)
-            elif direct[i]:
-                views, at = [], 0
-                for a, b in r.segs:
-                    if b > a:
-                        views.append((at, buf[a:b]))
-                        at += (b - a) * buf.element_size()
-                ops[i] = RecvOp(self.rank, peer, seq, n * elem_bytes, views, r.reduce)
-            else:
-                staged[i] = area[stage_at:stage_at + n]
-                ops[i] = RecvOp(self.rank, peer, seq, n * elem_bytes, [(0, staged[i])] if n else [], False)
-                stage_at += n
-        return ops
+
+def _shm_recvs(t: Transport, step: Step, buf, dtype, elem_bytes: int, staged: dict, dev, op: str) -> dict:
+    """The shared-memory receives of `step`: straight into `buf` where that is safe (and the
+    reduction a sum), else into a staging area (recorded in `staged`) applied with the gloo
+    ones, in list order; with no `buf`, headers alone."""
+    direct = [d and (op in ("sum", "avg") or not r.reduce) for d, r in zip(_direct(step), step.recvs)]
+    ops, stage_at = {}, 0
+    need = sum(seg_len(r.segs) for i, r in enumerate(step.recvs) if dev(r.peer) in t.near and not direct[i])
+    area = t._scratch(-1, need, dtype) if need and buf is not None else None
+    for i, r in enumerate(step.recvs):
+        peer = dev(r.peer)
+        if peer not in t.near:
+            continue
+        seq = t.got[peer]
+        t.got[peer] += 1
+        n = seg_len(r.segs)
+        if buf is None:
+            ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, [], r.reduce)
+        elif direct[i]:
+            views, at = [], 0
+            for a, b in r.segs:
+                if b > a:
+                    views.append((at, buf[a:b]))
+                    at += (b - a) * buf.element_size()
+            ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, views, r.reduce)
+        else:
+            staged[i] = area[stage_at:stage_at + n]
+            ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, [(0, staged[i])] if n else [], False)
+            stage_at += n
+    return ops
 
 
 def _open_shared_memory(t: Transport, node: str | None, timeout_s: float) -> None:

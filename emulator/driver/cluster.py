@@ -56,17 +56,10 @@ class Cluster:
                  check_dilation: bool = True, faults: Faults | None = None, data_plane: str = "auto",
                  tensors: str = "real"):
         self.system = _system(system)
-        if tensors not in TENSORS:
-            raise ConfigError(f"tensors = {tensors!r} is unknown; choose 'real' (data) or 'fake' (shapes only)")
+        _check_settings(device, timeout_s, memory_mb, tensors, data_plane)
         self.tensors = tensors  # what training runs on unless its config says (TrainConfig.tensors)
         self.clock, self.dilation = clock, dilation
         self._check_clock()
-        if device not in ("cpu", "cuda"):
-            raise ConfigError(f"device = {device!r} is not a host device; choose 'cpu' or 'cuda'")
-        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ConfigError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
-        if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
-            raise ConfigError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
         self.efficiency = dict(efficiency or {})
         try:  # the cost model (below this layer) checks dtype and efficiencies
             CostModel(self.system.chip, dtype, **self.efficiency)
@@ -78,9 +71,6 @@ class Cluster:
         self.timeout_s, self.memory_mb, self.check_dilation = timeout_s, memory_mb, check_dilation
         self.faults = faults or Faults()
         self.faults.check(self.system.devices)
-        if data_plane not in DATA_PLANES:
-            raise ConfigError(f"data_plane = {data_plane!r} is unknown; choose 'auto' (shared memory "
-                              "between devices on one node, gloo across nodes) or 'gloo' (gloo everywhere)")
         self.data_plane = data_plane
         self.actors: list = []  # the device workers, in device order
         self.info: list[dict] = []  # per worker: pid, node_ip, node_id, hostname
@@ -111,7 +101,7 @@ class Cluster:
         self._owns_ray = connect_ray(self.address) or self._owns_ray
         self.host = calibrate()
         try:
-            self._grow(self._workers())
+            self._grow(_workers(self.system, self.tensors))
         except BaseException:
             self.close()  # nothing half-started is left behind
             raise
@@ -148,15 +138,9 @@ class Cluster:
         if dilation is not ...:
             self.dilation = dilation
         self._check_clock()
-        if self.actors and self._workers() > len(self.actors):
-            self._grow(self._workers())
+        if self.actors and _workers(self.system, self.tensors) > len(self.actors):
+            self._grow(_workers(self.system, self.tensors))
         return self
-
-    def _workers(self) -> int:
-        """Workers to start: one per device, but a fake-tensor cluster of more than SHARED_ABOVE
-        devices starts that many (its runs are shared: one worker per role, driver/shared.py)."""
-        n = self.system.devices
-        return min(n, SHARED_ABOVE) if self.tensors == "fake" else n
 
     def grow(self, n: int) -> None:
         """At least n workers (started and connected if fewer)."""
@@ -253,30 +237,13 @@ class Cluster:
         layout, memory, and on the wall clock the dilation). train() runs it unless given its
         result; run it yourself to fail before any worker starts. Takes a TrainConfig, or a
         workload and TrainConfig's options."""
-        return _training.preflight(self, self._config(workload, options))
+        return _training.preflight(self, _run_config(self, workload, options))
 
     def train(self, workload=None, *, csv: str | None = None, preflight=None, **options):
         """Training on the devices; returns a TrainResult. `workload`: a Workload, a name, an import
         path or a whole TrainConfig; `options`: TrainConfig's fields (steps, per_device_batch, ...,
         and `parallel=Parallel(dp=, tp=, pp=, ep=, fsdp=)`: PyTorch's own parallelism on `relay`)."""
-        return _training.train(self, self._config(workload, options), preflight, csv)
-
-    def _config(self, workload, options: dict) -> TrainConfig:
-        """The run's TrainConfig: tensors from the cluster unless given; fake tensors without a plan
-        run data-parallel over every device."""
-        config = _config(workload, options)
-        if config.tensors is None:
-            config = config.replace(tensors=self.tensors)
-        if config.fake and config.parallel is None:
-            config = config.replace(parallel=Parallel(dp=self.system.devices))
-        if config.shared is None:
-            config = config.replace(shared=config.fake and self.system.devices > SHARED_ABOVE)
-        if config.routing is not None and not config.fake:
-            raise ConfigError("routing applies to tensors = 'fake' (real tensors route by their data); drop it "
-                              "or set tensors = 'fake'")
-        if config.shared and not config.fake:
-            raise ConfigError("shared = True needs tensors = 'fake'; set tensors='fake' or drop shared")
-        return config
+        return _training.train(self, _run_config(self, workload, options), preflight, csv)
 
     def __repr__(self) -> str:
         return f"Cluster({self.system.describe()}, clock={self.clock!r}, workers={len(self.actors)})"
@@ -286,3 +253,42 @@ def _config(workload, options: dict) -> TrainConfig:
     if isinstance(workload, TrainConfig):
         return workload.replace(**options) if options else workload
     return TrainConfig(workload=workload, **options) if workload is not None else TrainConfig(**options)
+
+
+def _run_config(cluster, workload, options: dict) -> TrainConfig:
+    """The run's TrainConfig: tensors from the cluster unless given; fake tensors without a plan
+    run data-parallel over every device."""
+    config = _config(workload, options)
+    if config.tensors is None:
+        config = config.replace(tensors=cluster.tensors)
+    if config.fake and config.parallel is None:
+        config = config.replace(parallel=Parallel(dp=cluster.system.devices))
+    if config.shared is None:
+        config = config.replace(shared=config.fake and cluster.system.devices > SHARED_ABOVE)
+    if config.routing is not None and not config.fake:
+        raise ConfigError("routing applies to tensors = 'fake' (real tensors route by their data); drop it "
+                          "or set tensors = 'fake'")
+    if config.shared and not config.fake:
+        raise ConfigError("shared = True needs tensors = 'fake'; set tensors='fake' or drop shared")
+    return config
+
+
+def _workers(system, tensors: str) -> int:
+    """Workers to start: one per device, but a fake-tensor cluster of more than SHARED_ABOVE
+    devices starts one (its runs are shared: one worker per role, started as a run needs them,
+    driver/shared.py)."""
+    return 1 if tensors == "fake" and system.devices > SHARED_ABOVE else system.devices
+
+
+def _check_settings(device: str, timeout_s, memory_mb, tensors: str, data_plane: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device = {device!r} is not a host device; choose 'cpu' or 'cuda'")
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise ConfigError(f"timeout_s = {timeout_s!r} is invalid; give seconds > 0")
+    if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
+        raise ConfigError(f"memory_mb = {memory_mb!r} is invalid; give MB > 0 per device")
+    if tensors not in TENSORS:
+        raise ConfigError(f"tensors = {tensors!r} is unknown; choose 'real' (data) or 'fake' (shapes only)")
+    if data_plane not in DATA_PLANES:
+        raise ConfigError(f"data_plane = {data_plane!r} is unknown; choose 'auto' (shared memory "
+                          "between devices on one node, gloo across nodes) or 'gloo' (gloo everywhere)")

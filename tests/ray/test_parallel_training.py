@@ -40,6 +40,9 @@ PLANS = [  # (workload, plan): each kind alone (DDP alone: test_backend.py), the
 ]
 
 
+FAKE_TOO = ("tp=2", "dp=2,pp=2", "dp=2,tp=2,pp=2,fsdp,recompute")  # each part of a plan, on fake tensors too
+
+
 def system_for(plan: Parallel) -> System:
     """Domains of 4: tensor and expert parallelism inside one, data parallelism across two."""
     return System("h100", plan.devices, domain=min(plan.devices, 4))
@@ -63,7 +66,7 @@ def test_plan_equals_one_process_training(cluster8, workload, text):
         assert (s["pipeline_wait_s"] > 0) == (plan.pp > 1)
     ops = {name for rows in res.per_device for r in rows for name in r["spans"]}
     assert ("recv" in ops) == (plan.pp > 1) and ("all_to_all" in ops) == (plan.ep > 1)
-    if wl.name == "llama-debug":  # fake tensors: the same charges and messages (MoE: test_fake_moe_...)
+    if text in FAKE_TOO:  # fake tensors: the same charges and messages (MoE: test_fake_moe_...)
         fake = cluster8.train(wl, parallel=plan, steps=STEPS, per_device_batch=BATCH, optimizer="sgd", lr=LR,
                               tensors="fake")
         assert _times(fake) == _times(res)

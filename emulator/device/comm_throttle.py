@@ -1,0 +1,74 @@
+"""The device's throttle (kernels/throttle.py) made to work with its communication engine
+(engine.py): a compute op waits for the communication that writes its inputs, and functional
+collectives on fake tensors are issued as torch's kernels issue them."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _resolve_process_group
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+from kernels.throttle import Throttle
+
+
+class CommThrottle(Throttle):
+    """The device's throttle, made to wait for communication whose results an op reads."""
+
+    def __init__(self, engine, *args, **kwargs):  # engine: the device's Engine (engine.py)
+        super().__init__(*args, **kwargs)
+        self.engine = engine
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.engine.wait_for_inputs((args, kwargs))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def execute(self, func, args, kwargs):
+        if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
+            return _FUNCTIONAL[func](*args)
+        return func(*args, **(kwargs or {}))
+
+
+# Functional collectives (DTensor's, all_to_all_single_autograd's) on fake tensors: FakeTensorMode
+# would answer them from their shape rule alone and no message would leave, so they are issued as
+# their CPU kernels issue them (torch/csrc/distributed/c10d/Functional.cpp): an output made like
+# the input, one process-group call; the op that reads the output waits (Engine.wait_for_inputs).
+_F = torch.ops._c10d_functional
+_REDUCE = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "product": dist.ReduceOp.PRODUCT,
+           "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def _pg(group):
+    return group if isinstance(group, dist.ProcessGroup) else _resolve_process_group(group)
+
+
+def _all_reduce(inp, op, group):
+    out = inp.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=_REDUCE[op], group=_pg(group), async_op=True)
+    return out
+
+
+def _all_gather(inp, size, group):
+    out = inp.new_empty((inp.shape[0] * size, *inp.shape[1:]))
+    dist.all_gather_into_tensor(out, inp.contiguous(), group=_pg(group), async_op=True)
+    return out
+
+
+def _reduce_scatter(inp, op, size, group):
+    out = inp.new_empty((inp.shape[0] // size, *inp.shape[1:]))
+    dist.reduce_scatter_tensor(out, inp.contiguous(), op=_REDUCE[op], group=_pg(group), async_op=True)
+    return out
+
+
+def _all_to_all(inp, out_splits, in_splits, group):
+    out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
+    dist.all_to_all_single(out, inp.contiguous(), list(out_splits), list(in_splits), group=_pg(group), async_op=True)
+    return out
+
+
+_FUNCTIONAL = {_F.all_reduce.default: _all_reduce, _F.all_gather_into_tensor.default: _all_gather,
+               _F.reduce_scatter_tensor.default: _reduce_scatter, _F.all_to_all_single.default: _all_to_all,
+               # the result waited for when used, as eager wraps it (fake mode's rule makes a fresh tensor)
+               _F._wrap_tensor_autograd.default: AsyncCollectiveTensor}

@@ -1,0 +1,41 @@
+"""Shared fake-tensor runs (driver/shared.py): one worker per distinct role records its step and
+every device is replayed from it. Where one process per device also fits, the two must give
+every device the same emulated figures, to the bit."""
+
+import pytest
+
+from emulator import Parallel, System
+from emulator.driver.shared import roles
+
+KEYS = ("start_s", "end_s", "compute_s", "comm_s", "exposed_comm_s", "pipeline_wait_s", "flops", "spans")
+
+
+def _figures(res) -> list:
+    return [[{k: r[k] for k in KEYS} for r in rows] for rows in res.per_device]
+
+
+@pytest.mark.parametrize("workload,text,routing", [
+    ("llama-debug", "dp=2,tp=2,pp=2,fsdp,recompute", None),
+    ("moe-debug", "dp=4,ep=2,tp=2", "zipf:1.5"),  # skewed: each expert group is a role of its own
+])
+def test_shared_run_equals_one_process_per_device(cluster8, workload, text, routing):
+    plan = Parallel.parse(text)
+    cluster8.configure(System("h100", 8, domain=4), clock="virtual")
+    kw = dict(parallel=plan, steps=2, per_device_batch=4, tensors="fake", routing=routing)
+    full = cluster8.train(workload, shared=False, **kw)
+    shared = cluster8.train(workload, shared=True, **kw)
+    assert _figures(shared) == _figures(full)
+    assert shared.steps[-1]["step_s"] > 0 and shared.steps[-1]["comm_s"] > 0
+    exposed = shared.per_device[0][-1]["exposed_by"]  # what the waits were for, by kind
+    assert sum(exposed.values()) == pytest.approx(shared.per_device[0][-1]["exposed_comm_s"]
+                                                  + shared.per_device[0][-1]["pipeline_wait_s"])
+
+
+def test_roles_are_one_device_per_stage_and_skewed_expert_group():
+    plan = Parallel(dp=4, ep=2, tp=2, pp=2)  # 16 devices
+    balanced, skewed = roles(plan, skewed=False), roles(plan, skewed=True)
+    assert sorted(balanced) == [0, 8] and sorted(len(v) for v in balanced.values()) == [8, 8]
+    assert len(skewed) == 4 and sorted(d for v in skewed.values() for d in v) == list(range(16))
+    for rep, devices in skewed.items():  # a role shares the stage and the expert index of its representative
+        assert {(plan.coords(d)["pp"], plan.coords(d)["ep"]) for d in devices} == \
+            {(plan.coords(rep)["pp"], plan.coords(rep)["ep"])}
