@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._redistribute import _gen_transform_infos
 
 import emulator.dist as relay_dist
 from emulator.device import group as relay_group
@@ -64,6 +66,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     ctx = relay_dist.Context(device, world, job.system, job.clock, engine, throttle=throttle)
     relay_group.register()
     relay_group.activate(engine)
+    _forget_meshes()
     relay_dist._current = ctx
     restore = _take_over(device)
     r0 = time.time()
@@ -96,6 +99,14 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
             "flops": throttle.flops, "spans": list(engine.spans), "counts": dict(ctx.counts),
             "real_s": time.time() - r0, "fidelity": min(s["fidelity"] for s in stats),
             "overrun_s": sum(s["overrun_s"] for s in stats)}
+
+
+def _forget_meshes() -> None:
+    """DTensor caches its sharding decisions by mesh, and meshes of two programs run in one worker
+    compare equal (same shape, same ranks) while holding different process groups: a second
+    program would redistribute over the first's groups, destroyed since. Each starts afresh."""
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    _gen_transform_infos.cache_clear()
 
 
 def _run_script(path: str, argv) -> None:
