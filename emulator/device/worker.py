@@ -40,9 +40,11 @@ class DeviceWorker:
         except Exception as e:
             try:
                 pickle.dumps(e)
+                plain = e.__cause__ is not None  # the chain would not travel: say it in the message
             except Exception:  # (torch's, holding C++ objects): Ray could not send it back, and would
-                # report an internal error instead of the device's; the same message, in a plain one
-                raise RuntimeError(f"{type(e).__name__}: {e}") from None
+                plain = True  # report an internal error instead of the device's
+            if plain:
+                raise RuntimeError(_chain(e)) from None
             raise
 
     def ping(self) -> bool:
@@ -54,3 +56,13 @@ class DeviceWorker:
 
 
 RemoteWorker = ray.remote(DeviceWorker)
+
+
+def _chain(e: BaseException) -> str:
+    """An exception and its causes, each as its first line: 'A: ... (caused by B: ...)'."""
+    parts = []
+    while e is not None and len(parts) < 4:
+        lines = [x.strip() for x in str(e).split("\n") if x.strip()]
+        parts.append(f"{type(e).__name__}: {' '.join(lines[:2])[:300]}")
+        e = e.__cause__
+    return " (caused by ".join(parts) + ")" * (len(parts) - 1)

@@ -142,10 +142,6 @@ class Cluster:
             self._grow(_workers(self.system, self.tensors))
         return self
 
-    def grow(self, n: int) -> None:
-        """At least n workers (started and connected if fewer)."""
-        self._grow(n)
-
     def _grow(self, n: int) -> None:
         have = len(self.actors)
         if n <= have:
@@ -275,8 +271,7 @@ def _run_config(cluster, workload, options: dict) -> TrainConfig:
 
 def _workers(system, tensors: str) -> int:
     """Workers to start: one per device, but a fake-tensor cluster of more than SHARED_ABOVE
-    devices starts one (its runs are shared: one worker per role, started as a run needs them,
-    driver/shared.py)."""
+    devices starts one (its runs are shared: driver/shared.py starts a worker per role)."""
     return 1 if tensors == "fake" and system.devices > SHARED_ABOVE else system.devices
 
 

@@ -51,7 +51,8 @@ def _cause(e: BaseException) -> tuple[str, BaseException]:
     """The useful line of a Ray error, and the exception inside it."""
     if isinstance(e, ray.exceptions.RayTaskError):
         inner = e.cause if getattr(e, "cause", None) is not None else e
-        return f"{type(inner).__name__}: {inner}".split("\n")[0][:500], inner
+        lines = [x.strip() for x in str(inner).split("\n") if x.strip()]
+        return f"{type(inner).__name__}: {lines[0] if lines else ''}"[:500], inner
     if isinstance(e, ray.exceptions.RayActorError):
         return "the device process died (" + str(e).split("\n")[0][:200] + ")", e
     return str(e).split("\n")[0][:500], e

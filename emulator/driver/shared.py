@@ -26,6 +26,9 @@ from emulator.collectives.schedules import Recv, Send, Step
 from emulator.device import parallel_training as device_plans
 from emulator.device.collective import group_of, resolved
 from emulator.device.parallel_training import step_row
+from emulator.device.worker import RemoteWorker
+from emulator.driver.monitor import Failed, failure, gather
+from emulator.driver.session import release
 from emulator.errors import ConfigError
 from emulator.parallel import DIMS
 from kernels.clock import VirtualLane
@@ -263,14 +266,22 @@ def _recv(x, job, ready, part, ms, group, mail) -> None:
 
 
 def run(cluster, job, config) -> list[dict]:
-    """A shared run of `config` on the cluster (driver/training.py): record, then replay."""
+    """A shared run of `config` on the cluster's system (driver/training.py): record, then replay.
+    Each role records in a worker process of its own, started for it and ended after: torch keeps
+    state across programs in one process (DTensor's meshes of two runs compare equal while
+    holding different groups), and a representative is another device than any worker was."""
     plan = config.parallel
     skewed = config.routing is not None and getattr(config.routing, "s", None) != 0
     members = roles(plan, skewed)
     reps = sorted(members)
-    cluster.grow(len(reps))
-    recs = cluster.run(device_plans.record, job, config, each=[[r] for r in reps], devices=len(reps),
-                       what="recording the roles")
+    workers = [RemoteWorker.options(num_cpus=0, max_concurrency=2).remote(rep, cluster.device) for rep in reps]
+    try:
+        refs = [w.run.remote(device_plans.record, job, config, rep) for w, rep in zip(workers, reps)]
+        recs = gather(workers, refs, cluster.timeout_s)
+    except Failed as e:
+        raise failure(e.errors, "recording the roles") from None
+    finally:
+        release(workers, [])
     rows = replay(cluster.system, job.fabric(), plan, {r: x for r, x in zip(reps, recs)}, members)
     return [{"device": d, "rows": r, "state_dict": {}, "fidelity": 1.0, "overrun_s": 0.0, "roles": len(reps)}
             for d, r in enumerate(rows)]
