@@ -84,7 +84,7 @@ def test_fake_moe_with_recorded_routing_equals_real(cluster8):
     as it did. Every replica is given the same samples, so one device's counts are every device's."""
     moe = get("moe-debug")
     same = dataclasses.replace(moe, batches=lambda rank, world, b, seed: moe.batches(0, world, b, seed))
-    plan = Parallel(dp=4, ep=2, tp=2)
+    plan = Parallel(dp=2, ep=2, tp=2)
     cluster8.configure(system_for(plan), clock="virtual")
     real = cluster8.train(same, parallel=plan, steps=1, per_device_batch=BATCH)
     counts = real.per_device[0][0]["routing"]
