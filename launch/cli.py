@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity", action="store_true", default=None,
                    help="also re-run the search with each uncertain model parameter at the ends of its "
                         "range (launch, matmul and memory efficiency, link efficiency) for summary.md")
+    g.add_argument("--plan-search", action="store_true", default=None,
+                   help="full scale: each side's best plan from the analytic plan search (the default when "
+                        "--workload names full-size language models, e.g. llama3-70b,deepseek-v3)")
+    g.add_argument("--racks", help="full scale: fast systems of this many presets each, e.g. 1,2,4 (default 1)")
+    g.add_argument("--train-tokens", type=float, help="full scale: tokens to train for the time-to-train "
+                   "column (default 1e12)")
     add_train_args(be)
     add_run_args(be)
     be.set_defaults(fn=cmd_breakeven)
