@@ -100,7 +100,7 @@ def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivit
             first = be
     top = max([r["devices"] or 0 for r in rows] + [slow.devices])
     counts = list(range(CURVE_STEP, top + 1, CURVE_STEP))
-    curve = fullscale.curve(slow, w, batch, counts)
+    curve = fullscale.curve(slow, w, batch, counts) if counts else []
     run = {"workload": w, "seq_len": c.seq_len, "tokens_per_step": batch * c.seq_len, "breakeven": rows,
            "curve": [point_dict(p, train_tokens) for p in curve],
            "fast_curve": [r["fast"] for r in rows]}

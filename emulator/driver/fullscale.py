@@ -73,7 +73,7 @@ class BreakEven:
     host_s: float  # real seconds the whole search took
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def best(system: System, workload: str, global_batch: int) -> Point:
     """The best plan of `workload` on `system` (cached: a sensitivity case and the plot's curve
     reuse the break-even's searches)."""
