@@ -96,6 +96,8 @@ def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivit
                      "fast": point_dict(be.fast, train_tokens),
                      "slow": point_dict(be.slow, train_tokens) if be.slow else None,
                      "below": point_dict(be.below, train_tokens) if be.below else None})
+        print(f"# {w}, {k} x {fast.name}: {be.devices or 'not reached'} {slow.chip.name} "
+              f"({len(be.points)} counts searched, {be.host_s:.0f} s real)", flush=True)
         if k == racks[0]:
             first = be
     top = max([r["devices"] or 0 for r in rows] + [slow.devices])
@@ -106,6 +108,8 @@ def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivit
            "fast_curve": [r["fast"] for r in rows]}
     if sensitivity and first.devices:
         run["sensitivity"] = fullscale.sensitivity(first, slow, max_devices)
+        print(f"# {w}: sensitivity, {2 * len(fullscale.RANGES)} searches, {run['sensitivity']['host_s']:.0f} s real",
+              flush=True)
     return run
 
 
@@ -135,4 +139,6 @@ def _below(r: dict) -> str:
     b = r["below"]
     if not b:
         return "-"
+    if not b["plan"]:
+        return f"{b['devices']}: no plan fits in memory"
     return f"{b['devices']}: {b['tokens_per_s']:,.0f} tokens/s, falls short"

@@ -40,15 +40,17 @@ def plot_throughput(summary: dict):
             ax.axhline(y, color="tab:green", ls=":", lw=0.8)
             if r["slow"]:
                 ax.plot([r["devices"]], [y], "*", ms=14, color="black", label="break-even" if i == 0 else None)
+                right = r["devices"] < 0.6 * max(xs + [r["devices"]])  # the label on the side with room
                 ax.annotate(f"{r['racks']} x NVL72 = {r['devices']} x 910C", (r["devices"], y),
-                            textcoords="offset points", xytext=(-10, 6), ha="right", fontsize=8)
+                            textcoords="offset points", xytext=(10, -14) if right else (-10, 6),
+                            ha="left" if right else "right", fontsize=8)
         ax.set_title(f"{run['workload']}, {run['tokens_per_step']:,} tokens per step")
         ax.set_xlabel("devices (910C on the line, B200 for the squares)")
         ax.set_ylabel("thousand tokens per emulated second")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.suptitle("Training throughput against device count (emulated, analytic plan search)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=4)
     return fig
 
 
@@ -90,22 +92,32 @@ def plot_sensitivity(summary: dict):
         base = sens["base_devices"]
         rows = sens["rows"]
         for i, row in enumerate(rows):
+            same = []
             for end, c in (("low", "tab:blue"), ("high", "tab:orange")):
                 n = row[f"{end}_devices"]
                 if n is None:
+                    ax.text(base, i, f" x{row[end]:g}: not reached", va="center", fontsize=7)
                     continue
                 ax.barh(i, n - base, left=base, color=c, height=0.6,
                         label=f"{end} end of the input" if i == 0 else None)
-                ax.text(n, i, f" {n} (x{row[end]:g})", va="center", fontsize=7,
-                        ha="left" if n >= base else "right")
+                if n == base:
+                    same.append(f"x{row[end]:g}")
+                    continue
+                ax.text(n, i, f" {n} (x{row[end]:g}) " if n > base else f" {n} (x{row[end]:g}) ", va="center",
+                        fontsize=7, ha="left" if n > base else "right")
+            if same:
+                ax.text(base, i + 0.3, f" {base} at {' and '.join(same)}", va="center", fontsize=7, color="dimgray")
         ax.axvline(base, color="black", lw=1)
         ax.set_yticks(range(len(rows)), [r["what"] for r in rows], fontsize=8)
-        ax.set_xlabel(f"break-even 910C devices against one NVL72 (emulated; catalog: {base})")
+        ax.set_xlabel(f"break-even 910C devices against one NVL72 (emulated; catalog inputs: {base})")
         ax.set_title(run["workload"])
-        lo = min([base] + [r[f"{e}_devices"] for r in rows for e in ("low", "high") if r[f"{e}_devices"]])
-        hi = max([base] + [r[f"{e}_devices"] for r in rows for e in ("low", "high") if r[f"{e}_devices"]])
-        ax.set_xlim(lo - 0.15 * (hi - lo + 10), hi + 0.25 * (hi - lo + 10))
-        ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Sensitivity of the break-even to uncertain inputs of the 910C side (emulated)")
-    fig.tight_layout()
+        ends = [base] + [r[f"{e}_devices"] for r in rows for e in ("low", "high") if r[f"{e}_devices"]]
+        pad = 0.4 * (max(ends) - min(ends) + 40)
+        ax.set_xlim(min(ends) - pad, max(ends) + pad)
+        ax.set_ylim(-0.6, len(rows) - 0.2)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]][:2]
+    fig.legend(handles, ["low end of the input (x0.8)", "high end of the input (x1.2)"], fontsize=8,
+               loc="lower center", ncol=2)
+    fig.suptitle("Sensitivity of the break-even to uncertain inputs of the 910C side (emulated)", y=1.02)
     return fig
