@@ -16,6 +16,7 @@ from emulator.hardware.system import PRESETS
 from emulator.results.folder import ResultsDir, environment, fmt, system_dict
 from emulator.results.write import write_points
 from emulator.trainer import defaults as train_defaults
+from launch import fullscale
 from launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
 from launch.options import capacity as host_capacity
 from launch.summary import summary_md
@@ -46,6 +47,8 @@ def _system_or_chip(name: str, devices: int | None, flag: str) -> System:
 
 def cmd_breakeven(args) -> None:
     other_defaults(args)
+    if fullscale.wanted(args):
+        return fullscale.cmd_fullscale(args)
     args.algorithms = args.algorithms or train_defaults()["algorithm"]
     args.metric = args.metric or "throughput"
     fast, slow = breakeven_systems(args)

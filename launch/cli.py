@@ -55,11 +55,13 @@ def cmd_chips(args) -> None:
 # ---------------------------------------------------------------- relay bench
 # ---------------------------------------------------------------- relay demo
 def cmd_demo(args) -> None:
-    """`relay breakeven --preset demo`."""
+    """`relay breakeven --preset demo-fullscale` (the analytic plan search at full size, about a
+    minute), then `relay breakeven --preset demo` (real training runs of the toy model)."""
     parser = build_parser()
-    demo = parser.parse_args(["breakeven", "--preset", "demo"])
-    with_preset(parser, demo)
-    demo.fn(demo)
+    for preset in ("demo-fullscale", "demo"):
+        demo = parser.parse_args(["breakeven", "--preset", preset])
+        with_preset(parser, demo)
+        demo.fn(demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity", action="store_true", default=None,
                    help="also re-run the search with each uncertain model parameter at the ends of its "
                         "range (launch, matmul and memory efficiency, link efficiency) for summary.md")
+    g.add_argument("--plan-search", action="store_true", default=None,
+                   help="full scale: each side's best plan from the analytic plan search (the default when "
+                        "--workload names full-size language models, e.g. llama3-70b,deepseek-v3)")
+    g.add_argument("--racks", help="full scale: fast systems of this many presets each, e.g. 1,2,4 (default 1)")
+    g.add_argument("--train-tokens", type=float, help="full scale: tokens to train for the time-to-train "
+                   "column (default 1e12)")
     add_train_args(be)
     add_run_args(be)
     be.set_defaults(fn=cmd_breakeven)
@@ -142,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("path", help="results/<name>")
     rp.set_defaults(fn=cmd_report)
 
-    d = sub.add_parser("demo", help="the headline experiment, small (about 6 minutes on 2 cores)")
+    d = sub.add_parser("demo", help="the headline question, small: one NVL72 against 910C on llama3-70b "
+                      "(analytic, about a minute), then the toy model on real runs (about 6 minutes on 2 cores)")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -20,3 +20,9 @@ def comparisons() -> list[dict]:
 def comparison(fast: str, slow: str) -> dict | None:
     """The published comparison of exactly this pair of system presets, or None."""
     return next((c for c in comparisons() if (c["fast"], c["slow"]) == (fast, slow)), None)
+
+
+def mfus() -> list[dict]:
+    """Published training MFUs (the [[mfu]] rows of published.toml)."""
+    with open(TABLE, "rb") as fh:
+        return tomllib.load(fh).get("mfu", [])

@@ -8,8 +8,11 @@ from tabulate import tabulate
 
 from emulator.errors import ConfigError
 from emulator.results.folder import ResultsDir, fmt
+from emulator.results.fullscale_plots import draw as fullscale_draw
 from emulator.results.plots import draw
 from launch.breakeven import _settings_of, breakeven_table
+from launch.fullscale import table as fullscale_table
+from launch.fullscale_summary import summary_md as fullscale_md
 from launch.run import run_table
 from launch.summary import summary_md
 from launch.sweep import points_table
@@ -21,8 +24,8 @@ def cmd_report(args) -> None:
         raise ConfigError(f"{str(path)!r} is not a results folder (no summary.json); give results/<name>")
     out = ResultsDir(path.parent, path.name)
     summary = out.read_json("summary.json")
-    drawn = draw(out, summary)
     kind = summary["kind"]
+    drawn = fullscale_draw(out, summary) if kind == "fullscale" else draw(out, summary)
     print(f"# relay report: {path} ({kind})")
     if kind == "run":
         config = out.read_json("config.json")["training"]
@@ -34,6 +37,9 @@ def cmd_report(args) -> None:
             print()
             print(breakeven_table(summary["breakeven"]))
             out.write_text("summary.md", summary_md(summary, _settings_of(out.read_json("config.json"))))
+    elif kind == "fullscale":
+        print(fullscale_table(summary))
+        out.write_text("summary.md", fullscale_md(summary))
     elif kind == "bench":
         print(tabulate([[r["size_bytes"], r["algorithm"], fmt(r["time_us"]), fmt(r["busbw_GBps"])]
                         for r in summary["rows"]],

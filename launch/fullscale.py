@@ -1,0 +1,144 @@
+"""`relay breakeven` at full scale: a full-size language model as --workload (llama3-70b,
+deepseek-v3, ...; several comma-separated), or --plan-search with any language model. Each
+side runs its best plan from the analytic plan search (emulator/driver/fullscale.py): no device
+starts. Prints the break-even table and writes the results folder (summary.json, summary.md,
+the plots)."""
+
+from __future__ import annotations
+
+import time
+
+from tabulate import tabulate
+
+from emulator.device.footprint import GB, config_of
+from emulator.driver import fullscale
+from emulator.errors import ConfigError
+from emulator.hardware.system import PRESETS, System
+from emulator.results.folder import ResultsDir, environment, system_dict
+from emulator.results.fullscale_plots import draw
+from launch.fullscale_summary import summary_md
+from launch.options import as_list
+
+FULL_SIZE = ("llama3-8b", "llama3-70b", "llama3-405b", "deepseek-v3", "mixtral-8x7b")
+GLOBAL_BATCH = 1152  # samples per step on both sides (default): divides 72, 144, 288 and 384 devices' dp
+TRAIN_TOKENS = 1e12  # "time to train T tokens" (default T)
+CURVE_STEP = 48  # the plot's slow device counts: every 48 up to the largest searched
+
+
+def wanted(args) -> bool:
+    """The analytic break-even: asked for, or every workload a full-size language model."""
+    names = as_list(args.workload)
+    return bool(getattr(args, "plan_search", None)) or (bool(names) and all(n in FULL_SIZE for n in names))
+
+
+def point_dict(p: fullscale.Point, train_tokens: float) -> dict:
+    b = p.best
+    out = {"devices": p.devices, "domain": p.system.domain, "domains": p.system.domains,
+           "chip": p.system.chip.name, "power_w": p.system.total_power_w, "host_s": p.host_s,
+           "tokens_per_s": p.tokens_per_s, "energy_per_token_j": p.energy_per_token_j}
+    if b is None:
+        return {**out, "plan": None}
+    bd = b.breakdown
+    return {**out, "plan": str(b.plan), "micro_batch": b.micro_batch, "step_s": b.step_s, "mfu": b.mfu,
+            "days_to_train": train_tokens / b.tokens_per_s / 86400,
+            "breakdown": {"compute": bd.compute, "tensor_parallel": bd.tensor_parallel, "pipeline": bd.pipeline,
+                          "expert_all_to_all": bd.expert_all_to_all, "data_parallel": bd.data_parallel},
+            "memory_gb": b.memory.total / GB, "hbm_gb": b.memory.capacity / GB}
+
+
+def _presets(args) -> tuple[System, System]:
+    for flag, name in (("--fast", args.fast), ("--slow", args.slow)):
+        if name not in PRESETS:
+            raise ConfigError(f"{flag} = {name!r}: the full-scale break-even compares system presets "
+                              f"({', '.join(PRESETS)}); give e.g. --fast nvl72 --slow cloudmatrix384")
+    return System.preset(args.fast), System.preset(args.slow)
+
+
+def cmd_fullscale(args) -> None:
+    start = time.perf_counter()
+    fast, slow = _presets(args)
+    workloads = as_list(args.workload)
+    for w in workloads:
+        config_of(w)  # refuses a workload that is not a language model, naming it
+    batch = args.global_batch or GLOBAL_BATCH
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"--global-batch = {batch!r} is invalid; give samples per step >= 1")
+    racks = as_list(args.racks or "1", int)
+    if not racks or min(racks) < 1:
+        raise ConfigError(f"--racks = {args.racks!r} is invalid; give fast systems to compare, e.g. 1,2,4")
+    train_tokens = float(args.train_tokens or TRAIN_TOKENS)
+    max_devices = args.max_devices or 4 * slow.devices
+    out = ResultsDir(args.out, args.name or f"fullscale-{fast.name}-vs-{slow.name}")
+    runs = []
+    for w in workloads:
+        runs.append(_workload(w, fast, slow, batch, racks, max_devices, train_tokens, args.sensitivity))
+    summary = {"kind": "fullscale", "name": out.path.name, "fast": system_dict(fast), "slow": system_dict(slow),
+               "global_batch": batch, "train_tokens": train_tokens, "max_devices": max_devices,
+               "workloads": runs, "host_s": time.perf_counter() - start}
+    out.write_json("config.json", {"command": "breakeven", "mode": "full scale (analytic plan search)",
+                                   "options": {k: v for k, v in vars(args).items() if k != "fn"},
+                                   **environment()})
+    out.write_json("summary.json", summary)
+    out.write_text("summary.md", summary_md(summary))
+    draw(out, summary)
+    print(table(summary))
+    print(f"# every figure emulated (analytic plan search); global batch {batch} samples on both sides; "
+          f"time to train {train_tokens:.3g} tokens; all-in power of the presets")
+    print(f"# took {summary['host_s']:.0f} s (real, this host); results: {out.path}")
+
+
+def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivity) -> dict:
+    c = config_of(w)
+    rows = []
+    for k in racks:
+        be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices)
+        rows.append({"racks": k, "devices": be.devices, "naive": be.naive, "host_s": be.host_s,
+                     "fast": point_dict(be.fast, train_tokens),
+                     "slow": point_dict(be.slow, train_tokens) if be.slow else None,
+                     "below": point_dict(be.below, train_tokens) if be.below else None})
+        print(f"# {w}, {k} x {fast.name}: {be.devices or 'not reached'} {slow.chip.name} "
+              f"({len(be.points)} counts searched, {be.host_s:.0f} s real)", flush=True)
+        if k == racks[0]:
+            first = be
+    top = max([r["devices"] or 0 for r in rows] + [slow.devices])
+    counts = list(range(CURVE_STEP, top + 1, CURVE_STEP))
+    curve = fullscale.curve(slow, w, batch, counts) if counts else []
+    run = {"workload": w, "seq_len": c.seq_len, "tokens_per_step": batch * c.seq_len, "breakeven": rows,
+           "curve": [point_dict(p, train_tokens) for p in curve],
+           "fast_curve": [r["fast"] for r in rows]}
+    if sensitivity and first.devices:
+        run["sensitivity"] = fullscale.sensitivity(first, slow, max_devices)
+        print(f"# {w}: sensitivity, {2 * len(fullscale.RANGES)} searches, {run['sensitivity']['host_s']:.0f} s real",
+              flush=True)
+    return run
+
+
+def table(summary: dict) -> str:
+    rows = []
+    for run in summary["workloads"]:
+        for r in run["breakeven"]:
+            f, s = r["fast"], r["slow"]
+            rows.append([run["workload"], f"{f['devices']} B200 ({r['racks']} x NVL72)" if summary["fast"]["name"] ==
+                         "nvl72" else f"{f['devices']} {f['chip']}", f["plan"], f"{f['tokens_per_s']:,.0f}",
+                         f"{100 * f['mfu']:.1f}",
+                         r["devices"] or f"not reached (<= {summary['max_devices']})",
+                         s["plan"] if s else "-", f"{s['tokens_per_s']:,.0f}" if s else "-",
+                         f"{100 * s['mfu']:.1f}" if s else "-", f"{r['naive']:.0f}",
+                         f"{f['days_to_train']:.1f} / {s['days_to_train']:.1f}" if s else "-",
+                         f"{f['energy_per_token_j']:.2f} / {s['energy_per_token_j']:.2f}" if s else "-",
+                         _below(r)])
+    return tabulate(rows, headers=["workload", "fast system", "fast best plan", "fast tokens/s\n(emulated)",
+                                   "fast MFU\n(emul. %)", "break-even\n910C devices", "slow best plan",
+                                   "slow tokens/s\n(emulated)", "slow MFU\n(emul. %)", "naive\n(FLOPS ratio)",
+                                   f"days to train {summary['train_tokens']:.3g} tokens\nfast / slow (emulated)",
+                                   "J per token, fast / slow\n(emulated, all-in power)", "next count below"],
+                    disable_numparse=True)
+
+
+def _below(r: dict) -> str:
+    b = r["below"]
+    if not b:
+        return "-"
+    if not b["plan"]:
+        return f"{b['devices']}: no plan fits in memory"
+    return f"{b['devices']}: {b['tokens_per_s']:,.0f} tokens/s, falls short"

@@ -1,0 +1,60 @@
+"""The full-scale break-even on the analytic plan search (emulator/driver/fullscale.py) and its
+summary (launch/fullscale_summary.py), on the debug configuration and small systems."""
+
+from __future__ import annotations
+
+from emulator.driver import fullscale
+from emulator.hardware import chips
+from emulator.hardware.system import System
+from emulator.results.folder import system_dict
+from launch.fullscale import _workload, table
+from launch.fullscale_summary import summary_md
+
+WL, BATCH, MAX = "llama-debug", 16, 16
+FAST = System("b200", 2)
+SLOW = System("ascend-910c", MAX, domain=8)
+
+
+def tokens(system: System, n: int) -> float:
+    return fullscale.best(system.scaled(n), WL, BATCH).tokens_per_s
+
+
+def test_answer_is_the_smallest_count_whose_best_plan_matches():
+    be = fullscale.breakeven(FAST, SLOW, WL, BATCH, MAX)
+    target = fullscale.best(FAST, WL, BATCH).tokens_per_s
+    brute = [n for n in range(1, MAX + 1) if tokens(SLOW, n) >= target]  # every count, plan or none
+    assert brute and be.devices == brute[0] > 1  # not trivial: smaller counts fall short
+    assert be.slow.tokens_per_s >= target and be.slow.devices == be.devices
+    assert be.below.devices < be.devices and be.below.tokens_per_s < target
+    # a count scanned or not, none below the answer matches (the 100%-MFU bound is a true bound)
+    assert all(tokens(SLOW, n) < target for n in range(1, be.devices))
+
+
+def test_a_faster_slow_chip_needs_no_more_devices():
+    base = fullscale.breakeven(FAST, SLOW, WL, BATCH, MAX)
+    quick = chips.register(SLOW.chip.replace(name="test-quick-910c", launch_us=1.0, mem_eff=0.95))
+    faster = fullscale.breakeven(FAST, System(quick.name, MAX, domain=8), WL, BATCH, MAX)
+    assert faster.devices is not None and faster.devices < base.devices
+    # and varying an input through `vary` reaches the planner (a variant chip, a new answer)
+    r = next(r for r in fullscale.RANGES if r.parameter == "mem_eff")
+    varied = fullscale.vary(SLOW, r, 1.2)
+    assert varied.chip.mem_eff == min(SLOW.chip.mem_eff * 1.2, 1.0) and varied.chip.name != SLOW.chip.name
+    assert fullscale.vary(SLOW, fullscale.RANGES[2], 0.8).scaleup_gbps == SLOW.scaleup_gbps * 0.8
+
+
+def test_summary_states_units_and_labels():
+    fast, slow = System.preset("nvl72").scaled(2), System.preset("cloudmatrix384").scaled(MAX)
+    run = _workload(WL, fast, slow, BATCH, [1], MAX, 1e12, False)
+    s = {"kind": "fullscale", "name": "t", "fast": system_dict(fast), "slow": system_dict(slow),
+         "global_batch": BATCH, "train_tokens": 1e12, "max_devices": MAX, "workloads": [run], "host_s": 1.0}
+    md = summary_md(s)
+    assert "**Every figure is emulated**" in md and "published" in md
+    for header in ("tokens/s (emulated)", "break-even 910C (emulated)", "days to train 1e+12 tokens",
+                   "J per token, fast / slow (emulated, all-in)", "step (emulated s)", "MFU (emulated %)",
+                   "peak memory / HBM (GB per device, emulated)", "published MFU"):
+        assert header in md, header
+    assert f"| **{run['breakeven'][0]['devices']}** (" in md  # the answer, in the answer table
+    assert "34-54% of the BF16 peak (published)" in md and "## What Relay does not model" in md
+    assert "points below the range" in md or "points above" in md or "(inside)" in md  # how far, per reference
+    printed = table(s)
+    assert "(emulated)" in printed and "J per token" in printed
