@@ -30,19 +30,28 @@ one scale-up domain runs on its links), algorithm "auto" (the vendor library's c
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, replace
+
+import torch
 
 from emulator.collectives import predict
 from emulator.collectives.fabric import Fabric
 from emulator.device.collective import group_of
-from emulator.device.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
+from emulator.device.footprint import (Footprint, _workload, config_of, footprint, measure, parameters, shard,
+                                       stage_layers)
 from emulator.errors import ConfigError
 from emulator.hardware.system import System
 from emulator.parallel import Parallel
+from emulator.trainer import TrainConfig
 from emulator.workloads import analytic
-from kernels.cost import ITEMSIZE
+from kernels.cost import ITEMSIZE, CostModel
 
+BUCKET_MB = TrainConfig.__dataclass_fields__["bucket_mb"].default  # the runs' gradient buckets, MB
+OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of emulator.trainer.Optimizer.step
+FSDP_OPS = 3  # kernels per sharded tensor and microbatch: the copy out of each of its 2 gathers, and
+#               its gradient's copy into the reduce-scatter (FSDP2; measured against fake runs)
 MICRO_BATCHES = (1, 2, 4)  # samples per pipeline microbatch the search tries
 TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
 
@@ -191,12 +200,13 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     params = [meas.parts[k] for k in kinds]
     # the embedding's half of the base on stage 0, the head's on the last (as footprint.py)
     halves = (s == 0) + (s == plan.pp - 1)
-    share = 1 / plan.dp if plan.fsdp else 1.0  # FSDP steps the optimizer on its shard; experts are whole
-    opt = sum(p.optimizer_s * ((p.params - p.expert_params) * share + p.expert_params) / max(p.params, 1)
-              for p in params) + base.optimizer_s * share * halves / 2
     held = params + [replace(base, params=base.params * halves // 2)]
-    dp = _data_parallel(system, plan, held, size, meas, kinds, m, runs)
-    bd = Breakdown(m * compute + opt, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
+    per_kind = _tensors(workload, plan.tp, plan.ep, seq_len)
+    tensors = [per_kind[k] for k in kinds] + [tuple(x * halves // 2 for x in per_kind["base"])]
+    kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])
+    opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
+    copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
+    bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas)
     tokens = global_batch * c.seq_len
@@ -221,37 +231,72 @@ def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int) -> tuple[dic
     return {"dense": 2 * x, "moe": x}, {"dense": attn_bwd + 2 * x, "moe": attn_bwd}
 
 
-def _data_parallel(system, plan: Parallel, parts, size: int, meas, kinds, m: int, runs: int) -> float:
-    """Exposed data-parallel seconds. Assumed overlap: DDP (tp = 1) all-reduces its buckets while
-    the last microbatch's backward runs, so only what outlasts that backward is exposed; with
-    tp > 1 and no fsdp, plans.py averages each gradient after backward (all exposed); FSDP2
-    gathers each block's parameters forward and backward (every microbatch: they are resharded
-    after each use) and reduce-scatters its gradients, each overlapped with one block's compute
-    (prefetch), the excess exposed, plus the first gather. Expert gradients are all-reduced over
-    the replicas holding the same experts (dp / ep), after backward: exposed."""
-    if plan.dp == 1:
-        return 0.0
-    dense_params = sum(p.params - p.expert_params for p in parts)
+@dataclass(frozen=True)
+class _Kernels:
+    """What the cost model charges the kernels that move parameters or gradients around."""
+
+    model: CostModel
+    itemsize: int  # bytes per element of a floating tensor, as the cost model charges it
+
+    def seconds(self, kernels: float, elements: float) -> float:
+        """`kernels` launches that read and write `elements` elements in all (memory-bound)."""
+        launch = self.model.seconds(0, 0)
+        return kernels * launch + self.model.seconds(0, elements * self.itemsize) - launch
+
+
+def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> float:
+    """The optimizer step of the device's parameters: each part's measured step, its launches
+    (ops per tensor: FSDP2 keeps every tensor, sharded) whole, the rest divided by dp under FSDP
+    for all but the experts (plans.py leaves them out of fully_shard)."""
+    out = 0.0
+    for p, (n, _) in zip(parts, tensors):
+        launches = min(n * ops * kernels.model.seconds(0, 0), p.optimizer_s)
+        share = ((p.params - p.expert_params) / plan.dp + p.expert_params) / max(p.params, 1) if plan.fsdp else 1.0
+        out += launches + (p.optimizer_s - launches) * share
+    return out
+
+
+def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _Kernels, m: int) -> tuple:
+    """(Compute, exposed communication) of data parallelism, emulated seconds, as plans.py runs it.
+
+    Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets of `size`-byte elements, each
+    all-reduced when its last gradient is made, during the last microbatch's backward (pp = 1:
+    the last bucket, holding the embedding, is exposed, and whatever outlasts the backward) or
+    all after the schedule (pp > 1, exposed); a cat per bucket and a copy back per tensor.
+    FSDP2 (per block, and the root: embedding, norm, head): each microbatch gathers every block
+    forward (no forward prefetch: exposed) and again backward (the next one prefetched during a
+    block's backward: the first exposed), the root's once (kept for backward), and
+    reduce-scatters each unit's gradients (overlapped with the next unit's backward, the last
+    exposed); FSDP_OPS copy kernels per tensor. Expert gradients: one all-reduce per tensor over
+    the replicas holding the same experts (dp / ep), after backward, exposed, and a division."""
+    expert_tensors = sum(e for _, e in tensors)
     expert_params = sum(p.expert_params for p in parts)
-    experts = (_collective(system, plan, "dp_outer", "all_reduce", expert_params * size)
-               if expert_params and plan.dp // plan.ep > 1 else 0.0)
+    compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
+    exposed = (expert_tensors * _collective(system, plan, "dp_outer", "all_reduce", expert_params * size / expert_tensors)
+               if expert_tensors and plan.dp // plan.ep > 1 else 0.0)
+    if plan.dp == 1:
+        return compute, exposed
+    dense = [(p.params - p.expert_params, n - e, p.backward_s) for p, (n, e) in zip(parts, tensors)]
+    params, owned = sum(d[0] for d in dense), sum(d[1] for d in dense)
     if plan.fsdp:
-        exposed = 0.0
-        for k in kinds:
-            b = meas.parts[k]
-            nbytes = (b.params - b.expert_params) * size
-            gather = _collective(system, plan, "dp", "all_gather", nbytes)
-            scatter = _collective(system, plan, "dp", "reduce_scatter", nbytes)
-            exposed += m * (max(gather - runs * b.forward_s, 0) + max(gather - b.backward_s, 0))
-            exposed += max(scatter - b.backward_s, 0)
-        head = meas.parts[kinds[0]] if kinds else meas.parts["base"]
-        first = _collective(system, plan, "dp", "all_gather", (head.params - head.expert_params) * size)
-        return exposed + first + experts
-    ar = _collective(system, plan, "dp", "all_reduce", dense_params * size)
-    if plan.tp > 1:
-        return ar + experts
-    backward = sum(meas.parts[k].backward_s for k in kinds)
-    return max(ar - backward, 0.0) + experts
+        blocks, root = dense[:-1], dense[-1]
+        gather = [_collective(system, plan, "dp", "all_gather", d[0] * size) for d in dense]
+        scatter = [_collective(system, plan, "dp", "reduce_scatter", d[0] * size) for d in dense]
+        backward = gather[-2] if blocks else 0.0  # the last block's, first in backward
+        for i in range(len(blocks) - 1, 0, -1):  # the next (earlier) one's, during this block's backward
+            backward += max(gather[i - 1] - blocks[i][2], 0.0)
+        # block i's reduce-scatter runs during block i - 1's backward (block 0's: the root's embedding)
+        after = [root[2]] + [b[2] for b in blocks[:-1]]
+        rs = scatter[-1] + sum(max(scatter[i] - after[i], 0.0) for i in range(len(blocks)))
+        compute += m * kernels.seconds(FSDP_OPS * owned, 2 * FSDP_OPS * params)
+        return compute, exposed + m * (sum(gather) + backward + rs)
+    grads = params * size
+    buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
+    each = _collective(system, plan, "dp", "all_reduce", grads / buckets)
+    compute += kernels.seconds(buckets + owned, 4 * params)
+    if plan.pp > 1:
+        return compute, exposed + buckets * each
+    return compute, exposed + max(buckets * each - sum(d[2] for d in dense), each)
 
 
 def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes: float) -> float:
@@ -262,6 +307,26 @@ def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes
     if sub.devices == 1:
         return 0.0
     return predict(primitive, "auto", nbytes, sub, fabric=fabric)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensors(workload: str, tp: int, ep: int, seq_len: int | None) -> dict:
+    """Per kind (base, dense, moe), the parameter tensors one device holds, and of them the
+    experts' (counted on the meta device): the kernels of the optimizer and of data parallelism
+    launch per tensor."""
+    c = config_of(workload, seq_len)
+
+    def count(n_layers: int, dense: int) -> tuple:
+        with torch.device("meta"):
+            model = _workload(workload, shard(c, tp, ep), tp, n_layers, dense).build_model()
+        names = [n for n, _ in model.named_parameters()]
+        return len(names), sum(".experts." in n for n in names)
+
+    base = count(0, 0)
+    out = {"base": base, "dense": tuple(x - y for x, y in zip(count(1, 1), base))}
+    if hasattr(c, "n_experts"):
+        out["moe"] = tuple(x - y for x, y in zip(count(1, 0), base))
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
