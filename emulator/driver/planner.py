@@ -50,8 +50,13 @@ from kernels.cost import ITEMSIZE, CostModel
 
 BUCKET_MB = TrainConfig.__dataclass_fields__["bucket_mb"].default  # the runs' gradient buckets, MB
 OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of emulator.trainer.Optimizer.step
-FSDP_OPS = 3  # kernels per sharded tensor and microbatch: the copy out of each of its 2 gathers, and
-#               its gradient's copy into the reduce-scatter (FSDP2; measured against fake runs)
+# Kernels the cost model charges (a launch each, plus the bytes they touch) besides the model's own
+# ops, counted on llama-debug's aten ops with a TorchDispatchMode on the devices (docs/design.md):
+FSDP_GATHER_KERNELS = 6  # per FSDP2 all-gather: copy-in, copy-out, and 4 record_function markers
+FSDP_SCATTER_KERNELS = 3  # per reduce-scatter: chunk_cat and 2 markers
+FSDP_UNIT_KERNELS = 14  # per FSDP2 unit and microbatch: its hooks' record_function markers
+FUNCOL_KERNELS = 38 / 14  # per functional collective (DTensor's all-reduce, the expert all-to-all):
+#                           the op, its autograd wrapper and (mostly) its wait_tensor
 MICRO_BATCHES = (1, 2, 4)  # samples per pipeline microbatch the search tries
 TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
 
@@ -176,9 +181,12 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
                    seq_len=seq_len)
     size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
-    tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size)
+    kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])
+    tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size, kernels)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
+    # each charged as FUNCOL_KERNELS kernels too (all_to_all_single_autograd)
+    a2a_kernels = kernels.seconds(FUNCOL_KERNELS, 2 * FUNCOL_KERNELS * routed / size) if plan.ep > 1 else 0.0
     # and before the dispatch, the token counts per expert (int64), once per forward pass
     counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
     p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
@@ -191,7 +199,9 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         # the embedding's lookup is cheap: the base's figures (head, norm, loss) go to the last stage
         compute = sum(runs * meas.parts[k].forward_s + meas.parts[k].backward_s for k in kinds)
         compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
-        tp = sum(runs * tp_fwd[k] + tp_bwd[k] for k in kinds)
+        compute += sum(runs * tp_fwd[k][1] + tp_bwd[k][1] + (runs + 1) * 2 * a2a_kernels * (k == "moe")
+                       for k in kinds)
+        tp = sum(runs * tp_fwd[k][0] + tp_bwd[k][0] for k in kinds)
         ep = sum((runs + 1) * 2 * a2a + runs * counts for k in kinds if k == "moe")
         stages.append((compute, tp, ep, p2p, kinds, s))
     slowest = max(stages, key=lambda x: sum(x[:4]))
@@ -203,7 +213,6 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     held = params + [replace(base, params=base.params * halves // 2)]
     per_kind = _tensors(workload, plan.tp, plan.ep, seq_len)
     tensors = [per_kind[k] for k in kinds] + [tuple(x * halves // 2 for x in per_kind["base"])]
-    kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])
     opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
     copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
     bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
@@ -215,20 +224,33 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak(dtype)), mb)
 
 
-def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int) -> tuple[dict, dict]:
-    """Seconds of one block's tensor-parallel all-reduces, forward and backward, per kind, as
-    DTensor runs plans.py's plan (counted with CommDebugMode): forward, one after the row-wise
-    wo and one after w2 (dense blocks only: experts are not split); backward, one per
-    column-wise layer for its input's gradient: wq, wk, wv (s b d each) or MLA's wq_b, wkv_b
-    (the two latents) and its shared rotary key, and w1, w3 (dense blocks)."""
-    tokens = mb * c.seq_len * size  # bytes per unit of width
-    ar = functools.partial(_collective, system, plan, "tp", "all_reduce")
+def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int, kernels: _Kernels) -> tuple[dict, dict]:
+    """(Exposed seconds, compute seconds) of one block's tensor-parallel all-reduces, forward and
+    backward, per kind, as DTensor runs plans.py's plan (counted with CommDebugMode): forward,
+    one after the row-wise wo and one after w2 (dense blocks only: experts are not split);
+    backward, one per column-wise layer for its input's gradient: wq, wk, wv (s b d each) or
+    MLA's wq_b, wkv_b (the two latents) and its shared rotary key, and w1, w3 (dense blocks), of
+    which the last of each group is exposed. Compute: the FUNCOL_KERNELS the cost model charges
+    per functional all-reduce."""
+    if plan.tp == 1:
+        return {"dense": (0.0, 0.0), "moe": (0.0, 0.0)}, {"dense": (0.0, 0.0), "moe": (0.0, 0.0)}
+    tokens = mb * c.seq_len  # elements per unit of width
+
+    def ar(*widths):
+        return (sum(_collective(system, plan, "tp", "all_reduce", tokens * w * size) for w in widths),
+                sum(kernels.seconds(FUNCOL_KERNELS, 2 * FUNCOL_KERNELS * tokens * w) for w in widths))
+
     if getattr(c, "attention", "gqa") == "mla":
-        attn_bwd = ar(tokens * c.q_lora_rank) + ar(tokens * c.kv_lora_rank) + ar(tokens * c.qk_rope_dim)
+        attn = (c.q_lora_rank, c.kv_lora_rank, c.qk_rope_dim)
     else:
-        attn_bwd = 3 * ar(tokens * c.dim)
-    x = ar(tokens * c.dim)
-    return {"dense": 2 * x, "moe": x}, {"dense": attn_bwd + 2 * x, "moe": attn_bwd}
+        attn = (c.dim,) * 3
+    # backward: an all-reduce is waited for only where its gradient is used, after the next
+    # column-wise layer's gradient GEMMs, so only the last of each group is exposed (the fake
+    # runs' timelines); the others are charged as their kernels alone
+    hidden = lambda *w: (0.0, ar(*w)[1])  # noqa: E731
+    bwd = {"dense": tuple(map(sum, zip(ar(attn[-1], c.dim), hidden(*attn[:-1], c.dim)))),
+           "moe": tuple(map(sum, zip(ar(attn[-1]), hidden(*attn[:-1]))))}
+    return {"dense": ar(c.dim, c.dim), "moe": ar(c.dim)}, bwd
 
 
 @dataclass(frozen=True)
@@ -263,12 +285,14 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     all-reduced when its last gradient is made, during the last microbatch's backward (pp = 1:
     the last bucket, holding the embedding, is exposed, and whatever outlasts the backward) or
     all after the schedule (pp > 1, exposed); a cat per bucket and a copy back per tensor.
-    FSDP2 (per block, and the root: embedding, norm, head): each microbatch gathers every block
-    forward (no forward prefetch: exposed) and again backward (the next one prefetched during a
-    block's backward: the first exposed), the root's once (kept for backward), and
-    reduce-scatters each unit's gradients (overlapped with the next unit's backward, the last
-    exposed); FSDP_OPS copy kernels per tensor. Expert gradients: one all-reduce per tensor over
-    the replicas holding the same experts (dp / ep), after backward, exposed, and a division."""
+    FSDP2 (per block, and the root: embedding, norm, head): each microbatch gathers every unit
+    forward and the blocks again in backward (the root stays gathered), and reduce-scatters
+    each unit's gradients; under a pipeline the schedule keeps the units gathered after their
+    first backward and reduce-scatters once. Every gather and reduce-scatter is exposed (the
+    fake runs show no overlap: FSDP2 waits for each where it is issued), and the kernels the
+    cost model charges for them (FSDP_*_KERNELS) are compute. Expert gradients: one all-reduce
+    per tensor over the replicas holding the same experts (dp / ep), after backward, exposed,
+    and a division."""
     expert_tensors = sum(e for _, e in tensors)
     expert_params = sum(p.expert_params for p in parts)
     compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
@@ -279,17 +303,21 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     dense = [(p.params - p.expert_params, n - e, p.backward_s) for p, (n, e) in zip(parts, tensors)]
     params, owned = sum(d[0] for d in dense), sum(d[1] for d in dense)
     if plan.fsdp:
-        blocks, root = dense[:-1], dense[-1]
-        gather = [_collective(system, plan, "dp", "all_gather", d[0] * size) for d in dense]
-        scatter = [_collective(system, plan, "dp", "reduce_scatter", d[0] * size) for d in dense]
-        backward = gather[-2] if blocks else 0.0  # the last block's, first in backward
-        for i in range(len(blocks) - 1, 0, -1):  # the next (earlier) one's, during this block's backward
-            backward += max(gather[i - 1] - blocks[i][2], 0.0)
-        # block i's reduce-scatter runs during block i - 1's backward (block 0's: the root's embedding)
-        after = [root[2]] + [b[2] for b in blocks[:-1]]
-        rs = scatter[-1] + sum(max(scatter[i] - after[i], 0.0) for i in range(len(blocks)))
-        compute += m * kernels.seconds(FSDP_OPS * owned, 2 * FSDP_OPS * params)
-        return compute, exposed + m * (sum(gather) + backward + rs)
+        # units: each block, and the root (the stage's share of embedding, norm and head)
+        units = [d for d in dense if d[0]]
+        gather = [_collective(system, plan, "dp", "all_gather", d[0] * size) for d in units]
+        scatter = [_collective(system, plan, "dp", "reduce_scatter", d[0] * size) for d in units]
+        blocks = len(dense) - 1
+        if plan.pp == 1:  # every microbatch gathers each unit, the blocks again in backward, and reduce-scatters
+            gathers, scatters = m * (sum(gather) + sum(gather[:blocks])), m * sum(scatter)
+            n_gather, n_scatter = m * (len(units) + blocks), m * len(units)
+        else:  # the pipeline schedule keeps them gathered after the first backward and syncs once
+            gathers, scatters = m * sum(gather) + sum(gather[:blocks]), sum(scatter)
+            n_gather, n_scatter = m * len(units) + blocks, len(units)
+        launches = (FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter
+                    + FSDP_UNIT_KERNELS * m * len(units))
+        compute += kernels.seconds(launches, 2 * params * (n_gather + n_scatter) / max(len(units), 1))
+        return compute, exposed + gathers + scatters
     grads = params * size
     buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
     each = _collective(system, plan, "dp", "all_reduce", grads / buckets)
