@@ -10,21 +10,22 @@ The step of the slowest pipeline stage, all figures emulated seconds:
                      embedding and head) + tensor parallel + expert all-to-all + pipeline p2p
     pipeline         1F1B: (m + pp - 1) x t_max; the bubble is (pp - 1) x t_max, that is
                      (pp - 1) / m of the m microbatches' time
-    data parallel    after the pipeline drains; see `_data_parallel` for the overlap assumed
-    optimizer        the measured step of the device's (sharded) parameters
+    data parallel    after the pipeline drains, as plans.py runs it (`_data_parallel`)
+    optimizer        the measured step of the device's (sharded) parameters (`_optimizer`)
 
 Collectives are `predict` closed forms on each group's own System (`group_of`: a group inside
 one scale-up domain runs on its links), algorithm "auto" (the vendor library's choice):
     tensor parallel  Megatron's pairing as plans.py applies it through DTensor: per block and
                      microbatch, an all-reduce of the block's activation (s b d) after attention
                      and after the dense SwiGLU forward (experts are not split); in backward one
-                     per column-wise layer (`_tensor_parallel`); recompute repeats the forward
-                     ones; exposed
+                     per column-wise layer, the last of each group exposed (`_tensor_parallel`)
     expert parallel  per MoE layer and microbatch, 2 all-to-alls forward (dispatch, combine) and
                      2 backward of each device's k s b d routed tokens, balanced routing, and
                      a small all-to-all of the token counts per forward pass; exposed
     pipeline p2p     each microbatch's activation forward and its gradient back, on the link
                      between neighbouring stages; exposed
+Checked against fake-tensor runs of every plan on a small system (docs/design.md,
+bench/plan_vs_runs.py): the runs' timelines set the overlaps and the *_KERNELS below.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ import torch
 
 from emulator.collectives import predict
 from emulator.collectives.fabric import Fabric
+from emulator.device import footprint as footprints
 from emulator.device.collective import group_of
-from emulator.device.footprint import (Footprint, _workload, config_of, footprint, measure, parameters, shard,
-                                       stage_layers)
+from emulator.device.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
 from emulator.errors import ConfigError
 from emulator.hardware.system import System
 from emulator.parallel import Parallel
@@ -240,17 +241,14 @@ def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int, kernels: _Ke
         return (sum(_collective(system, plan, "tp", "all_reduce", tokens * w * size) for w in widths),
                 sum(kernels.seconds(FUNCOL_KERNELS, 2 * FUNCOL_KERNELS * tokens * w) for w in widths))
 
-    if getattr(c, "attention", "gqa") == "mla":
-        attn = (c.q_lora_rank, c.kv_lora_rank, c.qk_rope_dim)
-    else:
-        attn = (c.dim,) * 3
-    # backward: an all-reduce is waited for only where its gradient is used, after the next
-    # column-wise layer's gradient GEMMs, so only the last of each group is exposed (the fake
-    # runs' timelines); the others are charged as their kernels alone
-    hidden = lambda *w: (0.0, ar(*w)[1])  # noqa: E731
-    bwd = {"dense": tuple(map(sum, zip(ar(attn[-1], c.dim), hidden(*attn[:-1], c.dim)))),
-           "moe": tuple(map(sum, zip(ar(attn[-1]), hidden(*attn[:-1]))))}
-    return {"dense": ar(c.dim, c.dim), "moe": ar(c.dim)}, bwd
+    mla = getattr(c, "attention", "gqa") == "mla"
+    attn = (c.q_lora_rank, c.kv_lora_rank, c.qk_rope_dim) if mla else (c.dim,) * 3
+
+    def bwd(*groups):  # each waited for where its gradient is used, after the next column-wise
+        # layer's gradient GEMMs (the runs' timelines): the last of a group exposed, all charged
+        return sum(ar(g[-1])[0] for g in groups), sum(ar(*g)[1] for g in groups)
+
+    return {"dense": ar(c.dim, c.dim), "moe": ar(c.dim)}, {"dense": bwd(attn, (c.dim, c.dim)), "moe": bwd(attn)}
 
 
 @dataclass(frozen=True)
@@ -267,9 +265,8 @@ class _Kernels:
 
 
 def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> float:
-    """The optimizer step of the device's parameters: each part's measured step, its launches
-    (ops per tensor: FSDP2 keeps every tensor, sharded) whole, the rest divided by dp under FSDP
-    for all but the experts (plans.py leaves them out of fully_shard)."""
+    """Each part's measured optimizer step: its launches (ops per tensor; FSDP2 keeps every tensor,
+    sharded) whole, the rest divided by dp under FSDP, experts excepted (not in fully_shard)."""
     out = 0.0
     for p, (n, _) in zip(parts, tensors):
         launches = min(n * ops * kernels.model.seconds(0, 0), p.optimizer_s)
@@ -285,19 +282,18 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     all-reduced when its last gradient is made, during the last microbatch's backward (pp = 1:
     the last bucket, holding the embedding, is exposed, and whatever outlasts the backward) or
     all after the schedule (pp > 1, exposed); a cat per bucket and a copy back per tensor.
-    FSDP2 (per block, and the root: embedding, norm, head): each microbatch gathers every unit
-    forward and the blocks again in backward (the root stays gathered), and reduce-scatters
-    each unit's gradients; under a pipeline the schedule keeps the units gathered after their
-    first backward and reduce-scatters once. Every gather and reduce-scatter is exposed (the
-    fake runs show no overlap: FSDP2 waits for each where it is issued), and the kernels the
-    cost model charges for them (FSDP_*_KERNELS) are compute. Expert gradients: one all-reduce
-    per tensor over the replicas holding the same experts (dp / ep), after backward, exposed,
-    and a division."""
+    FSDP2 (units: each block, and the root: embedding, norm, head): each microbatch gathers
+    every unit forward, the blocks again backward, and reduce-scatters each unit (a pipeline
+    keeps them gathered after the first backward and reduce-scatters once); all exposed (the
+    runs: FSDP2 waits for each where it is issued); FSDP_*_KERNELS charged. Expert gradients:
+    an all-reduce per tensor over dp / ep (exposed) and a division."""
     expert_tensors = sum(e for _, e in tensors)
     expert_params = sum(p.expert_params for p in parts)
     compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
-    exposed = (expert_tensors * _collective(system, plan, "dp_outer", "all_reduce", expert_params * size / expert_tensors)
-               if expert_tensors and plan.dp // plan.ep > 1 else 0.0)
+    exposed = 0.0
+    if expert_tensors and plan.dp // plan.ep > 1:
+        exposed = expert_tensors * _collective(system, plan, "dp_outer", "all_reduce",
+                                               expert_params * size / expert_tensors)
     if plan.dp == 1:
         return compute, exposed
     dense = [(p.params - p.expert_params, n - e, p.backward_s) for p, (n, e) in zip(parts, tensors)]
@@ -346,7 +342,7 @@ def _tensors(workload: str, tp: int, ep: int, seq_len: int | None) -> dict:
 
     def count(n_layers: int, dense: int) -> tuple:
         with torch.device("meta"):
-            model = _workload(workload, shard(c, tp, ep), tp, n_layers, dense).build_model()
+            model = footprints._workload(workload, footprints.shard(c, tp, ep), tp, n_layers, dense).build_model()
         names = [n for n, _ in model.named_parameters()]
         return len(names), sum(".experts." in n for n in names)
 
