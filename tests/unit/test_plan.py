@@ -182,3 +182,13 @@ def test_one_device_footprint_equals_the_whole_model_measured_on_fake_tensors(na
     fp = footprint(name, Parallel(), 4, H100)
     assert fp.activations == whole["activations"]
     assert (fp.parameters, fp.gradients, fp.optimizer) == (whole["parameters"], whole["gradients"], whole["optimizer"])
+
+
+def test_relay_plan_confirm_refuses_bad_input_before_any_device(capsys):
+    base = ["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--global-batch", "16"]
+    assert main([*base, "--confirm", "-1"]) == 2
+    assert "--confirm = -1" in capsys.readouterr().err
+    assert main([*base, "--confirm", "1", "--parallel", "dp=4"]) == 2
+    assert "not with --parallel" in capsys.readouterr().err
+    assert main([*base, "--confirm", "1", "--seq-len", "16"]) == 2
+    assert "--seq-len = 16" in capsys.readouterr().err
