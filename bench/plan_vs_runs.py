@@ -9,7 +9,7 @@ ratio and both ranks, then the largest deviation. Targets: the analytic top plan
 fastest, and every plan's analytic step within MAX_DEV of its run's.
 
     python bench/plan_vs_runs.py                         (llama-debug on 4 h100: about 2-4 minutes)
-    python bench/plan_vs_runs.py --workload moe-debug --domain 2
+    python bench/plan_vs_runs.py --workload moe-debug --max-microbatches 1    (no pipelines)
 """
 
 from __future__ import annotations
@@ -35,9 +35,13 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--domain", type=int, default=None, help="devices per scale-up domain (default: all)")
     p.add_argument("--global-batch", type=int, default=16, help="samples per step")
+    p.add_argument("--max-microbatches", type=int, help="only plans of at most this many microbatches (1: no "
+                   "pipeline), to bound the time (moe-debug's 52 plans take over 20 minutes on a busy host)")
     args = p.parse_args(argv)
     system = System(args.chip, args.devices, domain=args.domain or args.devices)
     found = planner.search(system, args.workload, args.global_batch, top=10_000, message_bytes=4)
+    if args.max_microbatches:
+        found.results[:] = [r for r in found.results if r.plan.n_microbatches <= args.max_microbatches]
     print(f"# {args.workload} on {system.describe()}, global batch {args.global_batch}: {len(found.results)} plans "
           f"fit ({found.considered} considered; analytic search {found.host_s:.1f} real s). Host timings are "
           "noisy (a shared 2-core host); the emulated ones are not.")
