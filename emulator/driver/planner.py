@@ -49,7 +49,7 @@ from emulator.trainer import TrainConfig
 from emulator.workloads import analytic
 from kernels.cost import ITEMSIZE, CostModel
 
-BUCKET_MB = TrainConfig.__dataclass_fields__["bucket_mb"].default  # the runs' gradient buckets, MB
+BUCKET_MB = TrainConfig.bucket_mb  # the runs' gradient buckets, MB (TrainConfig's default)
 OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of emulator.trainer.Optimizer.step
 # Kernels the cost model charges (a launch each, plus the bytes they touch) besides the model's own
 # ops, counted on llama-debug's aten ops with a TorchDispatchMode on the devices (docs/design.md):
@@ -214,6 +214,8 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     held = params + [replace(base, params=base.params * halves // 2)]
     per_kind = _tensors(workload, plan.tp, plan.ep, seq_len)
     tensors = [per_kind[k] for k in kinds] + [tuple(x * halves // 2 for x in per_kind["base"])]
+    if plan.ep == 1:  # without expert parallelism plans.py syncs and shards experts as any parameter
+        held, tensors = [replace(p, expert_params=0) for p in held], [(n, 0) for n, _ in tensors]
     opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
     copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
     bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
@@ -234,7 +236,7 @@ def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int, kernels: _Ke
     which the last of each group is exposed. Compute: the FUNCOL_KERNELS the cost model charges
     per functional all-reduce."""
     if plan.tp == 1:
-        return {"dense": (0.0, 0.0), "moe": (0.0, 0.0)}, {"dense": (0.0, 0.0), "moe": (0.0, 0.0)}
+        return ({k: (0.0, 0.0) for k in ("dense", "moe")},) * 2
     tokens = mb * c.seq_len  # elements per unit of width
 
     def ar(*widths):
@@ -244,8 +246,7 @@ def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int, kernels: _Ke
     mla = getattr(c, "attention", "gqa") == "mla"
     attn = (c.q_lora_rank, c.kv_lora_rank, c.qk_rope_dim) if mla else (c.dim,) * 3
 
-    def bwd(*groups):  # each waited for where its gradient is used, after the next column-wise
-        # layer's gradient GEMMs (the runs' timelines): the last of a group exposed, all charged
+    def bwd(*groups):  # waited for after the next layer's gradient GEMMs: the last of a group exposed
         return sum(ar(g[-1])[0] for g in groups), sum(ar(*g)[1] for g in groups)
 
     return {"dense": ar(c.dim, c.dim), "moe": ar(c.dim)}, {"dense": bwd(attn, (c.dim, c.dim)), "moe": bwd(attn)}
@@ -260,8 +261,7 @@ class _Kernels:
 
     def seconds(self, kernels: float, elements: float) -> float:
         """`kernels` launches that read and write `elements` elements in all (memory-bound)."""
-        launch = self.model.seconds(0, 0)
-        return kernels * launch + self.model.seconds(0, elements * self.itemsize) - launch
+        return (kernels - 1) * self.model.seconds(0, 0) + self.model.seconds(0, elements * self.itemsize)
 
 
 def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> float:
