@@ -1,15 +1,26 @@
 """`relay plan`: the best parallel plans of a language model on a system (emulator/driver/
-planner.py), or one plan's emulated step and memory (--parallel), checked against the HBM."""
+planner.py), or one plan's emulated step and memory (--parallel), checked against the HBM; with
+--confirm K, the top K plans run as fake-tensor training (one device actor each) next to the
+analytic figures."""
 
 from __future__ import annotations
 
+import time
+
 from tabulate import tabulate
 
+from emulator import Cluster
 from emulator.device.footprint import GB, check, config_of
 from emulator.driver import planner
 from emulator.errors import ConfigError
 from emulator.parallel import Parallel
+from emulator.trainer import TrainConfig
 from launch.options import add_system_args, system_from
+
+CONFIRM_STEPS = 2  # fake-run steps per confirmed plan: the second is the steady one compared
+CONFIRM_DEVICES = 16  # one device actor per device fits this host up to about this many
+CONFIRM_HEADERS = ["#", "plan", "analytic step\n(emulated s)", "fake-run step\n(emulated s)", "run / analytic",
+                   "run host time\n(real s)"]
 
 HEADERS = ["#", "plan", "micro-batch\n(samples)", "step\n(emulated s)", "tokens/s\n(emulated)", "MFU\n(emulated %)",
            "compute\n(emulated s)", "exposed TP\n(emulated s)", "pipeline bubble\n+ p2p (emulated s)",
@@ -27,7 +38,43 @@ def add_parser(sub) -> None:
     p.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
     p.add_argument("--parallel", help="cost this one plan instead of searching, e.g. tp=8,pp=4,dp=12,fsdp "
                    "(refused with its memory breakdown if it does not fit)")
+    p.add_argument("--confirm", type=int, default=0, metavar="K", help="run the top K plans as fake-tensor "
+                   f"training ({CONFIRM_STEPS} steps, one device actor per device; systems of up to "
+                   f"{CONFIRM_DEVICES} devices) and print their emulated step next to the analytic one")
     p.set_defaults(fn=cmd_plan)
+
+
+def run_plans(cluster: Cluster, workload: str, plans, global_batch: int, optimizer: str = "adamw") -> list:
+    """Each plan trained CONFIRM_STEPS steps on fake tensors on `cluster` (its system as
+    configured): per plan the last step's row (step_s, compute_s, ..., emulated seconds), with
+    host_s, the real seconds the run took. The runs move fp32 parameters and gradients (the
+    model is not cast): compare with the planner's message_bytes=4."""
+    out = []
+    for plan in plans:
+        start = time.perf_counter()
+        res = cluster.train(workload, parallel=plan, steps=CONFIRM_STEPS, global_batch=global_batch,
+                            tensors="fake", optimizer=optimizer)
+        out.append({**res.steps[-1], "host_s": time.perf_counter() - start})
+    return out
+
+
+def confirm(system, workload: str, results: list, global_batch: int) -> None:
+    """Prints the analytic and the fake-run step of each PlanResult in `results`."""
+    if system.devices > CONFIRM_DEVICES and "shared" not in TrainConfig.__dataclass_fields__:
+        print(f"# --confirm: {system.devices} devices need the shared fake runs (one process per distinct role); "
+              f"one actor per device fits this host up to {CONFIRM_DEVICES} devices; confirmation skipped")
+        return
+    start = time.perf_counter()
+    with Cluster(system, tensors="fake") as cluster:
+        runs = run_plans(cluster, workload, [r.plan for r in results], global_batch)
+    rows = [[i + 1, str(r.plan), f"{r.step_s:.4g}", f"{x['step_s']:.4g}", f"{x['step_s'] / r.step_s:.3f}",
+             f"{x['host_s']:.1f}"] for i, (r, x) in enumerate(zip(results, runs))]
+    print(f"# confirmed by fake-tensor runs ({CONFIRM_STEPS} steps, the last compared; every plan's messages at "
+          "fp32, as the runs move them):")
+    print(tabulate(rows, headers=CONFIRM_HEADERS, disable_numparse=True))
+    best = min(range(len(runs)), key=lambda i: runs[i]["step_s"])
+    print(f"# fastest by the runs: plan {best + 1} ({results[best].plan}); confirmation took "
+          f"{time.perf_counter() - start:.1f} real s")
 
 
 def row(i, r: planner.PlanResult) -> list:
@@ -41,6 +88,12 @@ def cmd_plan(args) -> int:
     system = system_from(args)
     if args.top < 1:
         raise ConfigError(f"--top = {args.top} is invalid; give a number of plans >= 1")
+    if args.confirm < 0 or (args.confirm and args.parallel):
+        raise ConfigError(f"--confirm = {args.confirm} is invalid; give a number of plans >= 0 to run after a "
+                          "search (not with --parallel)")
+    if args.confirm and args.seq_len not in (None, config_of(args.workload).seq_len):
+        raise ConfigError(f"--confirm with --seq-len = {args.seq_len}: the runs train the model at its own "
+                          f"sequence length ({config_of(args.workload).seq_len}); drop --seq-len or --confirm")
     batch = args.global_batch
     if batch is None:
         batch = planner.default_batch(args.workload, system.devices, args.seq_len)
@@ -48,7 +101,9 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"--global-batch = {batch} is invalid; give a number of samples >= 1")
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
-          f"({tokens:,} tokens); analytic model, every figure emulated")
+          f"({tokens:,} tokens); analytic model, every figure emulated"
+          + ("; messages at fp32 (4 bytes per element), as the fake-tensor runs of --confirm move them"
+             if args.confirm else ""))
     if args.parallel:
         plan = Parallel.parse(args.parallel)
         if batch % plan.dp:
@@ -60,13 +115,18 @@ def cmd_plan(args) -> int:
         print(tabulate([row(1, r)], headers=HEADERS, disable_numparse=True))
         print(f"# memory (most loaded device): {fp.describe()}")
         return 0
-    found = planner.search(system, args.workload, batch, top=args.top, seq_len=args.seq_len)
+    # the runs --confirm compares with move fp32 messages (the model is not cast)
+    found = planner.search(system, args.workload, batch, top=max(args.top, args.confirm), seq_len=args.seq_len,
+                           message_bytes=4 if args.confirm else None)
     if not found.results:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "
                                   f"batch {batch} ({found.considered} considered, all over the HBM); use more "
                                   "devices, a smaller --global-batch or a shorter --seq-len")
-    print(tabulate([row(i + 1, r) for i, r in enumerate(found.results)], headers=HEADERS, disable_numparse=True))
+    print(tabulate([row(i + 1, r) for i, r in enumerate(found.results[:args.top])], headers=HEADERS,
+                   disable_numparse=True))
     print(f"# memory of plan 1 (most loaded device): {found.results[0].memory.describe()}")
     print(f"# {found.considered} valid plans considered, {found.pruned_memory} pruned by memory, "
           f"{found.considered - found.pruned_memory} costed; search took {found.host_s:.1f} real s")
+    if args.confirm:
+        confirm(system, args.workload, found.results[:args.confirm], batch)
     return 0

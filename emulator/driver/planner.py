@@ -10,39 +10,54 @@ The step of the slowest pipeline stage, all figures emulated seconds:
                      embedding and head) + tensor parallel + expert all-to-all + pipeline p2p
     pipeline         1F1B: (m + pp - 1) x t_max; the bubble is (pp - 1) x t_max, that is
                      (pp - 1) / m of the m microbatches' time
-    data parallel    after the pipeline drains; see `_data_parallel` for the overlap assumed
-    optimizer        the measured step of the device's (sharded) parameters
+    data parallel    after the pipeline drains, as plans.py runs it (`_data_parallel`)
+    optimizer        the measured step of the device's (sharded) parameters (`_optimizer`)
 
 Collectives are `predict` closed forms on each group's own System (`group_of`: a group inside
 one scale-up domain runs on its links), algorithm "auto" (the vendor library's choice):
     tensor parallel  Megatron's pairing as plans.py applies it through DTensor: per block and
                      microbatch, an all-reduce of the block's activation (s b d) after attention
                      and after the dense SwiGLU forward (experts are not split); in backward one
-                     per column-wise layer (`_tensor_parallel`); recompute repeats the forward
-                     ones; exposed
+                     per column-wise layer, the last of each group exposed (`_tensor_parallel`)
     expert parallel  per MoE layer and microbatch, 2 all-to-alls forward (dispatch, combine) and
                      2 backward of each device's k s b d routed tokens, balanced routing, and
                      a small all-to-all of the token counts per forward pass; exposed
     pipeline p2p     each microbatch's activation forward and its gradient back, on the link
                      between neighbouring stages; exposed
+Checked against fake-tensor runs of every plan on a small system (docs/design.md,
+bench/plan_vs_runs.py): the runs' timelines set the overlaps and the *_KERNELS below.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from emulator.collectives import predict
 from emulator.collectives.fabric import Fabric
+from emulator.device import footprint as footprints
 from emulator.device.collective import group_of
 from emulator.device.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
 from emulator.errors import ConfigError
 from emulator.hardware.system import System
 from emulator.parallel import Parallel
+from emulator.trainer import TrainConfig
 from emulator.workloads import analytic
-from kernels.cost import ITEMSIZE
+from kernels.cost import ITEMSIZE, CostModel
 
+BUCKET_MB = TrainConfig.bucket_mb  # the runs' gradient buckets, MB (TrainConfig's default)
+OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of emulator.trainer.Optimizer.step
+# Kernels the cost model charges (a launch each, plus the bytes they touch) besides the model's own
+# ops, counted on llama-debug's aten ops with a TorchDispatchMode on the devices (docs/design.md):
+FSDP_GATHER_KERNELS = 6  # per FSDP2 all-gather: copy-in, copy-out, and 4 record_function markers
+FSDP_SCATTER_KERNELS = 3  # per reduce-scatter: chunk_cat and 2 markers
+FSDP_UNIT_KERNELS = 14  # per FSDP2 unit and microbatch: its hooks' record_function markers
+FUNCOL_KERNELS = 38 / 14  # per functional collective (DTensor's all-reduce, the expert all-to-all):
+#                           the op, its autograd wrapper and (mostly) its wait_tensor
 MICRO_BATCHES = (1, 2, 4)  # samples per pipeline microbatch the search tries
 TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
 
@@ -167,9 +182,12 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
                    seq_len=seq_len)
     size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
-    tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size)
+    kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])
+    tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size, kernels)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
+    # each charged as FUNCOL_KERNELS kernels too (all_to_all_single_autograd)
+    a2a_kernels = kernels.seconds(FUNCOL_KERNELS, 2 * FUNCOL_KERNELS * routed / size) if plan.ep > 1 else 0.0
     # and before the dispatch, the token counts per expert (int64), once per forward pass
     counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
     p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
@@ -182,7 +200,9 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         # the embedding's lookup is cheap: the base's figures (head, norm, loss) go to the last stage
         compute = sum(runs * meas.parts[k].forward_s + meas.parts[k].backward_s for k in kinds)
         compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
-        tp = sum(runs * tp_fwd[k] + tp_bwd[k] for k in kinds)
+        compute += sum(runs * tp_fwd[k][1] + tp_bwd[k][1] + (runs + 1) * 2 * a2a_kernels * (k == "moe")
+                       for k in kinds)
+        tp = sum(runs * tp_fwd[k][0] + tp_bwd[k][0] for k in kinds)
         ep = sum((runs + 1) * 2 * a2a + runs * counts for k in kinds if k == "moe")
         stages.append((compute, tp, ep, p2p, kinds, s))
     slowest = max(stages, key=lambda x: sum(x[:4]))
@@ -191,12 +211,14 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     params = [meas.parts[k] for k in kinds]
     # the embedding's half of the base on stage 0, the head's on the last (as footprint.py)
     halves = (s == 0) + (s == plan.pp - 1)
-    share = 1 / plan.dp if plan.fsdp else 1.0  # FSDP steps the optimizer on its shard; experts are whole
-    opt = sum(p.optimizer_s * ((p.params - p.expert_params) * share + p.expert_params) / max(p.params, 1)
-              for p in params) + base.optimizer_s * share * halves / 2
     held = params + [replace(base, params=base.params * halves // 2)]
-    dp = _data_parallel(system, plan, held, size, meas, kinds, m, runs)
-    bd = Breakdown(m * compute + opt, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
+    per_kind = _tensors(workload, plan.tp, plan.ep, seq_len)
+    tensors = [per_kind[k] for k in kinds] + [tuple(x * halves // 2 for x in per_kind["base"])]
+    if plan.ep == 1:  # without expert parallelism plans.py syncs and shards experts as any parameter
+        held, tensors = [replace(p, expert_params=0) for p in held], [(n, 0) for n, _ in tensors]
+    opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
+    copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
+    bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas)
     tokens = global_batch * c.seq_len
@@ -205,53 +227,100 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak(dtype)), mb)
 
 
-def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int) -> tuple[dict, dict]:
-    """Seconds of one block's tensor-parallel all-reduces, forward and backward, per kind, as
-    DTensor runs plans.py's plan (counted with CommDebugMode): forward, one after the row-wise
-    wo and one after w2 (dense blocks only: experts are not split); backward, one per
-    column-wise layer for its input's gradient: wq, wk, wv (s b d each) or MLA's wq_b, wkv_b
-    (the two latents) and its shared rotary key, and w1, w3 (dense blocks)."""
-    tokens = mb * c.seq_len * size  # bytes per unit of width
-    ar = functools.partial(_collective, system, plan, "tp", "all_reduce")
-    if getattr(c, "attention", "gqa") == "mla":
-        attn_bwd = ar(tokens * c.q_lora_rank) + ar(tokens * c.kv_lora_rank) + ar(tokens * c.qk_rope_dim)
-    else:
-        attn_bwd = 3 * ar(tokens * c.dim)
-    x = ar(tokens * c.dim)
-    return {"dense": 2 * x, "moe": x}, {"dense": attn_bwd + 2 * x, "moe": attn_bwd}
+def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int, kernels: _Kernels) -> tuple[dict, dict]:
+    """(Exposed seconds, compute seconds) of one block's tensor-parallel all-reduces, forward and
+    backward, per kind, as DTensor runs plans.py's plan (counted with CommDebugMode): forward,
+    one after the row-wise wo and one after w2 (dense blocks only: experts are not split);
+    backward, one per column-wise layer for its input's gradient: wq, wk, wv (s b d each) or
+    MLA's wq_b, wkv_b (the two latents) and its shared rotary key, and w1, w3 (dense blocks), of
+    which the last of each group is exposed. Compute: the FUNCOL_KERNELS the cost model charges
+    per functional all-reduce."""
+    if plan.tp == 1:
+        return ({k: (0.0, 0.0) for k in ("dense", "moe")},) * 2
+    tokens = mb * c.seq_len  # elements per unit of width
+
+    def ar(*widths):
+        return (sum(_collective(system, plan, "tp", "all_reduce", tokens * w * size) for w in widths),
+                sum(kernels.seconds(FUNCOL_KERNELS, 2 * FUNCOL_KERNELS * tokens * w) for w in widths))
+
+    mla = getattr(c, "attention", "gqa") == "mla"
+    attn = (c.q_lora_rank, c.kv_lora_rank, c.qk_rope_dim) if mla else (c.dim,) * 3
+
+    def bwd(*groups):  # waited for after the next layer's gradient GEMMs: the last of a group exposed
+        return sum(ar(g[-1])[0] for g in groups), sum(ar(*g)[1] for g in groups)
+
+    return {"dense": ar(c.dim, c.dim), "moe": ar(c.dim)}, {"dense": bwd(attn, (c.dim, c.dim)), "moe": bwd(attn)}
 
 
-def _data_parallel(system, plan: Parallel, parts, size: int, meas, kinds, m: int, runs: int) -> float:
-    """Exposed data-parallel seconds. Assumed overlap: DDP (tp = 1) all-reduces its buckets while
-    the last microbatch's backward runs, so only what outlasts that backward is exposed; with
-    tp > 1 and no fsdp, plans.py averages each gradient after backward (all exposed); FSDP2
-    gathers each block's parameters forward and backward (every microbatch: they are resharded
-    after each use) and reduce-scatters its gradients, each overlapped with one block's compute
-    (prefetch), the excess exposed, plus the first gather. Expert gradients are all-reduced over
-    the replicas holding the same experts (dp / ep), after backward: exposed."""
-    if plan.dp == 1:
-        return 0.0
-    dense_params = sum(p.params - p.expert_params for p in parts)
+@dataclass(frozen=True)
+class _Kernels:
+    """What the cost model charges the kernels that move parameters or gradients around."""
+
+    model: CostModel
+    itemsize: int  # bytes per element of a floating tensor, as the cost model charges it
+
+    def seconds(self, kernels: float, elements: float) -> float:
+        """`kernels` launches that read and write `elements` elements in all (memory-bound)."""
+        return (kernels - 1) * self.model.seconds(0, 0) + self.model.seconds(0, elements * self.itemsize)
+
+
+def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> float:
+    """Each part's measured optimizer step: its launches (ops per tensor; FSDP2 keeps every tensor,
+    sharded) whole, the rest divided by dp under FSDP, experts excepted (not in fully_shard)."""
+    out = 0.0
+    for p, (n, _) in zip(parts, tensors):
+        launches = min(n * ops * kernels.model.seconds(0, 0), p.optimizer_s)
+        share = ((p.params - p.expert_params) / plan.dp + p.expert_params) / max(p.params, 1) if plan.fsdp else 1.0
+        out += launches + (p.optimizer_s - launches) * share
+    return out
+
+
+def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _Kernels, m: int) -> tuple:
+    """(Compute, exposed communication) of data parallelism, emulated seconds, as plans.py runs it.
+
+    Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets of `size`-byte elements, each
+    all-reduced when its last gradient is made, during the last microbatch's backward (pp = 1:
+    the last bucket, holding the embedding, is exposed, and whatever outlasts the backward) or
+    all after the schedule (pp > 1, exposed); a cat per bucket and a copy back per tensor.
+    FSDP2 (units: each block, and the root: embedding, norm, head): each microbatch gathers
+    every unit forward, the blocks again backward, and reduce-scatters each unit (a pipeline
+    keeps them gathered after the first backward and reduce-scatters once); all exposed (the
+    runs: FSDP2 waits for each where it is issued); FSDP_*_KERNELS charged. Expert gradients:
+    an all-reduce per tensor over dp / ep (exposed) and a division."""
+    expert_tensors = sum(e for _, e in tensors)
     expert_params = sum(p.expert_params for p in parts)
-    experts = (_collective(system, plan, "dp_outer", "all_reduce", expert_params * size)
-               if expert_params and plan.dp // plan.ep > 1 else 0.0)
+    compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
+    exposed = 0.0
+    if expert_tensors and plan.dp // plan.ep > 1:
+        exposed = expert_tensors * _collective(system, plan, "dp_outer", "all_reduce",
+                                               expert_params * size / expert_tensors)
+    if plan.dp == 1:
+        return compute, exposed
+    dense = [(p.params - p.expert_params, n - e, p.backward_s) for p, (n, e) in zip(parts, tensors)]
+    params, owned = sum(d[0] for d in dense), sum(d[1] for d in dense)
     if plan.fsdp:
-        exposed = 0.0
-        for k in kinds:
-            b = meas.parts[k]
-            nbytes = (b.params - b.expert_params) * size
-            gather = _collective(system, plan, "dp", "all_gather", nbytes)
-            scatter = _collective(system, plan, "dp", "reduce_scatter", nbytes)
-            exposed += m * (max(gather - runs * b.forward_s, 0) + max(gather - b.backward_s, 0))
-            exposed += max(scatter - b.backward_s, 0)
-        head = meas.parts[kinds[0]] if kinds else meas.parts["base"]
-        first = _collective(system, plan, "dp", "all_gather", (head.params - head.expert_params) * size)
-        return exposed + first + experts
-    ar = _collective(system, plan, "dp", "all_reduce", dense_params * size)
-    if plan.tp > 1:
-        return ar + experts
-    backward = sum(meas.parts[k].backward_s for k in kinds)
-    return max(ar - backward, 0.0) + experts
+        # units: each block, and the root (the stage's share of embedding, norm and head)
+        units = [d for d in dense if d[0]]
+        gather = [_collective(system, plan, "dp", "all_gather", d[0] * size) for d in units]
+        scatter = [_collective(system, plan, "dp", "reduce_scatter", d[0] * size) for d in units]
+        blocks = len(dense) - 1
+        if plan.pp == 1:  # every microbatch gathers each unit, the blocks again in backward, and reduce-scatters
+            gathers, scatters = m * (sum(gather) + sum(gather[:blocks])), m * sum(scatter)
+            n_gather, n_scatter = m * (len(units) + blocks), m * len(units)
+        else:  # the pipeline schedule keeps them gathered after the first backward and syncs once
+            gathers, scatters = m * sum(gather) + sum(gather[:blocks]), sum(scatter)
+            n_gather, n_scatter = m * len(units) + blocks, len(units)
+        launches = (FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter
+                    + FSDP_UNIT_KERNELS * m * len(units))
+        compute += kernels.seconds(launches, 2 * params * (n_gather + n_scatter) / max(len(units), 1))
+        return compute, exposed + gathers + scatters
+    grads = params * size
+    buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
+    each = _collective(system, plan, "dp", "all_reduce", grads / buckets)
+    compute += kernels.seconds(buckets + owned, 4 * params)
+    if plan.pp > 1:
+        return compute, exposed + buckets * each
+    return compute, exposed + max(buckets * each - sum(d[2] for d in dense), each)
 
 
 def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes: float) -> float:
@@ -262,6 +331,26 @@ def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes
     if sub.devices == 1:
         return 0.0
     return predict(primitive, "auto", nbytes, sub, fabric=fabric)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensors(workload: str, tp: int, ep: int, seq_len: int | None) -> dict:
+    """Per kind (base, dense, moe), the parameter tensors one device holds, and of them the
+    experts' (counted on the meta device): the kernels of the optimizer and of data parallelism
+    launch per tensor."""
+    c = config_of(workload, seq_len)
+
+    def count(n_layers: int, dense: int) -> tuple:
+        with torch.device("meta"):
+            model = footprints._workload(workload, footprints.shard(c, tp, ep), tp, n_layers, dense).build_model()
+        names = [n for n, _ in model.named_parameters()]
+        return len(names), sum(".experts." in n for n in names)
+
+    base = count(0, 0)
+    out = {"base": base, "dense": tuple(x - y for x, y in zip(count(1, 1), base))}
+    if hasattr(c, "n_experts"):
+        out["moe"] = tuple(x - y for x, y in zip(count(1, 0), base))
+    return out
 
 
 @functools.lru_cache(maxsize=4096)

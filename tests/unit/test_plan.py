@@ -156,7 +156,8 @@ def test_relay_plan_refuses_a_plan_over_the_hbm(capsys):
 def test_tensor_parallel_all_reduces_are_those_dtensor_runs_for_the_plan():
     """The planner's tensor-parallel charge is one all-reduce per collective that plans.py's
     plan really issues (counted by CommDebugMode on torch's fake process group, no Ray): for
-    llama-debug, 2 forward and 5 backward per block, each of the block's activation."""
+    llama-debug, 2 forward and 5 backward per block, each of the block's activation; exposed, the
+    forward ones and the last backward one of attention's 3 and of the SwiGLU's 2."""
     c = llama.CONFIGS["llama-debug"]
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
@@ -170,7 +171,7 @@ def test_tensor_parallel_all_reduces_are_those_dtensor_runs_for_the_plan():
     assert issued == 7 * c.n_layers
     r = planner.cost(System(H100, 2), "llama-debug", Parallel(tp=2), 2)
     one = predict("all_reduce", "auto", 2 * c.seq_len * c.dim * 2, System(H100, 2))
-    assert r.breakdown.tensor_parallel == pytest.approx(issued * one, rel=1e-6)
+    assert r.breakdown.tensor_parallel == pytest.approx(4 * c.n_layers * one, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["llama-debug", "moe-debug"])
@@ -181,3 +182,13 @@ def test_one_device_footprint_equals_the_whole_model_measured_on_fake_tensors(na
     fp = footprint(name, Parallel(), 4, H100)
     assert fp.activations == whole["activations"]
     assert (fp.parameters, fp.gradients, fp.optimizer) == (whole["parameters"], whole["gradients"], whole["optimizer"])
+
+
+def test_relay_plan_confirm_refuses_bad_input_before_any_device(capsys):
+    base = ["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--global-batch", "16"]
+    assert main([*base, "--confirm", "-1"]) == 2
+    assert "--confirm = -1" in capsys.readouterr().err
+    assert main([*base, "--confirm", "1", "--parallel", "dp=4"]) == 2
+    assert "not with --parallel" in capsys.readouterr().err
+    assert main([*base, "--confirm", "1", "--seq-len", "16"]) == 2
+    assert "--seq-len = 16" in capsys.readouterr().err
