@@ -18,6 +18,7 @@ pipeline, expert all-to-all, data parallel).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict, deque
 
 from emulator.collectives.core import Ports, time_recv, time_sends
@@ -44,6 +45,12 @@ def roles(plan, skewed: bool) -> dict[int, list[int]]:
         rep = {**c, "dp_outer": 0, "tp": 0, "ep": c["ep"] if skewed else 0}
         out[_device(plan, rep)].append(d)
     return dict(out)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _group(plan, dim: str, d: int) -> tuple:
+    """plan.group, remembered (it looks at every device of the plan)."""
+    return tuple(plan.group(dim, d))
 
 
 def _device(plan, coords: dict) -> int:
@@ -160,7 +167,7 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
                 if dim is None:
                     raise ConfigError(f"shared run: device {rep} used a group {list(ms)} that is none of the plan's; "
                                       "run one process per device")
-                return tuple(range(n)) if dim == "world" else tuple(plan.group(dim, d))
+                return tuple(range(n)) if dim == "world" else _group(plan, dim, d)
             devices.append(_Device(d, rec["recording"], rec["rows"], rename, category))
     by_index = {x.d: x for x in devices}
     waiting: dict = defaultdict(dict)  # (group, seq) -> {device: start}
