@@ -10,7 +10,7 @@ from emulator.results.folder import system_dict
 from launch.fullscale import _workload, table
 from launch.fullscale_summary import summary_md
 
-WL, BATCH, MAX = "llama-debug", 16, 16
+WL, BATCH, MAX = "llama-debug", 1024, 16  # a batch at which more devices help this small model
 FAST = System("b200", 2)
 SLOW = System("ascend-910c", MAX, domain=8)
 
