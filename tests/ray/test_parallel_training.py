@@ -33,7 +33,6 @@ PLANS = [  # (workload, plan): each kind alone (DDP alone: test_backend.py), the
     ("llama-debug", "pp=2,microbatches=4"),
     ("llama-debug", "dp=2,pp=2"),  # DDP under a pipeline schedule
     ("moe-debug", "dp=4,ep=4"),
-    ("llama-debug", "dp=2,tp=2,pp=2"),
     ("llama-debug", "dp=2,tp=2,pp=2,fsdp,recompute"),
     ("moe-debug", "dp=2,ep=2,tp=2"),
     ("moe-debug", "dp=4,ep=2,pp=2,fsdp"),
@@ -91,9 +90,7 @@ def test_fake_moe_with_recorded_routing_equals_real(cluster8):
     assert len(counts) == moe.config.n_layers - moe.config.n_dense_layers and sum(counts[0]) > 0
     fake = cluster8.train(same, parallel=plan, steps=1, per_device_batch=BATCH, tensors="fake",
                           routing=Histogram(counts))
-    assert _times(fake) == _times(real)
-    skewed = cluster8.train(same, parallel=plan, steps=1, per_device_batch=BATCH, tensors="fake", routing="zipf:2")
-    assert skewed.per_device[0][0]["routing"][0][0] > 2 * max(counts[0])  # the first expert takes the most
+    assert _times(fake) == _times(real)  # (skewed routing: tests/ray/test_shared.py)
 
 
 def test_adamw_on_a_3d_plan_follows_one_process_losses(cluster8):
