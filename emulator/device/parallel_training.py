@@ -54,7 +54,7 @@ class _Model:
         plan = self.plan = config.parallel
         self.at = plan.coords(rank)
         mesh, dp_mesh, tp_mesh = meshes
-        self.dp_group, self.expert_group = dp_mesh.get_group(), mesh.get_group("dp_outer")
+        self.expert_group = mesh.get_group("dp_outer")
         torch.manual_seed(config.seed)  # every device builds the same whole model, then keeps its part
         if mode is None:
             model = config.workload.build_model()
