@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         rows.append((f"{system_name} ({system.devices} x {system.chip.name})", workload, str(plan), tokens,
                      step["step_s"], tokens / step["step_s"], 100 * mfu, step["compute_s"],
                      *[by[k] for k in CATEGORIES], fp.total / 1e9, fp.capacity / 1e9, host))
-        print(f"# {rows[-1][0]} {workload}: done in {host:.0f} real s", file=sys.stderr, flush=True)
+        print(f"# {rows[-1][0]} {workload}: done in {host:.0f} real s; {rows[-1]}", file=sys.stderr, flush=True)
     head = ["system", "workload", "plan", "tokens/step", "step (emulated s)", "tokens/s (emulated)",
             "MFU (emulated %)", "compute (em. s)", "exposed TP (em. s)", "pipeline bubble+wait (em. s)",
             "exposed expert a2a (em. s)", "exposed DP (em. s)", "peak mem (GB/device)", "HBM (GB)",
