@@ -252,8 +252,8 @@ def _config(workload, options: dict) -> TrainConfig:
 
 
 def _run_config(cluster, workload, options: dict) -> TrainConfig:
-    """The run's TrainConfig: tensors from the cluster unless given; fake tensors without a plan
-    run data-parallel over every device."""
+    """The run's TrainConfig: tensors from the cluster unless given (TrainConfig then checks routing
+    and shared against them); fake tensors without a plan run data-parallel over every device."""
     config = _config(workload, options)
     if config.tensors is None:
         config = config.replace(tensors=cluster.tensors)
@@ -261,11 +261,6 @@ def _run_config(cluster, workload, options: dict) -> TrainConfig:
         config = config.replace(parallel=Parallel(dp=cluster.system.devices))
     if config.shared is None:
         config = config.replace(shared=config.fake and cluster.system.devices > SHARED_ABOVE)
-    if config.routing is not None and not config.fake:
-        raise ConfigError("routing applies to tensors = 'fake' (real tensors route by their data); drop it "
-                          "or set tensors = 'fake'")
-    if config.shared and not config.fake:
-        raise ConfigError("shared = True needs tensors = 'fake'; set tensors='fake' or drop shared")
     return config
 
 
