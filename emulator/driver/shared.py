@@ -12,6 +12,8 @@ own, and the compute lane held at each wait until the operation's end. So its fi
 of one process per device, to the bit (tests/ray/test_shared.py checks it where both fit), except
 that a collective of more than EXACT_UP_TO devices that all start at the same time is timed once
 per shape from 0 and shifted (equal within rounding: 3.5 s of host time saved per 384-device ring).
+A collective is timed once per (shape, members' start times): the groups of one dimension (every
+expert group, say) usually run the same collective from the same starts, and get the same ends.
 Each row also says what its exposed communication waited for (`exposed_by`: tensor parallel,
 pipeline, expert all-to-all, data parallel).
 """
@@ -172,6 +174,7 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
     by_index = {x.d: x for x in devices}
     waiting: dict = defaultdict(dict)  # (group, seq) -> {device: start}
     mail: dict = defaultdict(deque)  # (sender, receiver) -> emulated starts of the messages sent
+    timed: dict = {}  # a collective's inputs -> its members' ends (_collective)
 
     def run_comm(x: _Device) -> bool:
         moved = False
@@ -189,7 +192,7 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
                         moved = True
                     if len(waiting[key]) < len(ms):
                         return moved
-                    _collective(key, part, ms, waiting.pop(key), by_index, group)  # every member's part done
+                    _collective(key, part, ms, waiting.pop(key), by_index, group, timed)  # every member's part done
                     moved = True
                     continue
                 if kind == "send":
@@ -225,23 +228,26 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
 
 
 EXACT_UP_TO = 64  # devices: larger collectives whose members start together are timed once per shape
-_shapes: dict = {}
 
 
-def _collective(key, part, ms, starts: dict, by_index, group) -> None:
+def _collective(key, part, ms, starts: dict, by_index, group, timed: dict) -> None:
     _, _, primitive, algorithm, count, elem, nbytes, options, nbuf = part
     g = group(ms, ms[0])
     alg, fab, opts = resolved(g, primitive, algorithm, count, elem, nbytes, options)
-    t = [starts[m] for m in ms]
+    t = tuple(starts[m] for m in ms)
+    shape = (primitive, alg, g.size, count, g.topology, fab, repr(sorted(opts.items())))  # execute's inputs
     if len(ms) > EXACT_UP_TO and min(t) == max(t):
         # the local executor costs O(devices x steps) in Python (3.5 s for a ring all-gather of 384
         # devices): timed once from 0 and shifted, equal to the exact timing within rounding
-        shape = (g.system, g.fabric, primitive, alg, count, elem, options)
-        if shape not in _shapes:
-            _shapes[shape] = execute(primitive, alg, g.size, count, g.topology, fab, **opts)
-        ends = [t[0] + x for x in _shapes[shape]]
+        if shape not in timed:
+            timed[shape] = execute(primitive, alg, g.size, count, g.topology, fab, **opts)
+        ends = [t[0] + x for x in timed[shape]]
     else:
-        ends = execute(primitive, alg, g.size, count, g.topology, fab, start_times=t, **opts)
+        # exact: the same schedule from the same start times ends at the same times, and the groups
+        # of a dimension (e.g. every expert group) run the same collective from the same starts
+        if (shape, t) not in timed:
+            timed[shape, t] = execute(primitive, alg, g.size, count, g.topology, fab, start_times=t, **opts)
+        ends = timed[shape, t]
     for m, end in zip(ms, ends):
         y = by_index[m]
         job = y.queue[0][0]

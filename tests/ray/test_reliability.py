@@ -124,34 +124,34 @@ def relay(*args, **kw):
 
 @pytest.mark.timeout(300)
 def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
-    argv = ["sweep", "--chips", "h100,a100", "--devices", "1,2,3", "--workload", "gpt-tiny", "--steps", "3",
+    argv = ["sweep", "--chips", "h100", "--devices", "1,2,3", "--workload", "gpt-tiny", "--steps", "2",
             "--out", str(tmp_path), "--name", "s"]
     points = tmp_path / "s" / "points.csv"
     first = relay(*argv)
     deadline = time.time() + 200
     while time.time() < deadline and first.poll() is None:
-        if points.exists() and len(points.read_text().splitlines()) - 1 >= 2:
+        if points.exists() and len(points.read_text().splitlines()) - 1 >= 1:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)  # the sweep and its embedded Ray, mid-way
     first.wait()
     before = json.loads((tmp_path / "s" / "summary.json").read_text())
-    assert before["status"] == "partial" and 2 <= len(before["points"]) < 6
+    assert before["status"] == "partial" and 1 <= len(before["points"]) < 3
     second = relay(*argv)
     out, err = second.communicate(timeout=240)
     assert second.returncode == 0, err[-2000:]
     assert f"{len(before['points'])} point(s) already run, skipped" in err
     after = json.loads((tmp_path / "s" / "summary.json").read_text())
-    assert after["status"] == "complete" and len(after["points"]) == 6
+    assert after["status"] == "complete" and len(after["points"]) == 3
     assert after["points"][:len(before["points"])] == before["points"]  # kept as measured
     steps = (tmp_path / "s" / "steps.csv").read_text().splitlines()
-    assert len(steps) == 1 + 6 * 3  # every point's steps, the resumed ones' included
+    assert len(steps) == 1 + 3 * 2  # every point's steps, the resumed ones' included
     assert not list((tmp_path / "s").glob(".*.json*")) and not list((tmp_path / "s").glob(".*.csv*"))
 
 
 @pytest.mark.timeout(300)
 def test_two_runs_at_once_do_not_collide(tmp_path):
-    argv = ["run", "--chip", "h100", "--devices", "3", "--workload", "mlp", "--steps", "3", "--out", str(tmp_path)]
+    argv = ["run", "--chip", "h100", "--devices", "2", "--workload", "mlp", "--steps", "2", "--out", str(tmp_path)]
     runs = [relay(*argv, "--name", name) for name in ("a", "b")]
     outs = [r.communicate(timeout=240) for r in runs]
     for r, (out, err) in zip(runs, outs):
