@@ -22,6 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp._fully_shard import _fsdp_param
 from torch.utils._pytree import tree_map
 
 import emulator.dist as relay_dist
@@ -31,7 +32,7 @@ from emulator.device.program import Program, run_program
 from emulator.device.record import Recorder
 from emulator.parallel import DIMS
 from emulator.trainer import Optimizer, TrainConfig
-from emulator.workloads.moe import MoE
+from emulator.workloads.moe import MoE, only_experts
 from emulator.workloads.routing import balanced
 
 
@@ -59,7 +60,10 @@ class _Model:
         if mode is None:
             model = config.workload.build_model()
         else:
-            with unset_fake_temporarily(), torch.device("meta"):  # shapes only: no memory, no initialisation
+            experts = getattr(getattr(config.workload, "config", None), "n_experts", 0)
+            mine = range(self.at["ep"] * experts // plan.ep, (self.at["ep"] + 1) * experts // plan.ep) \
+                if plan.ep > 1 else None  # the experts this device keeps (plans.expert_parallel): built alone
+            with unset_fake_temporarily(), torch.device("meta"), only_experts(mine):  # shapes only
                 model = config.workload.build_model()
             model = model.to_empty(device="cpu")
             for layer in model.modules():
@@ -76,7 +80,8 @@ class _Model:
         if plan.recompute:
             plans.recompute(blocks)
         self.part = part  # the unwrapped module: its state is the weights this device holds
-        with unset_fake_temporarily():  # (FSDP2 over tensor parallel builds a mesh: its device table is real)
+        with unset_fake_temporarily(), (_own_chunks() if mode else contextlib.nullcontext()):
+            # (FSDP2 over tensor parallel builds a mesh: its device table is real)
             self.module, self.buckets = plans.data_parallel(part, blocks, plan, dp_mesh, self.experts,
                                                             config.bucket_mb)
         self.schedule = None
@@ -136,6 +141,41 @@ def _eager():
         yield
     finally:
         funcol._are_we_tracing = traced
+
+
+@contextlib.contextmanager
+def _own_chunks():
+    """FSDP2 cuts each parameter into torch.chunk's pieces, one per data-parallel rank, and keeps
+    two (its own and the first, for the padded size): on fake tensors, at 384 ranks, the pieces it
+    drops cost minutes of host time. Meanwhile each piece is made when asked for, the same view."""
+    chunk = _fsdp_param._chunk_with_empty
+    _fsdp_param._chunk_with_empty = _Chunks
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = chunk
+
+
+class _Chunks:
+    """torch.chunk(tensor, n, dim) padded to n pieces with empty ones (FSDP2's _chunk_with_empty),
+    each piece made on demand."""
+
+    def __init__(self, tensor: torch.Tensor, n: int, dim: int):
+        self.tensor, self.n, self.dim = tensor, n, dim
+        self.size = -(-tensor.size(dim) // n)  # torch.chunk's piece size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        start, length = i * self.size, self.tensor.size(self.dim)
+        if length == 0:  # (torch.chunk gives n empty pieces)
+            return self.tensor.narrow(self.dim, 0, 0)
+        if start >= length:
+            return self.tensor.new_empty(0)
+        return self.tensor.narrow(self.dim, start, min(self.size, length - start))
 
 
 def step_row(step: int, marks: tuple, spans: list, compute_s: float, flops: float, exposed_s: float,

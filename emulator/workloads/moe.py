@@ -20,6 +20,7 @@ pre-training context); Mixtral of Experts (Jiang et al., arXiv 2401.04088), Tabl
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -115,12 +116,30 @@ class MLA(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+_built: range | None = None  # the experts MoE layers build (None: all): see only_experts
+
+
+@contextlib.contextmanager
+def only_experts(keep: range | None):
+    """MoE layers built meanwhile hold weights for the experts in `keep` only, the others an
+    nn.Identity in their place. For a fake-tensor device under expert parallelism, which keeps its
+    own experts and never initialises any: DeepSeek-V3 has 14,848 routed experts in all, and
+    building each costs host time (minutes per device on a 2-core host)."""
+    global _built
+    before, _built = _built, keep
+    try:
+        yield
+    finally:
+        _built = before
+
+
 class MoE(nn.Module):
     def __init__(self, c: MoEConfig, layer: int):
         super().__init__()
         self.c, self.layer = c, layer  # layer: this MoE layer's index among the model's MoE layers
         self.router = nn.Linear(c.dim, c.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(c.dim, c.expert_dim) for _ in range(c.n_experts))
+        self.experts = nn.ModuleList(SwiGLU(c.dim, c.expert_dim) if _built is None or e in _built else nn.Identity()
+                                     for e in range(c.n_experts))
         self.shared = SwiGLU(c.dim, c.n_shared * c.expert_dim) if c.n_shared else None
         self.routing = None  # None: count the real top-k choices; else a routing model (routing.py)
         self.counts: list[int] = []  # tokens each expert got in the last forward pass
