@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict, deque
+from dataclasses import replace
 
 from emulator.collectives.core import Ports, time_recv, time_sends
 from emulator.collectives.local import execute
@@ -235,7 +236,7 @@ def _collective(key, part, ms, starts: dict, by_index, group, timed: dict) -> No
     g = group(ms, ms[0])
     alg, fab, opts = resolved(g, primitive, algorithm, count, elem, nbytes, options)
     t = tuple(starts[m] for m in ms)
-    shape = (primitive, alg, g.size, count, g.topology, fab, repr(sorted(opts.items())))  # execute's inputs
+    shape = (primitive, alg, g.size, count, g.topology, *_links(fab), repr(sorted(opts.items())))  # execute's inputs
     if len(ms) > EXACT_UP_TO and min(t) == max(t):
         # the local executor costs O(devices x steps) in Python (3.5 s for a ring all-gather of 384
         # devices): timed once from 0 and shifted, equal to the exact timing within rounding
@@ -256,6 +257,16 @@ def _collective(key, part, ms, starts: dict, by_index, group, timed: dict) -> No
         y.seq[ms] += 1
         y.part += 1
         del y.started[key]
+
+
+def _links(fab) -> tuple:
+    """A group's fabric as its timing sees it: the members enter only through link(), by which
+    ranks share a domain and by their stragglers' factors, so groups alike in both time alike."""
+    if not fab.members:
+        return fab, ()
+    slow, seen = dict(fab.slowdown), {}
+    return replace(fab, members=(), slowdown=()), tuple((seen.setdefault(m // fab.member_domain, len(seen)),
+                                                          slow.get(m, 1.0)) for m in fab.members)
 
 
 def _send(x, job, ready, part, ms, group, mail) -> None:
