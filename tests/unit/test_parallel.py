@@ -116,8 +116,13 @@ def test_the_command_line_option_and_the_preflight():
     assert cluster.actors == []
 
 
-def test_breakeven_refuses_a_plan_the_fast_system_does_not_take_before_any_device(capsys, tmp_path):
+def test_breakeven_refuses_plans_it_cannot_run_before_any_device(capsys, tmp_path):
     assert main(["breakeven", "--fast", "h100", "--fast-devices", "3", "--slow", "a100", "--workload",
                  "llama-debug", "--parallel", "tp=2", "--out", str(tmp_path)]) == 2
     assert "breakeven: the fast system's 3 devices do not take --parallel tp=2 (it needs a multiple of " \
         "tp x pp x ep = 2, at least 2)" in capsys.readouterr().err
+    # the full-size break-even picks each count's plan by the plan search: a fixed plan is refused, not ignored
+    assert main(["breakeven", "--fast", "nvl72", "--slow", "cloudmatrix384", "--workload", "llama3-70b",
+                 "--parallel", "tp=8", "--out", str(tmp_path)]) == 2
+    assert "--parallel tp=8: the full-scale break-even gives each device count its best plan" in \
+        capsys.readouterr().err
