@@ -128,12 +128,13 @@ class BreakEven:
     target_loss: float | None = None
     below: Point | None = None  # the slow point one device short of the answer (it must fall short)
     non_monotone: list = field(default_factory=list)  # (n, m): n < m devices, yet m did worse than n
+    smallest: int = 1  # the smallest count searched (with a plan: the smallest it takes)
 
     @property
     def verified(self) -> bool | None:
-        """The count just below the answer was run and fell short (None: the answer is 1, or
-        none was reached)."""
-        if self.devices is None or self.below is None:  # (below: None at the smallest count)
+        """The count just below the answer was run and fell short (None: the answer is the
+        smallest count, or none was reached)."""
+        if self.devices is None or self.devices == self.smallest:
             return None
         return self.below is not None and not _better(_metric(self.below, self.metric, self.target_loss),
                                                       self.fast_value, self.metric)
@@ -279,10 +280,10 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, config: Train
                     key=lambda p: p.system.devices)
     worse = _non_monotone(probes, metric, target_loss)
     if n is None:
-        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss, None, worse)
+        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss, None, worse, first)
     s = cache[slow.scaled(n)]
     eff = throughput(s) / (n / first * throughput(one_slow))
-    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss, below, worse)
+    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss, below, worse, first)
 
 
 def plan_counts(config: TrainConfig, fast_devices: int, capacity: int | None) -> tuple[int, int]:
