@@ -11,6 +11,7 @@ orders its groups the same way (tp, ep, dp, pp from the inside out).
 
     Parallel(dp=2, tp=2, pp=2)               # 8 devices
     Parallel.parse("tp=8,dp=9,fsdp")         # the command line's --parallel
+    Parallel.parse("pp=2,stages=2,tp=2,sp")  # interleaved 1F1B, sequence parallel
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ class Parallel:
     fsdp: bool = False  # shard parameters, gradients and optimizer state over dp (FSDP2) instead of DDP
     microbatches: int | None = None  # pipeline microbatches per step (default: pp)
     recompute: bool = False  # recompute each block's activations in backward (activation checkpointing)
+    stages: int | None = None  # model chunks per pipeline rank (virtual stages; > 1: interleaved 1F1B)
+    sp: bool = False  # sequence parallel: norms and residual stream split along the sequence over tp
+
+    BARE = ("fsdp", "recompute", "sp")  # the bare words of the command-line form
 
     def __post_init__(self):
         for name in ("dp", "tp", "pp", "ep"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"parallel: {name} = {v!r} is invalid; give an integer >= 1")
-        for name in ("fsdp", "recompute"):
+        for name in self.BARE:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"parallel: {name} = {getattr(self, name)!r} is invalid; give True or False")
         m = self.microbatches
@@ -47,10 +52,28 @@ class Parallel:
             raise ConfigError(f"parallel: microbatches = {m!r} is invalid; give an integer >= 1")
         if m is not None and self.pp == 1 and m != 1:
             raise ConfigError(f"parallel: microbatches = {m} needs a pipeline; set pp > 1 or drop microbatches")
+        v = self.stages
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"parallel: stages = {v!r} is invalid; give model chunks per pipeline rank >= 1")
+        if v is not None and v > 1 and self.pp == 1:
+            raise ConfigError(f"parallel: stages = {v} interleaves a pipeline's chunks and pp = 1; set pp > 1 "
+                              "or drop stages")
+        if self.sp and self.tp == 1:
+            raise ConfigError("parallel: sp splits the sequence over the tensor-parallel group, and tp = 1; "
+                              "set tp > 1 or drop sp")
+        if self.interleaved:
+            # torch's ScheduleInterleaved1F1B runs rounds of pp microbatches: max(1, microbatches // pp) of
+            # them, and refuses microbatches that are not a whole number of rounds
+            rounds = max(1, self.n_microbatches // self.pp)
+            if self.n_microbatches % rounds:
+                raise ConfigError(f"parallel: microbatches = {self.n_microbatches} with pp = {self.pp} and "
+                                  f"stages = {v}: interleaved 1F1B needs a multiple of its {rounds} rounds; "
+                                  f"choose microbatches = {rounds * self.pp} (a multiple of pp) or fewer than "
+                                  f"{2 * self.pp}")
 
     @classmethod
     def parse(cls, text) -> Parallel:
-        """'dp=4,tp=2,pp=2,ep=2,microbatches=8' with bare words 'fsdp' and 'recompute'."""
+        """'dp=4,tp=2,pp=2,ep=2,microbatches=8,stages=2' with bare words 'fsdp', 'recompute' and 'sp'."""
         if isinstance(text, Parallel):
             return text
         if isinstance(text, dict):
@@ -63,8 +86,9 @@ class Parallel:
                 continue
             if key not in known:
                 raise ConfigError(f"parallel: {key!r} in {text!r} is unknown; use dp=, tp=, pp=, ep=, "
-                                  "microbatches= and the bare words fsdp, recompute (e.g. tp=8,dp=9,fsdp)")
-            if key in ("fsdp", "recompute"):
+                                  "microbatches=, stages= and the bare words fsdp, recompute, sp "
+                                  "(e.g. tp=8,dp=9,fsdp)")
+            if key in cls.BARE:
                 if eq and value.lower() not in ("true", "1", "false", "0"):
                     raise ConfigError(f"parallel: {key}={value!r} is invalid; write the bare word {key}")
                 values[key] = not eq or value.lower() in ("true", "1")
@@ -79,7 +103,8 @@ class Parallel:
     def __str__(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in ("dp", "tp", "pp", "ep") if getattr(self, k) > 1]
         parts += [f"microbatches={self.microbatches}"] if self.microbatches else []
-        parts += [k for k in ("fsdp", "recompute") if getattr(self, k)]
+        parts += [f"stages={self.stages}"] if self.stages else []
+        parts += [k for k in self.BARE if getattr(self, k)]
         return ",".join(parts) or "dp=1"
 
     def fill(self, devices: int) -> Parallel:
@@ -101,6 +126,15 @@ class Parallel:
     @property
     def n_microbatches(self) -> int:
         return self.microbatches or self.pp
+
+    @property
+    def n_stages(self) -> int:
+        """Model chunks per pipeline rank (1: plain 1F1B)."""
+        return self.stages or 1
+
+    @property
+    def interleaved(self) -> bool:
+        return self.n_stages > 1
 
     def coords(self, device: int) -> dict:
         """Device `device`'s place on the mesh, one index per dimension, and its replica index
@@ -145,6 +179,13 @@ class Parallel:
                               "moe-debug, ...); this workload has no such configuration: use dp and fsdp only")
         if self.pp > c.n_layers:
             raise ConfigError(f"parallel: pp = {self.pp} > n_layers = {c.n_layers}; give each stage a block")
+        if self.interleaved and c.n_layers % (self.pp * self.n_stages):
+            raise ConfigError(f"parallel: stages = {self.stages} with pp = {self.pp}: pp x stages = "
+                              f"{self.pp * self.n_stages} chunks do not divide n_layers = {c.n_layers}; choose "
+                              "stages (and pp) so that every chunk holds as many blocks")
+        if self.sp and c.seq_len % self.tp:
+            raise ConfigError(f"parallel: sp with tp = {self.tp} does not divide seq_len = {c.seq_len}; choose tp "
+                              "dividing the sequence or drop sp")
         widths = {"n_heads": c.n_heads, "ffn_dim": c.ffn_dim}
         if getattr(c, "attention", "gqa") == "gqa":
             widths["n_kv_heads"] = c.n_kv_heads

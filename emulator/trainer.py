@@ -57,8 +57,8 @@ class TrainConfig:
         "emulated times); off: charge every op as it runs, for a model whose ops change from step to step "
         "with Python state or data read through tolist() or numpy()")
     parallel: Parallel | None = _option(
-        None, "parallelism plan through PyTorch's own APIs, e.g. dp=4,tp=2,pp=2,ep=2,microbatches=4 with the "
-        "bare words fsdp and recompute (default: Relay's data-parallel trainer over every device); "
+        None, "parallelism plan through PyTorch's own APIs, e.g. dp=4,tp=2,pp=2,ep=2,microbatches=4,stages=2 with "
+        "the bare words fsdp, recompute and sp (default: Relay's data-parallel trainer over every device); "
         "per_device_batch is then the batch of one data-parallel replica")
     tensors: str | None = _option(
         None, "real: tensors hold data and models train; fake: tensors carry shapes only (any model size; the "

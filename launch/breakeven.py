@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from tabulate import tabulate
 
 from emulator import Cluster, System, TrainConfig, chips
-from emulator.driver.experiment import breakeven, sweep
+from emulator.driver.experiment import breakeven, plan_counts, sweep
 from emulator.driver.sensitivity import full_scale, sensitivity
 from emulator.driver.session import MEMORY_MB
 from emulator.driver.training import check_memory
@@ -58,9 +58,6 @@ def cmd_breakeven(args) -> None:
     if args.metric == "time-to-loss" and args.target_loss is None:
         raise ConfigError("--metric time-to-loss needs --target-loss (the loss both sides must reach)")
     settings = config_from(args)
-    if settings.parallel is not None:
-        raise ConfigError("breakeven: --parallel is not supported yet (its search probes device counts a plan "
-                          "may not divide); compare plans with relay sweep --parallel")
     if not settings.weak:
         raise ConfigError("break-even compares at a fixed per-device batch (weak scaling); drop --global-batch")
     settings = settings.replace(per_device_batch=settings.batch_for(1))
@@ -69,6 +66,7 @@ def cmd_breakeven(args) -> None:
     check_memory(settings, fast, settings.per_device_batch)
     check_memory(settings, slow.scaled(1), settings.per_device_batch)
     capacity = min(host_capacity(MEMORY_MB), args.max_real_devices or 10**9)
+    plan_counts(settings, fast.devices, capacity if settings.parallel is not None else None)  # before any device
     name = args.name or f"breakeven-{fast.name or fast.chip.name}-vs-{slow.chip.name}"
     out = ResultsDir(args.out, name)
     results, seen, extra = [], {}, {}
@@ -119,7 +117,7 @@ def _beyond_the_search(args, cluster, fast, slow, results, seen, settings, capac
     best = min(reached, key=lambda r: r.devices)  # the algorithm summary.md's finding names
     real = [p for (_, a), p in seen.items() if a == best.algorithm and not p.predicted]
     extra = {}
-    if fast.name in PRESETS and slow.name in PRESETS:
+    if fast.name in PRESETS and slow.name in PRESETS and settings.parallel is None:  # (a plan's are not predicted)
         extra["full_scale"] = full_scale(System.preset(fast.name), System.preset(slow.name), real, settings)
     if getattr(args, "sensitivity", None):
         known = {p.system: p for p in real if p.system.chip == fast.chip}

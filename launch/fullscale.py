@@ -56,6 +56,10 @@ def _presets(args) -> tuple[System, System]:
 
 def cmd_fullscale(args) -> None:
     start = time.perf_counter()
+    if getattr(args, "parallel", None):
+        raise ConfigError(f"--parallel {args.parallel}: the full-scale break-even gives each device count its best "
+                          "plan from the plan search, not a fixed one; drop --parallel (relay plan --parallel "
+                          "costs one plan on one system)")
     fast, slow = _presets(args)
     workloads = as_list(args.workload)
     for w in workloads:

@@ -14,11 +14,15 @@ the same at any size: a 70B block takes well under a second), cached per shard a
 
 Closed forms, on top of the measured blocks (`footprint`): which blocks, embedding and head a
 pipeline stage holds, how many microbatches of activations 1F1B keeps in flight on it (pp - stage,
-at most the microbatches), recompute (each block keeps its input, 2 s b d bytes at bf16, and one
+at most the microbatches; interleaved 1F1B, `stages` = v chunks per rank: torch's warm-up count,
+(v - 1) x the microbatches of a round + 2 (pp - 1 - stage), plus one, chunks of 1 / v of the
+rank's blocks, at most v x the microbatches), recompute (each block keeps its input, 2 s b d bytes at bf16, and one
 block's activations are live while it is recomputed), FSDP (parameters, gradients and optimizer
 state divided by the replicas, experts excepted as plans.py leaves them out, plus one block
 gathered whole), and the 2 + 2 + 12 bytes per
-parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
+parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020). Sequence parallel (`sp`)
+is not modelled: its figures are tensor parallel's without it, an upper bound (sp splits the
+norms' activations tp ways).
 
 Units: bytes in the figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
 """
@@ -259,6 +263,24 @@ def stage_layers(n_layers: int, pp: int, stage: int) -> range:
     return range(lo, hi)
 
 
+def rank_layers(n_layers: int, plan: Parallel, rank: int) -> list[int]:
+    """The blocks pipeline rank `rank` holds: its stage's, or with `stages` its chunks rank,
+    rank + pp, ... of pp x stages (plans.chunks_of)."""
+    n = plan.pp * plan.n_stages
+    return [i for chunk in range(rank, n, plan.pp) for i in stage_layers(n_layers, n, chunk)]
+
+
+def in_flight(plan: Parallel, rank: int) -> float:
+    """Microbatches of the rank's blocks whose activations are held at its peak: 1F1B's
+    pp - rank; interleaved, torch's warm-up chunks plus one (ScheduleInterleaved1F1B's
+    _get_warmup_ops), each 1 / stages of the rank's blocks."""
+    m, v = plan.n_microbatches, plan.n_stages
+    if v == 1:
+        return min(plan.pp - rank, m)
+    per_round = m // max(1, m // plan.pp)
+    return min((v - 1) * per_round + 2 * (plan.pp - 1 - rank) + 1, m * v) / v
+
+
 def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: str = "bf16",
               optimizer: str = "adamw", seq_len: int | None = None, measured: Measured | None = None) -> Footprint:
     """The most loaded device's memory under `plan` for a step of `global_batch` samples (see the
@@ -274,7 +296,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
     dense = getattr(c, "n_dense_layers", c.n_layers)
     best = None
     for stage in sorted({0, plan.pp - 1}):
-        layers = stage_layers(c.n_layers, plan.pp, stage)
+        layers = rank_layers(c.n_layers, plan, stage)
         kinds = ["dense" if i < dense else "moe" for i in layers]
         blocks = [meas.parts[k] for k in kinds]
         base = meas.parts["base"]
@@ -286,12 +308,12 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         # FSDP shards all but the experts (plans.py leaves them out of fully_shard)
         sharded = (params - experts) / plan.dp + experts if plan.fsdp else params
         gathered = max((b.params for b in blocks), default=0) if plan.fsdp else 0  # one block gathered whole
-        in_flight = min(plan.pp - stage, m)
+        held = in_flight(plan, stage)
         if plan.recompute:  # each block keeps its input; one block is live while it is recomputed
             per_mb = len(blocks) * size * mb * c.seq_len * c.dim
-            act = in_flight * per_mb + max((b.activations for b in blocks), default=0)
+            act = held * per_mb + max((b.activations for b in blocks), default=0)
         else:
-            act = in_flight * sum(b.activations for b in blocks)
+            act = held * sum(b.activations for b in blocks)
         if stage == plan.pp - 1:
             act += base.activations  # logits and loss (the embedding's output is small)
         what = " + ".join(x for x in ("embedding" if stage == 0 else "", f"{len(blocks)} blocks",

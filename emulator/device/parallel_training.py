@@ -61,9 +61,9 @@ class _Model:
             model = config.workload.build_model()
         else:
             experts = getattr(getattr(config.workload, "config", None), "n_experts", 0)
-            mine = range(self.at["ep"] * experts // plan.ep, (self.at["ep"] + 1) * experts // plan.ep) \
+            kept = range(self.at["ep"] * experts // plan.ep, (self.at["ep"] + 1) * experts // plan.ep) \
                 if plan.ep > 1 else None  # the experts this device keeps (plans.expert_parallel): built alone
-            with unset_fake_temporarily(), torch.device("meta"), only_experts(mine):  # shapes only
+            with unset_fake_temporarily(), torch.device("meta"), only_experts(kept):  # shapes only
                 model = config.workload.build_model()
             model = model.to_empty(device="cpu")
             for layer in model.modules():
@@ -73,25 +73,30 @@ class _Model:
             if plan.ep > 1 else []
         self.offset = self.at["ep"] * model.config.n_experts // plan.ep if plan.ep > 1 else 0
         self.first, self.last = self.at["pp"] == 0, self.at["pp"] == plan.pp - 1
-        part = plans.stage_of(model, self.at["pp"], plan.pp) if plan.pp > 1 else model
-        blocks = list(part.blocks.values() if plan.pp > 1 else part.blocks) if hasattr(part, "blocks") else []
-        if plan.tp > 1:
-            plans.tensor_parallel(blocks, tp_mesh, plan.tp)
-        if plan.recompute:
-            plans.recompute(blocks)
-        self.part = part  # the unwrapped module: its state is the weights this device holds
+        indices = plans.chunks_of(plan, self.at["pp"])  # this device's stages (one unless interleaved)
+        parts = [plans.stage_of(model, i, plan.pp * plan.n_stages) for i in indices] if plan.pp > 1 else [model]
+        blocks = []
+        for part in parts:
+            mine = list(part.blocks.values() if plan.pp > 1 else part.blocks) if hasattr(part, "blocks") else []
+            if plan.tp > 1:
+                plans.tensor_parallel(mine, tp_mesh, plan.tp, plan.sp)
+            if plan.recompute:
+                plans.recompute(mine)
+            blocks += mine
+        self.parts = parts  # the unwrapped modules: their state is the weights this device holds
         with unset_fake_temporarily(), (_own_chunks() if mode else contextlib.nullcontext()):
             # (FSDP2 over tensor parallel builds a mesh: its device table is real)
-            self.module, self.buckets = plans.data_parallel(part, blocks, plan, dp_mesh, self.experts,
-                                                            config.bucket_mb)
+            self.buckets = plans.data_parallel(parts, blocks, plan, dp_mesh, self.experts, config.bucket_mb)
+        self.module = parts[0]
         self.schedule = None
         if plan.pp > 1:
             c = model.config
             micro = (config.batch_for(plan.dp) // plan.n_microbatches, c.seq_len)
             dtype = next(model.parameters()).dtype
-            self.schedule = plans.pipeline(self.module, self.at["pp"], plan, mesh.get_group("pp"), micro, c.dim,
+            self.schedule = plans.pipeline(parts, indices, plan, mesh.get_group("pp"), micro, c.dim,
                                            c.vocab_size, dtype)
-        self.opt = Optimizer(config.optimizer_used, self.module.parameters(), config.lr_used)
+        self.opt = Optimizer(config.optimizer_used, [p for part in parts for p in part.parameters()],
+                             config.lr_used)
 
     def step(self, loss_fn, batch) -> list:
         """Forward and backward of one replica's batch; the losses this device has (the last
@@ -113,6 +118,8 @@ class _Model:
                 self.schedule.step()
         if self.buckets is not None:
             self.buckets.finish()
+        if self.plan.sp:
+            plans.sum_partial_grads(self.opt.params)
         if self.experts:
             plans.sync_experts(self.experts, self.expert_group, self.plan.dp)
         return losses
@@ -232,12 +239,14 @@ def _steps(dev, job: Job, config: TrainConfig, ctx, meshes: tuple, mode) -> dict
                        throttle.flops - f0, (engine.exposed_s - e0) - (engine.recv_wait_s - w0),
                        engine.recv_wait_s - w0)
         row.update({"loss": total / holders if holders else float("nan"), "local_loss": local,
-                    "routing": [list(layer.counts) for layer in m.part.modules() if isinstance(layer, MoE)],
+                    "routing": [list(layer.counts) for part in m.parts for layer in part.modules()
+                                if isinstance(layer, MoE)],
                     "wall_s": time.time() - r0})
         rows.append(row)
         dev.report(row)
     with throttle.pause():
-        state = plans.full_state(m.part, m.offset) if mode is None else {}
+        state = {k: v for part in m.parts for k, v in plans.full_state(part, m.offset).items()} \
+            if mode is None else {}
     keep = m.at["dp_outer"] == 0 and m.at["tp"] == 0  # one copy of each tensor is enough
     return {"rows": rows, "state": state if keep else {},
             "recording": engine.recording_of() if engine.recording else None}

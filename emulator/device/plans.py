@@ -5,10 +5,16 @@ device, on the plan's one DeviceMesh (pp, dp / ep, ep, tp) over the `relay` back
   layer's (token, choice) pairs, already grouped per expert, go to the experts' devices and back
   through `all_to_all_single_autograd` (as torchtitan's expert parallelism does);
 * pipeline (pp): a stage holds a contiguous run of blocks (the embedding on the first, the norm
-  and the head on the last) and runs under `torch.distributed.pipelining`'s Schedule1F1B;
+  and the head on the last) and runs under `torch.distributed.pipelining`'s Schedule1F1B; with
+  `stages` > 1 the model is cut into pp x stages chunks and rank r holds chunks r, r + pp, ...
+  (virtual stages, as Megatron's), run by ScheduleInterleaved1F1B;
 * tensor parallel (tp): `parallelize_module` on every block, column-wise into attention (the
   heads split) and the SwiGLU, row-wise out of them (Megatron's pairing); embeddings, norms,
-  the output head, routers and experts stay replicated inside the tensor-parallel group;
+  the output head, routers and experts stay replicated inside the tensor-parallel group; with
+  `sp` (sequence parallel, as torchtitan's parallelize_llama) the blocks' norms and residual
+  stream are split along the sequence (SequenceParallel), gathered into attention and the
+  feed-forward (PrepareModuleInput) and reduce-scattered out of them (RowwiseParallel to
+  Shard(1)); each run of blocks takes the whole sequence in and gives it back whole;
 * recompute: each block's forward under `torch.utils.checkpoint` (non-reentrant);
 * data parallel (dp): FSDP2 (`fully_shard` on each block, then the root) with `fsdp`; otherwise
   DDP's algorithm (`Buckets`: bucketed asynchronous all_reduce during backward), since torch's
@@ -29,9 +35,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-from torch.distributed.tensor import DTensor, Partial, Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -141,9 +155,11 @@ def sync_experts(params: list, group, replicas: int) -> None:
 
 
 # ---------------------------------------------------------------- tensor parallel, recompute
-def tensor_parallel(blocks, mesh, tp: int) -> None:
+def tensor_parallel(blocks, mesh, tp: int, sp: bool = False) -> None:
     """Megatron's pairing on each block: column-wise in, row-wise out, so each block's attention
-    and feed-forward cost one all-reduce each way; the heads split tp ways."""
+    and feed-forward cost one all-reduce each way (with `sp`: an all-gather in and a
+    reduce-scatter out, the norms on 1 / tp of the sequence); the heads split tp ways."""
+    out = Shard(1) if sp else Replicate()  # the row-wise layers' output: the residual stream's layout
     for block in blocks:
         attn, plan = block.attn, {}
         if isinstance(attn, MLA):
@@ -153,11 +169,37 @@ def tensor_parallel(blocks, mesh, tp: int) -> None:
         else:
             attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
             plan |= {f"attn.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")}
-        plan["attn.wo"] = RowwiseParallel()
-        if isinstance(block.ffn, SwiGLU):
-            plan |= {"ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(), "ffn.w2": RowwiseParallel()}
+        plan["attn.wo"] = RowwiseParallel(output_layouts=out)
+        dense = isinstance(block.ffn, SwiGLU)
+        if dense:
+            plan |= {"ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(),
+                     "ffn.w2": RowwiseParallel(output_layouts=out)}
+        if sp:
+            plan |= _sequence_parallel(local_attn=isinstance(attn, MLA), dense=dense)
         # every device built the same weights from one seed: each keeps its own shard, no scatter
         parallelize_module(block, mesh, plan, src_data_rank=None)
+    if sp and blocks:  # the run of blocks takes the whole sequence in, its share kept, and gives it back whole
+        parallelize_module(blocks[0], mesh, PrepareModuleInput(
+            input_layouts=(Replicate(), None, None), desired_input_layouts=(Shard(1), None, None),
+            use_local_output=True))
+        parallelize_module(blocks[-1], mesh, PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True))
+
+
+def _sequence_parallel(local_attn: bool, dense: bool) -> dict:
+    """torchtitan's sequence-parallel plan of a block: norms on the sequence's shard, their output
+    gathered whole into attention and the feed-forward. Layers that are not split (MLA's latents,
+    a MoE's router and experts) take plain tensors, and a MoE, replicated, gives back its own
+    share of the sequence."""
+    def gather(local: bool, n: int) -> PrepareModuleInput:
+        return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n - 1),
+                                  desired_input_layouts=(Replicate(),) + (None,) * (n - 1), use_local_output=local)
+
+    ffn = gather(False, 1) if dense else PrepareModuleInputOutput(
+        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+        output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+    return {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel(), "attn": gather(local_attn, 3),
+            "ffn": ffn}
 
 
 class _SharedKey:
@@ -190,19 +232,21 @@ class _Recompute:
 
 
 # ---------------------------------------------------------------- data parallel
-def data_parallel(module: nn.Module, blocks, plan, mesh, ignored: list, bucket_mb: float):
-    """FSDP2 over the replicas with `fsdp`; otherwise the replicas' mean gradient by Buckets (see
-    the module's docstring). Returns the module to call and the Buckets (None: nothing to do)."""
+def data_parallel(modules: list, blocks: list, plan, mesh, ignored: list, bucket_mb: float):
+    """FSDP2 over the replicas with `fsdp` (each block, then each of this device's modules: its
+    pipeline chunks, or the model); otherwise the replicas' mean gradient by Buckets (see the
+    module's docstring). Returns the Buckets (None: nothing left to do after backward)."""
     if plan.dp == 1:
-        return module, None
+        return None
     skip = set(ignored)
     if plan.fsdp:
         for block in blocks:
             fully_shard(block, mesh=mesh, ignored_params=skip or None)
-        fully_shard(module, mesh=mesh, ignored_params=skip or None)
-        return module, None
-    params = [p for p in module.parameters() if p.requires_grad and p not in skip]
-    return module, Buckets(params, mesh.get_group(), bucket_mb, overlap=plan.pp == 1)
+        for module in modules:
+            fully_shard(module, mesh=mesh, ignored_params=skip or None)
+        return None
+    params = [p for module in modules for p in module.parameters() if p.requires_grad and p not in skip]
+    return Buckets(params, mesh.get_group(), bucket_mb, overlap=plan.pp == 1)
 
 
 class Buckets:
@@ -256,21 +300,46 @@ class Buckets:
         self.reset()
 
 
+@torch.no_grad()
+def sum_partial_grads(params) -> None:
+    """Gradients left Partial by DTensor (sequence parallel's norms: each device's share of the
+    sequence gave its part) summed over their group now, as DTensor would when the optimizer
+    first reads them, but outside any op: a collective issued inside another op's dispatch
+    passes the device's throttle by, and on fake tensors the fake mode alone would answer it."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(x.is_partial() for x in g.placements):
+            p.grad = g.redistribute(g.device_mesh, p.placements)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def pipeline(stage: nn.Module, index: int, plan, group, micro: tuple, dim: int, vocab: int, dtype) -> Schedule1F1B:
-    """Schedule1F1B over this device's stage, its inputs' and outputs' shapes given (torch then
-    skips inferring them at run time, a metadata exchange that fake tensors could not carry):
-    token ids (micro = (batch, T)) into the first stage, activations (micro + (dim,)) between
-    stages, logits (micro + (vocab,)) out of the last."""
-    with torch.device("meta"):  # activations carry gradients back
-        inp = torch.empty(micro, dtype=torch.long) if index == 0 else \
-            torch.empty(micro + (dim,), dtype=dtype, requires_grad=True)
-        out = torch.empty(micro + ((vocab if index == plan.pp - 1 else dim),), dtype=dtype, requires_grad=True)
-    return Schedule1F1B(PipelineStage(stage, index, plan.pp, torch.device("cpu"), input_args=inp, output_args=out,
-                                      group=group), plan.n_microbatches, loss_fn=lm_loss)
+def chunks_of(plan, rank: int) -> list[int]:
+    """The model chunks (global stages) pipeline rank `rank` holds: rank, rank + pp, ... (one
+    per virtual stage, the order ScheduleInterleaved1F1B expects)."""
+    return [rank + v * plan.pp for v in range(plan.n_stages)]
+
+
+def pipeline(stages: list, indices: list, plan, group, micro: tuple, dim: int, vocab: int, dtype):
+    """Schedule1F1B over this device's stage (ScheduleInterleaved1F1B over its chunks: `stages`,
+    the global stages `indices`), their inputs' and outputs' shapes given (torch then skips
+    inferring them at run time, a metadata exchange that fake tensors could not carry): token ids
+    (micro = (batch, T)) into the first stage, activations (micro + (dim,)) between stages,
+    logits (micro + (vocab,)) out of the last."""
+    n = plan.pp * plan.n_stages
+    built = []
+    for stage, index in zip(stages, indices):
+        with torch.device("meta"):  # activations carry gradients back
+            inp = torch.empty(micro, dtype=torch.long) if index == 0 else \
+                torch.empty(micro + (dim,), dtype=dtype, requires_grad=True)
+            out = torch.empty(micro + ((vocab if index == n - 1 else dim),), dtype=dtype, requires_grad=True)
+        built.append(PipelineStage(stage, index, n, torch.device("cpu"), input_args=inp, output_args=out,
+                                   group=group))
+    if plan.interleaved:
+        return ScheduleInterleaved1F1B(built, plan.n_microbatches, loss_fn=lm_loss)
+    return Schedule1F1B(built[0], plan.n_microbatches, loss_fn=lm_loss)
 
 
 def full_state(module: nn.Module, expert_offset: int) -> dict:

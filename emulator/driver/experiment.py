@@ -128,12 +128,13 @@ class BreakEven:
     target_loss: float | None = None
     below: Point | None = None  # the slow point one device short of the answer (it must fall short)
     non_monotone: list = field(default_factory=list)  # (n, m): n < m devices, yet m did worse than n
+    smallest: int = 1  # the smallest count searched (with a plan: the smallest it takes)
 
     @property
     def verified(self) -> bool | None:
-        """The count just below the answer was run and fell short (None: the answer is 1, or
-        none was reached)."""
-        if self.devices is None or self.devices == 1:
+        """The count just below the answer was run and fell short (None: the answer is the
+        smallest count, or none was reached)."""
+        if self.devices is None or self.devices == self.smallest:
             return None
         return self.below is not None and not _better(_metric(self.below, self.metric, self.target_loss),
                                                       self.fast_value, self.metric)
@@ -225,7 +226,12 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, config: Train
 
     The search assumes that more devices never do worse, and checks it: the count just below
     the answer is run (the search has usually run it already) and must fall short, and any pair
-    of probes where more devices did worse is reported in `non_monotone`."""
+    of probes where more devices did worse is reported in `non_monotone`.
+
+    With a parallelism plan (config.parallel), both sides run it with dp filled from their
+    device count, and only the counts the plan takes are probed (`plan_counts`: multiples of
+    tp x pp x ep), none past `capacity` (a plan's point is not predicted); "one device" above
+    and "just below" then mean the smallest such count and the next one down."""
     if metric not in ("throughput", "time-to-loss"):
         raise ConfigError(f"metric = {metric!r} is unknown; choose 'throughput' or 'time-to-loss'")
     if metric == "time-to-loss" and target_loss is None:
@@ -252,27 +258,54 @@ def breakeven(cluster, fast: System, slow: System, algorithm: str, config: Train
 
     if metric == "time-to-loss" and fast.devices > capacity:
         raise ConfigError(f"the fast system ({fast.devices} devices) does not fit this machine (room for {capacity})")
+    unit, first = plan_counts(config, fast.devices, capacity if config.parallel is not None else None)
     f = measure(fast)
     target = _metric(f, metric, target_loss)
     if target is None:
         raise ConfigError(f"the fast system never reached loss {target_loss} in {config.steps} steps; "
                          "raise steps or the target loss")
     naive = fast.devices * fast.chip.peak_flops("bf16") / slow.chip.peak_flops("bf16")
-    one_fast = measure(fast.scaled(1)).row["step_s"]
-    one_slow = measure(slow.scaled(1))
+    one_fast = measure(fast.scaled(first)).row["step_s"]
+    one_slow = measure(slow.scaled(first))
     guess = guess or math.ceil(fast.devices * one_slow.row["step_s"] / one_fast)
     limit = max_devices or max(4 * math.ceil(naive), 2 * guess)
-    n = search(lambda k: _better(_metric(measure(slow.scaled(k)), metric, target_loss), target, metric),
-               guess, 1, limit)
-    below = measure(slow.scaled(n - 1)) if n and n > 1 else None  # usually run by the search already
+    if config.parallel is not None:
+        limit = min(limit, capacity)
+    # the search runs over k: unit x k devices (unit 1 without a plan)
+    k = search(lambda k: _better(_metric(measure(slow.scaled(unit * k)), metric, target_loss), target, metric),
+               math.ceil(guess / unit), first // unit, max(limit // unit, first // unit))
+    n = unit * k if k else None
+    below = measure(slow.scaled(n - unit)) if n and n > first else None  # usually run by the search already
     probes = sorted((p for sys_, p in cache.items() if sys_ == slow.scaled(sys_.devices)),
                     key=lambda p: p.system.devices)
     worse = _non_monotone(probes, metric, target_loss)
     if n is None:
-        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss, None, worse)
+        return BreakEven(algorithm, f, None, None, naive, None, probes, metric, target_loss, None, worse, first)
     s = cache[slow.scaled(n)]
-    eff = throughput(s) / (n * throughput(one_slow))
-    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss, below, worse)
+    eff = throughput(s) / (n / first * throughput(one_slow))
+    return BreakEven(algorithm, f, s, n, naive, eff, probes, metric, target_loss, below, worse, first)
+
+
+def plan_counts(config: TrainConfig, fast_devices: int, capacity: int | None) -> tuple[int, int]:
+    """The device counts a break-even search may probe: multiples of `unit` from `first` (1 and 1
+    without a plan; with one, tp x pp x ep, and twice that for fsdp without ep, which needs two
+    replicas). Refuses a fast system the plan does not take, or a plan no count up to
+    `capacity` takes."""
+    p = config.parallel
+    if p is None:
+        return 1, 1
+    unit = p.tp * p.pp * p.ep
+    first = 2 * unit if p.fsdp and p.ep == 1 else unit
+    if fast_devices % unit or fast_devices < first:
+        raise ConfigError(f"breakeven: the fast system's {fast_devices} devices do not take --parallel {p} (it needs "
+                          f"a multiple of tp x pp x ep = {unit}, at least {first}); give --fast-devices that do")
+    if capacity is not None and fast_devices > capacity:
+        raise ConfigError(f"breakeven: the fast system's {fast_devices} devices are more than this host runs "
+                          f"({capacity}), and a plan's point is not predicted; give fewer --fast-devices")
+    if capacity is not None and first > capacity:
+        raise ConfigError(f"breakeven: --parallel {p} needs at least {first} devices and this host runs {capacity}; "
+                          "give a plan with smaller tp, pp, ep (or raise --max-real-devices)")
+    return unit, first
 
 
 def _non_monotone(probes: list[Point], metric: str, target: float | None) -> list[tuple[int, int]]:

@@ -19,9 +19,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from emulator import Parallel, System, train_single
+from emulator import Parallel, System, TrainConfig, train_single
+from emulator.driver.experiment import breakeven
 from emulator.parallel import DIMS
-from emulator.workloads import get
+from emulator.workloads import get, llama
 from emulator.workloads.routing import Histogram
 from launch.cli import main
 
@@ -36,10 +37,23 @@ PLANS = [  # (workload, plan): each kind alone (DDP alone: test_backend.py), the
     ("llama-debug", "dp=2,tp=2,pp=2,fsdp,recompute"),
     ("moe-debug", "dp=2,ep=2,tp=2"),
     ("moe-debug", "dp=4,ep=2,pp=2,fsdp"),
+    # one step each (the suite's budget): the first loss and the weights after one update
+    ("llama-debug-4", "dp=2,pp=2,stages=2,microbatches=4"),  # interleaved 1F1B: 2 chunks of 1 block per rank
+    ("llama-debug", "dp=2,tp=2,sp"),  # sequence parallel
+    ("moe-debug", "tp=2,sp"),
 ]
+ONE_STEP = {"dp=2,pp=2,stages=2,microbatches=4", "dp=2,tp=2,sp", "tp=2,sp"}
 
 
-FAKE_TOO = ("tp=2", "dp=2,pp=2", "dp=2,tp=2,pp=2,fsdp,recompute")  # each part of a plan, on fake tensors too
+FAKE_TOO = ("tp=2", "dp=2,pp=2", "dp=2,tp=2,pp=2,fsdp,recompute", "dp=2,pp=2,stages=2,microbatches=4",
+            "dp=2,tp=2,sp")  # each part of a plan, on fake tensors too
+
+
+def workload(name: str):
+    """A debug configuration; llama-debug-4: llama-debug with 4 blocks (pp=2 x stages=2 chunks)."""
+    if name == "llama-debug-4":
+        return llama.workload("llama-debug", dataclasses.replace(llama.CONFIGS["llama-debug"], n_layers=4))
+    return get(name)
 
 
 def system_for(plan: Parallel) -> System:
@@ -47,12 +61,12 @@ def system_for(plan: Parallel) -> System:
     return System("h100", plan.devices, domain=min(plan.devices, 4))
 
 
-@pytest.mark.parametrize("workload,text", PLANS, ids=[f"{w}:{t}" for w, t in PLANS])
-def test_plan_equals_one_process_training(cluster8, workload, text):
-    plan, wl = Parallel.parse(text), get(workload)
+@pytest.mark.parametrize("name,text", PLANS, ids=[f"{w}:{t}" for w, t in PLANS])
+def test_plan_equals_one_process_training(cluster8, name, text):
+    plan, wl, steps = Parallel.parse(text), workload(name), 1 if text in ONE_STEP else STEPS
     cluster8.configure(system_for(plan), clock="virtual")
-    res = cluster8.train(wl, parallel=plan, steps=STEPS, per_device_batch=BATCH, optimizer="sgd", lr=LR)
-    losses, state = train_single(wl, STEPS, plan.dp * BATCH, optimizer="sgd", lr=LR)
+    res = cluster8.train(wl, parallel=plan, steps=steps, per_device_batch=BATCH, optimizer="sgd", lr=LR)
+    losses, state = train_single(wl, steps, plan.dp * BATCH, optimizer="sgd", lr=LR)
     assert res.losses == pytest.approx(losses, rel=TOL)
     assert set(res.state_dict) == set(state)  # every weight, experts and stages included, came back
     for k, v in state.items():
@@ -66,7 +80,7 @@ def test_plan_equals_one_process_training(cluster8, workload, text):
     ops = {name for rows in res.per_device for r in rows for name in r["spans"]}
     assert ("recv" in ops) == (plan.pp > 1) and ("all_to_all" in ops) == (plan.ep > 1)
     if text in FAKE_TOO:  # fake tensors: the same charges and messages (MoE: test_fake_moe_...)
-        fake = cluster8.train(wl, parallel=plan, steps=STEPS, per_device_batch=BATCH, optimizer="sgd", lr=LR,
+        fake = cluster8.train(wl, parallel=plan, steps=steps, per_device_batch=BATCH, optimizer="sgd", lr=LR,
                               tensors="fake")
         assert _times(fake) == _times(res)
         assert fake.state_dict == {} and all(math.isnan(x) for x in fake.losses)  # fake tensors hold no values
@@ -134,3 +148,17 @@ def test_relay_sweep_fills_dp_with_each_points_devices(cluster8, tmp_path, capsy
     assert "parallel tp=2 with dp = devices / (tp x pp)" in capsys.readouterr().out
     points = json.loads((tmp_path / "s" / "summary.json").read_text())["points"]
     assert [(p["devices"], p["global_batch"], p["predicted"]) for p in points] == [(2, 8, False), (4, 16, False)]
+
+
+def test_breakeven_with_a_plan_probes_only_the_counts_it_takes(cluster8):
+    """tp=2 on both sides, dp filled from each count: every probe an even count, its plan tp=2 x dp."""
+    settings = TrainConfig(workload="llama-debug", parallel="tp=2", steps=1, per_device_batch=2)
+    result = breakeven(cluster8, System("h100", 2), System("a100", 8), "auto", settings, capacity=8)
+    probes = [result.fast, *result.probes]
+    assert len(result.probes) >= 2 and all(p.system.devices % 2 == 0 and not p.predicted for p in probes)
+    for p in probes:
+        assert p.result.config["parallel"] == str(Parallel(tp=2, dp=p.system.devices // 2))
+        assert p.row["global_batch"] == p.system.devices // 2 * 2
+    n = result.devices
+    assert n is not None and n % 2 == 0  # a100 reaches two h100 within 8 devices
+    assert result.verified is (True if n > 2 else None) and (result.below is None) == (n == 2)

@@ -1,6 +1,8 @@
 """emulator.Parallel: the plan's arithmetic and the mesh's layout, checked without any process
 (as torchtitan tests ParallelDims), and its refusals before any device starts."""
 
+from dataclasses import replace
+
 import pytest
 
 from emulator import Cluster, Parallel, System, TrainConfig
@@ -19,6 +21,12 @@ LLAMA, MOE = get("llama-debug").config, get("moe-debug").config
     (dict(fsdp="yes", dp=2), r"parallel: fsdp = 'yes' is invalid; give True or False"),
     (dict(microbatches=4), r"parallel: microbatches = 4 needs a pipeline; set pp > 1"),
     (dict(pp=2, microbatches=0), r"parallel: microbatches = 0 is invalid"),
+    (dict(stages=2), r"parallel: stages = 2 interleaves a pipeline's chunks and pp = 1; set pp > 1"),
+    (dict(pp=2, stages=0), r"parallel: stages = 0 is invalid; give model chunks per pipeline rank >= 1"),
+    (dict(sp=True), r"parallel: sp splits the sequence over the tensor-parallel group, and tp = 1; set tp > 1"),
+    # torch's ScheduleInterleaved1F1B: max(1, 9 // 4) = 2 rounds, and 9 is not a multiple of 2
+    (dict(pp=4, stages=2, microbatches=9), r"microbatches = 9 with pp = 4 and stages = 2: interleaved 1F1B "
+                                           r"needs a multiple of its 2 rounds; choose microbatches = 8"),
 ])
 def test_bad_fields_name_the_field_the_value_and_the_fix(fields, match):
     with pytest.raises(ConfigError, match=match):
@@ -37,6 +45,10 @@ def test_bad_fields_name_the_field_the_value_and_the_fix(fields, match):
     (Parallel(tp=2), 2, 2, None, 8, r"tp, pp and ep split a transformer of this project"),
     (Parallel(dp=4, ep=3), 4, 4, MOE, 8, r"parallel: ep = 3 does not divide dp = 4; .* choose ep dividing dp"),
     (Parallel(tp=2, fsdp=True), 2, 2, LLAMA, 8, r"fsdp shards over the data-parallel replicas, and dp = 1; set dp > 1"),
+    (Parallel(pp=2, stages=2), 2, 2, replace(LLAMA, n_layers=6), 8,
+     r"stages = 2 with pp = 2: pp x stages = 4 chunks do not divide n_layers = 6"),
+    (Parallel(tp=2, sp=True), 2, 2, replace(LLAMA, seq_len=33), 8,
+     r"sp with tp = 2 does not divide seq_len = 33; choose tp dividing the sequence or drop sp"),
 ])
 def test_a_plan_that_does_not_fit_is_refused(plan, devices, domain, config, batch, match):
     with pytest.raises(ConfigError, match=match):
@@ -47,6 +59,8 @@ def test_plans_that_fit_pass():
     Parallel(dp=2, tp=2, pp=2).check(8, 4, LLAMA, 8)
     Parallel(dp=4, ep=2, fsdp=True).check(4, 4, MOE, 4)
     Parallel(dp=8).check(8, 1, None, 8)  # data parallel takes any model, across domains
+    Parallel(pp=2, stages=2, tp=2, sp=True).check(4, 4, replace(LLAMA, n_layers=4), 8)
+    Parallel(pp=4, stages=2, microbatches=10).check(4, 4, replace(LLAMA, n_layers=8), 10)  # 2 rounds of 5
 
 
 def test_parse_reads_the_command_line_form_and_prints_it_back():
@@ -55,6 +69,9 @@ def test_parse_reads_the_command_line_form_and_prints_it_back():
     assert Parallel.parse(str(p)) == p
     assert Parallel.parse("dp=4,pp=2,microbatches=8,recompute") == Parallel(dp=4, pp=2, microbatches=8,
                                                                              recompute=True)
+    p = Parallel.parse("pp=2,stages=2,tp=2,sp")
+    assert p == Parallel(pp=2, stages=2, tp=2, sp=True) and str(p) == "tp=2,pp=2,stages=2,sp"
+    assert Parallel.parse(str(p)) == p and Parallel(tp=2, pp=2, stages=2, sp=True).fill(8).dp == 2
     with pytest.raises(ConfigError, match=r"parallel: 'cp' in 'cp=2' is unknown; use dp=, tp="):
         Parallel.parse("cp=2")
     with pytest.raises(ConfigError, match=r"parallel: tp = 'two' in 'tp=two' is not an integer"):
@@ -99,7 +116,13 @@ def test_the_command_line_option_and_the_preflight():
     assert cluster.actors == []
 
 
-def test_breakeven_refuses_a_plan_before_any_device(capsys, tmp_path):
-    assert main(["breakeven", "--fast", "hgx-h100", "--slow", "a100", "--workload", "llama-debug",
-                 "--parallel", "tp=2", "--out", str(tmp_path)]) == 2
-    assert "breakeven: --parallel is not supported yet" in capsys.readouterr().err
+def test_breakeven_refuses_plans_it_cannot_run_before_any_device(capsys, tmp_path):
+    assert main(["breakeven", "--fast", "h100", "--fast-devices", "3", "--slow", "a100", "--workload",
+                 "llama-debug", "--parallel", "tp=2", "--out", str(tmp_path)]) == 2
+    assert "breakeven: the fast system's 3 devices do not take --parallel tp=2 (it needs a multiple of " \
+        "tp x pp x ep = 2, at least 2)" in capsys.readouterr().err
+    # the full-size break-even picks each count's plan by the plan search: a fixed plan is refused, not ignored
+    assert main(["breakeven", "--fast", "nvl72", "--slow", "cloudmatrix384", "--workload", "llama3-70b",
+                 "--parallel", "tp=8", "--out", str(tmp_path)]) == 2
+    assert "--parallel tp=8: the full-scale break-even gives each device count its best plan" in \
+        capsys.readouterr().err

@@ -76,6 +76,16 @@ def test_pipeline_and_recompute_activations_follow_korthikanti():
     assert rc.activations < plain.activations / 5
 
 
+def test_interleaved_1f1b_holds_korthikanti_s_share_more_activations():
+    """Interleaved 1F1B, v chunks per rank: the first stage holds L (1 + (p - 1) / (p v)) layers'
+    activations (Korthikanti et al. section 4.2.3), which torch's warm-up gives too: on pp=4,
+    stages=2, 8 microbatches, (2 - 1) x 4 + 2 x 3 + 1 = 11 chunks of 10 layers, 80 x 11 / 8."""
+    c = llama.CONFIGS["llama3-70b"]
+    fp = footprint("llama3-70b", Parallel(dp=2, tp=8, pp=4, stages=2, microbatches=8), 16, H100)
+    assert "stage 0 (embedding + 20 blocks)" in fp.device
+    assert fp.activations == pytest.approx(80 * (1 + 3 / 8) * analytic.llama_activations(c, 1, 8), rel=0.10)
+
+
 def test_memory_check_refuses_a_plan_that_does_not_fit_and_says_how():
     with pytest.raises(ConfigError) as e:
         check("llama3-70b", Parallel(dp=8), 8, H100)
@@ -150,6 +160,13 @@ def test_relay_plan_refuses_a_plan_over_the_hbm(capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "HBM" in err and "GB" in err and "recompute" in err
+
+
+def test_relay_plan_refuses_what_the_plan_model_does_not_cost(capsys):
+    assert main(["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--parallel",
+                 "dp=2,tp=2,sp"]) == 2
+    assert "the plan model does not cost virtual stages (stages=) nor sequence parallel (sp)" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")  # the token ids need no gradient
