@@ -16,8 +16,11 @@ NOT_MODELLED = [
     "the analytic model against fake-tensor runs).",
     "MoE routing is balanced: the planner has no input for routing skew, so the most loaded expert's "
     "slowdown is not in these figures (a skewed router would cost DeepSeek-V3 more on both systems).",
-    "Overlap is assumed, not scheduled: DDP and FSDP traffic hide behind compute as the planner's docstring "
-    "states; tensor-parallel, expert and pipeline messages are fully exposed.",
+    "Overlap is as the fake-tensor runs on this host show it (the planner's calibration): DDP's buckets hide behind "
+    "the backward pass (not under a pipeline); FSDP2's gathers and reduce-scatters are fully exposed, since "
+    "FSDP2 on CPU waits for each where it issues it, where a GPU's prefetch would hide much of them, so plans "
+    "with fsdp are charged pessimistically on both sides; tensor-parallel, expert and pipeline messages are "
+    "exposed.",
     "No gradient accumulation without a pipeline: a plan with pp = 1 runs its replica's whole batch as one "
     "microbatch, so a count whose data-parallel degree leaves several samples per replica needs a pipeline "
     "or does not fit.",

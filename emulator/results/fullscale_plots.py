@@ -92,7 +92,7 @@ def plot_sensitivity(summary: dict):
         base = sens["base_devices"]
         rows = sens["rows"]
         for i, row in enumerate(rows):
-            same = []
+            same, right = [], False  # right: a bar goes right of the base (the note then goes left)
             for end, c in (("low", "tab:blue"), ("high", "tab:orange")):
                 n = row[f"{end}_devices"]
                 if n is None:
@@ -103,10 +103,11 @@ def plot_sensitivity(summary: dict):
                 if n == base:
                     same.append(f"x{row[end]:g}")
                     continue
-                ax.text(n, i, f" {n} (x{row[end]:g}) " if n > base else f" {n} (x{row[end]:g}) ", va="center",
-                        fontsize=7, ha="left" if n > base else "right")
-            if same:
-                ax.text(base, i + 0.3, f" {base} at {' and '.join(same)}", va="center", fontsize=7, color="dimgray")
+                right |= n > base
+                ax.text(n, i, f" {n} (x{row[end]:g}) ", va="center", fontsize=7, ha="left" if n > base else "right")
+            if same:  # beside the base, on the side no bar takes
+                ax.text(base, i, f" {base} at {' and '.join(same)} ", va="center", fontsize=7, color="dimgray",
+                        ha="right" if right else "left")
         ax.axvline(base, color="black", lw=1)
         ax.set_yticks(range(len(rows)), [r["what"] for r in rows], fontsize=8)
         ax.set_xlabel(f"break-even 910C devices against one NVL72 (emulated; catalog inputs: {base})")
