@@ -199,7 +199,7 @@ class Transport:
                 self.sent[peer] += 1
                 n = seg_len(s.segs)
                 if peer in self.near:
-                    near_sends.append(SendOp.of(peer, (self.rank, seq, n * elem_bytes, start), buf, s.segs))
+                    near_sends.append(_shm_send(peer, s, (self.rank, seq, n * elem_bytes, start), buf))
                     continue
                 hdr = torch.tensor([self.rank, seq, n * elem_bytes, start], dtype=torch.float64)
                 sends.append((self.pg.send([hdr], peer, self._tag(seq, 0)), peer))
@@ -279,6 +279,22 @@ def _open_shared_memory(t: Transport, node: str | None, timeout_s: float) -> Non
     # the token (rank 0's) names this group's files apart from any other run on the host
     t.plane = ShmPlane(t.rank, peers, everyone[0][3], timeout_s, t.meet)
     t.near = frozenset(peers)
+
+
+def _shm_send(peer: int, s, header: tuple, buf: torch.Tensor | None) -> SendOp:
+    """A shared-memory send of the segments of `s`, by address: no tensor made per segment (a
+    strided buffer is copied first: sends read it as it is now). No buffer: the header alone."""
+    if buf is None:
+        return SendOp(peer, header, [])
+    buf = buf if buf.is_contiguous() else buf.contiguous()
+    e, base, at, spans = buf.element_size(), buf.data_ptr(), 0, []
+    for a, b in s.segs:
+        if b > a:
+            spans.append((at, base + a * e, (b - a) * e))
+            at += (b - a) * e
+    op = SendOp(peer, header, spans)
+    op.keep = buf  # a copy, if one was made, lives as long as the message
+    return op
 
 
 @functools.lru_cache(maxsize=4096)  # the same steps recur every collective: host time per step

@@ -60,7 +60,7 @@ try:
         n = 4 << 20  # 16 MB of float32: many pieces
         buf = torch.ones(n)
         if rank == 0:
-            op = SendOp(1, (0, 0, n * 4, 0.0), [(0, buf.view(torch.uint8))])
+            op = SendOp(1, (0, 0, n * 4, 0.0), [(0, buf.data_ptr(), n * 4)])
             op.push(t.plane.tx[1], t.plane.files[1].addr)  # the first piece only, then a crash
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.time()
