@@ -7,12 +7,16 @@ preamble (the message header: sender, sequence, bytes, emulated start time; then
 offset and length) and bumps the `written` count; the receiver reduces or copies the piece
 straight from the slot into its buffer and bumps `read`. One copy out, one pass in, no socket.
 
-Signalling: after publishing, a side rings the other's doorbell, a futex word incremented and
-woken in one atomic FUTEX_WAKE_OP syscall. A device with nothing to do reads its doorbell, checks
-every channel it waits on, and sleeps on the doorbell only if the value is unchanged, so no ring
-is lost. Measured on this 2-core host (ping-pong between two processes): 8 us one way with no
-spinning, 14 us with a 100-check spin, 32 us with 1000: spinning only steals the core the peer
-needs, so there is none.
+Signalling: after publishing a piece, the sender rings the receiver's doorbell, a futex word
+incremented and woken in one atomic FUTEX_WAKE_OP syscall. A device with nothing to do reads its
+doorbell, checks every channel it waits on, and sleeps on the doorbell only if the value is
+unchanged, so no ring is lost. The receiver rings back, when it frees a slot, only if the sender
+said it waits for room (a flag in the channel): a device waiting for its peer's answer is not
+woken for nothing by the peer taking its message (a context switch per message on a busy host).
+Measured on this 2-core host (ping-pong between two processes): 8 us one way with no spinning, 14
+us with a 100-check spin, 32 us with 1000: spinning only steals the core the peer needs, so there
+is none. Copies are memmoves on raw addresses (a torch op costs microseconds of set-up, the whole
+cost of a small message); reductions are torch ops on views.
 
 Failure: a device blocked on a peer looks every TICK_S at the peer's process; a peer that died,
 even mid-message, raises PeerError at once, and one that stops without dying raises it after
@@ -38,11 +42,14 @@ from emulator.device.peers import PeerError
 
 SHM_DIR = "/dev/shm"
 SLOTS = 4  # pieces in flight per channel: the sender fills one while the receiver drains another
+#           (a channel's page holds their preambles: at most 60)
 SLOT_BYTES = 1 << 20  # measured: 1 MB pieces copy at 11 GB/s here, 64 KB at 6 (per-call costs),
 #                       4 MB and more at 8 (they no longer fit in L2)
 MIN_SLOT_BYTES = 64 << 10
 BYTES_PER_DEVICE = 64 << 20  # inbound ring space per device at most: slots shrink with many peers
 TICK_S = 0.05  # while blocked: how often to look at the deadline and at the peers' processes
+ROOM_TICK_S = 0.002  # while blocked for room: the flag and the count it guards are written by two
+#                      processes without a fence, so a ring may rarely be missed; this bounds it
 PAGE = 4096
 _PRE = struct.Struct("6d")  # preamble: sender, sequence, message bytes, start, piece offset, length
 
@@ -58,6 +65,7 @@ def unsupported() -> str | None:
 
 # ---------------------------------------------------------------- futex doorbells
 _libc = ctypes.CDLL(None, use_errno=True)
+_memmove = ctypes.memmove
 _SYS_FUTEX, _WAIT, _WAKE_OP = 202, 0, 5
 _ADD_ONE = (1 << 28) | (1 << 12)  # FUTEX_OP(FUTEX_OP_ADD, 1, FUTEX_OP_CMP_EQ, 0)
 _ALL = 0x7FFFFFFF
@@ -147,15 +155,17 @@ class _File:
 
 
 class _Channel:
-    """One ring: `written` (the sender's count) at +0, `read` (the receiver's) at +64, the slots'
-    preambles from +128, the slots from the next page."""
+    """One ring: `written` (the sender's count) at +0, `read` (the receiver's) at +64, the
+    sender's waiting-for-room flag at +128, the slots' preambles from +192, the slots from the
+    next page."""
 
     def __init__(self, f: _File, base: int):
         self.mm, self.base, self.size = f.mm, base, f.slot_bytes
         self.slots = [f.u8[base + PAGE + k * self.size: base + PAGE + (k + 1) * self.size] for k in range(SLOTS)]
+        self.slot_addr = [f.addr + base + PAGE + k * self.size for k in range(SLOTS)]
         # counters go through a 'Q' memoryview: one 8-byte store each (struct.pack_into zero-fills
         # before it writes, and a peer reading at that moment would see 0)
-        self.words, self.w, self.r = f.words, base // 8, base // 8 + 8
+        self.words, self.w, self.r, self.wait = f.words, base // 8, base // 8 + 8, base // 8 + 16
 
     def written(self) -> int:
         return self.words[self.w]
@@ -170,39 +180,41 @@ class _Channel:
         self.words[self.r] = n
 
     def preamble(self, k: int) -> tuple:
-        return _PRE.unpack_from(self.mm, self.base + 128 + 64 * k)
+        return _PRE.unpack_from(self.mm, self.base + 192 + 64 * k)
 
     def set_preamble(self, k: int, values: tuple) -> None:
-        _PRE.pack_into(self.mm, self.base + 128 + 64 * k, *values)
+        _PRE.pack_into(self.mm, self.base + 192 + 64 * k, *values)
 
 
-def _pieces(views, off: int, end: int):
-    """(at, view) for the parts of byte range [off, end) of a message laid over `views`, a list of
-    (message offset, uint8 tensor)."""
-    for start, v in views:
-        lo, hi = max(off, start), min(end, start + v.numel())
+def _pieces(spans, off: int, end: int):
+    """(at, address, bytes) for the parts of byte range [off, end) of a message laid over `spans`,
+    a list of (message offset, address, bytes): they go to byte `at` of the piece."""
+    for start, addr, size in spans:
+        lo, hi = max(off, start), min(end, start + size)
         if lo < hi:
-            yield lo - off, v[lo - start:hi - start]
+            yield lo - off, addr + lo - start, hi - lo
 
 
 # ---------------------------------------------------------------- one message each way
 class SendOp:
     """One message to a peer: header (sender, sequence, emulated bytes, emulated start) and the
-    payload, uint8 views of the sender's buffer, streamed through the ring a slot at a time."""
+    payload, spans of the sender's buffer (message offset, address, bytes), streamed through the
+    ring a slot at a time."""
 
-    def __init__(self, peer: int, header: tuple, views: list):
-        self.peer, self.header, self.views = peer, header, views
-        self.total = sum(v.numel() for _, v in views)
+    def __init__(self, peer: int, header: tuple, spans: list):
+        self.peer, self.header, self.spans = peer, header, spans
+        self.total = sum(size for _, _, size in spans)
         self.off, self.done = 0, False
 
     def push(self, ch: _Channel, bell: int) -> bool:
         w = ch.written()
         if w - ch.read() >= SLOTS:
-            return False
+            ch.words[ch.wait] = 1  # ring me when you free a slot
+            if w - ch.read() >= SLOTS:
+                return False
         k, n = w % SLOTS, min(ch.size, self.total - self.off)
-        slot = ch.slots[k]
-        for at, v in _pieces(self.views, self.off, self.off + n):
-            slot[at:at + v.numel()].copy_(v)
+        for at, addr, size in _pieces(self.spans, self.off, self.off + n):
+            _memmove(ch.slot_addr[k] + at, addr, size)
         ch.set_preamble(k, (*self.header, self.off, n))
         ch.set_written(w + 1)  # publishes the slot: x86 keeps the stores above in order
         _ring(bell)
@@ -234,15 +246,19 @@ class RecvOp:
                                f"message {int(seq)} of {int(nbytes)} bytes from device {int(sender)} "
                                f"(at byte {int(off)})")
         self.start = start
-        slot, n = ch.slots[k], int(n)
+        n = int(n)
         for at, part in _typed_parts(self.views, self.off, self.off + n):
-            src = slot[at:at + part.numel() * part.element_size()].view(part.dtype)
+            size = part.numel() * part.element_size()
             if self.reduce:
-                part.add_(src)
+                part.add_(ch.slots[k][at:at + size].view(part.dtype))
+            elif part.is_contiguous():
+                _memmove(part.data_ptr(), ch.slot_addr[k] + at, size)
             else:
-                part.copy_(src)
+                part.copy_(ch.slots[k][at:at + size].view(part.dtype))
         ch.set_read(r + 1)  # frees the slot once its bytes have been used
-        _ring(bell)
+        if ch.words[ch.wait]:  # the sender waits for room: wake it
+            ch.words[ch.wait] = 0
+            _ring(bell)
         self.off += n
         self.done = self.off >= self.total
         return True
@@ -296,7 +312,7 @@ class ShmPlane:
         received. Messages on one channel go in list order; channels progress side by side, a
         piece at a time, so that no large message waits for another."""
         out, inn = _by_peer(sends), _by_peer(recvs)
-        last = checked = time.monotonic()
+        last, checked = None, time.monotonic()  # last: when waiting began (None: progress just made)
         while out or inn:
             bell = self.mine.bell()  # before looking: a ring after this wakes the sleep below
             moved = False
@@ -308,10 +324,11 @@ class ShmPlane:
                 moved |= q[0].pull(self.rx[p], self.files[p].addr)
                 if q[0].done:
                     q.pop(0) if len(q) > 1 else inn.pop(p)
-            now = time.monotonic()
             if moved:
-                last = now
+                last = None
                 continue
+            now = time.monotonic()
+            last = now if last is None else last
             if now - checked >= TICK_S:
                 checked = now
                 for p in (*inn, *out):
@@ -321,7 +338,7 @@ class ShmPlane:
                 p = next(iter((*inn, *out)))
                 raise PeerError(self.rank, p, f"waited up to {self.timeout_s:g} s; shared memory: no "
                                               f"{'message' if p in inn else 'room'} from device {p}")
-            _sleep(self.mine.addr, bell, TICK_S)
+            _sleep(self.mine.addr, bell, ROOM_TICK_S if out else TICK_S)  # out: blocked for room
 
 
 def _by_peer(ops) -> dict:

@@ -15,6 +15,7 @@ as the local executor (collectives/core.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import socket
@@ -179,15 +180,17 @@ class Transport:
         me = self.rank if ranks is None else ranks.index(self.rank)
         if steps:  # the collective's fixed cost, before its first step (as the local executor)
             lane.advance_to(lane.now() + fabric.base_s())
-        most = max((sum(seg_len(r.segs) for r in st.recvs if dev(r.peer) not in self.near) for st in steps),
-                   default=0)
-        window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * dtype.itemsize)))
+        window = 0  # none when every peer is on shared memory (nothing to post: host time per step)
+        if len(self.near) < self.world - 1:
+            most = max((sum(seg_len(r.segs) for r in st.recvs if dev(r.peer) not in self.near) for st in steps),
+                       default=0)
+            window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * dtype.itemsize)))
         posted = deque(self._post_recvs(steps[k], k % window, dtype, dev, data) for k in range(window))
         for k, step in enumerate(steps):
             if k == fail_at:  # an injected failure, mid-collective
                 die()
             t0 = lane.now()
-            incoming = posted.popleft()
+            incoming = posted.popleft() if window else ()
             starts, done = time_sends(me, step, t0, ports, fabric)
             sends, keep, near_sends = [], [], []
             for s, start in zip(step.sends, starts):
@@ -230,7 +233,7 @@ class Transport:
             for i, r in enumerate(step.recvs):
                 if i in staged:
                     apply(buf, r, staged[i], op)
-            if k + window < len(steps):
+            if window and k + window < len(steps):
                 posted.append(self._post_recvs(steps[k + window], (k + window) % window, dtype, dev, data))
             lane.advance_to(end)
 
@@ -279,17 +282,23 @@ def _open_shared_memory(t: Transport, node: str | None, timeout_s: float) -> Non
 
 
 def _shm_send(peer: int, s, header: tuple, buf: torch.Tensor | None) -> SendOp:
-    """A shared-memory send of the segments of `s` (uint8 views of the buffer, no copy; no buffer:
-    the header alone)."""
-    views, at = [], 0
-    for a, b in s.segs if buf is not None else ():
+    """A shared-memory send of the segments of `s`, by address: no tensor made per segment (a
+    strided buffer is copied first: sends read it as it is now). No buffer: the header alone."""
+    if buf is None:
+        return SendOp(peer, header, [])
+    buf = buf if buf.is_contiguous() else buf.contiguous()
+    e, base, at, spans = buf.element_size(), buf.data_ptr(), 0, []
+    for a, b in s.segs:
         if b > a:
-            views.append((at, buf[a:b].view(torch.uint8)))
-            at += (b - a) * buf.element_size()
-    return SendOp(peer, header, views)
+            spans.append((at, base + a * e, (b - a) * e))
+            at += (b - a) * e
+    op = SendOp(peer, header, spans)
+    op.keep = buf  # a copy, if one was made, lives as long as the message
+    return op
 
 
-def _direct(step: Step) -> list[bool]:
+@functools.lru_cache(maxsize=4096)  # the same steps recur every collective: host time per step
+def _direct(step: Step) -> tuple[bool, ...]:
     """Which receives of `step` may land in the buffer piece by piece, as they arrive: those whose
     segments meet no send's (sends read the buffer as it was at the start of the step) and no
     other receive's (overlapping receives apply in list order, so sums keep one order)."""
@@ -298,7 +307,7 @@ def _direct(step: Step) -> list[bool]:
         others = [g for s in step.sends for g in s.segs]
         others += [g for j, q in enumerate(step.recvs) if j != i for g in q.segs]
         out.append(not any(a < d and c < b for a, b in r.segs for c, d in others))
-    return out
+    return tuple(out)
 
 
 def _free_fabric(world: int, elem_bytes: int) -> Fabric:

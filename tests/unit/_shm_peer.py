@@ -40,8 +40,10 @@ try:
     if scenario == "exchange":
         ok = []
         # multi-piece (slots are 1 MB), segments that straddle pieces, a zero-length message,
-        # reduce and copy, sends and receives in the same step
-        for dtype, n in ((torch.float32, 700_001), (torch.bfloat16, 1_500_003), (torch.int64, 3)):
+        # reduce and copy, sends and receives in the same step; 10 MB: more pieces than the ring
+        # holds, so the sender waits for room and is rung back
+        for dtype, n in ((torch.float32, 700_001), (torch.bfloat16, 1_500_003), (torch.int64, 3),
+                         (torch.float32, 2_600_001)):
             mine, theirs = data(rank, n, dtype), data(other, n, dtype)
             cut = [0, n // 7, n // 7 + 1, n // 2, n]
             segs = tuple((cut[i], cut[i + 1]) for i in range(4))
@@ -60,7 +62,7 @@ try:
         n = 4 << 20  # 16 MB of float32: many pieces
         buf = torch.ones(n)
         if rank == 0:
-            op = SendOp(1, (0, 0, n * 4, 0.0), [(0, buf.view(torch.uint8))])
+            op = SendOp(1, (0, 0, n * 4, 0.0), [(0, buf.data_ptr(), n * 4)])
             op.push(t.plane.tx[1], t.plane.files[1].addr)  # the first piece only, then a crash
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.time()
