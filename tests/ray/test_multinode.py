@@ -47,7 +47,7 @@ def test_cluster_up_status_down_end_to_end(tmp_path):
     record = json.loads((tmp_path / "home" / "cluster.json").read_text())
     try:
         assert record["address"] in up.stdout and "relay cluster down" in up.stdout
-        run = relay("run", "--address", "recorded", "--chip", "h100", "--devices", "4", "--workload", "mlp",
+        run = relay("run", "--address", "recorded", "--chip", "h100", "--devices", "2", "--workload", "mlp",
                     "--steps", "2", "--out", str(tmp_path / "results"), "--name", "r", env=env)
         assert run.returncode == 0, run.stderr[-2000:]
         assert (tmp_path / "results" / "r" / "summary.json").exists()

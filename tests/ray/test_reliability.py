@@ -39,16 +39,6 @@ def test_a_device_killed_mid_training_fails_the_run_and_keeps_completed_steps(ra
     assert cluster.actors == [] and gone(pids)  # every other device was stopped too
 
 
-@pytest.mark.timeout(120)
-def test_a_device_killed_mid_collective_fails_the_call(ray_session):
-    cluster = Cluster(System("h100", 4), timeout_s=BOUND_S, faults=Faults(fail=(1, 2))).start()
-    pids = list(cluster.pids)
-    with pytest.raises(DeviceError) as e:
-        cluster.all_reduce([torch.ones(1000)] * 4, algorithm="ring")
-    assert e.value.device == 1 and e.value.what == "all_reduce (ring)"
-    assert gone(pids)
-
-
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("data_plane", ["auto", "gloo"])
 def test_a_device_killed_mid_collective_fails_the_call_on_either_data_plane(ray_session, data_plane):
@@ -59,7 +49,7 @@ def test_a_device_killed_mid_collective_fails_the_call_on_either_data_plane(ray_
     assert cluster.run(jobs.carriers)[0] == {1: carrier, 2: carrier, 3: carrier}
     with pytest.raises(DeviceError) as e:
         cluster.all_reduce([torch.ones(3 << 20)] * 4, algorithm="ring")  # 3 MB ring steps: several slots
-    assert e.value.device == 1 and "process died" in e.value.cause
+    assert e.value.device == 1 and e.value.what == "all_reduce (ring)" and "process died" in e.value.cause
     assert cluster.actors == [] and gone(pids)
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("relay-") and int(f.rsplit(".", 1)[1]) in pids]
 
