@@ -22,7 +22,14 @@ BOUND_S = 10  # the failure bound these tests configure (timeout_s)
 
 
 def gone(pids):
-    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    return not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # (it may end between any two looks at it)
+        return False
 
 
 @pytest.mark.timeout(120)
