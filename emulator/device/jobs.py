@@ -12,11 +12,12 @@ import ray
 import torch
 
 from emulator.collectives.alltoall import layout_for
-from emulator.collectives.core import finish, prepare
+from emulator.collectives.core import Ports, finish, prepare
+from emulator.collectives.schedules import Recv, Send, Step
 from emulator.device.collective import choose, group_of, run_collective
 from emulator.device.job import Job
-from emulator.device.transport import Transport, free_address
-from emulator.device.transport import pingpong as transport_pingpong
+from emulator.device.transport import Transport, free_address, free_fabric
+from kernels.clock import VirtualLane
 
 
 def identify(dev) -> dict:
@@ -47,8 +48,28 @@ def carriers(dev) -> dict[int, str]:
 
 
 def pingpong(dev, peer: int, nbytes: int, repeats: int) -> dict:
-    """Real seconds per one-way message to and from `peer`, Relay's transport and gloo's."""
-    return transport_pingpong(dev.transport, peer, nbytes, repeats)
+    """Real seconds per one-way message of `nbytes` between this device and `peer` (which runs the
+    same call), measured by ping-pong through this transport and through gloo's own send/recv."""
+    t = dev.transport
+    x = torch.ones(max(1, nbytes // 4))
+    segs = ((0, x.numel()),)
+    send, recv = [Step(sends=(Send(peer, segs),))], [Step(recvs=(Recv(peer, segs, reduce=False),))]
+    free = free_fabric(t.world, 4)
+    ours = [lambda: t.run(send, x, VirtualLane(), Ports(), free),
+            lambda: t.run(recv, x, VirtualLane(), Ports(), free)]
+    gloo = [lambda: t.pg.send([x], peer, 0).wait(), lambda: t.pg.recv([x], peer, 0).wait()]
+    out = {}
+    for name, (a, b) in (("relay_s", ours), ("gloo_s", gloo)):
+        if t.rank > peer:
+            a, b = b, a  # the second device answers
+        for timed in (False, True):  # a warm-up round first
+            t.barrier(max(t.rank, peer) + 1)
+            t0 = time.perf_counter()
+            for _ in range(repeats if timed else max(1, repeats // 10)):
+                a()
+                b()
+        out[name] = (time.perf_counter() - t0) / repeats / 2
+    return out
 
 
 def run_matmuls(dev, job: Job, sizes: list[int], repeats: list[int]) -> dict:
@@ -86,7 +107,6 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
     A case is (tensor, chunks), or ((numel, dtype), chunks) for a tensor made here (benchmarks
     need not ship it)."""
     world, rank, transport = job.system.devices, dev.index, dev.transport
-    transport.barrier(world)  # start together: real_s measures the collective, not call skew
     results, stats = [], {"overrun_s": 0.0}
     group = group_of(job.system, job.fabric(), range(world), rank)
     fail = job.faults.fail
@@ -106,6 +126,8 @@ def collective(dev, job: Job, primitive: str, algorithm: str, cases: list, op: s
                 lane.start()
             else:
                 lane = job.lane()
+                transport.barrier(world)  # start together: real_s measures the collective, not
+                #                           the devices' skew in making and preparing its input
             r0 = time.time()
             run_collective(transport, group, primitive, alg, buf, count, lane, 0.0, root=root, chunks=chunks,
                            fail_at=fail[1] if fail and fail[0] == rank else None)

@@ -1,7 +1,7 @@
 """The data plane between device actors, and the distributed executor that runs collective
 schedules over it.
 
-Each pair of devices has one carrier, chosen automatically: shared memory (emulator/shm.py)
+Each pair of devices has one carrier, chosen automatically: shared memory (shm.py, near.py)
 between devices on the same Ray node, point-to-point torch.distributed (gloo) between devices on
 different nodes (or between all, with data_plane='gloo'). The gloo group is the transport's own
 (on its own TCPStore), not torch's default group, which stays free for the program a device
@@ -15,12 +15,9 @@ as the local executor (collectives/core.py).
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import socket
-import time
-import uuid
 from collections import defaultdict, deque
 from datetime import timedelta
 
@@ -30,10 +27,10 @@ import torch.distributed as dist
 
 from emulator.collectives.core import Ports, apply, gather, time_recv, time_sends
 from emulator.collectives.fabric import Fabric, Timing
-from emulator.collectives.schedules import Recv, Send, Step, schedule, seg_len
+from emulator.collectives.schedules import Step, schedule, seg_len
+from emulator.device import near
 from emulator.device.job import die
 from emulator.device.peers import PeerError
-from emulator.device.shm import RecvOp, SendOp, ShmPlane, unsupported
 from kernels.clock import VirtualLane
 
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
@@ -78,7 +75,7 @@ class Transport:
         self._spare: dict = {}  # (slot, dtype) -> reusable receive area
         self.plane, self.near = None, frozenset()  # shared memory, and the peers it reaches
         if data_plane == "auto":
-            _open_shared_memory(self, node, timeout_s)
+            near.open_plane(self, node, timeout_s)
 
     def meet(self, value=None) -> list:
         """Every device's `value` once all have arrived (through the store: set-up, not data)."""
@@ -103,7 +100,7 @@ class Transport:
         me, world = (self.rank, world) if ranks is None else (ranks.index(self.rank), len(ranks))
         steps = schedule(primitive, "halving_doubling" if primitive == "all_reduce" else "ring",
                          me, world, buf.numel(), chunks=1)
-        self.run(steps, buf, VirtualLane(), Ports(), _free_fabric(world, buf.element_size()), ranks=ranks)
+        self.run(steps, buf, VirtualLane(), Ports(), free_fabric(world, buf.element_size()), ranks=ranks)
         return buf
 
     def barrier(self, world: int) -> None:
@@ -180,18 +177,26 @@ class Transport:
         me = self.rank if ranks is None else ranks.index(self.rank)
         if steps:  # the collective's fixed cost, before its first step (as the local executor)
             lane.advance_to(lane.now() + fabric.base_s())
-        window = 0  # none when every peer is on shared memory (nothing to post: host time per step)
+        window, posted = 0, None  # none when every peer is on shared memory (nothing to post)
         if len(self.near) < self.world - 1:
             most = max((sum(seg_len(r.segs) for r in st.recvs if dev(r.peer) not in self.near) for st in steps),
                        default=0)
             window = min(len(steps), max(1, SCRATCH_BYTES // max(1, most * dtype.itemsize)))
-        posted = deque(self._post_recvs(steps[k], k % window, dtype, dev, data) for k in range(window))
+            posted = deque(self._post_recvs(steps[k], k % window, dtype, dev, data) for k in range(window))
         for k, step in enumerate(steps):
             if k == fail_at:  # an injected failure, mid-collective
                 die()
             t0 = lane.now()
             incoming = posted.popleft() if window else ()
             starts, done = time_sends(me, step, t0, ports, fabric)
+            if not incoming and near.simple(step):  # host time of small messages: see near.py
+                start = near.quick_step(self, step, starts, buf, elem_bytes, dev, op)
+                if start is not False:
+                    end = done if start is None else time_recv(me, step.recvs[0], start, ports, fabric, step.via)
+                    lane.advance_to(max(done, end))
+                    if window and k + window < len(steps):
+                        posted.append(self._post_recvs(steps[k + window], (k + window) % window, dtype, dev, data))
+                    continue
             sends, keep, near_sends = [], [], []
             for s, start in zip(step.sends, starts):
                 peer = dev(s.peer)
@@ -199,7 +204,7 @@ class Transport:
                 self.sent[peer] += 1
                 n = seg_len(s.segs)
                 if peer in self.near:
-                    near_sends.append(_shm_send(peer, s, (self.rank, seq, n * elem_bytes, start), buf))
+                    near_sends.append(near.send(peer, s, (self.rank, seq, n * elem_bytes, start), buf))
                     continue
                 hdr = torch.tensor([self.rank, seq, n * elem_bytes, start], dtype=torch.float64)
                 sends.append((self.pg.send([hdr], peer, self._tag(seq, 0)), peer))
@@ -210,7 +215,7 @@ class Transport:
                 keep.append(hdr)
             arrived, staged = {}, {}  # recv index -> sender's emulated start; -> staging area
             if near_sends or any(dev(r.peer) in self.near for r in step.recvs):
-                near_recvs = _shm_recvs(self, step, buf, dtype, elem_bytes, staged, dev, op)
+                near_recvs = near.recvs(self, step, buf, dtype, elem_bytes, staged, dev, op)
                 self.plane.exchange(near_sends, list(near_recvs.values()))
                 arrived = {i: rop.start for i, rop in near_recvs.items()}
             for i, r, seq, n, hdr, area, works in incoming:
@@ -233,84 +238,12 @@ class Transport:
             for i, r in enumerate(step.recvs):
                 if i in staged:
                     apply(buf, r, staged[i], op)
-            if window and k + window < len(steps):
+            if window and k + window < len(steps):  # the slot this step's receives used is free now
                 posted.append(self._post_recvs(steps[k + window], (k + window) % window, dtype, dev, data))
             lane.advance_to(end)
 
 
-def _shm_recvs(t: Transport, step: Step, buf, dtype, elem_bytes: int, staged: dict, dev, op: str) -> dict:
-    """The shared-memory receives of `step`: straight into `buf` where that is safe (and the
-    reduction a sum), else into a staging area (recorded in `staged`) applied with the gloo
-    ones, in list order; with no `buf`, headers alone."""
-    direct = [d and (op in ("sum", "avg") or not r.reduce) for d, r in zip(_direct(step), step.recvs)]
-    ops, stage_at = {}, 0
-    need = sum(seg_len(r.segs) for i, r in enumerate(step.recvs) if dev(r.peer) in t.near and not direct[i])
-    area = t._scratch(-1, need, dtype) if need and buf is not None else None
-    for i, r in enumerate(step.recvs):
-        peer = dev(r.peer)
-        if peer not in t.near:
-            continue
-        seq = t.got[peer]
-        t.got[peer] += 1
-        n = seg_len(r.segs)
-        if buf is None:
-            ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, [], r.reduce)
-        elif direct[i]:
-            views, at = [], 0
-            for a, b in r.segs:
-                if b > a:
-                    views.append((at, buf[a:b]))
-                    at += (b - a) * buf.element_size()
-            ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, views, r.reduce)
-        else:
-            staged[i] = area[stage_at:stage_at + n]
-            ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, [(0, staged[i])] if n else [], False)
-            stage_at += n
-    return ops
-
-
-def _open_shared_memory(t: Transport, node: str | None, timeout_s: float) -> None:
-    """The shared-memory plane to the devices on this node (every device calls this at once)."""
-    ok = node is not None and unsupported() is None
-    me = (node, os.getpid(), ok, uuid.uuid4().hex[:12])
-    everyone = t.meet(me)
-    peers = {r: pid for r, (n, pid, their_ok, _) in enumerate(everyone)
-             if r != t.rank and ok and their_ok and n == node}
-    # the token (rank 0's) names this group's files apart from any other run on the host
-    t.plane = ShmPlane(t.rank, peers, everyone[0][3], timeout_s, t.meet)
-    t.near = frozenset(peers)
-
-
-def _shm_send(peer: int, s, header: tuple, buf: torch.Tensor | None) -> SendOp:
-    """A shared-memory send of the segments of `s`, by address: no tensor made per segment (a
-    strided buffer is copied first: sends read it as it is now). No buffer: the header alone."""
-    if buf is None:
-        return SendOp(peer, header, [])
-    buf = buf if buf.is_contiguous() else buf.contiguous()
-    e, base, at, spans = buf.element_size(), buf.data_ptr(), 0, []
-    for a, b in s.segs:
-        if b > a:
-            spans.append((at, base + a * e, (b - a) * e))
-            at += (b - a) * e
-    op = SendOp(peer, header, spans)
-    op.keep = buf  # a copy, if one was made, lives as long as the message
-    return op
-
-
-@functools.lru_cache(maxsize=4096)  # the same steps recur every collective: host time per step
-def _direct(step: Step) -> tuple[bool, ...]:
-    """Which receives of `step` may land in the buffer piece by piece, as they arrive: those whose
-    segments meet no send's (sends read the buffer as it was at the start of the step) and no
-    other receive's (overlapping receives apply in list order, so sums keep one order)."""
-    out = []
-    for i, r in enumerate(step.recvs):
-        others = [g for s in step.sends for g in s.segs]
-        others += [g for j, q in enumerate(step.recvs) if j != i for g in q.segs]
-        out.append(not any(a < d and c < b for a, b in r.segs for c, d in others))
-    return tuple(out)
-
-
-def _free_fabric(world: int, elem_bytes: int) -> Fabric:
+def free_fabric(world: int, elem_bytes: int) -> Fabric:
     """Instant links, for control messages that are not part of any emulated time."""
     return Fabric(Timing(0.0, float("inf")), None, world, world, elem_bytes=elem_bytes)
 
@@ -324,27 +257,3 @@ def _wait(work, timeout, me: int, peer: int) -> None:
     except RuntimeError as e:  # timed out, or the peer's connection closed under us
         raise PeerError(me, peer, f"waited up to {timeout.total_seconds():g} s; gloo: "
                         f"{str(e).splitlines()[0][:160]}") from None
-
-
-def pingpong(t: Transport, peer: int, nbytes: int, repeats: int) -> dict:
-    """Real seconds per one-way message of `nbytes` between this device and `peer` (which runs the
-    same call), measured by ping-pong through this transport and through gloo's own send/recv."""
-    x = torch.ones(max(1, nbytes // 4))
-    segs = ((0, x.numel()),)
-    send, recv = [Step(sends=(Send(peer, segs),))], [Step(recvs=(Recv(peer, segs, reduce=False),))]
-    free = _free_fabric(t.world, 4)
-    ours = [lambda: t.run(send, x, VirtualLane(), Ports(), free),
-            lambda: t.run(recv, x, VirtualLane(), Ports(), free)]
-    gloo = [lambda: t.pg.send([x], peer, 0).wait(), lambda: t.pg.recv([x], peer, 0).wait()]
-    out = {}
-    for name, (a, b) in (("relay_s", ours), ("gloo_s", gloo)):
-        if t.rank > peer:
-            a, b = b, a  # the second device answers
-        for timed in (False, True):  # a warm-up round first
-            t.barrier(max(t.rank, peer) + 1)
-            t0 = time.perf_counter()
-            for _ in range(repeats if timed else max(1, repeats // 10)):
-                a()
-                b()
-        out[name] = (time.perf_counter() - t0) / repeats / 2
-    return out

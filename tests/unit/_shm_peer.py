@@ -16,7 +16,7 @@ from emulator.collectives.core import Ports
 from emulator.collectives.schedules import Recv, Send, Step
 from emulator.device.peers import PeerError
 from emulator.device.shm import SHM_DIR, SendOp
-from emulator.device.transport import Transport, _free_fabric
+from emulator.device.transport import Transport, free_fabric
 from kernels.clock import VirtualLane
 
 scenario, rank, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -28,7 +28,7 @@ out = {"carriers": t.carriers(), "token_files": [f for f in os.listdir(SHM_DIR) 
 
 
 def run(steps, buf):
-    t.run(steps, buf, VirtualLane(), Ports(), _free_fabric(t.world, buf.element_size()))
+    t.run(steps, buf, VirtualLane(), Ports(), free_fabric(t.world, buf.element_size()))
 
 
 def data(r, n, dtype):
