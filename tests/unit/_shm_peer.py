@@ -1,6 +1,6 @@
 """One of two device processes talking through the shared-memory plane (run by test_shm.py):
     python _shm_peer.py SCENARIO RANK PORT
-Prints RESULT <json>. Scenarios: exchange (messages both ways, checked against the data each side
+Prints RESULT <json>. Scenarios: exchange (messages both ways, large and small, checked against the data each side
 computes for itself), die (rank 0 dies after the first piece of a message), mismatch (rank 0
 skips a sequence number)."""
 
@@ -57,6 +57,18 @@ try:
             theirs_after = theirs.clone()
             theirs_after[slice(*half[rank][0])] += mine[slice(*half[rank][0])]
             ok.append(torch.equal(buf, theirs_after))
+        # one-element messages take the quick path (ShmPlane.quick); rank 0 sends 10 in a row
+        # before rank 1 takes any, so the 5th finds the 4-slot ring full and waits for room on
+        # the general path; rank 1 adds the even ones and copies the odd ones
+        buf, zero = data(rank, 10, torch.float32), data(0, 10, torch.float32)
+        before = buf.clone()
+        if rank == 0:
+            run([Step(sends=(Send(1, ((k, k + 1),)),)) for k in range(10)], buf)
+        else:
+            time.sleep(0.5)
+            run([Step(recvs=(Recv(0, ((k, k + 1),), reduce=k % 2 == 0),)) for k in range(10)], buf)
+        even = torch.arange(10) % 2 == 0
+        ok.append(torch.equal(buf, before if rank == 0 else torch.where(even, before + zero, zero)))
         out["exact"] = ok
     elif scenario == "die":
         n = 4 << 20  # 16 MB of float32: many pieces
