@@ -25,14 +25,16 @@ from emulator.device import shm_file
 from emulator.device.peers import PeerError
 from emulator.device.shm_file import ROOM_TICK_S, SLOTS, TICK_S, Channel, File, alive, memmove, ring, sleep
 
-SPIN_S = 100e-6  # how long a small message's receiver spins before it sleeps: on this 2-core VM host
+SPIN_S = 100e-6  # how long a device waiting for a peer spins before it sleeps: on this 2-core VM host
 #   a futex sleep and wake-up cost about 45 us of CPU, and a 4-byte ping-pong took 110-150 us one
 #   way without spinning, 22-35 us with it. A spin that fails (the message came only after a
 #   sleep) halves the next one, so oversubscribed devices, whose peers are not running, soon stop
 #   spinning; one receive in PROBE_EVERY spins in full to find out whether it pays again
 PROBE_EVERY = 16
+
 # what the plane's users read from the layer below
 SHM_DIR, slot_bytes_for, unsupported = shm_file.SHM_DIR, shm_file.slot_bytes_for, shm_file.unsupported
+
 
 def _pieces(spans, off: int, end: int):
     """(at, address, bytes) for the parts of byte range [off, end) of a message laid over `spans`,
@@ -159,7 +161,7 @@ class ShmPlane:
         received. Messages on one channel go in list order; channels progress side by side, a
         piece at a time, so that no large message waits for another."""
         out, inn = _by_peer(sends), _by_peer(recvs)
-        since = None  # when waiting began (None: progress just made)
+        since = spin_end = None  # when waiting began and its spin ends (None: progress just made)
         while out or inn:
             bell = self.mine.bell()  # before looking: a ring after this wakes the sleep below
             moved = False
@@ -171,7 +173,18 @@ class ShmPlane:
                 moved |= q[0].pull(self.rx[p], self.files[p].addr)
                 if q[0].done:
                     q.pop(0) if len(q) > 1 else inn.pop(p)
-            since = None if moved else self._idle(bell, since, inn, out)
+            if moved:
+                if spin_end is not None and since is None:
+                    self._spin_s = SPIN_S  # the spin paid off
+                since = spin_end = None
+                continue
+            if spin_end is None:
+                spin_end = time.perf_counter() + self._spin_for()
+            if since is None and time.perf_counter() < spin_end:
+                continue
+            if since is None:
+                self._spin_s /= 2  # the spin did not pay off
+            since = self._idle(bell, since, inn, out)
 
     def quick(self, out: tuple | None, inn: tuple | None):
         """exchange's fast path for at most one message each way that fits in a slot (a ring's
@@ -198,9 +211,7 @@ class ShmPlane:
         ch, since = self.rx[peer], None
         words, w, r = ch.words, ch.w, ch.words[ch.r]
         if words[w] == r:  # not there yet: spin a while, then sleep (see SPIN_S)
-            self._waits += 1
-            t0 = time.perf_counter()
-            end = t0 + (SPIN_S if self._waits % PROBE_EVERY == 0 else self._spin_s)
+            end = time.perf_counter() + self._spin_for()
             while words[w] == r and time.perf_counter() < end:
                 pass
             if words[w] == r:
@@ -227,6 +238,11 @@ class ShmPlane:
             ch.words[ch.wait] = 0
             ring(self.files[peer].addr)
         return start
+
+    def _spin_for(self) -> float:
+        """How long a wait that begins now spins before it sleeps (see SPIN_S)."""
+        self._waits += 1
+        return SPIN_S if self._waits % PROBE_EVERY == 0 else self._spin_s
 
     def _idle(self, bell: int, since: float | None, inn, out) -> float:
         """Nothing moved: fail if a peer waited on (`inn`: for a message, `out`: for room) has
