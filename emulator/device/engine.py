@@ -10,10 +10,11 @@ that reads one of its outputs (`CommThrottle`), as a GPU's compute stream waits 
 communication event. So communication overlaps compute on the emulated timeline, and the time
 the compute lane spends waiting is the *exposed* communication.
 
-Point-to-point messages are posted at once (over the transport's gloo group, on tags of their
-own) and completed when they arrive: a blocking receive on the one thread would deadlock two
-pipeline stages that both send first. They are timed on persistent ports of their own;
-collectives use fresh ports, as the transport's other callers do.
+Point-to-point messages are posted at once (over the transport's shared-memory mailbox on a
+node, its gloo group across nodes; apart from collectives' messages) and completed when they
+arrive: a blocking receive on the one thread would deadlock two pipeline stages that both send
+first. They are timed on persistent ports of their own; collectives use fresh ports, as the
+transport's other callers do.
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ class Engine:
                 work._done(end)
 
     def _post(self, works: list, finish, work: Work) -> None:
-        """A posted message: a waiter thread sees its gloo works through (gloo's point-to-point
+        """A posted message: a waiter thread sees its handles through (gloo's point-to-point
         works cannot be polled), then this thread finishes it, in posting order."""
         timeout = self.transport.timeout
         arrived = self._waiters.submit(lambda: [w.wait(timeout) for w in works])

@@ -49,7 +49,8 @@ def carriers(dev) -> dict[int, str]:
 
 def pingpong(dev, peer: int, nbytes: int, repeats: int) -> dict:
     """Real seconds per one-way message of `nbytes` between this device and `peer` (which runs the
-    same call), measured by ping-pong through this transport and through gloo's own send/recv."""
+    same call), measured by ping-pong through this transport (a one-step schedule: relay_s; a
+    posted message, as the backend's send and recv: posted_s) and through gloo's send/recv."""
     t = dev.transport
     x = torch.ones(max(1, nbytes // 4))
     segs = ((0, x.numel()),)
@@ -57,9 +58,12 @@ def pingpong(dev, peer: int, nbytes: int, repeats: int) -> dict:
     free = free_fabric(t.world, 4)
     ours = [lambda: t.run(send, x, VirtualLane(), Ports(), free),
             lambda: t.run(recv, x, VirtualLane(), Ports(), free)]
+    hdr, got = torch.tensor([t.rank, 0, nbytes, 0.0], dtype=torch.float64), torch.empty(4, dtype=torch.float64)
+    posted = [lambda: [w.wait(t.timeout) for w in t.post("send", peer, [hdr, x])[1]],
+              lambda: [w.wait(t.timeout) for w in t.post("recv", peer, [got, x])[1]]]
     gloo = [lambda: t.pg.send([x], peer, 0).wait(), lambda: t.pg.recv([x], peer, 0).wait()]
     out = {}
-    for name, (a, b) in (("relay_s", ours), ("gloo_s", gloo)):
+    for name, (a, b) in (("relay_s", ours), ("posted_s", posted), ("gloo_s", gloo)):
         if t.rank > peer:
             a, b = b, a  # the second device answers
         for timed in (False, True):  # a warm-up round first

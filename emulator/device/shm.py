@@ -31,6 +31,7 @@ SPIN_S = 100e-6  # how long a device waiting for a peer spins before it sleeps: 
 #   sleep) halves the next one, so oversubscribed devices, whose peers are not running, soon stop
 #   spinning; one receive in PROBE_EVERY spins in full to find out whether it pays again
 PROBE_EVERY = 16
+POSTED = 1 << 32  # channel id POSTED + p: peer p's posted point-to-point messages (the backend's send/recv)
 
 # what the plane's users read from the layer below
 SHM_DIR, slot_bytes_for, unsupported = shm_file.SHM_DIR, shm_file.slot_bytes_for, shm_file.unsupported
@@ -132,7 +133,8 @@ class ShmPlane:
         shm_file.sweep()
         name = lambda r, pid: f"{SHM_DIR}/relay-{token}-{r}.{pid}"
         self.path = name(rank, os.getpid())
-        self.mine = File.create(self.path, list(peers), slot_bytes_for(len(peers))) if peers else None
+        senders = [*peers, *(POSTED + p for p in peers)]  # each peer's rings: schedules', posted messages'
+        self.mine = File.create(self.path, senders, slot_bytes_for(len(senders))) if peers else None
         try:
             barrier()  # every device's file exists
             self.files = {p: File.open(name(p, pid)) for p, pid in peers.items()}
@@ -141,6 +143,9 @@ class ShmPlane:
             self._unlink()
         self.tx = {p: f.channel(rank) for p, f in self.files.items()}  # my ring in each peer's file
         self.rx = {p: self.mine.channel(p) for p in peers}  # each peer's ring in mine
+        # the rings of posted point-to-point messages (near.Mailbox), apart: never in a schedule's way
+        self.post_tx = {p: f.channel(POSTED + rank) for p, f in self.files.items()}
+        self.post_rx = {p: self.mine.channel(POSTED + p) for p in peers}
 
     def _unlink(self) -> None:
         try:

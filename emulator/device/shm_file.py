@@ -37,6 +37,7 @@ TICK_S = 0.05  # while blocked: how often to look at the deadline and at the pee
 ROOM_TICK_S = 0.002  # while blocked for room: the flag and the count it guards are written by two
 #                      processes without a fence, so a ring may rarely be missed; this bounds it
 PAGE = 4096
+POST_BELL = 32  # byte offset of the posted messages' doorbell in a device's file
 _PRE = struct.Struct("6d")  # preamble: sender, sequence, message bytes, start, piece offset, length
 
 
@@ -91,7 +92,8 @@ def slot_bytes_for(peers: int) -> int:
 
 
 class File:
-    """One device's mapped file. Its first page: the doorbell (first word), the slot size at +64,
+    """One device's mapped file. Its first page: the doorbell (first word), a second doorbell for
+    posted messages at +POST_BELL (near.Mailbox: a thread of its own), the slot size at +64,
     the number of inbound channels at +72 and their senders from +80; then a channel per sender,
     each a page of counters and preambles followed by its slots."""
 
@@ -117,8 +119,8 @@ class File:
     @classmethod
     def create(cls, path: str, senders: list[int], slot_bytes: int) -> File:
         if 80 + 8 * len(senders) > PAGE:
-            raise ValueError(f"shared-memory transport: {len(senders)} peers on one node is more than "
-                             f"{(PAGE - 80) // 8}; use data_plane='gloo'")
+            raise ValueError(f"shared-memory transport: {len(senders)} channels (2 per peer) on one node is "
+                             f"more than {(PAGE - 80) // 8}; use data_plane='gloo'")
         return cls(path, (sorted(senders), slot_bytes))
 
     @classmethod
@@ -128,8 +130,9 @@ class File:
     def channel(self, sender: int) -> Channel:
         return Channel(self, PAGE + self.senders.index(sender) * self.stride)
 
-    def bell(self) -> int:
-        return self.words[0] & 0xFFFFFFFF
+    def bell(self, at: int = 0) -> int:
+        """The doorbell at byte `at` (0 or POST_BELL)."""
+        return self.words[at // 8] & 0xFFFFFFFF
 
     def close(self) -> None:
         self.u8 = None

@@ -74,6 +74,7 @@ class Transport:
         self.p2p_got = defaultdict(int)
         self._spare: dict = {}  # (slot, dtype) -> reusable receive area
         self.plane, self.near = None, frozenset()  # shared memory, and the peers it reaches
+        self.mailbox = None  # posted point-to-point messages over shared memory (near.Mailbox)
         if data_plane == "auto":
             near.open_plane(self, node, timeout_s)
 
@@ -89,6 +90,9 @@ class Transport:
         return {p: "shm" if p in self.near else "gloo" for p in range(self.world) if p != self.rank}
 
     def close(self) -> None:
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
         if self.plane is not None:
             self.plane.close()
             self.plane = None
@@ -116,13 +120,20 @@ class Transport:
         return self.control("all_reduce", torch.tensor(values, dtype=torch.float64), world).tolist()
 
     def post(self, kind: str, peer: int, tensors: list[torch.Tensor]) -> tuple[int, list]:
-        """Point-to-point messages (the `relay` backend's send and recv): gloo sends or receives
-        of `tensors` (a header, then the payload unless empty) to or from device `peer`, posted at
-        once and not waited for, on sequence numbers and tags of their own (they never mix with a
-        collective's messages). Returns the message's sequence number and the gloo works."""
+        """Point-to-point messages (the `relay` backend's send and recv): sends or receives of
+        `tensors` (a header, then the payload unless empty) to or from device `peer`, posted at
+        once and not waited for, on sequence numbers of their own and apart from collectives'
+        messages (gloo tags of their own; shared-memory rings of their own, near.Mailbox).
+        Returns the message's sequence number and its handles (wait(timeout))."""
         count = self.p2p_sent if kind == "send" else self.p2p_got
         seq = count[peer]
         count[peer] += 1
+        if peer in self.near:  # shared memory: the same header and payload, one handle
+            hdr, payload = tensors[0], tensors[1] if len(tensors) > 1 else None
+            if kind == "send":
+                sender, _, nbytes, start = hdr.tolist()
+                return seq, [self.mailbox.send(peer, (sender, seq, nbytes, start), payload)]
+            return seq, [self.mailbox.recv(peer, seq, hdr, payload)]
         call = self.pg.send if kind == "send" else self.pg.recv
         return seq, [call([t], peer, P2P_TAGS + self._tag(seq, k)) for k, t in enumerate(tensors) if t.numel()]
 

@@ -40,6 +40,13 @@ def test_messages_both_ways_arrive_exactly_over_shared_memory():
     assert {f for f in os.listdir(SHM_DIR) if f.startswith("relay-")} <= before
 
 
+@pytest.mark.timeout(150)
+def test_posted_messages_move_while_their_device_is_blocked_in_a_collective():
+    res = pair("posted")
+    for r in (0, 1):
+        assert res[r].get("exact") == [True, True, True], res[r]
+
+
 @pytest.mark.timeout(100)
 def test_a_peer_that_dies_mid_message_is_named_well_before_the_timeout():
     before = set(os.listdir(SHM_DIR))
