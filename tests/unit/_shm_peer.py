@@ -1,7 +1,7 @@
 """One of two device processes talking through the shared-memory plane (run by test_shm.py):
     python _shm_peer.py SCENARIO RANK PORT
 Prints RESULT <json>. Scenarios: exchange (messages both ways, large and small, checked against
-the data each side computes for itself), posted (the backend's point-to-point messages), die
+the data each side computes for itself; then the backend's point-to-point messages), die
 (rank 0 dies after the first piece of a message), mismatch (rank 0 skips a sequence number)."""
 
 import json
@@ -71,7 +71,6 @@ try:
         even = torch.arange(10) % 2 == 0
         ok.append(torch.equal(buf, before if rank == 0 else torch.where(even, before + zero, zero)))
         out["exact"] = ok
-    elif scenario == "posted":
         # the backend's send/recv (Transport.post): rank 0 posts a 10 MB send (more than the
         # ring holds) and a receive, then blocks in a collective step with rank 1; rank 1 joins
         # that step only once the whole message has arrived, so the send must keep moving while
@@ -88,8 +87,8 @@ try:
         run(step, torch.zeros(2))
         for w in (*sent, *got):
             w.wait(timeout)
-        out["exact"] = [torch.equal(area, data(other, n, torch.float32)),
-                        hdr_in.tolist() == [other, 0, n * 4, 1.5 + other], t.mailbox is not None]
+        out["posted"] = [torch.equal(area, data(other, n, torch.float32)),
+                         hdr_in.tolist() == [other, 0, n * 4, 1.5 + other], t.mailbox is not None]
     elif scenario == "die":
         n = 4 << 20  # 16 MB of float32: many pieces
         buf = torch.ones(n)

@@ -29,10 +29,15 @@ def pair(scenario: str) -> list[dict]:
     return out
 
 
-@pytest.mark.timeout(150)
-def test_messages_both_ways_arrive_exactly_over_shared_memory():
+@pytest.fixture(scope="module")
+def exchanged():
     before = set(os.listdir(SHM_DIR))
-    res = pair("exchange")
+    return before, pair("exchange")
+
+
+@pytest.mark.timeout(150)
+def test_messages_both_ways_arrive_exactly_over_shared_memory(exchanged):
+    before, res = exchanged
     for r, other in ((0, "1"), (1, "0")):
         assert res[r]["carriers"] == {other: "shm"}
         assert res[r]["exact"] == [True] * 5, res[r]
@@ -40,11 +45,9 @@ def test_messages_both_ways_arrive_exactly_over_shared_memory():
     assert {f for f in os.listdir(SHM_DIR) if f.startswith("relay-")} <= before
 
 
-@pytest.mark.timeout(150)
-def test_posted_messages_move_while_their_device_is_blocked_in_a_collective():
-    res = pair("posted")
-    for r in (0, 1):
-        assert res[r].get("exact") == [True, True, True], res[r]
+def test_posted_messages_move_while_their_device_is_blocked_in_a_collective(exchanged):
+    for r in exchanged[1]:
+        assert r.get("posted") == [True, True, True], r
 
 
 @pytest.mark.timeout(100)
