@@ -148,10 +148,12 @@ class Posted:
     """A posted message's handle, as gloo's work is to Transport.post's callers: wait(timeout)
     returns once the message has gone (a send) or arrived (a receive), or raises the failure."""
 
-    def __init__(self):
-        self.future = concurrent.futures.Future()
+    def __init__(self, mailbox: Mailbox):
+        self.mailbox, self.future = mailbox, concurrent.futures.Future()
 
     def wait(self, timeout) -> bool:
+        if not self.future.done():
+            self.mailbox.try_progress()  # what has arrived is taken here, without a thread hop
         try:
             self.future.result(timeout.total_seconds())
         except concurrent.futures.TimeoutError:
@@ -203,10 +205,13 @@ class Mailbox:
     as gloo's own threads keep a posted gloo send going. Its rings ring a doorbell of their own
     (POST_BELL), so that the schedules' messages never wake this thread, nor posted ones the
     engine's. The thread sleeps on it when nothing moves (it never spins: it would take the core
-    from the compute thread) and looks every TICK_S at the processes of the peers it waits on."""
+    from the compute thread) and looks every TICK_S at the processes of the peers it waits on.
+    Posting a message and waiting for one also move what can move, in the caller's thread, so a
+    small message costs no thread hop where it need not."""
 
     def __init__(self, plane):
-        self.plane, self.lock, self.closed = plane, threading.Lock(), False
+        self.plane, self.lock, self.closed = plane, threading.Lock(), False  # lock: the queues
+        self.moving = threading.Lock()  # held by the one thread moving messages at a time
         self.bell_at = plane.mine.addr + POST_BELL
         self.out, self.inn = defaultdict(deque), defaultdict(deque)  # peer -> [(op, handle)], in order
         self.thread = threading.Thread(target=self._loop, name=f"relay-shm-post-{plane.rank}", daemon=True)
@@ -222,10 +227,12 @@ class Mailbox:
         return self._add(self.inn, _PostedRecv(self.plane.rank, peer, seq, hdr, area))
 
     def _add(self, queues, op) -> Posted:
-        handle = Posted()
+        handle = Posted(self)
         with self.lock:
             queues[op.peer].append((op, handle))
-        ring(self.bell_at)  # wake the thread
+        self.try_progress()  # a small send goes at once, without a thread hop
+        if not handle.future.done():
+            ring(self.bell_at)  # wake the thread
         return handle
 
     def close(self) -> None:
@@ -233,27 +240,44 @@ class Mailbox:
         ring(self.bell_at)
         self.thread.join(timeout=5)
 
-    def _loop(self) -> None:
-        plane, checked = self.plane, time.monotonic()
-        while not self.closed:
-            bell = plane.mine.bell(POST_BELL)  # before looking (see ShmPlane.exchange)
-            with self.lock:
-                heads = [(q, p, q[0]) for p, q in (*self.out.items(), *self.inn.items()) if q]
-            moved = False
-            for q, p, (op, handle) in heads:
-                try:
-                    if isinstance(op, SendOp):
-                        moved |= op.push(plane.post_tx[p], plane.files[p].addr + POST_BELL)
-                    else:
-                        moved |= op.pull(plane.post_rx[p], plane.files[p].addr + POST_BELL)
-                except Exception as e:  # a protocol error: this message fails, the others go on
-                    op.done, error = True, e
+    def try_progress(self) -> None:
+        """Move what can move now, unless another thread is at it."""
+        if self.moving.acquire(blocking=False):
+            try:
+                self._progress()
+            finally:
+                self.moving.release()
+
+    def _progress(self) -> tuple[bool, list]:
+        """One pass over the first message to and from each peer (one piece each), with `moving`
+        held (a ring has one producer and one consumer: one thread moves at a time). Returns
+        whether anything moved, and the messages it looked at."""
+        plane = self.plane
+        with self.lock:
+            heads = [(q, p, q[0]) for p, q in (*self.out.items(), *self.inn.items()) if q]
+        moved = False
+        for q, p, (op, handle) in heads:
+            try:
+                if isinstance(op, SendOp):
+                    moved |= op.push(plane.post_tx[p], plane.files[p].addr + POST_BELL)
                 else:
-                    error = None
-                if op.done:
-                    with self.lock:
-                        q.popleft()
-                    handle.future.set_exception(error) if error else handle.future.set_result(None)
+                    moved |= op.pull(plane.post_rx[p], plane.files[p].addr + POST_BELL)
+            except Exception as e:  # a protocol error: this message fails, the others go on
+                op.done, error = True, e
+            else:
+                error = None
+            if op.done:
+                with self.lock:
+                    q.popleft()
+                handle.future.set_exception(error) if error else handle.future.set_result(None)
+        return moved, heads
+
+    def _loop(self) -> None:
+        checked = time.monotonic()
+        while not self.closed:
+            bell = self.plane.mine.bell(POST_BELL)  # before looking (see ShmPlane.exchange)
+            with self.moving:
+                moved, heads = self._progress()
             if moved:
                 continue
             if heads and time.monotonic() - checked >= TICK_S:
