@@ -14,6 +14,11 @@ that a collective of more than EXACT_UP_TO devices that all start at the same ti
 per shape from 0 and shifted (equal within rounding: 3.5 s of host time saved per 384-device ring).
 A collective is timed once per (shape, members' start times): the groups of one dimension (every
 expert group, say) usually run the same collective from the same starts, and get the same ends.
+The replay is driven by events: a device runs until it cannot go on, then sleeps until a
+collective it is in completes or a message reaches it (the order devices run in changes no time);
+each group resolves each of its collectives (algorithm, protocol, the shape above) once; and a
+ring's timing is the local executor's vectorised lockstep path (collectives/local.py), equal to
+its loop to the bit.
 Each row also says what its exposed communication waited for (`exposed_by`: tensor parallel,
 pipeline, expert all-to-all, data parallel).
 """
@@ -50,10 +55,21 @@ def roles(plan, skewed: bool) -> dict[int, list[int]]:
     return dict(out)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _group(plan, dim: str, d: int) -> tuple:
-    """plan.group, remembered (it looks at every device of the plan)."""
-    return tuple(plan.group(dim, d))
+    """plan.group(dim, d), from every group of the dimension found once (_groups)."""
+    return _groups(plan, dim)[d]
+
+
+@functools.lru_cache(maxsize=64)
+def _groups(plan, dim: str) -> dict[int, tuple]:
+    """Device -> its group along `dim`: plan.group looks at every device of the plan, so it is
+    asked once per group, not once per device."""
+    out: dict[int, tuple] = {}
+    for d in range(plan.devices):
+        if d not in out:
+            group = tuple(plan.group(dim, d))
+            out.update(dict.fromkeys(group, group))
+    return out
 
 
 def _device(plan, coords: dict) -> int:
