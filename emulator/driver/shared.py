@@ -14,6 +14,11 @@ that a collective of more than EXACT_UP_TO devices that all start at the same ti
 per shape from 0 and shifted (equal within rounding: 3.5 s of host time saved per 384-device ring).
 A collective is timed once per (shape, members' start times): the groups of one dimension (every
 expert group, say) usually run the same collective from the same starts, and get the same ends.
+The replay is driven by events: a device runs until it cannot go on, then sleeps until a
+collective it is in completes or a message reaches it (the order devices run in changes no time);
+each group resolves each of its collectives (algorithm, protocol, the shape above) once; and a
+ring's timing is the local executor's vectorised lockstep path (collectives/local.py), equal to
+its loop to the bit.
 Each row also says what its exposed communication waited for (`exposed_by`: tensor parallel,
 pipeline, expert all-to-all, data parallel).
 """
@@ -50,10 +55,21 @@ def roles(plan, skewed: bool) -> dict[int, list[int]]:
     return dict(out)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _group(plan, dim: str, d: int) -> tuple:
-    """plan.group, remembered (it looks at every device of the plan)."""
-    return tuple(plan.group(dim, d))
+    """plan.group(dim, d), from every group of the dimension found once (_groups)."""
+    return _groups(plan, dim)[d]
+
+
+@functools.lru_cache(maxsize=64)
+def _groups(plan, dim: str) -> dict[int, tuple]:
+    """Device -> its group along `dim`: plan.group looks at every device of the plan, so it is
+    asked once per group, not once per device."""
+    out: dict[int, tuple] = {}
+    for d in range(plan.devices):
+        if d not in out:
+            group = tuple(plan.group(dim, d))
+            out.update(dict.fromkeys(group, group))
+    return out
 
 
 def _device(plan, coords: dict) -> int:
@@ -163,19 +179,20 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
             return {"tp": "tensor parallel", "pp": "pipeline"}.get(dims.get(tuple(part[1])), "data parallel")
 
         for d in devs:
-            def rename(ms, d=d, dims=dims, rep=rep):
-                if len(ms) == 1:
-                    return (d,)
-                dim = dims.get(tuple(ms))
-                if dim is None:
-                    raise ConfigError(f"shared run: device {rep} used a group {list(ms)} that is none of the plan's; "
-                                      "run one process per device")
-                return tuple(range(n)) if dim == "world" else _group(plan, dim, d)
+            def rename(ms, d=d, dims=dims, rep=rep, seen={}):  # seen: this device's renames
+                if ms not in seen:
+                    dim = dims.get(tuple(ms))
+                    if len(ms) > 1 and dim is None:
+                        raise ConfigError(f"shared run: device {rep} used a group {list(ms)} that is none of the "
+                                          "plan's; run one process per device")
+                    seen[ms] = (d,) if len(ms) == 1 else tuple(range(n)) if dim == "world" else _group(plan, dim, d)
+                return seen[ms]
             devices.append(_Device(d, rec["recording"], rec["rows"], rename, category))
     by_index = {x.d: x for x in devices}
     waiting: dict = defaultdict(dict)  # (group, seq) -> {device: start}
     mail: dict = defaultdict(deque)  # (sender, receiver) -> emulated starts of the messages sent
     timed: dict = {}  # a collective's inputs -> its members' ends (_collective)
+    shapes: dict = {}  # (group, a collective's part) -> its group, resolved algorithm, fabric, options, shape
 
     def run_comm(x: _Device) -> bool:
         moved = False
@@ -193,11 +210,14 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
                         moved = True
                     if len(waiting[key]) < len(ms):
                         return moved
-                    _collective(key, part, ms, waiting.pop(key), by_index, group, timed)  # every member's part done
+                    # every member's part done
+                    _collective(key, part, ms, waiting.pop(key), by_index, group, timed, shapes)
+                    for m in ms:
+                        wake(m)
                     moved = True
                     continue
                 if kind == "send":
-                    _send(x, job, ready, part, ms, group, mail)
+                    wake(_send(x, job, ready, part, ms, group, mail))
                 else:
                     x.recvs.append((job, ready, part, ms))
                 x.part += 1
@@ -210,33 +230,45 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
             moved = True
         return moved
 
-    remaining = True
-    while remaining:
-        moved = False
-        for x in devices:
-            moved |= x.run_compute()
+    # event-driven: a device runs until it cannot move, then sleeps until a collective it is in
+    # completes or a message reaches it (the order devices run in does not change any time)
+    ready, queued = deque(devices), {x.d for x in devices}
+
+    def wake(d: int) -> None:
+        if d not in queued:  # (the device running now is in it: it goes on while it moves)
+            queued.add(d)
+            ready.append(by_index[d])
+
+    while ready:
+        x = ready.popleft()
+        moved = True
+        while moved:
+            moved = x.run_compute()
             moved |= run_comm(x)
             while x.recvs and mail[(x.recvs[0][3][x.recvs[0][2][2]], x.d)]:
-                job, ready, part, ms = x.recvs.popleft()
-                _recv(x, job, ready, part, ms, group, mail)
+                job, ready_s, part, ms = x.recvs.popleft()
+                _recv(x, job, ready_s, part, ms, group, mail)
                 moved = True
-        remaining = any(x.at < len(x.events) or x.queue or x.recvs for x in devices)
-        if remaining and not moved:
-            stuck = [x.d for x in devices if x.at < len(x.events)][:8]
-            raise RuntimeError(f"shared run: the replay cannot go on (devices {stuck} wait forever); the roles' "
-                               "recordings do not match: run one process per device")
+        queued.discard(x.d)
+    stuck = [x.d for x in devices if x.at < len(x.events) or x.queue or x.recvs][:8]
+    if stuck:
+        raise RuntimeError(f"shared run: the replay cannot go on (devices {stuck} wait forever); the roles' "
+                           "recordings do not match: run one process per device")
     return [by_index[d].finish_rows() for d in range(n)]
 
 
 EXACT_UP_TO = 64  # devices: larger collectives whose members start together are timed once per shape
 
 
-def _collective(key, part, ms, starts: dict, by_index, group, timed: dict) -> None:
+def _collective(key, part, ms, starts: dict, by_index, group, timed: dict, shapes: dict) -> None:
     _, _, primitive, algorithm, count, elem, nbytes, options, nbuf = part
-    g = group(ms, ms[0])
-    alg, fab, opts = resolved(g, primitive, algorithm, count, elem, nbytes, options)
+    if (ms, part[2:]) not in shapes:  # a group repeats its few collectives (each layer's): resolved once
+        g = group(ms, ms[0])
+        alg, fab, opts = resolved(g, primitive, algorithm, count, elem, nbytes, options)
+        shape = (primitive, alg, g.size, count, g.topology, *_links(fab), repr(sorted(opts.items())))  # execute's
+        shapes[ms, part[2:]] = g, alg, fab, opts, shape
+    g, alg, fab, opts, shape = shapes[ms, part[2:]]
     t = tuple(starts[m] for m in ms)
-    shape = (primitive, alg, g.size, count, g.topology, *_links(fab), repr(sorted(opts.items())))  # execute's inputs
     if len(ms) > EXACT_UP_TO and min(t) == max(t):
         # the local executor costs O(devices x steps) in Python (3.5 s for a ring all-gather of 384
         # devices): timed once from 0 and shifted, equal to the exact timing within rounding
@@ -269,7 +301,8 @@ def _links(fab) -> tuple:
                                                           slow.get(m, 1.0)) for m in fab.members)
 
 
-def _send(x, job, ready, part, ms, group, mail) -> None:
+def _send(x, job, ready, part, ms, group, mail) -> int:
+    """Posts a message; returns its receiver."""
     _, _, peer, numel, elem = part
     g = group(ms, x.d)
     fabric = g.fabric.with_(elem_bytes=elem)
@@ -278,6 +311,7 @@ def _send(x, job, ready, part, ms, group, mail) -> None:
     mail[(x.d, ms[peer])].append(starts[0])
     x.spans[job].append(("send", starts[0], done, numel * elem))
     x.job_end[job] = done
+    return ms[peer]
 
 
 def _recv(x, job, ready, part, ms, group, mail) -> None:

@@ -8,8 +8,8 @@ from emulator.collectives import ALGORITHMS, PRIMITIVES, predict, simulate
 from emulator.collectives.alltoall import layout_for
 from emulator.collectives.core import finish, prepare, reference
 from emulator.collectives.fabric import Fabric
-from emulator.collectives.local import execute
-from emulator.collectives.schedules import SCHEDULES, Topology
+from emulator.collectives.local import _lockstep, execute
+from emulator.collectives.schedules import SCHEDULES, Topology, schedule
 
 PAIRS = [(p, a) for p in PRIMITIVES for a in ALGORITHMS if (p, a) in SCHEDULES]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
@@ -142,3 +142,31 @@ def test_ports_serialise_a_fan_out():
     n = 3 * 10**6  # 1 MB shards
     assert simulate("reduce_scatter", "direct", n, s, dtype="uint8", fabric=Fabric.ideal(s)) == pytest.approx(
         1e-6 + 3 * 10**6 / 4 / 1e9 * 3, rel=1e-12)
+
+
+@pytest.mark.parametrize("world,domain", [(2, 2), (6, 3), (8, 4), (12, 4), (16, 16)])
+@pytest.mark.parametrize("primitive,algorithm", PAIRS)
+def test_timing_alone_equals_timing_with_data_to_the_bit(primitive, algorithm, world, domain):
+    """Timing only, lockstep schedules (rings) take the vectorised path (local._lockstep): every
+    rank's end equals the loop's (which runs whenever data are given), to the bit, from uneven
+    start times, across domains, with a straggler's slower links and counts world does not divide."""
+    system = System("h100", world, domain=domain)
+    topo, fabric = Topology(world, domain), Fabric.of(system, 2, slowdown={world - 1: 1.7})
+    starts = [1e-3 * ((r * 7) % 5) for r in range(world)]
+    for count in (world * 3 + 1, 3 * 2**14 + 3):
+        if primitive == "all_gather":
+            count -= count % world
+        lay = [layout_for(r, world, count, topo, algorithm) if primitive == "all_to_all" else None
+               for r in range(world)]
+        data = [prepare(primitive, r, world, torch.zeros(count // world if primitive == "all_gather" else count),
+                        lay[r]) for r in range(world)]
+        alone = execute(primitive, algorithm, world, count, topo, fabric, start_times=starts)
+        assert alone == execute(primitive, algorithm, world, count, topo, fabric, data, start_times=starts)
+
+
+def test_rings_take_the_lockstep_path():
+    """The test above compares something: a ring's schedule is one the vectorised path takes."""
+    world = 12
+    for primitive in ("all_gather", "reduce_scatter", "all_reduce"):
+        plans = [schedule(primitive, "ring", r, world, 1200, Topology(world, 4)) for r in range(world)]
+        assert _lockstep(plans, [0.0] * world, Fabric.of(System("h100", world, domain=4))) is not None
