@@ -72,26 +72,26 @@ def quick_step(t, step: Step, starts: list, buf, elem_bytes: int, dev, op: str):
     this node, the messages fit in a slot and a receive reduces, if at all, by sum. Returns the
     incoming message's emulated start (None without one), or False, having moved nothing, when
     the step must take the general path."""
-    e = buf.element_size() if buf is not None else 0
+    e, base = (buf.element_size(), buf.data_ptr()) if buf is not None else (0, 0)
     out = inn = None
     if step.sends:
         s = step.sends[0]
         peer, ((a, b),) = dev(s.peer), s.segs
         if peer not in t.near or (b - a) * e > t.plane.tx[peer].size:
             return False
-        out = (peer, (t.rank, t.sent[peer], (b - a) * elem_bytes, starts[0]),
-               buf.data_ptr() + a * e if e else 0, (b - a) * e)
+        out = (peer, (t.rank, t.sent[peer], (b - a) * elem_bytes, starts[0]), base + a * e, (b - a) * e)
     if step.recvs:
         r = step.recvs[0]
         peer, ((a, b),) = dev(r.peer), r.segs
         if peer not in t.near or (b - a) * e > t.plane.rx[peer].size or (r.reduce and op not in ("sum", "avg")):
             return False
-        inn = (peer, t.got[peer], (b - a) * elem_bytes, buf[a:b] if e else None, r.reduce)
+        # a copy lands by address (no tensor made: host time), a sum adds into a view
+        inn = (peer, t.got[peer], (b - a) * elem_bytes, (b - a) * e, buf[a:b] if r.reduce and e else base + a * e)
     start = t.plane.quick(out, inn)
     if start is False:  # the ring to the peer is full: exchange waits for room
         sends = [SendOp(out[0], out[1], [(0, out[2], out[3])] if out[3] else [])] if out else []
-        into = [(0, inn[3])] if inn and inn[3] is not None and inn[3].numel() else []
-        recvs = [RecvOp(t.rank, inn[0], inn[1], inn[2], into, inn[4])] if inn else []
+        into = [(0, buf[a:b])] if inn and inn[3] else []
+        recvs = [RecvOp(t.rank, inn[0], inn[1], inn[2], into, r.reduce)] if inn else []
         t.plane.exchange(sends, recvs)
         start = recvs[0].start if recvs else None
     if out:

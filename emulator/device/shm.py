@@ -25,11 +25,12 @@ from emulator.device import shm_file
 from emulator.device.peers import PeerError
 from emulator.device.shm_file import ROOM_TICK_S, SLOTS, TICK_S, Channel, File, alive, memmove, ring, sleep
 
-SPIN_S = 100e-6  # how long a device waiting for a peer spins before it sleeps: on this 2-core VM host
-#   a futex sleep and wake-up cost about 45 us of CPU, and a 4-byte ping-pong took 110-150 us one
-#   way without spinning, 22-35 us with it. A spin that fails (the message came only after a
-#   sleep) halves the next one, so oversubscribed devices, whose peers are not running, soon stop
-#   spinning; one receive in PROBE_EVERY spins in full to find out whether it pays again
+SPIN_S = 250e-6  # how long a device waiting for a peer spins before it sleeps: on this 2-core VM host
+#   a futex sleep and wake-up cost about 45 us of CPU; a 4-byte ping-pong between actors took
+#   110-150 us one way without spinning, 37-50 us with a 100 us spin (a 1 MB piece's copy, under
+#   memory contention, often outlasted it) and 28-31 us with this one. A spin that fails (the
+#   message came only after a sleep) halves the next one, so oversubscribed devices, whose peers
+#   are not running, soon stop spinning; one wait in PROBE_EVERY spins in full to see if it pays
 PROBE_EVERY = 16
 POSTED = 1 << 32  # channel id POSTED + p: peer p's posted point-to-point messages (the backend's send/recv)
 
@@ -195,9 +196,10 @@ class ShmPlane:
         """exchange's fast path for at most one message each way that fits in a slot (a ring's
         step, a small point-to-point message), with no objects made per message: the host time of
         a small message is these few lines. `out`: (peer, header, address, bytes); `inn`: (peer,
-        sequence, emulated bytes, into, reduce), `into` a contiguous tensor the payload lands in
-        (or None: the header alone). Returns the incoming message's emulated start (None without one), or False,
-        having moved nothing, when the ring to `out`'s peer is full (exchange then moves both)."""
+        sequence, emulated bytes, payload bytes, into), `into` the address the payload is copied
+        to, or a contiguous tensor it is added into. Returns the incoming message's emulated start
+        (None without one), or False, having moved nothing, when the ring to `out`'s peer is full
+        (exchange then moves both)."""
         if out is not None:
             peer, header, addr, n = out
             ch = self.tx[peer]
@@ -212,7 +214,7 @@ class ShmPlane:
             ring(self.files[peer].addr)
         if inn is None:
             return None
-        peer, seq, nbytes, into, reduce = inn
+        peer, seq, nbytes, size, into = inn
         ch, since = self.rx[peer], None
         words, w, r = ch.words, ch.w, ch.words[ch.r]
         if words[w] == r:  # not there yet: spin a while, then sleep (see SPIN_S)
@@ -230,14 +232,13 @@ class ShmPlane:
                 self._spin_s = SPIN_S
         k = r % SLOTS
         sender, sq, nb, start, off, n = ch.preamble(k)
-        size = into.numel() * into.element_size() if into is not None else 0
         if (int(sender), int(sq), int(nb), int(off), int(n)) != (peer, seq, nbytes, 0, size):
             raise _mismatch(self.rank, (peer, seq, nbytes, 0), (sender, sq, nb, off))
         if size:
-            if reduce:
-                into.add_(ch.slots[k][:size].view(into.dtype))
+            if isinstance(into, int):
+                memmove(into, ch.slot_addr[k], size)
             else:
-                memmove(into.data_ptr(), ch.slot_addr[k], size)
+                into.add_(ch.slots[k][:size].view(into.dtype))
         ch.words[ch.r] = r + 1
         if ch.words[ch.wait]:
             ch.words[ch.wait] = 0
