@@ -57,7 +57,6 @@ def recvs(t, step: Step, buf, dtype, elem_bytes: int, staged: dict, dev, op: str
     return ops
 
 
-
 @functools.lru_cache(maxsize=4096)
 def simple(step: Step) -> bool:
     """Whether `step` is at most one send and one receive (a ring's step, a point-to-point
@@ -187,10 +186,7 @@ class _PostedRecv:
                                f"(at byte {int(off)}, {int(off) + n} bytes)")
         if n:
             memmove(self.at + self.off, ch.slot_addr[k], n)
-        ch.set_read(r + 1)
-        if ch.words[ch.wait]:
-            ch.words[ch.wait] = 0
-            ring(bell)
+        ch.free(r, bell)
         if self.off == 0:  # raw bytes: no torch op on this thread (a dispatch mode may be about)
             memmove(self.hdr.data_ptr(), _HDR.pack(sender, seq, nbytes, start), _HDR.size)
         self.off += n

@@ -104,10 +104,7 @@ class RecvOp:
                 memmove(part.data_ptr(), ch.slot_addr[k] + at, size)
             else:
                 part.copy_(ch.slots[k][at:at + size].view(part.dtype))
-        ch.set_read(r + 1)  # frees the slot once its bytes have been used
-        if ch.words[ch.wait]:  # the sender waits for room: wake it
-            ch.words[ch.wait] = 0
-            ring(bell)
+        ch.free(r, bell)  # once its bytes have been used
         self.off += n
         self.done = self.off >= self.total
         return True
@@ -239,10 +236,7 @@ class ShmPlane:
                 memmove(into, ch.slot_addr[k], size)
             else:
                 into.add_(ch.slots[k][:size].view(into.dtype))
-        ch.words[ch.r] = r + 1
-        if ch.words[ch.wait]:
-            ch.words[ch.wait] = 0
-            ring(self.files[peer].addr)
+        ch.free(r, self.files[peer].addr)
         return start
 
     def _spin_for(self) -> float:

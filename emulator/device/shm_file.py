@@ -165,8 +165,13 @@ class Channel:
     def set_written(self, n: int) -> None:
         self.words[self.w] = n
 
-    def set_read(self, n: int) -> None:
-        self.words[self.r] = n
+    def free(self, r: int, bell: int) -> None:
+        """The receiver is done with slot count `r`: free it, and ring the sender's doorbell at
+        `bell` if the sender said it waits for room."""
+        self.words[self.r] = r + 1
+        if self.words[self.wait]:
+            self.words[self.wait] = 0
+            ring(bell)
 
     def preamble(self, k: int) -> tuple:
         return _PRE.unpack_from(self.mm, self.base + 192 + 64 * k)
