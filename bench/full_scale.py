@@ -29,7 +29,7 @@ RUNS = [
     ("cloudmatrix384", "llama3-70b", "dp=384,fsdp,recompute", 768),  # relay plan's 1st
     ("nvl72", "llama3-70b", "dp=72,fsdp,recompute", 576),  # relay plan's 3rd (1st: tp=2,pp=2, 32 microbatches)
     ("cloudmatrix384", "deepseek-v3", "dp=384,ep=128,fsdp,recompute", 1152),  # relay plan's 1st
-    ("nvl72", "deepseek-v3", "dp=8,pp=9,ep=8,fsdp,recompute", 72),  # relay plan's only plan, at a 9-sample replica
+    ("nvl72", "deepseek-v3", "dp=72,ep=8,fsdp,recompute", 72),  # relay plan's 1st
 ]
 CATEGORIES = ("tensor parallel", "pipeline", "expert all-to-all", "data parallel")
 

@@ -124,6 +124,11 @@ class Parallel:
         return (self.pp, self.dp // self.ep, self.ep, self.tp)
 
     @property
+    def dp_outer(self) -> int:
+        """Replicas that hold the same experts (dp / ep; dp without expert parallelism)."""
+        return self.dp // self.ep
+
+    @property
     def n_microbatches(self) -> int:
         return self.microbatches or self.pp
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from emulator import workloads
 from emulator.collectives.schedules import check as check_algorithm
@@ -203,13 +204,19 @@ class Optimizer:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
+            g, m, v = p.grad, *((self.m[i], self.v[i]) if self.m else (None, None))
+            if isinstance(p, DTensor) and isinstance(g, DTensor) and g.placements == p.placements:
+                # elementwise on one layout: DTensor would run each op on the local tensors; so do
+                # we, without its dispatch (host time: thousands of parameters at full size)
+                p, g = p._local_tensor, g._local_tensor
+                m, v = (m._local_tensor, v._local_tensor) if self.m else (m, v)
             if self.name == "sgd":
-                p.add_(p.grad, alpha=-self.lr)
+                p.add_(g, alpha=-self.lr)
                 continue
-            self.m[i].lerp_(p.grad, 1 - b1)
-            self.v[i].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (self.v[i].sqrt() / (1 - b2 ** self.t) ** 0.5).add_(self.eps)
-            p.addcdiv_(self.m[i], denom, value=-self.lr / (1 - b1 ** self.t))
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / (1 - b2 ** self.t) ** 0.5).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
 
     def zero_grad(self) -> None:
         """Drop the gradients (torch's default, set_to_none): the next backward writes them

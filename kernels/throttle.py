@@ -9,6 +9,13 @@ computed K times that batch. What grows with the batch is charged K times: every
 the bytes of activation-shaped tensors. What does not is charged once: the bytes of parameter-
 and gradient-shaped tensors (weight reads, weight-gradient writes, gradient accumulation).
 `ParameterTensors` decides which tensors those are (see there).
+
+DTensors (tensor parallel's and FSDP2's parameters, their gradients and optimizer state): a mode
+sees the DTensor op, before DTensor runs it on each device's local tensors, and never the local
+op. What the device computes is the local op, so a DTensor op is charged by its arguments' and
+output's local tensors (a column-parallel matmul at 1 / tp of the FLOPs, an FSDP2 optimizer step
+on the shard). The parallel plans lay inputs out before each op (parallelize_module's styles),
+so the local op runs on those very tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels.clock import VirtualLane
@@ -59,19 +67,26 @@ class Throttle(TorchDispatchMode):
             torch.cuda.synchronize()
         if self.log is not None and _steers(func):
             self.steered = True
+        if DTensor in types:  # charged as the local op it runs (see the module's docstring)
+            self._charge(func, *_local((args, kwargs or {}, out)))
+        else:
+            self._charge(func, args, kwargs, out)
+        return out
+
+    def _charge(self, func, args, kwargs, out) -> None:
         # the cost model's parts, without an OpCost per op (this runs for every op)
         k, model = self.batch_scale, self.cost_model
         if k == 1.0:
             parts = model.op_parts(func, args, kwargs, out)
             if parts is None:
-                return out
+                return
             flops, nbytes, _, q = parts
             seconds = model.seconds(flops / q, nbytes)
             flops, nbytes = float(flops), float(nbytes)
         else:
             parts = model.op_parts(func, args, kwargs, out, self.fixed, k)
             if parts is None:
-                return out
+                return
             flops, nbytes, fixed, q = parts
             flops, nbytes = flops * k, (nbytes - fixed) * k + fixed
             seconds = model.seconds(flops / q, nbytes)
@@ -84,7 +99,6 @@ class Throttle(TorchDispatchMode):
             self.lane.charge(seconds)
             if self.log is not None:
                 self.log.append((seconds, flops, nbytes))
-        return out
 
     @contextlib.contextmanager
     def pause(self):
@@ -94,6 +108,17 @@ class Throttle(TorchDispatchMode):
             yield
         finally:
             self.paused = was
+
+
+def _local(x):
+    """x with every DTensor replaced by its local tensor (in lists, tuples and dicts)."""
+    if isinstance(x, DTensor):
+        return x._local_tensor
+    if type(x) in (list, tuple):
+        return type(x)(_local(y) for y in x)
+    if type(x) is dict:
+        return {k: _local(v) for k, v in x.items()}
+    return x
 
 
 _STEERS: dict = {}  # op -> whether it steers (see _steers)
@@ -126,6 +151,7 @@ class ParameterTensors:
 
     def __init__(self, params):
         params = list(params)
+        params += [p._local_tensor for p in params if isinstance(p, DTensor)]  # (DTensors are charged by these)
         self.storages = {p.untyped_storage().data_ptr() for p in params}
         shapes = {tuple(p.shape) for p in params}
         self.shapes = shapes | {s[::-1] for s in shapes if len(s) == 2} | {()}

@@ -19,8 +19,11 @@ class CommThrottle(Throttle):
     def __init__(self, engine, *args, **kwargs):  # engine: the device's Engine (engine.py)
         super().__init__(*args, **kwargs)
         self.engine = engine
+        self.fresh = None  # a fake_ops.FreshOps while a program runs on fake tensors
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:  # see _DEVICE
+            return func(*args)
         if not self.paused:
             self.engine.wait_for_inputs((args, kwargs))
         return super().__torch_dispatch__(func, types, args, kwargs)
@@ -28,8 +31,15 @@ class CommThrottle(Throttle):
     def execute(self, func, args, kwargs):
         if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
             return _FUNCTIONAL[func](*args)
+        if self.fresh is not None:
+            return self.fresh.run(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
+
+# A fake tensor's device, asked for by torch's C++ code (autograd, about half of all dispatches of a
+# fake-tensor step): no kernel and nothing read, answered by fake mode at once. Real tensors never
+# dispatch it, so it neither waits for communication nor passes the throttle.
+_DEVICE = torch.ops.prim.device.default
 
 # Functional collectives (DTensor's, all_to_all_single_autograd's) on fake tensors: FakeTensorMode
 # would answer them from their shape rule alone and no message would leave, so they are issued as

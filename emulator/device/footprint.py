@@ -18,7 +18,7 @@ at most the microbatches; interleaved 1F1B, `stages` = v chunks per rank: torch'
 (v - 1) x the microbatches of a round + 2 (pp - 1 - stage), plus one, chunks of 1 / v of the
 rank's blocks, at most v x the microbatches), recompute (each block keeps its input, 2 s b d bytes at bf16, and one
 block's activations are live while it is recomputed), FSDP (parameters, gradients and optimizer
-state divided by the replicas, experts excepted as plans.py leaves them out, plus one block
+state divided by the replicas, experts by the dp / ep replicas that hold them, plus one block
 gathered whole), and the 2 + 2 + 12 bytes per
 parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020). Sequence parallel (`sp`)
 is not modelled: its figures are tensor parallel's without it, an upper bound (sp splits the
@@ -61,7 +61,7 @@ class Part:
     optimizer_s: float  # emulated seconds of its optimizer step
     activations: float  # bytes autograd saves in its forward pass
     params: int  # parameters this device holds of it
-    expert_params: int  # of which experts' (synchronised over dp / ep replicas, not dp)
+    expert_params: int  # of which experts' (synchronised and sharded over dp / ep replicas, not dp)
 
     def __sub__(self, o: Part) -> Part:
         return Part(*(getattr(self, f) - getattr(o, f) for f in Part.__dataclass_fields__))
@@ -305,8 +305,8 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         share = (0.5 if stage == 0 else 0) + (0.5 if stage == plan.pp - 1 else 0)
         params = sum(b.params for b in blocks) + base.params * share
         experts = sum(b.expert_params for b in blocks)
-        # FSDP shards all but the experts (plans.py leaves them out of fully_shard)
-        sharded = (params - experts) / plan.dp + experts if plan.fsdp else params
+        # FSDP shards experts over the dp / ep replicas that hold them, the rest over dp (plans.py)
+        sharded = (params - experts) / plan.dp + experts / plan.dp_outer if plan.fsdp else params
         gathered = max((b.params for b in blocks), default=0) if plan.fsdp else 0  # one block gathered whole
         held = in_flight(plan, stage)
         if plan.recompute:  # each block keeps its input; one block is live while it is recomputed

@@ -23,11 +23,12 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp._fully_shard import _fsdp_param
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 from torch.utils._pytree import tree_map
 
 import emulator.dist as relay_dist
 from emulator.device import plans
+from emulator.device.fake_ops import FreshOps
 from emulator.device.job import Job, die
 from emulator.device.program import Program, run_program
 from emulator.device.record import Recorder
@@ -64,14 +65,16 @@ class _Model:
             experts = getattr(getattr(config.workload, "config", None), "n_experts", 0)
             kept = range(self.at["ep"] * experts // plan.ep, (self.at["ep"] + 1) * experts // plan.ep) \
                 if plan.ep > 1 else None  # the experts this device keeps (plans.expert_parallel): built alone
-            with unset_fake_temporarily(), torch.device("meta"), only_experts(kept):  # shapes only
+            # shapes only, outside every mode (the throttle's and fake mode's dispatch of each
+            # parameter's initialisation on the meta device costs seconds at full size)
+            with _disable_current_modes(), torch.device("meta"), only_experts(kept):
                 model = config.workload.build_model()
-            model = model.to_empty(device="cpu")
+            # (to_empty's empty_like converts each meta tensor to a fake one first: 3x the host time)
+            model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
             for layer in model.modules():
                 if isinstance(layer, MoE):
                     layer.routing = config.routing or balanced()
-        self.experts = plans.expert_parallel(model, mesh.get_group("ep"), plan.ep, self.at["ep"]) \
-            if plan.ep > 1 else []
+        experts = plans.expert_parallel(model, mesh.get_group("ep"), plan.ep, self.at["ep"]) if plan.ep > 1 else []
         self.offset = self.at["ep"] * model.config.n_experts // plan.ep if plan.ep > 1 else 0
         self.first, self.last = self.at["pp"] == 0, self.at["pp"] == plan.pp - 1
         indices = plans.chunks_of(plan, self.at["pp"])  # this device's stages (one unless interleaved)
@@ -85,9 +88,16 @@ class _Model:
                 plans.recompute(mine)
             blocks += mine
         self.parts = parts  # the unwrapped modules: their state is the weights this device holds
+        held = {id(p) for part in parts for p in part.parameters()}
+        experts = [p for p in experts if id(p) in held]  # (its pipeline stages' experts only)
+        # with fsdp, experts are sharded over the replicas that hold them (plans.data_parallel);
+        # otherwise summed over them after backward (plans.sync_experts)
+        shard = plan.fsdp and plan.ep > 1 and plan.dp_outer > 1
+        self.experts = [] if shard else experts
         with unset_fake_temporarily(), (_own_chunks() if mode else contextlib.nullcontext()):
             # (FSDP2 over tensor parallel builds a mesh: its device table is real)
-            self.buckets = plans.data_parallel(parts, blocks, plan, dp_mesh, self.experts, config.bucket_mb)
+            self.buckets = plans.data_parallel(parts, blocks, plan, dp_mesh, self.experts, config.bucket_mb,
+                                               mesh["dp_outer"] if shard else None)
         self.module = parts[0]
         self.schedule = None
         if plan.pp > 1:
@@ -134,8 +144,12 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
     # fake tensors: the mode stays active for the whole run (below the throttle: FakeTensorMode is
     # an infrastructure mode, always last on the dispatch stack, so the throttle still sees every op)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if config.fake else None
-    with (mode or contextlib.nullcontext()), (_eager() if mode else contextlib.nullcontext()):
-        return _steps(dev, job, config, ctx, meshes, mode)
+    ctx.throttle.fresh = FreshOps(mode) if mode else None  # fake mode's answers, remembered (fake_ops.py)
+    try:
+        with (mode or contextlib.nullcontext()), (_eager() if mode else contextlib.nullcontext()):
+            return _steps(dev, job, config, ctx, meshes, mode)
+    finally:
+        ctx.throttle.fresh = None
 
 
 @contextlib.contextmanager
@@ -179,11 +193,12 @@ def _own_chunks():
 
 class _Chunks:
     """torch.chunk(tensor, n, dim) padded to n pieces with empty ones (FSDP2's _chunk_with_empty),
-    each piece made on demand."""
+    each piece made on demand, once (FSDP2 asks for its own and the first: on rank 0, one piece)."""
 
     def __init__(self, tensor: torch.Tensor, n: int, dim: int):
         self.tensor, self.n, self.dim = tensor, n, dim
         self.size = -(-tensor.size(dim) // n)  # torch.chunk's piece size
+        self.made: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self.n
@@ -191,6 +206,11 @@ class _Chunks:
     def __getitem__(self, i: int) -> torch.Tensor:
         if not 0 <= i < self.n:
             raise IndexError(i)
+        if i not in self.made:
+            self.made[i] = self._piece(i)
+        return self.made[i]
+
+    def _piece(self, i: int) -> torch.Tensor:
         start, length = i * self.size, self.tensor.size(self.dim)
         if length == 0:  # (torch.chunk gives n empty pieces)
             return self.tensor.narrow(self.dim, 0, 0)

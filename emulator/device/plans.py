@@ -18,8 +18,11 @@ device, on the plan's one DeviceMesh (pp, dp / ep, ep, tp) over the `relay` back
 * recompute: each block's forward under `torch.utils.checkpoint` (non-reentrant);
 * data parallel (dp): FSDP2 (`fully_shard` on each block, then the root) with `fsdp`; otherwise
   DDP's algorithm (`Buckets`: bucketed asynchronous all_reduce during backward), since torch's
-  DDP takes neither DTensor parameters nor fake tensors. Expert parameters are left out of both
-  and summed over the replicas that hold the same experts.
+  DDP takes neither DTensor parameters nor fake tensors. Under expert parallelism a layer's
+  experts are held by the dp / ep replicas of one expert index: with `fsdp` they are sharded over
+  those replicas (`fully_shard` on the layer's Experts with the dp_outer mesh, as torchtitan shards
+  experts over dp_shard / ep, their reduce-scatter divided by dp), otherwise left out of both and
+  summed over those replicas (`sync_experts`).
 
 Every part runs on fake tensors too (tensors="fake"): the pipeline's shapes are given, not
 inferred at run time, and expert parallelism routes by the layers' routing models.
@@ -27,6 +30,7 @@ inferred at run time, and expert parallelism routes by the layers' routing model
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import replace
 
@@ -50,7 +54,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from emulator.workloads.llama import SwiGLU
-from emulator.workloads.moe import MLA, MoE
+from emulator.workloads.moe import MLA, Experts, MoE
 
 
 class Stage(nn.Module):
@@ -97,7 +101,7 @@ def expert_parallel(model: nn.Module, group, ep: int, index: int) -> list[nn.Par
         if not isinstance(moe, MoE):
             continue
         local = moe.c.n_experts // ep
-        moe.experts = nn.ModuleList(list(moe.experts)[index * local:(index + 1) * local])
+        moe.experts = Experts(list(moe.experts)[index * local:(index + 1) * local])
         moe.expert_offset = index * local
         moe.dispatch = _ExpertDispatch(moe, group, ep, local)
         kept += list(moe.experts.parameters())
@@ -133,11 +137,18 @@ class _ExpertDispatch:
         send = [sum(moe.counts[p * local:(p + 1) * local]) for p in range(ep)]
         recv = [sum(row) for row in got]
         arrived = all_to_all_single_autograd(grouped, recv, send, self.group)  # by peer, then expert
-        pieces = arrived.split([n for row in got for n in row])  # piece p * local + e
-        outs = [moe.experts[e](torch.cat([pieces[p * local + e] for p in range(ep)])) for e in range(local)]
-        parts = [o.split([got[p][e] for p in range(ep)]) for e, o in enumerate(outs)]  # parts[e][p]
-        back = torch.cat([parts[e][p] for p in range(ep) for e in range(local)])  # by peer, then expert
-        out = all_to_all_single_autograd(back, send, recv, self.group)  # (N k, d) in `order`
+        # regrouped by expert (then peer) with one gather, and back with another, as torchtitan's
+        # permutation does: the rows each expert takes are those the one-device dispatch gives it
+        starts = list(itertools.accumulate((n for row in got for n in row), initial=0))  # piece p * local + e
+        by_expert = [i for e in range(local) for p in range(ep)
+                     for i in range(starts[p * local + e], starts[p * local + e + 1])]
+        back = [0] * len(by_expert)
+        for i, j in enumerate(by_expert):
+            back[j] = i
+        ins = arrived[torch.tensor(by_expert, device=x.device)].split([sum(got[p][e] for p in range(ep))
+                                                                        for e in range(local)])
+        outs = torch.cat(moe.experts(list(ins)))  # by expert, then peer
+        out = all_to_all_single_autograd(outs[torch.tensor(back, device=x.device)], send, recv, self.group)
         out = out * weights.reshape(-1)[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token, out)
 
@@ -232,14 +243,21 @@ class _Recompute:
 
 
 # ---------------------------------------------------------------- data parallel
-def data_parallel(modules: list, blocks: list, plan, mesh, ignored: list, bucket_mb: float):
+def data_parallel(modules: list, blocks: list, plan, mesh, ignored: list, bucket_mb: float, expert_mesh=None):
     """FSDP2 over the replicas with `fsdp` (each block, then each of this device's modules: its
-    pipeline chunks, or the model); otherwise the replicas' mean gradient by Buckets (see the
-    module's docstring). Returns the Buckets (None: nothing left to do after backward)."""
+    pipeline chunks, or the model; first each layer's experts over `expert_mesh`, if given);
+    otherwise the replicas' mean gradient by Buckets (see the module's docstring). Returns the
+    Buckets (None: nothing left to do after backward)."""
     if plan.dp == 1:
         return None
     skip = set(ignored)
     if plan.fsdp:
+        for experts in (m for block in blocks for m in block.modules() if isinstance(m, Experts)) \
+                if expert_mesh is not None else ():
+            fully_shard(experts, mesh=expert_mesh)
+            # summed over the replicas holding them, divided by all replicas (see sync_experts)
+            experts.set_gradient_divide_factor(plan.dp)
+            experts.set_force_sum_reduction_for_comms(True)
         for block in blocks:
             fully_shard(block, mesh=mesh, ignored_params=skip or None)
         for module in modules:

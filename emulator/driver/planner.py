@@ -266,11 +266,12 @@ class _Kernels:
 
 def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> float:
     """Each part's measured optimizer step: its launches (ops per tensor; FSDP2 keeps every tensor,
-    sharded) whole, the rest divided by dp under FSDP, experts excepted (not in fully_shard)."""
+    sharded) whole, the rest divided by dp under FSDP (experts: by the dp / ep replicas holding them)."""
     out = 0.0
     for p, (n, _) in zip(parts, tensors):
         launches = min(n * ops * kernels.model.seconds(0, 0), p.optimizer_s)
-        share = ((p.params - p.expert_params) / plan.dp + p.expert_params) / max(p.params, 1) if plan.fsdp else 1.0
+        share = ((p.params - p.expert_params) / plan.dp + p.expert_params / plan.dp_outer) / max(p.params, 1) \
+            if plan.fsdp else 1.0
         out += launches + (p.optimizer_s - launches) * share
     return out
 
@@ -285,35 +286,30 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     FSDP2 (units: each block, and the root: embedding, norm, head): each microbatch gathers
     every unit forward, the blocks again backward, and reduce-scatters each unit (a pipeline
     keeps them gathered after the first backward and reduce-scatters once); all exposed (the
-    runs: FSDP2 waits for each where it is issued); FSDP_*_KERNELS charged. Expert gradients:
-    an all-reduce per tensor over dp / ep (exposed) and a division."""
+    runs: FSDP2 waits for each where it is issued); FSDP_*_KERNELS charged. Expert gradients
+    (ep > 1): with fsdp, each MoE block's experts a unit of their own over the dp / ep replicas
+    holding them; otherwise an all-reduce per tensor over those replicas (exposed) and a division."""
     expert_tensors = sum(e for _, e in tensors)
     expert_params = sum(p.expert_params for p in parts)
-    compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
-    exposed = 0.0
-    if expert_tensors and plan.dp // plan.ep > 1:
-        exposed = expert_tensors * _collective(system, plan, "dp_outer", "all_reduce",
-                                               expert_params * size / expert_tensors)
+    shard = plan.fsdp and plan.ep > 1 and plan.dp_outer > 1
+    compute = exposed = 0.0
+    if expert_tensors and not shard:
+        compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
+        if plan.dp_outer > 1:
+            exposed = expert_tensors * _collective(system, plan, "dp_outer", "all_reduce",
+                                                   expert_params * size / expert_tensors)
     if plan.dp == 1:
         return compute, exposed
     dense = [(p.params - p.expert_params, n - e, p.backward_s) for p, (n, e) in zip(parts, tensors)]
     params, owned = sum(d[0] for d in dense), sum(d[1] for d in dense)
     if plan.fsdp:
-        # units: each block, and the root (the stage's share of embedding, norm and head)
-        units = [d for d in dense if d[0]]
-        gather = [_collective(system, plan, "dp", "all_gather", d[0] * size) for d in units]
-        scatter = [_collective(system, plan, "dp", "reduce_scatter", d[0] * size) for d in units]
-        blocks = len(dense) - 1
-        if plan.pp == 1:  # every microbatch gathers each unit, the blocks again in backward, and reduce-scatters
-            gathers, scatters = m * (sum(gather) + sum(gather[:blocks])), m * sum(scatter)
-            n_gather, n_scatter = m * (len(units) + blocks), m * len(units)
-        else:  # the pipeline schedule keeps them gathered after the first backward and syncs once
-            gathers, scatters = m * sum(gather) + sum(gather[:blocks]), sum(scatter)
-            n_gather, n_scatter = m * len(units) + blocks, len(units)
-        launches = (FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter
-                    + FSDP_UNIT_KERNELS * m * len(units))
-        compute += kernels.seconds(launches, 2 * params * (n_gather + n_scatter) / max(len(units), 1))
-        return compute, exposed + gathers + scatters
+        # units: each block, and the root (the stage's share of embedding, norm and head); the
+        # experts of each MoE block, regathered in backward as blocks are
+        units = [d[0] for d in dense if d[0]]
+        comp, comm = _fsdp(system, plan, "dp", units, len(dense) - 1, size, kernels, m)
+        experts = [p.expert_params for p in parts if p.expert_params] if shard else []
+        x_comp, x_comm = _fsdp(system, plan, "dp_outer", experts, len(experts), size, kernels, m)
+        return compute + comp + x_comp, exposed + comm + x_comm
     grads = params * size
     buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
     each = _collective(system, plan, "dp", "all_reduce", grads / buckets)
@@ -321,6 +317,24 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     if plan.pp > 1:
         return compute, exposed + buckets * each
     return compute, exposed + max(buckets * each - sum(d[2] for d in dense), each)
+
+
+def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int, kernels: _Kernels,
+          m: int) -> tuple:
+    """(Compute, communication) of FSDP2 units of `units` parameters over `dim`, the first
+    `blocks` of them gathered again in backward (see _data_parallel)."""
+    if not units:
+        return 0.0, 0.0
+    gather = [_collective(system, plan, dim, "all_gather", n * size) for n in units]
+    scatter = [_collective(system, plan, dim, "reduce_scatter", n * size) for n in units]
+    if plan.pp == 1:  # every microbatch gathers each unit, the blocks again in backward, and reduce-scatters
+        gathers, scatters = m * (sum(gather) + sum(gather[:blocks])), m * sum(scatter)
+        n_gather, n_scatter = m * (len(units) + blocks), m * len(units)
+    else:  # the pipeline schedule keeps them gathered after the first backward and syncs once
+        gathers, scatters = m * sum(gather) + sum(gather[:blocks]), sum(scatter)
+        n_gather, n_scatter = m * len(units) + blocks, len(units)
+    launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter + FSDP_UNIT_KERNELS * m * len(units)
+    return kernels.seconds(launches, 2 * sum(units) * (n_gather + n_scatter) / len(units)), gathers + scatters
 
 
 def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes: float) -> float:

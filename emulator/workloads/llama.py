@@ -129,8 +129,9 @@ class Transformer(nn.Module):
 
 
 def _init(m: nn.Module) -> None:
-    """nanoGPT's initialisation: N(0, 0.02) weights (a no-op on the meta device)."""
-    if isinstance(m, (nn.Linear, nn.Embedding)):
+    """nanoGPT's initialisation: N(0, 0.02) weights (none on the meta device, where it would do
+    nothing but cost host time: seconds for a full-size model's thousands of tensors)."""
+    if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
         nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
 

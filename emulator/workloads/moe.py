@@ -133,13 +133,21 @@ def only_experts(keep: range | None):
         _built = before
 
 
+class Experts(nn.ModuleList):
+    """A layer's experts, called on their inputs together (one list in, one list out): a module
+    FSDP2 can shard as one unit, whose forward gathers all its experts at once (plans.py)."""
+
+    def forward(self, inputs: list) -> list:
+        return [expert(x) for expert, x in zip(self, inputs)]
+
+
 class MoE(nn.Module):
     def __init__(self, c: MoEConfig, layer: int):
         super().__init__()
         self.c, self.layer = c, layer  # layer: this MoE layer's index among the model's MoE layers
         self.router = nn.Linear(c.dim, c.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(c.dim, c.expert_dim) if _built is None or e in _built else nn.Identity()
-                                     for e in range(c.n_experts))
+        self.experts = Experts(SwiGLU(c.dim, c.expert_dim) if _built is None or e in _built else nn.Identity()
+                               for e in range(c.n_experts))
         self.shared = SwiGLU(c.dim, c.n_shared * c.expert_dim) if c.n_shared else None
         self.routing = None  # None: count the real top-k choices; else a routing model (routing.py)
         self.counts: list[int] = []  # tokens each expert got in the last forward pass
@@ -172,7 +180,7 @@ class MoE(nn.Module):
             self.counts = self.routing.counts(self.layer, choice.numel(), self.c.n_experts, k)
         token = order // k  # (N k,) the token of each grouped choice
         grouped = x[token]  # (N k, d): an all_to_all_single's input, split by self.counts
-        out = torch.cat([expert(part) for expert, part in zip(self.experts, grouped.split(self.counts))])
+        out = torch.cat(self.experts(list(grouped.split(self.counts))))
         out = out * weights.reshape(-1)[order].unsqueeze(1)  # (N k, d) weighted by the gate
         return torch.zeros_like(x).index_add_(0, token, out)  # (N, d) each token's sum over its k
 

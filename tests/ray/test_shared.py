@@ -16,7 +16,7 @@ def _figures(res) -> list:
 
 @pytest.mark.parametrize("workload,text,routing", [
     ("llama-debug", "dp=2,tp=2,pp=2,fsdp,recompute", None),
-    ("moe-debug", "dp=4,ep=2", "zipf:1.5"),  # skewed: each expert group is a role of its own
+    ("moe-debug", "dp=4,ep=2,fsdp", "zipf:1.5"),  # skewed: each expert group is a role of its own
 ])
 def test_shared_run_equals_one_process_per_device(cluster8, workload, text, routing):
     plan = Parallel.parse(text)
