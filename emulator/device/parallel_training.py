@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import _disable_current_modes, _get_current_di
 from torch.utils._pytree import tree_map
 
 import emulator.dist as relay_dist
+from emulator.device import experts as experts_plan
 from emulator.device import plans
 from emulator.device.fake_ops import FreshOps
 from emulator.device.job import Job, die
@@ -64,7 +65,7 @@ class _Model:
         else:
             experts = getattr(getattr(config.workload, "config", None), "n_experts", 0)
             kept = range(self.at["ep"] * experts // plan.ep, (self.at["ep"] + 1) * experts // plan.ep) \
-                if plan.ep > 1 else None  # the experts this device keeps (plans.expert_parallel): built alone
+                if plan.ep > 1 else None  # the experts this device keeps (experts.expert_parallel): built alone
             # shapes only, outside every mode (the throttle's and fake mode's dispatch of each
             # parameter's initialisation on the meta device costs seconds at full size)
             with _disable_current_modes(), torch.device("meta"), only_experts(kept):
@@ -74,7 +75,8 @@ class _Model:
             for layer in model.modules():
                 if isinstance(layer, MoE):
                     layer.routing = config.routing or balanced()
-        experts = plans.expert_parallel(model, mesh.get_group("ep"), plan.ep, self.at["ep"]) if plan.ep > 1 else []
+        experts = experts_plan.expert_parallel(model, mesh.get_group("ep"), plan.ep, self.at["ep"]) \
+            if plan.ep > 1 else []
         self.offset = self.at["ep"] * model.config.n_experts // plan.ep if plan.ep > 1 else 0
         self.first, self.last = self.at["pp"] == 0, self.at["pp"] == plan.pp - 1
         indices = plans.chunks_of(plan, self.at["pp"])  # this device's stages (one unless interleaved)
@@ -91,7 +93,7 @@ class _Model:
         held = {id(p) for part in parts for p in part.parameters()}
         experts = [p for p in experts if id(p) in held]  # (its pipeline stages' experts only)
         # with fsdp, experts are sharded over the replicas that hold them (plans.data_parallel);
-        # otherwise summed over them after backward (plans.sync_experts)
+        # otherwise summed over them after backward (experts.sync_experts)
         shard = plan.fsdp and plan.ep > 1 and plan.dp_outer > 1
         self.experts = [] if shard else experts
         with unset_fake_temporarily(), (_own_chunks() if mode else contextlib.nullcontext()):
@@ -132,7 +134,7 @@ class _Model:
         if self.plan.sp:
             plans.sum_partial_grads(self.opt.params)
         if self.experts:
-            plans.sync_experts(self.experts, self.expert_group, self.plan.dp)
+            experts_plan.sync_experts(self.experts, self.expert_group, self.plan.dp)
         return losses
 
 

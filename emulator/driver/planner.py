@@ -270,29 +270,22 @@ def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> f
     out = 0.0
     for p, (n, _) in zip(parts, tensors):
         launches = min(n * ops * kernels.model.seconds(0, 0), p.optimizer_s)
-        share = ((p.params - p.expert_params) / plan.dp + p.expert_params / plan.dp_outer) / max(p.params, 1) \
-            if plan.fsdp else 1.0
-        out += launches + (p.optimizer_s - launches) * share
+        dense, experts = (p.params - p.expert_params) / plan.dp, p.expert_params / plan.dp_outer
+        out += launches + (p.optimizer_s - launches) * ((dense + experts) / max(p.params, 1) if plan.fsdp else 1)
     return out
 
 
 def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _Kernels, m: int) -> tuple:
     """(Compute, exposed communication) of data parallelism, emulated seconds, as plans.py runs it.
 
-    Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets of `size`-byte elements, each
-    all-reduced when its last gradient is made, during the last microbatch's backward (pp = 1:
-    the last bucket, holding the embedding, is exposed, and whatever outlasts the backward) or
-    all after the schedule (pp > 1, exposed); a cat per bucket and a copy back per tensor.
-    FSDP2 (units: each block, and the root: embedding, norm, head): each microbatch gathers
-    every unit forward, the blocks again backward, and reduce-scatters each unit (a pipeline
-    keeps them gathered after the first backward and reduce-scatters once); all exposed (the
-    runs: FSDP2 waits for each where it is issued); FSDP_*_KERNELS charged. Expert gradients
-    (ep > 1): with fsdp, each MoE block's experts a unit of their own over the dp / ep replicas
-    holding them; otherwise an all-reduce per tensor over those replicas (exposed) and a division."""
-    expert_tensors = sum(e for _, e in tensors)
-    expert_params = sum(p.expert_params for p in parts)
-    shard = plan.fsdp and plan.ep > 1 and plan.dp_outer > 1
-    compute = exposed = 0.0
+    Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets, each all-reduced when its last
+    gradient is made in the last microbatch's backward (pp = 1: the last bucket and whatever
+    outlasts the backward exposed) or all after the schedule (pp > 1, exposed); a cat per bucket
+    and a copy back per tensor. FSDP2 (`_fsdp`; units: each block, the root, and with ep > 1 each
+    MoE block's experts over the dp / ep replicas holding them): all exposed (FSDP2 waits for each
+    where it is issued). Expert gradients without fsdp: an all-reduce per tensor over dp / ep."""
+    expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
+    shard, compute, exposed = plan.fsdp and plan.ep > 1 and plan.dp_outer > 1, 0.0, 0.0
     if expert_tensors and not shard:
         compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
         if plan.dp_outer > 1:
@@ -303,10 +296,8 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     dense = [(p.params - p.expert_params, n - e, p.backward_s) for p, (n, e) in zip(parts, tensors)]
     params, owned = sum(d[0] for d in dense), sum(d[1] for d in dense)
     if plan.fsdp:
-        # units: each block, and the root (the stage's share of embedding, norm and head); the
-        # experts of each MoE block, regathered in backward as blocks are
-        units = [d[0] for d in dense if d[0]]
-        comp, comm = _fsdp(system, plan, "dp", units, len(dense) - 1, size, kernels, m)
+        # units: each block and the root (the stage's embedding, norm and head); each MoE block's experts
+        comp, comm = _fsdp(system, plan, "dp", [d[0] for d in dense if d[0]], len(dense) - 1, size, kernels, m)
         experts = [p.expert_params for p in parts if p.expert_params] if shard else []
         x_comp, x_comm = _fsdp(system, plan, "dp_outer", experts, len(experts), size, kernels, m)
         return compute + comp + x_comp, exposed + comm + x_comm
@@ -319,20 +310,17 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     return compute, exposed + max(buckets * each - sum(d[2] for d in dense), each)
 
 
-def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int, kernels: _Kernels,
-          m: int) -> tuple:
-    """(Compute, communication) of FSDP2 units of `units` parameters over `dim`, the first
-    `blocks` of them gathered again in backward (see _data_parallel)."""
+def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int, kernels: _Kernels, m: int):
+    """(Compute, communication) of FSDP2 units of `units` parameters over `dim`: each microbatch
+    gathers every unit forward, the first `blocks` again backward, and reduce-scatters each (a
+    pipeline keeps them gathered after the first backward and reduce-scatters once)."""
     if not units:
         return 0.0, 0.0
     gather = [_collective(system, plan, dim, "all_gather", n * size) for n in units]
     scatter = [_collective(system, plan, dim, "reduce_scatter", n * size) for n in units]
-    if plan.pp == 1:  # every microbatch gathers each unit, the blocks again in backward, and reduce-scatters
-        gathers, scatters = m * (sum(gather) + sum(gather[:blocks])), m * sum(scatter)
-        n_gather, n_scatter = m * (len(units) + blocks), m * len(units)
-    else:  # the pipeline schedule keeps them gathered after the first backward and syncs once
-        gathers, scatters = m * sum(gather) + sum(gather[:blocks]), sum(scatter)
-        n_gather, n_scatter = m * len(units) + blocks, len(units)
+    again, syncs = (m, m) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters
+    gathers, scatters = m * sum(gather) + again * sum(gather[:blocks]), syncs * sum(scatter)
+    n_gather, n_scatter = m * len(units) + again * blocks, syncs * len(units)
     launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter + FSDP_UNIT_KERNELS * m * len(units)
     return kernels.seconds(launches, 2 * sum(units) * (n_gather + n_scatter) / len(units)), gathers + scatters
 
@@ -349,16 +337,14 @@ def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes
 
 @functools.lru_cache(maxsize=256)
 def _tensors(workload: str, tp: int, ep: int, seq_len: int | None) -> dict:
-    """Per kind (base, dense, moe), the parameter tensors one device holds, and of them the
-    experts' (counted on the meta device): the kernels of the optimizer and of data parallelism
-    launch per tensor."""
+    """Per kind (base, dense, moe), the parameter tensors one device holds and of them the experts'
+    (counted on the meta device): the optimizer's and data parallelism's kernels launch per tensor."""
     c = config_of(workload, seq_len)
 
     def count(n_layers: int, dense: int) -> tuple:
         with torch.device("meta"):
             model = footprints._workload(workload, footprints.shard(c, tp, ep), tp, n_layers, dense).build_model()
-        names = [n for n, _ in model.named_parameters()]
-        return len(names), sum(".experts." in n for n in names)
+        return len(names := [n for n, _ in model.named_parameters()]), sum(".experts." in n for n in names)
 
     base = count(0, 0)
     out = {"base": base, "dense": tuple(x - y for x, y in zip(count(1, 1), base))}

@@ -92,6 +92,20 @@ def _times(res) -> list:
     return [[{k: r[k] for k in keys} for r in rows] for rows in res.per_device]
 
 
+def test_tensor_parallel_charges_each_device_its_share_of_the_matmuls(cluster8):
+    """The throttle sees a DTensor op, not the local op DTensor runs on each device; it charges
+    the local tensors. Tensor parallel (2 devices, the whole batch each) then costs each device
+    well under the whole batch's FLOPs (the replicated head and norms stay whole), and data
+    parallel (half the batch each) exactly half of them; charged by the DTensors' global shapes,
+    tensor parallel cost 0.95 of the whole."""
+    cluster8.configure(System("h100", 2, domain=2), clock="virtual")
+    kw = dict(steps=1, global_batch=4, tensors="fake", optimizer="sgd", lr=LR)
+    tp, dp = (cluster8.train("llama-debug", parallel=Parallel.parse(p), **kw) for p in ("tp=2", "dp=2"))
+    whole = 2 * dp.per_device[0][0]["flops"]
+    assert all(rows[0]["flops"] == pytest.approx(whole / 2) for rows in dp.per_device)
+    assert all(whole / 2 < rows[0]["flops"] < 0.7 * whole for rows in tp.per_device)
+
+
 def test_fake_moe_with_recorded_routing_equals_real(cluster8):
     """Fake tensors route by a routing model; a histogram of a real run's counts makes them route
     as it did. Every replica is given the same samples, so one device's counts are every device's."""

@@ -1,9 +1,13 @@
-"""Fake-tensor execution of one device's training step (emulator/device/fake.py) and the MoE
-routing models (emulator/workloads/routing.py). No Ray."""
+"""Fake-tensor execution of one device's training step (emulator/device/fake.py), fake mode's
+answers remembered (emulator/device/fake_ops.py) and the MoE routing models
+(emulator/workloads/routing.py). No Ray."""
 
 import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from emulator.device.fake import by_layers, step_cost
+from emulator.device.fake_ops import FreshOps
 from emulator.hardware.chips import get as get_chip
 from emulator.workloads.routing import Histogram, Zipf, apportion, balanced
 
@@ -70,3 +74,35 @@ def test_a_histogram_scales_to_the_choices_and_keeps_its_shape():
 def test_bad_routing_and_tensors_say_what_to_give(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
+
+
+def test_remembered_fake_answers_are_fake_mode_s():
+    """fake_ops.FreshOps answers a key's second call from what fake mode answered the first:
+    the same metadata, a fresh tensor for a fresh op, the base's storage for a view, the mutated
+    argument itself for an in-place op; an op whose output shares an input's storage without
+    being a view (_unsafe_view) is never answered from memory."""
+    a, mode = torch.ops.aten, FakeTensorMode()
+    fresh = FreshOps(mode)
+    with mode:
+        x, w = torch.empty(8, 16), torch.empty(32, 16)
+        cases = [(a.mm.default, (x, w.t())), (a.mul.Tensor, (x, 2.0)), (a.cat.default, ([x, x], 1)),
+                 (a.t.default, (w,)), (a.slice.Tensor, (w, 0, 4, 12)), (a.detach.default, (x,)),
+                 (a.add_.Tensor, (x, x)), (a._unsafe_view.default, (x, [16, 8])),
+                 (a.zeros.default, ([3, 5],))]
+        for func, args in cases:
+            want = func(*args)
+            first, second = fresh.run(func, args, {}), fresh.run(func, args, {})
+            for out in (first, second):
+                assert isinstance(out, FakeTensor) and out.fake_mode is mode
+                assert (out.shape, out.stride(), out.storage_offset(), out.dtype, out.device) == \
+                    (want.shape, want.stride(), want.storage_offset(), want.dtype, want.device)
+            shares = [second.untyped_storage()._cdata == t.untyped_storage()._cdata for t in args[:1]
+                      if isinstance(t, torch.Tensor)]
+            if func.is_view or func is a._unsafe_view.default:  # (the latter: fake mode's answer each time)
+                assert shares == [True] and second is not args[0]
+            elif func is a.add_.Tensor:
+                assert second is args[0]
+            else:
+                assert second is not first and not any(shares)
+    assert fresh.memo[fresh._key(a._unsafe_view.default, (x, [16, 8]), {})] is None
+    assert sum(v is not None for v in fresh.memo.values()) == len(cases) - 1

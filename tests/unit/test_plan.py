@@ -62,6 +62,18 @@ def test_parameters_and_optimizer_are_zero_s_16_bytes_per_parameter_divided_by_t
     assert stage.optimizer == pytest.approx(12 * total / 4, rel=0.10)
 
 
+def test_fsdp_shards_experts_over_the_replicas_that_hold_them():
+    """Under expert parallelism a layer's experts are held by the dp / ep replicas of one expert
+    index, and FSDP2 shards them over those (plans.py); the rest over all dp replicas."""
+    n = parameters("deepseek-v3", 1, 8).parts
+    experts = 58 * n["moe"].expert_params  # one device's routed experts: 32 per MoE layer
+    rest = n["base"].params + 3 * n["dense"].params + 58 * (n["moe"].params - n["moe"].expert_params)
+    fp = footprint("deepseek-v3", Parallel(dp=72, ep=8, fsdp=True, recompute=True), 72, H100)
+    assert fp.optimizer == pytest.approx(12 * (experts / 9 + rest / 72), rel=0.01)
+    unsharded = footprint("deepseek-v3", Parallel(dp=72, ep=8, recompute=True), 72, H100)
+    assert unsharded.optimizer == pytest.approx(12 * (experts + rest), rel=0.01)
+
+
 def test_pipeline_and_recompute_activations_follow_korthikanti():
     """1F1B: the first stage holds pp microbatches of its L/pp layers, L layers' worth in all
     (Korthikanti et al. section 4.2.3); full recompute keeps 2sbh per layer (their 2sbhL) plus
