@@ -129,6 +129,11 @@ class Parallel:
         return self.dp // self.ep
 
     @property
+    def shards_experts(self) -> bool:
+        """Whether FSDP2 shards experts over the replicas that hold them (device/plans.py)."""
+        return self.fsdp and self.ep > 1 and self.dp_outer > 1
+
+    @property
     def n_microbatches(self) -> int:
         return self.microbatches or self.pp
 

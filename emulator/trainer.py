@@ -204,12 +204,14 @@ class Optimizer:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            g, m, v = p.grad, *((self.m[i], self.v[i]) if self.m else (None, None))
+            g = p.grad
+            m, v = (self.m[i], self.v[i]) if self.m else (None, None)
             if isinstance(p, DTensor) and isinstance(g, DTensor) and g.placements == p.placements:
                 # elementwise on one layout: DTensor would run each op on the local tensors; so do
                 # we, without its dispatch (host time: thousands of parameters at full size)
                 p, g = p._local_tensor, g._local_tensor
-                m, v = (m._local_tensor, v._local_tensor) if self.m else (m, v)
+                if m is not None:
+                    m, v = m._local_tensor, v._local_tensor
             if self.name == "sgd":
                 p.add_(g, alpha=-self.lr)
                 continue

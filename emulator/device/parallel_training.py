@@ -94,7 +94,7 @@ class _Model:
         experts = [p for p in experts if id(p) in held]  # (its pipeline stages' experts only)
         # with fsdp, experts are sharded over the replicas that hold them (plans.data_parallel);
         # otherwise summed over them after backward (experts.sync_experts)
-        shard = plan.fsdp and plan.ep > 1 and plan.dp_outer > 1
+        shard = plan.shards_experts
         self.experts = [] if shard else experts
         with unset_fake_temporarily(), (_own_chunks() if mode else contextlib.nullcontext()):
             # (FSDP2 over tensor parallel builds a mesh: its device table is real)

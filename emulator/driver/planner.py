@@ -285,8 +285,8 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     MoE block's experts over the dp / ep replicas holding them): all exposed (FSDP2 waits for each
     where it is issued). Expert gradients without fsdp: an all-reduce per tensor over dp / ep."""
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
-    shard, compute, exposed = plan.fsdp and plan.ep > 1 and plan.dp_outer > 1, 0.0, 0.0
-    if expert_tensors and not shard:
+    compute = exposed = 0.0
+    if expert_tensors and not plan.shards_experts:
         compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
         if plan.dp_outer > 1:
             exposed = expert_tensors * _collective(system, plan, "dp_outer", "all_reduce",
@@ -298,7 +298,7 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     if plan.fsdp:
         # units: each block and the root (the stage's embedding, norm and head); each MoE block's experts
         comp, comm = _fsdp(system, plan, "dp", [d[0] for d in dense if d[0]], len(dense) - 1, size, kernels, m)
-        experts = [p.expert_params for p in parts if p.expert_params] if shard else []
+        experts = [p.expert_params for p in parts if p.expert_params] if plan.shards_experts else []
         x_comp, x_comm = _fsdp(system, plan, "dp_outer", experts, len(experts), size, kernels, m)
         return compute + comp + x_comp, exposed + comm + x_comm
     grads = params * size
