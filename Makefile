@@ -21,9 +21,10 @@ $(VENV)/.ready: pyproject.toml
 demo: venv
 	$(VENV)/bin/relay demo
 
-# lint: the import-layer contract (pyproject.toml, [tool.importlinter]) and ruff; `make test` runs it
+# lint: the import-layer contracts (pyproject.toml, [tool.importlinter]; on .ci/lint_tree.py's tree of links,
+# where relay.kernels and relay.launch sit under relay/ as in a wheel) and ruff; `make test` runs it
 lint: venv
-	$(VENV)/bin/lint-imports
+	PYTHONPATH=$$($(PY) .ci/lint_tree.py) $(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
 test: lint

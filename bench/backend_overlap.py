@@ -20,15 +20,15 @@ from tabulate import tabulate
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import emulator.dist
-from emulator import Cluster, System
+import relay.dist
+from relay import Cluster, System
 
 TARGET = 0.9  # exposed / total communication, wall clock, at most
 
 
 def ddp_steps(steps: int = 4) -> dict:
     """Runs on every device: DDP training, timed from the second step (buckets rebuilt)."""
-    eng = emulator.dist.context().engine
+    eng = relay.dist.context().engine
     torch.manual_seed(0)
     model = DDP(nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(256, 256), nn.ReLU())]), bucket_cap_mb=0.2)
     x = torch.randn(256, 256)

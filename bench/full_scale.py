@@ -4,7 +4,7 @@ as shared runs (one worker per distinct role, every device replayed: driver/shar
 
 Prints, per run: the plan, the emulated step time, tokens/s, MFU (model FLOPs: 6 N T plus
 attention, workloads/analytic.py), the step breakdown (compute and the exposed waits, means over
-devices), the plan's peak memory per device (device/footprint.py) and the real seconds this host
+devices), the plan's peak memory per device (analytic/footprint.py) and the real seconds this host
 took. Target: each step under 2 minutes of host time.
 
     .venv/bin/python bench/full_scale.py [--only cloudmatrix384:llama3-70b ...]
@@ -18,10 +18,10 @@ import time
 
 import ray
 
-from emulator import Cluster, Parallel, System
-from emulator.device import footprint
-from emulator.workloads import analytic
-from emulator.workloads import get as get_workload
+from relay import Cluster, Parallel, System
+from relay.analytic import footprint
+from relay.workloads import analytic
+from relay.workloads import get as get_workload
 
 # (system, workload, plan, global batch in samples): plans from `relay plan` (its top plan, or
 # the best one whose 1F1B microbatches a 2-core host records in time, as noted)

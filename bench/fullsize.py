@@ -14,9 +14,9 @@ from dataclasses import replace
 
 from tabulate import tabulate
 
-from emulator.device.fake import by_layers, memory, step_cost
-from emulator.hardware.chips import get as get_chip
-from emulator.workloads import analytic, llama, moe
+from relay.device.fake.measure import by_layers, memory, step_cost
+from relay.hardware.chips import get as get_chip
+from relay.workloads import analytic, llama, moe
 
 NAMES = ["llama3-8b", "llama3-70b", "llama3-405b", "mixtral-8x7b", "deepseek-v3"]
 FLOP_TOL, MEMORY_TOL = 0.02, 0.10

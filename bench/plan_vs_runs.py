@@ -1,4 +1,4 @@
-"""The plan search's analytic step (emulator/driver/planner.py) against fake-tensor runs of every
+"""The plan search's analytic step (emulator/analytic/planner.py) against fake-tensor runs of every
 plan it costs, on a small system: the runs are the ground truth (the real model code and
 plans.py's plans on the emulated fabric), the analytic model what `relay plan` ranks by.
 
@@ -21,9 +21,9 @@ import time
 
 from tabulate import tabulate
 
-from emulator import Cluster, System
-from emulator.driver import planner
-from launch.plan import run_plans
+from relay import Cluster, System
+from relay.analytic import planner
+from relay.launch.plan import run_plans
 
 MAX_DEV = 0.10  # |analytic / run - 1| at most, every plan
 

@@ -12,7 +12,7 @@ import time
 
 from tabulate import tabulate
 
-from emulator import Cluster, Faults, System
+from relay import Cluster, Faults, System
 
 KW = dict(steps=3, per_device_batch=8, batch_scale=64, bucket_mb=0.05)
 CASES = [("none", Faults()), ("device 3 compute x2", Faults(compute_slowdown={3: 2.0})),

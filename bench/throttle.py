@@ -19,7 +19,7 @@ import time
 
 from tabulate import tabulate
 
-from emulator import Cluster, System
+from relay import Cluster, System
 
 SIZES = [256, 512, 1024, 2048]
 REPEATS = [16, 4, 2, 1]  # about the same wall time per size

@@ -20,8 +20,8 @@ import time
 
 from tabulate import tabulate
 
-from emulator import Cluster, System
-from emulator.device import jobs
+from relay import Cluster, System
+from relay.device import jobs
 
 DEVICES, BATCH, STEPS = 4, 16, 8
 
@@ -35,7 +35,7 @@ def ddp_seconds_per_step(dev, workload_name: str, steps: int, per_device_batch: 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from emulator.workloads import get
+    from relay.workloads import get
     wl = get(workload_name)
     torch.manual_seed(0)
     if not dist.is_initialized():

@@ -25,9 +25,9 @@ import ray
 import torch
 from tabulate import tabulate
 
-from emulator import Cluster, System
-from emulator.collectives import busbw_factor
-from emulator.device import jobs
+from relay import Cluster, System
+from relay.collectives import busbw_factor
+from relay.device import jobs
 
 MB = 2**20
 

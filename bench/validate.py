@@ -9,7 +9,7 @@ verdict against the target (median |error| <= 10%, no row beyond 30%); exits 1 o
 import argparse
 import sys
 
-from launch.validate import cmd_validate
+from relay.launch.validate import cmd_validate
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,15 +5,15 @@ model, clocks, throttle), collectives, workloads and the training definition (tr
 side (worker, transport, device jobs), driver side (Cluster, monitor, experiments), results.
 docs/design.md maps every module."""
 
-from emulator.device.job import Faults
-from emulator.driver.cluster import Cluster
-from emulator.driver.metrics import TrainResult
-from emulator.driver.monitor import DeviceError
-from emulator.hardware import chips
-from emulator.hardware.system import System
-from emulator.parallel import Parallel
-from emulator.trainer import TrainConfig, train_single
-from emulator.workloads import Workload
+from relay.device.job import Faults
+from relay.driver.cluster import Cluster
+from relay.driver.metrics import TrainResult
+from relay.driver.monitor import DeviceError
+from relay.hardware import chips
+from relay.hardware.system import System
+from relay.parallel import Parallel
+from relay.trainer import TrainConfig, train_single
+from relay.workloads import Workload
 
 __all__ = ["Cluster", "DeviceError", "Faults", "Parallel", "System", "TrainConfig", "TrainResult", "Workload", "chips",
            "train_single"]

@@ -1,10 +1,10 @@
 """For programs running on Relay's devices (`cluster.launch(fn)`, `relay launch script.py`):
 where they run, and what they did.
 
-    import emulator.dist
-    ctx = emulator.dist.context()      # rank, world, system, local_rank, domain
+    import relay.dist
+    ctx = relay.dist.context()      # rank, world, system, local_rank, domain
     mesh = ctx.mesh(("dp", "tp"))      # a 2-D DeviceMesh, tensor parallelism inside each domain
-    emulator.dist.report(tokens=4096)  # counted into the run's throughput
+    relay.dist.report(tokens=4096)  # counted into the run's throughput
 
 Outside a Relay program, context() raises and report() does nothing (so a script still runs
 under torchrun).
@@ -48,7 +48,7 @@ class Context:
 
 def context() -> Context:
     if _current is None:
-        raise RuntimeError("emulator.dist.context(): no Relay program is running in this process; start "
+        raise RuntimeError("relay.dist.context(): no Relay program is running in this process; start "
                            "it with cluster.launch(fn) or `relay launch script.py`")
     return _current
 

@@ -1,4 +1,4 @@
-"""A parallelism plan (`emulator.Parallel`): how many devices split the model which way, checked
+"""A parallelism plan (`relay.Parallel`): how many devices split the model which way, checked
 as pure arithmetic before any device starts (as torchtitan's ParallelDims), and where each
 device sits on the plan's one device mesh.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 DIMS = ("pp", "dp_outer", "ep", "tp")  # the mesh's dimensions, outermost first
 
@@ -130,7 +130,7 @@ class Parallel:
 
     @property
     def shards_experts(self) -> bool:
-        """Whether FSDP2 shards experts over the replicas that hold them (device/plans.py)."""
+        """Whether FSDP2 shards experts over the replicas that hold them (device/training/plans.py)."""
         return self.fsdp and self.ep > 1 and self.dp_outer > 1
 
     @property

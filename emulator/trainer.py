@@ -2,7 +2,7 @@
 Python API, the CLI, presets and config.json), the optimizer, gradient buckets, the memory
 estimate, and `train_single`, the one-process reference that N-device training must equal.
 
-The device side (emulator/device/training.py) runs the loop on every device; the driver side
+The device side (emulator/device/training/loop.py) runs the loop on every device; the driver side
 (emulator/driver/training.py) checks, launches and aggregates. Both read this module.
 """
 
@@ -13,12 +13,12 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 import torch
 from torch.distributed.tensor import DTensor
 
-from emulator import workloads
-from emulator.collectives.schedules import check as check_algorithm
-from emulator.errors import ConfigError
-from emulator.parallel import Parallel
-from emulator.workloads import Workload, routing
-from kernels.cost import ITEMSIZE
+from relay import workloads
+from relay.collectives.schedules import check as check_algorithm
+from relay.errors import ConfigError
+from relay.kernels.cost import ITEMSIZE
+from relay.parallel import Parallel
+from relay.workloads import Workload, routing
 
 TENSORS = ("real", "fake")
 OPTIMIZER_BYTES = {"adamw": 12, "sgd": 4}  # per parameter: fp32 master weights (+ Adam's m and v)
@@ -281,7 +281,7 @@ def check_host_fits(workload: Workload) -> None:
         raise ValueError(f"workload = {workload.name!r} has {n / 1e9:.3g} billion parameters, {16 * n / 1e9:.3g} GB "
                          f"of real fp32 weights, gradients and Adam state per device; this host has "
                          f"{free / 1e9:.3g} GB free. Train its debug configuration (llama-debug, moe-debug), or cost "
-                         "a full-size step on fake tensors (emulator.device.fake.step_cost)")
+                         "a full-size step on fake tensors (relay.device.fake.measure.step_cost)")
 
 
 def memory_estimate(config: TrainConfig, per_device_batch: int, dtype: str = "bf16") -> dict:

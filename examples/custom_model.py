@@ -7,7 +7,7 @@ Or from the command line:  relay run --workload examples.custom_model:workload -
 import torch
 from torch import nn
 
-from emulator import Cluster, System, Workload
+from relay import Cluster, System, Workload
 
 
 def build_model() -> nn.Module:

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import emulator.dist  # report() feeds Relay's throughput figure; it does nothing elsewhere
+import relay.dist  # report() feeds Relay's throughput figure; it does nothing elsewhere
 
 dist.init_process_group("gloo")  # under `relay launch` this starts the "relay" backend
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -20,7 +20,7 @@ for step in range(5):
     opt.zero_grad()
     loss.backward()  # gradients are averaged bucket by bucket while backward runs
     opt.step()
-    emulator.dist.report(samples=len(x))
+    relay.dist.report(samples=len(x))
     if rank == 0:
         print(f"step {step}: loss {loss.item():.4f}")
 dist.destroy_process_group()

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from kernels.clock import VirtualLane
-from kernels.cost import CostModel
-from kernels.throttle import Throttle
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import Throttle
 
 UTIL = 0.7  # fraction of the host's cores the devices' real work may use
 

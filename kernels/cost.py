@@ -13,7 +13,7 @@ integer and bool tensors at their real size. Views and bare allocations launch n
 
 The chip is any object with the catalog's SI views (`peak_flops(dtype)`, `hbm_Bps`) and the
 default `matmul_eff`, `mem_eff`, `launch_us` and `compute_units`: an
-`emulator.hardware.chips.Chip`. This layer sits below the rest of Relay and imports none of it;
+`relay.hardware.chips.Chip`. This layer sits below the rest of Relay and imports none of it;
 its bad-input errors are ValueErrors that the driver checks before any device starts.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from kernels.gemm import quantisation
+from relay.kernels.gemm import quantisation
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
 # allocations that write nothing (their bytes are written by the op that fills them)
@@ -93,7 +93,7 @@ def _signature(x):
 
 @dataclass(frozen=True)
 class CostModel:
-    chip: object  # an emulator.hardware.chips.Chip (or anything with its SI views)
+    chip: object  # an relay.hardware.chips.Chip (or anything with its SI views)
     dtype: str = "bf16"  # emulated dtype of floating tensors
     matmul_eff: float | None = None  # None: the chip's default
     mem_eff: float | None = None

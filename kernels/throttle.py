@@ -26,8 +26,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.clock import VirtualLane
-from kernels.cost import CostModel
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
 
 
 class Throttle(TorchDispatchMode):

@@ -6,12 +6,12 @@ import json
 
 from tabulate import tabulate
 
-from emulator import Cluster
-from emulator.collectives import ALGORITHMS, DTYPE_BYTES, busbw_factor, simulate
-from emulator.collectives.schedules import algorithms_for, check
-from emulator.results.folder import ResultsDir, environment, system_dict
-from emulator.results.write import write_bench
-from launch.options import UsageError, fmt_bytes, parse_bytes, system_from, vars_of
+from relay import Cluster
+from relay.collectives import ALGORITHMS, DTYPE_BYTES, busbw_factor, simulate
+from relay.collectives.schedules import algorithms_for, check
+from relay.launch.options import UsageError, fmt_bytes, parse_bytes, system_from, vars_of
+from relay.results.folder import ResultsDir, environment, system_dict
+from relay.results.write import write_bench
 
 
 def cmd_bench(args) -> None:

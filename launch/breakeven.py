@@ -6,20 +6,20 @@ from types import SimpleNamespace
 
 from tabulate import tabulate
 
-from emulator import Cluster, System, TrainConfig, chips
-from emulator.driver.experiment import breakeven, plan_counts, sweep
-from emulator.driver.sensitivity import full_scale, sensitivity
-from emulator.driver.session import MEMORY_MB
-from emulator.driver.training import check_memory
-from emulator.errors import ConfigError
-from emulator.hardware.system import PRESETS
-from emulator.results.folder import ResultsDir, environment, fmt, system_dict
-from emulator.results.write import write_points
-from emulator.trainer import defaults as train_defaults
-from launch import fullscale
-from launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
-from launch.options import capacity as host_capacity
-from launch.summary import summary_md
+from relay import Cluster, System, TrainConfig, chips
+from relay.driver.experiment import breakeven, plan_counts, sweep
+from relay.driver.sensitivity import full_scale, sensitivity
+from relay.driver.session import MEMORY_MB
+from relay.driver.training import check_memory
+from relay.errors import ConfigError
+from relay.hardware.system import PRESETS
+from relay.launch import fullscale
+from relay.launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
+from relay.launch.options import capacity as host_capacity
+from relay.launch.summary import summary_md
+from relay.results.folder import ResultsDir, environment, fmt, system_dict
+from relay.results.write import write_points
+from relay.trainer import defaults as train_defaults
 
 
 def breakeven_systems(args) -> tuple[System, System]:

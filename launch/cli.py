@@ -1,7 +1,7 @@
 """`relay`: the command line.
 
 Every emulated figure is labelled as emulated and every host figure as real, with units in the
-column names. Bad input (an emulator.errors.ConfigError) exits with status 2 and a one-line
+column names. Bad input (an relay.errors.ConfigError) exits with status 2 and a one-line
 message; any other error is a bug or a failure of the environment and shows its traceback."""
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import sys
 
 from tabulate import tabulate
 
-from emulator import DeviceError, chips
-from emulator.errors import ConfigError
-from emulator.results.folder import ResultsDir
-from launch import plan, presets, ray_cluster, script, validate
-from launch.bench import cmd_bench
-from launch.breakeven import cmd_breakeven
-from launch.options import add_preset_arg, add_run_args, add_system_args, add_train_args
-from launch.report import cmd_report
-from launch.run import cmd_run
-from launch.sweep import cmd_sweep
+from relay import DeviceError, chips
+from relay.errors import ConfigError
+from relay.launch import plan, presets, ray_cluster, script, validate
+from relay.launch.bench import cmd_bench
+from relay.launch.breakeven import cmd_breakeven
+from relay.launch.options import add_preset_arg, add_run_args, add_system_args, add_train_args
+from relay.launch.report import cmd_report
+from relay.launch.run import cmd_run
+from relay.launch.sweep import cmd_sweep
+from relay.results.folder import ResultsDir
 
 
 def cmd_chips(args) -> None:

@@ -1,6 +1,6 @@
 """`relay breakeven` at full scale: a full-size language model as --workload (llama3-70b,
 deepseek-v3, ...; several comma-separated), or --plan-search with any language model. Each
-side runs its best plan from the analytic plan search (emulator/driver/fullscale.py): no device
+side runs its best plan from the analytic plan search (emulator/analytic/fullscale.py): no device
 starts. Prints the break-even table and writes the results folder (summary.json, summary.md,
 the plots)."""
 
@@ -10,14 +10,14 @@ import time
 
 from tabulate import tabulate
 
-from emulator.device.footprint import GB, config_of
-from emulator.driver import fullscale
-from emulator.errors import ConfigError
-from emulator.hardware.system import PRESETS, System
-from emulator.results.folder import ResultsDir, environment, system_dict
-from emulator.results.fullscale_plots import draw
-from launch.fullscale_summary import summary_md
-from launch.options import as_list
+from relay.analytic import fullscale
+from relay.analytic.footprint import GB, config_of
+from relay.errors import ConfigError
+from relay.hardware.system import PRESETS, System
+from relay.launch.fullscale_summary import summary_md
+from relay.launch.options import as_list
+from relay.results.folder import ResultsDir, environment, system_dict
+from relay.results.fullscale_plots import draw
 
 FULL_SIZE = ("llama3-8b", "llama3-70b", "llama3-405b", "deepseek-v3", "mixtral-8x7b")
 GLOBAL_BATCH = 1152  # samples per step on both sides (default): divides 72, 144, 288 and 384 devices' dp

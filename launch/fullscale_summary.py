@@ -4,8 +4,8 @@ sensitivity, and what Relay does not model. Every figure is labelled emulated or
 
 from __future__ import annotations
 
-from emulator import System
-from launch.published import comparison, mfus
+from relay import System
+from relay.launch.published import comparison, mfus
 
 PARTS = (("compute", "compute"), ("tensor_parallel", "exposed TP"), ("pipeline", "pipeline bubble + p2p"),
          ("expert_all_to_all", "expert all-to-all"), ("data_parallel", "data parallel"))

@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from emulator import Faults, System, TrainConfig
-from emulator.errors import ConfigError
-from launch import presets
+from relay import Faults, System, TrainConfig
+from relay.errors import ConfigError
+from relay.launch import presets
 
 OTHER_DEFAULTS = {"clock": "virtual", "out": "results"}  # the training options' live in TrainConfig
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}

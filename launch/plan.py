@@ -9,13 +9,13 @@ import time
 
 from tabulate import tabulate
 
-from emulator import Cluster
-from emulator.device.footprint import GB, check, config_of
-from emulator.driver import planner
-from emulator.errors import ConfigError
-from emulator.parallel import Parallel
-from emulator.trainer import TrainConfig
-from launch.options import add_system_args, system_from
+from relay import Cluster
+from relay.analytic import planner
+from relay.analytic.footprint import GB, check, config_of
+from relay.errors import ConfigError
+from relay.launch.options import add_system_args, system_from
+from relay.parallel import Parallel
+from relay.trainer import TrainConfig
 
 CONFIRM_STEPS = 2  # fake-run steps per confirmed plan: the second is the steady one compared
 CONFIRM_DEVICES = 16  # one device actor per device fits this host up to about this many
@@ -106,7 +106,7 @@ def cmd_plan(args) -> int:
              if args.confirm else ""))
     if args.parallel:
         plan = Parallel.parse(args.parallel)
-        if plan.interleaved or plan.sp:  # emulator/driver/planner.py costs 1F1B and tensor parallel alone
+        if plan.interleaved or plan.sp:  # emulator/analytic/planner.py costs 1F1B and tensor parallel alone
             raise ConfigError(f"--parallel {plan}: the plan model does not cost virtual stages (stages=) nor "
                               "sequence parallel (sp); drop them, or run the plan (relay run --parallel)")
         if batch % plan.dp:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 try:
     import tomllib

@@ -22,8 +22,8 @@ import psutil
 import ray
 from tabulate import tabulate
 
-from emulator.driver.session import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, record_path, resolve_address
-from emulator.errors import ConfigError
+from relay.driver.session import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, record_path, resolve_address
+from relay.errors import ConfigError
 
 
 def _ray_binary() -> str:

@@ -6,16 +6,16 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from emulator.errors import ConfigError
-from emulator.results.folder import ResultsDir, fmt
-from emulator.results.fullscale_plots import draw as fullscale_draw
-from emulator.results.plots import draw
-from launch.breakeven import _settings_of, breakeven_table
-from launch.fullscale import table as fullscale_table
-from launch.fullscale_summary import summary_md as fullscale_md
-from launch.run import run_table
-from launch.summary import summary_md
-from launch.sweep import points_table
+from relay.errors import ConfigError
+from relay.launch.breakeven import _settings_of, breakeven_table
+from relay.launch.fullscale import table as fullscale_table
+from relay.launch.fullscale_summary import summary_md as fullscale_md
+from relay.launch.run import run_table
+from relay.launch.summary import summary_md
+from relay.launch.sweep import points_table
+from relay.results.folder import ResultsDir, fmt
+from relay.results.fullscale_plots import draw as fullscale_draw
+from relay.results.plots import draw
 
 
 def cmd_report(args) -> None:

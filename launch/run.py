@@ -6,11 +6,11 @@ import sys
 
 from tabulate import tabulate
 
-from emulator import Cluster, DeviceError
-from emulator.results.folder import ResultsDir, environment, fmt, system_dict
-from emulator.results.write import write_run
-from emulator.trainer import defaults as train_defaults
-from launch.options import config_from, faults_from, other_defaults, system_from, vars_of
+from relay import Cluster, DeviceError
+from relay.launch.options import config_from, faults_from, other_defaults, system_from, vars_of
+from relay.results.folder import ResultsDir, environment, fmt, system_dict
+from relay.results.write import write_run
+from relay.trainer import defaults as train_defaults
 
 
 def cmd_run(args) -> int:

@@ -5,7 +5,7 @@
 Every device runs the script unmodified as `__main__` with torchrun's environment (RANK,
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...); its
 init_process_group, whatever backend it names, starts the `relay` backend. Results (per-device
-emulated time, throughput if the script calls emulator.dist.report, a Perfetto trace) go to
+emulated time, throughput if the script calls relay.dist.report, a Perfetto trace) go to
 results/<name>/.
 """
 
@@ -16,14 +16,14 @@ import os
 
 from tabulate import tabulate
 
-from emulator import Cluster
-from emulator.device.collective import algorithms
-from emulator.device.program import Program
-from emulator.driver.programs import launch
-from emulator.errors import ConfigError
-from emulator.results.folder import ResultsDir, environment, fmt, system_dict
-from emulator.results.write import write_launch
-from launch.options import add_run_args, add_system_args, system_from, vars_of
+from relay import Cluster
+from relay.device.backend.collective import algorithms
+from relay.device.backend.program import Program
+from relay.driver.programs import launch
+from relay.errors import ConfigError
+from relay.launch.options import add_run_args, add_system_args, system_from, vars_of
+from relay.results.folder import ResultsDir, environment, fmt, system_dict
+from relay.results.write import write_launch
 
 
 def parse_algorithm(text: str | None):

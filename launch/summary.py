@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-from emulator import System
-from emulator.hardware.system import PRESETS
-from emulator.results.folder import fmt
-from launch.published import comparison
+from relay import System
+from relay.hardware.system import PRESETS
+from relay.launch.published import comparison
+from relay.results.folder import fmt
 
 
 def summary_md(summary: dict, settings) -> str:

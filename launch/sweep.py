@@ -7,16 +7,16 @@ import sys
 
 from tabulate import tabulate
 
-from emulator import Cluster, System
-from emulator.driver.experiment import sweep
-from emulator.driver.session import MEMORY_MB
-from emulator.driver.training import check_memory
-from emulator.errors import ConfigError
-from emulator.results.folder import ResultsDir, environment, fmt, system_dict
-from emulator.results.write import write_points
-from emulator.trainer import defaults as train_defaults
-from launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
-from launch.options import capacity as host_capacity
+from relay import Cluster, System
+from relay.driver.experiment import sweep
+from relay.driver.session import MEMORY_MB
+from relay.driver.training import check_memory
+from relay.errors import ConfigError
+from relay.launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
+from relay.launch.options import capacity as host_capacity
+from relay.results.folder import ResultsDir, environment, fmt, system_dict
+from relay.results.write import write_points
+from relay.trainer import defaults as train_defaults
 
 
 def sweep_systems(args) -> list[System]:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from emulator import System, chips
-from emulator.collectives import Fabric, busbw_factor, resolve, simulate
-from emulator.errors import ConfigError
-from kernels.cost import CostModel
+from relay import System, chips
+from relay.collectives import Fabric, busbw_factor, resolve, simulate
+from relay.errors import ConfigError
+from relay.kernels.cost import CostModel
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "emulator" / "hardware" / "published.toml"
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.30  # |relay / published - 1|

@@ -19,7 +19,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def cluster8(ray_session):
     """Eight h100 device actors, shared; tests `configure` the system and clock they need."""
-    from emulator import Cluster, System
+    from relay import Cluster, System
     with Cluster(System("h100", 8)) as c:
         yield c
 
@@ -28,6 +28,6 @@ def cluster8(ray_session):
 def cluster(cluster8):
     """The shared actors, reset to 4 virtual h100 devices for each test (a test may configure
     up to 8, or another clock; the next test starts from this again)."""
-    from emulator import System
+    from relay import System
     cluster8.configure(System("h100", 4), clock="virtual")
     return cluster8

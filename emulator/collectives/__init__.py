@@ -12,10 +12,10 @@ libraries' choice, closed.py). Both take `fabric=`: by default the system's cali
 
 from __future__ import annotations
 
-from emulator.collectives.closed import AUTO, pipeline_chunks, predict, resolve, topology_of
-from emulator.collectives.fabric import Fabric
-from emulator.collectives.local import execute
-from emulator.collectives.schedules import ALGORITHMS, PRIMITIVES, SWITCH_ALGORITHMS, Topology, check, schedule
+from relay.collectives.closed import AUTO, pipeline_chunks, predict, resolve, topology_of
+from relay.collectives.fabric import Fabric
+from relay.collectives.local import execute
+from relay.collectives.schedules import ALGORITHMS, PRIMITIVES, SWITCH_ALGORITHMS, Topology, check, schedule
 
 __all__ = ["ALGORITHMS", "AUTO", "PRIMITIVES", "SWITCH_ALGORITHMS", "Fabric", "Topology", "busbw_factor",
            "pipeline_chunks", "predict", "resolve", "schedule", "simulate", "topology_of"]

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator.collectives.hierarchical import _levels
-from emulator.collectives.steps import Recv, Send, Step, Topology, shards
-from emulator.errors import ConfigError
+from relay.collectives.hierarchical import _levels
+from relay.collectives.steps import Recv, Send, Step, Topology, shards
+from relay.errors import ConfigError
 
 
 def split_matrix(world: int, count: int, splits=None) -> tuple[tuple[int, ...], ...]:

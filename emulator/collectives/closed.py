@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import math
 
-from emulator.collectives.fabric import PROTOCOLS, Fabric
-from emulator.collectives.schedules import ALGORITHMS, Topology, check, schedule, stagger
-from emulator.errors import ConfigError
+from relay.collectives.fabric import PROTOCOLS, Fabric
+from relay.collectives.schedules import ALGORITHMS, Topology, check, schedule, stagger
+from relay.errors import ConfigError
 
 MAX_CHUNKS = 64  # pipeline chunks of tree and chain algorithms, at most
 AUTO = "auto"

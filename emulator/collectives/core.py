@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from emulator.collectives.alltoall import split_matrix
-from emulator.collectives.schedules import Recv, Step, seg_len, shards
-from emulator.errors import ConfigError
+from relay.collectives.alltoall import split_matrix
+from relay.collectives.schedules import Recv, Step, seg_len, shards
+from relay.errors import ConfigError
 
 
 class Ports:

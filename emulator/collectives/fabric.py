@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 FABRICS = Path(__file__).resolve().parents[1] / "hardware" / "fabrics.toml"
 PROTOCOLS = ("ll", "simple")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from emulator.collectives.steps import (
+from relay.collectives.steps import (
     Recv,
     Seg,
     Send,
@@ -19,7 +19,7 @@ from emulator.collectives.steps import (
     ring_reduce_scatter_group,
     shards,
 )
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 
 # ---------------------------------------------------------------- ring

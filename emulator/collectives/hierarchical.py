@@ -3,7 +3,7 @@ domains (plain, pipelined by chunks, and reduced in the scale-out switches for a
 
 from __future__ import annotations
 
-from emulator.collectives.steps import (
+from relay.collectives.steps import (
     Recv,
     Send,
     Step,
@@ -14,7 +14,7 @@ from emulator.collectives.steps import (
     ring_reduce_scatter_group,
     shards,
 )
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 
 # ---------------------------------------------------------------- hierarchical (two levels)

@@ -17,8 +17,8 @@ from collections import defaultdict, deque
 import numpy
 import torch
 
-from emulator.collectives.core import Ports, apply, gather, time_recv, time_sends
-from emulator.collectives.schedules import Topology, schedule, seg_len
+from relay.collectives.core import Ports, apply, gather, time_recv, time_sends
+from relay.collectives.schedules import Topology, schedule, seg_len
 
 
 def execute(primitive: str, algorithm: str, world: int, count: int, topology: Topology, fabric,

@@ -5,11 +5,11 @@ hierarchical.py; this module re-exports the vocabulary for its callers."""
 
 from __future__ import annotations
 
-from emulator.collectives import alltoall, flat, hierarchical
-from emulator.collectives.flat import _Tree  # noqa: F401 (tests check the trees' shape)
-from emulator.collectives.hierarchical import stagger  # noqa: F401 (closed.py's pipelined form)
-from emulator.collectives.steps import Recv, Seg, Send, Step, Topology, seg_len, shards  # noqa: F401
-from emulator.errors import ConfigError
+from relay.collectives import alltoall, flat, hierarchical
+from relay.collectives.flat import _Tree  # noqa: F401 (tests check the trees' shape)
+from relay.collectives.hierarchical import stagger  # noqa: F401 (closed.py's pipelined form)
+from relay.collectives.steps import Recv, Seg, Send, Step, Topology, seg_len, shards  # noqa: F401
+from relay.errors import ConfigError
 
 # ---------------------------------------------------------------- registry
 PRIMITIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 Seg = tuple[int, int]  # [start, stop) in elements
 

@@ -1,2 +1,4 @@
-"""Device side: what runs inside each emulated device's worker process (the stateless worker,
-the transport to its peers, the jobs and the training loop it runs)."""
+"""Device side: what runs inside each emulated device's worker process. The stateless worker and
+its jobs (worker.py, job.py, jobs.py) sit on four rooms, top to bottom: training/ (the training
+loop and parallelism plans on one device), fake/ (fake-tensor steps and shared runs' recording),
+backend/ (the `relay` torch.distributed backend) and plane/ (the bytes between devices)."""

@@ -8,12 +8,12 @@ import os
 import signal
 from dataclasses import dataclass, field
 
-from emulator.collectives.fabric import Fabric
-from emulator.errors import ConfigError
-from emulator.hardware.system import System
-from kernels.clock import make_lane
-from kernels.cost import CostModel
-from kernels.throttle import Throttle
+from relay.collectives.fabric import Fabric
+from relay.errors import ConfigError
+from relay.hardware.system import System
+from relay.kernels.clock import make_lane
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import Throttle
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from dataclasses import replace
 import ray
 import torch
 
-from emulator.collectives.alltoall import layout_for
-from emulator.collectives.core import Ports, finish, prepare
-from emulator.collectives.schedules import Recv, Send, Step
-from emulator.device.collective import choose, group_of, run_collective
-from emulator.device.job import Job
-from emulator.device.transport import Transport, free_address, free_fabric
-from kernels.clock import VirtualLane
+from relay.collectives.alltoall import layout_for
+from relay.collectives.core import Ports, finish, prepare
+from relay.collectives.schedules import Recv, Send, Step
+from relay.device.backend.collective import choose, group_of, run_collective
+from relay.device.job import Job
+from relay.device.plane.transport import Transport, free_address, free_fabric
+from relay.kernels.clock import VirtualLane
 
 
 def identify(dev) -> dict:

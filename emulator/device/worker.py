@@ -2,7 +2,7 @@
 does). It owns what belongs to the device rather than to a run (one torch thread, the host
 device, the transport to its peers) and runs whatever function the driver sends it:
 `run(fn, *args)` returns `fn(device, *args)`. Matmul jobs, collectives and training are such
-functions (device/jobs.py, device/training.py). A second thread answers `ping` and `progress`
+functions (device/jobs.py, device/training/loop.py). A second thread answers `ping` and `progress`
 while the first one works, so the driver can tell a busy device from a stuck one.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from emulator.device.transport import Transport
+from relay.device.plane.transport import Transport
 
 
 @dataclass

@@ -19,22 +19,22 @@ import time
 
 import ray
 
-from emulator.device import jobs
-from emulator.device.job import Faults, Job
-from emulator.device.program import Program
-from emulator.device.transport import DATA_PLANES
-from emulator.driver import collectives as _collectives
-from emulator.driver import programs as _programs
-from emulator.driver import training as _training
-from emulator.driver.monitor import Failed, failure, gather
-from emulator.driver.pacing import CLOCKS, make_job
-from emulator.driver.session import MEMORY_MB, connect_ray, place_workers, release, resolve_address, wait_gone
-from emulator.errors import ConfigError
-from emulator.hardware.system import System
-from emulator.parallel import Parallel
-from emulator.trainer import TENSORS, TrainConfig
-from kernels.calibrate import calibrate
-from kernels.cost import CostModel
+from relay.device import jobs
+from relay.device.backend.program import Program
+from relay.device.job import Faults, Job
+from relay.device.plane.transport import DATA_PLANES
+from relay.driver import collectives as _collectives
+from relay.driver import programs as _programs
+from relay.driver import training as _training
+from relay.driver.monitor import Failed, failure, gather
+from relay.driver.pacing import CLOCKS, make_job
+from relay.driver.session import MEMORY_MB, connect_ray, place_workers, release, resolve_address, wait_gone
+from relay.errors import ConfigError
+from relay.hardware.system import System
+from relay.kernels.calibrate import calibrate
+from relay.kernels.cost import CostModel
+from relay.parallel import Parallel
+from relay.trainer import TENSORS, TrainConfig
 
 
 def _system(system) -> System:
@@ -42,7 +42,7 @@ def _system(system) -> System:
         return system
     if isinstance(system, str):
         return System.preset(system)
-    raise ConfigError(f"system = {system!r} is not a System; pass emulator.System(...) or a preset "
+    raise ConfigError(f"system = {system!r} is not a System; pass relay.System(...) or a preset "
                      f"name ({', '.join(System.presets())})")
 
 
@@ -225,7 +225,7 @@ class Cluster:
 
     def launch(self, fn, *args, **kwargs) -> _programs.LaunchResult:
         """fn(*args, **kwargs) on every device, torch.distributed initialised on the `relay` backend;
-        each device's result and emulated times (driver/programs.py; emulator.dist inside fn)."""
+        each device's result and emulated times (driver/programs.py; relay.dist inside fn)."""
         return _programs.launch(self, Program(fn, args, kwargs))
 
     def preflight(self, workload=None, **options) -> _training.Preflight:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from emulator.collectives import DTYPE_BYTES, Fabric, pipeline_chunks, resolve, topology_of
-from emulator.collectives.local import execute
-from emulator.collectives.schedules import check as check_collective
-from emulator.collectives.schedules import schedule
-from emulator.device import jobs
-from emulator.driver.pacing import comm_ratio
-from emulator.errors import ConfigError
-from kernels.calibrate import calibrate
-from kernels.cost import CostModel
+from relay.collectives import DTYPE_BYTES, Fabric, pipeline_chunks, resolve, topology_of
+from relay.collectives.local import execute
+from relay.collectives.schedules import check as check_collective
+from relay.collectives.schedules import schedule
+from relay.device import jobs
+from relay.driver.pacing import comm_ratio
+from relay.errors import ConfigError
+from relay.kernels.calibrate import calibrate
+from relay.kernels.cost import CostModel
 
 OPS = ("sum", "avg")
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from emulator.collectives import simulate
-from emulator.driver.metrics import figures
-from emulator.errors import ConfigError
-from emulator.hardware.system import System
-from emulator.trainer import TrainConfig, bucket_sizes
-from kernels.cost import ITEMSIZE
+from relay.collectives import simulate
+from relay.driver.metrics import figures
+from relay.errors import ConfigError
+from relay.hardware.system import System
+from relay.kernels.cost import ITEMSIZE
+from relay.trainer import TrainConfig, bucket_sizes
 
 # summary fields a point row carries (all emulated, except wall_s and fidelity)
 ROW_FIELDS = ["step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s", "samples_per_s",

@@ -42,7 +42,7 @@ def aggregate(per_device: list[dict], system, config, dtype: str, steps: int | N
                     **figures(system, samples, config.workload.tokens_per_sample, dtype, step_s, compute,
                               exposed, flops),
                     "wall_s": max(r["wall_s"] for r in rows), "fidelity": fidelity,
-                    # waiting on a pipeline neighbour (device/parallel_training.py), part of other_s
+                    # waiting on a pipeline neighbour (device/training/parallel.py), part of other_s
                     "pipeline_wait_s": mean("pipeline_wait_s") if "pipeline_wait_s" in rows[0] else 0.0})
     return out
 

@@ -14,7 +14,7 @@ import time
 
 import ray
 
-from emulator.device.peers import PeerError
+from relay.device.plane.peers import PeerError
 
 GRACE_S = 2.0  # after a first failure, how long to collect the others before blaming one
 

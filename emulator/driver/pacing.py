@@ -7,9 +7,9 @@ keeps every device on schedule follows from it (kernels/calibrate.py).
 
 from __future__ import annotations
 
-from emulator.device.job import Job
-from emulator.errors import ConfigError
-from kernels.calibrate import calibrate, check_dilation, dilation_for
+from relay.device.job import Job
+from relay.errors import ConfigError
+from relay.kernels.calibrate import calibrate, check_dilation, dilation_for
 
 CLOCKS = ("virtual", "wall")
 HOST_LATENCY_S = 6e-3  # conservative real one-way message time between workers on one host (median

@@ -1,5 +1,5 @@
 """The driver side of `cluster.launch(fn)` and `relay launch script.py`: start the program on
-every device (device/program.py runs it there) and gather what each device measured."""
+every device (device/backend/program.py runs it there) and gather what each device measured."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import ray
 
-from emulator.device import jobs
-from emulator.device.collective import algorithms
-from emulator.device.program import Program, run_program
-from emulator.driver.pacing import comm_ratio
-from emulator.errors import ConfigError
+from relay.device import jobs
+from relay.device.backend.collective import algorithms
+from relay.device.backend.program import Program, run_program
+from relay.driver.pacing import comm_ratio
+from relay.errors import ConfigError
 
 DEVICE_COLUMNS = ["device", "emulated_s", "compute_s", "comm_s", "exposed_comm_s", "real_s", "fidelity"]
 
@@ -73,7 +73,7 @@ def launch(cluster, program: Program) -> LaunchResult:
     program = replace(program, master=master(cluster))
     fn = program.fn
     name = getattr(fn, "__module__", None) or ""
-    if fn is not None and name in sys.modules and name != "__main__" and not name.startswith(("emulator.", "torch")):
+    if fn is not None and name in sys.modules and name != "__main__" and not name.startswith(("relay.", "torch")):
         ray.cloudpickle.register_pickle_by_value(sys.modules[name])  # a test file, a user's module
     per_device = cluster.run(run_program, job, program, what="launch")
     config = {"devices": n, "system": cluster.system.describe(), "clock": cluster.clock,

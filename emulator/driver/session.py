@@ -23,8 +23,8 @@ from ray._raylet import AuthenticationTokenLoader, Config  # the auth token cach
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from emulator.device.worker import RemoteWorker
-from emulator.errors import ConfigError
+from relay.device.worker import RemoteWorker
+from relay.errors import ConfigError
 
 MEMORY_MB = 300  # Ray memory reserved per device worker (a torch process is ~175 MB unique)
 CPU_PER_DEVICE = 0.01  # Ray CPU per device: devices time-share cores; the dilation keeps them honest

@@ -3,7 +3,7 @@
 `roles` picks the representatives: one device per pipeline stage (and per expert-parallel index
 when routing is skewed, since expert groups then see different token counts); every other device
 of a role does the same work, on its own groups. Each representative records its step on a worker
-of its own (device/record.py), then `replay` times every device of the system from its role's
+of its own (device/fake/record.py), then `replay` times every device of the system from its role's
 recording with the engine's arithmetic: the compute lane charged op by op (VirtualLane), each
 operation started on the device's communication lane at max(ready, the lane's time) in issue
 order, a collective timed by the local executor from its members' start times (the distributed
@@ -29,18 +29,18 @@ import functools
 from collections import defaultdict, deque
 from dataclasses import replace
 
-from emulator.collectives.core import Ports, time_recv, time_sends
-from emulator.collectives.local import execute
-from emulator.collectives.schedules import Recv, Send, Step
-from emulator.device import parallel_training as device_plans
-from emulator.device.collective import group_of, resolved
-from emulator.device.parallel_training import step_row
-from emulator.device.worker import RemoteWorker
-from emulator.driver.monitor import Failed, failure, gather
-from emulator.driver.session import release
-from emulator.errors import ConfigError
-from emulator.parallel import DIMS
-from kernels.clock import VirtualLane
+from relay.collectives.core import Ports, time_recv, time_sends
+from relay.collectives.local import execute
+from relay.collectives.schedules import Recv, Send, Step
+from relay.device.backend.collective import group_of, resolved
+from relay.device.training import parallel as device_plans
+from relay.device.training.parallel import step_row
+from relay.device.worker import RemoteWorker
+from relay.driver.monitor import Failed, failure, gather
+from relay.driver.session import release
+from relay.errors import ConfigError
+from relay.kernels.clock import VirtualLane
+from relay.parallel import DIMS
 
 DIM_NAMES = (*DIMS, "dp")
 

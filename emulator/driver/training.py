@@ -11,22 +11,22 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from emulator.collectives import resolve, topology_of
-from emulator.collectives.schedules import schedule
-from emulator.device import footprint
-from emulator.device import parallel_training as device_plans
-from emulator.device import training as device_training
-from emulator.driver import shared
-from emulator.driver.metrics import TrainResult, aggregate
-from emulator.driver.monitor import Failed, blame, failure
-from emulator.driver.pacing import comm_ratio
-from emulator.driver.programs import master
-from emulator.errors import ConfigError
-from emulator.trainer import Optimizer, TrainConfig, memory_estimate
-from emulator.workloads import BUILTINS
-from kernels.clock import VirtualLane
-from kernels.cost import CostModel
-from kernels.throttle import ParameterTensors, Throttle
+from relay.analytic import footprint
+from relay.collectives import resolve, topology_of
+from relay.collectives.schedules import schedule
+from relay.device.training import loop as device_training
+from relay.device.training import parallel as device_plans
+from relay.driver import shared
+from relay.driver.metrics import TrainResult, aggregate
+from relay.driver.monitor import Failed, blame, failure
+from relay.driver.pacing import comm_ratio
+from relay.driver.programs import master
+from relay.errors import ConfigError
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import ParameterTensors, Throttle
+from relay.trainer import Optimizer, TrainConfig, memory_estimate
+from relay.workloads import BUILTINS
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _ship_by_value(workload) -> None:
     outside the package path): send its code along with it rather than by module name."""
     for f in (workload.build_model, workload.batches, workload.loss):
         name = getattr(f, "__module__", None) or ""
-        if name and not name.startswith(("emulator.", "torch")) and name in sys.modules and name != "__main__":
+        if name and not name.startswith(("relay.", "torch")) and name in sys.modules and name != "__main__":
             ray.cloudpickle.register_pickle_by_value(sys.modules[name])
 
 
@@ -151,7 +151,7 @@ class _Progress:
 
 
 def check_plan_memory(config: TrainConfig, system, dtype: str = "bf16") -> dict:
-    """The most loaded device's memory under the plan (device/footprint.py) against the smallest
+    """The most loaded device's memory under the plan (analytic/footprint.py) against the smallest
     HBM of the system's chips; refuses, with the breakdown, a plan that does not fit."""
     chip = min(set(system.chips), key=lambda c: c.hbm_bytes)
     fp = footprint.check(config.workload.name, config.parallel, config.global_samples(system.devices), chip.name,

@@ -21,7 +21,7 @@ except ImportError:  # Python 3.10
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 CATALOG = Path(__file__).with_name("catalog.toml")
 

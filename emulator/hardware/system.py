@@ -11,9 +11,9 @@ import difflib
 import math
 from dataclasses import dataclass, field, replace
 
-from emulator.errors import ConfigError
-from emulator.hardware import chips
-from emulator.hardware.chips import Chip
+from relay.errors import ConfigError
+from relay.hardware import chips
+from relay.hardware.chips import Chip
 
 # name -> (chip, devices, domain, power per device in W or None for the chip's, description, source).
 # A preset's power is all-in (the rack: chips, host CPUs, switches, optics, cooling) divided by

@@ -29,7 +29,7 @@ import numpy
 import psutil
 import ray
 import torch
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 UNITS = {"step_s": "emulated s", "compute_s": "emulated s", "comm_s": "emulated s",
          "exposed_comm_s": "emulated s", "other_s": "emulated s", "samples_per_s": "samples per emulated s",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import textwrap
 
-from emulator.results.plots import _pyplot, save
+from relay.results.plots import _pyplot, save
 
 PARTS = (("compute", "compute"), ("tensor_parallel", "exposed tensor parallel"),
          ("pipeline", "pipeline bubble + p2p"), ("expert_all_to_all", "expert all-to-all"),

@@ -3,12 +3,12 @@ points.csv, summary.json, the trace and the plots."""
 
 from __future__ import annotations
 
-from emulator.driver.experiment import ROW_FIELDS
-from emulator.driver.metrics import STEP_COLUMNS
-from emulator.driver.programs import DEVICE_COLUMNS
-from emulator.results.folder import UNITS, ResultsDir, system_dict
-from emulator.results.plots import draw
-from emulator.results.trace import chrome_trace, launch_trace
+from relay.driver.experiment import ROW_FIELDS
+from relay.driver.metrics import STEP_COLUMNS
+from relay.driver.programs import DEVICE_COLUMNS
+from relay.results.folder import UNITS, ResultsDir, system_dict
+from relay.results.plots import draw
+from relay.results.trace import chrome_trace, launch_trace
 
 
 def step_rows(points) -> list[dict]:

@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from emulator.errors import ConfigError
+from relay.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,10 @@ def shard(global_batch, rank: int, world: int):
     return global_batch[rank * n:(rank + 1) * n]
 
 
-BUILTINS = {"mlp": "emulator.workloads.mlp:workload", "gpt-tiny": "emulator.workloads.gpt:workload",
-            **{name: f"emulator.workloads.llama:{name}" for name in
+BUILTINS = {"mlp": "relay.workloads.mlp:workload", "gpt-tiny": "relay.workloads.gpt:workload",
+            **{name: f"relay.workloads.llama:{name}" for name in
                ("llama3-8b", "llama3-70b", "llama3-405b", "llama-debug")},
-            **{name: f"emulator.workloads.moe:{name}" for name in ("deepseek-v3", "mixtral-8x7b", "moe-debug")}}
+            **{name: f"relay.workloads.moe:{name}" for name in ("deepseek-v3", "mixtral-8x7b", "moe-debug")}}
 
 
 def get(spec) -> Workload:
@@ -79,7 +79,7 @@ def get(spec) -> Workload:
         obj = obj()
     if not isinstance(obj, Workload):
         raise ConfigError(f"workload = {spec!r}: {attr} is a {type(obj).__name__}, not an "
-                         "emulator.Workload (or a function returning one)")
+                         "relay.Workload (or a function returning one)")
     return obj
 
 

@@ -1,5 +1,5 @@
 """Published closed forms for the named language models, against which the counted figures
-(fake-tensor runs, emulator/device/fake.py) are checked.
+(fake-tensor runs, emulator/device/fake/measure.py) are checked.
 
 FLOPs of one forward and backward pass over T tokens of sequence length s:
     6 N T + 14 L s d_att T

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from emulator.workloads import Workload, shard
+from relay.workloads import Workload, shard
 
 VOCAB, SEQ, D_MODEL, N_LAYER, N_HEAD = 32, 64, 64, 2, 4
 CONCENTRATION = 0.2  # Dirichlet parameter of each transition row: lower is more predictable

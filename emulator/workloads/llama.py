@@ -1,7 +1,7 @@
 """`llama3-8b`, `llama3-70b`, `llama3-405b` and `llama-debug`: the Llama 3 architecture, in the
 style of nanoGPT: RMSNorm, rotary position embeddings, grouped-query attention through
 F.scaled_dot_product_attention, and a SwiGLU feed-forward. Random-initialised; nothing is
-downloaded. The full sizes train on fake tensors (emulator/device/fake.py); `llama-debug`
+downloaded. The full sizes train on fake tensors (emulator/device/fake/measure.py); `llama-debug`
 trains for real.
 
 Shapes: Llama 3 paper (Grattafiori et al., arXiv 2407.21783), Table 3, and the released
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from emulator.workloads import tokens
+from relay.workloads import tokens
 
 
 @dataclass(frozen=True)

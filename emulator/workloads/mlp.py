@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import nn
 
-from emulator.workloads import Workload, shard
+from relay.workloads import Workload, shard
 
 D_IN, HIDDEN, D_OUT, TEACHER_HIDDEN = 32, 128, 8, 32
 

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from emulator.workloads import llama, tokens
-from emulator.workloads.llama import SwiGLU, rotate
+from relay.workloads import llama, tokens
+from relay.workloads.llama import SwiGLU, rotate
 
 
 @dataclass(frozen=True)

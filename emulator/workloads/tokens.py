@@ -13,7 +13,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from emulator.workloads import Workload, shard
+from relay.workloads import Workload, shard
 
 NOISE = 0.2  # probability that a token is drawn uniformly instead of following its predecessor
 
@@ -51,7 +51,7 @@ def loss(model, batch) -> torch.Tensor:
 def named(configs: dict, build):
     """A model family's `workload(name, config=None)` (one of `configs`, or a custom configuration
     under that name) and its module `__getattr__`, through which BUILTINS' import paths
-    (`emulator.workloads.llama:llama3-8b`) reach the named workloads."""
+    (`relay.workloads.llama:llama3-8b`) reach the named workloads."""
     def family_workload(name: str, config=None) -> Workload:
         c = config or configs[name]
         return workload(name, lambda: build(c), c, lr=3e-3)

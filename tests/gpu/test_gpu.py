@@ -7,8 +7,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def test_throttle_charges_cuda_ops_like_cpu_ones():
-    from emulator import chips
-    from kernels import CostModel, Throttle, VirtualLane
+    from relay import chips
+    from relay.kernels.clock import VirtualLane
+    from relay.kernels.cost import CostModel
+    from relay.kernels.throttle import Throttle
     a = torch.randn(256, 256, device="cuda")
     lane = VirtualLane()
     with Throttle(CostModel(chips.get("h100")), lane, sync_cuda=True):
@@ -17,7 +19,7 @@ def test_throttle_charges_cuda_ops_like_cpu_ones():
 
 
 def test_devices_run_on_the_gpu(ray_session):
-    from emulator import Cluster, System
+    from relay import Cluster, System
     with Cluster(System("h100", 2), device="cuda") as cluster:
         out = cluster.run_matmuls([512])
         res = cluster.train("mlp", steps=2, per_device_batch=4)

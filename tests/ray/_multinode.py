@@ -7,9 +7,9 @@ import json
 import torch
 from ray.cluster_utils import Cluster as RayCluster
 
-from emulator import Cluster, System
-from emulator.device import jobs
-from emulator.driver.session import MEMORY_MB
+from relay import Cluster, System
+from relay.device import jobs
+from relay.driver.session import MEMORY_MB
 
 MB = 2**20
 room = int(4.5 * MEMORY_MB * MB)  # four devices fit on a node, five do not

@@ -12,12 +12,12 @@ import _programs as P  # tests/ray is on the path (no package)
 import pytest
 import torch
 
-from emulator import System
-from emulator.collectives import Fabric, simulate
-from emulator.device.collective import TWO_LEVEL, algorithms, choose, group_of
-from emulator.device.program import Program
-from emulator.driver.programs import launch
-from launch.cli import main
+from relay import System
+from relay.collectives import Fabric, simulate
+from relay.device.backend.collective import TWO_LEVEL, algorithms, choose, group_of
+from relay.device.backend.program import Program
+from relay.driver.programs import launch
+from relay.launch.cli import main
 
 TOL = 1e-5
 

@@ -4,9 +4,9 @@ import psutil
 import pytest
 import ray
 
-from emulator import Cluster, System, chips
-from emulator.driver.collectives import CollectiveResult
-from kernels.gemm import quantisation
+from relay import Cluster, System, chips
+from relay.driver.collectives import CollectiveResult
+from relay.kernels.gemm import quantisation
 
 
 def test_actors_are_separate_processes_with_one_thread_of_torch(cluster):

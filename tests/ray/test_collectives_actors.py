@@ -4,10 +4,10 @@ times against the local executor (which must agree exactly)."""
 import pytest
 import torch
 
-from emulator import System
-from emulator.collectives import ALGORITHMS, PRIMITIVES, pipeline_chunks, simulate
-from emulator.collectives.core import reference
-from emulator.collectives.schedules import SCHEDULES
+from relay import System
+from relay.collectives import ALGORITHMS, PRIMITIVES, pipeline_chunks, simulate
+from relay.collectives.core import reference
+from relay.collectives.schedules import SCHEDULES
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
 

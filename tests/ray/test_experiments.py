@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from emulator import System, TrainConfig
-from emulator.driver.experiment import breakeven, predict_point, run_point, search, sweep
-from emulator.driver.metrics import STEP_COLUMNS
-from launch.cli import main
+from relay import System, TrainConfig
+from relay.driver.experiment import breakeven, predict_point, run_point, search, sweep
+from relay.driver.metrics import STEP_COLUMNS
+from relay.launch.cli import main
 
 FAST_LINKS = dict(scaleup_gbps=1e9, scaleup_latency_us=1e-9, link_model="ideal")  # communication made negligible
 
@@ -122,7 +122,7 @@ def test_relay_run_writes_a_results_folder_and_a_trace(ray_session, tmp_path, ca
 
 
 def test_relay_run_checks_once_and_records_one_training_config(ray_session, tmp_path, capsys, monkeypatch):
-    from emulator.driver import training
+    from relay.driver import training
     calls = []
     real = training.preflight
     monkeypatch.setattr(training, "preflight", lambda *a: calls.append(a) or real(*a))

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from emulator import System
-from emulator.collectives import predict, resolve, simulate
+from relay import System
+from relay.collectives import predict, resolve, simulate
 
 
 @pytest.mark.parametrize("algorithm,domain", [("nvls", 8), ("hier_pipelined", 4), ("auto", 8), ("auto", 4)])

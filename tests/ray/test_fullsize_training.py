@@ -4,8 +4,8 @@ trainer: the loss falls, and 2 devices equal one process on the global batch."""
 import pytest
 import torch
 
-from emulator import System, train_single
-from emulator.workloads import get
+from relay import System, train_single
+from relay.workloads import get
 
 # fp32 all the way; 2 devices sum gradients in another order than one process does, and AdamW
 # divides by sqrt(v): 3 steps stay within 1e-4 (measured: a few 1e-6)

@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from emulator import System, train_single
-from emulator.collectives import simulate
-from emulator.workloads import get
+from relay import System, train_single
+from relay.collectives import simulate
+from relay.workloads import get
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -36,7 +36,7 @@ def test_domains_land_on_one_node_each_and_devices_work_across_nodes():
 
 
 def relay(*args, env):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "relay.launch.cli", *args], capture_output=True, text=True,
                           timeout=240, cwd=ROOT, env=env)
 
 

@@ -1,4 +1,4 @@
-"""Parallelism plans in real mode (emulator.Parallel through PyTorch's own DDP, FSDP2, tensor
+"""Parallelism plans in real mode (relay.Parallel through PyTorch's own DDP, FSDP2, tensor
 parallelism, pipelining and an expert all-to-all on the `relay` backend) against one process
 training on the global batch (`train_single`).
 
@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from emulator import Parallel, System, TrainConfig, train_single
-from emulator.driver.experiment import breakeven
-from emulator.parallel import DIMS
-from emulator.workloads import analytic, get, llama
-from emulator.workloads.routing import Histogram
-from launch.cli import main
+from relay import Parallel, System, TrainConfig, train_single
+from relay.driver.experiment import breakeven
+from relay.launch.cli import main
+from relay.parallel import DIMS
+from relay.workloads import analytic, get, llama
+from relay.workloads.routing import Histogram
 
 STEPS, BATCH, LR, TOL = 3, 4, 0.5, 1e-5
 

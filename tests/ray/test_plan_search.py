@@ -1,4 +1,4 @@
-"""The plan search (emulator/driver/planner.py, analytic) against exhaustive fake-tensor runs: on
+"""The plan search (emulator/analytic/planner.py, analytic) against exhaustive fake-tensor runs: on
 a small system and the debug configuration, the plan the search ranks first is the plan the runs
 (the real model code and plans.py's plans on the emulated fabric) find fastest.
 
@@ -9,9 +9,9 @@ plan is its plain twin plus that pass) and more than 2 microbatches (more of the
 each slower). That leaves data parallel (DDP's buckets and FSDP2), tensor parallel and pipelines
 alone and combined: 6 plans. bench/plan_vs_runs.py runs all 26 and prints the comparison."""
 
-from emulator import System
-from emulator.driver import planner
-from launch.plan import run_plans
+from relay import System
+from relay.analytic import planner
+from relay.launch.plan import run_plans
 
 WORKLOAD, BATCH = "llama-debug", 16
 

@@ -13,9 +13,9 @@ import psutil
 import pytest
 import torch
 
-from emulator import Cluster, DeviceError, Faults, System, train_single
-from emulator.device import jobs
-from emulator.workloads import get
+from relay import Cluster, DeviceError, Faults, System, train_single
+from relay.device import jobs
+from relay.workloads import get
 
 ROOT = Path(__file__).resolve().parents[2]
 BOUND_S = 10  # the failure bound these tests configure (timeout_s)
@@ -115,7 +115,7 @@ def test_a_mixed_system_trains_each_device_at_its_own_chip(cluster):
 
 
 def relay(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "relay.launch.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
@@ -158,7 +158,7 @@ def test_two_runs_at_once_do_not_collide(tmp_path):
 
 
 def test_a_results_folder_in_use_is_refused(tmp_path):
-    from emulator.results.folder import ResultsDir
+    from relay.results.folder import ResultsDir
     (tmp_path / "busy").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -183,7 +183,7 @@ def test_progress_rows_arrive_while_a_long_run_trains(cluster, monkeypatch):
     # not only once at its start: every poll records how many steps each device had reported.
     from dataclasses import replace
 
-    from emulator.driver import training as training_module
+    from relay.driver import training as training_module
     seen = []
     poll = training_module._Progress.poll
 

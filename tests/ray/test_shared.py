@@ -4,8 +4,8 @@ every device the same emulated figures, to the bit."""
 
 import pytest
 
-from emulator import Parallel, System
-from emulator.driver.shared import roles
+from relay import Parallel, System
+from relay.driver.shared import roles
 
 KEYS = ("start_s", "end_s", "compute_s", "comm_s", "exposed_comm_s", "pipeline_wait_s", "flops", "spans")
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from emulator import System, Workload, train_single
-from emulator.collectives import ALGORITHMS
-from emulator.driver.metrics import STEP_COLUMNS
-from emulator.hardware.chips import Chip
-from emulator.hardware.chips import get as get_chip
-from emulator.workloads import get, shard
+from relay import System, Workload, train_single
+from relay.collectives import ALGORITHMS
+from relay.driver.metrics import STEP_COLUMNS
+from relay.hardware.chips import Chip
+from relay.hardware.chips import get as get_chip
+from relay.workloads import get, shard
 
 # fp32 all the way; N-device training sums gradients in another order than one process does
 ATOL = {"mlp": 1e-5, "gpt-tiny": 1e-4}
@@ -149,7 +149,7 @@ def test_a_custom_workload_by_import_path_trains(cluster, path):
 @pytest.mark.parametrize("path,match", [
     ("no_such_module_xyz:w", "module 'no_such_module_xyz' could not be imported"),
     (f"{__name__}:nothing_here", "has no attribute 'nothing_here'"),
-    (f"{__name__}:ATOL", "is a dict, not an emulator.Workload"),
+    (f"{__name__}:ATOL", "is a dict, not an relay.Workload"),
     ("gpt-huge", "neither a built-in .* nor an import path"),
 ])
 def test_bad_workload_paths_say_what_was_not_found(path, match):

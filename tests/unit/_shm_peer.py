@@ -13,12 +13,12 @@ from datetime import timedelta
 
 import torch
 
-from emulator.collectives.core import Ports
-from emulator.collectives.schedules import Recv, Send, Step
-from emulator.device.peers import PeerError
-from emulator.device.shm import SHM_DIR, SendOp
-from emulator.device.transport import Transport, free_fabric
-from kernels.clock import VirtualLane
+from relay.collectives.core import Ports
+from relay.collectives.schedules import Recv, Send, Step
+from relay.device.plane.peers import PeerError
+from relay.device.plane.shm import SHM_DIR, SendOp
+from relay.device.plane.transport import Transport, free_fabric
+from relay.kernels.clock import VirtualLane
 
 scenario, rank, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)

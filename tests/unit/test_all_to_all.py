@@ -4,13 +4,13 @@ shapes, data through the local executor against a direct reference, closed forms
 import pytest
 import torch
 
-from emulator import System
-from emulator.collectives import busbw_factor, predict, simulate
-from emulator.collectives.alltoall import layout_for, split_matrix
-from emulator.collectives.core import finish, prepare, reference
-from emulator.collectives.fabric import Fabric
-from emulator.collectives.local import execute
-from emulator.collectives.schedules import ALGORITHMS, Topology, schedule
+from relay import System
+from relay.collectives import busbw_factor, predict, simulate
+from relay.collectives.alltoall import layout_for, split_matrix
+from relay.collectives.core import finish, prepare, reference
+from relay.collectives.fabric import Fabric
+from relay.collectives.local import execute
+from relay.collectives.schedules import ALGORITHMS, Topology, schedule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64]
 

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emulator import chips
-from kernels import CostModel, Throttle, VirtualLane
+from relay import chips
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import Throttle
 
 B, H, T, D = 2, 4, 32, 16
 
@@ -58,7 +60,7 @@ def test_sdpa_is_charged_the_flops_of_explicit_attention(causal):
 def test_every_attention_kernel_torch_has_gets_a_formula():
     from torch.utils.flop_counter import flop_registry
 
-    from kernels.cost import ATTENTION_FLOPS
+    from relay.kernels.cost import ATTENTION_FLOPS
     names = [n for n in dir(torch.ops.aten) if "attention" in n and not n.startswith("_native")
              and ("scaled_dot_product" in n or n.startswith(("_flash_attention", "_efficient_attention")))]
     math_fallback = {"_scaled_dot_product_attention_math"}  # decomposes into matmuls and softmax

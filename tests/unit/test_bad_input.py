@@ -4,7 +4,7 @@ and the fix; the command line exits with status 2 and prints no traceback."""
 import psutil
 import pytest
 
-from launch.cli import main
+from relay.launch.cli import main
 
 RUN = ["run", "--chip", "h100", "--devices", "2", "--workload", "mlp", "--steps", "1"]
 
@@ -86,9 +86,9 @@ def test_unknown_option_values_are_refused_by_the_parser(capsys):
 
 
 def test_an_internal_error_is_not_reported_as_bad_input(monkeypatch, capsys):
-    # a ValueError from a bug (not an emulator.errors.ConfigError) must surface with its traceback,
+    # a ValueError from a bug (not an relay.errors.ConfigError) must surface with its traceback,
     # not as a one-line "error:" with exit status 2
-    import launch.cli as cli
+    import relay.launch.cli as cli
 
     def bug(parser, args):
         raise ValueError("an internal bug")
@@ -100,8 +100,8 @@ def test_an_internal_error_is_not_reported_as_bad_input(monkeypatch, capsys):
 
 
 def test_bad_input_errors_are_config_errors():
-    from emulator import Cluster, System
-    from emulator.errors import ConfigError
+    from relay import Cluster, System
+    from relay.errors import ConfigError
     # the cost model (kernels/, below Relay's error type) raises ValueError; the Cluster that
     # takes the user's dtype reports it as bad input
     for bad in (lambda: System("h100", 0), lambda: Cluster(System("h100", 1), dtype="fp4"),

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from emulator import chips
-from emulator.trainer import Optimizer
-from kernels import CostModel, Throttle, VirtualLane
-from kernels.throttle import ParameterTensors
+from relay import chips
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import ParameterTensors, Throttle
+from relay.trainer import Optimizer
 
 WIDTH, B, K = 1024, 4, 16  # a wide MLP on a small batch: weight traffic dominates the bytes
 

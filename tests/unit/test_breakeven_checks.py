@@ -1,8 +1,8 @@
 """The break-even search's own checks (emulator/driver/experiment.py), on points with given figures: the
 count below the answer must fall short, and non-monotone steps among the probes are reported."""
 
-from emulator import System
-from emulator.driver.experiment import BreakEven, Point, _non_monotone
+from relay import System
+from relay.driver.experiment import BreakEven, Point, _non_monotone
 
 SLOW = System("a100", 64)
 

@@ -1,7 +1,7 @@
 import pytest
 
-from emulator import chips
-from emulator.hardware.chips import FIGURES, Chip
+from relay import chips
+from relay.hardware.chips import FIGURES, Chip
 
 SPEC_CHIPS = ["ascend-910b", "ascend-910c", "a100", "h100", "h200", "b200", "b200-hgx", "mi300x",
               "tpu-v5p", "tpu-v5e"]

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from emulator import System
-from emulator.collectives import Fabric, predict, schedule, simulate
-from emulator.collectives.closed import closed_form
-from emulator.collectives.fabric import CLASSES
+from relay import System
+from relay.collectives import Fabric, predict, schedule, simulate
+from relay.collectives.closed import closed_form
+from relay.collectives.fabric import CLASSES
 
 
 def simple_link(system):

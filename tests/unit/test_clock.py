@@ -4,10 +4,11 @@ import time
 import pytest
 import torch
 
-from emulator import chips
-from kernels import Throttle, VirtualLane, WallLane, throttled_matmul
-from kernels.calibrate import check_dilation, dilation_for
-from kernels.cost import CostModel
+from relay import chips
+from relay.kernels.calibrate import check_dilation, dilation_for
+from relay.kernels.clock import VirtualLane, WallLane
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import Throttle, throttled_matmul
 
 
 def _train_steps(lane):

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from emulator import System
-from emulator.collectives import ALGORITHMS, PRIMITIVES, predict, simulate
-from emulator.collectives.alltoall import layout_for
-from emulator.collectives.core import finish, prepare, reference
-from emulator.collectives.fabric import Fabric
-from emulator.collectives.local import _lockstep, execute
-from emulator.collectives.schedules import SCHEDULES, Topology, schedule
+from relay import System
+from relay.collectives import ALGORITHMS, PRIMITIVES, predict, simulate
+from relay.collectives.alltoall import layout_for
+from relay.collectives.core import finish, prepare, reference
+from relay.collectives.fabric import Fabric
+from relay.collectives.local import _lockstep, execute
+from relay.collectives.schedules import SCHEDULES, Topology, schedule
 
 PAIRS = [(p, a) for p in PRIMITIVES for a in ALGORITHMS if (p, a) in SCHEDULES]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]

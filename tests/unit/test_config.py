@@ -2,8 +2,8 @@
 
 import pytest
 
-from emulator import TrainConfig
-from launch.cli import build_parser
+from relay import TrainConfig
+from relay.launch.cli import build_parser
 
 
 @pytest.mark.parametrize("options,match", [

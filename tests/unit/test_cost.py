@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emulator import chips
-from emulator.hardware.chips import Chip
-from kernels import CostModel, Throttle, VirtualLane
-from kernels.gemm import quantisation
+from relay import chips
+from relay.hardware.chips import Chip
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.gemm import quantisation
+from relay.kernels.throttle import Throttle
 
 TOY = Chip(name="toy", bf16_tflops=1, hbm_gb=1, hbm_tbps=1, scaleup_gbps=1, scaleup_latency_us=1,
            scaleout_latency_us=1, matmul_eff=0.5, mem_eff=0.5, launch_us=1)
@@ -123,8 +125,8 @@ class _NoMemo(dict):
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "mlp"])
 def test_memoised_flops_charge_every_op_exactly_what_the_formulas_charge(name, monkeypatch):
-    from emulator.workloads import get
-    from kernels import cost
+    from relay.kernels import cost
+    from relay.workloads import get
 
     def charges() -> list[float]:
         wl = get(name)

@@ -71,7 +71,7 @@ def test_modules_and_classes_stay_readable():
 def test_importing_relay_does_not_import_matplotlib():
     import subprocess
     import sys
-    code = "import sys, emulator, launch.cli; print('matplotlib' in sys.modules)"
+    code = "import sys, relay, relay.launch.cli; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 

@@ -4,13 +4,13 @@ the port overhead, and what `auto` chooses."""
 import pytest
 import torch
 
-from emulator import System
-from emulator.collectives import Fabric, predict, resolve, simulate
-from emulator.collectives.closed import candidates, pipeline_chunks
-from emulator.collectives.core import prepare, reference
-from emulator.collectives.fabric import CLASSES, FabricClass
-from emulator.collectives.local import execute
-from emulator.collectives.schedules import Topology, schedule, stagger
+from relay import System
+from relay.collectives import Fabric, predict, resolve, simulate
+from relay.collectives.closed import candidates, pipeline_chunks
+from relay.collectives.core import prepare, reference
+from relay.collectives.fabric import CLASSES, FabricClass
+from relay.collectives.local import execute
+from relay.collectives.schedules import Topology, schedule, stagger
 
 
 def run_data(algorithm, system, count, chunks=None):

@@ -1,15 +1,15 @@
-"""Fake-tensor execution of one device's training step (emulator/device/fake.py), fake mode's
-answers remembered (emulator/device/fake_ops.py) and the MoE routing models
+"""Fake-tensor execution of one device's training step (emulator/device/fake/measure.py), fake mode's
+answers remembered (emulator/device/fake/ops.py) and the MoE routing models
 (emulator/workloads/routing.py). No Ray."""
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from emulator.device.fake import by_layers, step_cost
-from emulator.device.fake_ops import FreshOps
-from emulator.hardware.chips import get as get_chip
-from emulator.workloads.routing import Histogram, Zipf, apportion, balanced
+from relay.device.fake.measure import by_layers, step_cost
+from relay.device.fake.ops import FreshOps
+from relay.hardware.chips import get as get_chip
+from relay.workloads.routing import Histogram, Zipf, apportion, balanced
 
 H100 = get_chip("h100")
 

@@ -1,14 +1,14 @@
-"""The full-scale break-even on the analytic plan search (emulator/driver/fullscale.py) and its
+"""The full-scale break-even on the analytic plan search (emulator/analytic/fullscale.py) and its
 summary (launch/fullscale_summary.py), on the debug configuration and small systems."""
 
 from __future__ import annotations
 
-from emulator.driver import fullscale
-from emulator.hardware import chips
-from emulator.hardware.system import System
-from emulator.results.folder import system_dict
-from launch.fullscale import _workload, table
-from launch.fullscale_summary import summary_md
+from relay.analytic import fullscale
+from relay.hardware import chips
+from relay.hardware.system import System
+from relay.launch.fullscale import _workload, table
+from relay.launch.fullscale_summary import summary_md
+from relay.results.folder import system_dict
 
 WL, BATCH, MAX = "llama-debug", 1024, 16  # a batch at which more devices help this small model
 FAST = System("b200", 2)

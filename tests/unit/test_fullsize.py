@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from emulator.device.fake import by_layers, memory, step_cost
-from emulator.hardware.chips import get as get_chip
-from emulator.workloads import analytic, get, llama, moe
+from relay.device.fake.measure import by_layers, memory, step_cost
+from relay.hardware.chips import get as get_chip
+from relay.workloads import analytic, get, llama, moe
 
 H100 = get_chip("h100")
 
@@ -88,6 +88,6 @@ def test_memory_breakdown_of_llama3_70b_per_device():
 def test_a_full_size_workload_on_real_tensors_is_refused_with_the_fix():
     """Real tensors of 405 billion parameters (6.5 TB with Adam) exhaust any host: refused before
     anything is allocated (counted on the meta device), naming the workload and what to do instead."""
-    from emulator.trainer import TrainConfig, memory_estimate
+    from relay.trainer import TrainConfig, memory_estimate
     with pytest.raises(ValueError, match=r"workload = 'llama3-405b' has 406 billion parameters.*llama-debug.*fake"):
         memory_estimate(TrainConfig(workload="llama3-405b"), 1)

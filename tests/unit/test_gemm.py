@@ -2,9 +2,9 @@
 
 import pytest
 
-from emulator import chips
-from kernels.cost import CostModel
-from kernels.gemm import _one, efficiency, quantisation
+from relay import chips
+from relay.kernels.cost import CostModel
+from relay.kernels.gemm import _one, efficiency, quantisation
 
 
 def test_full_waves_of_whole_tiles_waste_nothing():

@@ -1,11 +1,11 @@
-"""Process groups on the emulated system: a group's own System and Fabric (device/collective.py),
+"""Process groups on the emulated system: a group's own System and Fabric (device/backend/collective.py),
 and the algorithm a group may run."""
 
 import pytest
 
-from emulator import System
-from emulator.collectives import Fabric, simulate
-from emulator.device.collective import TWO_LEVEL, algorithms, choose, group_of
+from relay import System
+from relay.collectives import Fabric, simulate
+from relay.device.backend.collective import TWO_LEVEL, algorithms, choose, group_of
 
 
 def test_a_group_inside_a_domain_uses_its_links():

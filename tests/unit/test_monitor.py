@@ -6,8 +6,8 @@ real actors."""
 import pytest
 import ray
 
-from emulator.device.peers import PeerError
-from emulator.driver.monitor import Failed, Unresponsive, blame, failure, gather
+from relay.device.plane.peers import PeerError
+from relay.driver.monitor import Failed, Unresponsive, blame, failure, gather
 
 
 class Ref:
@@ -65,7 +65,7 @@ def test_gather_keeps_polling_and_pinging_every_round():
 
 
 def test_gather_blames_a_device_that_stops_answering_pings(monkeypatch):
-    from emulator.driver import monitor
+    from relay.driver import monitor
     clock = iter(range(0, 10**6, 10))  # 10 s of host time per round
     monkeypatch.setattr(monitor.time, "time", lambda: next(clock))
     dev = Devices([float("inf")] * 3, hung={1})

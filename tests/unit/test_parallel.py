@@ -1,15 +1,15 @@
-"""emulator.Parallel: the plan's arithmetic and the mesh's layout, checked without any process
+"""relay.Parallel: the plan's arithmetic and the mesh's layout, checked without any process
 (as torchtitan tests ParallelDims), and its refusals before any device starts."""
 
 from dataclasses import replace
 
 import pytest
 
-from emulator import Cluster, Parallel, System, TrainConfig
-from emulator.errors import ConfigError
-from emulator.workloads import get
-from launch.cli import build_parser, main
-from launch.options import config_from
+from relay import Cluster, Parallel, System, TrainConfig
+from relay.errors import ConfigError
+from relay.launch.cli import build_parser, main
+from relay.launch.options import config_from
+from relay.workloads import get
 
 LLAMA, MOE = get("llama-debug").config, get("moe-debug").config
 

@@ -1,5 +1,5 @@
-"""Memory per device under a plan (emulator/device/footprint.py) against the published formulas,
-the memory check, and the plan search (emulator/driver/planner.py, `relay plan`). No Ray: the
+"""Memory per device under a plan (emulator/analytic/footprint.py) against the published formulas,
+the memory check, and the plan search (emulator/analytic/planner.py, `relay plan`). No Ray: the
 figures come from fake-tensor blocks (well under a second each at full size) and closed forms."""
 
 import pytest
@@ -9,16 +9,16 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from emulator.collectives import predict
-from emulator.device.fake import memory
-from emulator.device.footprint import GB, check, footprint, measure, parameters
-from emulator.device.plans import tensor_parallel
-from emulator.driver import planner
-from emulator.errors import ConfigError
-from emulator.hardware.system import System
-from emulator.parallel import Parallel
-from emulator.workloads import analytic, llama, moe
-from launch.cli import main
+from relay.analytic import planner
+from relay.analytic.footprint import GB, check, footprint, measure, parameters
+from relay.collectives import predict
+from relay.device.fake.measure import memory
+from relay.device.training.plans import tensor_parallel
+from relay.errors import ConfigError
+from relay.hardware.system import System
+from relay.launch.cli import main
+from relay.parallel import Parallel
+from relay.workloads import analytic, llama, moe
 
 H100 = "h100"
 

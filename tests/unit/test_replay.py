@@ -5,13 +5,13 @@ charging when a step's inputs change shape or its ops follow the data."""
 import pytest
 import torch
 
-from emulator.hardware.chips import get as chip
-from emulator.trainer import Optimizer, grad_params
-from emulator.workloads import get
-from kernels.clock import VirtualLane
-from kernels.cost import CostModel
-from kernels.replay import Replay, ReplayError, signature
-from kernels.throttle import ParameterTensors, Throttle
+from relay.hardware.chips import get as chip
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.replay import Replay, ReplayError, signature
+from relay.kernels.throttle import ParameterTensors, Throttle
+from relay.trainer import Optimizer, grad_params
+from relay.workloads import get
 
 
 def _train(workload, batches, enabled: bool, batch_scale: int = 1):

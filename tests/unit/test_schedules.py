@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from emulator.collectives.schedules import ALGORITHMS, PRIMITIVES, SCHEDULES, Topology, schedule
+from relay.collectives.schedules import ALGORITHMS, PRIMITIVES, SCHEDULES, Topology, schedule
 
 
 def sends(primitive, algorithm, rank, world, count=1000, domain=None, **kw):
@@ -101,7 +101,7 @@ def test_the_two_trees_are_mirror_images_over_the_non_root_ranks(p):
     # the property docs/design.md claims: both trees rooted at the root, the second with the other
     # ranks in reverse order (position i of one is position p - i of the other); and, unlike
     # NCCL's double binary tree, a rank may be a leaf of both
-    from emulator.collectives.schedules import _Tree
+    from relay.collectives.schedules import _Tree
     for root in (0, p - 1):
         others = [(root + k) % p for k in range(1, p)]
         a, b = _Tree([root] + others), _Tree([root] + others[::-1])

@@ -5,13 +5,13 @@ System says its scale-out switches reduce; its closed form, its schedule's shape
 import pytest
 import torch
 
-from emulator import System
-from emulator.collectives import Fabric, pipeline_chunks, predict, resolve, schedule, simulate
-from emulator.collectives.closed import candidates, closed_form
-from emulator.collectives.core import prepare, reference
-from emulator.collectives.fabric import CLASSES
-from emulator.collectives.local import execute
-from emulator.collectives.schedules import Topology
+from relay import System
+from relay.collectives import Fabric, pipeline_chunks, predict, resolve, schedule, simulate
+from relay.collectives.closed import candidates, closed_form
+from relay.collectives.core import prepare, reference
+from relay.collectives.fabric import CLASSES
+from relay.collectives.local import execute
+from relay.collectives.schedules import Topology
 
 
 def sharp_system(devices=32, domain=8, chip="h100"):

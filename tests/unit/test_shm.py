@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator.device.shm import SHM_DIR, slot_bytes_for, unsupported
-from emulator.device.transport import free_address
+from relay.device.plane.shm import SHM_DIR, slot_bytes_for, unsupported
+from relay.device.plane.transport import free_address
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.skipif(unsupported() is not None, reason=str(unsupported()))

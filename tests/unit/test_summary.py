@@ -1,9 +1,9 @@
 """summary.md from a summary.json (launch/summary.py): every figure labelled by where it comes from,
 published comparisons only for the pair they describe, the sensitivity table, the search's checks."""
 
-from emulator import System, TrainConfig
-from emulator.results.folder import system_dict
-from launch.summary import summary_md
+from relay import System, TrainConfig
+from relay.launch.summary import summary_md
+from relay.results.folder import system_dict
 
 SETTINGS = TrainConfig(workload="gpt-tiny", steps=4, per_device_batch=8, batch_scale=1024)
 
@@ -59,7 +59,7 @@ def test_published_comparison_only_for_its_pair():
 
 
 def test_sensitivity_varies_one_figure():
-    from emulator.driver.sensitivity import RANGES, vary
+    from relay.driver.sensitivity import RANGES, vary
     slow = System.preset("cloudmatrix384")
     by = {r.parameter: r for r in RANGES}
     assert vary(slow, by["launch_us"], 2.0).chip.launch_us == 2 * slow.chip.launch_us

@@ -1,6 +1,6 @@
 import pytest
 
-from emulator import System, chips
+from relay import System, chips
 
 
 def test_constructor_resolves_links_from_the_chip():

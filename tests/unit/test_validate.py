@@ -2,8 +2,8 @@
 
 import pytest
 
-from launch import validate
-from launch.validate import REGRESSION_TOL, load, relay_figure
+from relay.launch import validate
+from relay.launch.validate import REGRESSION_TOL, load, relay_figure
 
 ROWS = load()
 

@@ -30,12 +30,12 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.utils._pytree import tree_flatten
 
-from emulator.collectives.core import Ports, prepare, time_recv, time_sends
-from emulator.collectives.fabric import Fabric
-from emulator.collectives.schedules import Recv, Send, Step
-from emulator.device.collective import Group, algorithms, group_of, run_collective
-from emulator.errors import ConfigError
-from kernels.clock import VirtualLane
+from relay.collectives.core import Ports, prepare, time_recv, time_sends
+from relay.collectives.fabric import Fabric
+from relay.collectives.schedules import Recv, Send, Step
+from relay.device.backend.collective import Group, algorithms, group_of, run_collective
+from relay.errors import ConfigError
+from relay.kernels.clock import VirtualLane
 
 POLL_S = 1e-3  # how often the thread looks at posted point-to-point messages while any is in flight
 
@@ -316,7 +316,7 @@ def _key(t: torch.Tensor) -> int:
 
 
 def restart(engine: Engine) -> None:
-    """emulator.dist.restart_clocks(): every device's lanes back to emulated 0, together."""
+    """relay.dist.restart_clocks(): every device's lanes back to emulated 0, together."""
     if not isinstance(engine.comm, VirtualLane):
         raise ConfigError("restart_clocks() needs clock = 'virtual' (a wall clock cannot go back)")
     engine.drain()

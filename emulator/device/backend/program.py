@@ -19,11 +19,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._redistribute import _gen_transform_infos
 
-import emulator.dist as relay_dist
-from emulator.device import group as relay_group
-from emulator.device.comm_throttle import CommThrottle
-from emulator.device.engine import Engine
-from emulator.device.job import Job
+import relay.dist as relay_dist
+from relay.device.backend import group as relay_group
+from relay.device.backend.comm_throttle import CommThrottle
+from relay.device.backend.engine import Engine
+from relay.device.job import Job
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from emulator.workloads.moe import Experts, MoE
+from relay.workloads.moe import Experts, MoE
 
 
 def expert_parallel(model: nn.Module, group, ep: int, index: int) -> list[nn.Parameter]:

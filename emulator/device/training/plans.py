@@ -49,8 +49,8 @@ from torch.distributed.tensor.parallel import (
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from emulator.workloads.llama import SwiGLU
-from emulator.workloads.moe import MLA, Experts
+from relay.workloads.llama import SwiGLU
+from relay.workloads.moe import MLA, Experts
 
 
 class Stage(nn.Module):

@@ -20,10 +20,10 @@ from collections import defaultdict, deque
 
 import torch
 
-from emulator.collectives.schedules import Step, seg_len
-from emulator.device.peers import PeerError
-from emulator.device.shm import RecvOp, SendOp, ShmPlane, unsupported
-from emulator.device.shm_file import POST_BELL, ROOM_TICK_S, SLOTS, TICK_S, alive, memmove, ring, sleep
+from relay.collectives.schedules import Step, seg_len
+from relay.device.plane.peers import PeerError
+from relay.device.plane.shm import RecvOp, SendOp, ShmPlane, unsupported
+from relay.device.plane.shm_file import POST_BELL, ROOM_TICK_S, SLOTS, TICK_S, alive, memmove, ring, sleep
 
 
 def recvs(t, step: Step, buf, dtype, elem_bytes: int, staged: dict, dev, op: str) -> dict:

@@ -24,13 +24,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_map
 
-from emulator.trainer import OPTIMIZER_BYTES, Optimizer
-from emulator.workloads import Workload
-from emulator.workloads import get as get_workload
-from emulator.workloads.routing import balanced
-from kernels.clock import VirtualLane
-from kernels.cost import ITEMSIZE, CostModel
-from kernels.throttle import Throttle
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import ITEMSIZE, CostModel
+from relay.kernels.throttle import Throttle
+from relay.trainer import OPTIMIZER_BYTES, Optimizer
+from relay.workloads import Workload
+from relay.workloads import get as get_workload
+from relay.workloads.routing import balanced
 
 TENSORS = ("real", "fake")
 
@@ -164,3 +164,45 @@ def _numbers(x) -> dict:
                                         ("seconds", "flops", "bytes", "ops", "forward_backward_s",
                                          "forward_backward_flops")}
     return {k: v for k, v in d.items() if isinstance(v, (int, float))}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One training step of a (fake) model at `micro_batch` samples on one device: what the analytic
+    model's memory footprint (analytic/footprint.py) measures its blocks with."""
+
+    forward_s: float  # emulated seconds of the forward pass
+    backward_s: float  # emulated seconds of the backward pass
+    optimizer_s: float  # emulated seconds of the optimizer step
+    activations: float  # bytes autograd saves in the forward pass, at the emulated dtype
+    params: int  # parameters
+    expert_params: int  # of which experts'
+
+
+def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str) -> Block:
+    """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`."""
+    model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
+    size = ITEMSIZE[dtype]
+    held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):  # memory()'s rule: each storage once, floating ones at the emulated dtype
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in held:
+            saved[key] = t.untyped_storage().nbytes() // t.element_size() * (
+                size if t.is_floating_point() else t.element_size())
+        return t
+
+    throttle = Throttle(CostModel(chip, dtype), VirtualLane())
+    with mode:
+        opt = Optimizer(optimizer, model.parameters(), wl.lr)
+        with throttle:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = wl.loss(model, batch)
+            forward_s = throttle.emulated_s
+            loss.backward()
+            backward_s = throttle.emulated_s - forward_s
+            opt.step()
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return Block(forward_s, backward_s, throttle.emulated_s - forward_s - backward_s, sum(saved.values()),
+                sum(p.numel() for p in model.parameters()), experts)

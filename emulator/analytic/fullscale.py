@@ -1,4 +1,4 @@
-"""Break-even at full scale, on the analytic plan search (emulator/driver/planner.py): the
+"""Break-even at full scale, on the analytic plan search (emulator/analytic/planner.py): the
 smallest number of slow devices whose BEST plan trains as many tokens per emulated second as the
 fast system's best plan, both at the same global batch (samples of the workload's sequence
 length, so the same tokens per step on both sides). No device runs: each device count costs one
@@ -29,9 +29,9 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from emulator.driver import planner
-from emulator.hardware import chips
-from emulator.hardware.system import System
+from relay.analytic import planner
+from relay.hardware import chips
+from relay.hardware.system import System
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The plan search behind `relay plan`: every parallel plan (dp, fsdp, tp, pp, ep, microbatches,
-recompute) of a language model on a system, pruned by memory (emulator/device/footprint.py),
+recompute) of a language model on a system, pruned by memory (emulator/analytic/footprint.py),
 ranked by an analytic emulated step time built from the project's own cost models. Fast (no
 device runs): a few seconds of fake-tensor block measurements, cached, then arithmetic.
 
@@ -37,20 +37,20 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from emulator.collectives import predict
-from emulator.collectives.fabric import Fabric
-from emulator.device import footprint as footprints
-from emulator.device.collective import group_of
-from emulator.device.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
-from emulator.errors import ConfigError
-from emulator.hardware.system import System
-from emulator.parallel import Parallel
-from emulator.trainer import TrainConfig
-from emulator.workloads import analytic
-from kernels.cost import ITEMSIZE, CostModel
+from relay.analytic import footprint as footprints
+from relay.analytic.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
+from relay.collectives import predict
+from relay.collectives.fabric import Fabric
+from relay.device.backend.collective import group_of
+from relay.errors import ConfigError
+from relay.hardware.system import System
+from relay.kernels.cost import ITEMSIZE, CostModel
+from relay.parallel import Parallel
+from relay.trainer import TrainConfig
+from relay.workloads import analytic
 
 BUCKET_MB = TrainConfig.bucket_mb  # the runs' gradient buckets, MB (TrainConfig's default)
-OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of emulator.trainer.Optimizer.step
+OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of relay.trainer.Optimizer.step
 # Kernels the cost model charges (a launch each, plus the bytes they touch) besides the model's own
 # ops, counted on llama-debug's aten ops with a TorchDispatchMode on the devices (docs/design.md):
 FSDP_GATHER_KERNELS = 6  # per FSDP2 all-gather: copy-in, copy-out, and 4 record_function markers

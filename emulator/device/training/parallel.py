@@ -2,7 +2,7 @@
 `relay` program (program.py: the engine, CommThrottle, the default group) that builds the
 workload's model, applies the plan (plans.py) on one DeviceMesh, and trains.
 
-Each step's row has the data-parallel trainer's columns (device/training.py), in emulated
+Each step's row has the data-parallel trainer's columns (device/training/loop.py), in emulated
 seconds: the step on the compute lane (start, end), compute (charged op costs), communication
 (the backend's operations of the step, summed), exposed communication (how long the compute
 lane waited for them), the global batch's loss, FLOPs, wall seconds and the spans for the
@@ -26,17 +26,17 @@ from torch.distributed.fsdp._fully_shard import _fsdp_param
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 from torch.utils._pytree import tree_map
 
-import emulator.dist as relay_dist
-from emulator.device import experts as experts_plan
-from emulator.device import plans
-from emulator.device.fake_ops import FreshOps
-from emulator.device.job import Job, die
-from emulator.device.program import Program, run_program
-from emulator.device.record import Recorder
-from emulator.parallel import DIMS
-from emulator.trainer import Optimizer, TrainConfig
-from emulator.workloads.moe import MoE, only_experts
-from emulator.workloads.routing import balanced
+import relay.dist as relay_dist
+from relay.device.backend.program import Program, run_program
+from relay.device.fake.ops import FreshOps
+from relay.device.fake.record import Recorder
+from relay.device.job import Job, die
+from relay.device.training import experts as experts_plan
+from relay.device.training import plans
+from relay.parallel import DIMS
+from relay.trainer import Optimizer, TrainConfig
+from relay.workloads.moe import MoE, only_experts
+from relay.workloads.routing import balanced
 
 
 def train(dev, job: Job, config: TrainConfig, master: tuple) -> dict:

@@ -10,7 +10,7 @@ from torch._C._distributed_c10d import _resolve_process_group
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
-from kernels.throttle import Throttle
+from relay.kernels.throttle import Throttle
 
 
 class CommThrottle(Throttle):

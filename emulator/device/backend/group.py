@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import ReduceOp
 from torch._subclasses.fake_tensor import FakeTensor
 
-from emulator.collectives.alltoall import layout, split_matrix
-from emulator.collectives.core import prepare
-from emulator.collectives.schedules import Recv, Send, Step, shards
-from emulator.device.collective import choose
+from relay.collectives.alltoall import layout, split_matrix
+from relay.collectives.core import prepare
+from relay.collectives.schedules import Recv, Send, Step, shards
+from relay.device.backend.collective import choose
 
 NAME = "relay"
 _engine = None  # the running program's engine, in this device process

@@ -1,16 +1,17 @@
 """Memory per device under a parallel plan, at full size, checked against the chip's HBM before
 anything runs; and the per-block figures (emulated seconds, saved activations, parameters) that
-the memory check and the plan search (emulator/driver/planner.py) are built from.
+the memory check and the plan search (emulator/analytic/planner.py) are built from.
 
 Measured, not assumed: `measure` runs models of 0 and 1 block of each kind (dense, MoE) on fake
-tensors (emulator/device/fake.py's `by_layers` method: every block of a kind is identical, so a
-block's figure is the 1-block model's minus the 0-block model's, exactly), with the block split
-as the plan splits it on one device (`shard` and `_split_heads`: Megatron tensor parallel divides
-the heads and the dense SwiGLU's width by tp and leaves norms, embeddings, the head, routers and
-experts whole, as plans.py does; expert parallel keeps n_experts / ep experts). Each run charges every aten op by
-the cost model (forward, backward and optimizer step separately) and records what autograd
-saves for backward (fake.memory's rule), at the plan's own micro-batch size (fake tensors cost
-the same at any size: a 70B block takes well under a second), cached per shard and size.
+tensors, each through one call, device/fake/measure.py's `measure_block` (its `by_layers` method:
+every block of a kind is identical, so a block's figure is the 1-block model's minus the 0-block
+model's, exactly), with the block split as the plan splits it on one device (`shard` and
+`_split_heads`: Megatron tensor parallel divides the heads and the dense SwiGLU's width by tp and
+leaves norms, embeddings, the head, routers and experts whole, as plans.py does; expert parallel
+keeps n_experts / ep experts). Each run charges every aten op by the cost model (forward, backward
+and optimizer step separately) and records what autograd saves for backward (measure.memory's rule),
+at the plan's own micro-batch size (fake tensors cost the same at any size: a 70B block takes well
+under a second), cached per shard and size.
 
 Closed forms, on top of the measured blocks (`footprint`): which blocks, embedding and head a
 pipeline stage holds, how many microbatches of activations 1F1B keeps in flight on it (pp - stage,
@@ -35,18 +36,15 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 
-from emulator.device.fake import _model_and_batch
-from emulator.errors import ConfigError
-from emulator.hardware import chips
-from emulator.parallel import Parallel
-from emulator.trainer import OPTIMIZER_BYTES, Optimizer
-from emulator.workloads import get as get_workload
-from emulator.workloads.moe import MLA
-from kernels.clock import VirtualLane
-from kernels.cost import ITEMSIZE, CostModel
-from kernels.throttle import Throttle
+from relay.device.fake.measure import measure_block
+from relay.errors import ConfigError
+from relay.hardware import chips
+from relay.kernels.cost import ITEMSIZE
+from relay.parallel import Parallel
+from relay.trainer import OPTIMIZER_BYTES
+from relay.workloads import get as get_workload
+from relay.workloads.moe import MLA
 
 GB = 1e9  # printed figures are GB (1e9 bytes), the catalog's unit of HBM
 KINDS = ("base", "dense", "moe")  # base: the model without blocks (embedding, norm, head, loss)
@@ -190,31 +188,8 @@ def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype:
 
 
 def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str) -> Part:
-    model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
-    size = ITEMSIZE[dtype]
-    held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(t):  # fake.memory's rule: each storage once, floating ones at the emulated dtype
-        key = StorageWeakRef(t.untyped_storage())
-        if key not in held:
-            saved[key] = t.untyped_storage().nbytes() // t.element_size() * (
-                size if t.is_floating_point() else t.element_size())
-        return t
-
-    throttle = Throttle(CostModel(chip, dtype), VirtualLane())
-    with mode:
-        opt = Optimizer(optimizer, model.parameters(), wl.lr)
-        with throttle:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = wl.loss(model, batch)
-            forward_s = throttle.emulated_s
-            loss.backward()
-            backward_s = throttle.emulated_s - forward_s
-            opt.step()
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    return Part(forward_s, backward_s, throttle.emulated_s - forward_s - backward_s, sum(saved.values()),
-                sum(p.numel() for p in model.parameters()), experts)
+    b = measure_block(wl, micro_batch, chip, dtype, optimizer)
+    return Part(b.forward_s, b.backward_s, b.optimizer_s, b.activations, b.params, b.expert_params)
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from emulator.collectives.core import Ports, apply, gather, time_recv, time_sends
-from emulator.collectives.fabric import Fabric, Timing
-from emulator.collectives.schedules import Step, schedule, seg_len
-from emulator.device import near
-from emulator.device.job import die
-from emulator.device.peers import PeerError
-from kernels.clock import VirtualLane
+from relay.collectives.core import Ports, apply, gather, time_recv, time_sends
+from relay.collectives.fabric import Fabric, Timing
+from relay.collectives.schedules import Step, schedule, seg_len
+from relay.device.job import die
+from relay.device.plane import near
+from relay.device.plane.peers import PeerError
+from relay.kernels.clock import VirtualLane
 
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
 P2P_TAGS = 1 << 25  # point-to-point messages' tags start here

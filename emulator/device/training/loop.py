@@ -21,12 +21,12 @@ from dataclasses import replace
 
 import torch
 
-from emulator.device.collective import group_of, run_collective
-from emulator.device.job import Job, die
-from emulator.trainer import Optimizer, TrainConfig, grad_params, make_buckets
-from kernels.cost import ITEMSIZE
-from kernels.replay import Replay, signature
-from kernels.throttle import ParameterTensors
+from relay.device.backend.collective import group_of, run_collective
+from relay.device.job import Job, die
+from relay.kernels.cost import ITEMSIZE
+from relay.kernels.replay import Replay, signature
+from relay.kernels.throttle import ParameterTensors
+from relay.trainer import Optimizer, TrainConfig, grad_params, make_buckets
 
 
 class GradSync:
@@ -40,7 +40,7 @@ class GradSync:
         self.group = group_of(system, fabric, range(system.devices), transport.rank)  # every device
         self.compute_lane = compute_lane
         self.elem_bytes, self.throttle = elem_bytes, throttle
-        self.replay = replay  # a kernels.replay.Replay: each gradient that becomes ready is a sync point
+        self.replay = replay  # a relay.kernels.replay.Replay: each gradient that becomes ready is a sync point
         params = grad_params(model)
         self.position = {p: k for k, p in enumerate(params)}
         self.buckets = make_buckets(params, elem_bytes, bucket_bytes)

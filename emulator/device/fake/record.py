@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from emulator.device.engine import Engine, Work
-from emulator.errors import ConfigError
-from kernels.clock import VirtualLane
+from relay.device.backend.engine import Engine, Work
+from relay.errors import ConfigError
+from relay.kernels.clock import VirtualLane
 
 
 class Recorder(Engine):

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from emulator.collectives import AUTO, pipeline_chunks, resolve
-from emulator.collectives.core import Ports
-from emulator.collectives.fabric import Fabric
-from emulator.collectives.schedules import PRIMITIVES, Topology, algorithms_for, check, schedule
-from emulator.errors import ConfigError
+from relay.collectives import AUTO, pipeline_chunks, resolve
+from relay.collectives.core import Ports
+from relay.collectives.fabric import Fabric
+from relay.collectives.schedules import PRIMITIVES, Topology, algorithms_for, check, schedule
+from relay.errors import ConfigError
 
 
 def algorithms(choice=None) -> dict:

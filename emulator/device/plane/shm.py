@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import time
 
-from emulator.device import shm_file
-from emulator.device.peers import PeerError
-from emulator.device.shm_file import ROOM_TICK_S, SLOTS, TICK_S, Channel, File, alive, memmove, ring, sleep
+from relay.device.plane import shm_file
+from relay.device.plane.peers import PeerError
+from relay.device.plane.shm_file import ROOM_TICK_S, SLOTS, TICK_S, Channel, File, alive, memmove, ring, sleep
 
 SPIN_S = 250e-6  # how long a device waiting for a peer spins before it sleeps: on this 2-core VM host
 #   a futex sleep and wake-up cost about 45 us of CPU; a 4-byte ping-pong between actors took
