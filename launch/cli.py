@@ -172,6 +172,10 @@ def main(argv=None) -> int:
         return args.fn(args) or 0
     except DeviceError as e:  # a device failed mid-run: not bad input, but no traceback either
         print(f"relay {args.command}: run failed: {e}", file=sys.stderr)
+        for line in e.last_lines():  # a script's traceback's end, or its message (argparse's)
+            print(f"  {line}", file=sys.stderr)
+        for note in getattr(e, "__notes__", ()):
+            print(f"relay {args.command}: {note}", file=sys.stderr)
         return 1
     except ConfigError as e:  # bad input: the message says what to change; other errors show a traceback
         print(f"relay {args.command}: error: {e}", file=sys.stderr)

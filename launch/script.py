@@ -1,24 +1,32 @@
 """`relay launch`: torchrun's interface for a script, on emulated devices.
 
     relay launch --chip h100 --devices 8 --domain 4 train.py --lr 0.1
+    relay launch --chip h100 --devices 8 -m torchtitan.train --job.config_file llama3_8b.toml
 
-Every device runs the script unmodified as `__main__` with torchrun's environment (RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...); its
+Every device runs the script (or module, with -m) unmodified as `__main__` with torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...); its
 init_process_group, whatever backend it names, starts the `relay` backend. Results (per-device
 emulated time, throughput if the script calls relay.dist.report, a Perfetto trace) go to
-results/<name>/.
+results/<name>/, each device's output to results/<name>/logs/rank<N>.log; the console shows
+rank 0's as it comes, prefixed `[rank 0]` (--ranks chooses others, as torchrun's
+--local-ranks-filter does). A failed run adds error.txt: each failed device's last output and
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 from tabulate import tabulate
 
 from relay import Cluster
 from relay.device.backend.collective import algorithms
 from relay.device.backend.program import Program
+from relay.driver.monitor import DeviceError
 from relay.driver.programs import launch
 from relay.errors import ConfigError
 from relay.launch.options import add_run_args, add_system_args, system_from, vars_of
@@ -41,20 +49,100 @@ def parse_algorithm(text: str | None):
     return out
 
 
+def parse_ranks(text: str | None, devices: int) -> list[int]:
+    """--ranks: '0' (the default), '0,3', '0-3', 'all' or 'none'."""
+    text = (text or "0").strip()
+    if text in ("all", "none"):
+        return list(range(devices)) if text == "all" else []
+    ranks = set()
+    try:
+        for part in text.split(","):
+            first, dash, last = part.partition("-")
+            ranks.update(range(int(first), int(last if dash else first) + 1))
+    except ValueError:
+        raise ConfigError(f"ranks = {text!r} is not a list of ranks; write e.g. 0, 0,3, 0-3, all or none") from None
+    if not ranks or min(ranks) < 0 or max(ranks) >= devices:
+        raise ConfigError(f"ranks = {text!r} names a rank outside 0..{devices - 1}; give ranks of the "
+                          f"{devices} device(s), or all")
+    return sorted(ranks)
+
+
+def check_module(name: str) -> None:
+    """-m NAME must be importable from here, as `python -m` would look for it."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is not there, or an empty name
+        found = False
+    finally:
+        sys.path.pop(0)
+    if not found:
+        raise ConfigError(f"module = {name!r} is not importable from {os.getcwd()}; give a module on the "
+                          "Python path (as for python -m), or a script's path without -m")
+
+
+class Tail:
+    """The chosen ranks' logs, shown as they grow: each new whole line once, prefixed
+    `[rank N]` (on_poll of the run; close() shows what is left)."""
+
+    def __init__(self, folder: Path, ranks: list[int]):
+        self.folder, self.ranks = folder, ranks
+        self.read = dict.fromkeys(ranks, 0)  # bytes of each log shown so far
+
+    def poll(self, final: bool = False) -> None:
+        for r in self.ranks:
+            try:
+                with open(self.folder / f"rank{r}.log", "rb") as f:
+                    f.seek(self.read[r])
+                    data = f.read()
+            except FileNotFoundError:  # not started yet
+                continue
+            if not final:
+                data = data[:data.rfind(b"\n") + 1]  # a line still being written waits
+            self.read[r] += len(data)
+            for line in data.decode("utf-8", "replace").splitlines():
+                print(f"[rank {r}] {line}", flush=True)
+
+    def close(self) -> None:
+        self.poll(final=True)
+
+
 def cmd_launch(args) -> int:
     system = system_from(args)
-    if not os.path.isfile(args.script):
-        raise ConfigError(f"script = {args.script!r} is not a file; give the path of a Python script")
+    if args.module:
+        check_module(args.script)
+    elif not os.path.isfile(args.script):
+        raise ConfigError(f"script = {args.script!r} is not a file; give the path of a Python script "
+                          "(or a module's name with -m)")
+    ranks = parse_ranks(args.ranks, system.devices)
     algorithm = parse_algorithm(args.algorithm)
     algorithms(algorithm)  # an unknown algorithm is refused before any device starts
     clock = args.clock or "virtual"
     cluster = Cluster(system, clock=clock, dilation=args.dilation, address=args.address,
                       timeout_s=args.timeout_s or 60.0)
-    stem = os.path.splitext(os.path.basename(args.script))[0]
+    stem = args.script if args.module else os.path.splitext(os.path.basename(args.script))[0]
     out = ResultsDir(args.out or "results", args.name or f"launch-{stem}-{system.chip.name}x{system.devices}")
-    program = Program(script=os.path.abspath(args.script), argv=tuple(args.script_args), algorithm=algorithm)
-    with cluster:
-        res = launch(cluster, program)
+    logs = (out.path / "logs").resolve()
+    logs.mkdir(exist_ok=True)
+    for stale in [*logs.glob("rank*.log"), out.path / "error.txt"]:  # an earlier run's, by this name
+        stale.unlink(missing_ok=True)
+    program = Program(script=args.script if args.module else os.path.abspath(args.script),
+                      argv=tuple(args.script_args), algorithm=algorithm, module=args.module,
+                      log_dir=str(logs), cwd=os.getcwd())
+    tail = Tail(logs, ranks)
+    try:
+        with cluster:
+            res = launch(cluster, program, on_poll=tail.poll)
+        for d in res.per_device:  # devices on other nodes sent their output back
+            if d["output"] is not None:
+                (logs / f"rank{d['device']}.log").write_text(d["output"])
+    except DeviceError as e:
+        error = out.write_text("error.txt", e.report())
+        e.add_note(f"each failed device's last output and traceback: {error}; every device's output: "
+                   f"{out.path / 'logs'}/")
+        raise
+    finally:
+        tail.close()
     config = {"command": "launch", "options": vars_of(args), "launch": res.config,
               "system": system_dict(system), **environment(cluster.host)}
     summary = write_launch(out, config, res)["summary"]
@@ -70,7 +158,7 @@ def cmd_launch(args) -> int:
     if clock == "wall":
         print(f"wall-clock fidelity: {summary['fidelity']:.3f} (1.0: every device kept to the emulated schedule; "
               f"below, the host fell behind at dilation {res.config['dilation']:.3g}: raise --dilation)")
-    print(f"# results: {out.path} (trace.json opens in Perfetto)")
+    print(f"# results: {out.path} (trace.json opens in Perfetto; each device's output in logs/)")
     return 0
 
 
@@ -84,6 +172,11 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout-s", type=float, help="seconds a device may wait for another (default 60)")
     p.add_argument("--name", help="results folder name (results/<name>/)")
     p.add_argument("--out", help="results root (default: results)")
-    p.add_argument("script", help="the Python script every device runs")
+    p.add_argument("--ranks", "--local-ranks-filter", dest="ranks",
+                   help="ranks whose output the console shows, prefixed [rank N]: e.g. 0 (default), 0,3, "
+                   "0-3, all or none; every rank's output is kept in results/<name>/logs/rank<N>.log")
+    p.add_argument("-m", "--module", action="store_true",
+                   help="the script is a module's name, run as `python -m` runs it (e.g. -m torchtitan.train)")
+    p.add_argument("script", help="the Python script every device runs (with -m: a module's name)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
     p.set_defaults(fn=cmd_launch)

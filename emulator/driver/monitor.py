@@ -14,6 +14,7 @@ import time
 
 import ray
 
+from relay.device.backend.scripts import ScriptError
 from relay.device.plane.peers import PeerError
 
 GRACE_S = 2.0  # after a first failure, how long to collect the others before blaming one
@@ -23,15 +24,28 @@ class DeviceError(RuntimeError):
     """A run that failed, as one value (built only by `failure`): `device` is the device to
     blame, `what` the job, `cause` why, `step` the training step it failed in (None outside
     training), `completed` what was measured before (a TrainResult of the steps every surviving
-    device finished, or None)."""
+    device finished, or None), `details` each failed device's account ({device: text}: its
+    cause, then for a script its last output and its traceback)."""
 
-    def __init__(self, device: int, what: str, cause: str, step: int | None = None, completed=None):
+    def __init__(self, device: int, what: str, cause: str, step: int | None = None, completed=None,
+                 details: dict | None = None):
         self.device, self.what, self.cause, self.step, self.completed = device, what, cause, step, completed
-        super().__init__(device, what, cause, step, completed)
+        self.details = details or {device: cause}
+        super().__init__(device, what, cause, step, completed, details)
 
     def __str__(self) -> str:
         where = f" in step {self.step}" if self.step is not None else ""
         return f"device {self.device} failed during {self.what}{where}: {self.cause}"
+
+    def last_lines(self, n: int = 12) -> list[str]:
+        """The end of the blamed device's account (a traceback's end, or argparse's message)."""
+        return self.details.get(self.device, "").splitlines()[1:][-n:]
+
+    def report(self) -> str:
+        """Every failed device's account, the blamed one first (what error.txt holds)."""
+        order = [self.device] + sorted(d for d in self.details if d != self.device)
+        return f"{self}\n\n" + "\n\n".join(f"device {d}: {self.details[d].rstrip()}"
+                                           for d in order if d in self.details) + "\n"
 
 
 class Unresponsive(Exception):
@@ -51,6 +65,8 @@ def _cause(e: BaseException) -> tuple[str, BaseException]:
     """The useful line of a Ray error, and the exception inside it."""
     if isinstance(e, ray.exceptions.RayTaskError):
         inner = e.cause if getattr(e, "cause", None) is not None else e
+        if isinstance(inner, ScriptError):  # a script's own failure names its exception and line
+            return inner.summary[:500], inner
         lines = [x.strip() for x in str(inner).split("\n") if x.strip()]
         return f"{type(inner).__name__}: {lines[0] if lines else ''}"[:500], inner
     if isinstance(e, ray.exceptions.RayActorError):
@@ -82,7 +98,11 @@ def failure(errors: dict[int, BaseException], what: str, step: int | None = None
             completed=None) -> DeviceError:
     """The one place a failed run's DeviceError is made."""
     device, cause = blame(errors)
-    return DeviceError(device, what, cause, step, completed)
+    causes = {d: _cause(e) for d, e in errors.items()}
+    details = {d: (cause if d == device else text) + "\n" + (inner.report() if isinstance(inner, ScriptError) else "")
+               for d, (text, inner) in causes.items()}
+    details.setdefault(device, cause + "\n")  # (blamed for its silence: it said nothing)
+    return DeviceError(device, what, cause, step, completed, details)
 
 
 def gather(actors: list, refs: list, timeout_s: float, poll_s: float = 1.0, on_poll=None,

@@ -61,8 +61,9 @@ def master(cluster) -> tuple[str, int]:
     return tuple(cluster.run(jobs.address, host, devices=1, what="launch set-up")[0])
 
 
-def launch(cluster, program: Program) -> LaunchResult:
-    """Run `program` on every device of `cluster` (started if it is not)."""
+def launch(cluster, program: Program, on_poll=None) -> LaunchResult:
+    """Run `program` on every device of `cluster` (started if it is not); on_poll() runs about
+    once a second while it does (`relay launch` shows the devices' output)."""
     algorithms(program.algorithm)  # an unknown algorithm is refused before any device starts
     if program.script is None and not callable(program.fn):
         raise ConfigError(f"fn = {program.fn!r} is not callable; pass the function every device runs")
@@ -70,13 +71,13 @@ def launch(cluster, program: Program) -> LaunchResult:
         cluster.start()
     n = cluster.system.devices
     job = cluster.job(comm_ratio(cluster.system, 4e6))
-    program = replace(program, master=master(cluster))
+    program = replace(program, master=master(cluster), node=ray.get_runtime_context().get_node_id())
     fn = program.fn
     name = getattr(fn, "__module__", None) or ""
     if fn is not None and name in sys.modules and name != "__main__" and not name.startswith(("relay.", "torch")):
         ray.cloudpickle.register_pickle_by_value(sys.modules[name])  # a test file, a user's module
-    per_device = cluster.run(run_program, job, program, what="launch")
+    per_device = cluster.run(run_program, job, program, what="launch", on_poll=on_poll)
     config = {"devices": n, "system": cluster.system.describe(), "clock": cluster.clock,
               "dilation": job.dilation, "algorithms": algorithms(program.algorithm),
-              "script": program.script, "argv": list(program.argv)}
+              "script": program.script, "module": program.module, "argv": list(program.argv)}
     return LaunchResult(per_device, config)

@@ -1,6 +1,6 @@
 """The chip catalog: sourced figures for every accelerator Relay can emulate.
 
-    >>> from emulator import chips
+    >>> from relay import chips
     >>> chips.get("h100").peak_flops("bf16")   # FLOP/s
     989400000000000.0
 

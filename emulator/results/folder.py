@@ -45,12 +45,15 @@ UNITS = {"step_s": "emulated s", "compute_s": "emulated s", "comm_s": "emulated 
 
 class ResultsDir:
     """One results folder. While a command writes it, it holds `.lock` (the writer's pid), so a
-    second command given the same name fails at once instead of mixing its files in."""
+    second command given the same name fails at once instead of mixing its files in. A folder
+    this command made and left without a file (a run refused before it started) is removed
+    again when it is released, with any folders made for it."""
 
     def __init__(self, root, name: str, lock: bool = True):
         if not name or "/" in name or name.startswith("."):
             raise ConfigError(f"name = {name!r} is not a results folder name; use letters, digits, - and _")
         self.path = Path(root) / name
+        self._made = _first_missing(self.path)  # the outermost folder mkdir makes (None: none)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = self.path / ".lock"
         if lock:
@@ -89,6 +92,8 @@ class ResultsDir:
                 self._lock.unlink()
         except OSError:
             pass
+        if self._made is not None:
+            _remove_if_empty(self.path, self._made)
 
     def write_bytes(self, rel: str, data: bytes) -> Path:
         target = self.path / rel
@@ -118,6 +123,33 @@ class ResultsDir:
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def _first_missing(path: Path) -> Path | None:
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
+def _remove_if_empty(path: Path, top: Path) -> None:
+    """Remove `path`'s tree if it holds no file, then its parents up to `top`, while empty."""
+    if not path.is_dir() or any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+        return
+    try:
+        for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            sub.rmdir()
+    except OSError:  # a file appeared meanwhile: keep it
+        return
+    for p in (path, *path.parents):
+        try:
+            p.rmdir()
+        except OSError:  # not empty (another run's folder beside it), or gone
+            return
+        if p == top:
+            return
 
 
 def _alive(pid: int) -> bool:

@@ -3,12 +3,16 @@ cluster of three nodes on this machine (ray.cluster_utils), each worker node wit
 devices, and Relay on top of it. Prints what it saw as JSON."""
 
 import json
+import os
+import tempfile
 
 import torch
 from ray.cluster_utils import Cluster as RayCluster
 
 from relay import Cluster, System
 from relay.device import jobs
+from relay.device.backend.program import Program
+from relay.driver.programs import launch
 from relay.driver.session import MEMORY_MB
 
 MB = 2**20
@@ -28,6 +32,13 @@ try:
         out["all_reduce_s"] = res.emulated_s
         run = cluster.train("mlp", steps=3, per_device_batch=4, algorithm="ring")
         out["losses"] = run.losses
+        # a script's output from devices on other nodes than the driver's comes back with the result
+        logs = tempfile.mkdtemp()
+        with open(os.path.join(logs, "hello.py"), "w") as f:
+            f.write("import os\nprint('hello from', os.environ['RANK'])\n")
+        res = launch(cluster, Program(script=os.path.join(logs, "hello.py"), log_dir=logs))
+        out["outputs"] = [d["output"] for d in res.per_device]
+        out["logs_written_here"] = sorted(os.listdir(logs))
     try:
         Cluster(System("h100", 12), address=ray_cluster.address).start()
     except ValueError as e:

@@ -93,8 +93,58 @@ def test_readme_script_runs_unmodified_through_relay_launch(cluster8, tmp_path, 
                  "--name", "ddp", str(script)]) == 0
     out = capsys.readouterr().out
     assert "samples per emulated s" in out and "exposed comm (emulated ms)" in out
+    # rank 0's output on the console as torchrun shows it, Relay's own notice included; every
+    # rank's in its log
+    assert "[rank 0] step 4: loss " in out and "[rank 1]" not in out
+    assert "[rank 0] relay: init_process_group(backend='gloo') runs on the 'relay' backend" in out
+    logs = tmp_path / "ddp" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == [f"rank{r}.log" for r in range(4)]
+    assert [x for x in (logs / "rank0.log").read_text().splitlines() if x.startswith("step")] == \
+        [x.removeprefix("[rank 0] ") for x in out.splitlines() if x.startswith("[rank 0] step")]
+    assert len(out.split("[rank 0] step ")) == 6
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())["summary"]
     assert summary["samples_per_s"] == pytest.approx(4 * 5 * 16 / summary["emulated_s"])
     assert 0 <= summary["exposed_comm_s"] <= summary["comm_s"] and summary["comm_s"] > 0
     trace = json.loads((tmp_path / "ddp" / "trace.json").read_text())["traceEvents"]
     assert {e["pid"] for e in trace} == {0, 1, 2, 3} and any(e["name"] == "all_reduce" for e in trace)
+
+
+BOOM = """import os, sys
+print(f"args {sys.argv[1:]} on rank {os.environ['RANK']}")
+def step(lr):
+    return lr + "x"
+step(float(sys.argv[2]))
+"""
+
+
+def test_a_failing_module_keeps_its_traceback_and_every_ranks_output(ray_session, tmp_path, monkeypatch, capsys):
+    """`relay launch -m pkg.module args`, as torchrun -m: it runs the module found from the current
+    directory with its arguments, shows every rank's output (--ranks all), and when it raises
+    keeps the traceback in the error, error.txt and each rank's log."""
+    (tmp_path / "boom_pkg").mkdir()
+    (tmp_path / "boom_pkg" / "__init__.py").write_text("")
+    (tmp_path / "boom_pkg" / "train.py").write_text(BOOM)
+    path = str(tmp_path / "boom_pkg" / "train.py")
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "--chip", "h100", "--devices", "2", "--ranks", "all", "--out", str(tmp_path),
+                 "--name", "boom", "-m", "boom_pkg.train", "--lr", "0.1"]) == 1
+    out, err = capsys.readouterr()
+    error = "TypeError: unsupported operand type(s) for +: 'float' and 'str'"
+    for r in (0, 1):
+        assert f"[rank {r}] args ['--lr', '0.1'] on rank {r}" in out and f"[rank {r}] {error}" in out
+        log = (tmp_path / "boom" / "logs" / f"rank{r}.log").read_text()
+        assert log.startswith(f"args ['--lr', '0.1'] on rank {r}\nTraceback") and log.endswith(error + "\n")
+    assert "run failed: device " in err and f"failed during launch: {error} (at {path}:4)" in err
+    assert f'    File "{path}", line 4, in step' in err and f"  {error}" in err  # the traceback's last lines
+    assert str(tmp_path / "boom" / "error.txt") in err
+    report = (tmp_path / "boom" / "error.txt").read_text()
+    assert f'File "{path}", line 5, in <module>' in report and f'File "{path}", line 4, in step' in report
+    assert "runpy" not in report
+
+
+def test_a_run_refused_before_it_starts_leaves_no_results_folder(ray_session, tmp_path, capsys):
+    script = Path(__file__).resolve().parents[2] / "examples" / "torch_ddp.py"
+    assert main(["launch", "--chip", "h100", "--devices", "5000", "--out", str(tmp_path / "results"),
+                 "--name", "big", str(script)]) == 2
+    assert "the Ray cluster has room for" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

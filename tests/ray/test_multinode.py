@@ -32,6 +32,8 @@ def test_domains_land_on_one_node_each_and_devices_work_across_nodes():
     assert seen["all_reduce"]  # a collective across the nodes
     assert seen["all_reduce_s"] == simulate("all_reduce", "hierarchical", 4000, System("h100", 8, domain=4))
     assert seen["losses"] == pytest.approx(train_single(get("mlp"), 3, 32)[0], abs=1e-5)  # training too
+    # no device is on the driver's node: each sends its output back instead of writing the log
+    assert seen["outputs"] == [f"hello from {d}\n" for d in range(8)] and seen["logs_written_here"] == ["hello.py"]
     assert "room for 8 more device(s)" in seen["too_many"] and "12 were asked" in seen["too_many"]
 
 

@@ -48,6 +48,10 @@ CASES = [
      r"algorithm = 'ring' does not run all_to_all"),
     (["launch", "--chip", "h100", "--devices", "2", "--algorithm", "all_reduce:ring", "README.md"],
      r"algorithm = 'all_reduce:ring' is unknown"),
+    (["launch", "--chip", "h100", "--devices", "2", "-m", "no_such_package.train"],
+     r"module = 'no_such_package.train' is not importable from .*; give a module on the Python path"),
+    (["launch", "--chip", "h100", "--devices", "2", "--ranks", "2", "README.md"],
+     r"ranks = '2' names a rank outside 0..1"),
 ]
 
 

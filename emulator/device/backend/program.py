@@ -9,7 +9,6 @@ script.py` runs a script as `__main__`, which initialises it itself: `init_proce
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ import relay.dist as relay_dist
 from relay.device.backend import group as relay_group
 from relay.device.backend.comm_throttle import CommThrottle
 from relay.device.backend.engine import Engine
+from relay.device.backend.scripts import run_main
 from relay.device.job import Job
 
 
@@ -36,6 +36,10 @@ class Program:
     argv: tuple = ()  # the script's arguments
     master: tuple = ("127.0.0.1", 29500)  # MASTER_ADDR, MASTER_PORT: device 0's rendezvous store
     algorithm: object = None  # None (auto), one algorithm name, or {primitive: algorithm}
+    module: bool = False  # `script` names a module, run as `python -m` runs it
+    log_dir: str | None = None  # a script's output goes to log_dir/rank<N>.log (device/backend/scripts.py)
+    node: str | None = None  # the driver's Ray node: devices elsewhere send their output back
+    cwd: str | None = None  # the driver's working directory (-m looks for the module there first)
 
     def env(self, device: int, system) -> dict:
         """torchrun's variables; a scale-up domain plays the part of a node."""
@@ -70,7 +74,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     relay_dist._current = ctx
     restore = _take_over(device)
     r0 = time.time()
-    result = None
+    result = output = None
     try:
         compute.start()
         comm.start()
@@ -81,7 +85,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
                                         timeout=timedelta(seconds=job.timeout_s))
                 result = program.fn(*program.args, **program.kwargs)
             else:
-                _run_script(program.script, program.argv)
+                output = run_main(program, device)
         engine.drain()
         end = max(compute.measure(), comm.measure())
     finally:
@@ -98,7 +102,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
             "comm_s": sum(e - s for _, s, e, _ in engine.spans), "exposed_comm_s": engine.exposed_s,
             "flops": throttle.flops, "spans": list(engine.spans), "counts": dict(ctx.counts),
             "real_s": time.time() - r0, "fidelity": min(s["fidelity"] for s in stats),
-            "overrun_s": sum(s["overrun_s"] for s in stats)}
+            "overrun_s": sum(s["overrun_s"] for s in stats), "output": output}
 
 
 def _forget_meshes() -> None:
@@ -107,19 +111,6 @@ def _forget_meshes() -> None:
     program would redistribute over the first's groups, destroyed since. Each starts afresh."""
     DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
     _gen_transform_infos.cache_clear()
-
-
-def _run_script(path: str, argv) -> None:
-    saved_argv, saved_path = sys.argv, list(sys.path)
-    sys.argv = [path, *argv]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    try:
-        runpy.run_path(path, run_name="__main__")
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise RuntimeError(f"{path} exited with status {e.code}") from None
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
 
 
 def _take_over(device: int):
