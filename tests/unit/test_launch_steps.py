@@ -45,10 +45,10 @@ def device():
     engine.close()
 
 
-def train(marks, throttle, steps: int, *, report_before: bool, wrap: bool = False):
+def train(marks, throttle, steps: int, *, report_before: bool, wrap: bool = False, optimizer=torch.optim.SGD):
     torch.manual_seed(0)
     model = nn.Linear(16, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = optimizer(model.parameters(), lr=0.1)
     opt = Wrapper(opt) if wrap else opt
     with throttle, marks:
         for k in range(steps):
@@ -61,18 +61,21 @@ def train(marks, throttle, steps: int, *, report_before: bool, wrap: bool = Fals
         model(torch.randn(4, 16))  # after the last step: in no step
 
 
-@pytest.mark.parametrize("report_before", [True, False])
-def test_a_step_per_optimizer_step_with_the_samples_reported_in_it(device, report_before):
+# Linear(16, 4): 68 fp32 parameters (272 bytes), as much again of gradients; Adam keeps two
+# moments as large and a step count (a 4-byte tensor) per parameter tensor, SGD nothing
+@pytest.mark.parametrize("report_before,optimizer,state_bytes", [(True, torch.optim.Adam, 4 * 272 + 2 * 4),
+                                                                 (False, torch.optim.SGD, 2 * 272)])
+def test_a_step_per_optimizer_step_with_the_samples_reported_in_it(device, report_before, optimizer, state_bytes):
     lane, throttle, engine, counts = device
     marks = StepMarks(lane, throttle, engine, counts)
-    train(marks, throttle, 3, report_before=report_before)
+    train(marks, throttle, 3, report_before=report_before, optimizer=optimizer)
     rows = marks.rows(device=0)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["samples"] for r in rows] == [8, 9, 10]  # either way a script reports, not shifted by one
     assert [r["tokens"] for r in rows] == [None] * 3  # never reported: unknown, not 0
     for r in rows:
         assert 0 < r["compute_s"] <= r["step_s"] and r["samples_per_s"] == r["samples"] / r["step_s"]
-        assert r["model_state_bytes"] == 2 * (16 * 4 + 4) * 4  # parameters and gradients, fp32; SGD keeps none
+        assert r["model_state_bytes"] == state_bytes
     assert sum(r["step_s"] for r in rows) < lane.now()  # the forward after the last step is in no step
     assert sum(r["compute_s"] for r in rows) < throttle.emulated_s
 
