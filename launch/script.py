@@ -9,8 +9,8 @@ init_process_group, whatever backend it names, starts the `relay` backend. Resul
 emulated time, throughput if the script calls relay.dist.report, a Perfetto trace) go to
 results/<name>/, each device's output to results/<name>/logs/rank<N>.log; the console shows
 rank 0's as it comes, prefixed `[rank 0]` (--ranks chooses others, as torchrun's
---local-ranks-filter does). A failed run adds error.txt: each failed device's last output and
-traceback.
+--local-ranks-filter does). Each optimizer.step() marks a step: steps.csv (device/backend/steps.py).
+A failed run adds error.txt: each failed device's last output and traceback.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def cmd_launch(args) -> int:
     print(tabulate(rows, headers=["device", "time (emulated ms)", "compute (emulated ms)",
                                   "communication (emulated ms)", "exposed comm (emulated ms)", "host (real s)"],
                    disable_numparse=True))
+    print_steps(res.steps())
     for k in ("tokens", "samples"):
         if summary[f"{k}_per_s"]:
             print(f"throughput: {fmt(summary[f'{k}_per_s'])} {k} per emulated s")
@@ -160,6 +161,31 @@ def cmd_launch(args) -> int:
               f"below, the host fell behind at dilation {res.config['dilation']:.3g}: raise --dilation)")
     print(f"# results: {out.path} (trace.json opens in Perfetto; each device's output in logs/)")
     return 0
+
+
+SHOWN_STEPS = 12  # a longer run prints its first and last steps; steps.csv holds them all
+
+
+def print_steps(steps: list[dict]) -> None:
+    """The program's steps (one per optimizer.step(), over all devices), or why there are none."""
+    if not steps:
+        print("steps: none (the program stepped no torch.optim optimizer); the totals above cover it all")
+        return
+    shown = steps if len(steps) <= SHOWN_STEPS else steps[:SHOWN_STEPS - 3] + [None] + steps[-3:]
+    known = {k: any(s[k] is not None for s in steps) for k in ("samples", "tokens")}
+    rows = [["..."] * 7 if s is None else
+            [s["step"], fmt(s["step_s"], 1e3), fmt(s["compute_s"], 1e3), fmt(s["exposed_comm_s"], 1e3),
+             fmt(s["samples_per_s"]), fmt(s["tokens_per_s"]), fmt(s["model_state_bytes"], 2 ** -20)]
+            for s in shown]
+    print(f"# {len(steps)} steps (each ends at an optimizer.step(); step 0 includes the set-up), all devices:")
+    print(tabulate(rows, headers=["step", "step (emulated ms)", "compute (emulated ms, mean)",
+                                  "exposed comm (emulated ms, mean)", "samples per emulated s",
+                                  "tokens per emulated s", "model state (MiB, largest device)"],
+                   disable_numparse=True))
+    missing = [k for k, v in known.items() if not v]
+    if missing:
+        print(f"({' and '.join(missing)} per emulated s: not known, the program reported none; call "
+              f"relay.dist.report({', '.join(k + '=...' for k in missing)}) each step to have them)")
 
 
 def add_parser(sub) -> None:

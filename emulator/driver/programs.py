@@ -11,6 +11,7 @@ import ray
 from relay.device import jobs
 from relay.device.backend.collective import algorithms
 from relay.device.backend.program import Program, run_program
+from relay.device.backend.steps import aggregate
 from relay.driver.pacing import comm_ratio
 from relay.errors import ConfigError
 
@@ -47,6 +48,15 @@ class LaunchResult:
             total = sum(d["counts"].get(k, 0) for d in self.per_device)
             out[f"{k}_per_s"] = total / t if total and t > 0 else None
         return out
+
+    def steps(self) -> list[dict]:
+        """One row per optimizer step of the program, over every device (device/backend/steps.py);
+        empty for a program that steps no optimizer."""
+        return aggregate([d.get("steps", []) for d in self.per_device])
+
+    def step_rows(self) -> list[dict]:
+        """Every device's own row per optimizer step, device by device."""
+        return [r for d in self.per_device for r in d.get("steps", [])]
 
     def rows(self) -> list[dict]:
         return [{k: d[k] for k in DEVICE_COLUMNS} | {"tokens": d["counts"].get("tokens"),

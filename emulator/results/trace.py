@@ -26,7 +26,8 @@ def chrome_trace(result, system) -> dict:
 
 def launch_trace(result) -> dict:
     """A launched program's timeline (driver/programs.py LaunchResult): per device, the program
-    on the compute lane and each communication operation on the communication lane."""
+    on the compute lane, where each optimizer step ends, and each communication operation on the
+    communication lane."""
     events = []
     for d in result.per_device:
         pid = d["device"]
@@ -35,6 +36,8 @@ def launch_trace(result) -> dict:
                    {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "communication lane"}},
                    {"ph": "X", "name": "program", "pid": pid, "tid": 0, "ts": 0.0, "dur": d["emulated_s"] * 1e6,
                     "args": {"compute_s": d["compute_s"], "exposed_comm_s": d["exposed_comm_s"]}}]
+        events += [{"ph": "i", "s": "t", "name": f"step {r['step']} ends", "pid": pid, "tid": 0,
+                    "ts": r["end_s"] * 1e6} for r in d.get("steps", [])]  # at each optimizer.step()
         for name, a, b, nbytes in d["spans"]:
             events.append({"ph": "X", "name": name, "pid": pid, "tid": 1, "ts": a * 1e6,
                            "dur": max(b - a, 0.0) * 1e6, "args": {"bytes": nbytes}})

@@ -1,4 +1,4 @@
-"""Writing a run's results folder: config.json, steps.csv (devices.csv for a launched program),
+"""Writing a run's results folder: config.json, steps.csv (and devices.csv for a launched program),
 points.csv, summary.json, the trace and the plots."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from relay.driver.programs import DEVICE_COLUMNS
 from relay.results.folder import UNITS, ResultsDir, system_dict
 from relay.results.plots import draw
 from relay.results.trace import chrome_trace, launch_trace
+from relay.device.backend.steps import STEP_COLUMNS as LAUNCH_STEP_COLUMNS
+from relay.device.backend.steps import UNITS as STEP_UNITS
 
 
 def step_rows(points) -> list[dict]:
@@ -72,11 +74,13 @@ def write_bench(out: ResultsDir, config: dict, rows: list[dict], system, primiti
 
 
 def write_launch(out: ResultsDir, config: dict, result) -> dict:
-    """A launched program's folder: config.json, devices.csv, summary.json and trace.json."""
+    """A launched program's folder: config.json, devices.csv, steps.csv (a row per device and
+    optimizer step; only the header for a program without one), summary.json and trace.json."""
     out.write_json("config.json", config)
     out.write_csv("devices.csv", result.rows(), DEVICE_COLUMNS + ["tokens", "samples"])
-    summary = {"kind": "launch", "name": out.path.name, "units": UNITS | {"emulated_s": "emulated s"},
-               "summary": result.summary(), "devices": result.rows()}
+    out.write_csv("steps.csv", result.step_rows(), LAUNCH_STEP_COLUMNS)
+    summary = {"kind": "launch", "name": out.path.name, "units": UNITS | STEP_UNITS | {"emulated_s": "emulated s"},
+               "summary": result.summary(), "devices": result.rows(), "steps": result.steps()}
     out.write_json("summary.json", summary)
     out.write_json("trace.json", launch_trace(result))
     return summary

@@ -5,6 +5,7 @@ tensor parallelism, a pipeline, expert parallelism) against one-process training
 Tolerance for training: 1e-5 absolute on every weight after 3 SGD steps (fp32; the devices sum
 gradients in another order than one process does)."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def test_every_operation_equals_the_reference_and_simulate(cluster, world, algor
     for d in res.per_device:
         bad, times = d["result"]
         assert bad == []
+        assert d["steps"] == []  # no optimizer stepped: no steps (the totals stand alone)
     timings = list(zip(*[d["result"][1] for d in res.per_device]))
     assert len(timings) > 20
     for per_device in timings:
@@ -107,6 +109,17 @@ def test_readme_script_runs_unmodified_through_relay_launch(cluster8, tmp_path, 
     assert 0 <= summary["exposed_comm_s"] <= summary["comm_s"] and summary["comm_s"] > 0
     trace = json.loads((tmp_path / "ddp" / "trace.json").read_text())["traceEvents"]
     assert {e["pid"] for e in trace} == {0, 1, 2, 3} and any(e["name"] == "all_reduce" for e in trace)
+    # each optimizer.step() marks a step (device/backend/steps.py): a row per device and step
+    assert "step (emulated ms)" in out and "tokens per emulated s: not known" in out
+    with open(tmp_path / "ddp" / "steps.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(int(r["device"]), int(r["step"])) for r in rows] == [(d, k) for d in range(4) for k in range(5)]
+    for r in rows:  # a lane advances at least by the compute charged to it; DDP all-reduces every step
+        assert 0 < float(r["compute_s"]) <= float(r["step_s"]) < 0.01 and float(r["comm_s"]) > 0
+        assert int(r["samples"]) == 16 and r["tokens"] == ""  # reported after each step; tokens never
+        assert int(r["model_state_bytes"]) == 2 * 4 * (32 * 64 + 64 + 64 + 1)  # fp32 parameters, gradients
+    assert sorted((e["pid"], e["name"]) for e in trace if e["ph"] == "i") == \
+        [(d, f"step {k} ends") for d in range(4) for k in range(5)]
 
 
 BOOM = """import os, sys

@@ -23,6 +23,7 @@ from relay.device.backend import group as relay_group
 from relay.device.backend.comm_throttle import CommThrottle
 from relay.device.backend.engine import Engine
 from relay.device.backend.scripts import run_main
+from relay.device.backend.steps import StepMarks
 from relay.device.job import Job
 
 
@@ -73,12 +74,13 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     _forget_meshes()
     relay_dist._current = ctx
     restore = _take_over(device)
+    marks = StepMarks(compute, throttle, engine, ctx.counts)  # a step per optimizer.step()
     r0 = time.time()
     result = output = None
     try:
         compute.start()
         comm.start()
-        with throttle:
+        with throttle, marks:
             if program.script is None:
                 store = dist.HashStore() if engine.recording else None  # (alone: no rendezvous)
                 dist.init_process_group(relay_group.NAME, rank=device, world_size=world, store=store,
@@ -101,6 +103,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     return {"device": device, "result": result, "emulated_s": end, "compute_s": throttle.emulated_s,
             "comm_s": sum(e - s for _, s, e, _ in engine.spans), "exposed_comm_s": engine.exposed_s,
             "flops": throttle.flops, "spans": list(engine.spans), "counts": dict(ctx.counts),
+            "steps": marks.rows(device),
             "real_s": time.time() - r0, "fidelity": min(s["fidelity"] for s in stats),
             "overrun_s": sum(s["overrun_s"] for s in stats), "output": output}
 
