@@ -9,6 +9,7 @@ clusters on the machine alone.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import psutil
 import ray
+from ray._private import ray_constants
 from tabulate import tabulate
 
-from relay.driver.session import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, record_path, resolve_address
+from relay.driver.session import CPU_PER_DEVICE, MEMORY_MB, devices_that_fit, join_ray, record_path
 from relay.errors import ConfigError
 
 
@@ -35,6 +37,13 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
 
 
 def _ours(temp_dir: str) -> list[psutil.Process]:
@@ -59,6 +68,16 @@ def read_record() -> dict | None:
         raise ConfigError(f"{path} is not a Relay cluster record; remove it and run `relay cluster up` again") from None
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` to a new file that only its owner can read, made so from the start (a file
+    written, then chmod-ed, is readable in between). A file or link already at `path` (a stale
+    token) is removed, not followed: a link planted there cannot redirect the secret."""
+    path.unlink(missing_ok=True)  # a symlink itself, never its target
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def cmd_up(args) -> None:
     rec = read_record()
     if rec and _ours(rec["temp_dir"]):
@@ -76,32 +95,37 @@ def cmd_up(args) -> None:
            "--disable-usage-stats"]
     # Ray authenticates every client with a shared token; Relay makes one per cluster, keeps it
     # beside the record (mode 600), and presents it whenever it joins the recorded cluster
-    record_path().parent.mkdir(parents=True, exist_ok=True)
+    record_path().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = record_path().with_name(f"auth_token_{port}")
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
+    write_secret(token, secrets.token_hex(32))
     env = dict(os.environ, RAY_worker_maximum_startup_concurrency="256", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN_PATH=str(token))
+    loopback = _is_loopback(host)
+    if loopback:  # else `ray start` turns 127.0.0.1 into the LAN address and listens everywhere
+        env[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # (session.on_loopback)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if out.returncode != 0:
+        token.unlink(missing_ok=True)
         raise RuntimeError(f"`ray start` failed (exit {out.returncode}): {out.stderr.strip()[-800:]}")
     address = f"{host}:{port}"
     record_path().write_text(json.dumps({"address": address, "temp_dir": temp_dir, "token": str(token), "cpus": cpus,
-                                         "object_store_mb": store_mb, "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                                        indent=2))
+                                         "object_store_mb": store_mb, "loopback": loopback,
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     print(f"Relay cluster up at {address} ({cpus} CPUs, object store {store_mb} MB, "
           f"dashboard {'on' if args.dashboard else 'off'}); recorded in {record_path()}")
     print("Use it:")
     print(f"  relay run --address recorded ...        (or --address {address})")
     print(f"  Cluster(system, address='{address}')   (Python)")
-    print(f"  add a machine:  ray start --address={address}   (run on that machine; see the README)")
+    if loopback:
+        print("  add a machine:  not to this one (loopback only): `relay cluster up --host <LAN address>`")
+    else:
+        print(f"  add a machine:  ray start --address={address}   (run on that machine; see the README)")
     print("  see it:        relay cluster status")
     print("  stop it:       relay cluster down")
 
 
 def cmd_status(args) -> None:
-    address = resolve_address(args.address or "recorded")
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)  # resolve_address set the token
+    address = join_ray(args.address or "recorded", logging_level="ERROR", log_to_driver=False)  # with the token
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
         free = devices_that_fit(MEMORY_MB * 2**20)

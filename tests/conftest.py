@@ -9,9 +9,10 @@ import pytest
 def ray_session():
     import psutil
     import ray
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=psutil.cpu_count() or 2, include_dashboard=False,
-                 object_store_memory=512 * 2**20, logging_level="warning")
+
+    from relay.driver.session import start_local_ray
+    if not ray.is_initialized():  # as `relay` starts its embedded Ray (loopback only)
+        start_local_ray(num_cpus=psutil.cpu_count() or 2, object_store_memory=512 * 2**20, logging_level="warning")
     yield ray
     ray.shutdown()
 

@@ -31,14 +31,15 @@ def address(dev, host: str) -> tuple[str, int]:
     return free_address(host)
 
 
-def connect(dev, addr: str, port: int, world: int, timeout_s: float, data_plane: str = "auto") -> bool:
+def connect(dev, addr: str, port: int, world: int, timeout_s: float, data_plane: str = "auto",
+            secret: str = "") -> bool:
     """(Re)build the transport to every other device (shared memory to those on this node with
-    data_plane 'auto', gloo to the rest)."""
+    data_plane 'auto', gloo to the rest). `secret`: the run's, in every rendezvous key."""
     if dev.transport is not None:
         dev.transport.close()
     dev.transport = None
     dev.transport = Transport(dev.index, world, addr, port, timeout_s,
-                              node=ray.get_runtime_context().get_node_id(), data_plane=data_plane)
+                              node=ray.get_runtime_context().get_node_id(), data_plane=data_plane, secret=secret)
     return True
 
 

@@ -15,6 +15,7 @@ the Ray session it uses).
 from __future__ import annotations
 
 import math
+import secrets
 import time
 
 import ray
@@ -163,9 +164,10 @@ class Cluster:
         host = "127.0.0.1" if len(nodes) == 1 else self.info[0]["node_ip"]
         for attempt in range(tries):
             addr, port = ray.get(self.actors[0].run.remote(jobs.address, host))
+            secret = secrets.token_hex(16)  # reaches the devices through Ray, never the store
             try:
-                self.run(jobs.connect, addr, port, world, self.timeout_s, self.data_plane, what="transport set-up",
-                         devices=world, abort=attempt == tries - 1)
+                self.run(jobs.connect, addr, port, world, self.timeout_s, self.data_plane, secret,
+                         what="transport set-up", devices=world, abort=attempt == tries - 1)
                 return
             except Failed:
                 if attempt == tries - 1:

@@ -8,6 +8,7 @@ as few nodes as it fits, each device one bundle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import psutil
 import ray
-from ray._private import state  # per-node resources: Ray has no public call for them
+from ray._private import (
+    ray_constants,  # the switch that keeps a node on loopback (on_loopback)
+    state,  # per-node resources: Ray has no public call for them
+)
 from ray._raylet import AuthenticationTokenLoader, Config  # the auth token cache (see _use_token)
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -71,12 +75,58 @@ def connect_ray(address: str | None) -> bool:
         # once more workers start than it has CPUs; Relay's devices time-share cores on purpose,
         # so raise the threshold (Ray's own knob; it cannot be muted).
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "256")
-        ray.init(address="local", num_cpus=psutil.cpu_count() or 1, include_dashboard=False,
-                 object_store_memory=512 * 2**20, logging_level=logging.ERROR, log_to_driver=False,
-                 namespace=namespace)
+        start_local_ray(num_cpus=psutil.cpu_count() or 1, object_store_memory=512 * 2**20,
+                        logging_level=logging.ERROR, log_to_driver=False, namespace=namespace)
     else:
-        ray.init(address=resolve_address(address), logging_level=logging.ERROR, namespace=namespace)
+        join_ray(address, logging_level=logging.ERROR, namespace=namespace)
     return True
+
+
+@contextlib.contextmanager
+def on_loopback():
+    """Ray nodes started or joined inside this block live on 127.0.0.1, so every server binds
+    loopback only.
+
+    Ray binds its servers (GCS, raylet, object manager, core workers) to the node's address, and
+    only a node on 127.0.0.1 binds loopback alone; but on Linux ray.init and `ray start` pick the
+    machine's network address, and turn a given 127.0.0.1 into it too (then listen on every
+    interface). Ray's own switch for machines without multi-node clusters
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) keeps a node on loopback. Ray reads it when imported,
+    so both the read value and the variable (for the processes ray.init starts) are set here,
+    and restored after: a later connection to a real cluster must find the network address."""
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+
+
+def start_local_ray(**options) -> None:
+    """Start the embedded single-node Ray, no dashboard, every server on loopback (on_loopback).
+    Clients also need Ray's token: a new local cluster turns token auth on unless RAY_AUTH_MODE
+    says otherwise (the token: ~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH)."""
+    with on_loopback():
+        ray.init(address="local", include_dashboard=False, **options)
+
+
+def join_ray(address: str, **options) -> str:
+    """Connect to the Ray cluster at `address` (see resolve_address); returns the address. The
+    cluster `relay cluster up` recorded on loopback is joined on loopback, as it was started."""
+    address = resolve_address(address)
+    try:
+        rec = json.loads(record_path().read_text())
+    except (OSError, ValueError):  # none recorded (a bad record is named by `relay cluster`)
+        rec = {}
+    with on_loopback() if rec.get("loopback") and rec.get("address") == address else contextlib.nullcontext():
+        ray.init(address=address, **options)
+    return address
 
 
 def devices_that_fit(memory_bytes: float, gpu: float = 0.0, available: bool = True) -> int:

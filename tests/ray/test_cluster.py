@@ -3,6 +3,7 @@
 import psutil
 import pytest
 import ray
+from _sockets import listening, loopback  # tests/ray is on the path (no package)
 
 from relay import Cluster, System, chips
 from relay.driver.collectives import CollectiveResult
@@ -84,6 +85,21 @@ def test_exit_kills_every_actor_it_started(ray_session):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in pids)
     assert ray.is_initialized()  # a cluster it did not start is left running
+
+
+def test_the_embedded_ray_session_and_its_devices_listen_on_loopback_only(cluster):
+    """conftest starts Ray as relay does without --address (session.start_local_ray). Every
+    server of the session (GCS, raylet, this driver's and each worker's core worker) and of the
+    devices (the transport's rendezvous store, gloo) listens on loopback, and Ray's clients need
+    its token."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    servers = listening(procs)
+    devices = listening([p for p in procs if p.pid in cluster.pids[:1]])  # device 0 serves the store
+    assert servers and devices <= servers
+    assert [s for s in servers if not loopback(s[0])] == []
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
 
 
 def test_a_sweep_of_sizes_reuses_the_same_actors(cluster):

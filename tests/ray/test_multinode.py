@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _sockets import listening, loopback  # tests/ray is on the path (no package)
 
 from relay import System, train_single
 from relay.collectives import simulate
@@ -49,6 +50,10 @@ def test_cluster_up_status_down_end_to_end(tmp_path):
     record = json.loads((tmp_path / "home" / "cluster.json").read_text())
     try:
         assert record["address"] in up.stdout and "relay cluster down" in up.stdout
+        # without --host, loopback only (Ray on its own would take 127.0.0.1 as the LAN address)
+        servers = listening([p for p in psutil.process_iter(["cmdline"])
+                             if p.info["cmdline"] and any(record["temp_dir"] in c for c in p.info["cmdline"])])
+        assert servers and [s for s in servers if not loopback(s[0])] == []
         run = relay("run", "--address", "recorded", "--chip", "h100", "--devices", "2", "--workload", "mlp",
                     "--steps", "2", "--out", str(tmp_path / "results"), "--name", "r", env=env)
         assert run.returncode == 0, run.stderr[-2000:]

@@ -15,8 +15,8 @@ as the local executor (collectives/core.py).
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import socket
 from collections import defaultdict, deque
 from datetime import timedelta
@@ -53,19 +53,54 @@ def free_address(host: str) -> tuple[str, int]:
         return host, s.getsockname()[1]
 
 
+def rendezvous_store(rank: int, world: int, addr: str, port: int, timeout: timedelta, secret: str) -> dist.Store:
+    """The set-up store of a transport: rank 0 serves it on `addr` alone (loopback when every
+    device is on one node), the others connect there. TCPStore's server would otherwise listen
+    on every interface whatever host it is given; a socket bound here is handed to it instead
+    (it owns and closes it). Every key, gloo's too, starts with the run's `secret` (the driver
+    makes one per connection), so that nothing can write where a device will read without
+    knowing it. The store has no authentication: anyone who reaches the port can still list its
+    keys (see README, Security)."""
+    listen_fd = None
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        server = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind((addr, port))
+            server.listen(max(128, world))
+        except OSError:
+            server.close()
+            raise
+        listen_fd = server.detach()
+    store = dist.TCPStore(addr, port, world, rank == 0, timeout, master_listen_fd=listen_fd)
+    return dist.PrefixStore(f"relay-{secret}", store)
+
+
+def _decode(raw: bytes, me: int, peer: int):
+    """A set-up message: JSON (tuples come back as lists), never pickle, which would run whatever
+    code a process that reached the store's port wrote there."""
+    try:
+        return json.loads(raw)
+    except ValueError:  # (UnicodeDecodeError too)
+        raise RuntimeError(f"device {me}: the set-up message of device {peer} in the rendezvous store "
+                           f"is not JSON ({bytes(raw[:16])!r}...): another process wrote to the store; "
+                           "is its port reachable from outside?") from None
+
+
 class Transport:
     """`node` names the host this device runs on (its Ray node id): devices with the same node
     talk through shared memory unless data_plane is 'gloo'."""
 
     def __init__(self, rank: int, world: int, addr: str, port: int, timeout_s: float,
-                 node: str | None = None, data_plane: str = "auto"):
+                 node: str | None = None, data_plane: str = "auto", secret: str = ""):
         if data_plane not in DATA_PLANES:
             raise ValueError(f"data_plane = {data_plane!r} is unknown; choose 'auto' or 'gloo'")
         self.rank, self.world, self.timeout = rank, world, timedelta(seconds=timeout_s)
         iface = _interface_of(addr)
         if iface and "GLOO_SOCKET_IFNAME" not in os.environ:  # gloo would otherwise pick the
             os.environ["GLOO_SOCKET_IFNAME"] = iface  # hostname's interface, often loopback
-        self.store = dist.TCPStore(addr, port, world, rank == 0, self.timeout)
+        self.store = rendezvous_store(rank, world, addr, port, self.timeout, secret)
         self.pg = dist.ProcessGroupGloo(self.store, rank, world, self.timeout)
         self._meetings = 0
         self.sent = defaultdict(int)  # peer -> messages sent to it
@@ -79,11 +114,11 @@ class Transport:
             near.open_plane(self, node, timeout_s)
 
     def meet(self, value=None) -> list:
-        """Every device's `value` once all have arrived (through the store: set-up, not data)."""
+        """Every device's `value` once all have arrived (through the store, as JSON: see _decode)."""
         self._meetings += 1
         key = f"meet{self._meetings}"
-        self.store.set(f"{key}/{self.rank}", pickle.dumps(value))
-        return [pickle.loads(self.store.get(f"{key}/{r}")) for r in range(self.world)]
+        self.store.set(f"{key}/{self.rank}", json.dumps(value))
+        return [_decode(self.store.get(f"{key}/{r}"), self.rank, r) for r in range(self.world)]
 
     def carriers(self) -> dict[int, str]:
         """Peer -> 'shm' or 'gloo': what carries this device's messages to each."""
