@@ -17,7 +17,16 @@ from emulator.results.folder import ResultsDir, environment, fmt, system_dict
 from emulator.results.write import write_points
 from emulator.trainer import defaults as train_defaults
 from launch import fullscale
-from launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
+from launch.options import (
+    UsageError,
+    as_list,
+    cluster_tensors,
+    config_from,
+    faults_from,
+    other_defaults,
+    progress,
+    vars_of,
+)
 from launch.options import capacity as host_capacity
 from launch.summary import summary_md
 
@@ -72,7 +81,8 @@ def cmd_breakeven(args) -> None:
     results, seen, extra = [], {}, {}
     faults = faults_from(args, 1)  # every break-even search starts from one device
     with Cluster(fast.scaled(min(fast.devices, capacity)), clock=args.clock, dilation=args.dilation,
-                 address=args.address, faults=faults, timeout_s=args.timeout_s or 30.0) as cluster:
+                 address=args.address, faults=faults, timeout_s=args.timeout_s or 30.0,
+                 tensors=cluster_tensors(settings)) as cluster:
         with progress(0, "break-even runs") as bar:
             def on_point(p, keep=True):
                 bar.total += 1

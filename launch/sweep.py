@@ -15,7 +15,16 @@ from emulator.errors import ConfigError
 from emulator.results.folder import ResultsDir, environment, fmt, system_dict
 from emulator.results.write import write_points
 from emulator.trainer import defaults as train_defaults
-from launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
+from launch.options import (
+    UsageError,
+    as_list,
+    cluster_tensors,
+    config_from,
+    faults_from,
+    other_defaults,
+    progress,
+    vars_of,
+)
 from launch.options import capacity as host_capacity
 
 
@@ -88,7 +97,7 @@ def cmd_sweep(args) -> None:
     faults = faults_from(args, first.devices)  # a fault must name a device of every point
     with Cluster(first.scaled(min(max(s.devices for s in systems), capacity)), clock=args.clock,
                  dilation=args.dilation, address=args.address, faults=faults,
-                 timeout_s=args.timeout_s or 30.0) as cluster:
+                 timeout_s=args.timeout_s or 30.0, tensors=cluster_tensors(config)) as cluster:
         record = {"command": "sweep", "options": vars_of(args), "training": config.as_dict(),
                   "scaling": args.scaling, "systems": [system_dict(s) for s in systems],
                   **environment(cluster.host)}
