@@ -1,7 +1,8 @@
 """Relay against published measurements (nccl-tests busbw and time, best-shape GEMM TFLOPS):
 the same as `relay validate`. Prints each row's published and emulated figure with the ratio,
-the median and geometric-mean absolute error and the worst row, and ends with a one-line
-verdict against the target (median |error| <= 10%, no row beyond 30%); exits 1 on a miss.
+the median and geometric-mean absolute error of the rows not used for fitting and the worst row,
+and ends with a one-line verdict against the target (that median |error| <= 10%, no row beyond
+30%); exits 1 on a miss.
 
     .venv/bin/python bench/validate.py [--only REGEX] [--json]
 """

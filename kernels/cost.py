@@ -3,13 +3,16 @@
     seconds = launch_s + max(flops / (peak[dtype] * matmul_eff * q), bytes / (hbm_Bps * mem_eff))
 
 q is 1 except for GEMMs (mm, addmm, bmm, baddbmm), where it is the tile and wave quantisation of
-the output's shape on the chip (kernels/gemm.py): small and skinny GEMMs reach less of the peak.
+the output's shape on the chip (kernels/gemm.py): small and skinny GEMMs reach less of the peak;
+and for fused attention backward kernels, whose recompute of the scores it stands for.
 
-FLOPs come from PyTorch's own formulas (torch.utils.flop_counter's registry: matmuls, convolutions,
-attention), completed below for the attention kernels the registry lacks (the CPU flash kernel
-among them); every other op has none and is memory-bound. Bytes are the op's inputs plus outputs,
-floating tensors counted at the *emulated* dtype (bf16 by default, whatever the host computes in),
-integer and bool tensors at their real size. Views and bare allocations launch no kernel: they cost 0.
+FLOPs (the model's) come from PyTorch's own formulas (torch.utils.flop_counter's registry:
+matmuls, convolutions, attention), completed below for the attention kernels the registry lacks
+(the CPU flash kernel among them), less the score matrix a fused attention backward recomputes
+(the kernel's work, not the model's: charged as time, see FUSED_BACKWARD); every other op has
+none and is memory-bound. Bytes are the op's inputs plus outputs, floating tensors counted at
+the *emulated* dtype (bf16 by default, whatever the host computes in), integer and bool tensors at
+their real size. Views and bare allocations launch no kernel: they cost 0.
 
 The chip is any object with the catalog's SI views (`peak_flops(dtype)`, `hbm_Bps`) and the
 default `matmul_eff`, `mem_eff`, `launch_us` and `compute_units`: an
@@ -53,7 +56,8 @@ _FLOPS_MAX = 100_000  # distinct entries kept at most (inputs whose shapes never
 
 
 # Attention kernels that torch.utils.flop_counter has no formula for, with torch's own counts
-# (sdpa_flop_count: QK^T and PV; the backward adds the recomputed QK^T and three more matmuls).
+# (sdpa_flop_count: QK^T and PV; the backward adds the recomputed QK^T and three more matmuls,
+# of which the model's FLOPs keep the four: see FUSED_BACKWARD).
 # Like torch's formulas they charge the full score matrix also when is_causal (a causal kernel
 # may skip masked blocks; Relay charges what an explicitly masked matmul would). The math
 # fallback (aten._scaled_dot_product_attention_math) decomposes into matmuls and softmax, which
@@ -80,6 +84,30 @@ ATTENTION_FLOPS = {
     _aten._scaled_dot_product_attention_math_for_mps: _sdpa_forward,
     _aten._flash_attention_forward_no_dropout_inplace: _flash_forward_into,
 }
+
+
+# Fused attention backward kernels recompute the score matrix QK^T (they keep none from the
+# forward), and torch's formulas count it: 2 s_q s_k (3 d_q + 2 d_v) per head, where attention
+# written out with matmuls, which keeps its scores, does 2 s_q s_k (2 d_q + 2 d_v). The recompute
+# is the kernel's work, not the model's: its model FLOPs leave it out, and its time keeps it, as
+# a rate of (2 d_q + 2 d_v) / (3 d_q + 2 d_v) of the peak in model FLOPs (the q of op_parts).
+FUSED_BACKWARD = {
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    _aten._scaled_dot_product_fused_attention_overrideable_backward,
+    _aten._scaled_dot_product_efficient_attention_backward,
+    _aten._scaled_dot_product_flash_attention_backward,
+    _aten._scaled_dot_product_cudnn_attention_backward,
+    _aten._flash_attention_backward,
+    _aten._efficient_attention_backward,
+}
+
+
+def _without_recompute(executed_flops, args) -> tuple[int, float]:
+    """(Model FLOPs, q) of a fused attention backward (args: grad_out, query, key, value, ...;
+    the head size is the last dimension in every layout)."""
+    d_q, d_v = args[1].shape[-1], args[3].shape[-1]
+    model = executed_flops // (3 * d_q + 2 * d_v) * (2 * d_q + 2 * d_v)
+    return model, (2 * d_q + 2 * d_v) / (3 * d_q + 2 * d_v)
 
 
 def _signature(x):
@@ -149,6 +177,8 @@ class CostModel:
         flops, q = 0, 1.0
         if kind != 1:  # a FLOP formula, computed once per distinct signature
             flops = _memo_flops(func, kind, args, kwargs, out)
+            if func._overloadpacket in FUSED_BACKWARD:
+                flops, q = _without_recompute(flops, args)
             if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 *batch, m, n = out.shape
                 a = args[1] if func._overloadpacket in _ADDS else args[0]

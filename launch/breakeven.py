@@ -14,7 +14,16 @@ from relay.driver.training import check_memory
 from relay.errors import ConfigError
 from relay.hardware.system import PRESETS
 from relay.launch import fullscale
-from relay.launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
+from relay.launch.options import (
+    UsageError,
+    as_list,
+    cluster_tensors,
+    config_from,
+    faults_from,
+    other_defaults,
+    progress,
+    vars_of,
+)
 from relay.launch.options import capacity as host_capacity
 from relay.launch.summary import summary_md
 from relay.results.folder import ResultsDir, environment, fmt, system_dict
@@ -72,7 +81,8 @@ def cmd_breakeven(args) -> None:
     results, seen, extra = [], {}, {}
     faults = faults_from(args, 1)  # every break-even search starts from one device
     with Cluster(fast.scaled(min(fast.devices, capacity)), clock=args.clock, dilation=args.dilation,
-                 address=args.address, faults=faults, timeout_s=args.timeout_s or 30.0) as cluster:
+                 address=args.address, faults=faults, timeout_s=args.timeout_s or 30.0,
+                 tensors=cluster_tensors(settings)) as cluster:
         with progress(0, "break-even runs") as bar:
             def on_point(p, keep=True):
                 bar.total += 1

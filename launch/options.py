@@ -163,6 +163,14 @@ def config_from(args, **overrides) -> TrainConfig:
     return TrainConfig.from_options(vars(args), **overrides)
 
 
+def cluster_tensors(config: TrainConfig) -> str:
+    """The `tensors` the command's Cluster is built with: its config's, so that a fake-tensor run
+    of a full system starts one worker and runs shared, as Cluster(..., tensors="fake") does in
+    Python (with "real", the Cluster would start one worker per device and refuse a system larger
+    than the host). A fake run told --shared false needs one worker per device: "real" then."""
+    return "fake" if config.fake and config.shared is not False else "real"
+
+
 def other_defaults(args) -> None:
     """Fill the non-training options left unset (after any preset)."""
     for k, v in OTHER_DEFAULTS.items():

@@ -7,7 +7,7 @@ import sys
 from tabulate import tabulate
 
 from relay import Cluster, DeviceError
-from relay.launch.options import config_from, faults_from, other_defaults, system_from, vars_of
+from relay.launch.options import cluster_tensors, config_from, faults_from, other_defaults, system_from, vars_of
 from relay.results.folder import ResultsDir, environment, fmt, system_dict
 from relay.results.write import write_run
 from relay.trainer import defaults as train_defaults
@@ -18,7 +18,8 @@ def cmd_run(args) -> int:
     system = system_from(args)
     config = config_from(args, algorithm=args.algorithm or train_defaults()["algorithm"])
     cluster = Cluster(system, clock=args.clock, dilation=args.dilation, address=args.address,
-                      faults=faults_from(args, system.devices), timeout_s=args.timeout_s or 30.0)
+                      faults=faults_from(args, system.devices), timeout_s=args.timeout_s or 30.0,
+                      tensors=cluster_tensors(config))
     checked = cluster.preflight(config)  # every check that needs no device, once, before any starts
     name = args.name or f"run-{config.workload.name}-{system.chip.name}x{system.devices}"
     out = ResultsDir(args.out, name)

@@ -12,7 +12,16 @@ from relay.driver.experiment import sweep
 from relay.driver.session import MEMORY_MB
 from relay.driver.training import check_memory
 from relay.errors import ConfigError
-from relay.launch.options import UsageError, as_list, config_from, faults_from, other_defaults, progress, vars_of
+from relay.launch.options import (
+    UsageError,
+    as_list,
+    cluster_tensors,
+    config_from,
+    faults_from,
+    other_defaults,
+    progress,
+    vars_of,
+)
 from relay.launch.options import capacity as host_capacity
 from relay.results.folder import ResultsDir, environment, fmt, system_dict
 from relay.results.write import write_points
@@ -88,7 +97,7 @@ def cmd_sweep(args) -> None:
     faults = faults_from(args, first.devices)  # a fault must name a device of every point
     with Cluster(first.scaled(min(max(s.devices for s in systems), capacity)), clock=args.clock,
                  dilation=args.dilation, address=args.address, faults=faults,
-                 timeout_s=args.timeout_s or 30.0) as cluster:
+                 timeout_s=args.timeout_s or 30.0, tensors=cluster_tensors(config)) as cluster:
         record = {"command": "sweep", "options": vars_of(args), "training": config.as_dict(),
                   "scaling": args.scaling, "systems": [system_dict(s) for s in systems],
                   **environment(cluster.host)}

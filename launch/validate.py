@@ -3,9 +3,10 @@
 For each row of emulator/hardware/published.toml (system, primitive or kernel, size, published
 figure, unit, source), Relay's figure in the same unit: collectives from the local executor on the
 calibrated fabric (nccl-tests' busbw in GB/s, or time in us), GEMMs from the cost model (TFLOPS).
-Then the ratio and the summary: median and geometric-mean absolute error, the worst row, and a
-one-line verdict against the target (median |error| <= 10%, no row beyond 30%); exit status 1 on
-a miss. `--update` rewrites the table's `relay` column (the regression test's expected figures).
+Then the ratio and the summary: median and geometric-mean absolute error of the rows not used for
+fitting (a `fit` row set a calibrated parameter, so its error says nothing of the model), the worst
+row, and a one-line verdict against the target (that median |error| <= 10%, no row beyond 30%);
+exit status 1 on a miss. `--update` rewrites the table's `relay` column (the regression test's expected figures).
 """
 
 from __future__ import annotations
@@ -103,18 +104,30 @@ def evaluate(rows: list[Row]) -> list[dict]:
 
 
 def summary(results: list[dict]) -> dict:
-    errs = [x["err"] for x in results]
+    """The median and geometric-mean |error| of the rows not used for fitting (a fit row's error
+    is small by construction, so counting it flatters the model; all rows when every one is a fit
+    row), the median with the fit rows too, and the worst row and those beyond TARGET_WORST of all."""
+    held_out = [x for x in results if not x["row"].fit] or results
+    errs = [x["err"] for x in held_out]
     worst = max(results, key=lambda x: x["err"])
     return {"rows": len(results), "systems": len({x["row"].system for x in results}),
+            "held_out": len(held_out) if held_out is not results else 0,
             "median_abs_err": statistics.median(errs),
             "geomean_abs_err": math.exp(statistics.fmean(math.log(max(e, 1e-6)) for e in errs)),
+            "median_abs_err_with_fit": statistics.median(x["err"] for x in results),
             "worst_id": worst["row"].id, "worst_abs_err": worst["err"],
             "beyond_30pct": [x["row"].id for x in results if x["err"] > TARGET_WORST]}
 
 
+def _over(s: dict) -> str:
+    if s["held_out"]:
+        return f"the {s['held_out']} rows not used for fitting"
+    return f"all {s['rows']} rows (every one a fit row)"
+
+
 def verdict(s: dict) -> tuple[bool, str]:
     ok = s["median_abs_err"] <= TARGET_MEDIAN and not s["beyond_30pct"]
-    what = (f"median |error| {s['median_abs_err']:.1%} (target <= {TARGET_MEDIAN:.0%}), "
+    what = (f"median |error| {s['median_abs_err']:.1%} over {_over(s)} (target <= {TARGET_MEDIAN:.0%}), "
             f"{len(s['beyond_30pct'])} row(s) beyond {TARGET_WORST:.0%}")
     return ok, ("PASS: " if ok else "MISS: ") + what
 
@@ -160,14 +173,9 @@ def cmd_validate(args) -> int:
         print("# relay validate: Relay's emulated figures (calibrated model) against published measurements")
         print(f"# table: {args.table or PUBLISHED}; 'fit' rows set a calibrated parameter, the rest validate it")
         print(report(results))
-        print(f"# {s['rows']} rows, {s['systems']} systems: median |error| {s['median_abs_err']:.1%}, "
-              f"geometric-mean |error| {s['geomean_abs_err']:.1%}, worst {s['worst_id']} "
-              f"{s['worst_abs_err']:.1%}")
-        held_out = [x for x in results if not x["row"].fit]
-        if held_out:
-            vs = summary(held_out)
-            print(f"# without the fit rows ({vs['rows']}): median |error| {vs['median_abs_err']:.1%}, "
-                  f"geometric-mean {vs['geomean_abs_err']:.1%}, worst {vs['worst_id']} {vs['worst_abs_err']:.1%}")
+        print(f"# {s['rows']} rows, {s['systems']} systems: median |error| {s['median_abs_err']:.1%} and "
+              f"geometric-mean {s['geomean_abs_err']:.1%} over {_over(s)} (with the fit rows: median "
+              f"{s['median_abs_err_with_fit']:.1%}); worst {s['worst_id']} {s['worst_abs_err']:.1%}")
         if s["beyond_30pct"]:
             print(f"# beyond 30%: {', '.join(s['beyond_30pct'])}")
             for x in results:

@@ -14,6 +14,7 @@ import path "package.module:attribute", the attribute being a Workload or a func
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,6 +68,9 @@ def get(spec) -> Workload:
         raise ConfigError(f"workload = {spec!r} is neither a built-in ({', '.join(BUILTINS)}) nor an "
                          "import path; write it as 'package.module:attribute'")
     module_name, attr = path.split(":", 1)
+    if not module_name or module_name.startswith(".") or not attr:
+        raise ConfigError(f"workload = {spec!r} is not a whole import path; write it as "
+                         "'package.module:attribute' (absolute, both parts named)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -76,11 +80,24 @@ def get(spec) -> Workload:
         raise ConfigError(f"workload = {spec!r}: module {module_name!r} has no attribute {attr!r}")
     obj = getattr(module, attr)
     if callable(obj) and not isinstance(obj, Workload):
-        obj = obj()
+        obj = _from_factory(spec, attr, obj)
     if not isinstance(obj, Workload):
         raise ConfigError(f"workload = {spec!r}: {attr} is a {type(obj).__name__}, not an "
                          "relay.Workload (or a function returning one)")
     return obj
+
+
+def _from_factory(spec: str, attr: str, factory: Callable):
+    """What a workload factory returns, called with no arguments; one that needs arguments is
+    refused without being called (an import path can name any function, os:system say)."""
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise ConfigError(f"workload = {spec!r}: {attr} cannot be called with no arguments ({e}); name a "
+                         "Workload or a function of no arguments that returns one") from None
+    except ValueError:
+        pass  # no signature to read (some built-ins): calling it tells
+    return factory()
 
 
 __all__ = ["Workload", "get", "shard", "Iterator"]

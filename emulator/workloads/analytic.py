@@ -2,14 +2,14 @@
 (fake-tensor runs, emulator/device/fake/measure.py) are checked.
 
 FLOPs of one forward and backward pass over T tokens of sequence length s:
-    6 N T + 14 L s d_att T
+    6 N T + 12 L s d_att T
 N: the parameters a token's matmuls use (the *active* ones for a mixture of experts: shared and
 top-k experts, not all), less the input embedding (a lookup, no FLOPs) and norm weights
-(elementwise). The attention term is what torch's FLOP formulas count for fused attention:
-QK^T and AV forward (2 x 2 s d_att per token), backward 5 such products (flash attention
-recomputes QK^T): 14 s d_att per token and layer, with d_att = heads x head size. It counts
-the full s x s square: causal masking is not discounted (the kernels skip about half of it).
-The textbook figure is 12 L s d_att (no recompute).
+(elementwise). The attention term is the model's: QK^T and AV forward (2 x 2 s d_att per
+token), backward 4 such products: 12 s d_att per token and layer, with d_att = heads x head
+size (the textbook figure). A fused kernel's backward also recomputes QK^T; the cost model
+charges that as time, not as model FLOPs (kernels/cost.py). It counts the full s x s square:
+causal masking is not discounted (the kernels skip about half of it).
 
 Activation memory per layer, 16-bit activations, no recompute: Korthikanti et al. 2022
 (arXiv 2205.05198), sbh(34 + 5as/h) for GPT, adapted term by term (see llama_activations).
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 
 def llama_flops(c, tokens: int) -> float:
-    """6 N T + 14 L s d T for a LlamaConfig (N: matmul parameters)."""
+    """6 N T + 12 L s d T for a LlamaConfig (N: matmul parameters)."""
     hd = c.dim // c.n_heads
     attn = c.dim * hd * (2 * c.n_heads + 2 * c.n_kv_heads)  # wq, wo, wk, wv
     ffn = 3 * c.dim * c.ffn_dim
     n = c.n_layers * (attn + ffn) + c.dim * c.vocab_size  # + the output head
-    return 6 * n * tokens + 14 * c.n_layers * c.seq_len * c.dim * tokens
+    return 6 * n * tokens + 12 * c.n_layers * c.seq_len * c.dim * tokens
 
 
 def moe_flops(c, tokens: int) -> float:
@@ -42,7 +42,7 @@ def moe_flops(c, tokens: int) -> float:
     n_moe = c.n_layers - c.n_dense_layers
     n = (c.n_layers * attn + c.n_dense_layers * 3 * c.dim * c.ffn_dim + n_moe * moe_ffn
          + c.dim * c.vocab_size)
-    return 6 * n * tokens + 14 * c.n_layers * c.seq_len * d_att * tokens
+    return 6 * n * tokens + 12 * c.n_layers * c.seq_len * d_att * tokens
 
 
 def llama_activations(c, batch: int, tp: int = 1) -> float:

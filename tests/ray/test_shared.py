@@ -2,6 +2,8 @@
 every device is replayed from it. Where one process per device also fits, the two must give
 every device the same emulated figures, to the bit."""
 
+import json
+
 import pytest
 
 from relay import Parallel, System
@@ -42,3 +44,15 @@ def test_roles_are_one_device_per_stage_and_skewed_expert_group():
     for rep, devices in skewed.items():  # a role shares the stage and the expert index of its representative
         assert {(plan.coords(d)["pp"], plan.coords(d)["ep"]) for d in devices} == \
             {(plan.coords(rep)["pp"], plan.coords(rep)["ep"])}
+
+
+def test_relay_run_of_fake_tensors_on_a_full_system_runs_shared(ray_session, tmp_path, capsys):
+    """The command line builds its Cluster with the run's tensors, as Python's
+    Cluster(..., tensors="fake") does: 256 devices (more than this host starts) run shared on one
+    worker instead of being refused for want of room."""
+    from relay.launch.cli import main
+    assert main(["run", "--chip", "h100", "--devices", "256", "--workload", "llama-debug", "--tensors", "fake",
+                 "--steps", "1", "--out", str(tmp_path), "--name", "f"]) == 0
+    assert "llama-debug on 256 x h100" in capsys.readouterr().out
+    training = json.loads((tmp_path / "f" / "config.json").read_text())["training"]
+    assert (training["shared"], training["devices"], training["parallel"]) == (True, 256, "dp=256")

@@ -26,6 +26,8 @@ CASES = [
     (RUN + ["--clock", "wall", "--dilation", "0.001"], r"dilation = 0.001 is too small for this host.* dilation >= "),
     (RUN + ["--dilation", "10"], r"dilation = 10.0 applies to clock='wall' only"),
     (RUN[:6] + ["no_such_pkg.models:w"], r"module 'no_such_pkg.models' could not be imported"),
+    (RUN[:6] + ["os:system"], r"workload = 'os:system': system cannot be called with no arguments"),
+    (RUN[:6] + [":x"], r"workload = ':x' is not a whole import path"),
     (["run", "--preset", "/nonexistent/mine.toml"], r"preset file '/nonexistent/mine.toml' cannot be read"),
     (["run", "--preset", "headline"], r"preset 'headline' is for `relay breakeven`"),
     (["breakeven", "--fast", "nvl72", "--slow", "910c", "--metric", "speed"], r"metric = 'speed' is unknown"),

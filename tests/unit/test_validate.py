@@ -1,5 +1,7 @@
 """The published-measurements table and the regression guard on Relay's validated figures."""
 
+import statistics
+
 import pytest
 
 from relay.launch import validate
@@ -50,3 +52,23 @@ def test_update_rewrites_only_the_relay_column(tmp_path):
     assert [r.relay for r in rows[:2]] == [123.5, 123.5]
     assert [r.relay for r in rows[2:]] == [r.relay for r in ROWS[2:]]
     assert [r.published for r in rows] == [r.published for r in ROWS]
+
+
+def test_the_verdict_takes_the_median_of_the_rows_not_used_for_fitting():
+    """Fit rows agree by construction; counting them would pass a model whose held-out rows miss."""
+    fit, held = [r for r in ROWS if r.fit][:3], [r for r in ROWS if not r.fit][:2]
+    results = [{"row": r, "err": 0.0} for r in fit] + [{"row": r, "err": e} for r, e in zip(held, (0.08, 0.14))]
+    s = validate.summary(results)
+    assert s["median_abs_err"] == pytest.approx(0.11) and s["held_out"] == 2
+    assert s["median_abs_err_with_fit"] == 0.0
+    ok, line = validate.verdict(s)
+    assert not ok and "median |error| 11.0% over the 2 rows not used for fitting" in line
+
+
+def test_the_readme_quotes_the_tables_row_count_and_held_out_median():
+    """From the table's relay column (within REGRESSION_TOL of today's figures, checked above)."""
+    from pathlib import Path
+    held = [abs(r.relay / r.published - 1) for r in ROWS if not r.fit]
+    readme = (Path(validate.__file__).resolve().parents[1] / "README.md").read_text()
+    assert (f"Relay against {len(ROWS)} published measurements (median |error| "
+            f"{statistics.median(held):.1%} on the {len(held)} not fit)") in readme
