@@ -50,8 +50,8 @@ def recvs(t, step: Step, buf, dtype, elem_bytes: int, staged: dict, dev, op: str
                     views.append((at, buf[a:b]))
                     at += (b - a) * buf.element_size()
             ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, views, r.reduce)
-        else:
-            staged[i] = area[stage_at:stage_at + n]
+        else:  # (an empty receive stages nothing: the area is None when every staged one is empty)
+            staged[i] = area[stage_at:stage_at + n] if n else buf[:0]
             ops[i] = RecvOp(t.rank, peer, seq, n * elem_bytes, [(0, staged[i])] if n else [], False)
             stage_at += n
     return ops

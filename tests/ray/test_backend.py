@@ -98,3 +98,12 @@ def test_readme_script_runs_unmodified_through_relay_launch(cluster8, tmp_path, 
     assert 0 <= summary["exposed_comm_s"] <= summary["comm_s"] and summary["comm_s"] > 0
     trace = json.loads((tmp_path / "ddp" / "trace.json").read_text())["traceEvents"]
     assert {e["pid"] for e in trace} == {0, 1, 2, 3} and any(e["name"] == "all_reduce" for e in trace)
+
+
+def test_every_operation_on_tensors_smaller_than_the_group(cluster):
+    """Reductions of every op, and every other operation, on 0, 1, world-1 and world+1 elements
+    in six dtypes, on 3 devices over shared memory (a one-element MAX is torchtitan's loss)."""
+    cluster.configure(System("h100", 3, domain=3), clock="virtual")
+    res = launch(cluster, Program(P.small_tensors))
+    bad = [b for d in res.per_device for b in d["result"]]
+    assert bad == [], "\n".join(bad)
