@@ -344,10 +344,10 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
 
     # ------------------------------------------------------------ point to point, barrier
     def send(self, tensors, dst: int, tag: int = 0):
-        return self.engine.p2p("send", self.g, tensors[0], dst)
+        return self.engine.p2p("send", self.g, tensors[0], dst, tag)
 
     def recv(self, tensors, src: int, tag: int = 0):
-        return self.engine.p2p("recv", self.g, tensors[0], src)
+        return self.engine.p2p("recv", self.g, tensors[0], src, tag)
 
     def recv_anysource(self, tensors, tag: int = 0):
         raise NotImplementedError("relay: receiving from any source is not supported; name the source rank")
