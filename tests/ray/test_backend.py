@@ -161,3 +161,12 @@ def test_a_run_refused_before_it_starts_leaves_no_results_folder(ray_session, tm
                  "--name", "big", str(script)]) == 2
     assert "the Ray cluster has room for" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_every_operation_on_tensors_smaller_than_the_group(cluster):
+    """Reductions of every op, and every other operation, on 0, 1, world-1 and world+1 elements
+    in six dtypes, on 3 devices over shared memory (a one-element MAX is torchtitan's loss)."""
+    cluster.configure(System("h100", 3, domain=3), clock="virtual")
+    res = launch(cluster, Program(P.small_tensors))
+    bad = [b for d in res.per_device for b in d["result"]]
+    assert bad == [], "\n".join(bad)

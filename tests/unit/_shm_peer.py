@@ -2,7 +2,10 @@
     python _shm_peer.py SCENARIO RANK PORT
 Prints RESULT <json>. Scenarios: exchange (messages both ways, large and small, checked against
 the data each side computes for itself; then the backend's point-to-point messages), die
-(rank 0 dies after the first piece of a message), mismatch (rank 0 skips a sequence number)."""
+(rank 0 dies after the first piece of a message), mismatch (rank 0 skips a sequence number);
+and through the `relay` torch.distributed backend on either data plane (SCENARIO-auto or
+SCENARIO-gloo): backend (tags, messages to itself, an operation after a failed one), vanish
+(rank 1's process ends before an all-reduce that rank 0 then waits in: no Ray to tell it)."""
 
 import json
 import os
@@ -17,12 +20,14 @@ from relay.collectives.core import Ports
 from relay.collectives.schedules import Recv, Send, Step
 from relay.device.plane.peers import PeerError
 from relay.device.plane.shm import SHM_DIR, SendOp
-from relay.device.plane.transport import Transport, free_fabric
+from relay.device.plane.transport import P2P_TAG_SPACES, Transport, free_fabric
 from relay.kernels.clock import VirtualLane
 
 scenario, rank, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+scenario, _, plane = scenario.partition("-")
 torch.set_num_threads(1)
-t = Transport(rank, 2, "127.0.0.1", port, timeout_s=60 if scenario == "die" else 20, node="one-host")
+t = Transport(rank, 2, "127.0.0.1", port, timeout_s=60 if scenario in ("die", "vanish") else 20, node="one-host",
+              data_plane=plane or "auto")
 other = 1 - rank
 out = {"carriers": t.carriers(), "token_files": [f for f in os.listdir(SHM_DIR) if f.startswith("relay-")
                                                  and f.endswith(f".{os.getpid()}")]}
@@ -35,6 +40,69 @@ def run(steps, buf):
 def data(r, n, dtype):
     g = torch.Generator().manual_seed(r)
     return torch.randint(-50, 50, (n,), generator=g).to(dtype)
+
+
+def backend():
+    """The `relay` torch.distributed backend on this transport, as program.py sets it up."""
+    import torch.distributed as dist
+
+    from relay import System
+    from relay.collectives import Fabric
+    from relay.device.backend import group as relay_group
+    from relay.device.backend.engine import Engine
+    system = System("h100", 2)
+    engine = Engine(rank, t, system, Fabric.of(system), VirtualLane(), VirtualLane(), t.timeout.total_seconds())
+    relay_group.register()
+    relay_group.activate(engine)
+    dist.init_process_group("relay", rank=rank, world_size=2, store=dist.PrefixStore("program", t.store))
+    return dist
+
+
+def tags_and_failure(dist):
+    """Messages matched by tag (received in another order than sent; a large one arrives before
+    any receive of its tag is posted), messages to itself, then a failed receive: the
+    operations after it fail at once, naming it."""
+    a, b, big = torch.full((2,), 1.0), torch.full((2,), 2.0), data(7, 2_600_001, torch.float32)  # 10 MB
+    try:
+        if rank == 0:
+            for w in [dist.isend(a, 1, tag=1), dist.isend(b, 1, tag=2), dist.isend(big, 1, tag=5),
+                      dist.isend(b, 1, tag=6)]:
+                w.wait()
+        else:
+            x, y, z, later = torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2_600_001)
+            for w in [dist.irecv(x, 0, tag=2), dist.irecv(y, 0, tag=1)]:
+                w.wait()
+            dist.recv(z, 0, tag=6)  # the 10 MB message of tag 5 is ahead of it
+            dist.recv(later, 0, tag=5)
+            out["tags"] = [x.tolist(), y.tolist(), z.tolist(), torch.equal(later, big)]
+    except Exception as e:  # noqa: BLE001 (each part's error is its result)
+        out["tags"] = f"raised {e}"
+    mine, got, got2 = torch.full((3,), 10.0 + rank), torch.zeros(3), torch.zeros(3)
+    try:
+        works = [dist.irecv(got2, rank, tag=4),  # posted before its send (torch's send and recv refuse
+                 dist.isend(mine, rank, tag=3), dist.isend(mine * 2, rank, tag=4)]  # their own rank)
+        dist.irecv(got, rank, tag=3).wait()
+        for w in works:
+            w.wait()
+        out["self"] = [got.tolist(), got2.tolist()]
+    except Exception as e:  # noqa: BLE001
+        out["self"] = f"raised {e}"
+    if rank == 0:  # a message the receive refuses (3 elements for 2 over shared memory; over gloo, which
+        #            aborts the process on a size mismatch, one of a tag that shares tag 9's gloo tags)
+        dist.isend(torch.ones(3), 1, tag=9) if plane != "gloo" else dist.isend(torch.ones(2), 1, tag=9 + P2P_TAG_SPACES)
+        dist.isend(torch.ones(2), 1, tag=9)  # then one that would fit
+        t.store.get("failure seen")  # alive until rank 1 is done (a peer gone is another failure)
+        return
+    errors = []
+    for op in (lambda: dist.recv(torch.zeros(2), 0, tag=9), lambda: dist.recv(torch.zeros(2), 0, tag=9),
+               lambda: dist.all_reduce(torch.ones(1))):
+        try:
+            op()
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 (the errors are the result)
+            errors.append(str(e))
+    out["errors"] = errors
+    t.store.set("failure seen", "1")
 
 
 try:
@@ -105,9 +173,20 @@ try:
             run([Step(sends=(Send(1, ((0, 8),)),))], buf)
         else:
             run([Step(recvs=(Recv(0, ((0, 8),), reduce=True),))], buf)
+    elif scenario == "backend":
+        tags_and_failure(backend())
+    elif scenario == "vanish":
+        dist = backend()
+        t.meet()  # both devices are set up
+        if rank == 1:
+            os._exit(0)  # gone before the all-reduce, without a word (no Ray here to report it)
+        t0 = time.time()
+        dist.all_reduce(torch.ones(3 << 20))
 except PeerError as e:
     out.update(error="PeerError", device=e.device, peer=e.peer, text=str(e), waited_s=time.time() - t0)
 except RuntimeError as e:
     out.update(error="RuntimeError", text=str(e))
 print("RESULT " + json.dumps(out), flush=True)
+if scenario in ("backend", "vanish"):
+    os._exit(0)  # (messages left unsent on purpose would hold the exit up to the timeout)
 t.close()

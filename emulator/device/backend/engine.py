@@ -26,14 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.utils._pytree import tree_flatten
 
-from relay.collectives.core import Ports, prepare, time_recv, time_sends
+from relay.collectives.core import Ports, prepare
 from relay.collectives.fabric import Fabric
-from relay.collectives.schedules import Recv, Send, Step
+from relay.collectives.schedules import Step
 from relay.device.backend.collective import Group, algorithms, group_of, run_collective
+from relay.device.backend.loopback import Loopback
+from relay.device.backend.p2p import PointToPoint, message_payload
 from relay.errors import ConfigError
 from relay.kernels.clock import VirtualLane
 
@@ -55,8 +56,10 @@ class Work(dist.Work):
         seconds = self.engine.timeout_s if timeout is None or timeout.total_seconds() <= 0 \
             else timeout.total_seconds()
         if not self.event.wait(seconds):
-            raise RuntimeError(f"relay: device {self.engine.device}: an operation did not finish within "
-                               f"{seconds:g} s (a peer is missing or issued collectives in another order)")
+            self.engine.fail(error := RuntimeError(f"relay: device {self.engine.device}: an operation did not finish "
+                                                   f"within {seconds:g} s (a peer is missing or issued collectives "
+                                                   "in another order)"))
+            raise error
         if self.error is not None:
             raise self.error
         self.engine.forget(self.outputs)
@@ -90,7 +93,7 @@ class Work(dist.Work):
             self.future.set_exception(error)
 
 
-class Engine:
+class Engine(PointToPoint):
     """The device's communication lane and its one thread."""
     recording = False  # record.py's Recorder: operations are noted, not run
 
@@ -106,6 +109,8 @@ class Engine:
         self._p2p_ports = Ports()
         self._pending: deque = deque()  # point-to-point messages posted, in posting order
         self._waiters = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"relay-p2p-{device}")
+        self._loopback = Loopback()  # messages to itself
+        self.failed: BaseException | None = None  # the first operation's error: every later one fails with it
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name=f"relay-comm-{device}", daemon=True)
         self._thread.start()
@@ -117,18 +122,38 @@ class Engine:
     def submit(self, run, outputs: list) -> Work:
         """Queue `run(ready)` -> emulated end; `outputs` are what the work yields."""
         work = Work(self, outputs)
-        self._writes(work)
-        self._jobs.put((run, self.compute.scheduled(), work))
+        self._queue(run, work)
         return work
 
-    def p2p(self, kind: str, group: Group, tensor: torch.Tensor, peer: int) -> Work:
-        """Queue a send or a receive of `tensor` to or from group rank `peer`."""
+    def p2p(self, kind: str, group: Group, tensor: torch.Tensor, peer: int, tag: int = 0) -> Work:
+        """Queue a send or a receive of `tensor` to or from group rank `peer`, matched by `tag`
+        (a receive takes the first message of its peer and tag not yet taken, as gloo's do)."""
         work = Work(self, [tensor] if kind == "recv" else [])
         work.kind = kind
-        self._writes(work)
-        post = self.send if kind == "send" else self.recv
-        self._jobs.put((lambda ready: post(group, tensor, peer, ready, work), self.compute.scheduled(), work))
+        if peer == group.rank:  # to itself: a local copy (loopback.py)
+            sent = message_payload if kind == "send" else lambda t: None  # noqa: E731
+            run = lambda ready: self._loopback.post(kind, (group.members, tag), tensor, ready, work,  # noqa: E731
+                                                    sent(tensor))
+        else:
+            post = self.send if kind == "send" else self.recv
+            run = lambda ready: post(group, tensor, peer, ready, work, tag)  # noqa: E731
+        self._queue(run, work)
         return work
+
+    def _queue(self, run, work: Work) -> None:
+        if self.failed is not None:  # at once, even while the thread is stuck in the failed operation
+            return work._done(0.0, self._after_failure())
+        self._writes(work)
+        self._jobs.put((run, self.compute.scheduled(), work))
+
+    def fail(self, error: BaseException) -> None:
+        """An operation failed: every later one fails at once, naming it, not with an error of its own
+        (the devices' messages no longer line up: a collective half done, a sequence number spent)."""
+        self.failed = self.failed or error
+
+    def _after_failure(self) -> RuntimeError:
+        return RuntimeError(f"relay: device {self.device}: not run, because an earlier operation on this device "
+                            f"failed: {type(self.failed).__name__}: {self.failed}")
 
     def waited(self, work: Work) -> None:
         """The program waited for `work` (Work.wait)."""
@@ -203,9 +228,12 @@ class Engine:
                 continue
             run, ready, work = job
             try:
+                if self.failed is not None:
+                    raise self._after_failure()
                 with torch.no_grad():  # outputs may be leaves that require grad (parameters)
                     end = run(ready)
             except BaseException as e:  # surfaces in the program, from Work.wait()
+                self.fail(e)
                 work._done(self.comm.scheduled(), e)
                 continue
             if end is not None:  # None: a point-to-point message, completed by _reap
@@ -225,6 +253,7 @@ class Engine:
                 arrived.result()
                 work._done(finish())
             except BaseException as e:
+                self.fail(e)
                 work._done(0.0, e)
 
     # ------------------------------------------------------------ running (the thread only)
@@ -253,60 +282,6 @@ class Engine:
         buf = prepare("all_gather", group.rank, group.size, torch.tensor(row, dtype=torch.int64))
         self.transport.control("all_gather", buf, group.size, ranks=list(group.members))
         return buf.view(group.size, -1).tolist()
-
-    def send(self, group: Group, tensor: torch.Tensor, peer: int, ready: float, work: Work) -> None:
-        """Post one message to group rank `peer` (header and payload, as the transport sends)."""
-        payload = _payload(tensor)
-        numel, nbytes = tensor.numel(), tensor.numel() * tensor.element_size()
-        step = Step(sends=(Send(peer, ((0, numel),)),))
-        fabric = group.fabric.with_(elem_bytes=tensor.element_size())
-        starts, done = time_sends(group.rank, step, max(ready, self.comm.scheduled()), self._p2p_ports, fabric)
-        hdr = torch.tensor([group.rank, 0, nbytes, starts[0]], dtype=torch.float64)
-        seq, works = self.transport.post("send", group.members[peer], [hdr, payload])
-        self.spans.append(("send", starts[0], done, nbytes))
-        self._post(works, lambda keep=(hdr, payload): done, work)  # keep: alive until sent
-
-    def recv(self, group: Group, tensor: torch.Tensor, peer: int, ready: float, work: Work) -> None:
-        fake = isinstance(tensor, FakeTensor)
-        area = torch.empty(0 if fake and tensor.numel() > FAKE_CONSTANT else tensor.numel(), dtype=tensor.dtype)
-        hdr = torch.empty(4, dtype=torch.float64)
-        seq, works = self.transport.post("recv", group.members[peer], [hdr, area])
-        nbytes = tensor.numel() * tensor.element_size()
-
-        def finish() -> float:
-            sender, _, got, start = hdr.tolist()
-            if (int(sender), int(got)) != (peer, nbytes):
-                raise RuntimeError(f"relay: device {self.device}: expected message {seq} of {nbytes} bytes "
-                                   f"from group rank {peer}, got {int(got)} bytes from group rank {int(sender)} "
-                                   "(send and recv sizes differ?)")
-            fabric = group.fabric.with_(elem_bytes=tensor.element_size())
-            arrival = time_recv(group.rank, Recv(peer, ((0, tensor.numel()),), False), start,
-                                self._p2p_ports, fabric)
-            if fake:
-                tensor.constant = area.view(tensor.shape).clone() if area.numel() else None
-            else:
-                with torch.no_grad():
-                    tensor.copy_(area.view_as(tensor))
-            self.spans.append(("recv", start, arrival, nbytes))
-            return max(ready, arrival)
-        self._post(works, finish, work)
-
-
-FAKE_CONSTANT = 1  # elements of a fake tensor that travel: FakeTensorMode's constants (its CONSTANT_NUMEL_LIMIT)
-
-
-def _payload(tensor: torch.Tensor) -> torch.Tensor:
-    """What a point-to-point message carries: the tensor's data; for a fake tensor (shapes only),
-    nothing, except that a one-element one carries its constant (FakeTensorMode propagates
-    those, so a value torch reads with .item(), as pipelining's start-up vote does, still
-    arrives; an unknown one arrives as 0)."""
-    if not isinstance(tensor, FakeTensor):
-        return tensor.detach().reshape(-1).contiguous().clone()
-    with unset_fake_temporarily():
-        if tensor.numel() > FAKE_CONSTANT:
-            return torch.empty(0, dtype=tensor.dtype)
-        c = tensor.constant
-        return c.reshape(-1).clone() if c is not None else torch.zeros(tensor.numel(), dtype=tensor.dtype)
 
 
 def _key(t: torch.Tensor) -> int:

@@ -53,11 +53,15 @@ _OPS = {ReduceOp.RedOpType.SUM: "sum", ReduceOp.RedOpType.AVG: "avg", ReduceOp.R
         ReduceOp.RedOpType.PREMUL_SUM: "premul_sum"}
 
 
-def _op(red) -> tuple[str, object]:
+def _op(red, tensors) -> tuple[str, object]:
+    """torch's reduce op `red` as (Relay's op, PREMUL_SUM's factor), checked against `tensors`."""
     kind = getattr(red, "op", red)
     if kind not in _OPS:
         raise ValueError(f"relay: reduce op {kind} is not supported; use SUM, AVG, MAX, MIN, PRODUCT "
                          "or PREMUL_SUM")
+    if kind == ReduceOp.RedOpType.AVG and any(t.dtype == torch.bool for t in tensors):
+        raise ValueError("relay: reduce op AVG of a bool tensor has no meaning (torch.mean refuses bool too); "
+                         "use MAX for 'any' or MIN for 'all'")
     return _OPS[kind], (red.factor if kind == ReduceOp.RedOpType.PREMUL_SUM else None)
 
 
@@ -271,7 +275,7 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
 
     # ------------------------------------------------------------ reductions
     def _all_reduce(self, tensors, opts, root=None):
-        op, factor = _op(opts.reduceOp)
+        op, factor = _op(opts.reduceOp, tensors)
         eng, g = self.engine, self.g
 
         def run(ready):
@@ -289,7 +293,7 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
     def allreduce_coalesced(self, tensors, opts=None):
         """One all-reduce of all tensors, flattened together (as coalescing means)."""
         opts = opts or dist.AllreduceCoalescedOptions()
-        op, factor = _op(opts.reduceOp)
+        op, factor = _op(opts.reduceOp, tensors)
         eng, g = self.engine, self.g
 
         def run(ready):
@@ -310,7 +314,7 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
     def _reduce_scatter(self, outputs, inputs, red):
         """inputs(): the flat input of world x output elements for each output (made on the
         engine's thread: working copies are not the program's compute)."""
-        op, factor = _op(red)
+        op, factor = _op(red, outputs)
         eng, g = self.engine, self.g
 
         def run(ready):
@@ -340,10 +344,10 @@ class RelayProcessGroup(_Movement, dist.ProcessGroup):
 
     # ------------------------------------------------------------ point to point, barrier
     def send(self, tensors, dst: int, tag: int = 0):
-        return self.engine.p2p("send", self.g, tensors[0], dst)
+        return self.engine.p2p("send", self.g, tensors[0], dst, tag)
 
     def recv(self, tensors, src: int, tag: int = 0):
-        return self.engine.p2p("recv", self.g, tensors[0], src)
+        return self.engine.p2p("recv", self.g, tensors[0], src, tag)
 
     def recv_anysource(self, tensors, tag: int = 0):
         raise NotImplementedError("relay: receiving from any source is not supported; name the source rank")

@@ -66,7 +66,7 @@ class Recorder(Engine):
         self._issue(work, "collective", run)
         return work
 
-    def p2p(self, kind: str, group, tensor: torch.Tensor, peer: int) -> Work:
+    def p2p(self, kind: str, group, tensor: torch.Tensor, peer: int, tag: int = 0) -> Work:
         work = Work(self, [tensor] if kind == "recv" else [])
         work.kind = kind
         post = self.send if kind == "send" else self.recv

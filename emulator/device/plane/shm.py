@@ -67,7 +67,7 @@ class SendOp:
         k, n = w % SLOTS, min(ch.size, self.total - self.off)
         for at, addr, size in _pieces(self.spans, self.off, self.off + n):
             memmove(ch.slot_addr[k] + at, addr, size)
-        ch.set_preamble(k, (*self.header, self.off, n))
+        ch.set_preamble(k, (*self.header, self.off, n, self.total))
         ch.set_written(w + 1)  # publishes the slot: x86 keeps the stores above in order
         ring(bell)
         self.off += n
@@ -91,7 +91,7 @@ class RecvOp:
         if ch.written() == r:
             return False
         k = r % SLOTS
-        sender, seq, nbytes, start, off, n = ch.preamble(k)
+        sender, seq, nbytes, start, off, n, _ = ch.preamble(k)
         if (int(sender), int(seq), int(nbytes), int(off)) != (self.peer, self.seq, self.nbytes, self.off):
             raise _mismatch(self.me, (self.peer, self.seq, self.nbytes, self.off), (sender, seq, nbytes, off))
         self.start = start
@@ -141,7 +141,7 @@ class ShmPlane:
             self._unlink()
         self.tx = {p: f.channel(rank) for p, f in self.files.items()}  # my ring in each peer's file
         self.rx = {p: self.mine.channel(p) for p in peers}  # each peer's ring in mine
-        # the rings of posted point-to-point messages (near.Mailbox), apart: never in a schedule's way
+        # the rings of posted point-to-point messages (mailbox.Mailbox), apart: never in a schedule's way
         self.post_tx = {p: f.channel(POSTED + rank) for p, f in self.files.items()}
         self.post_rx = {p: self.mine.channel(POSTED + p) for p in peers}
 
@@ -206,7 +206,7 @@ class ShmPlane:
             k = w % SLOTS
             if n:
                 memmove(ch.slot_addr[k], addr, n)
-            ch.set_preamble(k, (*header, 0, n))
+            ch.set_preamble(k, (*header, 0, n, n))
             ch.words[ch.w] = w + 1  # publishes the slot (see SendOp.push)
             ring(self.files[peer].addr)
         if inn is None:
@@ -228,7 +228,7 @@ class ShmPlane:
             else:
                 self._spin_s = SPIN_S
         k = r % SLOTS
-        sender, sq, nb, start, off, n = ch.preamble(k)
+        sender, sq, nb, start, off, n, _ = ch.preamble(k)
         if (int(sender), int(sq), int(nb), int(off), int(n)) != (peer, seq, nbytes, 0, size):
             raise _mismatch(self.rank, (peer, seq, nbytes, 0), (sender, sq, nb, off))
         if size:

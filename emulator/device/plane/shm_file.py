@@ -4,7 +4,8 @@ its inbound channels, and the futex calls that ring and sleep on doorbells.
 Each device owns one file in /dev/shm holding a doorbell and one inbound channel per same-node
 peer. A channel is a single-producer, single-consumer ring of SLOTS reusable slots, each with a
 preamble (the message header: sender, sequence, bytes, emulated start time; then the piece's
-offset and length), a `written` count (the sender's) and a `read` count (the receiver's).
+offset and length, and the whole message's payload bytes), a `written` count (the sender's) and
+a `read` count (the receiver's).
 
 A doorbell is a futex word, incremented and woken in one atomic FUTEX_WAKE_OP syscall. A device
 with nothing to do reads its doorbell, checks every channel it waits on, and sleeps on the
@@ -38,7 +39,8 @@ ROOM_TICK_S = 0.002  # while blocked for room: the flag and the count it guards 
 #                      processes without a fence, so a ring may rarely be missed; this bounds it
 PAGE = 4096
 POST_BELL = 32  # byte offset of the posted messages' doorbell in a device's file
-_PRE = struct.Struct("6d")  # preamble: sender, sequence, message bytes, start, piece offset, length
+_PRE = struct.Struct("7d")  # preamble: sender, sequence (a posted message's: its tag), message bytes, start,
+#                            piece offset, length, the message's payload bytes (an early message's buffer)
 
 
 def unsupported() -> str | None:
@@ -93,7 +95,7 @@ def slot_bytes_for(peers: int) -> int:
 
 class File:
     """One device's mapped file. Its first page: the doorbell (first word), a second doorbell for
-    posted messages at +POST_BELL (near.Mailbox: a thread of its own), the slot size at +64,
+    posted messages at +POST_BELL (mailbox.Mailbox: a thread of its own), the slot size at +64,
     the number of inbound channels at +72 and their senders from +80; then a channel per sender,
     each a page of counters and preambles followed by its slots."""
 

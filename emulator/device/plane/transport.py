@@ -34,7 +34,9 @@ from relay.device.plane.peers import PeerError
 from relay.kernels.clock import VirtualLane
 
 TAG_SPACE = 1 << 24  # gloo tags are 32-bit; sequence numbers wrap inside this space
-P2P_TAGS = 1 << 25  # point-to-point messages' tags start here
+P2P_TAGS = 1 << 25  # point-to-point messages' tags start here: a space of P2P_SEQS per torch tag,
+P2P_SEQS = 1 << 20  # (modulo P2P_TAG_SPACES) in which that tag's sequence numbers wrap
+P2P_TAG_SPACES = ((1 << 31) - P2P_TAGS) // P2P_SEQS  # (torch passes gloo a signed 32-bit tag)
 DATA_PLANES = ("auto", "gloo")  # auto: shared memory within a node, gloo across nodes
 
 
@@ -109,7 +111,7 @@ class Transport:
         self.p2p_got = defaultdict(int)
         self._spare: dict = {}  # (slot, dtype) -> reusable receive area
         self.plane, self.near = None, frozenset()  # shared memory, and the peers it reaches
-        self.mailbox = None  # posted point-to-point messages over shared memory (near.Mailbox)
+        self.mailbox = None  # posted point-to-point messages over shared memory (mailbox.Mailbox)
         if data_plane == "auto":
             near.open_plane(self, node, timeout_s)
 
@@ -154,23 +156,24 @@ class Transport:
         """Elementwise sums over devices 0..world-1 (e.g. a step's loss, for the log)."""
         return self.control("all_reduce", torch.tensor(values, dtype=torch.float64), world).tolist()
 
-    def post(self, kind: str, peer: int, tensors: list[torch.Tensor]) -> tuple[int, list]:
+    def post(self, kind: str, peer: int, tensors: list[torch.Tensor], tag: int = 0) -> tuple[int, list]:
         """Point-to-point messages (the `relay` backend's send and recv): sends or receives of
         `tensors` (a header, then the payload unless empty) to or from device `peer`, posted at
-        once and not waited for, on sequence numbers of their own and apart from collectives'
-        messages (gloo tags of their own; shared-memory rings of their own, near.Mailbox).
-        Returns the message's sequence number and its handles (wait(timeout))."""
+        once and not waited for, apart from collectives' messages (gloo tags of their own;
+        shared-memory rings of their own, mailbox.Mailbox). A receive takes the first message of its
+        peer and `tag` not yet taken, whatever the order of other tags' (as gloo's point-to-point
+        messages). Returns the message's sequence number among its peer's and tag's, and its
+        handles (wait(timeout))."""
         count = self.p2p_sent if kind == "send" else self.p2p_got
-        seq = count[peer]
-        count[peer] += 1
-        if peer in self.near:  # shared memory: the same header and payload, one handle
+        seq = count[peer, tag]
+        count[peer, tag] += 1
+        if peer in self.near:  # shared memory: the same header (sender, tag, bytes, start) and payload, one handle
             hdr, payload = tensors[0], tensors[1] if len(tensors) > 1 else None
             if kind == "send":
-                sender, _, nbytes, start = hdr.tolist()
-                return seq, [self.mailbox.send(peer, (sender, seq, nbytes, start), payload)]
-            return seq, [self.mailbox.recv(peer, seq, hdr, payload)]
+                return seq, [self.mailbox.send(peer, tuple(hdr.tolist()), payload)]
+            return seq, [self.mailbox.recv(peer, tag, hdr, payload)]
         call = self.pg.send if kind == "send" else self.pg.recv
-        return seq, [call([t], peer, P2P_TAGS + self._tag(seq, k)) for k, t in enumerate(tensors) if t.numel()]
+        return seq, [call([t], peer, p2p_tag(tag, seq, k)) for k, t in enumerate(tensors) if t.numel()]
 
     def _tag(self, seq: int, part: int) -> int:
         return (2 * seq + part) % TAG_SPACE
@@ -287,6 +290,14 @@ class Transport:
             if window and k + window < len(steps):  # the slot this step's receives used is free now
                 posted.append(self._post_recvs(steps[k + window], (k + window) % window, dtype, dev, data))
             lane.advance_to(end)
+
+
+def p2p_tag(tag: int, seq: int, part: int) -> int:
+    """The gloo tag of part `part` (header 0, payload 1) of point-to-point message `seq` of torch
+    tag `tag`. Gloo matches by peer and gloo tag, in posting order; each torch tag has a space
+    of its own, and two that share one (equal modulo P2P_TAG_SPACES) are told apart by the
+    header's tag, which the engine checks."""
+    return P2P_TAGS + tag % P2P_TAG_SPACES * P2P_SEQS + (2 * seq + part) % P2P_SEQS
 
 
 def free_fabric(world: int, elem_bytes: int) -> Fabric:
