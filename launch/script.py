@@ -124,25 +124,28 @@ def cmd_launch(args) -> int:
     out = ResultsDir(args.out or "results", args.name or f"launch-{stem}-{system.chip.name}x{system.devices}")
     logs = (out.path / "logs").resolve()
     logs.mkdir(exist_ok=True)
-    for stale in [*logs.glob("rank*.log"), out.path / "error.txt"]:  # an earlier run's, by this name
-        stale.unlink(missing_ok=True)
     program = Program(script=args.script if args.module else os.path.abspath(args.script),
                       argv=tuple(args.script_args), algorithm=algorithm, module=args.module,
                       log_dir=str(logs), cwd=os.getcwd())
-    tail = Tail(logs, ranks)
+    tail = None
     try:
-        with cluster:
+        with cluster:  # started: an earlier run's logs by this name go only now (a refused run keeps them)
+            for stale in [*logs.glob("rank*.log"), out.path / "error.txt"]:
+                stale.unlink(missing_ok=True)
+            tail = Tail(logs, ranks)
             res = launch(cluster, program, on_poll=tail.poll)
         for d in res.per_device:  # devices on other nodes sent their output back
             if d["output"] is not None:
                 (logs / f"rank{d['device']}.log").write_text(d["output"])
     except DeviceError as e:
         error = out.write_text("error.txt", e.report())
-        e.add_note(f"each failed device's last output and traceback: {error}; every device's output: "
-                   f"{out.path / 'logs'}/")
+        # (as BaseException.add_note does from Python 3.11; the cli prints the notes)
+        e.__notes__ = [*getattr(e, "__notes__", []), f"each failed device's last output and traceback: {error}; "
+                       f"every device's output: {out.path / 'logs'}/"]
         raise
     finally:
-        tail.close()
+        if tail is not None:
+            tail.close()
     config = {"command": "launch", "options": vars_of(args), "launch": res.config,
               "system": system_dict(system), **environment(cluster.host)}
     summary = write_launch(out, config, res)["summary"]

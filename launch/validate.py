@@ -31,7 +31,7 @@ from relay.collectives import Fabric, busbw_factor, resolve, simulate
 from relay.errors import ConfigError
 from relay.kernels.cost import CostModel
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "emulator" / "hardware" / "published.toml"
+PUBLISHED = chips.CATALOG.with_name("published.toml")  # beside the chip catalog, in relay.hardware
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.30  # |relay / published - 1|
 REGRESSION_TOL = 0.01  # a model change may move a figure by this much before the table must follow
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}

@@ -1,6 +1,6 @@
 """`relay.kernels`: what one emulated device's compute costs (per-op cost model, clocks, throttle,
 host calibration). Its modules live in the repository's kernels/ folder: an installed wheel maps
-them there (pyproject's package-dir); an editable install or a checkout finds them through this
+them there (pyproject's package-dir); an editable install (`make venv`) finds them through this
 package's path, so no top-level `kernels` is ever importable (Hugging Face's `kernels` package
 owns that name)."""
 

@@ -1,6 +1,6 @@
 """`relay.launch`: the `relay` command line (one module per verb). Its modules live in the
 repository's launch/ folder: an installed wheel maps them there (pyproject's package-dir); an
-editable install or a checkout finds them through this package's path."""
+editable install (`make venv`) finds them through this package's path."""
 
 from pathlib import Path
 

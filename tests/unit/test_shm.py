@@ -48,6 +48,7 @@ def another_run():
     path.write_bytes(b"")
     try:
         yield
+        assert path.exists(), "the pair's sweep removed another live run's file"
     finally:
         path.unlink(missing_ok=True)
 

@@ -27,7 +27,11 @@ class Loopback:
             msg = (tensor.numel(), payload, ready)
             if box and box[0][0] == "recv":
                 _, dst, waiting, posted = box.popleft()
-                waiting._done(_arrive(dst, msg, max(posted, ready)))
+                try:
+                    waiting._done(_arrive(dst, msg, max(posted, ready)))
+                except RuntimeError as e:  # the waiting receive fails now, as the send does
+                    waiting._done(ready, e)
+                    raise
             else:
                 box.append(("send", msg))
             return ready

@@ -25,7 +25,7 @@ from pathlib import Path
 from relay.device.plane.peers import PeerError
 
 OUTPUT_LINES = 40  # a failed device's last lines of output kept in its error
-_RELAY_DIR = str(Path(__file__).resolve().parents[1])  # emulator/: frames a user did not write
+_RELAY_DIR = str(Path(__file__).resolve().parents[2])  # relay (emulator/): frames a user did not write
 _PYTHON_DIRS = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
 
 
