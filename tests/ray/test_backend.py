@@ -161,6 +161,13 @@ def test_a_run_refused_before_it_starts_leaves_no_results_folder(ray_session, tm
                  "--name", "big", str(script)]) == 2
     assert "the Ray cluster has room for" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+    # refused under the name of an earlier run: that run's logs stay (they go only once devices start)
+    earlier = tmp_path / "kept" / "big" / "logs" / "rank0.log"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("step 0: loss 1.0\n")
+    assert main(["launch", "--chip", "h100", "--devices", "5000", "--out", str(tmp_path / "kept"),
+                 "--name", "big", str(script)]) == 2
+    assert earlier.read_text() == "step 0: loss 1.0\n" and "[rank 0]" not in capsys.readouterr().out
 
 
 def test_every_operation_on_tensors_smaller_than_the_group(cluster):
