@@ -121,7 +121,7 @@ def _signature(x):
 
 @dataclass(frozen=True)
 class CostModel:
-    chip: object  # an relay.hardware.chips.Chip (or anything with its SI views)
+    chip: object  # a relay.hardware.chips.Chip (or anything with its SI views)
     dtype: str = "bf16"  # emulated dtype of floating tensors
     matmul_eff: float | None = None  # None: the chip's default
     mem_eff: float | None = None

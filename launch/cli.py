@@ -1,7 +1,7 @@
 """`relay`: the command line.
 
 Every emulated figure is labelled as emulated and every host figure as real, with units in the
-column names. Bad input (an relay.errors.ConfigError) exits with status 2 and a one-line
+column names. Bad input (a relay.errors.ConfigError) exits with status 2 and a one-line
 message; any other error is a bug or a failure of the environment and shows its traceback."""
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def get(spec) -> Workload:
     if callable(obj) and not isinstance(obj, Workload):
         obj = _from_factory(spec, attr, obj)
     if not isinstance(obj, Workload):
-        raise ConfigError(f"workload = {spec!r}: {attr} is a {type(obj).__name__}, not an "
+        raise ConfigError(f"workload = {spec!r}: {attr} is a {type(obj).__name__}, not a "
                          "relay.Workload (or a function returning one)")
     return obj
 

@@ -149,7 +149,7 @@ def test_a_custom_workload_by_import_path_trains(cluster, path):
 @pytest.mark.parametrize("path,match", [
     ("no_such_module_xyz:w", "module 'no_such_module_xyz' could not be imported"),
     (f"{__name__}:nothing_here", "has no attribute 'nothing_here'"),
-    (f"{__name__}:ATOL", "is a dict, not an relay.Workload"),
+    (f"{__name__}:ATOL", "is a dict, not a relay.Workload"),
     ("gpt-huge", "neither a built-in .* nor an import path"),
 ])
 def test_bad_workload_paths_say_what_was_not_found(path, match):

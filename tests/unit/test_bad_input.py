@@ -92,7 +92,7 @@ def test_unknown_option_values_are_refused_by_the_parser(capsys):
 
 
 def test_an_internal_error_is_not_reported_as_bad_input(monkeypatch, capsys):
-    # a ValueError from a bug (not an relay.errors.ConfigError) must surface with its traceback,
+    # a ValueError from a bug (not a relay.errors.ConfigError) must surface with its traceback,
     # not as a one-line "error:" with exit status 2
     import relay.launch.cli as cli
 
