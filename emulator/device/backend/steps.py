@@ -81,16 +81,10 @@ class StepMarks:
         marks, out = self.marks, []
         prev = {"end_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "exposed_comm_s": 0.0, "wall_s": 0.0}
         for k, m in enumerate(marks):
-            # restart_clocks() restarts the lanes at 0: the step then runs from that 0
-            step_s = m["end_s"] - prev["end_s"] if m["end_s"] >= prev["end_s"] else m["end_s"]
-            row = {"device": device, "step": k, "end_s": m["end_s"], "step_s": step_s,
+            row = {"device": device, "step": k, "end_s": m["end_s"], "step_s": _step_s(m["end_s"], prev["end_s"]),
                    **{f: m[f] - prev[f] for f in ("compute_s", "comm_s", "exposed_comm_s", "wall_s")},
                    "model_state_bytes": m["model_state_bytes"]}
-            row["other_s"] = max(0.0, step_s - row["compute_s"] - row["exposed_comm_s"])
-            for kind in _KINDS:
-                row[kind] = self._reported(kind, k)
-                row[f"{kind}_per_s"] = row[kind] / step_s if row[kind] is not None and step_s > 0 else None
-            out.append(row)
+            out.append(_with_rates(row, {kind: self._reported(kind, k) for kind in _KINDS}))
             prev = m
         return out
 
@@ -129,16 +123,28 @@ def aggregate(per_device: list[list[dict]]) -> list[dict]:
     for k in range(max((len(r) for r in per_device), default=0)):
         rows = [r[k] for r in per_device if len(r) > k]
         end = max(r["end_s"] for r in rows)
-        step_s = end - prev if end >= prev else end
-        prev = end
-        row = {"step": k, "devices": len(rows), "step_s": step_s,
+        row = {"step": k, "devices": len(rows), "step_s": _step_s(end, prev),
                **{f: sum(r[f] for r in rows) / len(rows) for f in ("compute_s", "comm_s", "exposed_comm_s")},
                "model_state_bytes": max(r["model_state_bytes"] for r in rows),
                "wall_s": max(r["wall_s"] for r in rows)}
-        row["other_s"] = max(0.0, step_s - row["compute_s"] - row["exposed_comm_s"])
-        for kind in _KINDS:
-            known = [r[kind] for r in rows if r[kind] is not None]
-            row[kind] = sum(known) if known else None
-            row[f"{kind}_per_s"] = row[kind] / step_s if known and step_s > 0 else None
-        out.append(row)
+        work = {kind: [r[kind] for r in rows if r[kind] is not None] for kind in _KINDS}
+        out.append(_with_rates(row, {kind: sum(known) if known else None for kind, known in work.items()}))
+        prev = end
     return out
+
+
+def _step_s(end: float, prev_end: float) -> float:
+    """A step's emulated time from its end and the previous step's (restart_clocks() restarts the
+    lanes at 0: the step then runs from that 0)."""
+    return end - prev_end if end >= prev_end else end
+
+
+def _with_rates(row: dict, reported: dict) -> dict:
+    """`row` (with step_s, compute_s, exposed_comm_s) completed: the rest of the step, and the
+    samples and tokens reported in it (None: none were) with their rate per emulated second."""
+    step_s = row["step_s"]
+    row["other_s"] = max(0.0, step_s - row["compute_s"] - row["exposed_comm_s"])
+    for kind, n in reported.items():
+        row[kind] = n
+        row[f"{kind}_per_s"] = n / step_s if n is not None and step_s > 0 else None
+    return row
