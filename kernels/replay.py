@@ -25,7 +25,7 @@ the slack of the next ops of the same segment: the overrun is measured per segme
 Falling back:
 - a step whose signature has no confirmed recording is charged per op (and recorded);
 - a recorded step in which an op steered (handed data to Python, or made an output whose shape
-  depends on data: `relay.kernels.throttle._steers`) is never replayed, nor is any later step: its
+  depends on data: `relay.kernels.throttle.steers`) is never replayed, nor is any later step: its
   ops may change with the data;
 - a replayed step whose sync points differ from its recording (another parameter's gradient,
   one more or one fewer) raises `ReplayError`: its ops already ran unmetered, so their cost is

@@ -65,7 +65,7 @@ class Throttle(TorchDispatchMode):
             return out
         if self.sync_cuda:
             torch.cuda.synchronize()
-        if self.log is not None and _steers(func):
+        if self.log is not None and steers(func):
             self.steered = True
         if DTensor in types:  # charged as the local op it runs (see the module's docstring)
             self._charge(func, *_local((args, kwargs or {}, out)))
@@ -121,17 +121,17 @@ def _local(x):
     return x
 
 
-_STEERS: dict = {}  # op -> whether it steers (see _steers)
+STEERS: dict = {}  # op -> whether it steers (see steers)
 
 
-def _steers(func) -> bool:
+def steers(func) -> bool:
     """Whether an op hands data to Python (.item(), bool(t): torch's data_dependent_output tag)
     or makes an output whose shape depends on data (nonzero, bincount, unique: its
     dynamic_output_shape tag). Only through such ops can the data change which ops run next."""
-    steers = _STEERS.get(func)
+    steers = STEERS.get(func)
     if steers is None:
         tags = getattr(func, "tags", ())
-        steers = _STEERS[func] = torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags
+        steers = STEERS[func] = torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags
     return steers
 
 

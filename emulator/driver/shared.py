@@ -40,6 +40,7 @@ from relay.driver.monitor import Failed, failure, gather
 from relay.driver.session import release
 from relay.errors import ConfigError
 from relay.kernels.clock import VirtualLane
+from relay.kernels.timeline import Timeline
 from relay.parallel import DIMS
 
 DIM_NAMES = (*DIMS, "dp")
@@ -86,7 +87,7 @@ class _Device:
         self.d, self.events, self.rows, self.rename, self.category = d, recording["events"], rows, rename, category
         self.jobs = recording["jobs"]
         self.at = 0  # next event
-        self.comp, self.comm, self.ports = VirtualLane(), VirtualLane(), Ports()
+        self.comp, self.comm, self.ports = Timeline(recording["launch_s"]), VirtualLane(), Ports()
         self.queue: deque = deque()  # (job, ready) issued, not yet run on the communication lane
         self.part = 0  # the next part of the queue's first job
         self.job_end: dict[int, float] = {}
@@ -108,18 +109,24 @@ class _Device:
             if kind == "seg":
                 self.comp.charge_all(arg)
             elif kind == "issue":
-                self.queue.append((arg, self.comp.t))
+                self.queue.append((arg, self.comp.scheduled()))
                 self.step_of[arg] = len(self.marks) - 1
             elif kind == "wait":
                 if arg not in self.job_end:
                     return moved
-                gap = self.job_end[arg] - self.comp.t
+                gap = self.job_end[arg] - self.comp.scheduled()
                 if gap > 0:
-                    self.exposed += gap
-                    self.exposed_by[self.category(self.jobs[arg])] += gap
-                    if self.jobs[arg]["kind"] == "recv":
-                        self.recv_wait += gap
+                    if self.comp.on_default():  # (as Engine.consume counts it)
+                        self.exposed += gap
+                        self.exposed_by[self.category(self.jobs[arg])] += gap
+                        if self.jobs[arg]["kind"] == "recv":
+                            self.recv_wait += gap
                     self.comp.advance_to(self.job_end[arg])
+            elif kind == "timeline":
+                gap = self.comp.apply(*arg[0:1], *arg[1])
+                if gap > 0:  # the compute stream waited for a side stream's (FSDP2's) collective
+                    self.exposed += gap
+                    self.exposed_by["data parallel"] += gap
             elif kind == "mark":
                 self._mark(arg)
             self.at += 1
@@ -127,13 +134,14 @@ class _Device:
         return moved
 
     def _mark(self, name: str) -> None:
+        # read as the device reads them (parallel._steps): the device's time, the current stream's
         if name == "start":
-            self.marks.append({"start": self.comp.t, "exposed": self.exposed, "recv_wait": self.recv_wait,
+            self.marks.append({"start": self.comp.measure(), "exposed": self.exposed, "recv_wait": self.recv_wait,
                                "by": dict(self.exposed_by)})
         elif name == "backward":
-            self.marks[-1]["backward"] = self.comp.t
+            self.marks[-1]["backward"] = self.comp.scheduled()
         elif name == "end":
-            self.marks[-1].update(end=self.comp.t, exposed_end=self.exposed, recv_wait_end=self.recv_wait,
+            self.marks[-1].update(end=self.comp.measure(), exposed_end=self.exposed, recv_wait_end=self.recv_wait,
                                   by_end=dict(self.exposed_by))
 
     def finish_rows(self) -> list:

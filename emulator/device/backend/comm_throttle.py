@@ -10,7 +10,7 @@ from torch._C._distributed_c10d import _resolve_process_group
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
-from relay.kernels.throttle import Throttle
+from relay.kernels.throttle import Throttle, steers
 
 
 class CommThrottle(Throttle):
@@ -20,13 +20,18 @@ class CommThrottle(Throttle):
         super().__init__(*args, **kwargs)
         self.engine = engine
         self.fresh = None  # a fake_ops.FreshOps while a program runs on fake tensors
+        self.host_syncs = hasattr(self.lane, "host_sync")  # a Timeline: the host can run ahead
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _DEVICE:  # see _DEVICE
             return func(*args)
-        if not self.paused:
-            self.engine.wait_for_inputs((args, kwargs))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        if self.paused:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        self.engine.wait_for_inputs((args, kwargs))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.host_syncs and steers(func):  # .item() and the like: the host waits for the stream
+            self.lane.host_sync()
+        return out
 
     def execute(self, func, args, kwargs):
         if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):

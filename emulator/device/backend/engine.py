@@ -166,9 +166,10 @@ class Engine(PointToPoint):
         """The compute lane needs a result that is ready at `end`."""
         gap = end - self.compute.scheduled()
         if gap > 0:
-            self.exposed_s += gap
-            if kind == "recv":
-                self.recv_wait_s += gap
+            if getattr(self.compute, "current", 0) == 0:  # a side stream's wait is not the compute's
+                self.exposed_s += gap
+                if kind == "recv":
+                    self.recv_wait_s += gap
             self.compute.advance_to(end)
 
     def _writes(self, work: Work) -> None:

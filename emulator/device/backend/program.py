@@ -8,6 +8,7 @@ script.py` runs a script as `__main__`, which initialises it itself: `init_proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -20,11 +21,13 @@ from torch.distributed.tensor._redistribute import _gen_transform_infos
 
 import relay.dist as relay_dist
 from relay.device.backend import group as relay_group
+from relay.device.backend import streams
 from relay.device.backend.comm_throttle import CommThrottle
 from relay.device.backend.engine import Engine
 from relay.device.backend.scripts import run_main
 from relay.device.backend.steps import StepMarks
 from relay.device.job import Job
+from relay.kernels.timeline import Timeline
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,14 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     os.environ.update(env)
     if job.clock == "wall":  # emulated 0 comes once every device is here, whatever set-up took
         job = replace(job, epoch=transport.agree(time.time() + 0.1 + 0.005 * world, world))
-    compute, comm = job.lane(), job.lane()
+    cost = job.cost_model(device)
+    # the virtual clock runs the device as CUDA does (a host lane issuing onto streams); the wall
+    # clock keeps one compute lane (its host is the real one, which cannot run ahead)
+    compute = Timeline(cost.launch_us / 1e6) if job.clock == "virtual" else job.lane()
+    comm = job.lane()
     engine = engine_class(device, transport, job.system, job.fabric(), compute, comm, job.timeout_s,
                           program.algorithm)
-    throttle = CommThrottle(engine, job.cost_model(device), compute,
+    throttle = CommThrottle(engine, cost, compute,
                             slowdown=job.faults.compute_slowdown.get(device, 1.0))
     ctx = relay_dist.Context(device, world, job.system, job.clock, engine, throttle=throttle)
     relay_group.register()
@@ -80,7 +87,8 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     try:
         compute.start()
         comm.start()
-        with throttle, marks:
+        with throttle, marks, (streams.emulated(compute, engine) if isinstance(compute, Timeline)
+                               else contextlib.nullcontext()):
             if program.script is None:
                 store = dist.HashStore() if engine.recording else None  # (alone: no rendezvous)
                 dist.init_process_group(relay_group.NAME, rank=device, world_size=world, store=store,

@@ -14,10 +14,12 @@ device routes as many tokens by the same routing model: Recorder.exchange), and 
 value received (the pipeline's start-up vote) is 1.
 
 A recording is a list of events, in program order:
-    ("seg", costs)   compute charges (emulated s), one per op
-    ("issue", job)   an operation is issued (its ready time: the compute lane's, then)
+    ("seg", costs)   compute charges (emulated s), one per op, on the current stream
+    ("issue", job)   an operation is issued (its ready time: the current stream's, then)
     ("wait", job)    the program waits for it (Work.wait, or an op reading its output)
     ("mark", name)   a point of the step: start, backward (its end), end
+    ("timeline", (name, args))  a change of the device's Timeline other than a kernel (a stream
+                     selected, waited on or recorded, a host sync: relay.kernels.timeline)
 and `jobs[job]`: the operation's kind ("collective", "send", "recv") and its parts, each a
 collective `("collective", members, primitive, algorithm, count, elem, nbytes, options, bytes)`
 or a message `("send" | "recv", members, peer, numel, elem)`.
@@ -30,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from relay.device.backend.engine import Engine, Work
 from relay.errors import ConfigError
-from relay.kernels.clock import VirtualLane
+from relay.kernels.timeline import Timeline
 
 
 class Recorder(Engine):
@@ -45,10 +47,11 @@ class Recorder(Engine):
         self._costs: list = []
         compute.charge = self._charge  # the throttle charges through the lane: every op's cost, kept
         compute.charge_all = self._charge_all
+        compute.listener = lambda name, args: self._event("timeline", (name, args))  # streams, host syncs
 
     def _charge(self, cost: float) -> None:
         self._costs.append(cost)
-        VirtualLane.charge(self.compute, cost)
+        Timeline.charge(self.compute, cost)
 
     def _charge_all(self, costs) -> None:
         for c in costs:
@@ -95,7 +98,7 @@ class Recorder(Engine):
 
     def recording_of(self) -> dict:
         self._event("mark", "finish")
-        return {"events": self.events, "jobs": self.jobs}
+        return {"events": self.events, "jobs": self.jobs, "launch_s": self.compute.launch_s}
 
     # ------------------------------------------------------------ the engine's thread
     def collective(self, group, primitive, buf, count, ready, op="sum", algorithm=None, **options) -> float:
