@@ -53,6 +53,9 @@ class VirtualLane:
         if t > self.t:
             self.t = t
 
+    def reset(self) -> None:
+        self.t = 0.0
+
     def start(self) -> None:
         pass
 

@@ -89,6 +89,14 @@ class Timeline:
     def start(self) -> None:
         pass
 
+    def reset(self) -> None:
+        """Everything back to emulated 0 (relay.dist.restart_clocks)."""
+        self.host = 0.0
+        for s in self.streams:
+            self.streams[s] = 0.0
+        self.events.clear()
+        self.starts.clear()
+
     def stats(self) -> dict:
         return {"emulated_s": self.measure(), "charged_s": self.charged_s, "overrun_s": 0.0,
                 "overruns": 0, "fidelity": 1.0}

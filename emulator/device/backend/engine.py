@@ -300,7 +300,8 @@ def restart(engine: Engine) -> None:
 
     def run(ready):
         engine.exchange(everyone, [0] * everyone.size)  # a barrier, outside emulated time
-        engine.compute.t = engine.comm.t = 0.0
+        engine.comm.t = 0.0
+        engine.compute.reset()
         engine._writing.clear()
         engine._p2p_ports = Ports()
         return 0.0

@@ -1,0 +1,55 @@
+"""FSDP2's step as the device timeline runs it (relay.kernels.timeline), for the plan search.
+
+With implicit prefetch the host runs ahead of the compute stream, so FSDP2's all-gathers, on
+streams of their own, run while the compute stream still works on the unit before. What bounds
+them is FSDP2's own ordering and the device's one communication lane (collectives run in issue
+order, each from max(ready, the lane)):
+
+    forward    the root's gather, then each block's; block i+1's gather waits for block i's
+               copy-out (FSDP2 makes its all-gather streams wait on the previous copy-out event,
+               recorded when block i starts computing); a block computes once its gather is in
+    backward   the head's backward (the last block's gather, issued by the host ahead of it,
+               runs beside it), then the blocks last to first; entering block i's backward
+               issues the gather of block i-1 (FSDP2's backward prefetch), and finishing it
+               issues block i's reduce-scatter (its stream waits for the compute stream); so the
+               lane carries gather(L-1), gather(L-2), scatter(L-1), gather(L-3), scatter(L-2), ...
+               then the root's reduce-scatter; the optimizer waits for the last one
+
+The root (embedding, final norm, head) stays gathered after forward (FSDP2 does not reshard the
+root), so it is gathered once. Checked against fake-tensor runs (tests/ray/test_plan_search.py,
+`relay plan --confirm`).
+"""
+
+from __future__ import annotations
+
+
+def fsdp_microbatch(forward: list, backward: list, gathers: list, scatters: list, head: tuple,
+                    root: tuple) -> float:
+    """Emulated seconds from a microbatch's first gather to its last reduce-scatter (or its last
+    backward op, if later). forward[i], backward[i]: block i's compute-stream seconds; gathers[i],
+    scatters[i]: its collectives'; head: the root's (forward, backward) compute after the blocks;
+    root: its (gather, reduce-scatter) seconds."""
+    n = len(forward)
+    lane = root[0]  # the root's gather first; the embedding waits for it
+    t = lane
+    starts = []
+    for i in range(n):  # forward: each block's gather issued as the block before starts
+        ready = starts[-1] if starts else t
+        lane = max(lane, ready) + gathers[i]
+        t = max(t, lane)
+        starts.append(t)
+        t += forward[i]
+    gathered = {}  # block -> when its backward gather ends
+    if n:  # issued by the host as it reaches the last block's backward: ahead of the head's compute
+        lane = max(lane, t) + gathers[-1]
+        gathered[n - 1] = lane
+    t += head[0] + head[1]
+    for i in reversed(range(n)):
+        t = max(t, gathered[i])
+        if i:  # entering block i prefetches block i-1 (ready once block i's copy-out is recorded)
+            lane = max(lane, t) + gathers[i - 1]
+            gathered[i - 1] = lane
+        t += backward[i]
+        lane = max(lane, t) + scatters[i]
+    lane = max(lane, t) + root[1]
+    return max(t, lane)
