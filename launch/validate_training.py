@@ -38,6 +38,7 @@ from relay.analytic.footprint import GB, config_of, footprint
 from relay.errors import ConfigError
 from relay.launch import validate
 from relay.parallel import Parallel
+from relay.workloads import analytic
 from relay.workloads import get as get_workload
 
 TRAINING = chips.CATALOG.with_name("training.toml")  # beside the chip catalog, in relay.hardware
@@ -51,7 +52,7 @@ RECOMPUTES = ("none", "full", "selective")
 # entry True when the planner learns the feature and `layout` passes the row's value through.
 PLANNER_COSTS = {
     "stages": False,  # virtual pipeline stages (interleaved 1F1B): relay plan refuses stages=
-    "cp": False,  # context parallel: no Parallel dimension
+    "cp": False,  # context parallel: no Parallel dimension yet (True passes cp= to Parallel)
     "fp8": False,  # FP8 compute: the plan model costs the emulated dtype bf16
     "selective": False,  # selective recompute: Parallel.recompute is all blocks or none
     "accumulation": False,  # gradient accumulation without a pipeline: pp = 1 runs one micro-batch
@@ -105,6 +106,8 @@ def _check(r: TrainingRow, path) -> None:
         raise bad("metric", "give tokens_per_gpu with unit 'tokens/s/GPU' or tflops_per_gpu with 'TFLOPS/GPU'")
     if r.tp * r.pp * r.cp * r.dp != r.devices:
         raise bad("dp", f"tp x pp x cp x dp must be devices ({r.devices}); give dp = devices / (tp pp cp)")
+    if r.seq_len % r.cp:
+        raise bad("seq_len", f"context parallel splits the sequence {r.cp} ways; give a multiple of cp")
     if r.global_batch % (r.dp * r.micro_batch):
         raise bad("global_batch", f"give a multiple of dp x micro_batch ({r.dp * r.micro_batch})")
     if r.dp % r.ep:
@@ -141,16 +144,23 @@ class Layout:
 
     plan: Parallel
     dtype: str
+    seq_len: int  # tokens per sample per device as Relay runs it (the row's, or its share under cp)
+    devices: int  # devices Relay runs (the row's, or one CP rank of each group)
     approximations: tuple  # each a sentence: "<published feature> run as <what Relay ran>"
 
 
 def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     """The nearest plan the plan model costs for the row's published layout (see PLANNER_COSTS)."""
-    out, dp = [], row.dp
-    if row.cp > 1 and not costs["cp"]:
+    out, dp, seq_len, devices = [], row.dp, row.seq_len, row.devices
+    if row.cp > 1 and not costs["cp"] and row.pp == 1:
         dp *= row.cp
-        out.append(f"cp={row.cp} run as {row.cp}x data parallel (dp={dp}: the same tokens per device, "
-                   "attention not split)")
+        out.append(f"cp={row.cp} run as {row.cp}x data parallel (dp={dp}: whole sequences, the same tokens and "
+                   "attention FLOPs per device; no CP exchange of keys and values)")
+    elif row.cp > 1 and not costs["cp"]:  # folding cp into dp would cut the pipeline's micro-batches
+        seq_len, devices = seq_len // row.cp, devices // row.cp
+        out.append(f"cp={row.cp} run as one CP rank per group: {devices} devices on sequences of {seq_len} tokens "
+                   f"(the pipeline's micro-batches kept; attention FLOPs 1/{row.cp} of CP's; no CP exchange of keys "
+                   "and values; the step's tokens counted over all devices)")
     stages = None
     if row.stages > 1:
         if costs["stages"]:
@@ -169,20 +179,30 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     if row.precision == "fp8" and not costs["fp8"]:
         dtype = "bf16"
         out.append("FP8 run as BF16")
+    cp = {"cp": row.cp} if costs["cp"] and row.cp > 1 else {}
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
-                    recompute=row.recompute == "full", stages=stages)
-    return Layout(plan, dtype, tuple(out))
+                    recompute=row.recompute == "full", stages=stages, **cp)
+    return Layout(plan, dtype, seq_len, devices, tuple(out))
 
 
-def system_of(row: TrainingRow) -> System:
+def system_of(row: TrainingRow, devices: int | None = None) -> System:
+    """The row's chip x devices (or `devices` of them): scale-up domains of row.domain devices
+    over the chip's catalog scale-out (or the row's scaleout_gbps)."""
+    devices = devices or row.devices
     links = {"scaleout_gbps": row.scaleout_gbps} if row.scaleout_gbps else {}
-    return System(row.chip, row.devices, domain=min(row.domain, row.devices), **links)
+    return System(row.chip, devices, domain=min(row.domain, devices), **links)
 
 
-def _per_gpu(result: planner.PlanResult, system: System, metric: str) -> float:
-    if metric == "tflops_per_gpu":  # Relay's model FLOPs (6 N T + attention) per emulated second
-        return result.mfu * system.peak("bf16") / system.devices / 1e12
-    return result.tokens_per_s / system.devices
+def per_gpu(row: TrainingRow, step_s: float) -> float:
+    """The row's figure for a step of step_s emulated seconds over the row's own batch and
+    sequence: tokens/s per GPU, or model TFLOPS per GPU (Relay's count, 6 N T + attention, as
+    relay plan's MFU)."""
+    tokens = row.global_batch * row.seq_len
+    if row.metric == "tflops_per_gpu":
+        c = config_of(row.workload, row.seq_len)
+        flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
+        return flops / step_s / row.devices / 1e12
+    return tokens / step_s / row.devices
 
 
 def run(row: TrainingRow, best: bool = True) -> dict:
@@ -191,22 +211,24 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     lay = layout(row)
     extras = tuple(e for e in row.extras if not e.startswith(MODELLED))
     out = {"row": row, "approximations": lay.approximations, "extras": extras}
-    system = system_of(row)
+    system = system_of(row, lay.devices)
     try:
-        lay.plan.check(system.devices, system.domain, config_of(row.workload, row.seq_len),
+        lay.plan.check(system.devices, system.domain, config_of(row.workload, lay.seq_len),
                        row.global_batch // lay.plan.dp)
     except ConfigError as e:
         return {**out, "not_run": str(e)}
-    kw = dict(dtype=lay.dtype, seq_len=row.seq_len)
+    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len)
     fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
     r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw)
-    fig = _per_gpu(r, system, row.metric)
+    fig = per_gpu(row, r.step_s)
     out.update(plan=lay.plan, relay=fig, ratio=fig / row.published, err=abs(fig / row.published - 1),
                step_s=r.step_s, memory=fp)
     if best:
-        found = planner.search(system, row.workload, row.global_batch, top=1, **kw)
+        # on the row's own system and sequence (a CP row above ran one CP rank of each group)
+        found = planner.search(system_of(row), row.workload, row.global_batch, top=1, dtype=lay.dtype,
+                               seq_len=row.seq_len)
         if found.results:
-            out.update(best=_per_gpu(found.results[0], system, row.metric), best_plan=found.results[0].plan)
+            out.update(best=per_gpu(row, found.results[0].step_s), best_plan=found.results[0].plan)
     return out
 
 
@@ -225,7 +247,7 @@ def summary(results: list[dict]) -> dict:
 def verdict(s: dict) -> tuple[bool, str]:
     ok = bool(s["held_out"]) and s["median_abs_err"] <= TARGET_MEDIAN and not s["misses"]
     return ok, (("PASS: " if ok else "MISS: ") + f"median |error| {s['median_abs_err']:.1%} over the "
-                f"{s['held_out']} rows run and not used for fitting (target <= {TARGET_MEDIAN:.0%}), worst "
+                f"{s['held_out']} row(s) run and not used for fitting (target <= {TARGET_MEDIAN:.0%}), worst "
                 f"{s['worst_id']} {s['worst_abs_err']:.1%}, {len(s['misses'])} row(s) beyond "
                 f"{TARGET_WORST:.0%} (target none)")
 
