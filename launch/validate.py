@@ -156,6 +156,9 @@ def report(results: list[dict]) -> str:
 
 
 def cmd_validate(args) -> int:
+    if args.training:  # published training runs (emulator/hardware/training.toml)
+        from relay.launch import validate_training
+        return validate_training.cmd_training(args)
     rows = load(args.table or PUBLISHED)
     if args.only:
         rows = [r for r in rows if re.search(args.only, r.id)]
@@ -188,8 +191,14 @@ def cmd_validate(args) -> int:
 
 
 def add_parser(sub) -> None:
-    v = sub.add_parser("validate", help="Relay's figures against published measurements (nccl-tests, GEMM)")
-    v.add_argument("--table", help="a published-measurements table (default emulator/hardware/published.toml)")
+    v = sub.add_parser("validate", help="Relay's figures against published measurements "
+                       "(nccl-tests, GEMM; --training: end-to-end training runs)")
+    v.add_argument("--table", help="a published-measurements table (default emulator/hardware/published.toml, "
+                   "or training.toml with --training)")
+    v.add_argument("--training", action="store_true", help="published end-to-end training throughput instead: "
+                   "each run's layout costed by the plan model, the planner's best plan beside it")
+    v.add_argument("--no-best", action="store_true", help="with --training: skip the planner's search for "
+                   "the best plan (it takes a minute on the large MoE rows)")
     v.add_argument("--only", help="rows whose id matches this regular expression")
     v.add_argument("--update", action="store_true", help="rewrite the table's expected relay figures")
     v.add_argument("--json", action="store_true")
