@@ -53,3 +53,19 @@ def fsdp_microbatch(forward: list, backward: list, gathers: list, scatters: list
         lane = max(lane, t) + scatters[i]
     lane = max(lane, t) + root[1]
     return max(t, lane)
+
+
+def fsdp_exposed(plan, parts: list, dense: list, coll) -> float:
+    """One microbatch's FSDP2 communication the compute stream waits for, emulated seconds:
+    parts, the blocks' measured Parts then the root's; dense[i], part i's parameters FSDP2 shards
+    over dp (the rest, its experts', over dp_outer); coll(dim, primitive, elements) -> seconds."""
+    blocks, base = parts[:-1], parts[-1]
+    runs = 2 if plan.recompute else 1
+    fwd = [p.forward_s for p in blocks]
+    bwd = [p.backward_s + (runs - 1) * p.forward_s for p in blocks]
+    experts = [p.expert_params * plan.shards_experts for p in blocks]
+    g = [coll("dp", "all_gather", n) + coll("dp_outer", "all_gather", e) for n, e in zip(dense, experts)]
+    r = [coll("dp", "reduce_scatter", n) + coll("dp_outer", "reduce_scatter", e) for n, e in zip(dense, experts)]
+    root = (coll("dp", "all_gather", dense[-1]), coll("dp", "reduce_scatter", dense[-1]))
+    step = fsdp_microbatch(fwd, bwd, g, r, (base.forward_s, base.backward_s), root)
+    return step - sum(fwd) - sum(bwd) - base.forward_s - base.backward_s

@@ -39,7 +39,7 @@ import torch
 
 from relay.analytic import footprint as footprints
 from relay.analytic.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
-from relay.analytic.overlap import fsdp_microbatch
+from relay.analytic.overlap import fsdp_exposed
 from relay.collectives import predict
 from relay.collectives.fabric import Fabric
 from relay.device.backend.collective import group_of
@@ -284,7 +284,8 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     outlasts the backward exposed) or all after the schedule (pp > 1, exposed); a cat per bucket
     and a copy back per tensor. FSDP2 (`_fsdp`; units: each block, the root, and with ep > 1 each
     MoE block's experts over the dp / ep replicas holding them): without a pipeline, prefetched
-    as the device timeline runs them (overlap.py); under a pipeline all exposed. Expert gradients without fsdp: an all-reduce per tensor over dp / ep."""
+    as the device timeline runs them (overlap.py); under a pipeline all exposed. Expert gradients
+    without fsdp: an all-reduce per tensor over dp / ep."""
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
     compute = exposed = 0.0
     if expert_tensors and not plan.shards_experts:
@@ -302,7 +303,9 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
         experts = [p.expert_params for p in parts if p.expert_params] if plan.shards_experts else []
         x_comp, x_comm = _fsdp(system, plan, "dp_outer", experts, len(experts), size, kernels, m)
         if plan.pp == 1:  # prefetched: what the compute stream cannot hide (overlap.py)
-            comm, x_comm = m * _fsdp_exposed(system, plan, parts, dense, size), 0.0
+            def coll(dim, primitive, n):
+                return _collective(system, plan, dim, primitive, n * size) if n else 0.0
+            comm, x_comm = m * fsdp_exposed(plan, parts, [d[0] for d in dense], coll), 0.0
         return compute + comp + x_comp, exposed + comm + x_comm
     grads = params * size
     buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
@@ -326,23 +329,6 @@ def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int,
     n_gather, n_scatter = m * len(units) + again * blocks, syncs * len(units)
     launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter + FSDP_UNIT_KERNELS * m * len(units)
     return kernels.seconds(launches, 2 * sum(units) * (n_gather + n_scatter) / len(units)), gathers + scatters
-
-
-def _fsdp_exposed(system, plan: Parallel, parts, dense, size: int) -> float:
-    """One microbatch's FSDP2 communication the compute stream waits for (overlap.py)."""
-    def coll(dim, primitive, n):
-        return _collective(system, plan, dim, primitive, n * size) if n else 0.0
-    blocks, base = parts[:-1], parts[-1]
-    runs = 2 if plan.recompute else 1
-    fwd = [p.forward_s for p in blocks]
-    bwd = [p.backward_s + (runs - 1) * p.forward_s for p in blocks]
-    g = [coll("dp", "all_gather", d[0]) + coll("dp_outer", "all_gather", p.expert_params * plan.shards_experts)
-         for p, d in zip(blocks, dense)]
-    r = [coll("dp", "reduce_scatter", d[0]) + coll("dp_outer", "reduce_scatter", p.expert_params * plan.shards_experts)
-         for p, d in zip(blocks, dense)]
-    root = (coll("dp", "all_gather", dense[-1][0]), coll("dp", "reduce_scatter", dense[-1][0]))
-    step = fsdp_microbatch(fwd, bwd, g, r, (base.forward_s, base.backward_s), root)
-    return step - sum(fwd) - sum(bwd) - base.forward_s - base.backward_s
 
 
 def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes: float) -> float:
