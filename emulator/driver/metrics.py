@@ -19,7 +19,7 @@ def figures(system, samples: int, tokens_per_sample: int | None, dtype: str, ste
     return {"other_s": max(0.0, step_s - compute_s - exposed_comm_s),
             "samples_per_s": samples / step_s,
             "tokens_per_s": samples * tokens_per_sample / step_s if tokens_per_sample else None,
-            "mfu": flops_per_device * system.devices / (step_s * system.peak(dtype)),
+            "mfu": flops_per_device * system.devices / (step_s * system.peak("bf16")),  # MFU: of the BF16 peak at any precision (as torchtitan)
             "energy_j": power * step_s if power else None}
 
 
