@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from relay.kernels import fp8
+from relay.kernels import fp8, moe_ops
 from relay.kernels.gemm import quantisation
 
 # bytes of a floating element as stored: an "fp8" run stores BF16 and casts to FP8 only for the
@@ -50,7 +50,8 @@ class OpCost:
 
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
-_GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+_GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+          *moe_ops.GROUPED_GEMMS}  # (a grouped GEMM: one GEMM of all its groups' rows, kernels/moe_ops.py)
 _ADDS = {torch.ops.aten.addmm, torch.ops.aten.baddbmm}  # (input, a, b): the reduction is a's last dim
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 _FLOPS: dict = {}  # (op, shapes and other arguments) -> FLOPs: shapes repeat from step to step,
@@ -184,7 +185,7 @@ class CostModel:
         if kind is None:
             packet = func._overloadpacket
             kind = _KIND[func] = 0 if func.is_view or packet in _FREE else \
-                ATTENTION_FLOPS.get(packet) or flop_registry.get(packet, 1)
+                ATTENTION_FLOPS.get(packet) or moe_ops.FLOPS.get(packet) or flop_registry.get(packet, 1)
         if kind == 0:
             return None
         flops, q, low = 0, 1.0, None
@@ -203,8 +204,11 @@ class CostModel:
                     q = quantisation(m, n, self.chip.compute_units, int(math.prod(batch) * scale), k)
                 else:
                     q = quantisation(int(m * scale), n, self.chip.compute_units, 1, k)
-                if self.fp8 and func._overloadpacket in fp8.GEMMS:
-                    low = fp8.operands(func, args)
+            elif func._overloadpacket is moe_ops.GROUPED_DW and out:  # per group a weight gradient
+                rows = int(args[0].shape[0] * scale / len(out))
+                q = quantisation(out[0].shape[0], out[0].shape[1], self.chip.compute_units, len(out), rows or 1)
+            if self.fp8 and func._overloadpacket in fp8.GEMMS:
+                low = fp8.operands(func, args)
         nbytes, fixed_bytes = self._bytes((args, out, tuple(kwargs.values()) if kwargs else ()), fixed)
         if low:  # a Linear GEMM in FP8: its rate (folded into q) and its operands at 1 byte
             q *= self._fp8_speedup
