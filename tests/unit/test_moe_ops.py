@@ -105,10 +105,18 @@ def test_the_expert_kernels_do_not_multiply_with_the_experts():
     assert many.flops - few.flops == router
 
 
-def test_experts_without_weights_fall_back_to_calling_each():
+def test_experts_without_weights_fall_back_to_calling_each_and_odd_groups_keep_their_values():
     experts = moe.Experts([torch.nn.Identity(), torch.nn.Identity()])
     x = torch.randn(5, 4)
     assert torch.equal(experts(x, [2, 3]), x)
+    # groups whose rows do not fill whole vectors (3 x 8 elements): still the per-expert values and gradients
     swiglu = moe.Experts([moe.SwiGLU(4, 8), moe.SwiGLU(4, 8)])
-    ref = torch.cat([e.w2(F.silu(e.w1(xe)) * e.w3(xe)) for e, xe in zip(swiglu, x.split([2, 3]))])
-    assert torch.equal(swiglu(x, [2, 3]), ref)
+    got, want = [], []
+    for fn, into in ((lambda: swiglu(x, [2, 3]), got),
+                     (lambda: torch.cat([e.w2(F.silu(e.w1(xe)) * e.w3(xe)) for e, xe in zip(swiglu, x.split([2, 3]))]),
+                      want)):
+        swiglu.zero_grad()
+        y = fn()
+        y.sin().sum().backward()
+        into += [y] + [p.grad.clone() for p in swiglu.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
