@@ -28,9 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from relay.kernels import fp8, moe_ops
 from relay.kernels.gemm import quantisation
 
-ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 1}
+# bytes of a floating element as stored: an "fp8" run stores BF16 and casts to FP8 only for the
+# GEMMs of Linear layers (kernels/fp8.py, torchao's float8 training)
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 2}
 # allocations that write nothing (their bytes are written by the op that fills them)
 _FREE = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
          torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
@@ -47,7 +50,8 @@ class OpCost:
 
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
-_GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+_GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+          *moe_ops.GROUPED_GEMMS}  # (a grouped GEMM: one GEMM of all its groups' rows, kernels/moe_ops.py)
 _ADDS = {torch.ops.aten.addmm, torch.ops.aten.baddbmm}  # (input, a, b): the reduction is a's last dim
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 _FLOPS: dict = {}  # (op, shapes and other arguments) -> FLOPs: shapes repeat from step to step,
@@ -139,7 +143,12 @@ class CostModel:
                 rng = "a fraction in (0, 1]" if f != "launch_us" else "a number >= 0"
                 raise ValueError(f"{f} = {v!r} is invalid; give {rng}")
         # resolved once: the hot path below only multiplies
-        object.__setattr__(self, "_flop_rate", self.chip.peak_flops(self.dtype) * self.matmul_eff)
+        is_fp8 = self.dtype == fp8.PRECISION
+        object.__setattr__(self, "fp8", is_fp8)
+        object.__setattr__(self, "_flop_rate", self.chip.peak_flops("bf16" if is_fp8 else self.dtype) * self.matmul_eff)
+        if is_fp8:  # FP8 GEMMs reach the chip's fp8_eff, scaled as an override scales matmul_eff
+            eff = getattr(self.chip, "fp8_eff", self.chip.matmul_eff) * self.matmul_eff / self.chip.matmul_eff
+            object.__setattr__(self, "_fp8_speedup", self.chip.peak_flops("fp8") * eff / self._flop_rate)
         object.__setattr__(self, "_byte_rate", self.chip.hbm_Bps * self.mem_eff)
         object.__setattr__(self, "_launch_s", self.launch_us / 1e6)
         object.__setattr__(self, "_float_size", ITEMSIZE[self.dtype])
@@ -157,7 +166,12 @@ class CostModel:
         if parts is None:
             return _ZERO
         flops, nbytes, _, q = parts
-        return OpCost(self.seconds(flops / q, nbytes), float(flops), float(nbytes))
+        seconds = self.seconds(flops / q, nbytes)
+        casts = self.casts(func, args)
+        if casts:
+            seconds += self.cast_seconds(casts[0], casts[1])
+            nbytes += casts[1]
+        return OpCost(seconds, float(flops), float(nbytes))
 
     def op_parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale: float = 1.0) -> tuple | None:
         """(FLOPs, bytes, fixed bytes, q) of one executed aten op, or None for an op that launches
@@ -171,10 +185,10 @@ class CostModel:
         if kind is None:
             packet = func._overloadpacket
             kind = _KIND[func] = 0 if func.is_view or packet in _FREE else \
-                ATTENTION_FLOPS.get(packet) or flop_registry.get(packet, 1)
+                ATTENTION_FLOPS.get(packet) or moe_ops.FLOPS.get(packet) or flop_registry.get(packet, 1)
         if kind == 0:
             return None
-        flops, q = 0, 1.0
+        flops, q, low = 0, 1.0, None
         if kind != 1:  # a FLOP formula, computed once per distinct signature
             flops = _memo_flops(func, kind, args, kwargs, out)
             if func._overloadpacket in FUSED_BACKWARD:
@@ -190,8 +204,35 @@ class CostModel:
                     q = quantisation(m, n, self.chip.compute_units, int(math.prod(batch) * scale), k)
                 else:
                     q = quantisation(int(m * scale), n, self.chip.compute_units, 1, k)
+            elif func._overloadpacket is moe_ops.GROUPED_DW and out:  # per group a weight gradient
+                rows = int(args[0].shape[0] * scale / len(out))
+                q = quantisation(out[0].shape[0], out[0].shape[1], self.chip.compute_units, len(out), rows or 1)
+            if self.fp8 and func._overloadpacket in fp8.GEMMS:
+                low = fp8.operands(func, args)
         nbytes, fixed_bytes = self._bytes((args, out, tuple(kwargs.values()) if kwargs else ()), fixed)
+        if low:  # a Linear GEMM in FP8: its rate (folded into q) and its operands at 1 byte
+            q *= self._fp8_speedup
+            for t in low:
+                saved = t.numel() * (self._float_size - fp8.OPERAND_BYTES)
+                nbytes -= saved
+                fixed_bytes -= saved if fixed is not None and fixed(t) else 0
         return flops, nbytes, fixed_bytes, q
+
+    def casts(self, func, args, fixed=None) -> tuple | None:
+        """(kernels, bytes, fixed bytes) of the scaling and casts before a Linear GEMM in FP8
+        (kernels/fp8.py), or None for any other op and precision. Fixed as in op_parts."""
+        if not self.fp8 or func._overloadpacket not in fp8.GEMMS:
+            return None
+        low = fp8.operands(func, args)
+        if not low:
+            return None
+        moved = [fp8.cast_bytes(t, self._float_size) for t in low]
+        fixed_bytes = sum(b for t, b in zip(low, moved) if fixed is not None and fixed(t))
+        return fp8.CAST_KERNELS * len(low), sum(moved), fixed_bytes
+
+    def cast_seconds(self, kernels: int, nbytes: float) -> float:
+        """Emulated seconds of `kernels` memory-bound kernels moving `nbytes` in all."""
+        return kernels * self._launch_s + nbytes / self._byte_rate
 
     def _bytes(self, x, fixed) -> tuple[int, int]:
         """(bytes, fixed bytes) of the tensors in the sequence x, nested in lists and tuples."""
@@ -210,9 +251,8 @@ class CostModel:
 
     def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it."""
-        flops, nbytes = 2.0 * m * k * n, float((m * k + k * n + m * n) * ITEMSIZE[self.dtype])
-        q = quantisation(m, n, self.chip.compute_units, k=k)
-        return OpCost(self.seconds(flops / q, nbytes), flops, nbytes)
+        a, b = torch.empty(m, k, device="meta"), torch.empty(k, n, device="meta")
+        return self.op_cost(torch.ops.aten.mm.default, (a, b), None, torch.empty(m, n, device="meta"))
 
 
 def _memo_flops(func, formula, args, kwargs, out) -> float:

@@ -90,6 +90,12 @@ class Throttle(TorchDispatchMode):
             flops, nbytes, fixed, q = parts
             flops, nbytes = flops * k, (nbytes - fixed) * k + fixed
             seconds = model.seconds(flops / q, nbytes)
+        if model.fp8:  # a Linear GEMM's FP8 casts, charged with it (kernels/fp8.py)
+            casts = model.casts(func, args, self.fixed if k != 1.0 else None)
+            if casts:
+                kernels, moved, fixed = casts
+                moved = (moved - fixed) * k + fixed
+                seconds, nbytes = seconds + model.cast_seconds(kernels, moved), nbytes + moved
         if seconds:
             seconds *= self.slowdown
             self.ops += 1

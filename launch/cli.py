@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_system_args(r)
     add_train_args(r)
     add_run_args(r)
+    r.add_argument("--precision", choices=("bf16", "fp8"), help="emulated compute precision (default bf16); fp8: "
+                   "torchao float8 training (Linear GEMMs in FP8, casts charged), on chips with an FP8 peak")
     r.add_argument("--algorithm", help="all-reduce algorithm for the gradients (default auto: the "
                    "vendor library's choice by size and system)")
     r.add_argument("--trace", action="store_true", default=None,

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--global-batch", type=int, help="samples per step (default: about 4M tokens, a multiple of "
                    "the device count)")
     p.add_argument("--seq-len", type=int, help="tokens per sample (default: the model's pre-training context)")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="emulated compute precision: bf16, "
+                   "or fp8 (torchao float8 training: Linear GEMMs in FP8, casts charged; chips with an FP8 peak)")
     p.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
     p.add_argument("--parallel", help="cost this one plan instead of searching, e.g. tp=8,pp=4,dp=12,fsdp "
                    "(refused with its memory breakdown if it does not fit)")
@@ -58,14 +60,14 @@ def run_plans(cluster: Cluster, workload: str, plans, global_batch: int, optimiz
     return out
 
 
-def confirm(system, workload: str, results: list, global_batch: int) -> None:
+def confirm(system, workload: str, results: list, global_batch: int, dtype: str = "bf16") -> None:
     """Prints the analytic and the fake-run step of each PlanResult in `results`."""
     if system.devices > CONFIRM_DEVICES and "shared" not in TrainConfig.__dataclass_fields__:
         print(f"# --confirm: {system.devices} devices need the shared fake runs (one process per distinct role); "
               f"one actor per device fits this host up to {CONFIRM_DEVICES} devices; confirmation skipped")
         return
     start = time.perf_counter()
-    with Cluster(system, tensors="fake") as cluster:
+    with Cluster(system, tensors="fake", dtype=dtype) as cluster:
         runs = run_plans(cluster, workload, [r.plan for r in results], global_batch)
     rows = [[i + 1, str(r.plan), f"{r.step_s:.4g}", f"{x['step_s']:.4g}", f"{x['step_s'] / r.step_s:.3f}",
              f"{x['host_s']:.1f}"] for i, (r, x) in enumerate(zip(results, runs))]
@@ -86,6 +88,8 @@ def row(i, r: planner.PlanResult) -> list:
 
 def cmd_plan(args) -> int:
     system = system_from(args)
+    for chip in set(system.chips):  # fp8 on a chip without it: refused before anything is measured
+        chip.peak_flops(args.precision)
     if args.top < 1:
         raise ConfigError(f"--top = {args.top} is invalid; give a number of plans >= 1")
     if args.confirm < 0 or (args.confirm and args.parallel):
@@ -101,7 +105,7 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"--global-batch = {batch} is invalid; give a number of samples >= 1")
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
-          f"({tokens:,} tokens); analytic model, every figure emulated"
+          f"({tokens:,} tokens), {args.precision}; analytic model, every figure emulated"
           + ("; messages at fp32 (4 bytes per element), as the fake-tensor runs of --confirm move them"
              if args.confirm else ""))
     if args.parallel:
@@ -113,14 +117,14 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"--global-batch = {batch} is not a multiple of dp = {plan.dp}; give a batch that "
                               "every replica gets an equal share of")
         plan.check(system.devices, system.domain, config_of(args.workload, args.seq_len), batch // plan.dp)
-        fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len)
-        r = planner.cost(system, args.workload, plan, batch, fp, seq_len=args.seq_len)
+        fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len, dtype=args.precision)
+        r = planner.cost(system, args.workload, plan, batch, fp, seq_len=args.seq_len, dtype=args.precision)
         print(tabulate([row(1, r)], headers=HEADERS, disable_numparse=True))
         print(f"# memory (most loaded device): {fp.describe()}")
         return 0
     # the runs --confirm compares with move fp32 messages (the model is not cast)
     found = planner.search(system, args.workload, batch, top=max(args.top, args.confirm), seq_len=args.seq_len,
-                           message_bytes=4 if args.confirm else None)
+                           message_bytes=4 if args.confirm else None, dtype=args.precision)
     if not found.results:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "
                                   f"batch {batch} ({found.considered} considered, all over the HBM); use more "
@@ -131,5 +135,5 @@ def cmd_plan(args) -> int:
     print(f"# {found.considered} valid plans considered, {found.pruned_memory} pruned by memory, "
           f"{found.considered - found.pruned_memory} costed; search took {found.host_s:.1f} real s")
     if args.confirm:
-        confirm(system, args.workload, found.results[:args.confirm], batch)
+        confirm(system, args.workload, found.results[:args.confirm], batch, args.precision)
     return 0

@@ -19,7 +19,7 @@ def cmd_run(args) -> int:
     config = config_from(args, algorithm=args.algorithm or train_defaults()["algorithm"])
     cluster = Cluster(system, clock=args.clock, dilation=args.dilation, address=args.address,
                       faults=faults_from(args, system.devices), timeout_s=args.timeout_s or 30.0,
-                      tensors=cluster_tensors(config))
+                      tensors=cluster_tensors(config), dtype=args.precision or "bf16")
     checked = cluster.preflight(config)  # every check that needs no device, once, before any starts
     name = args.name or f"run-{config.workload.name}-{system.chip.name}x{system.devices}"
     out = ResultsDir(args.out, name)
@@ -39,7 +39,8 @@ def cmd_run(args) -> int:
               "system": system_dict(system), "status": "complete", **environment(cluster.host)}
     write_run(out, record, res, system, trace=args.trace)
     plan = f", parallel {config.parallel}" if config.parallel is not None else ""
-    print(f"# relay run: {config.workload.name} on {system.describe()}{plan}, {config.algorithm}, {args.clock} clock")
+    print(f"# relay run: {config.workload.name} on {system.describe()}{plan}, {config.algorithm}, "
+          f"{args.precision or 'bf16'}, {args.clock} clock")
     print(tabulate(run_table(res.summary(), res.config), headers=["figure", "value", "unit"],
                    disable_numparse=True))
     print(f"# results: {out.path}" + (" (with trace.json for Perfetto)" if args.trace else ""))

@@ -261,6 +261,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
     """The most loaded device's memory under `plan` for a step of `global_batch` samples (see the
     module docstring for what is measured and what is closed form)."""
     chip = chips.get(chip)
+    chip.peak_flops(dtype)  # a precision the chip lacks (fp8 on an A100): refused before anything is measured
     c = config_of(workload, seq_len)
     replica = global_batch // plan.dp
     m = plan.n_microbatches

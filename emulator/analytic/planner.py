@@ -225,7 +225,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     tokens = global_batch * c.seq_len
     flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
     step = bd.total
-    return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak(dtype)), mb)
+    return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak("bf16")), mb)
 
 
 def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int, kernels: _Kernels) -> tuple[dict, dict]:

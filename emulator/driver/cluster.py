@@ -62,8 +62,9 @@ class Cluster:
         self.clock, self.dilation = clock, dilation
         self._check_clock()
         self.efficiency = dict(efficiency or {})
-        try:  # the cost model (below this layer) checks dtype and efficiencies
-            CostModel(self.system.chip, dtype, **self.efficiency)
+        try:  # the cost model (below this layer) checks dtype and efficiencies, on every kind of chip
+            for chip in set(self.system.chips):
+                CostModel(chip, dtype, **self.efficiency)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if address is not None:

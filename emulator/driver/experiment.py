@@ -67,7 +67,7 @@ def predict_point(measured: Point, system: System, config: TrainConfig) -> Point
     step = m["compute_s"] + exposed + m["other_s"]
     samples = system.devices * config.batch_for(system.devices) * config.batch_scale
     tps = config.workload.tokens_per_sample
-    flops = m["mfu"] * m["step_s"] * measured.system.peak(dtype) / measured.system.devices
+    flops = m["mfu"] * m["step_s"] * measured.system.peak("bf16") / measured.system.devices
     derived = figures(system, samples, tps, dtype, step, m["compute_s"], exposed, flops)
     energy = derived["energy_j"]
     summary = {"step_s": step, "compute_s": m["compute_s"], "comm_s": comm, "exposed_comm_s": exposed,

@@ -14,12 +14,13 @@ SUMMED = ("step_s", "compute_s", "comm_s", "exposed_comm_s", "other_s", "samples
 def figures(system, samples: int, tokens_per_sample: int | None, dtype: str, step_s: float,
             compute_s: float, exposed_comm_s: float, flops_per_device: float) -> dict:
     """What follows from a step's time: the rest of the step, throughput, MFU and energy (all
-    emulated). `samples` is the global batch as charged."""
+    emulated). `samples` is the global batch as charged. MFU is of the BF16 peak at any precision
+    (fp8 included), as torchtitan reports it."""
     power = system.total_power_w
     return {"other_s": max(0.0, step_s - compute_s - exposed_comm_s),
             "samples_per_s": samples / step_s,
             "tokens_per_s": samples * tokens_per_sample / step_s if tokens_per_sample else None,
-            "mfu": flops_per_device * system.devices / (step_s * system.peak(dtype)),
+            "mfu": flops_per_device * system.devices / (step_s * system.peak("bf16")),
             "energy_j": power * step_s if power else None}
 
 

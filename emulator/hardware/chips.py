@@ -55,6 +55,7 @@ class Chip:
     display: str = ""  # name as vendors write it
     vendor: str = ""
     matmul_eff: float = MATMUL_EFF  # see the module constants
+    fp8_matmul_eff: float | None = None  # fraction of the FP8 peak a large FP8 GEMM reaches; None: matmul_eff
     mem_eff: float = MEM_EFF
     launch_us: float = LAUNCH_US
     compute_units: int | None = None  # SMs / CUs / cores a GEMM's tiles are spread over (wave quantisation)
@@ -75,6 +76,10 @@ class Chip:
                 allowed = f' (or "{MAYBE[f]}")' if f in MAYBE else ""
                 raise ConfigError(f"chip {self.name!r}: {f} = {v!r} is invalid; "
                                  f"give a positive number{allowed}")
+        v = self.fp8_matmul_eff
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+            raise ConfigError(f"chip {self.name!r}: fp8_matmul_eff = {v!r} is invalid; give a fraction of "
+                             "the FP8 peak in (0, 1], or leave it out (then matmul_eff)")
         for f in ("matmul_eff", "mem_eff"):
             if getattr(self, f) > 1:
                 raise ConfigError(f"chip {self.name!r}: {f} = {getattr(self, f)!r} is above 1; "
@@ -92,8 +97,16 @@ class Chip:
                              f"{', '.join(DTYPE_PEAK)}")
         tflops = getattr(self, DTYPE_PEAK[dtype])
         if tflops is None:
-            raise ConfigError(f"chip {self.name!r} has no {dtype} peak; emulate dtype='bf16' instead")
+            with_it = ", ".join(c.name for c in _CATALOG.values() if getattr(c, DTYPE_PEAK[dtype]) is not None)
+            raise ConfigError(f"precision = {dtype!r}: chip {self.name!r} has no {dtype} peak (its catalog "
+                             f"{DTYPE_PEAK[dtype]} is \"none\"); emulate precision 'bf16' on it, or choose a chip "
+                             f"with {dtype} ({with_it})")
         return tflops * 1e12
+
+    @property
+    def fp8_eff(self) -> float:
+        """Fraction of the FP8 peak a large FP8 GEMM reaches (the catalog's, else matmul_eff)."""
+        return self.matmul_eff if self.fp8_matmul_eff is None else self.fp8_matmul_eff
 
     @property
     def hbm_bytes(self) -> float:
@@ -132,7 +145,7 @@ def _parse(name: str, raw: dict) -> Chip:
                          f"add them under [{name}.sources]")
     kw["sources"] = sources
     kw["estimates"] = tuple(raw.pop("estimates", ()))
-    allowed = {"display", "vendor", "note", "matmul_eff", "mem_eff", "launch_us", "compute_units",
+    allowed = {"display", "vendor", "note", "matmul_eff", "fp8_matmul_eff", "mem_eff", "launch_us", "compute_units",
                "scaleup_fabric", "scaleout_fabric"}
     unknown = set(raw) - allowed
     if unknown:

@@ -69,11 +69,12 @@ def llama_activations(c, batch: int, tp: int = 1) -> float:
 
 def moe_gqa_activations(c, batch: int) -> float:
     """Bytes one mixture-of-experts block with GQA attention (Mixtral) saves: the Llama block's
-    attention, norms and feed-forward input (the router's), and instead of the rest of the MLP:
-    the tokens grouped per expert, each routed copy
-    through a SwiGLU of width f_e, the experts' outputs and their gate-weighted copy (the
-    index_add that sums them back saves it): 6ksbh + 8ksbf_e, plus the routing bookkeeping
-    (top-k indices, gate weights, the grouping order: 2sbk + 18sbk bytes)."""
+    attention, norms and feed-forward input (the router's), and instead of the rest of the MLP,
+    as the fused expert path saves them (kernels/moe_ops.py): the tokens grouped per expert (the
+    gate and up grouped GEMMs' input), the SwiGLU's gate and up outputs and its product (the
+    down GEMM's input), each of width f_e per routed copy, and the experts' outputs (the
+    unpermute's, for its probabilities' gradient): 4ksbh + 6ksbf_e, plus the routing
+    bookkeeping (top-k indices, gate weights, the grouping order: 2sbk + 18sbk bytes)."""
     s, b, h, a, g, k = c.seq_len, batch, c.dim, c.n_heads, c.n_kv_heads, c.top_k
     return (s * b * h * (16 + 4 * g / a) + 2 * s * b * a + 4 * s * b
-            + 6 * k * s * b * h + 8 * k * s * b * c.expert_dim + 20 * s * b * k)
+            + 4 * k * s * b * h + 6 * k * s * b * c.expert_dim + 20 * s * b * k)

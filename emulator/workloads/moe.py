@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from relay.kernels import moe_ops
 from relay.workloads import llama, tokens
 from relay.workloads.llama import SwiGLU, rotate
 
@@ -134,11 +135,18 @@ def only_experts(keep: range | None):
 
 
 class Experts(nn.ModuleList):
-    """A layer's experts, called on their inputs together (one list in, one list out): a module
-    FSDP2 can shard as one unit, whose forward gathers all its experts at once (plans.py)."""
+    """A layer's experts, called on their inputs together: a module FSDP2 can shard as one unit,
+    whose forward gathers all its experts at once (plans.py). As Megatron-LM's GroupedMLP and
+    torchtitan's GroupedExperts run them, each of the SwiGLU's three projections is one grouped
+    GEMM over all the experts (kernels/moe_ops.py) and its activation one kernel over all rows;
+    the values are those of calling each expert on its rows."""
 
-    def forward(self, inputs: list) -> list:
-        return [expert(x) for expert, x in zip(self, inputs)]
+    def forward(self, x, counts: list) -> torch.Tensor:  # (sum(counts), d) grouped by expert -> same
+        if not all(isinstance(e, SwiGLU) for e in self):  # placeholders (only_experts), or other experts
+            return torch.cat([expert(xe) for expert, xe in zip(self, x.split(counts))])
+        w1, w2, w3 = ([getattr(e, w).weight for e in self] for w in ("w1", "w2", "w3"))
+        h = moe_ops.swiglu(moe_ops.grouped_mm(x, w1, counts), moe_ops.grouped_mm(x, w3, counts), counts)  # (M, hidden)
+        return moe_ops.grouped_mm(h, w2, counts)
 
 
 class MoE(nn.Module):
@@ -168,7 +176,8 @@ class MoE(nn.Module):
         return y.view(B, T, d)
 
     def dispatch(self, x, idx, weights):
-        """Each token through its k experts, the (token, choice) pairs grouped per expert."""
+        """Each token through its k experts, the (token, choice) pairs grouped per expert: the
+        gather and the weighted combine as Megatron's fused permute and unpermute kernels."""
         k = self.c.top_k
         choice = idx.reshape(-1)  # (N k,) the expert of each (token, choice)
         order = choice.argsort(stable=True)  # (N k,) the choices grouped by expert
@@ -179,10 +188,10 @@ class MoE(nn.Module):
         else:  # fake tensors carry no data: the routing model decides
             self.counts = self.routing.counts(self.layer, choice.numel(), self.c.n_experts, k)
         token = order // k  # (N k,) the token of each grouped choice
-        grouped = x[token]  # (N k, d): an all_to_all_single's input, split by self.counts
-        out = torch.cat(self.experts(list(grouped.split(self.counts))))
-        out = out * weights.reshape(-1)[order].unsqueeze(1)  # (N k, d) weighted by the gate
-        return torch.zeros_like(x).index_add_(0, token, out)  # (N, d) each token's sum over its k
+        grouped = moe_ops.permute(x, token)  # (N k, d) = x[token]: an all_to_all_single's input, split by self.counts
+        out = self.experts(grouped, self.counts)  # (N k, d)
+        # (N, d): each token's sum over its k outputs, weighted by the gate
+        return moe_ops.unpermute(out, weights.reshape(-1)[order], token, x.shape[0])
 
 
 class Block(nn.Module):

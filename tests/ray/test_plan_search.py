@@ -9,7 +9,9 @@ plan is its plain twin plus that pass) and more than 2 microbatches (more of the
 each slower). That leaves data parallel (DDP's buckets and FSDP2), tensor parallel and pipelines
 alone and combined: 6 plans. bench/plan_vs_runs.py runs all 26 and prints the comparison."""
 
-from relay import System
+import pytest
+
+from relay import Parallel, System
 from relay.analytic import planner
 from relay.launch.plan import run_plans
 
@@ -28,3 +30,19 @@ def test_plan_search_returns_the_plan_fake_runs_find_fastest(cluster8):
     steps = {str(r.plan): x["step_s"] for r, x in zip(space, runs)}
     assert min(steps, key=steps.get) == str(found.results[0].plan), steps
     assert len(set(steps.values())) == len(steps)  # the plans really differ in emulated time
+
+
+MOE_PLANS = ("dp=4,ep=4", "dp=4,ep=2,fsdp", "dp=4,ep=4,fsdp", "dp=2,ep=2,tp=2")
+
+
+def test_moe_plans_cost_what_fake_runs_cost(cluster8):
+    """moe-debug's expert path (grouped GEMMs, fused permutation: kernels/moe_ops.py) as the
+    planner measures it and as fake-tensor runs of the plans charge it: within 2% (the README's
+    bound for moe-debug's plans without a pipeline), each plan's all-to-alls included."""
+    system = System("h100", 4)
+    cluster8.configure(system, clock="virtual")
+    plans = [Parallel.parse(p) for p in MOE_PLANS]
+    analytic = [planner.cost(system, "moe-debug", p, BATCH, message_bytes=4) for p in plans]
+    runs = run_plans(cluster8, "moe-debug", plans, BATCH)
+    for p, a, x in zip(MOE_PLANS, analytic, runs):
+        assert x["step_s"] == pytest.approx(a.step_s, rel=0.02), (p, a.step_s, x["step_s"])

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+from relay.kernels import moe_ops
 from relay.workloads.moe import Experts, MoE
 
 
@@ -49,7 +50,7 @@ class _ExpertDispatch:
         counts = torch.zeros(moe.c.n_experts, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, choice, torch.ones_like(choice))  # (E,) choices per expert
         token = order // k
-        grouped = x[token]  # (N k, d)
+        grouped = moe_ops.permute(x, token)  # (N k, d) = x[token]
         got = torch.empty_like(counts)  # from each peer: its pairs for each of my experts
         dist.all_to_all_single(got, counts, group=self.group)
         if moe.routing is None:  # the data decides
@@ -70,12 +71,11 @@ class _ExpertDispatch:
         back = [0] * len(by_expert)
         for i, j in enumerate(by_expert):
             back[j] = i
-        ins = arrived[torch.tensor(by_expert, device=x.device)].split([sum(got[p][e] for p in range(ep))
-                                                                        for e in range(local)])
-        outs = torch.cat(moe.experts(list(ins)))  # by expert, then peer
-        out = all_to_all_single_autograd(outs[torch.tensor(back, device=x.device)], send, recv, self.group)
-        out = out * weights.reshape(-1)[order].unsqueeze(1)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        ins = moe_ops.permute(arrived, torch.tensor(by_expert, device=x.device))
+        outs = moe.experts(ins, [sum(got[p][e] for p in range(ep)) for e in range(local)])  # by expert, then peer
+        out = all_to_all_single_autograd(moe_ops.permute(outs, torch.tensor(back, device=x.device)), send, recv,
+                                         self.group)
+        return moe_ops.unpermute(out, weights.reshape(-1)[order], token, x.shape[0])
 
 
 def sync_experts(params: list, group, replicas: int) -> None:
