@@ -40,6 +40,18 @@ _FREE = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_s
          # metadata queries, which fake tensors answer through the dispatcher: no kernel runs
          torch.ops.prim.device, torch.ops.prim.layout, torch.ops.aten.sym_size, torch.ops.aten.sym_stride,
          torch.ops.aten.sym_numel, torch.ops.aten.sym_storage_offset}
+# Functional collectives (DTensor's, the expert all-to-all) whose GPU kernel is the collective
+# itself, on the communication stream (charged there, by the engine): their output is allocated
+# empty, and waiting for one (wait_tensor) is a stream wait, no kernel. (all_reduce and broadcast
+# clone their input on the current stream first, torch/csrc/distributed/c10d/Functional.cpp:
+# charged, as a copy.)
+_FREE_COLLECTIVES = {"all_gather_into_tensor", "all_gather_into_tensor_coalesced", "reduce_scatter_tensor",
+                     "reduce_scatter_tensor_coalesced", "all_to_all_single", "wait_tensor", "_wrap_tensor_autograd"}
+
+
+def _free(packet) -> bool:
+    return packet in _FREE or (packet._qualified_op_name.split("::")[0] == "_c10d_functional"
+                               and packet._qualified_op_name.split("::")[1] in _FREE_COLLECTIVES)
 
 
 @dataclass(frozen=True)
@@ -184,7 +196,7 @@ class CostModel:
         kind = _KIND.get(func)
         if kind is None:
             packet = func._overloadpacket
-            kind = _KIND[func] = 0 if func.is_view or packet in _FREE else \
+            kind = _KIND[func] = 0 if func.is_view or _free(packet) else \
                 ATTENTION_FLOPS.get(packet) or moe_ops.FLOPS.get(packet) or flop_registry.get(packet, 1)
         if kind == 0:
             return None

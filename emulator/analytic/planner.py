@@ -57,8 +57,7 @@ OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of relay.
 FSDP_GATHER_KERNELS = 6  # per FSDP2 all-gather: copy-in, copy-out, and 4 record_function markers
 FSDP_SCATTER_KERNELS = 3  # per reduce-scatter: chunk_cat and 2 markers
 FSDP_UNIT_KERNELS = 14  # per FSDP2 unit and microbatch: its hooks' record_function markers
-FUNCOL_KERNELS = 38 / 14  # per functional collective (DTensor's all-reduce, the expert all-to-all):
-#                           the op, its autograd wrapper and (mostly) its wait_tensor
+FUNCOL_KERNELS = 1  # per functional all-reduce (DTensor's): its clone of the input; the others launch none
 MICRO_BATCHES = (1, 2, 4)  # samples per pipeline microbatch the search tries
 TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
 
@@ -187,8 +186,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size, kernels)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
-    # each charged as FUNCOL_KERNELS kernels too (all_to_all_single_autograd)
-    a2a_kernels = kernels.seconds(FUNCOL_KERNELS, 2 * FUNCOL_KERNELS * routed / size) if plan.ep > 1 else 0.0
+    a2a_kernels = 0.0  # (a functional all-to-all launches no kernel on the compute stream)
     # and before the dispatch, the token counts per expert (int64), once per forward pass
     counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
     p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
