@@ -41,12 +41,18 @@ PLANS = [  # (workload, plan): each kind alone (DDP alone: test_backend.py), the
     ("llama-debug-4", "dp=2,pp=2,stages=2,microbatches=4"),  # interleaved 1F1B: 2 chunks of 1 block per rank
     ("llama-debug", "dp=2,tp=2,sp"),  # sequence parallel
     ("moe-debug", "tp=2,sp"),
+    # gradient accumulation without a pipeline (2 microbatches, one sync: DDP's and FSDP2's), and
+    # torchtitan's selective activation checkpointing (op level; layer level, every 2nd block)
+    ("llama-debug", "dp=2,microbatches=2"),
+    ("moe-debug", "dp=2,ep=2,fsdp,microbatches=2"),
+    ("llama-debug", "dp=2,tp=2,ac=op"),
+    ("llama-debug", "dp=2,ac=layer:2"),
 ]
-ONE_STEP = {"dp=2,pp=2,stages=2,microbatches=4", "dp=2,tp=2,sp", "tp=2,sp"}
+ONE_STEP = {"dp=2,pp=2,stages=2,microbatches=4", "dp=2,tp=2,sp", "tp=2,sp", "dp=2,tp=2,ac=op", "dp=2,ac=layer:2"}
 
 
 FAKE_TOO = ("tp=2", "dp=2,pp=2", "dp=2,tp=2,pp=2,fsdp,recompute", "dp=2,pp=2,stages=2,microbatches=4",
-            "dp=2,tp=2,sp")  # each part of a plan, on fake tensors too
+            "dp=2,tp=2,sp", "dp=2,microbatches=2", "dp=2,tp=2,ac=op")  # each part of a plan, on fake tensors too
 
 
 def workload(name: str):
