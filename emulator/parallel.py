@@ -61,7 +61,7 @@ class Parallel:
         m = self.microbatches
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ConfigError(f"parallel: microbatches = {m!r} is invalid; give an integer >= 1")
-        self._check_ac()
+        _check_ac(self)
         if self.dist_opt and self.fsdp:
             raise ConfigError("parallel: dist_opt shards the optimizer state over dp, and fsdp already shards it "
                               "(with the parameters and gradients); drop one of them")
@@ -84,18 +84,6 @@ class Parallel:
                                   f"choose microbatches = {rounds * self.pp} (a multiple of pp) or fewer than "
                                   f"{2 * self.pp}")
 
-    def _check_ac(self) -> None:
-        """`ac` spelled as AC_MODES; `recompute` and ac="full" are one setting (each implies the other)."""
-        ac = self.ac
-        if ac is not None and (not isinstance(ac, str) or not (ac in ("full", "op") or _layer_every(ac))):
-            raise ConfigError(f"parallel: ac = {ac!r} is invalid; give full, op or layer:N (every Nth block "
-                              "recomputed, N >= 1), e.g. ac=layer:2")
-        if self.recompute and ac not in (None, "full"):
-            raise ConfigError(f"parallel: recompute (full activation checkpointing) and ac = {ac} are two modes; "
-                              "give one of them")
-        object.__setattr__(self, "recompute", self.recompute or ac == "full")
-        object.__setattr__(self, "ac", "full" if self.recompute else ac)
-
     @property
     def ac_mode(self) -> str:
         """"none", "full", "op" or "layer"."""
@@ -108,8 +96,7 @@ class Parallel:
 
     @classmethod
     def parse(cls, text) -> Parallel:
-        """'dp=4,tp=2,pp=2,ep=2,microbatches=8,stages=2,ac=op' with the bare words 'fsdp', 'recompute',
-        'sp' and 'dist_opt'."""
+        """'dp=4,tp=2,pp=2,ep=2,microbatches=8,stages=2,ac=op' with bare words (BARE): 'fsdp', 'sp', ..."""
         if isinstance(text, Parallel):
             return text
         if isinstance(text, dict):
@@ -129,14 +116,7 @@ class Parallel:
                     raise ConfigError(f"parallel: {key}={value!r} is invalid; write the bare word {key}")
                 values[key] = not eq or value.lower() in ("true", "1")
                 continue
-            if key == "ac":
-                values[key] = value
-                continue
-            try:
-                values[key] = int(value)
-            except ValueError:
-                raise ConfigError(f"parallel: {key} = {value!r} in {text!r} is not an integer; "
-                                  f"write e.g. {key}=2") from None
+            values[key] = value if key == "ac" else _integer(key, value, text)
         return cls(**values)
 
     def __str__(self) -> str:
@@ -248,7 +228,27 @@ class Parallel:
             raise ConfigError(f"parallel: ep = {self.ep} does not divide n_experts = {c.n_experts}")
 
 
+def _integer(key: str, value: str, text: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"parallel: {key} = {value!r} in {text!r} is not an integer; write e.g. {key}=2") from None
+
+
 def _layer_every(ac: str) -> int | None:
     """N of "layer:N" (N >= 1), else None."""
     mode, _, n = ac.partition(":")
     return int(n) if mode == "layer" and n.isdigit() and int(n) >= 1 else None
+
+
+def _check_ac(plan: Parallel) -> None:
+    """`ac` spelled as AC_MODES; `recompute` and ac="full" are one setting (each implies the other)."""
+    ac = plan.ac
+    if ac is not None and (not isinstance(ac, str) or not (ac in ("full", "op") or _layer_every(ac))):
+        raise ConfigError(f"parallel: ac = {ac!r} is invalid; give full, op or layer:N (every Nth block "
+                          "recomputed, N >= 1), e.g. ac=layer:2")
+    if plan.recompute and ac not in (None, "full"):
+        raise ConfigError(f"parallel: recompute (full activation checkpointing) and ac = {ac} are two modes; "
+                          "give one of them")
+    object.__setattr__(plan, "recompute", plan.recompute or ac == "full")
+    object.__setattr__(plan, "ac", "full" if plan.recompute else ac)
