@@ -174,3 +174,18 @@ def test_breakeven_with_a_plan_probes_only_the_counts_it_takes(cluster8):
     n = result.devices
     assert n is not None and n % 2 == 0  # a100 reaches two h100 within 8 devices
     assert result.verified is (True if n > 2 else None) and (result.below is None) == (n == 2)
+
+
+@pytest.mark.parametrize("text", ["dp=2", "dp=2,fsdp"])
+def test_gradient_accumulation_syncs_once_a_step(cluster8, text):
+    """4 microbatches without a pipeline issue the same gradient collectives as one (DDP's buckets,
+    FSDP2's reduce-scatters: once, in the last backward), and FSDP2 gathers each microbatch."""
+    plan = Parallel.parse(text)
+    cluster8.configure(system_for(plan), clock="virtual")
+    runs = [cluster8.train("llama-debug", parallel=p, steps=1, per_device_batch=BATCH, tensors="fake")
+            for p in (plan, dataclasses.replace(plan, microbatches=4))]
+    counts = [{k: len(v) for k, v in res.per_device[0][0]["spans"].items() if isinstance(v, list)} for res in runs]
+    sync = "reduce_scatter" if plan.fsdp else "all_reduce"
+    assert counts[1][sync] == counts[0][sync] > 0
+    if plan.fsdp:
+        assert counts[1]["all_gather"] == 4 * counts[0]["all_gather"]
