@@ -1,5 +1,5 @@
 """The plan search behind `relay plan`: every parallel plan (dp, fsdp, tp, pp, ep, microbatches
-with or without a pipeline, recompute) of a language model on a system, pruned by memory
+with or without a pipeline, activation checkpointing) of a language model, pruned by memory
 (emulator/analytic/footprint.py), ranked by an analytic emulated step time built from the
 project's own cost models. Fast (no device runs): fake-tensor block measurements, then arithmetic.
 
@@ -129,9 +129,9 @@ def plans(system: System, workload: str, global_batch: int, seq_len: int | None 
             for ep in experts:
                 for fsdp in (False, True) if dp > 1 else (False,):
                     for m in micro:
-                        for rc in (False, True):
+                        for ac in (None, "op", "full"):  # activation checkpointing
                             try:
-                                p = Parallel(dp=dp, tp=tp, pp=pp, ep=ep, fsdp=fsdp, microbatches=m, recompute=rc)
+                                p = Parallel(dp=dp, tp=tp, pp=pp, ep=ep, fsdp=fsdp, microbatches=m, ac=ac)
                                 p.check(n, system.domain, c, replica)
                             except ConfigError:
                                 continue
