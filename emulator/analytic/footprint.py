@@ -312,8 +312,8 @@ def check(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footp
     fp = footprint(workload, plan, global_batch, chip, **kw)
     if not fp.fits:
         fixes = ["more tensor or pipeline parallelism (tp=, pp=)", "fsdp" if not plan.fsdp else "",
-                 "recompute" if not plan.recompute else "",
-                 "more microbatches" if plan.pp > 1 else "", "a smaller --global-batch"]
+                 "recompute (or the selective ac=op)" if plan.ac is None else "recompute" if not plan.recompute else "",
+                 "more microbatches (with pp = 1: gradient accumulation)", "a smaller --global-batch"]
         raise ConfigError(f"memory: {workload} under {plan} at global batch {global_batch} does not fit the "
                           f"{chips.get(chip).name}'s HBM ({fp.capacity / GB:.1f} GB): {fp.describe()}; "
                           f"try {', '.join(f for f in fixes if f)}")
