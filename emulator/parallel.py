@@ -12,6 +12,14 @@ orders its groups the same way (tp, ep, dp, pp from the inside out).
     Parallel(dp=2, tp=2, pp=2)               # 8 devices
     Parallel.parse("tp=8,dp=9,fsdp")         # the command line's --parallel
     Parallel.parse("pp=2,stages=2,tp=2,sp")  # interleaved 1F1B, sequence parallel
+    Parallel.parse("dp=8,microbatches=4")    # gradient accumulation: 4 microbatches, one sync and step
+    Parallel.parse("dp=8,fsdp,ac=op")        # torchtitan's selective (op) activation checkpointing
+
+Activation checkpointing (`ac`, as torchtitan's [activation_checkpoint] modes): "full" (the bare
+word `recompute`: every block reruns its forward in backward), "op" (selective, op level: each
+block keeps the outputs of every other matrix multiply, attention and reduce-scatter, reruns the
+rest) and "layer:N" (selective, layer level: every Nth block fully recomputed, the others keep
+everything).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from dataclasses import dataclass, fields, replace
 from relay.errors import ConfigError
 
 DIMS = ("pp", "dp_outer", "ep", "tp")  # the mesh's dimensions, outermost first
+AC_MODES = ("full", "op", "layer:N")  # the spellings of `ac`
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,12 +41,14 @@ class Parallel:
     pp: int = 1  # pipeline stages (blocks split evenly, 1F1B schedule)
     ep: int = 1  # expert parallel: each group of ep data-parallel replicas splits the experts (divides dp)
     fsdp: bool = False  # shard parameters, gradients and optimizer state over dp (FSDP2) instead of DDP
-    microbatches: int | None = None  # pipeline microbatches per step (default: pp)
-    recompute: bool = False  # recompute each block's activations in backward (activation checkpointing)
+    microbatches: int | None = None  # microbatches per replica and step (default: pp); pp = 1: gradient accumulation
+    recompute: bool = False  # recompute each block's activations in backward (full checkpointing: ac="full")
     stages: int | None = None  # model chunks per pipeline rank (virtual stages; > 1: interleaved 1F1B)
     sp: bool = False  # sequence parallel: norms and residual stream split along the sequence over tp
+    ac: str | None = None  # activation checkpointing: "full" (= recompute), "op" or "layer:N" (see AC_MODES)
+    dist_opt: bool = False  # distributed optimizer (ZeRO-1): optimizer state sharded over dp (analytic only)
 
-    BARE = ("fsdp", "recompute", "sp")  # the bare words of the command-line form
+    BARE = ("fsdp", "recompute", "sp", "dist_opt")  # the bare words of the command-line form
 
     def __post_init__(self):
         for name in ("dp", "tp", "pp", "ep"):
@@ -50,8 +61,10 @@ class Parallel:
         m = self.microbatches
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ConfigError(f"parallel: microbatches = {m!r} is invalid; give an integer >= 1")
-        if m is not None and self.pp == 1 and m != 1:
-            raise ConfigError(f"parallel: microbatches = {m} needs a pipeline; set pp > 1 or drop microbatches")
+        _check_ac(self)
+        if self.dist_opt and self.fsdp:
+            raise ConfigError("parallel: dist_opt shards the optimizer state over dp, and fsdp already shards it "
+                              "(with the parameters and gradients); drop one of them")
         v = self.stages
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"parallel: stages = {v!r} is invalid; give model chunks per pipeline rank >= 1")
@@ -71,9 +84,19 @@ class Parallel:
                                   f"choose microbatches = {rounds * self.pp} (a multiple of pp) or fewer than "
                                   f"{2 * self.pp}")
 
+    @property
+    def ac_mode(self) -> str:
+        """"none", "full", "op" or "layer"."""
+        return "none" if self.ac is None else self.ac.partition(":")[0]
+
+    @property
+    def ac_every(self) -> int:
+        """Under ac=layer:N, N: blocks N, 2N, ... of a device (counted from 1) are recomputed."""
+        return _layer_every(self.ac) if self.ac_mode == "layer" else 1
+
     @classmethod
     def parse(cls, text) -> Parallel:
-        """'dp=4,tp=2,pp=2,ep=2,microbatches=8,stages=2' with bare words 'fsdp', 'recompute' and 'sp'."""
+        """'dp=4,tp=2,pp=2,ep=2,microbatches=8,stages=2,ac=op' with bare words (BARE): 'fsdp', 'sp', ..."""
         if isinstance(text, Parallel):
             return text
         if isinstance(text, dict):
@@ -86,24 +109,21 @@ class Parallel:
                 continue
             if key not in known:
                 raise ConfigError(f"parallel: {key!r} in {text!r} is unknown; use dp=, tp=, pp=, ep=, "
-                                  "microbatches=, stages= and the bare words fsdp, recompute, sp "
-                                  "(e.g. tp=8,dp=9,fsdp)")
+                                  "microbatches=, stages=, ac= (full, op, layer:N) and the bare words fsdp, "
+                                  "recompute, sp, dist_opt (e.g. tp=8,dp=9,fsdp)")
             if key in cls.BARE:
                 if eq and value.lower() not in ("true", "1", "false", "0"):
                     raise ConfigError(f"parallel: {key}={value!r} is invalid; write the bare word {key}")
                 values[key] = not eq or value.lower() in ("true", "1")
                 continue
-            try:
-                values[key] = int(value)
-            except ValueError:
-                raise ConfigError(f"parallel: {key} = {value!r} in {text!r} is not an integer; "
-                                  f"write e.g. {key}=2") from None
+            values[key] = value if key == "ac" else _integer(key, value, text)
         return cls(**values)
 
     def __str__(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in ("dp", "tp", "pp", "ep") if getattr(self, k) > 1]
         parts += [f"microbatches={self.microbatches}"] if self.microbatches else []
         parts += [f"stages={self.stages}"] if self.stages else []
+        parts += [f"ac={self.ac}"] if self.ac not in (None, "full") else []
         parts += [k for k in self.BARE if getattr(self, k)]
         return ",".join(parts) or "dp=1"
 
@@ -178,7 +198,7 @@ class Parallel:
             raise ConfigError("parallel: fsdp shards over the data-parallel replicas, and dp = 1; set dp > 1 "
                               "or drop fsdp")
         m = self.n_microbatches
-        if replica_batch is not None and self.pp > 1 and replica_batch % m:
+        if replica_batch is not None and replica_batch % m:
             raise ConfigError(f"parallel: microbatches = {m} does not divide the batch of a replica "
                               f"({replica_batch} samples); choose a batch or microbatches that divide")
         if (self.tp, self.pp, self.ep) == (1, 1, 1):
@@ -206,3 +226,29 @@ class Parallel:
             raise ConfigError(f"parallel: ep = {self.ep} needs a mixture of experts (moe-debug, ...); set ep = 1")
         if self.ep > 1 and c.n_experts % self.ep:
             raise ConfigError(f"parallel: ep = {self.ep} does not divide n_experts = {c.n_experts}")
+
+
+def _integer(key: str, value: str, text: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"parallel: {key} = {value!r} in {text!r} is not an integer; write e.g. {key}=2") from None
+
+
+def _layer_every(ac: str) -> int | None:
+    """N of "layer:N" (N >= 1), else None."""
+    mode, _, n = ac.partition(":")
+    return int(n) if mode == "layer" and n.isdigit() and int(n) >= 1 else None
+
+
+def _check_ac(plan: Parallel) -> None:
+    """`ac` spelled as AC_MODES; `recompute` and ac="full" are one setting (each implies the other)."""
+    ac = plan.ac
+    if ac is not None and (not isinstance(ac, str) or not (ac in ("full", "op") or _layer_every(ac))):
+        raise ConfigError(f"parallel: ac = {ac!r} is invalid; give full, op or layer:N (every Nth block "
+                          "recomputed, N >= 1), e.g. ac=layer:2")
+    if plan.recompute and ac not in (None, "full"):
+        raise ConfigError(f"parallel: recompute (full activation checkpointing) and ac = {ac} are two modes; "
+                          "give one of them")
+    object.__setattr__(plan, "recompute", plan.recompute or ac == "full")
+    object.__setattr__(plan, "ac", "full" if plan.recompute else ac)

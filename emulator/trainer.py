@@ -58,8 +58,8 @@ class TrainConfig:
         "emulated times); off: charge every op as it runs, for a model whose ops change from step to step "
         "with Python state or data read through tolist() or numpy()")
     parallel: Parallel | None = _option(
-        None, "parallelism plan through PyTorch's own APIs, e.g. dp=4,tp=2,pp=2,ep=2,microbatches=4,stages=2 with "
-        "the bare words fsdp, recompute and sp (default: Relay's data-parallel trainer over every device); "
+        None, "parallelism plan through PyTorch's own APIs, e.g. dp=4,tp=2,pp=2,ep=2,microbatches=4,stages=2,ac=op "
+        "with the bare words fsdp, recompute and sp (default: Relay's data-parallel trainer over every device); "
         "per_device_batch is then the batch of one data-parallel replica")
     tensors: str | None = _option(
         None, "real: tensors hold data and models train; fake: tensors carry shapes only (any model size; the "
@@ -114,6 +114,9 @@ class TrainConfig:
             if self.batch_scale != 1:  # parameter-shaped tensors are recognised on whole, unsharded ones only
                 raise ConfigError(f"batch_scale = {self.batch_scale} with parallel = '{self.parallel}' is not "
                                   "supported yet; use batch_scale = 1 with a plan, or drop parallel")
+            if self.parallel.dist_opt:
+                raise ConfigError(f"parallel = '{self.parallel}': dist_opt (the distributed optimizer) is modelled by "
+                                  "`relay plan` only; runs shard optimizer state with fsdp: drop dist_opt or use fsdp")
 
     @classmethod
     def options(cls) -> list:

@@ -110,9 +110,9 @@ def cmd_plan(args) -> int:
              if args.confirm else ""))
     if args.parallel:
         plan = Parallel.parse(args.parallel)
-        if plan.interleaved or plan.sp:  # emulator/analytic/planner.py costs 1F1B and tensor parallel alone
-            raise ConfigError(f"--parallel {plan}: the plan model does not cost virtual stages (stages=) nor "
-                              "sequence parallel (sp); drop them, or run the plan (relay run --parallel)")
+        if plan.interleaved:  # emulator/analytic/planner.py costs 1F1B
+            raise ConfigError(f"--parallel {plan}: the plan model does not cost virtual stages (stages=); drop "
+                              "them, or run the plan (relay run --parallel)")
         if batch % plan.dp:
             raise ConfigError(f"--global-batch = {batch} is not a multiple of dp = {plan.dp}; give a batch that "
                               "every replica gets an equal share of")
@@ -121,6 +121,9 @@ def cmd_plan(args) -> int:
         r = planner.cost(system, args.workload, plan, batch, fp, seq_len=args.seq_len, dtype=args.precision)
         print(tabulate([row(1, r)], headers=HEADERS, disable_numparse=True))
         print(f"# memory (most loaded device): {fp.describe()}")
+        if plan.sp:
+            print("# sp: its memory modelled (the norms' activations / tp); its time as tensor parallel's all-reduces "
+                  "(an all-gather and a reduce-scatter move the bytes of one all-reduce)")
         return 0
     # the runs --confirm compares with move fp32 messages (the model is not cast)
     found = planner.search(system, args.workload, batch, top=max(args.top, args.confirm), seq_len=args.seq_len,

@@ -17,13 +17,15 @@ Closed forms, on top of the measured blocks (`footprint`): which blocks, embeddi
 pipeline stage holds, how many microbatches of activations 1F1B keeps in flight on it (pp - stage,
 at most the microbatches; interleaved 1F1B, `stages` = v chunks per rank: torch's warm-up count,
 (v - 1) x the microbatches of a round + 2 (pp - 1 - stage), plus one, chunks of 1 / v of the
-rank's blocks, at most v x the microbatches), recompute (each block keeps its input, 2 s b d bytes at bf16, and one
-block's activations are live while it is recomputed), FSDP (parameters, gradients and optimizer
+rank's blocks, at most v x the microbatches), activation checkpointing and sequence parallel
+(activations.py: full recompute keeps each block's input, 2 s b d bytes at bf16, selective op
+mode that and the kept ops' outputs, and one block's activations are live while it is
+recomputed; sp divides the norms' saved tensors by tp), FSDP (parameters, gradients and optimizer
 state divided by the replicas, experts by the dp / ep replicas that hold them, plus one block
-gathered whole), and the 2 + 2 + 12 bytes per
-parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020). Sequence parallel (`sp`)
-is not modelled: its figures are tensor parallel's without it, an upper bound (sp splits the
-norms' activations tp ways).
+gathered whole; with gradient accumulation and no pipeline, whole gradients until the last
+microbatch's sync), the distributed optimizer (`dist_opt`: optimizer state alone divided so), and
+the 2 + 2 + 12 bytes per parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
+Gradient accumulation without a pipeline holds one microbatch's activations.
 
 Units: bytes in the figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
 """
@@ -37,6 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from relay.analytic import activations
 from relay.device.fake.measure import measure_block
 from relay.errors import ConfigError
 from relay.hardware import chips
@@ -60,6 +63,9 @@ class Part:
     activations: float  # bytes autograd saves in its forward pass
     params: int  # parameters this device holds of it
     expert_params: int  # of which experts' (synchronised and sharded over dp / ep replicas, not dp)
+    ac_saved_s: float = 0.0  # forward seconds of the ops selective (op) checkpointing keeps (blockops.py)
+    ac_saved_bytes: float = 0.0  # bytes of their outputs
+    norm_bytes: float = 0.0  # of `activations`, what the norms save (sequence parallel divides it by tp)
 
     def __sub__(self, o: Part) -> Part:
         return Part(*(getattr(self, f) - getattr(o, f) for f in Part.__dataclass_fields__))
@@ -189,7 +195,8 @@ def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype:
 
 def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str) -> Part:
     b = measure_block(wl, micro_batch, chip, dtype, optimizer)
-    return Part(b.forward_s, b.backward_s, b.optimizer_s, b.activations, b.params, b.expert_params)
+    return Part(b.forward_s, b.backward_s, b.optimizer_s, b.activations, b.params, b.expert_params, b.ac_saved_s,
+                b.ac_saved_bytes, b.norm_bytes)
 
 
 @dataclass(frozen=True)
@@ -284,19 +291,18 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         # FSDP shards experts over the dp / ep replicas that hold them, the rest over dp (plans.py)
         sharded = (params - experts) / plan.dp + experts / plan.dp_outer if plan.fsdp else params
         gathered = max((b.params for b in blocks), default=0) if plan.fsdp else 0  # one block gathered whole
-        held = in_flight(plan, stage)
-        if plan.recompute:  # each block keeps its input; one block is live while it is recomputed
-            per_mb = len(blocks) * size * mb * c.seq_len * c.dim
-            act = held * per_mb + max((b.activations for b in blocks), default=0)
-        else:
-            act = held * sum(b.activations for b in blocks)
+        # checkpointing and sequence parallel: activations.py (a block's input is s b d)
+        act = activations.kept(plan, blocks, in_flight(plan, stage), size * mb * c.seq_len * c.dim)
         if stage == plan.pp - 1:
             act += base.activations  # logits and loss (the embedding's output is small)
         what = " + ".join(x for x in ("embedding" if stage == 0 else "", f"{len(blocks)} blocks",
                                       "head" if stage == plan.pp - 1 else "") if x)
+        # gradient accumulation under FSDP2 without sync: unsharded gradients until the last microbatch
+        grads = params if plan.fsdp and plan.pp == 1 and m > 1 else sharded + gathered
+        # the distributed optimizer (ZeRO-1) shards the optimizer state as FSDP does, not the rest
+        states = (params - experts) / plan.dp + experts / plan.dp_outer if plan.dist_opt else sharded
         fp = Footprint(f"pipeline stage {stage} ({what})" if plan.pp > 1 else f"every device ({what})",
-                       (sharded + gathered) * size, (sharded + gathered) * size, sharded * opt_bytes, act,
-                       chip.hbm_bytes)
+                       (sharded + gathered) * size, grads * size, states * opt_bytes, act, chip.hbm_bytes)
         best = fp if best is None or fp.total > best.total else best
     return best
 
@@ -307,8 +313,8 @@ def check(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footp
     fp = footprint(workload, plan, global_batch, chip, **kw)
     if not fp.fits:
         fixes = ["more tensor or pipeline parallelism (tp=, pp=)", "fsdp" if not plan.fsdp else "",
-                 "recompute" if not plan.recompute else "",
-                 "more microbatches" if plan.pp > 1 else "", "a smaller --global-batch"]
+                 "recompute (or the selective ac=op)" if plan.ac is None else "recompute" if not plan.recompute else "",
+                 "more microbatches (with pp = 1: gradient accumulation)", "a smaller --global-batch"]
         raise ConfigError(f"memory: {workload} under {plan} at global batch {global_batch} does not fit the "
                           f"{chips.get(chip).name}'s HBM ({fp.capacity / GB:.1f} GB): {fp.describe()}; "
                           f"try {', '.join(f for f in fixes if f)}")

@@ -55,8 +55,9 @@ def fsdp_microbatch(forward: list, backward: list, gathers: list, scatters: list
     return max(t, lane)
 
 
-def fsdp_exposed(plan, parts: list, dense: list, coll) -> float:
-    """One microbatch's FSDP2 communication the compute stream waits for, emulated seconds:
+def fsdp_exposed(plan, parts: list, dense: list, coll, microbatches: int = 1) -> float:
+    """The FSDP2 communication the compute stream waits for in a step of `microbatches`
+    accumulated microbatches (each gathers; only the last reduce-scatters), emulated seconds:
     parts, the blocks' measured Parts then the root's; dense[i], part i's parameters FSDP2 shards
     over dp (the rest, its experts', over dp_outer); coll(dim, primitive, elements) -> seconds."""
     blocks, base = parts[:-1], parts[-1]
@@ -67,5 +68,9 @@ def fsdp_exposed(plan, parts: list, dense: list, coll) -> float:
     g = [coll("dp", "all_gather", n) + coll("dp_outer", "all_gather", e) for n, e in zip(dense, experts)]
     r = [coll("dp", "reduce_scatter", n) + coll("dp_outer", "reduce_scatter", e) for n, e in zip(dense, experts)]
     root = (coll("dp", "all_gather", dense[-1]), coll("dp", "reduce_scatter", dense[-1]))
-    step = fsdp_microbatch(fwd, bwd, g, r, (base.forward_s, base.backward_s), root)
-    return step - sum(fwd) - sum(bwd) - base.forward_s - base.backward_s
+    compute = sum(fwd) + sum(bwd) + base.forward_s + base.backward_s
+    last = fsdp_microbatch(fwd, bwd, g, r, (base.forward_s, base.backward_s), root) - compute
+    if microbatches == 1:
+        return last
+    others = fsdp_microbatch(fwd, bwd, g, [0.0] * len(r), (base.forward_s, base.backward_s), (root[0], 0.0))
+    return (microbatches - 1) * (others - compute) + last

@@ -1,7 +1,7 @@
-"""The plan search behind `relay plan`: every parallel plan (dp, fsdp, tp, pp, ep, microbatches,
-recompute) of a language model on a system, pruned by memory (emulator/analytic/footprint.py),
-ranked by an analytic emulated step time built from the project's own cost models. Fast (no
-device runs): a few seconds of fake-tensor block measurements, cached, then arithmetic.
+"""The plan search behind `relay plan`: every parallel plan (dp, fsdp, tp, pp, ep, microbatches
+with or without a pipeline, activation checkpointing) of a language model, pruned by memory
+(emulator/analytic/footprint.py), ranked by an analytic emulated step time built from the
+project's own cost models. Fast (no device runs): fake-tensor block measurements, then arithmetic.
 
 The step of the slowest pipeline stage, all figures emulated seconds:
 
@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from relay.analytic import accumulate, activations
 from relay.analytic import footprint as footprints
 from relay.analytic.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
 from relay.analytic.overlap import fsdp_exposed
@@ -58,7 +59,6 @@ FSDP_GATHER_KERNELS = 6  # per FSDP2 all-gather: copy-in, copy-out, and 4 record
 FSDP_SCATTER_KERNELS = 3  # per reduce-scatter: chunk_cat and 2 markers
 FSDP_UNIT_KERNELS = 14  # per FSDP2 unit and microbatch: its hooks' record_function markers
 FUNCOL_KERNELS = 1  # per functional all-reduce (DTensor's): its clone of the input; the others launch none
-MICRO_BATCHES = (1, 2, 4)  # samples per pipeline microbatch the search tries
 TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
 
 
@@ -115,7 +115,7 @@ def _divisors(n: int) -> list[int]:
 
 def plans(system: System, workload: str, global_batch: int, seq_len: int | None = None):
     """Every plan that passes Parallel.check on `system` for `global_batch` samples, with
-    microbatches of MICRO_BATCHES samples (at least pp of them) under a pipeline."""
+    microbatches of accumulate.MICRO_BATCHES samples (accumulate.microbatch_counts)."""
     c = config_of(workload, seq_len)
     n = system.devices
     for tp in _divisors(n):
@@ -125,14 +125,13 @@ def plans(system: System, workload: str, global_batch: int, seq_len: int | None 
                 continue
             replica = global_batch // dp
             experts = _divisors(dp) if hasattr(c, "n_experts") else [1]
-            micro = [None] if pp == 1 else sorted({replica // mb for mb in MICRO_BATCHES
-                                                    if replica % mb == 0 and replica // mb >= pp})
+            micro = accumulate.microbatch_counts(replica, pp)
             for ep in experts:
                 for fsdp in (False, True) if dp > 1 else (False,):
                     for m in micro:
-                        for rc in (False, True):
+                        for ac in (None, "op", "full"):  # activation checkpointing
                             try:
-                                p = Parallel(dp=dp, tp=tp, pp=pp, ep=ep, fsdp=fsdp, microbatches=m, recompute=rc)
+                                p = Parallel(dp=dp, tp=tp, pp=pp, ep=ep, fsdp=fsdp, microbatches=m, ac=ac)
                                 p.check(n, system.domain, c, replica)
                             except ConfigError:
                                 continue
@@ -191,18 +190,18 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
     p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
     dense = getattr(c, "n_dense_layers", c.n_layers)
-    runs = 2 if plan.recompute else 1  # forward passes per microbatch
     base, stages = meas.parts["base"], []
     for s in range(plan.pp):
         layers = stage_layers(c.n_layers, plan.pp, s)
         kinds = ["dense" if i < dense else "moe" for i in layers]
+        again = [activations.rerun(plan, i, meas.parts[k]) for i, k in enumerate(kinds)]  # (recompute s, 0 or 1)
         # the embedding's lookup is cheap: the base's figures (head, norm, loss) go to the last stage
-        compute = sum(runs * meas.parts[k].forward_s + meas.parts[k].backward_s for k in kinds)
+        compute = sum(meas.parts[k].forward_s + meas.parts[k].backward_s + x for k, (x, _) in zip(kinds, again))
         compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
-        compute += sum(runs * tp_fwd[k][1] + tp_bwd[k][1] + (runs + 1) * 2 * a2a_kernels * (k == "moe")
-                       for k in kinds)
-        tp = sum(runs * tp_fwd[k][0] + tp_bwd[k][0] for k in kinds)
-        ep = sum((runs + 1) * 2 * a2a + runs * counts for k in kinds if k == "moe")
+        compute += sum((1 + r) * tp_fwd[k][1] + tp_bwd[k][1] + (2 + r) * 2 * a2a_kernels * (k == "moe")
+                       for k, (_, r) in zip(kinds, again))
+        tp = sum((1 + r) * tp_fwd[k][0] + tp_bwd[k][0] for k, (_, r) in zip(kinds, again))
+        ep = sum((2 + r) * 2 * a2a + (1 + r) * counts for k, (_, r) in zip(kinds, again) if k == "moe")
         stages.append((compute, tp, ep, p2p, kinds, s))
     slowest = max(stages, key=lambda x: sum(x[:4]))
     compute, tp, ep, p2p, kinds, s = slowest
@@ -270,7 +269,8 @@ def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> f
     for p, (n, _) in zip(parts, tensors):
         launches = min(n * ops * kernels.model.seconds(0, 0), p.optimizer_s)
         dense, experts = (p.params - p.expert_params) / plan.dp, p.expert_params / plan.dp_outer
-        out += launches + (p.optimizer_s - launches) * ((dense + experts) / max(p.params, 1) if plan.fsdp else 1)
+        out += launches + (p.optimizer_s - launches) * ((dense + experts) / max(p.params, 1)
+                                                         if plan.fsdp or plan.dist_opt else 1)
     return out
 
 
@@ -285,7 +285,7 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     as the device timeline runs them (overlap.py); under a pipeline all exposed. Expert gradients
     without fsdp: an all-reduce per tensor over dp / ep."""
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
-    compute = exposed = 0.0
+    compute, exposed = accumulate.adds(plan, parts, tensors, kernels), 0.0  # (accumulated microbatches)
     if expert_tensors and not plan.shards_experts:
         compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
         if plan.dp_outer > 1:
@@ -303,7 +303,7 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
         if plan.pp == 1:  # prefetched: what the compute stream cannot hide (overlap.py)
             def coll(dim, primitive, n):
                 return _collective(system, plan, dim, primitive, n * size) if n else 0.0
-            comm, x_comm = m * fsdp_exposed(plan, parts, [d[0] for d in dense], coll), 0.0
+            comm, x_comm = fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m), 0.0
         return compute + comp + x_comp, exposed + comm + x_comm
     grads = params * size
     buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
@@ -322,7 +322,7 @@ def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int,
         return 0.0, 0.0
     gather = [_collective(system, plan, dim, "all_gather", n * size) for n in units]
     scatter = [_collective(system, plan, dim, "reduce_scatter", n * size) for n in units]
-    again, syncs = (m, m) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters
+    again, syncs = (m, 1) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters (the last microbatch)
     gathers, scatters = m * sum(gather) + again * sum(gather[:blocks]), syncs * sum(scatter)
     n_gather, n_scatter = m * len(units) + again * blocks, syncs * len(units)
     launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter + FSDP_UNIT_KERNELS * m * len(units)

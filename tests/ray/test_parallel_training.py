@@ -41,12 +41,18 @@ PLANS = [  # (workload, plan): each kind alone (DDP alone: test_backend.py), the
     ("llama-debug-4", "dp=2,pp=2,stages=2,microbatches=4"),  # interleaved 1F1B: 2 chunks of 1 block per rank
     ("llama-debug", "dp=2,tp=2,sp"),  # sequence parallel
     ("moe-debug", "tp=2,sp"),
+    # gradient accumulation without a pipeline (2 microbatches, one sync: DDP's and FSDP2's), and
+    # torchtitan's selective activation checkpointing (op level; layer level, every 2nd block)
+    ("llama-debug", "dp=2,microbatches=2"),
+    ("moe-debug", "dp=2,ep=2,fsdp,microbatches=2"),
+    ("llama-debug", "dp=2,tp=2,ac=op"),
+    ("llama-debug", "dp=2,ac=layer:2"),
 ]
-ONE_STEP = {"dp=2,pp=2,stages=2,microbatches=4", "dp=2,tp=2,sp", "tp=2,sp"}
+ONE_STEP = {"dp=2,pp=2,stages=2,microbatches=4", "dp=2,tp=2,sp", "tp=2,sp", "dp=2,tp=2,ac=op", "dp=2,ac=layer:2"}
 
 
 FAKE_TOO = ("tp=2", "dp=2,pp=2", "dp=2,tp=2,pp=2,fsdp,recompute", "dp=2,pp=2,stages=2,microbatches=4",
-            "dp=2,tp=2,sp")  # each part of a plan, on fake tensors too
+            "dp=2,tp=2,sp", "dp=2,microbatches=2", "dp=2,tp=2,ac=op")  # each part of a plan, on fake tensors too
 
 
 def workload(name: str):
@@ -168,3 +174,18 @@ def test_breakeven_with_a_plan_probes_only_the_counts_it_takes(cluster8):
     n = result.devices
     assert n is not None and n % 2 == 0  # a100 reaches two h100 within 8 devices
     assert result.verified is (True if n > 2 else None) and (result.below is None) == (n == 2)
+
+
+@pytest.mark.parametrize("text", ["dp=2", "dp=2,fsdp"])
+def test_gradient_accumulation_syncs_once_a_step(cluster8, text):
+    """4 microbatches without a pipeline issue the same gradient collectives as one (DDP's buckets,
+    FSDP2's reduce-scatters: once, in the last backward), and FSDP2 gathers each microbatch."""
+    plan = Parallel.parse(text)
+    cluster8.configure(system_for(plan), clock="virtual")
+    runs = [cluster8.train("llama-debug", parallel=p, steps=1, per_device_batch=BATCH, tensors="fake")
+            for p in (plan, dataclasses.replace(plan, microbatches=4))]
+    counts = [{k: len(v) for k, v in res.per_device[0][0]["spans"].items() if isinstance(v, list)} for res in runs]
+    sync = "reduce_scatter" if plan.fsdp else "all_reduce"
+    assert counts[1][sync] == counts[0][sync] > 0
+    if plan.fsdp:
+        assert counts[1]["all_gather"] == 4 * counts[0]["all_gather"]

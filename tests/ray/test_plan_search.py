@@ -6,8 +6,13 @@ The space run, to keep the test to about a minute of real time: llama-debug on 4
 scale-up domain, global batch 16, every plan `planner.plans` yields and the memory check passes
 except recompute (it only adds a forward pass: at debug size memory never binds, so a recompute
 plan is its plain twin plus that pass) and more than 2 microbatches (more of the same pipeline,
-each slower). That leaves data parallel (DDP's buckets and FSDP2), tensor parallel and pipelines
-alone and combined: 6 plans. bench/plan_vs_runs.py runs all 26 and prints the comparison."""
+each slower) and gradient accumulation without a pipeline (more of the same microbatch). That
+leaves data parallel (DDP's buckets and FSDP2), tensor parallel and pipelines alone and combined:
+6 plans. bench/plan_vs_runs.py runs them all and prints the comparison.
+
+What real trainers do beside them (gradient accumulation without a pipeline, selective
+activation checkpointing) is held to the bench's tolerance: each plan's analytic step within
+MAX_DEV of its fake-tensor run's."""
 
 import pytest
 
@@ -16,13 +21,15 @@ from relay.analytic import planner
 from relay.launch.plan import run_plans
 
 WORKLOAD, BATCH = "llama-debug", 16
+MAX_DEV = 0.10  # |analytic / run - 1|, bench/plan_vs_runs.py's target
 
 
 def test_plan_search_returns_the_plan_fake_runs_find_fastest(cluster8):
     system = System("h100", 4)
     cluster8.configure(system, clock="virtual")
     found = planner.search(system, WORKLOAD, BATCH, top=1000, message_bytes=4)  # the runs move fp32
-    space = [r for r in found.results if not r.plan.recompute and r.plan.n_microbatches <= 2]
+    space = [r for r in found.results if r.plan.ac is None and r.plan.n_microbatches <= 2
+             and (r.plan.pp > 1 or r.plan.microbatches is None)]
     assert len(space) == 6 and {(r.plan.tp > 1, r.plan.pp > 1, r.plan.fsdp) for r in space} >= {
         (False, False, False), (True, False, False), (False, True, False), (False, False, True)}
     assert found.results[0] is space[0]  # the search's best is in the space run
@@ -46,3 +53,21 @@ def test_moe_plans_cost_what_fake_runs_cost(cluster8):
     runs = run_plans(cluster8, "moe-debug", plans, BATCH)
     for p, a, x in zip(MOE_PLANS, analytic, runs):
         assert x["step_s"] == pytest.approx(a.step_s, rel=0.02), (p, a.step_s, x["step_s"])
+
+
+@pytest.mark.parametrize("workload,texts", [
+    ("llama-debug", ["dp=4,microbatches=4", "dp=4,fsdp,microbatches=2", "dp=2,tp=2,microbatches=2", "dp=4,ac=op",
+                     "dp=2,tp=2,ac=op", "dp=4,ac=layer:2"]),
+    ("moe-debug", ["dp=4,ep=2,microbatches=2", "dp=4,ep=2,ac=op"]),
+])
+def test_accumulation_and_selective_checkpointing_steps_match_fake_runs(cluster8, workload, texts):
+    """m microbatches' forward and backward then one gradient sync (DDP's buckets overlapping the
+    last backward only, FSDP2 gathering each microbatch); the op policy's recompute without the
+    kept ops, every 2nd block recomputed whole."""
+    system = System("h100", 4)
+    cluster8.configure(system, clock="virtual")
+    plans = [Parallel.parse(t) for t in texts]
+    runs = run_plans(cluster8, workload, plans, BATCH)
+    for plan, run in zip(plans, runs):
+        analytic = planner.cost(system, workload, plan, BATCH, message_bytes=4)
+        assert analytic.step_s == pytest.approx(run["step_s"], rel=MAX_DEV), plan

@@ -19,7 +19,10 @@ LLAMA, MOE = get("llama-debug").config, get("moe-debug").config
     (dict(tp=1.5), r"parallel: tp = 1.5 is invalid"),
     (dict(pp=True), r"parallel: pp = True is invalid"),
     (dict(fsdp="yes", dp=2), r"parallel: fsdp = 'yes' is invalid; give True or False"),
-    (dict(microbatches=4), r"parallel: microbatches = 4 needs a pipeline; set pp > 1"),
+    (dict(ac="selective"), r"parallel: ac = 'selective' is invalid; give full, op or layer:N"),
+    (dict(ac="layer:0"), r"parallel: ac = 'layer:0' is invalid; give full, op or layer:N \(every Nth block"),
+    (dict(recompute=True, ac="op"), r"parallel: recompute \(full activation checkpointing\) and ac = op are two"),
+    (dict(dp=2, fsdp=True, dist_opt=True), r"parallel: dist_opt shards the optimizer state over dp, and fsdp"),
     (dict(pp=2, microbatches=0), r"parallel: microbatches = 0 is invalid"),
     (dict(stages=2), r"parallel: stages = 2 interleaves a pipeline's chunks and pp = 1; set pp > 1"),
     (dict(pp=2, stages=0), r"parallel: stages = 0 is invalid; give model chunks per pipeline rank >= 1"),
@@ -39,6 +42,8 @@ def test_bad_fields_name_the_field_the_value_and_the_fix(fields, match):
     (Parallel(tp=8), 8, 8, LLAMA, 8, r"tp = 8 does not divide n_heads = 4"),
     (Parallel(pp=4), 4, 4, LLAMA, 8, r"pp = 4 > n_layers = 2; give each stage a block"),
     (Parallel(pp=2, microbatches=3), 2, 2, LLAMA, 8, r"microbatches = 3 does not divide the batch of a replica"),
+    (Parallel(dp=2, microbatches=3), 2, 2, LLAMA, 4, r"microbatches = 3 does not divide the batch of a replica "
+                                                     r"\(4 samples\)"),
     (Parallel(dp=2, ep=2), 2, 2, LLAMA, 8, r"ep = 2 needs a mixture of experts"),
     (Parallel(dp=8, ep=8, tp=1), 8, 8, MOE.__class__(**{**MOE.__dict__, "n_experts": 12}), 8,
      r"ep = 8 does not divide n_experts = 12"),
@@ -61,6 +66,19 @@ def test_plans_that_fit_pass():
     Parallel(dp=8).check(8, 1, None, 8)  # data parallel takes any model, across domains
     Parallel(pp=2, stages=2, tp=2, sp=True).check(4, 4, replace(LLAMA, n_layers=4), 8)
     Parallel(pp=4, stages=2, microbatches=10).check(4, 4, replace(LLAMA, n_layers=8), 10)  # 2 rounds of 5
+    Parallel(dp=2, microbatches=4).check(2, 2, None, 8)  # gradient accumulation needs no pipeline
+
+
+def test_activation_checkpointing_spellings_and_recompute_are_one_setting():
+    assert Parallel.parse("dp=2,recompute") == Parallel(dp=2, ac="full") == Parallel.parse("dp=2,ac=full")
+    assert str(Parallel(dp=2, ac="full")) == "dp=2,recompute"  # the bare word stays the printed form
+    for text in ("dp=2,ac=op", "dp=2,ac=layer:2", "dp=2,dist_opt", "dp=2,microbatches=4"):
+        assert str(Parallel.parse(text)) == text and Parallel.parse(text) == Parallel.parse(str(Parallel.parse(text)))
+    p = Parallel.parse("dp=2,ac=layer:3")
+    assert (p.ac_mode, p.ac_every, p.recompute) == ("layer", 3, False)
+    assert (Parallel().ac_mode, Parallel(ac="op").ac_mode, Parallel(recompute=True).ac_mode) == ("none", "op", "full")
+    with pytest.raises(ConfigError, match=r"dist_opt \(the distributed optimizer\) is modelled by `relay plan` only"):
+        TrainConfig(workload="llama-debug", parallel="dp=2,dist_opt")
 
 
 def test_parse_reads_the_command_line_form_and_prints_it_back():

@@ -176,9 +176,11 @@ def test_relay_plan_refuses_a_plan_over_the_hbm(capsys):
 
 def test_relay_plan_refuses_what_the_plan_model_does_not_cost(capsys):
     assert main(["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--parallel",
-                 "dp=2,tp=2,sp"]) == 2
-    assert "the plan model does not cost virtual stages (stages=) nor sequence parallel (sp)" in \
-        capsys.readouterr().err
+                 "dp=2,pp=2,stages=2"]) == 2
+    assert "the plan model does not cost virtual stages (stages=)" in capsys.readouterr().err
+    assert main(["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--parallel",
+                 "dp=2,tp=2,sp"]) == 0
+    assert "sp: its memory modelled" in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")  # the token ids need no gradient

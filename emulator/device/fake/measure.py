@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_map
 
+from relay.device.fake.blockops import BlockOps
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import ITEMSIZE, CostModel
 from relay.kernels.throttle import Throttle
@@ -177,6 +178,9 @@ class Block:
     activations: float  # bytes autograd saves in the forward pass, at the emulated dtype
     params: int  # parameters
     expert_params: int  # of which experts'
+    ac_saved_s: float = 0.0  # forward seconds of the ops selective op checkpointing keeps (blockops.py)
+    ac_saved_bytes: float = 0.0  # bytes of their outputs, at the emulated dtype
+    norm_bytes: float = 0.0  # of `activations`, bytes autograd saves inside the blocks' norms
 
 
 def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str) -> Block:
@@ -184,20 +188,24 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
     model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
     size = ITEMSIZE[dtype]
     held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
+    saved, norms = {}, {}
 
     def pack(t):  # memory()'s rule: each storage once, floating ones at the emulated dtype
         key = StorageWeakRef(t.untyped_storage())
-        if key not in held:
+        if key not in held and key not in saved:
             saved[key] = t.untyped_storage().nbytes() // t.element_size() * (
                 size if t.is_floating_point() else t.element_size())
+            if ops.norm:
+                norms[key] = saved[key]
         return t
 
     throttle = Throttle(CostModel(chip, dtype), VirtualLane())
+    ops = BlockOps(throttle, size)
+    ops.attach(model)
     with mode:
         opt = Optimizer(optimizer, model.parameters(), wl.lr)
         with throttle:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with ops, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = wl.loss(model, batch)
             forward_s = throttle.emulated_s
             loss.backward()
@@ -205,4 +213,5 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
             opt.step()
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     return Block(forward_s, backward_s, throttle.emulated_s - forward_s - backward_s, sum(saved.values()),
-                sum(p.numel() for p in model.parameters()), experts)
+                sum(p.numel() for p in model.parameters()), experts, ops.saved_s, ops.saved_bytes,
+                sum(norms.values()))

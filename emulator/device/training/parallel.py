@@ -35,6 +35,7 @@ from relay.device.training import experts as experts_plan
 from relay.device.training import plans
 from relay.parallel import DIMS
 from relay.trainer import Optimizer, TrainConfig
+from relay.workloads import checkpoint
 from relay.workloads.moe import MoE, only_experts
 from relay.workloads.routing import balanced
 
@@ -86,9 +87,8 @@ class _Model:
             mine = list(part.blocks.values() if plan.pp > 1 else part.blocks) if hasattr(part, "blocks") else []
             if plan.tp > 1:
                 plans.tensor_parallel(mine, tp_mesh, plan.tp, plan.sp)
-            if plan.recompute:
-                plans.recompute(mine)
             blocks += mine
+        checkpoint.apply(blocks, plan)  # (layer:N counts the device's blocks over its chunks)
         self.parts = parts  # the unwrapped modules: their state is the weights this device holds
         held = {id(p) for part in parts for p in part.parameters()}
         experts = [p for p in experts if id(p) in held]  # (its pipeline stages' experts only)
@@ -113,11 +113,18 @@ class _Model:
 
     def step(self, loss_fn, batch) -> list:
         """Forward and backward of one replica's batch; the losses this device has (the last
-        pipeline stage's, one per microbatch)."""
+        pipeline stage's, one per microbatch). Without a pipeline, `batch` is the list of its
+        microbatches (gradient accumulation): each one's forward and backward, the gradients
+        synchronised over the replicas in the last one's backward only (DDP's no_sync, FSDP2's
+        set_requires_gradient_sync), each loss scaled by 1 / microbatches so that the gradients
+        are the mean over the replica's batch."""
         if self.schedule is None:
-            loss = loss_fn(self.module, batch)
-            loss.backward()
-            losses = [loss]
+            losses = []
+            for i, micro in enumerate(batch):
+                self._sync_gradients(i == len(batch) - 1)
+                loss = loss_fn(self.module, micro)
+                (loss / len(batch) if len(batch) > 1 else loss).backward()
+                losses.append(loss)
         else:
             idx, targets = batch
             losses = []
@@ -136,6 +143,22 @@ class _Model:
         if self.experts:
             experts_plan.sync_experts(self.experts, self.expert_group, self.plan.dp)
         return losses
+
+    def _sync_gradients(self, sync: bool) -> None:
+        if self.buckets is not None:
+            self.buckets.sync = sync
+        elif self.plan.fsdp and self.plan.dp > 1:
+            for part in self.parts:
+                part.set_requires_gradient_sync(sync)
+
+
+def microbatches(batch, m: int) -> list:
+    """A replica's batch (a tensor or a tuple of them, samples first) as m equal microbatches."""
+    if m == 1:
+        return [batch]
+    if isinstance(batch, (tuple, list)):
+        return [type(batch)(parts) for parts in zip(*(t.chunk(m) for t in batch))]
+    return list(batch.chunk(m))
 
 
 def _train(dev, job: Job, config: TrainConfig) -> dict:
@@ -252,6 +275,8 @@ def _steps(dev, job: Job, config: TrainConfig, ctx, meshes: tuple, mode) -> dict
             batch = next(data)
             if mode is not None:
                 batch = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+            if m.schedule is None:  # (the pipeline's schedule splits its own)
+                batch = microbatches(batch, config.parallel.n_microbatches)
         r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
         n0, e0, w0 = len(engine.spans), engine.exposed_s, engine.recv_wait_s
         engine.mark("start")

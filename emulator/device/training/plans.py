@@ -13,7 +13,8 @@ device, on the plan's one DeviceMesh (pp, dp / ep, ep, tp) over the `relay` back
   stream are split along the sequence (SequenceParallel), gathered into attention and the
   feed-forward (PrepareModuleInput) and reduce-scattered out of them (RowwiseParallel to
   Shard(1)); each run of blocks takes the whole sequence in and gives it back whole;
-* recompute: each block's forward under `torch.utils.checkpoint` (non-reentrant);
+* activation checkpointing (`ac`: full, torchtitan's selective op and layer modes): each chosen
+  block's forward under `torch.utils.checkpoint` (non-reentrant), workloads/checkpoint.py;
 * data parallel (dp): FSDP2 (`fully_shard` on each block, then the root) with `fsdp`; otherwise
   DDP's algorithm (`Buckets`: bucketed asynchronous all_reduce during backward), since torch's
   DDP takes neither DTensor parameters nor fake tensors. Under expert parallelism a layer's
@@ -47,7 +48,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from relay.workloads.llama import SwiGLU
 from relay.workloads.moe import MLA, Experts
@@ -87,7 +87,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-# ---------------------------------------------------------------- tensor parallel, recompute
+# ---------------------------------------------------------------- tensor parallel
 def tensor_parallel(blocks, mesh, tp: int, sp: bool = False) -> None:
     """Megatron's pairing on each block: column-wise in, row-wise out, so each block's attention
     and feed-forward cost one all-reduce each way (with `sp`: an all-gather in and a
@@ -150,20 +150,6 @@ class _SharedKey:
         return torch.cat([kv, k_pe], dim=-1)
 
 
-def recompute(blocks) -> None:
-    """Activation checkpointing: each block keeps only its input and reruns its forward in backward."""
-    for block in blocks:
-        block.forward = _Recompute(block.forward)
-
-
-class _Recompute:
-    def __init__(self, forward):
-        self.forward = forward
-
-    def __call__(self, *args):
-        return checkpoint(self.forward, *args, use_reentrant=False)
-
-
 # ---------------------------------------------------------------- data parallel
 def data_parallel(modules: list, blocks: list, plan, mesh, ignored: list, bucket_mb: float, expert_mesh=None):
     """FSDP2 over the replicas with `fsdp` (each block, then each of this device's modules: its
@@ -213,8 +199,11 @@ class Buckets:
     def reset(self) -> None:
         self.waiting = [len(b) for b in self.buckets]
         self.sent: list = []  # (work, flat) per bucket launched, in bucket order
+        self.sync = True  # False: gradients accumulate, nothing sent (DDP's no_sync)
 
     def _ready(self, p) -> None:
+        if not self.sync:
+            return
         self.waiting[self.where[p]] -= 1
         while len(self.sent) < len(self.buckets) and self.waiting[len(self.sent)] == 0:
             self._launch(len(self.sent))

@@ -1,0 +1,28 @@
+"""Gradient accumulation in the plan search (planner.py): the microbatch counts a plan may run,
+with or without a pipeline. Without one, a replica runs its m microbatches' forward and backward
+one after the other and synchronises its gradients once, in the last backward (DDP's no_sync,
+FSDP2's set_requires_gradient_sync; device/training/parallel.py), so that any dp dividing the
+global batch over the micro-batch size takes the same global batch."""
+
+from __future__ import annotations
+
+MICRO_BATCHES = (1, 2, 4)  # samples per microbatch the search tries
+
+
+def microbatch_counts(replica: int, pp: int) -> list:
+    """Microbatches per step of a replica of `replica` samples: under a pipeline, those of
+    MICRO_BATCHES samples, at least pp; without one, its whole batch at once (None) and each
+    accumulation of MICRO_BATCHES samples."""
+    counts = sorted({replica // mb for mb in MICRO_BATCHES if replica % mb == 0 and replica // mb >= max(pp, 2)})
+    return counts if pp > 1 else [None, *counts]
+
+
+def adds(plan, parts, tensors, kernels) -> float:
+    """Emulated seconds of adding each microbatch's gradients after the first into the held ones
+    (autograd's AccumulateGrad; FSDP2's unsharded accumulation likewise): one add per parameter
+    tensor, reading two and writing one of its elements. Without a pipeline only (a pipeline's
+    schedule is calibrated as a whole). `parts`, `tensors`, `kernels`: as planner._data_parallel's."""
+    m = plan.n_microbatches
+    if plan.pp > 1 or m == 1:
+        return 0.0
+    return (m - 1) * kernels.seconds(sum(n for n, _ in tensors), 3 * sum(p.params for p in parts))

@@ -1,0 +1,52 @@
+"""What a device's blocks keep for backward under a plan, and what their recompute costs: the
+part of the memory model (footprint.py) and of the plan's step (planner.py) that activation
+checkpointing (Parallel's `ac`, workloads/checkpoint.py) and sequence parallelism (`sp`) change.
+From the measured blocks (footprint.Part), as the runs do it (device/training/plans.py):
+
+    no checkpointing   a block keeps what autograd saves (`activations`)
+    full               its input only (s b d at the emulated dtype), and reruns its forward
+    op (selective)     its input and the outputs of the ops the op policy keeps (`ac_saved_bytes`),
+                       and reruns the forward except those ops (forward_s - ac_saved_s)
+    layer:N            every Nth block of the device full, the others none
+While a checkpointed block runs its backward its whole activations are live again: the largest
+such block is added once (Korthikanti et al. 2022, section 5: "the memory needed to store the
+activations of a single layer" on top of the stored inputs).
+
+Sequence parallel divides what the blocks' norms save by tp (`norm_bytes`: plans.py runs them on
+1 / tp of the sequence); the rest of a block is tensor parallel's (the gathered inputs of the
+column-wise layers are saved whole by DTensor, where Megatron saves its shard and gathers it
+again in backward).
+"""
+
+from __future__ import annotations
+
+from relay.workloads import checkpoint
+
+
+def block_activations(plan, part) -> float:
+    """Bytes one block (a footprint.Part) saves for backward in one microbatch's forward, without
+    checkpointing, under the plan's sequence parallelism."""
+    return part.activations - (part.norm_bytes * (1 - 1 / plan.tp) if plan.sp else 0.0)
+
+
+def kept(plan, blocks: list, held: float, block_input: float) -> float:
+    """Bytes the device's `blocks` (in order) hold at its peak, `held` microbatches in flight:
+    per block what it keeps, and one checkpointed block's whole activations while it recomputes."""
+    per_mb, live = 0.0, 0.0
+    for i, b in enumerate(blocks):
+        how = checkpoint.recomputed(plan, i)
+        if how == "none":
+            per_mb += block_activations(plan, b)
+            continue
+        per_mb += block_input + (b.ac_saved_bytes if how == "op" else 0.0)
+        live = max(live, block_activations(plan, b))
+    return held * per_mb + live
+
+
+def rerun(plan, i: int, part) -> tuple[float, int]:
+    """Block `i` of the device in backward: (emulated seconds of the forward it reruns, 1 if it
+    reruns its forward's collectives else 0). The op policy keeps no all-reduce nor all-to-all."""
+    how = checkpoint.recomputed(plan, i)
+    if how == "none":
+        return 0.0, 0
+    return (part.forward_s - part.ac_saved_s if how == "op" else part.forward_s), 1
