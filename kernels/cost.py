@@ -39,7 +39,9 @@ _FREE = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_s
          torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
          # metadata queries, which fake tensors answer through the dispatcher: no kernel runs
          torch.ops.prim.device, torch.ops.prim.layout, torch.ops.aten.sym_size, torch.ops.aten.sym_stride,
-         torch.ops.aten.sym_numel, torch.ops.aten.sym_storage_offset}
+         torch.ops.aten.sym_numel, torch.ops.aten.sym_storage_offset,
+         # profiler markers (record_function, which FSDP2's hooks open and close): no kernel
+         torch.ops.profiler._record_function_enter_new, torch.ops.profiler._record_function_exit}
 # Functional collectives (DTensor's, the expert all-to-all) whose GPU kernel is the collective
 # itself, on the communication stream (charged there, by the engine): their output is allocated
 # empty, and waiting for one (wait_tensor) is a stream wait, no kernel. (all_reduce and broadcast

@@ -12,10 +12,11 @@ compute stream's work, as on a GPU.
     event e     a stream's time when the event was recorded (`events[e]`)
 
 A kernel of cost c on stream s is issued at the host's time, starts at max(that, streams[s]) and
-ends c later; issuing it costs the host min(launch, c) (its cost already holds the launch). On one stream the host is never behind the stream (it
-pays at most what the stream does), so the stream's time is the sum of the costs, to the bit, as
-a single compute lane's. The host's lead is bounded as a GPU's launch queue bounds it: a kernel
-cannot be issued before the one `queue_depth` kernels earlier on its stream has started.
+ends c later; issuing it costs the host min(launch, c) (its cost already holds the launch). On
+one stream the host is never behind the stream (it pays at most what the stream does), so the
+stream's time is the sum of the costs, to the bit, as a single compute lane's. The host's lead
+is bounded as a GPU's launch queue bounds it: a kernel cannot be issued before the one
+`queue_depth` kernels earlier on its stream has started.
 
 Host-blocking calls (`.item()`, `synchronize`) join the host to the stream(s) they wait for.
 What the engine reads as "the compute lane" (`scheduled`, `now`, `advance_to`) is the *current*

@@ -55,9 +55,8 @@ BUCKET_MB = TrainConfig.bucket_mb  # the runs' gradient buckets, MB (TrainConfig
 OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of relay.trainer.Optimizer.step
 # Kernels the cost model charges (a launch each, plus the bytes they touch) besides the model's own
 # ops, counted on llama-debug's aten ops with a TorchDispatchMode on the devices (docs/design.md):
-FSDP_GATHER_KERNELS = 6  # per FSDP2 all-gather: copy-in, copy-out, and 4 record_function markers
-FSDP_SCATTER_KERNELS = 3  # per reduce-scatter: chunk_cat and 2 markers
-FSDP_UNIT_KERNELS = 14  # per FSDP2 unit and microbatch: its hooks' record_function markers
+FSDP_GATHER_KERNELS = 2  # per FSDP2 all-gather: copy-in, copy-out
+FSDP_SCATTER_KERNELS = 1  # per reduce-scatter: chunk_cat
 FUNCOL_KERNELS = 1  # per functional all-reduce (DTensor's): its clone of the input; the others launch none
 TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
 
@@ -185,7 +184,6 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size, kernels)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
-    a2a_kernels = 0.0  # (a functional all-to-all launches no kernel on the compute stream)
     # and before the dispatch, the token counts per expert (int64), once per forward pass
     counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
     p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
@@ -198,8 +196,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         # the embedding's lookup is cheap: the base's figures (head, norm, loss) go to the last stage
         compute = sum(meas.parts[k].forward_s + meas.parts[k].backward_s + x for k, (x, _) in zip(kinds, again))
         compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
-        compute += sum((1 + r) * tp_fwd[k][1] + tp_bwd[k][1] + (2 + r) * 2 * a2a_kernels * (k == "moe")
-                       for k, (_, r) in zip(kinds, again))
+        compute += sum((1 + r) * tp_fwd[k][1] + tp_bwd[k][1] for k, (_, r) in zip(kinds, again))
         tp = sum((1 + r) * tp_fwd[k][0] + tp_bwd[k][0] for k, (_, r) in zip(kinds, again))
         ep = sum((2 + r) * 2 * a2a + (1 + r) * counts for k, (_, r) in zip(kinds, again) if k == "moe")
         stages.append((compute, tp, ep, p2p, kinds, s))
@@ -301,8 +298,7 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
         experts = [p.expert_params for p in parts if p.expert_params] if plan.shards_experts else []
         x_comp, x_comm = _fsdp(system, plan, "dp_outer", experts, len(experts), size, kernels, m)
         if plan.pp == 1:  # prefetched: what the compute stream cannot hide (overlap.py)
-            def coll(dim, primitive, n):
-                return _collective(system, plan, dim, primitive, n * size) if n else 0.0
+            coll = lambda dim, primitive, n: _collective(system, plan, dim, primitive, n * size)  # noqa: E731
             comm, x_comm = fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m), 0.0
         return compute + comp + x_comp, exposed + comm + x_comm
     grads = params * size
@@ -325,7 +321,7 @@ def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int,
     again, syncs = (m, 1) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters (the last microbatch)
     gathers, scatters = m * sum(gather) + again * sum(gather[:blocks]), syncs * sum(scatter)
     n_gather, n_scatter = m * len(units) + again * blocks, syncs * len(units)
-    launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter + FSDP_UNIT_KERNELS * m * len(units)
+    launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter
     return kernels.seconds(launches, 2 * sum(units) * (n_gather + n_scatter) / len(units)), gathers + scatters
 
 
