@@ -110,9 +110,6 @@ def cmd_plan(args) -> int:
              if args.confirm else ""))
     if args.parallel:
         plan = Parallel.parse(args.parallel)
-        if plan.interleaved:  # emulator/analytic/planner.py costs 1F1B
-            raise ConfigError(f"--parallel {plan}: the plan model does not cost virtual stages (stages=); drop "
-                              "them, or run the plan (relay run --parallel)")
         if batch % plan.dp:
             raise ConfigError(f"--global-batch = {batch} is not a multiple of dp = {plan.dp}; give a batch that "
                               "every replica gets an equal share of")

@@ -27,7 +27,7 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace, fields
 from pathlib import Path
 
 from tabulate import tabulate
@@ -51,11 +51,11 @@ RECOMPUTES = ("none", "full", "selective")
 # approximates each False one by the nearest plan it can cost, and says so on the row; set an
 # entry True when the planner learns the feature and `layout` passes the row's value through.
 PLANNER_COSTS = {
-    "stages": False,  # virtual pipeline stages (interleaved 1F1B): relay plan refuses stages=
+    "stages": True,  # virtual pipeline stages (interleaved 1F1B)
     "cp": False,  # context parallel: no Parallel dimension yet (True passes cp= to Parallel)
-    "fp8": False,  # FP8 compute: the plan model costs the emulated dtype bf16
-    "selective": False,  # selective recompute: Parallel.recompute is all blocks or none
-    "accumulation": False,  # gradient accumulation without a pipeline: pp = 1 runs one micro-batch
+    "fp8": True,  # FP8 compute (torchao's float8 Linear GEMMs)
+    "selective": True,  # selective recompute, as torchtitan's op policy (ac=op)
+    "accumulation": True,  # gradient accumulation without a pipeline (microbatches with pp = 1)
 }
 
 
@@ -165,23 +165,36 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     if row.stages > 1:
         if costs["stages"]:
             stages = row.stages
+            layers = config_of(row.workload, row.seq_len).n_layers
+            if layers % (row.pp * row.stages):
+                out.append(f"{layers} blocks in {row.pp * row.stages} uneven chunks (Megatron's split) costed as "
+                           "even ones")
         else:
             out.append(f"{row.stages} virtual stages run as plain 1F1B")
     microbatches, per_replica = None, row.global_batch // dp
     if row.pp > 1:
         microbatches = max(per_replica // row.micro_batch, 1)
-    elif per_replica != row.micro_batch and not costs["accumulation"]:
+    elif per_replica != row.micro_batch and costs["accumulation"]:
+        microbatches = max(per_replica // row.micro_batch, 1)
+    elif per_replica != row.micro_batch:
         out.append(f"{row.global_batch // row.dp // row.micro_batch} accumulated micro-batches of "
                    f"{row.micro_batch} run as one of {per_replica} samples")
-    if row.recompute == "selective" and not costs["selective"]:
+    ac = None
+    if row.recompute == "selective" and costs["selective"]:
+        ac = "op"
+        if "torchtitan" not in row.source:
+            out.append("the source's selective recompute run as torchtitan's op policy (ac=op)")
+    elif row.recompute == "selective":
         out.append("selective recompute run as none")
+    # Megatron (Megatron-Bridge, NeMo) runs its distributed optimizer (ZeRO-1) by default
+    dist_opt = not row.fsdp and dp > 1 and ("Megatron" in row.source or "docs.nvidia.com/nemo" in row.source)
     dtype = row.precision
     if row.precision == "fp8" and not costs["fp8"]:
         dtype = "bf16"
         out.append("FP8 run as BF16")
     cp = {"cp": row.cp} if costs["cp"] and row.cp > 1 else {}
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
-                    recompute=row.recompute == "full", stages=stages, **cp)
+                    recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, **cp)
     return Layout(plan, dtype, seq_len, devices, tuple(out))
 
 
@@ -212,9 +225,11 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     extras = tuple(e for e in row.extras if not e.startswith(MODELLED))
     out = {"row": row, "approximations": lay.approximations, "extras": extras}
     system = system_of(row, lay.devices)
-    try:
-        lay.plan.check(system.devices, system.domain, config_of(row.workload, lay.seq_len),
-                       row.global_batch // lay.plan.dp)
+    c = config_of(row.workload, lay.seq_len)
+    try:  # (uneven virtual chunks, which Parallel.check refuses, are costed as even: see layout)
+        uneven = lay.plan.interleaved and c.n_layers % (lay.plan.pp * lay.plan.n_stages)
+        (replace(lay.plan, stages=None) if uneven else lay.plan).check(system.devices, system.domain, c,
+                                                                         row.global_batch // lay.plan.dp)
     except ConfigError as e:
         return {**out, "not_run": str(e)}
     kw = dict(dtype=lay.dtype, seq_len=lay.seq_len)

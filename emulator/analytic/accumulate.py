@@ -1,7 +1,7 @@
 """Gradient accumulation in the plan search (planner.py): the microbatch counts a plan may run,
 with or without a pipeline. Without one, a replica runs its m microbatches' forward and backward
-one after the other and synchronises its gradients once, in the last backward (DDP's no_sync,
-FSDP2's set_requires_gradient_sync; device/training/parallel.py), so that any dp dividing the
+one after the other; DDP synchronises its gradients once, in the last backward (no_sync), FSDP2
+reduce-scatters each microbatch's into the shards (as torchtitan; device/training/parallel.py), so that any dp dividing the
 global batch over the micro-batch size takes the same global batch."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ def microbatch_counts(replica: int, pp: int) -> list:
 
 def adds(plan, parts, tensors, kernels) -> float:
     """Emulated seconds of adding each microbatch's gradients after the first into the held ones
-    (autograd's AccumulateGrad; FSDP2's unsharded accumulation likewise): one add per parameter
-    tensor, reading two and writing one of its elements. Without a pipeline only (a pipeline's
+    (autograd's AccumulateGrad; under FSDP2, into the shards after each reduce-scatter): one add
+    per parameter tensor, reading two and writing one of its (held) elements. Without a pipeline only (a pipeline's
     schedule is calibrated as a whole). `parts`, `tensors`, `kernels`: as planner._data_parallel's."""
     m = plan.n_microbatches
     if plan.pp > 1 or m == 1:
         return 0.0
-    return (m - 1) * kernels.seconds(sum(n for n, _ in tensors), 3 * sum(p.params for p in parts))
+    held = sum(p.params for p in parts) / (plan.dp if plan.fsdp else 1)
+    return (m - 1) * kernels.seconds(sum(n for n, _ in tensors), 3 * held)

@@ -22,8 +22,8 @@ rank's blocks, at most v x the microbatches), activation checkpointing and seque
 mode that and the kept ops' outputs, and one block's activations are live while it is
 recomputed; sp divides the norms' saved tensors by tp), FSDP (parameters, gradients and optimizer
 state divided by the replicas, experts by the dp / ep replicas that hold them, plus one block
-gathered whole; with gradient accumulation and no pipeline, whole gradients until the last
-microbatch's sync), the distributed optimizer (`dist_opt`: optimizer state alone divided so), and
+gathered whole; with gradient accumulation each microbatch reduce-scatters, as torchtitan
+runs it), the distributed optimizer (`dist_opt`: optimizer state alone divided so), and
 the 2 + 2 + 12 bytes per parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
 Gradient accumulation without a pipeline holds one microbatch's activations.
 
@@ -297,8 +297,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
             act += base.activations  # logits and loss (the embedding's output is small)
         what = " + ".join(x for x in ("embedding" if stage == 0 else "", f"{len(blocks)} blocks",
                                       "head" if stage == plan.pp - 1 else "") if x)
-        # gradient accumulation under FSDP2 without sync: unsharded gradients until the last microbatch
-        grads = params if plan.fsdp and plan.pp == 1 and m > 1 else sharded + gathered
+        grads = sharded + gathered  # (FSDP2 accumulates into the shards: each microbatch reduce-scatters)
         # the distributed optimizer (ZeRO-1) shards the optimizer state as FSDP does, not the rest
         states = (params - experts) / plan.dp + experts / plan.dp_outer if plan.dist_opt else sharded
         fp = Footprint(f"pipeline stage {stage} ({what})" if plan.pp > 1 else f"every device ({what})",

@@ -57,7 +57,7 @@ def fsdp_microbatch(forward: list, backward: list, gathers: list, scatters: list
 
 def fsdp_exposed(plan, parts: list, dense: list, coll, microbatches: int = 1) -> float:
     """The FSDP2 communication the compute stream waits for in a step of `microbatches`
-    accumulated microbatches (each gathers; only the last reduce-scatters), emulated seconds:
+    accumulated microbatches (each gathers and reduce-scatters), emulated seconds:
     parts, the blocks' measured Parts then the root's; dense[i], part i's parameters FSDP2 shards
     over dp (the rest, its experts', over dp_outer); coll(dim, primitive, elements) -> seconds."""
     blocks, base = parts[:-1], parts[-1]
@@ -69,8 +69,4 @@ def fsdp_exposed(plan, parts: list, dense: list, coll, microbatches: int = 1) ->
     r = [coll("dp", "reduce_scatter", n) + coll("dp_outer", "reduce_scatter", e) for n, e in zip(dense, experts)]
     root = (coll("dp", "all_gather", dense[-1]), coll("dp", "reduce_scatter", dense[-1]))
     compute = sum(fwd) + sum(bwd) + base.forward_s + base.backward_s
-    last = fsdp_microbatch(fwd, bwd, g, r, (base.forward_s, base.backward_s), root) - compute
-    if microbatches == 1:
-        return last
-    others = fsdp_microbatch(fwd, bwd, g, [0.0] * len(r), (base.forward_s, base.backward_s), (root[0], 0.0))
-    return (microbatches - 1) * (others - compute) + last
+    return microbatches * (fsdp_microbatch(fwd, bwd, g, r, (base.forward_s, base.backward_s), root) - compute)

@@ -8,8 +8,8 @@ The step of the slowest pipeline stage, all figures emulated seconds:
     per microbatch   t = compute (forward + backward, + forward again with recompute: the
                      fake-tensor measurement of the stage's blocks and its share of the
                      embedding and head) + tensor parallel + expert all-to-all + pipeline p2p
-    pipeline         1F1B: (m + pp - 1) x t_max; the bubble is (pp - 1) x t_max, that is
-                     (pp - 1) / m of the m microbatches' time
+    pipeline         1F1B: (m + pp - 1) x t_max; the bubble is (pp - 1) x t_max (/ v, v times the
+                     p2p, with v virtual stages: Narayanan et al. 2021), (pp - 1) / m of the work
     data parallel    after the pipeline drains, as plans.py runs it (`_data_parallel`)
     optimizer        the measured step of the device's (sharded) parameters (`_optimizer`)
 
@@ -213,7 +213,8 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         held, tensors = [replace(p, expert_params=0) for p in held], [(n, 0) for n, _ in tensors]
     opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
     copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
-    bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max + m * p2p, m * ep, dp)
+    v = plan.n_stages  # interleaved 1F1B: a v-th of the bubble, v times the p2p messages
+    bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max / v + m * v * p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas)
     tokens = global_batch * c.seq_len
@@ -318,7 +319,7 @@ def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int,
         return 0.0, 0.0
     gather = [_collective(system, plan, dim, "all_gather", n * size) for n in units]
     scatter = [_collective(system, plan, dim, "reduce_scatter", n * size) for n in units]
-    again, syncs = (m, 1) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters (the last microbatch)
+    again, syncs = (m, m) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters (each microbatch)
     gathers, scatters = m * sum(gather) + again * sum(gather[:blocks]), syncs * sum(scatter)
     n_gather, n_scatter = m * len(units) + again * blocks, syncs * len(units)
     launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter

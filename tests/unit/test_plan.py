@@ -174,10 +174,21 @@ def test_relay_plan_refuses_a_plan_over_the_hbm(capsys):
     assert "HBM" in err and "GB" in err and "recompute" in err
 
 
-def test_relay_plan_refuses_what_the_plan_model_does_not_cost(capsys):
-    assert main(["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--parallel",
-                 "dp=2,pp=2,stages=2"]) == 2
-    assert "the plan model does not cost virtual stages (stages=)" in capsys.readouterr().err
+def test_virtual_stages_cut_the_bubble_and_multiply_the_p2p():
+    """Interleaved 1F1B with v virtual stages (Narayanan et al. 2021): a v-th of the bubble
+    ((pp - 1) x the slowest microbatch), v times the stage-to-stage messages."""
+    system = System("h100", 8, domain=8)
+    pipe = {v: planner.cost(system, "llama3-8b", Parallel(dp=2, pp=4, microbatches=8, stages=v), 16,
+                            seq_len=2048).breakdown.pipeline for v in (None, 2, 4)}
+    bubble, p2p = (2 * (2 * pipe[None] - pipe[2]) / 3, (2 * pipe[2] - pipe[None]) / (3 * 8))  # from v = 1, 2
+    assert bubble > 0 and p2p > 0
+    assert pipe[4] == pytest.approx(bubble / 4 + 4 * 8 * p2p, rel=1e-9)
+
+
+def test_relay_plan_costs_what_the_plan_model_models(capsys):
+    assert main(["plan", "--chip", "h100", "--devices", "8", "--workload", "llama3-8b", "--parallel",
+                 "dp=2,pp=4,stages=2,microbatches=8", "--global-batch", "16", "--seq-len", "2048"]) == 0
+    assert "dp=2,pp=4,microbatches=8,stages=2" in capsys.readouterr().out
     assert main(["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--parallel",
                  "dp=2,tp=2,sp"]) == 0
     assert "sp: its memory modelled" in capsys.readouterr().out

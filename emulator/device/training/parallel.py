@@ -115,8 +115,9 @@ class _Model:
         """Forward and backward of one replica's batch; the losses this device has (the last
         pipeline stage's, one per microbatch). Without a pipeline, `batch` is the list of its
         microbatches (gradient accumulation): each one's forward and backward, the gradients
-        synchronised over the replicas in the last one's backward only (DDP's no_sync, FSDP2's
-        set_requires_gradient_sync), each loss scaled by 1 / microbatches so that the gradients
+        synchronised over the replicas in the last one's backward only under DDP (no_sync), in
+        every one's under FSDP2 (reduce-scattered into the shards, as torchtitan accumulates:
+        the whole gradients are never held), each loss scaled by 1 / microbatches so that the gradients
         are the mean over the replica's batch."""
         if self.schedule is None:
             losses = []
@@ -147,9 +148,6 @@ class _Model:
     def _sync_gradients(self, sync: bool) -> None:
         if self.buckets is not None:
             self.buckets.sync = sync
-        elif self.plan.fsdp and self.plan.dp > 1:
-            for part in self.parts:
-                part.set_requires_gradient_sync(sync)
 
 
 def microbatches(batch, m: int) -> list:
