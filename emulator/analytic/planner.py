@@ -10,8 +10,7 @@ The step of the slowest pipeline stage, all figures emulated seconds:
                      embedding and head) + tensor parallel + expert all-to-all + pipeline p2p
     pipeline         1F1B: (m + pp - 1) x t_max; the bubble is (pp - 1) x t_max (/ v, v times the
                      p2p, with v virtual stages: Narayanan et al. 2021), (pp - 1) / m of the work
-    data parallel    after the pipeline drains, as plans.py runs it (`_data_parallel`)
-    optimizer        the measured step of the device's (sharded) parameters (`_optimizer`)
+    data parallel, optimizer   as plans.py runs them (`_data_parallel`, `_optimizer`: measured)
 
 Collectives are `predict` closed forms on each group's own System (`group_of`: a group inside
 one scale-up domain runs on its links), algorithm "auto" (the vendor library's choice):

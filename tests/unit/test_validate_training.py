@@ -46,7 +46,8 @@ def test_the_issues_three_rows_are_there_as_published():
 
 def test_layout_names_every_approximation_and_drops_them_when_the_planner_costs_them():
     row = BY_ID["mbridge-h100x1024-llama3-405b-fp8"]  # tp8 pp8 vp8 cp2 dp8, fp8, seq 8192
-    lay = vt.layout(row)
+    unlearnt = {k: False for k in vt.PLANNER_COSTS}
+    lay = vt.layout(row, unlearnt)
     assert (lay.plan.dp, lay.plan.tp, lay.plan.pp, lay.plan.stages, lay.dtype) == (8, 8, 8, None, "bf16")
     assert (lay.seq_len, lay.devices) == (4096, 512)  # one CP rank of each pair, on its half of each sequence
     assert lay.plan.n_microbatches == 512 // 8  # the pipeline keeps the replica's micro-batches under cp
@@ -54,17 +55,20 @@ def test_layout_names_every_approximation_and_drops_them_when_the_planner_costs_
     assert "cp=2 run as one CP rank per group: 512 devices on sequences of 4096 tokens" in text
     assert "8 virtual stages run as plain 1F1B" in text
     assert "FP8 run as BF16" in text
-    learnt = {**vt.PLANNER_COSTS, "stages": True, "fp8": True}
-    full = vt.layout(row, learnt)
-    assert full.plan.stages == 8 and full.dtype == "fp8"
-    assert not any("virtual" in a or "FP8" in a for a in full.approximations)
-    acc = vt.layout(BY_ID["automodel-h100x64-llama3-70b"])  # pp 1, cp 2, GA 4 of micro-batch 1
+    full = vt.layout(row)  # what the planner costs today: virtual stages and FP8 among them
+    assert full.plan.stages == 8 and full.dtype == "fp8" and full.plan.dist_opt  # (Megatron's optimizer)
+    assert not any("virtual stages run" in a or "FP8" in a for a in full.approximations)
+    assert "126 blocks in 64 uneven chunks (Megatron's split) costed as even ones" in full.approximations
+    acc = vt.layout(BY_ID["automodel-h100x64-llama3-70b"], unlearnt)  # pp 1, cp 2, GA 4 of micro-batch 1
     assert acc.plan.recompute and acc.plan.fsdp and acc.plan.microbatches is None
     assert (acc.plan.dp, acc.seq_len, acc.devices) == (64, 8192, 64)  # no pipeline: cp folds into dp
     assert "cp=2 run as 2x data parallel" in acc.approximations[0]
     assert "4 accumulated micro-batches of 1 run as one of 2 samples" in acc.approximations
-    sel = vt.layout(BY_ID["torchtitan-h100x8-llama3-8b"])
+    assert vt.layout(BY_ID["automodel-h100x64-llama3-70b"]).plan.microbatches == 2  # (accumulated, as published)
+    sel = vt.layout(BY_ID["torchtitan-h100x8-llama3-8b"], unlearnt)
     assert not sel.plan.recompute and sel.approximations == ("selective recompute run as none",)
+    sel = vt.layout(BY_ID["torchtitan-h100x8-llama3-8b"])
+    assert sel.plan.ac == "op" and sel.approximations == ()
 
 
 def test_a_bad_row_is_refused_naming_the_row_the_field_and_the_fix(tmp_path):
