@@ -13,7 +13,7 @@ compute stream's work, as on a GPU.
 
 A kernel of cost c on stream s is issued at the host's time, starts at max(that, streams[s]) and
 ends c later; issuing it costs the host min(launch, c) (its cost already holds the launch). On
-one stream the host is never behind the stream (it pays at most what the stream does), so the
+one stream the host is never ahead of the stream (it pays at most what the stream does), so the
 stream's time is the sum of the costs, to the bit, as a single compute lane's. The host's lead
 is bounded as a GPU's launch queue bounds it: a kernel cannot be issued before the one
 `queue_depth` kernels earlier on its stream has started.
@@ -92,11 +92,15 @@ class Timeline:
 
     def reset(self) -> None:
         """Everything back to emulated 0 (relay.dist.restart_clocks)."""
-        self.host = 0.0
+        self.apply("reset")
+
+    def _reset(self) -> float:
+        self.host = 0.0  # (the current stream stays: the program may be inside a stream's block)
         for s in self.streams:
             self.streams[s] = 0.0
         self.events.clear()
         self.starts.clear()
+        return 0.0
 
     def stats(self) -> dict:
         return {"emulated_s": self.measure(), "charged_s": self.charged_s, "overrun_s": 0.0,

@@ -16,17 +16,14 @@ NOT_MODELLED = [
     "the analytic model against fake-tensor runs).",
     "MoE routing is balanced: the planner has no input for routing skew, so the most loaded expert's "
     "slowdown is not in these figures (a skewed router would cost DeepSeek-V3 more on both systems).",
-    "Overlap is as the fake-tensor runs on this host show it (the planner's calibration): DDP's buckets hide behind "
-    "the backward pass (not under a pipeline); FSDP2's gathers and reduce-scatters are fully exposed, since "
-    "FSDP2 on CPU waits for each where it issues it, where a GPU's prefetch would hide much of them, so plans "
-    "with fsdp are charged pessimistically on both sides; tensor-parallel, expert and pipeline messages are "
-    "exposed.",
-    "No gradient accumulation without a pipeline: a plan with pp = 1 runs its replica's whole batch as one "
-    "microbatch, so a count whose data-parallel degree leaves several samples per replica needs a pipeline "
-    "or does not fit.",
+    "Overlap is as the fake-tensor runs on the emulated timeline show it (the planner's calibration): DDP's "
+    "buckets hide behind the backward pass (not under a pipeline); FSDP2's gathers and reduce-scatters are "
+    "prefetched as on a GPU without a pipeline (the host runs ahead of the device), exposed under one; "
+    "tensor-parallel, expert and pipeline messages are exposed.",
     "No failures, checkpoints, stragglers, thermal throttling, network congestion between jobs, or input "
     "pipeline; one step is the steady state.",
-    "FP8 training is not emulated (both sides in BF16); MLA and the MoE blocks are modelled as workloads/ "
+    "Both sides in BF16 (FP8 is emulated, `--precision fp8`, but the 910C has none); MLA and the MoE blocks "
+    "are modelled as workloads/ "
     "builds them; DeepSeek's DualPipe and its all-to-all kernels are not.",
     "Power is the catalog's all-in figure per device times the devices, whatever the load (no idle or "
     "partial-load power); scale-out switches between racks are not added for the multi-rack systems.",

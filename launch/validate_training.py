@@ -27,7 +27,7 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib
-from dataclasses import dataclass, replace, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from tabulate import tabulate
@@ -176,8 +176,11 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
         microbatches = max(per_replica // row.micro_batch, 1)
     elif per_replica != row.micro_batch and costs["accumulation"]:
         microbatches = max(per_replica // row.micro_batch, 1)
+        if per_replica % row.micro_batch:
+            out.append(f"a replica's {per_replica} samples (cp folded into dp) run as {microbatches} accumulated "
+                       "micro-batches")
     elif per_replica != row.micro_batch:
-        out.append(f"{row.global_batch // row.dp // row.micro_batch} accumulated micro-batches of "
+        out.append(f"{max(per_replica // row.micro_batch, 1)} accumulated micro-batches of "
                    f"{row.micro_batch} run as one of {per_replica} samples")
     ac = None
     if row.recompute == "selective" and costs["selective"]:

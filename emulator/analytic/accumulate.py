@@ -1,8 +1,8 @@
 """Gradient accumulation in the plan search (planner.py): the microbatch counts a plan may run,
 with or without a pipeline. Without one, a replica runs its m microbatches' forward and backward
 one after the other; DDP synchronises its gradients once, in the last backward (no_sync), FSDP2
-reduce-scatters each microbatch's into the shards (as torchtitan; device/training/parallel.py), so that any dp dividing the
-global batch over the micro-batch size takes the same global batch."""
+reduce-scatters each microbatch's into the shards (as torchtitan; device/training/parallel.py),
+so that any dp dividing the global batch over the micro-batch size takes the same global batch."""
 
 from __future__ import annotations
 
@@ -25,5 +25,8 @@ def adds(plan, parts, tensors, kernels) -> float:
     m = plan.n_microbatches
     if plan.pp > 1 or m == 1:
         return 0.0
-    held = sum(p.params for p in parts) / (plan.dp if plan.fsdp else 1)
+    experts = sum(p.expert_params for p in parts)
+    dense = sum(p.params for p in parts) - experts
+    held = (dense / plan.dp + experts / plan.dp_outer if plan.shards_experts else dense / plan.dp + experts) \
+        if plan.fsdp else dense + experts  # (as footprint.py holds them)
     return (m - 1) * kernels.seconds(sum(n for n, _ in tensors), 3 * held)

@@ -22,6 +22,8 @@ root), so it is gathered once. Checked against fake-tensor runs (tests/ray/test_
 
 from __future__ import annotations
 
+from relay.analytic import activations
+
 
 def fsdp_microbatch(forward: list, backward: list, gathers: list, scatters: list, head: tuple,
                     root: tuple) -> float:
@@ -61,9 +63,8 @@ def fsdp_exposed(plan, parts: list, dense: list, coll, microbatches: int = 1) ->
     parts, the blocks' measured Parts then the root's; dense[i], part i's parameters FSDP2 shards
     over dp (the rest, its experts', over dp_outer); coll(dim, primitive, elements) -> seconds."""
     blocks, base = parts[:-1], parts[-1]
-    runs = 2 if plan.recompute else 1
     fwd = [p.forward_s for p in blocks]
-    bwd = [p.backward_s + (runs - 1) * p.forward_s for p in blocks]
+    bwd = [p.backward_s + activations.rerun(plan, i, p)[0] for i, p in enumerate(blocks)]  # (and any recompute)
     experts = [p.expert_params * plan.shards_experts for p in blocks]
     g = [coll("dp", "all_gather", n) + coll("dp_outer", "all_gather", e) for n, e in zip(dense, experts)]
     r = [coll("dp", "reduce_scatter", n) + coll("dp_outer", "reduce_scatter", e) for n, e in zip(dense, experts)]

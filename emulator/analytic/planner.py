@@ -284,7 +284,7 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
     compute, exposed = accumulate.adds(plan, parts, tensors, kernels), 0.0  # (accumulated microbatches)
     if expert_tensors and not plan.shards_experts:
-        compute = kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
+        compute += kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
         if plan.dp_outer > 1:
             exposed = expert_tensors * _collective(system, plan, "dp_outer", "all_reduce",
                                                    expert_params * size / expert_tensors)

@@ -124,7 +124,7 @@ class _Device:
                     self.comp.advance_to(self.job_end[arg])
             elif kind == "timeline":
                 gap = self.comp.apply(*arg[0:1], *arg[1])
-                if gap > 0:  # the compute stream waited for a side stream's (FSDP2's) collective
+                if gap > 0:  # the compute stream waited for a side stream (FSDP2's: the plans' only maker of them)
                     self.exposed += gap
                     self.exposed_by["data parallel"] += gap
             elif kind == "mark":
