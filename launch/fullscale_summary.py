@@ -18,7 +18,8 @@ NOT_MODELLED = [
     "slowdown is not in these figures (a skewed router would cost DeepSeek-V3 more on both systems).",
     "Overlap is as the fake-tensor runs on the emulated timeline show it (the planner's calibration): DDP's "
     "buckets hide behind the backward pass (not under a pipeline); FSDP2's gathers and reduce-scatters are "
-    "prefetched as on a GPU without a pipeline (the host runs ahead of the device), exposed under one; "
+    "prefetched as on a GPU (the host runs ahead of the device); under a pipeline the reduce-scatters, sent "
+    "after the schedule, are exposed; "
     "tensor-parallel, expert and pipeline messages are exposed.",
     "No failures, checkpoints, stragglers, thermal throttling, network congestion between jobs, or input "
     "pipeline; one step is the steady state.",

@@ -16,8 +16,10 @@ order, each from max(ready, the lane)):
                then the root's reduce-scatter; the optimizer waits for the last one
 
 The root (embedding, final norm, head) stays gathered after forward (FSDP2 does not reshard the
-root), so it is gathered once. Checked against fake-tensor runs (tests/ray/test_plan_search.py,
-`relay plan --confirm`).
+root), so it is gathered once. Under a pipeline (torch's schedules) a stage's units are gathered
+as in one microbatch's forward and backward (then kept: reshard_after_backward is off until the
+last backward), and every reduce-scatter is sent after the schedule, exposed. Checked against
+fake-tensor runs (tests/ray/test_plan_search.py, `relay plan --confirm`).
 """
 
 from __future__ import annotations
@@ -69,5 +71,7 @@ def fsdp_exposed(plan, parts: list, dense: list, coll, microbatches: int = 1) ->
     g = [coll("dp", "all_gather", n) + coll("dp_outer", "all_gather", e) for n, e in zip(dense, experts)]
     r = [coll("dp", "reduce_scatter", n) + coll("dp_outer", "reduce_scatter", e) for n, e in zip(dense, experts)]
     root = (coll("dp", "all_gather", dense[-1]), coll("dp", "reduce_scatter", dense[-1]))
-    compute = sum(fwd) + sum(bwd) + base.forward_s + base.backward_s
-    return microbatches * (fsdp_microbatch(fwd, bwd, g, r, (base.forward_s, base.backward_s), root) - compute)
+    compute, head = sum(fwd) + sum(bwd) + base.forward_s + base.backward_s, (base.forward_s, base.backward_s)
+    if plan.pp > 1:  # torch's pipelining: gathered as one microbatch gathers, every reduce-scatter after the schedule
+        return fsdp_microbatch(fwd, bwd, g, [0.0] * len(r), head, (root[0], 0.0)) - compute + sum(r) + root[1]
+    return microbatches * (fsdp_microbatch(fwd, bwd, g, r, head, root) - compute)

@@ -279,7 +279,8 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     outlasts the backward exposed) or all after the schedule (pp > 1, exposed); a cat per bucket
     and a copy back per tensor. FSDP2 (`_fsdp`; units: each block, the root, and with ep > 1 each
     MoE block's experts over the dp / ep replicas holding them): without a pipeline, prefetched
-    as the device timeline runs them (overlap.py); under a pipeline all exposed. Expert gradients
+    as the device timeline runs them (overlap.py; under a pipeline the reduce-scatters, sent after
+    the schedule, exposed). Expert gradients
     without fsdp: an all-reduce per tensor over dp / ep."""
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
     compute, exposed = accumulate.adds(plan, parts, tensors, kernels), 0.0  # (accumulated microbatches)
@@ -297,9 +298,8 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
         comp, comm = _fsdp(system, plan, "dp", [d[0] for d in dense if d[0]], len(dense) - 1, size, kernels, m)
         experts = [p.expert_params for p in parts if p.expert_params] if plan.shards_experts else []
         x_comp, x_comm = _fsdp(system, plan, "dp_outer", experts, len(experts), size, kernels, m)
-        if plan.pp == 1:  # prefetched: what the compute stream cannot hide (overlap.py)
-            coll = lambda dim, primitive, n: _collective(system, plan, dim, primitive, n * size)  # noqa: E731
-            comm, x_comm = fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m), 0.0
+        coll = lambda dim, primitive, n: _collective(system, plan, dim, primitive, n * size)  # noqa: E731
+        comm, x_comm = fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m), 0.0  # prefetched (overlap.py)
         return compute + comp + x_comp, exposed + comm + x_comm
     grads = params * size
     buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)

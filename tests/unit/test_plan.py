@@ -234,3 +234,14 @@ def test_relay_plan_confirm_refuses_bad_input_before_any_device(capsys):
     assert "not with --parallel" in capsys.readouterr().err
     assert main([*base, "--confirm", "1", "--seq-len", "16"]) == 2
     assert "--seq-len = 16" in capsys.readouterr().err
+
+
+def test_fsdp2_prefetch_timeline_by_hand():
+    """overlap.fsdp_microbatch on three blocks (forward 2, backward 4, gather 1, reduce-scatter 1,
+    no root): forward, each gather waits for the block before to start, so only the first is
+    exposed (1); backward, the last block's gather follows the forward (exposed, 1), each next
+    one is prefetched as a block starts, and the last reduce-scatter ends after the compute (1)."""
+    from relay.analytic.overlap import fsdp_microbatch
+    assert fsdp_microbatch([2.0] * 3, [4.0] * 3, [1.0] * 3, [1.0] * 3, (0.0, 0.0), (0.0, 0.0)) == 21.0  # 18 + 3
+    # slow gathers (3 > a forward of 2): the lane, not the compute, sets the pace
+    assert fsdp_microbatch([2.0] * 3, [4.0] * 3, [3.0] * 3, [1.0] * 3, (0.0, 0.0), (0.0, 0.0)) == 27.0  # 18 + 9
