@@ -86,3 +86,41 @@ def test_fsdp2_prefetch_overlaps_all_gathers_with_compute_as_by_hand(free_memory
     # well below the communication's total: on one lane (the host never ahead) it was all of it
     assert step["exposed_comm_s"] < 0.5 * step["comm_s"]
     assert step["comm_s"] == pytest.approx(3 * ag + 3 * rs, rel=1e-9)
+
+
+def tp_and_ep_overlap():
+    """A functional all-reduce (tensor parallel's, as DTensor issues it) with an independent GEMM
+    before its result is used, then an async all-to-all (an expert dispatch) with the shared
+    expert's GEMM before its wait. Returns the spans and the compute stream's figures."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    import relay.dist
+    eng = relay.dist.context().engine
+    x, w = torch.randn(B, D), torch.randn(D, D)
+    relay.dist.restart_clocks()
+    y = funcol.all_reduce(x, "sum", dist.group.WORLD)
+    x @ w  # independent of the all-reduce: runs while it is in flight
+    y + 1  # uses its result: waits for it
+    routed = torch.empty_like(x)
+    work = dist.all_to_all_single(routed, x, async_op=True)
+    x @ w  # the shared expert, while the dispatch is in flight
+    work.wait()
+    return {"spans": list(eng.spans), "end": eng.compute.now(), "exposed": eng.exposed_s}
+
+
+def test_tensor_and_expert_parallel_collectives_overlap_compute_as_by_hand(free_memory_h100):
+    cluster, chip = free_memory_h100
+    dev = cluster.launch(tp_and_ep_overlap).per_device[0]["result"]
+    (ar, ar0, ar1, _), (a2a, a0, a1, _) = dev["spans"][-2:]
+    assert (ar, a2a) == ("all_reduce", "all_to_all")
+    gemm = _mm(chip, B, D, D)
+    # by hand: the all-reduce starts at 0 beside the GEMM; the add waits for the later of the two;
+    # the all-to-all is issued then and runs beside the second GEMM; the wait ends at the later
+    assert ar0 == 0.0
+    t = max(gemm, ar1)
+    assert a0 == pytest.approx(t, rel=1e-9)
+    assert dev["end"] == pytest.approx(max(t + gemm, a1), rel=1e-9)
+    hidden = min(gemm, ar1) + min(gemm, a1 - a0)  # communication the GEMMs covered
+    assert dev["exposed"] == pytest.approx((ar1 - ar0) + (a1 - a0) - hidden, rel=1e-6)
+    assert hidden > 0

@@ -27,7 +27,8 @@ class CommThrottle(Throttle):
             return func(*args)
         if self.paused:
             return super().__torch_dispatch__(func, types, args, kwargs)
-        self.engine.wait_for_inputs((args, kwargs))
+        if func is not _WRAP:  # wrapping a collective's output (eager funcol) reads nothing: no wait
+            self.engine.wait_for_inputs((args, kwargs))
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.host_syncs and steers(func):  # .item() and the like: the host waits for the stream
             self.lane.host_sync()
@@ -51,6 +52,7 @@ _DEVICE = torch.ops.prim.device.default
 # their CPU kernels issue them (torch/csrc/distributed/c10d/Functional.cpp): an output made like
 # the input, one process-group call; the op that reads the output waits (Engine.wait_for_inputs).
 _F = torch.ops._c10d_functional
+_WRAP = _F._wrap_tensor_autograd.default
 _REDUCE = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "product": dist.ReduceOp.PRODUCT,
            "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
