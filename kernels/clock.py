@@ -56,6 +56,10 @@ class VirtualLane:
     def reset(self) -> None:
         self.t = 0.0
 
+    def on_default(self) -> bool:
+        """Whether the lane is the compute stream (a lane is one: see kernels/timeline.py)."""
+        return True
+
     def start(self) -> None:
         pass
 
@@ -127,6 +131,9 @@ class WallLane:
     def scheduled(self) -> float:
         """Where the schedule has the lane now, without waiting for it (any thread may ask)."""
         return self.target
+
+    def on_default(self) -> bool:
+        return True
 
     def measure(self) -> float:
         """Emulated time for reporting, as measured: real time since the epoch / dilation, once

@@ -127,17 +127,17 @@ def _local(x):
     return x
 
 
-STEERS: dict = {}  # op -> whether it steers (see steers)
+_STEERS: dict = {}  # op -> whether it steers (see steers)
 
 
 def steers(func) -> bool:
     """Whether an op hands data to Python (.item(), bool(t): torch's data_dependent_output tag)
     or makes an output whose shape depends on data (nonzero, bincount, unique: its
     dynamic_output_shape tag). Only through such ops can the data change which ops run next."""
-    steers = STEERS.get(func)
+    steers = _STEERS.get(func)
     if steers is None:
         tags = getattr(func, "tags", ())
-        steers = STEERS[func] = torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags
+        steers = _STEERS[func] = torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags
     return steers
 
 

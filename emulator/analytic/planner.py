@@ -277,11 +277,11 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets, each all-reduced when its last
     gradient is made in the last microbatch's backward (pp = 1: the last bucket and whatever
     outlasts the backward exposed) or all after the schedule (pp > 1, exposed); a cat per bucket
-    and a copy back per tensor. FSDP2 (`_fsdp`; units: each block, the root, and with ep > 1 each
-    MoE block's experts over the dp / ep replicas holding them): without a pipeline, prefetched
-    as the device timeline runs them (overlap.py; under a pipeline the reduce-scatters, sent after
-    the schedule, exposed). Expert gradients
-    without fsdp: an all-reduce per tensor over dp / ep."""
+    and a copy back per tensor. FSDP2 (units: each block, the root, and with ep > 1 each MoE
+    block's experts over the dp / ep replicas holding them): its kernels (`_fsdp`), its gathers
+    and reduce-scatters prefetched as the device timeline runs them (overlap.py; under a pipeline
+    the reduce-scatters, sent after the schedule, exposed). Expert gradients without fsdp: an
+    all-reduce per tensor over dp / ep."""
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
     compute, exposed = accumulate.adds(plan, parts, tensors, kernels), 0.0  # (accumulated microbatches)
     if expert_tensors and not plan.shards_experts:
@@ -295,12 +295,11 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     params, owned = sum(d[0] for d in dense), sum(d[1] for d in dense)
     if plan.fsdp:
         # units: each block and the root (the stage's embedding, norm and head); each MoE block's experts
-        comp, comm = _fsdp(system, plan, "dp", [d[0] for d in dense if d[0]], len(dense) - 1, size, kernels, m)
         experts = [p.expert_params for p in parts if p.expert_params] if plan.shards_experts else []
-        x_comp, x_comm = _fsdp(system, plan, "dp_outer", experts, len(experts), size, kernels, m)
+        compute += _fsdp(plan, [d[0] for d in dense if d[0]], len(dense) - 1, kernels, m) + \
+            _fsdp(plan, experts, len(experts), kernels, m)
         coll = lambda dim, primitive, n: _collective(system, plan, dim, primitive, n * size)  # noqa: E731
-        comm, x_comm = fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m), 0.0  # prefetched (overlap.py)
-        return compute + comp + x_comp, exposed + comm + x_comm
+        return compute, exposed + fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m)  # (overlap.py)
     grads = params * size
     buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
     each = _collective(system, plan, "dp", "all_reduce", grads / buckets)
@@ -310,19 +309,17 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     return compute, exposed + max(buckets * each - sum(d[2] for d in dense), each)
 
 
-def _fsdp(system, plan: Parallel, dim: str, units: list, blocks: int, size: int, kernels: _Kernels, m: int):
-    """(Compute, communication) of FSDP2 units of `units` parameters over `dim`: each microbatch
-    gathers every unit forward, the first `blocks` again backward, and reduce-scatters each (a
-    pipeline keeps them gathered after the first backward and reduce-scatters once)."""
+def _fsdp(plan: Parallel, units: list, blocks: int, kernels: _Kernels, m: int) -> float:
+    """Emulated seconds of the kernels FSDP2 units of `units` parameters charge around their
+    collectives (copy-in, copy-out, chunk_cat): each microbatch gathers every unit forward, the
+    first `blocks` again backward, and reduce-scatters each (a pipeline keeps them gathered after
+    the first backward and reduce-scatters once). The collectives themselves: overlap.py."""
     if not units:
-        return 0.0, 0.0
-    gather = [_collective(system, plan, dim, "all_gather", n * size) for n in units]
-    scatter = [_collective(system, plan, dim, "reduce_scatter", n * size) for n in units]
+        return 0.0
     again, syncs = (m, m) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters (each microbatch)
-    gathers, scatters = m * sum(gather) + again * sum(gather[:blocks]), syncs * sum(scatter)
     n_gather, n_scatter = m * len(units) + again * blocks, syncs * len(units)
     launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter
-    return kernels.seconds(launches, 2 * sum(units) * (n_gather + n_scatter) / len(units)), gathers + scatters
+    return kernels.seconds(launches, 2 * sum(units) * (n_gather + n_scatter) / len(units))
 
 
 def _collective(system: System, plan: Parallel, dim: str, primitive: str, nbytes: float) -> float:

@@ -123,7 +123,7 @@ class _Device:
                             self.recv_wait += gap
                     self.comp.advance_to(self.job_end[arg])
             elif kind == "timeline":
-                gap = self.comp.apply(*arg[0:1], *arg[1])
+                gap = self.comp.apply(arg[0], *arg[1])
                 if gap > 0:  # the compute stream waited for a side stream (FSDP2's: the plans' only maker of them)
                     self.exposed += gap
                     self.exposed_by["data parallel"] += gap

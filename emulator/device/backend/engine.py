@@ -166,7 +166,7 @@ class Engine(PointToPoint):
         """The compute lane needs a result that is ready at `end`."""
         gap = end - self.compute.scheduled()
         if gap > 0:
-            if getattr(self.compute, "current", 0) == 0:  # a side stream's wait is not the compute's
+            if self.compute.on_default():  # a side stream's wait is not the compute's
                 self.exposed_s += gap
                 if kind == "recv":
                     self.recv_wait_s += gap
@@ -300,7 +300,7 @@ def restart(engine: Engine) -> None:
 
     def run(ready):
         engine.exchange(everyone, [0] * everyone.size)  # a barrier, outside emulated time
-        engine.comm.t = 0.0
+        engine.comm.reset()
         engine.compute.reset()
         engine._writing.clear()
         engine._p2p_ports = Ports()

@@ -1,5 +1,5 @@
 """What a transformer block's forward keeps, beyond what autograd saves for it, for the memory
-model and the plan search (analytic/footprint.py, analytic/training.py): measured on the same
+model and the plan search (analytic/footprint.py, analytic/activations.py): measured on the same
 fake-tensor step as the block's other figures (measure.py's `measure_block`).
 
 * Under torchtitan's selective op checkpointing (workloads/checkpoint.py), the ops whose outputs
