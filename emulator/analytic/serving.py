@@ -1,0 +1,302 @@
+"""Serving a language model on a system: the emulated prefill and decode steps of one device under
+a serving layout, TTFT, TPOT, throughput per device, and memory per device (weights + KV cache +
+activations against the HBM).
+
+Measured, as the plan search's footprint is (footprint.py): models of 0 and 1 block of each kind
+(dense, MoE) run their prefill or one decode step (workloads/inference.py, against a KV cache of
+the step's context) on fake tensors under the throttle, every aten op charged by the cost model;
+a full model's step is base + blocks x (one block - base), exactly (measure.by_layers' method).
+Fake tensors cost what real ones do, to the bit (tests/unit/test_serving.py holds a debug model's
+figures on real and fake tensors equal).
+
+The layout is the one large-scale MoE serving runs (DeepSeek's inference system, SGLang's
+large-scale EP, CloudMatrix-Infer): attention data parallel over `dp` replicas of `tp` devices
+(tp splits the heads and the dense SwiGLU, as Megatron does, and all-reduces their outputs),
+experts spread over `ep` devices, ceil(n_experts / ep) each (one per device at large EP;
+redundant copies beyond n_experts balance the load), each device's tokens dispatched to their
+top-k experts and combined back by an all-to-all over the ep group, shared experts replicated on
+every device. With balanced routing each device receives as many (token, expert) rows as it
+sends: tokens x top_k. Communication times come from the collectives' closed forms on the system
+(`collectives.predict`, the calibrated fabric). `overlap` (default on for MoE models: DeepSeek's
+dual micro-batch overlap, SGLang's two-batch overlap, CloudMatrix-Infer's microbatch pipeline)
+charges each MoE block max(compute, all-to-all) instead of their sum.
+
+Figures: TTFT = one prefill step of `batch` prompts of `input_len` tokens on a replica (no
+queueing); TPOT = one decode step of `batch` sequences at the mean context of the decode
+(input_len + output_len / 2). Throughput per device: prefill batch x input_len / (tp x TTFT),
+decode batch / (tp x TPOT). Units: seconds inside, ms and tokens/s where printed, bytes (GB =
+1e9 bytes where printed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from relay import collectives
+from relay.analytic.footprint import _split_heads
+from relay.errors import ConfigError
+from relay.hardware import chips
+from relay.kernels import moe_ops
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import Throttle
+from relay.workloads import get as get_workload
+from relay.workloads import inference
+from relay.workloads.llama import SwiGLU
+from relay.workloads.moe import Experts
+
+PRECISIONS = {"bf16": 2, "fp8": 1}  # bytes a weight is stored in (fp8: Linear GEMMs in FP8, kernels/fp8.py)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A serving layout: attention replicas x tensor parallel, experts over ep devices."""
+
+    dp: int = 1  # attention data-parallel replicas (each serves its own requests)
+    tp: int = 1  # devices per replica, splitting the heads and the dense SwiGLU
+    ep: int = 1  # devices the routed experts are spread over (1: every device holds all)
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp
+
+    def __str__(self) -> str:
+        return f"dp={self.dp},tp={self.tp},ep={self.ep}"
+
+    @classmethod
+    def parse(cls, text: str, devices: int) -> Layout:
+        """'dp=8,tp=2,ep=16' (missing dp: devices / tp)."""
+        fields = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = part.partition("=")
+            if key not in ("dp", "tp", "ep") or not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--parallel = {text!r}: {part!r} is not dp=N, tp=N or ep=N with N >= 1; "
+                                  "write e.g. dp=320,tp=1,ep=320")
+            fields[key] = int(value)
+        fields.setdefault("dp", max(devices // fields.get("tp", 1), 1))
+        return cls(**fields)
+
+
+def check(layout: Layout, config, devices: int) -> None:
+    """Refuses a layout the model or the system cannot run, naming the field, the value and a fix."""
+    if layout.devices != devices:
+        raise ConfigError(f"--parallel {layout}: dp x tp = {layout.devices} devices, but the system has {devices}; "
+                          f"make dp x tp = {devices} (or --devices {layout.devices})")
+    heads = [config.n_heads] + ([config.n_kv_heads] if getattr(config, "attention", "gqa") == "gqa" else [])
+    if any(h % layout.tp for h in heads):
+        raise ConfigError(f"--parallel tp={layout.tp}: the model's {'/'.join(map(str, heads))} heads do not "
+                          "split evenly; choose a tp dividing them")
+    if not hasattr(config, "n_experts") and layout.ep != 1:
+        raise ConfigError(f"--parallel ep={layout.ep}: the model has no experts; use ep=1")
+    if devices % layout.ep:
+        raise ConfigError(f"--parallel ep={layout.ep} does not divide the {devices} devices; choose a divisor")
+
+
+class EPShard(nn.Module):
+    """One device's MoE layer under expert parallelism: the router over all experts, the dispatch
+    buffer of its tokens' top-k choices (the all-to-all's input), its `local` experts on the rows
+    it receives (tokens x top_k, balanced), the combine, and the replicated shared experts."""
+
+    def __init__(self, c, local: int):
+        super().__init__()
+        self.c = c
+        self.router = nn.Linear(c.dim, c.n_experts, bias=False)
+        self.experts = Experts(SwiGLU(c.dim, c.expert_dim) for _ in range(local))
+        self.shared = SwiGLU(c.dim, c.n_shared * c.expert_dim) if c.n_shared else None
+
+    def forward(self, x):  # (B, T, d) -> (B, T, d)
+        B, T, d = x.shape
+        x = x.reshape(-1, d)  # (N, d)
+        top, idx = self.router(x).topk(self.c.top_k, dim=-1)  # (N, k)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.c.top_k)  # (N k,)
+        sent = moe_ops.permute(x, token)  # (N k, d): the dispatch's send buffer
+        rows, local = sent.shape[0], len(self.experts)
+        counts = [rows // local + (e < rows % local) for e in range(local)]  # balanced routing
+        out = self.experts(sent, counts)  # the rows received (as many as sent), through the local experts
+        y = moe_ops.unpermute(out, top.softmax(-1).reshape(-1), token, x.shape[0])  # the combine
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(B, T, d)
+
+
+class _Largest(TorchDispatchMode):
+    """The largest tensor an op makes (bytes at the emulated dtype): the activations' high-water mark."""
+
+    def __init__(self, itemsize: int):
+        super().__init__()
+        self.itemsize, self.bytes = itemsize, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and not func.is_view:
+            self.bytes = max(self.bytes, out.numel() * (self.itemsize if out.is_floating_point() else out.element_size()))
+        return out
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One device's step on the emulated chip (a part of the model, or all of it)."""
+
+    seconds: float  # emulated compute seconds
+    flops: float
+    bytes: float  # bytes moved (HBM traffic, at the emulated dtype)
+    params: int  # parameters this device holds
+    largest: float  # bytes of the largest tensor made
+
+    def __sub__(self, o):
+        return Cost(self.seconds - o.seconds, self.flops - o.flops, self.bytes - o.bytes, self.params - o.params,
+                    max(self.largest, o.largest))
+
+
+def _model(workload: str, config, tp: int, local: int, n_layers: int, dense: int):
+    family = importlib.import_module(type(config).__module__)
+    extra = {"n_dense_layers": dense} if hasattr(config, "n_dense_layers") else {}
+    model = _split_heads(family.workload(workload, replace(config, n_layers=n_layers, ffn_dim=config.ffn_dim // tp,
+                                                           **extra)).build_model(), tp)
+    for block in model.blocks:
+        if hasattr(block.ffn, "routing"):
+            block.ffn = EPShard(config, local)
+    return model
+
+
+@functools.cache
+def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: int, chip: str, dtype: str,
+             batch: int, tokens: int, context: int, tensors: str = "fake") -> Cost:
+    """A model of n_layers blocks: one prefill of `tokens` (context 0), or one decode step
+    (tokens 1) after `context - 1` cached tokens, of `batch` sequences."""
+    if tensors == "real":
+        torch.manual_seed(0)
+        model, mode = _model(workload, config, tp, local, n_layers, dense), None
+    else:
+        with torch.device("meta"):
+            model = _model(workload, config, tp, local, n_layers, dense)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            model = model.to_empty(device="cpu")
+            # rotary tables are non-persistent buffers to_empty leaves unset: fake ones of their shape
+    with mode or contextlib.nullcontext(), torch.no_grad():
+        cache = inference.new_cache(model, batch, max(context, tokens))
+        cache.length = 0 if tokens > 1 else context - 1
+        idx = torch.zeros(batch, tokens, dtype=torch.long)
+        largest = _Largest(PRECISIONS[dtype] if dtype in PRECISIONS else 2)
+        throttle = Throttle(CostModel(chips.get(chip), dtype), VirtualLane())
+        with throttle, largest:
+            inference.forward(model, idx, cache)
+    params = sum(p.numel() for p in model.parameters())
+    return Cost(throttle.emulated_s, throttle.flops, throttle.bytes, params, largest.bytes)
+
+
+def config_of(workload: str, context: int):
+    """The workload's configuration with rotary tables long enough for `context` tokens."""
+    c = get_workload(workload).config
+    if c is None or not hasattr(c, "n_layers"):
+        raise ConfigError(f"--workload {workload!r} is not a language model; choose llama3-8b, llama3-70b, "
+                          "llama3-405b, deepseek-v3, mixtral-8x7b, llama-debug or moe-debug")
+    return replace(c, seq_len=max(c.seq_len, context))
+
+
+def step(workload: str, layout: Layout, chip: str, dtype: str, batch: int, tokens: int, context: int,
+         tensors: str = "fake") -> dict:
+    """Per kind of part ("base", "dense", "moe"): one device's compute Cost of a prefill (tokens > 1)
+    or decode step, and the count of each in the model."""
+    c = config_of(workload, context)
+    local = math.ceil(c.n_experts / layout.ep) if hasattr(c, "n_experts") else 0
+    dense = getattr(c, "n_dense_layers", c.n_layers)
+    args = (chip, dtype, batch, tokens, context, tensors)
+    base = _measure(workload, c, layout.tp, local, 0, 0, *args)
+    parts = {"base": (base, 1)}
+    if dense:
+        parts["dense"] = (_measure(workload, c, layout.tp, local, 1, 1, *args) - base, dense)
+    if c.n_layers - dense:
+        parts["moe"] = (_measure(workload, c, layout.tp, local, 1, 0, *args) - base, c.n_layers - dense)
+    return parts
+
+
+def communication(workload: str, layout: Layout, system, dtype: str, batch: int, tokens: int) -> dict:
+    """Emulated seconds per block of each kind: TP all-reduces and the expert dispatch and combine."""
+    c = get_workload(workload).config
+    act = batch * tokens * c.dim * 2  # bytes of a block's output on a replica (bf16)
+    ar = collectives.predict("all_reduce", "auto", act, system.scaled(layout.tp)) if layout.tp > 1 else 0.0
+    out = {"dense": 2 * ar, "moe": ar, "a2a": 0.0}
+    if hasattr(c, "n_experts") and layout.ep > 1:
+        rows = batch * tokens / layout.tp * c.top_k  # (token, expert) rows each device sends
+        group = system.scaled(layout.ep)
+        # DeepEP dispatches in FP8 where the run is FP8, and combines in BF16
+        out["a2a"] = (collectives.predict("all_to_all", "auto", rows * c.dim * PRECISIONS[dtype], group)
+                      + collectives.predict("all_to_all", "auto", rows * c.dim * 2, group))
+    return out
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One device's prefill or decode step."""
+
+    seconds: float  # emulated step seconds
+    compute_s: float  # emulated compute seconds
+    tp_s: float  # TP all-reduces, emulated seconds
+    a2a_s: float  # expert dispatch + combine, emulated seconds (before overlap)
+    flops: float
+    bytes: float  # HBM traffic
+    params: int  # parameters on the device
+    largest: float  # bytes of the largest tensor made
+
+
+def phase(workload: str, layout: Layout, system, dtype: str, batch: int, tokens: int, context: int,
+          overlap: bool = True, tensors: str = "fake") -> Phase:
+    parts = step(workload, layout, system.chip.name, dtype, batch, tokens, context, tensors)
+    comm = communication(workload, layout, system, dtype, batch, tokens)
+    seconds = compute = tp = a2a = flops = nbytes = params = 0.0
+    for kind, (cost, n) in parts.items():
+        link = comm.get(kind, 0.0)
+        moe_a2a = comm["a2a"] if kind == "moe" else 0.0
+        block = max(cost.seconds, moe_a2a) + link if overlap else cost.seconds + moe_a2a + link
+        seconds += n * block
+        compute, tp, a2a = compute + n * cost.seconds, tp + n * link, a2a + n * moe_a2a
+        flops, nbytes, params = flops + n * cost.flops, nbytes + n * cost.bytes, params + n * cost.params
+    return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), max(c.largest for c, _ in parts.values()))
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What `relay serve` prints: one layout's emulated figures."""
+
+    layout: Layout
+    batch: int  # sequences per replica in a step
+    prefill: Phase
+    decode: Phase
+    ttft_s: float
+    tpot_s: float
+    prefill_tps: float  # prompt tokens/s per device
+    decode_tps: float  # output tokens/s per device
+    memory: dict  # bytes per device: weights, kv_cache, activations, total, hbm
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.memory["hbm"]
+
+
+def serve(workload: str, system, layout: Layout, batch: int, input_len: int, output_len: int,
+          dtype: str = "bf16", overlap: bool | None = None, tensors: str = "fake") -> Serving:
+    c = config_of(workload, input_len + output_len)
+    check(layout, c, system.devices)
+    system.chip.peak_flops(dtype)  # refuses a precision the chip lacks
+    overlap = hasattr(c, "n_experts") if overlap is None else overlap
+    pre = phase(workload, layout, system, dtype, batch, input_len, input_len, overlap, tensors)
+    dec = phase(workload, layout, system, dtype, batch, 1, input_len + output_len // 2, overlap, tensors)
+    per_token = inference.cache_bytes_per_token(c) * c.n_layers
+    if getattr(c, "attention", "gqa") == "gqa":
+        per_token //= layout.tp  # the kv heads split tp ways; MLA's latent is whole on every tp rank
+    memory = {"weights": pre.params * PRECISIONS[dtype], "kv_cache": batch * (input_len + output_len) * per_token,
+              "activations": 2 * max(pre.largest, dec.largest), "hbm": system.chip.hbm_gb * 1e9}
+    memory["total"] = memory["weights"] + memory["kv_cache"] + memory["activations"]
+    return Serving(layout, batch, pre, dec, pre.seconds, dec.seconds, batch * input_len / (layout.tp * pre.seconds),
+                   batch / (layout.tp * dec.seconds), memory)

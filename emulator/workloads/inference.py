@@ -1,0 +1,145 @@
+"""Inference on the language models (llama.py, moe.py): a prefill of the prompts, then decode
+steps of one token each against a KV cache, with the models' own weights and modules.
+
+The KV cache is preallocated at the longest context (`Cache`), written in place at each step's
+positions (the write is charged as the bytes of the new tokens, not the whole cache) and read
+whole by every decode step's attention, as serving systems' paged caches are: the cost model
+charges a decode step the full cache's HBM traffic because the attention kernel reads it.
+
+Grouped-query attention (Llama 3, Mixtral) caches keys and values, 2 x n_kv_heads x head_dim per
+token per layer. Multi-head latent attention (DeepSeek-V3) caches the compressed latent and the
+shared rotary key, kv_lora_rank + qk_rope_dim (512 + 64) per token per layer, as DeepSeek's and
+SGLang's inference code does: the prefill runs the trained form (keys and values decompressed
+through wkv_b), the decode the absorbed form (wkv_b's key half folded into the query, its value
+half applied after the attention), so that decode attends over the latent cache directly
+(DeepSeek-V2, arXiv 2405.04434, section 2.1.3; FlashMLA).
+
+`generate` (cached) and `reference` (the whole sequence recomputed by the model's own forward at
+every token, no cache) must give the same greedy tokens: tests/unit/test_inference.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from relay.workloads.llama import Attention, rotate
+from relay.workloads.moe import MLA
+
+
+@dataclass
+class Cache:
+    """Per block, the cached tensors (preallocated at `max_len` tokens), and the tokens written."""
+
+    layers: list  # per block: (k, v) each (B, nkv, L, hs) for GQA; (latent (B, L, kv_lora), k_pe (B, L, rope)) for MLA
+    length: int = 0  # tokens cached so far
+
+
+def cache_bytes_per_token(config, itemsize: int = 2) -> int:
+    """Bytes the KV cache holds per token per layer at `itemsize` bytes an element (before tp)."""
+    if getattr(config, "attention", "gqa") == "mla":
+        return (config.kv_lora_rank + config.qk_rope_dim) * itemsize
+    return 2 * config.n_kv_heads * (config.dim // config.n_heads) * itemsize
+
+
+def new_cache(model, batch: int, max_len: int, dtype=None, device=None) -> Cache:
+    """An empty cache for `model` (its attention modules as built, heads split or not)."""
+    dtype = dtype or model.tok.weight.dtype
+    device = device or model.tok.weight.device
+    layers = []
+    for block in model.blocks:
+        a = block.attn
+        if isinstance(a, MLA):
+            layers.append((torch.zeros(batch, max_len, a.c.kv_lora_rank, dtype=dtype, device=device),
+                           torch.zeros(batch, max_len, a.c.qk_rope_dim, dtype=dtype, device=device)))
+        else:
+            shape = (batch, a.n_kv_heads, max_len, a.head_dim)
+            layers.append((torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)))
+    return Cache(layers)
+
+
+def _gqa(a: Attention, x, cos, sin, kv, start: int):
+    B, T, _ = x.shape
+    q = a.wq(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+    k = a.wk(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+    v = a.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    kc, vc = kv
+    kc[:, :, start:start + T] = k  # the new tokens written in place
+    vc[:, :, start:start + T] = v
+    end = start + T
+    # a prefill (from position 0) is causal over its own tokens; a decode token sees the whole cache
+    y = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], is_causal=start == 0 and T > 1,
+                                       enable_gqa=True)  # (B, nh, T, hs)
+    return a.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _mla(a: MLA, x, cos, sin, cache, start: int):
+    c, (B, T, _) = a.c, x.shape
+    q = a.wq_b(a.q_norm(a.wq_a(x))).view(B, T, c.n_heads, a.qk_dim).transpose(1, 2)  # (B, nh, T, qk)
+    q_nope, q_pe = q.split([c.qk_nope_dim, c.qk_rope_dim], dim=-1)
+    latent, k_pe = a.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)  # (B, T, kv_lora), (B, T, rope)
+    latent = a.kv_norm(latent)
+    k_pe = rotate(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope)
+    lat_c, pe_c = cache
+    lat_c[:, start:start + T] = latent
+    pe_c[:, start:start + T] = k_pe
+    end, q_pe = start + T, rotate(q_pe, cos, sin)
+    if start == 0 and T > 1:  # prefill: the trained form, keys and values decompressed
+        kv = a.wkv_b(latent).view(B, T, c.n_heads, -1).transpose(1, 2)  # (B, nh, T, nope + v)
+        k_nope, v = kv.split([c.qk_nope_dim, c.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, c.n_heads, -1, -1)], dim=-1)  # (B, nh, T, qk)
+        v = F.pad(v, (0, a.qk_dim - c.v_head_dim))
+        y = F.scaled_dot_product_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, is_causal=True)
+        y = y[..., :c.v_head_dim]  # (B, nh, T, v)
+    else:  # decode: absorbed, attending over the latent cache (B, L, kv_lora) itself
+        w = a.wkv_b.weight.view(c.n_heads, c.qk_nope_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w[:, :c.qk_nope_dim], w[:, c.qk_nope_dim:]  # (nh, nope, kv_lora), (nh, v, kv_lora)
+        q_lat = torch.matmul(q_nope, w_uk.unsqueeze(0))  # (B, nh, T, kv_lora)
+        lat, pe = lat_c[:, :end].unsqueeze(1), pe_c[:, :end].unsqueeze(1)  # (B, 1, L, kv_lora), (B, 1, L, rope)
+        scores = (torch.matmul(q_lat, lat.transpose(-1, -2)) + torch.matmul(q_pe, pe.transpose(-1, -2)))
+        p = (scores / math.sqrt(a.qk_dim)).softmax(dim=-1)  # (B, nh, T, L)
+        y = torch.matmul(torch.matmul(p, lat), w_uv.transpose(-1, -2).unsqueeze(0))  # (B, nh, T, v)
+    return a.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def forward(model, idx: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """Logits (B, vocab) of the last of `idx`'s tokens (B, T), fed after the cache's tokens: a
+    prefill when the cache is empty, else T = 1, one decode step. The cache is advanced."""
+    start, T = cache.length, idx.shape[1]
+    if start and T != 1:
+        raise ValueError(f"{T} tokens fed after {start} cached ones: feed a prompt to an empty cache, "
+                         "then one token a step")
+    cos, sin = model.cos[start:start + T], model.sin[start:start + T]
+    x = model.tok(idx)  # (B, T, d)
+    for block, kv in zip(model.blocks, cache.layers):
+        h = block.attn_norm(x)
+        h = _mla(block.attn, h, cos, sin, kv, start) if isinstance(block.attn, MLA) else \
+            _gqa(block.attn, h, cos, sin, kv, start)
+        x = x + h
+        x = x + block.ffn(block.ffn_norm(x))
+    cache.length = start + T
+    return model.head(model.norm(x[:, -1:]))[:, 0]  # only the last position is sampled
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation (B, new_tokens) of `prompt` (B, T): one prefill, then cached decode steps."""
+    B, T = prompt.shape
+    cache = new_cache(model, B, T + new_tokens)
+    out = [forward(model, prompt, cache).argmax(-1)]
+    for _ in range(new_tokens - 1):
+        out.append(forward(model, out[-1][:, None], cache).argmax(-1))
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def reference(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The same continuation with no cache: the model's own forward over the whole sequence per token."""
+    idx = prompt
+    for _ in range(new_tokens):
+        idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx[:, prompt.shape[1]:]
