@@ -270,7 +270,8 @@ class Serving:
     """What `relay serve` prints: one layout's emulated figures."""
 
     layout: Layout
-    batch: int  # sequences per replica in a step
+    batch: int  # sequences per replica in a decode step
+    prefill_batch: int  # prompts per replica in a prefill step
     prefill: Phase
     decode: Phase
     ttft_s: float
@@ -284,13 +285,20 @@ class Serving:
         return self.memory["total"] <= self.memory["hbm"]
 
 
+PREFILL_TOKENS = 16384  # prompt tokens per replica in a prefill step, by default (a chunked prefill's budget)
+
+
 def serve(workload: str, system, layout: Layout, batch: int, input_len: int, output_len: int,
-          dtype: str = "bf16", overlap: bool | None = None, tensors: str = "fake") -> Serving:
+          dtype: str = "bf16", overlap: bool | None = None, tensors: str = "fake",
+          prefill_batch: int | None = None) -> Serving:
+    """One layout's figures: decode `batch` sequences per replica; prefill `prefill_batch` prompts
+    per replica per step (default: as many as fill PREFILL_TOKENS, at least one)."""
     c = config_of(workload, input_len + output_len)
     check(layout, c, system.devices)
     system.chip.peak_flops(dtype)  # refuses a precision the chip lacks
     overlap = hasattr(c, "n_experts") if overlap is None else overlap
-    pre = phase(workload, layout, system, dtype, batch, input_len, input_len, overlap, tensors)
+    prefill_batch = prefill_batch or max(1, PREFILL_TOKENS // input_len)
+    pre = phase(workload, layout, system, dtype, prefill_batch, input_len, input_len, overlap, tensors)
     dec = phase(workload, layout, system, dtype, batch, 1, input_len + output_len // 2, overlap, tensors)
     per_token = inference.cache_bytes_per_token(c) * c.n_layers
     if getattr(c, "attention", "gqa") == "gqa":
@@ -298,5 +306,6 @@ def serve(workload: str, system, layout: Layout, batch: int, input_len: int, out
     memory = {"weights": pre.params * PRECISIONS[dtype], "kv_cache": batch * (input_len + output_len) * per_token,
               "activations": 2 * max(pre.largest, dec.largest), "hbm": system.chip.hbm_gb * 1e9}
     memory["total"] = memory["weights"] + memory["kv_cache"] + memory["activations"]
-    return Serving(layout, batch, pre, dec, pre.seconds, dec.seconds, batch * input_len / (layout.tp * pre.seconds),
+    return Serving(layout, batch, prefill_batch, pre, dec, pre.seconds, dec.seconds,
+                   prefill_batch * input_len / (layout.tp * pre.seconds),
                    batch / (layout.tp * dec.seconds), memory)

@@ -34,7 +34,7 @@ from relay.workloads.moe import MLA
 class Cache:
     """Per block, the cached tensors (preallocated at `max_len` tokens), and the tokens written."""
 
-    layers: list  # per block: (k, v) each (B, nkv, L, hs) for GQA; (latent (B, L, kv_lora), k_pe (B, L, rope)) for MLA
+    layers: list  # per block: (k, v) each (B, nkv, L, hs) for GQA; (B, L, kv_lora + rope) for MLA
     length: int = 0  # tokens cached so far
 
 
@@ -53,8 +53,8 @@ def new_cache(model, batch: int, max_len: int, dtype=None, device=None) -> Cache
     for block in model.blocks:
         a = block.attn
         if isinstance(a, MLA):
-            layers.append((torch.zeros(batch, max_len, a.c.kv_lora_rank, dtype=dtype, device=device),
-                           torch.zeros(batch, max_len, a.c.qk_rope_dim, dtype=dtype, device=device)))
+            # latent and rotary key side by side in one row per token, as FlashMLA's cache holds them
+            layers.append(torch.zeros(batch, max_len, a.c.kv_lora_rank + a.c.qk_rope_dim, dtype=dtype, device=device))
         else:
             shape = (batch, a.n_kv_heads, max_len, a.head_dim)
             layers.append((torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)))
@@ -84,10 +84,8 @@ def _mla(a: MLA, x, cos, sin, cache, start: int):
     latent, k_pe = a.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_dim], dim=-1)  # (B, T, kv_lora), (B, T, rope)
     latent = a.kv_norm(latent)
     k_pe = rotate(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope)
-    lat_c, pe_c = cache
-    lat_c[:, start:start + T] = latent
-    pe_c[:, start:start + T] = k_pe
     end, q_pe = start + T, rotate(q_pe, cos, sin)
+    cache[:, start:end] = torch.cat([latent, k_pe], dim=-1)  # the new tokens' rows written in place
     if start == 0 and T > 1:  # prefill: the trained form, keys and values decompressed
         kv = a.wkv_b(latent).view(B, T, c.n_heads, -1).transpose(1, 2)  # (B, nh, T, nope + v)
         k_nope, v = kv.split([c.qk_nope_dim, c.v_head_dim], dim=-1)
@@ -95,14 +93,19 @@ def _mla(a: MLA, x, cos, sin, cache, start: int):
         v = F.pad(v, (0, a.qk_dim - c.v_head_dim))
         y = F.scaled_dot_product_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, is_causal=True)
         y = y[..., :c.v_head_dim]  # (B, nh, T, v)
-    else:  # decode: absorbed, attending over the latent cache (B, L, kv_lora) itself
+    else:  # decode: absorbed, attending over the cache rows (B, L, kv_lora + rope) themselves
         w = a.wkv_b.weight.view(c.n_heads, c.qk_nope_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w[:, :c.qk_nope_dim], w[:, c.qk_nope_dim:]  # (nh, nope, kv_lora), (nh, v, kv_lora)
-        q_lat = torch.matmul(q_nope, w_uk.unsqueeze(0))  # (B, nh, T, kv_lora)
-        lat, pe = lat_c[:, :end].unsqueeze(1), pe_c[:, :end].unsqueeze(1)  # (B, 1, L, kv_lora), (B, 1, L, rope)
-        scores = (torch.matmul(q_lat, lat.transpose(-1, -2)) + torch.matmul(q_pe, pe.transpose(-1, -2)))
-        p = (scores / math.sqrt(a.qk_dim)).softmax(dim=-1)  # (B, nh, T, L)
-        y = torch.matmul(torch.matmul(p, lat), w_uv.transpose(-1, -2).unsqueeze(0))  # (B, nh, T, v)
+        q_lat = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # (B, nh, T, kv_lora)
+        # One key/value head shared by every query head: the heads fold into the query rows (as
+        # FlashMLA runs it), so one fused attention reads the cache and never copies it per head.
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, -1, c.kv_lora_rank + c.qk_rope_dim)  # (B, 1, nh T, 576)
+        rows = cache[:, :end].unsqueeze(1)  # (B, 1, L, kv_lora + rope)
+        # The values are the latent part of the same rows: passed whole (one head size for the
+        # flash kernel) and the rotary part of the output dropped. The cost model charges the rows
+        # as key and as value, twice the cache's bytes, where FlashMLA reads them once.
+        y_lat = F.scaled_dot_product_attention(q, rows, rows, scale=1 / math.sqrt(a.qk_dim))[..., :c.kv_lora_rank]
+        y = torch.einsum("bhtc,hvc->bhtv", y_lat.reshape(B, c.n_heads, T, c.kv_lora_rank), w_uv)  # (B, nh, T, v)
     return a.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
