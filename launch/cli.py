@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from relay import DeviceError, chips
 from relay.errors import ConfigError
-from relay.launch import plan, presets, ray_cluster, script, validate
+from relay.launch import plan, presets, ray_cluster, script, serve, validate
 from relay.launch.bench import cmd_bench
 from relay.launch.breakeven import cmd_breakeven
 from relay.launch.options import add_preset_arg, add_run_args, add_system_args, add_train_args
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(fn=cmd_breakeven)
 
     plan.add_parser(sub)
+    serve.add_parser(sub)
     ray_cluster.add_parser(sub)
     validate.add_parser(sub)
     script.add_parser(sub)

@@ -128,6 +128,16 @@ class EPShard(nn.Module):
         return y.view(B, T, d)
 
 
+@dataclass(frozen=True)
+class ServingCost(CostModel):
+    """The cost model with weights stored as served: in "fp8" a Linear GEMM reads FP8 weights
+    quantised once, ahead of serving (DeepSeek-V3's released FP8 checkpoint), so none of training's
+    per-step scaling and casts (kernels/fp8.py) is charged."""
+
+    def casts(self, func, args, fixed=None):
+        return None
+
+
 class _Largest(TorchDispatchMode):
     """The largest tensor an op makes (bytes at the emulated dtype): the activations' high-water mark."""
 
@@ -188,7 +198,7 @@ def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: i
         cache.length = 0 if tokens > 1 else context - 1
         idx = torch.zeros(batch, tokens, dtype=torch.long)
         largest = _Largest(PRECISIONS[dtype] if dtype in PRECISIONS else 2)
-        throttle = Throttle(CostModel(chips.get(chip), dtype), VirtualLane())
+        throttle = Throttle(ServingCost(chips.get(chip), dtype), VirtualLane())
         with throttle, largest:
             inference.forward(model, idx, cache)
     params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,142 @@
+"""`relay serve`: a language model served on a system (emulator/analytic/serving.py): one layout's
+emulated prefill and decode throughput per device, TTFT, TPOT and memory per device (--parallel);
+the best layouts under latency targets (--search, --tpot-ms, --ttft-ms); or the serving
+break-even of this system against a faster one at equal targets (--breakeven FAST)."""
+
+from __future__ import annotations
+
+import time
+
+from tabulate import tabulate
+
+from relay.analytic import serving, serving_search
+from relay.analytic.serving import PRECISIONS, Layout, config_of
+from relay.errors import ConfigError
+from relay.hardware.system import System
+from relay.launch.options import add_system_args, system_from
+
+GB = 1e9
+HEADERS = ["phase", "layout", "batch\n(sequences\nper replica)", "TTFT / TPOT\n(emulated ms)",
+           "tokens/s per device\n(emulated)", "compute\n(emulated ms)", "TP all-reduce\n(emulated ms)",
+           "dispatch+combine\n(emulated ms)", "memory / HBM\n(GB per device)"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a language model: prefill and decode throughput, TTFT, TPOT and memory "
+                       "per device (analytic, emulated)")
+    add_system_args(p)
+    p.add_argument("--workload", required=True, help="a language model: llama3-8b, llama3-70b, llama3-405b, "
+                   "deepseek-v3, mixtral-8x7b, llama-debug, moe-debug")
+    p.add_argument("--input-len", type=int, default=4096, help="prompt tokens per request (default 4096)")
+    p.add_argument("--output-len", type=int, default=1024, help="generated tokens per request (default 1024)")
+    p.add_argument("--batch", type=int, default=64, help="sequences per replica in a decode step (default 64)")
+    p.add_argument("--prefill-batch", type=int, help="prompts per replica in a prefill step (default: "
+                   f"{serving.PREFILL_TOKENS} tokens' worth, at least 1)")
+    p.add_argument("--parallel", help="the layout, e.g. dp=72,tp=1,ep=72 (default: dp = devices, tp = 1, "
+                   "ep = devices for MoE models)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights and GEMMs: bf16, or fp8 "
+                   "(weights quantised ahead of serving, Linear GEMMs at the FP8 peak; chips with FP8)")
+    p.add_argument("--no-overlap", action="store_true", help="charge the expert all-to-all after the compute "
+                   "instead of overlapped with a second micro-batch")
+    p.add_argument("--search", action="store_true", help="search the layouts and batches under --tpot-ms / --ttft-ms")
+    p.add_argument("--tpot-ms", type=float, help="decode latency target: time per output token, ms")
+    p.add_argument("--ttft-ms", type=float, help="prefill latency target: time to first token, ms")
+    p.add_argument("--breakeven", metavar="FAST", help="a faster system preset (e.g. nvl72): how many of this "
+                   "system's devices match its whole throughput at the same latency targets")
+    p.add_argument("--fast-precision", choices=tuple(PRECISIONS), help="with --breakeven: the fast side's "
+                   "precision (default --precision)")
+    p.set_defaults(fn=cmd_serve)
+
+
+def _check(args, system) -> None:
+    config_of(args.workload, 1)  # a language model, or refused
+    for name in ("input_len", "output_len", "batch", "prefill_batch"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} = {v} is invalid; give a count >= 1")
+    system.chip.peak_flops(args.precision)  # fp8 on a chip without it: refused here
+    if args.breakeven and args.parallel:
+        raise ConfigError("--breakeven searches the layouts of both sides; drop --parallel")
+    if (args.tpot_ms or args.ttft_ms) and not (args.search or args.breakeven):
+        raise ConfigError("--tpot-ms / --ttft-ms are targets of a search; add --search (or --breakeven FAST)")
+
+
+def _memory(s) -> str:
+    m = s.memory
+    return f"{m['total'] / GB:.1f} / {m['hbm'] / GB:.0f}"
+
+
+def rows(s, phases=("prefill", "decode")) -> list:
+    out = []
+    for ph in phases:
+        p = getattr(s, ph)
+        batch = s.prefill_batch if ph == "prefill" else s.batch
+        latency = s.ttft_s if ph == "prefill" else s.tpot_s
+        tps = s.prefill_tps if ph == "prefill" else s.decode_tps
+        out.append([ph, str(s.layout), batch, f"{latency * 1e3:.2f}", f"{tps:,.0f}", f"{p.compute_s * 1e3:.2f}",
+                    f"{p.tp_s * 1e3:.2f}", f"{p.a2a_s * 1e3:.2f}", _memory(s)])
+    return out
+
+
+def _describe_memory(s) -> str:
+    m = s.memory
+    return (f"weights {m['weights'] / GB:.1f} + KV cache {m['kv_cache'] / GB:.1f} + activations "
+            f"{m['activations'] / GB:.1f} = {m['total'] / GB:.1f} GB of {m['hbm'] / GB:.0f} GB HBM"
+            + ("" if s.fits else " (does NOT fit)"))
+
+
+def _print_best(title: str, best) -> None:
+    found = [r for ph in ("prefill", "decode") if getattr(best, ph) for r in rows(getattr(best, ph), (ph,))]
+    print(f"# {title}")
+    print(tabulate(found, headers=HEADERS, disable_numparse=True) if found else "  no layout meets the targets")
+    if best.decode:
+        print(f"# decode memory: {_describe_memory(best.decode)}")
+
+
+def cmd_serve(args) -> int:
+    system = system_from(args)
+    _check(args, system)
+    start = time.perf_counter()
+    targets = ", ".join(f"{n} <= {v:g} ms" for n, v in (("TPOT", args.tpot_ms), ("TTFT", args.ttft_ms)) if v) or "none"
+    head = (f"# relay serve: {args.workload} on {system.describe()}, input {args.input_len} + output "
+            f"{args.output_len} tokens per request, {args.precision}; analytic model, every figure emulated")
+    if args.breakeven:
+        fast = System.preset(args.breakeven) if args.breakeven in System.presets() else None
+        if fast is None:
+            raise ConfigError(f"--breakeven = {args.breakeven!r} is not a system preset; choose one of "
+                              f"{', '.join(System.presets())}")
+        fast_precision = args.fast_precision or args.precision
+        fast.chip.peak_flops(fast_precision)
+        print(head + f"; break-even against {fast.describe()} ({fast_precision}), latency targets {targets}")
+        b = serving_search.breakeven(args.workload, system, fast, args.input_len, args.output_len, args.precision,
+                                     args.tpot_ms, args.ttft_ms, fast_precision)
+        _print_best(f"slow side: {system.name} x {system.devices} ({args.precision})", b.slow)
+        _print_best(f"fast side: {fast.name} x {fast.devices} ({fast_precision})", b.fast)
+        for phase, n in (("decode (output tokens/s)", b.decode_devices), ("prefill (prompt tokens/s)", b.prefill_devices)):
+            print(f"# break-even, {phase}: {n if n is not None else 'n/a'} {system.chip.name} devices match "
+                  f"{fast.devices} {fast.chip.name} devices at the same targets ({targets})")
+        print(f"# took {time.perf_counter() - start:.1f} real s")
+        return 0
+    if args.search:
+        print(head + f"; layouts searched under {targets}")
+        best = serving_search.search(args.workload, system, args.input_len, args.output_len, args.precision,
+                                     args.tpot_ms, args.ttft_ms)
+        table = []
+        for layout, dec, pre in best.tried:
+            table += rows(pre, ("prefill",)) if pre else [["prefill", str(layout), "-", "misses", "", "", "", "", ""]]
+            table += rows(dec, ("decode",)) if dec else [["decode", str(layout), "-", "misses", "", "", "", "", ""]]
+        print(tabulate(table, headers=HEADERS, disable_numparse=True))
+        _print_best("best per phase (disaggregated pools: each phase its own layout)", best)
+        print(f"# {len(best.tried)} layouts searched in {time.perf_counter() - start:.1f} real s")
+        return 0
+    c = config_of(args.workload, 1)
+    layout = Layout.parse(args.parallel, system.devices) if args.parallel else \
+        Layout(system.devices, 1, system.devices if hasattr(c, "n_experts") else 1)
+    s = serving.serve(args.workload, system, layout, args.batch, args.input_len, args.output_len, args.precision,
+                      overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch)
+    print(head)
+    print(tabulate(rows(s), headers=HEADERS, disable_numparse=True))
+    print(f"# memory per device: {_describe_memory(s)}")
+    print(f"# TTFT: one prefill step of {s.prefill_batch} prompts; TPOT: one decode step at context "
+          f"{args.input_len + args.output_len // 2} (the decode's mean); took {time.perf_counter() - start:.1f} real s")
+    return 0 if s.fits else 1
