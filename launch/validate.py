@@ -159,6 +159,9 @@ def cmd_validate(args) -> int:
     if args.training:  # published training runs (emulator/hardware/training.toml)
         from relay.launch import validate_training
         return validate_training.cmd_training(args)
+    if args.inference:  # published serving throughput (emulator/hardware/serving.toml)
+        from relay.launch import validate_serving
+        return validate_serving.cmd_inference(args)
     rows = load(args.table or PUBLISHED)
     if args.only:
         rows = [r for r in rows if re.search(args.only, r.id)]
@@ -197,6 +200,8 @@ def add_parser(sub) -> None:
                    "or training.toml with --training)")
     v.add_argument("--training", action="store_true", help="published end-to-end training throughput instead: "
                    "each run's layout costed by the plan model, the planner's best plan beside it")
+    v.add_argument("--inference", action="store_true", help="published serving throughput of DeepSeek-V3/R1 "
+                   "instead (prefill and decode tokens/s per device; rows marked inference)")
     v.add_argument("--no-best", action="store_true", help="with --training: skip the planner's search for "
                    "the best plan (it takes a minute on the large MoE rows)")
     v.add_argument("--only", help="rows whose id matches this regular expression")
