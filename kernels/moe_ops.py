@@ -201,6 +201,7 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
 _ops = torch.ops.relay
 GROUPED_GEMMS = {_ops.grouped_mm, _ops.grouped_mm_dx}  # one output of all the groups' rows
+GROUPED_GEMMS_FORWARD = _ops.grouped_mm  # (x, weights, counts): the forward's, whose weights a server may store in FP8
 GROUPED_DW = _ops.grouped_mm_dw  # one output per group
 
 

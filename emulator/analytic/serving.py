@@ -137,6 +137,16 @@ class ServingCost(CostModel):
     def casts(self, func, args, fixed=None):
         return None
 
+    def op_parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale: float = 1.0):
+        """As the cost model's, and in "fp8" the experts' grouped GEMMs too read FP8 weights at the
+        FP8 rate (DeepGEMM's grouped FP8 GEMMs), as Linear GEMMs do."""
+        parts = super().op_parts(func, args, kwargs, out, fixed, scale)
+        if parts is None or not self.fp8 or func._overloadpacket is not moe_ops.GROUPED_GEMMS_FORWARD:
+            return parts
+        flops, nbytes, fixed_bytes, q = parts
+        weights = sum(w.numel() for w in args[1]) * (self._float_size - 1)
+        return flops, nbytes - weights, fixed_bytes, q * self._fp8_speedup
+
 
 class _Largest(TorchDispatchMode):
     """The largest tensor an op makes (bytes at the emulated dtype): the activations' high-water mark."""
