@@ -8,7 +8,7 @@ whose weights + KV cache + activations fit the HBM, then the layout with the mos
 per device; prefill, the largest prompt batch whose TTFT meets `ttft_ms`, then the most prompt
 tokens/s per device. TPOT and TTFT grow with the batch, so each batch is found by bisection over
 powers of two and the integers between them. Layouts tried: tp over the divisors of the scale-up
-domain that split the heads; for MoE models, ep over the whole system and over one domain.
+domain (at most MAX_TP) that split the heads; for MoE models, ep over the whole system and over one domain.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from relay.errors import ConfigError
 
 MAX_BATCH = 1024  # sequences per replica in a decode step, at most
 MAX_PREFILL_BATCH = 64  # prompts per replica in a prefill step, at most
+MAX_TP = 8  # tensor parallel at most: one node's 8 GPUs, the most any serving deployment cited here uses
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def layouts(workload: str, system) -> list[Layout]:
     c = config_of(workload, 1)
     heads = [c.n_heads] + ([c.n_kv_heads] if getattr(c, "attention", "gqa") == "gqa" else [])
     n = system.devices
-    tps = [t for t in range(1, min(system.domain, n) + 1) if n % t == 0 and not any(h % t for h in heads)]
+    tps = [t for t in range(1, min(system.domain, n, MAX_TP) + 1) if n % t == 0 and not any(h % t for h in heads)]
     eps = sorted({n, system.domain if n % system.domain == 0 else n}) if hasattr(c, "n_experts") else [1]
     return [Layout(n // t, t, e) for t in tps for e in eps]
 
@@ -54,7 +55,8 @@ def _largest(ok, hi: int) -> int:
 
 
 def search(workload: str, system, input_len: int, output_len: int, dtype: str = "bf16",
-           tpot_ms: float | None = None, ttft_ms: float | None = None) -> Best:
+           tpot_ms: float | None = None, ttft_ms: float | None = None, max_batch: int = MAX_BATCH,
+           phases: tuple = ("prefill", "decode")) -> Best:
     for name, v in (("--tpot-ms", tpot_ms), ("--ttft-ms", ttft_ms)):
         if v is not None and not v > 0:
             raise ConfigError(f"{name} = {v} is invalid; give a latency target in ms > 0")
@@ -71,7 +73,8 @@ def search(workload: str, system, input_len: int, output_len: int, dtype: str = 
             s = run(1, b)
             return s.fits and (ttft_ms is None or s.ttft_s * 1e3 <= ttft_ms)
 
-        b, p = _largest(decode_ok, MAX_BATCH), _largest(prefill_ok, MAX_PREFILL_BATCH)
+        b = _largest(decode_ok, max_batch) if "decode" in phases else 0
+        p = _largest(prefill_ok, MAX_PREFILL_BATCH) if "prefill" in phases else 0
         tried.append((layout, run(b) if b else None, run(1, p) if p else None))
     decodes = [d for _, d, _ in tried if d]
     prefills = [p for _, _, p in tried if p]

@@ -1,0 +1,98 @@
+"""The serving model (analytic/serving.py, serving_search.py) and `relay serve`: fake equals real in
+every emulated figure, the KV cache charged as HBM traffic and capacity, layouts checked before
+anything runs, the search's batch the largest meeting the target."""
+
+import pytest
+
+from relay import System
+from relay.analytic import serving, serving_search
+from relay.errors import ConfigError
+from relay.launch import cli
+from relay.workloads import inference, llama, moe
+
+H100x4 = System("h100", 4)
+
+
+@pytest.mark.parametrize("name,layout", [("llama-debug", serving.Layout(2, 2, 1)),
+                                         ("moe-debug", serving.Layout(2, 2, 4)),
+                                         ("moe-debug", serving.Layout(4, 1, 2))])
+def test_fake_equals_real_in_every_figure(name, layout):
+    for tokens, context in ((12, 12), (1, 20)):  # a prefill, a decode step
+        real, fake = (serving.phase(name, layout, H100x4, "bf16", 3, tokens, context, tensors=t)
+                      for t in ("real", "fake"))
+        assert real == fake
+        assert fake.seconds > 0 and fake.flops > 0
+
+
+@pytest.mark.parametrize("name,tp", [("llama-debug", 1), ("llama-debug", 2), ("moe-debug", 1), ("moe-debug", 2)])
+def test_decode_reads_the_whole_kv_cache(name, tp):
+    """A decode step's HBM traffic grows with the context by exactly the cache it reads: GQA's keys and
+    values once each (their kv heads split tp ways); MLA's latent rows as key and as value."""
+    c = (llama.CONFIGS | moe.CONFIGS)[name]
+    batch, layout = 3, serving.Layout(4 // tp, tp, 1)
+    short, long = (serving.phase(name, layout, H100x4, "bf16", batch, 1, n) for n in (20, 30))
+    per_token = inference.cache_bytes_per_token(c) * (2 if name == "moe-debug" else 1) // (1 if name == "moe-debug" else tp)
+    assert long.bytes - short.bytes == 10 * batch * per_token * c.n_layers
+    assert long.seconds > short.seconds
+
+
+def test_full_size_deepseek_memory_and_rates():
+    system = System.preset("cloudmatrix384").scaled(32)
+    s = serving.serve("deepseek-v3", system, serving.Layout(32, 1, 32), 16, 1024, 256)
+    c = moe.CONFIGS["deepseek-v3"]
+    assert s.memory["kv_cache"] == 16 * (1024 + 256) * (512 + 64) * 2 * c.n_layers  # MLA's compressed cache
+    assert s.memory["weights"] == s.prefill.params * 2
+    # 256 routed experts over 32 devices: 8 each, so about 671e9 x 8/256 + the rest per device
+    assert 25e9 < s.prefill.params < 45e9
+    assert s.decode_tps == pytest.approx(16 / s.tpot_s)
+    assert s.prefill_tps == pytest.approx(s.prefill_batch * 1024 / s.ttft_s)
+    assert s.decode.a2a_s > 0 and s.decode.tp_s == 0
+    assert s.fits
+
+
+@pytest.mark.parametrize("layout,match", [
+    (serving.Layout(3, 1, 1), "dp x tp = 3"),
+    (serving.Layout(1, 4, 1), "heads"),  # llama-debug has 2 kv heads
+    (serving.Layout(4, 1, 2), "no experts"),
+])
+def test_bad_layouts_are_refused(layout, match):
+    with pytest.raises(ConfigError, match=match):
+        serving.serve("llama-debug", H100x4, layout, 2, 8, 4)
+
+
+def test_cli_refuses_bad_input_before_running(capsys):
+    for argv, match in ((["--parallel", "dp=3"], "dp x tp = 3"), (["--batch", "0"], "--batch = 0"),
+                        (["--parallel", "pp=2"], "'pp=2'"), (["--tpot-ms", "50"], "add --search"),
+                        (["--precision", "fp8", "--system", "cloudmatrix384"], "no fp8 peak")):
+        base = ["serve", "--workload", "llama-debug"] + ([] if "--system" in argv else ["--chip", "h100", "--devices", "4"])
+        assert cli.main(base + argv) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_search_takes_the_largest_batch_meeting_the_target():
+    two = System("h100", 2)
+    target = serving.serve("moe-debug", two, serving.Layout(2, 1, 2), 20, 16, 8).tpot_s * 1e3
+    best = serving_search.search("moe-debug", two, 16, 8, tpot_ms=target, max_batch=48, phases=("decode",))
+    d = best.decode
+    assert [str(x[0]) for x in best.tried] == ["dp=2,tp=1,ep=2", "dp=1,tp=2,ep=2"]
+    assert 20 <= d.batch < 48 and d.tpot_s * 1e3 <= target
+    assert serving.serve("moe-debug", two, d.layout, d.batch + 1, 16, 8).tpot_s * 1e3 > target
+    assert d.decode_tps == max(x.decode_tps for _, x, _ in best.tried if x)
+
+
+def test_cli_prints_the_figures_with_units(capsys):
+    assert cli.main(["serve", "--chip", "h100", "--devices", "4", "--workload", "moe-debug", "--input-len", "16",
+                     "--output-len", "8", "--batch", "4", "--parallel", "dp=4,tp=1,ep=4"]) == 0
+    out = capsys.readouterr().out
+    assert "(emulated ms)" in out and "tokens/s per device" in out
+    assert "dp=4,tp=1,ep=4" in out and "GB of 80 GB HBM" in out
+
+
+def test_inference_validate_rows_hold_their_recorded_figures():
+    """The cheap rows (prefill at their sources' layouts, full size) within 1% of the table's relay
+    column: a model change that moves them must update the table (`relay validate --inference --update`)."""
+    from relay.launch import validate_serving
+    rows = [r for r in validate_serving.load() if r.phase == "prefill" and r.chip != "ascend-910c"]
+    assert {r.id for r in rows} == {"sglang-h100x32-prefill", "sglang-gb200-prefill"}
+    for x in validate_serving.evaluate(rows):
+        assert x["relay"] == pytest.approx(x["row"].relay, rel=0.01), x["row"].id
