@@ -112,7 +112,8 @@ def cmd_serve(args) -> int:
                                      args.tpot_ms, args.ttft_ms, fast_precision)
         _print_best(f"slow side: {system.name} x {system.devices} ({args.precision})", b.slow)
         _print_best(f"fast side: {fast.name} x {fast.devices} ({fast_precision})", b.fast)
-        for phase, n in (("decode (output tokens/s)", b.decode_devices), ("prefill (prompt tokens/s)", b.prefill_devices)):
+        for phase, n in (("decode (output tokens/s)", b.decode_devices),
+                         ("prefill (prompt tokens/s)", b.prefill_devices)):
             print(f"# break-even, {phase}: {n if n is not None else 'n/a'} {system.chip.name} devices match "
                   f"{fast.devices} {fast.chip.name} devices at the same targets ({targets})")
         print(f"# took {time.perf_counter() - start:.1f} real s")

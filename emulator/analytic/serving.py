@@ -158,7 +158,8 @@ class _Largest(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor) and not func.is_view:
-            self.bytes = max(self.bytes, out.numel() * (self.itemsize if out.is_floating_point() else out.element_size()))
+            size = self.itemsize if out.is_floating_point() else out.element_size()
+            self.bytes = max(self.bytes, out.numel() * size)
         return out
 
 

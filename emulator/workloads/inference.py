@@ -57,7 +57,7 @@ def new_cache(model, batch: int, max_len: int, dtype=None, device=None) -> Cache
             layers.append(torch.zeros(batch, max_len, a.c.kv_lora_rank + a.c.qk_rope_dim, dtype=dtype, device=device))
         else:
             shape = (batch, a.n_kv_heads, max_len, a.head_dim)
-            layers.append((torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)))
+            layers.append(tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)))
     return Cache(layers)
 
 

@@ -31,7 +31,8 @@ def test_decode_reads_the_whole_kv_cache(name, tp):
     c = (llama.CONFIGS | moe.CONFIGS)[name]
     batch, layout = 3, serving.Layout(4 // tp, tp, 1)
     short, long = (serving.phase(name, layout, H100x4, "bf16", batch, 1, n) for n in (20, 30))
-    per_token = inference.cache_bytes_per_token(c) * (2 if name == "moe-debug" else 1) // (1 if name == "moe-debug" else tp)
+    mla = name == "moe-debug"
+    per_token = inference.cache_bytes_per_token(c) * 2 if mla else inference.cache_bytes_per_token(c) // tp
     assert long.bytes - short.bytes == 10 * batch * per_token * c.n_layers
     assert long.seconds > short.seconds
 
@@ -64,7 +65,8 @@ def test_cli_refuses_bad_input_before_running(capsys):
     for argv, match in ((["--parallel", "dp=3"], "dp x tp = 3"), (["--batch", "0"], "--batch = 0"),
                         (["--parallel", "pp=2"], "'pp=2'"), (["--tpot-ms", "50"], "add --search"),
                         (["--precision", "fp8", "--system", "cloudmatrix384"], "no fp8 peak")):
-        base = ["serve", "--workload", "llama-debug"] + ([] if "--system" in argv else ["--chip", "h100", "--devices", "4"])
+        system = [] if "--system" in argv else ["--chip", "h100", "--devices", "4"]
+        base = ["serve", "--workload", "llama-debug", *system]
         assert cli.main(base + argv) == 2
         assert match in capsys.readouterr().err
 
