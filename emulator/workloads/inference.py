@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from relay.workloads.llama import Attention, rotate
 from relay.workloads.moe import MLA
@@ -36,6 +37,28 @@ class Cache:
 
     layers: list  # per block: (k, v) each (B, nkv, L, hs) for GQA; (B, L, kv_lora + rope) for MLA
     length: int = 0  # tokens cached so far
+
+
+@torch.library.custom_op("relay_inference::mla_decode", mutates_args=())
+def mla_decode(q: torch.Tensor, rows: torch.Tensor, kv_lora: int, scale: float) -> torch.Tensor:
+    """MLA's absorbed decode attention as FlashMLA runs it, one kernel: queries q (B, M, C) (the
+    heads folded into the rows) over the cache rows (B, L, C), C = kv_lora + rope, whose first
+    kv_lora values are also the values: softmax(q rows^T x scale) rows[..., :kv_lora], (B, M, kv_lora).
+    One op, so the cost model charges the rows read once (with the queries and the output)."""
+    p = (torch.bmm(q, rows.transpose(1, 2)) * scale).softmax(dim=-1)  # (B, M, L)
+    return torch.bmm(p, rows[..., :kv_lora])
+
+
+@mla_decode.register_fake
+def _(q, rows, kv_lora, scale):
+    return q.new_empty(q.shape[0], q.shape[1], kv_lora)
+
+
+@register_flop_formula(torch.ops.relay_inference.mla_decode)
+def _mla_decode_flops(q_shape, rows_shape, kv_lora, scale, *args, out_shape=None, **kwargs) -> int:
+    """The scores (C per query-row pair) and the weighted sum of the values (kv_lora per pair), 2 FLOPs a MAC."""
+    (B, M, C), L = q_shape, rows_shape[1]
+    return 2 * B * M * L * (C + kv_lora)
 
 
 def cache_bytes_per_token(config, itemsize: int = 2) -> int:
@@ -98,13 +121,9 @@ def _mla(a: MLA, x, cos, sin, cache, start: int):
         w_uk, w_uv = w[:, :c.qk_nope_dim], w[:, c.qk_nope_dim:]  # (nh, nope, kv_lora), (nh, v, kv_lora)
         q_lat = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # (B, nh, T, kv_lora)
         # One key/value head shared by every query head: the heads fold into the query rows (as
-        # FlashMLA runs it), so one fused attention reads the cache and never copies it per head.
-        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, -1, c.kv_lora_rank + c.qk_rope_dim)  # (B, 1, nh T, 576)
-        rows = cache[:, :end].unsqueeze(1)  # (B, 1, L, kv_lora + rope)
-        # The values are the latent part of the same rows: passed whole (one head size for the
-        # flash kernel) and the rotary part of the output dropped. The cost model charges the rows
-        # as key and as value, twice the cache's bytes, where FlashMLA reads them once.
-        y_lat = F.scaled_dot_product_attention(q, rows, rows, scale=1 / math.sqrt(a.qk_dim))[..., :c.kv_lora_rank]
+        # FlashMLA runs it), so one fused kernel reads the cache once and never copies it per head.
+        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, -1, c.kv_lora_rank + c.qk_rope_dim)  # (B, nh T, 576)
+        y_lat = mla_decode(q, cache[:, :end], c.kv_lora_rank, 1 / math.sqrt(a.qk_dim))  # (B, nh T, kv_lora)
         y = torch.einsum("bhtc,hvc->bhtv", y_lat.reshape(B, c.n_heads, T, c.kv_lora_rank), w_uv)  # (B, nh, T, v)
     return a.wo(y.transpose(1, 2).reshape(B, T, -1))
 

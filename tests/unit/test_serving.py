@@ -26,13 +26,12 @@ def test_fake_equals_real_in_every_figure(name, layout):
 
 @pytest.mark.parametrize("name,tp", [("llama-debug", 1), ("llama-debug", 2), ("moe-debug", 1), ("moe-debug", 2)])
 def test_decode_reads_the_whole_kv_cache(name, tp):
-    """A decode step's HBM traffic grows with the context by exactly the cache it reads: GQA's keys and
-    values once each (their kv heads split tp ways); MLA's latent rows as key and as value."""
+    """A decode step's HBM traffic grows with the context by exactly the cache it reads, once: GQA's
+    keys and values (their kv heads split tp ways); MLA's latent and rotary rows, whole on every tp rank."""
     c = (llama.CONFIGS | moe.CONFIGS)[name]
     batch, layout = 3, serving.Layout(4 // tp, tp, 1)
     short, long = (serving.phase(name, layout, H100x4, "bf16", batch, 1, n) for n in (20, 30))
-    mla = name == "moe-debug"
-    per_token = inference.cache_bytes_per_token(c) * 2 if mla else inference.cache_bytes_per_token(c) // tp
+    per_token = inference.cache_bytes_per_token(c) // (1 if name == "moe-debug" else tp)
     assert long.bytes - short.bytes == 10 * batch * per_token * c.n_layers
     assert long.seconds > short.seconds
 
