@@ -202,8 +202,7 @@ def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: i
             model = _model(workload, config, tp, local, n_layers, dense)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
-            model = model.to_empty(device="cpu")
-            # rotary tables are non-persistent buffers to_empty leaves unset: fake ones of their shape
+            model = model.to_empty(device="cpu")  # the rotary tables too: fake, of their shape (values unused)
     with mode or contextlib.nullcontext(), torch.no_grad():
         cache = inference.new_cache(model, batch, max(context, tokens))
         cache.length = 0 if tokens > 1 else context - 1
