@@ -3,6 +3,7 @@ every emulated figure, the KV cache charged as HBM traffic and capacity, layouts
 anything runs, the search's batch the largest meeting the target."""
 
 import pytest
+import torch
 
 from relay import System
 from relay.analytic import serving, serving_search
@@ -11,6 +12,15 @@ from relay.launch import cli
 from relay.workloads import inference, llama, moe
 
 H100x4 = System("h100", 4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: torch's intra-op threads only add hand-offs (seconds on a loaded 2-core host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name,layout", [("llama-debug", serving.Layout(2, 2, 1)),
@@ -70,14 +80,20 @@ def test_cli_refuses_bad_input_before_running(capsys):
         assert match in capsys.readouterr().err
 
 
+def test_bisection_finds_the_largest_batch_meeting_a_monotone_test():
+    for hi in range(1, 40):
+        for limit in range(0, hi + 3):
+            assert serving_search._largest(lambda b, limit=limit: b <= limit, hi) == min(limit, hi)
+
+
 def test_search_takes_the_largest_batch_meeting_the_target():
     two = System("h100", 2)
-    target = serving.serve("moe-debug", two, serving.Layout(2, 1, 2), 20, 16, 8).tpot_s * 1e3
-    best = serving_search.search("moe-debug", two, 16, 8, tpot_ms=target, max_batch=48, phases=("decode",))
+    target = serving.serve("llama-debug", two, serving.Layout(2, 1, 1), 5, 16, 8).tpot_s * 1e3
+    best = serving_search.search("llama-debug", two, 16, 8, tpot_ms=target, max_batch=12, phases=("decode",))
     d = best.decode
-    assert [str(x[0]) for x in best.tried] == ["dp=2,tp=1,ep=2", "dp=1,tp=2,ep=2"]
-    assert 20 <= d.batch < 48 and d.tpot_s * 1e3 <= target
-    assert serving.serve("moe-debug", two, d.layout, d.batch + 1, 16, 8).tpot_s * 1e3 > target
+    assert [str(x[0]) for x in best.tried] == ["dp=2,tp=1,ep=1", "dp=1,tp=2,ep=1"]
+    assert 5 <= d.batch < 12 and d.tpot_s * 1e3 <= target
+    assert serving.serve("llama-debug", two, d.layout, d.batch + 1, 16, 8).tpot_s * 1e3 > target
     assert d.decode_tps == max(x.decode_tps for _, x, _ in best.tried if x)
 
 
@@ -90,10 +106,10 @@ def test_cli_prints_the_figures_with_units(capsys):
 
 
 def test_inference_validate_rows_hold_their_recorded_figures():
-    """The cheap rows (prefill at their sources' layouts, full size) within 1% of the table's relay
-    column: a model change that moves them must update the table (`relay validate --inference --update`)."""
+    """A cheap row (a prefill at its source's layout, full size) within 1% of the table's relay column:
+    a model change that moves it must update the table (`relay validate --inference --update`)."""
     from relay.launch import validate_serving
-    rows = [r for r in validate_serving.load() if r.phase == "prefill" and r.chip != "ascend-910c"]
-    assert {r.id for r in rows} == {"sglang-h100x32-prefill", "sglang-gb200-prefill"}
+    rows = [r for r in validate_serving.load() if r.id == "sglang-h100x32-prefill"]
+    assert len(rows) == 1
     for x in validate_serving.evaluate(rows):
         assert x["relay"] == pytest.approx(x["row"].relay, rel=0.01), x["row"].id
