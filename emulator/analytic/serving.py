@@ -248,7 +248,9 @@ def communication(workload: str, layout: Layout, system, dtype: str, batch: int,
     ar = collectives.predict("all_reduce", "auto", act, system.scaled(layout.tp)) if layout.tp > 1 else 0.0
     out = {"dense": 2 * ar, "moe": ar, "a2a": 0.0}
     if hasattr(c, "n_experts") and layout.ep > 1:
-        rows = batch * tokens / layout.tp * c.top_k  # (token, expert) rows each device sends
+        # (token, expert) rows each device sends: its replica's tokens, as its EPShard computes them
+        # (under tp > 1 every tp rank of a replica routes all of them: the MoE is not split by tp)
+        rows = batch * tokens * c.top_k
         group = system.scaled(layout.ep)
         # DeepEP dispatches in FP8 where the run is FP8, and combines in BF16
         out["a2a"] = (collectives.predict("all_to_all", "auto", rows * c.dim * PRECISIONS[dtype], group)
