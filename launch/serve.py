@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=64, help="sequences per replica in a decode step (default 64)")
     p.add_argument("--prefill-batch", type=int, help="prompts per replica in a prefill step (default: "
                    f"{serving.PREFILL_TOKENS} tokens' worth, at least 1)")
-    p.add_argument("--parallel", help="the layout, e.g. dp=72,tp=1,ep=72 (default: dp = devices, tp = 1, "
-                   "ep = devices for MoE models)")
+    p.add_argument("--parallel", help="the layout, e.g. dp=72,tp=1,ep=72 (missing: dp = devices / tp, tp = 1, "
+                   "ep = devices for MoE models, 1 for dense ones)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights and GEMMs: bf16, or fp8 "
                    "(weights quantised ahead of serving, Linear GEMMs at the FP8 peak; chips with FP8)")
     p.add_argument("--no-overlap", action="store_true", help="charge the expert all-to-all after the compute "
@@ -131,8 +131,10 @@ def cmd_serve(args) -> int:
         print(f"# {len(best.tried)} layouts searched in {time.perf_counter() - start:.1f} real s")
         return 0
     c = config_of(args.workload, 1)
-    layout = Layout.parse(args.parallel, system.devices) if args.parallel else \
-        Layout(system.devices, 1, system.devices if hasattr(c, "n_experts") else 1)
+    moe_ep = system.devices if hasattr(c, "n_experts") else 1  # experts over every device, unless told
+    layout = Layout.parse(args.parallel, system.devices) if args.parallel else Layout(system.devices, 1, moe_ep)
+    if args.parallel and "ep=" not in args.parallel:
+        layout = Layout(layout.dp, layout.tp, moe_ep)
     s = serving.serve(args.workload, system, layout, args.batch, args.input_len, args.output_len, args.precision,
                       overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch)
     print(head)
