@@ -56,3 +56,17 @@ def test_decode_after_a_prompt_refuses_several_tokens():
     inference.forward(model, torch.zeros(1, 4, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="one token a step"):
         inference.forward(model, torch.zeros(1, 2, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("name,config", [("llama-debug", None), ("moe-debug", None), ("moe-gqa", MIXTRAL_DEBUG)])
+@torch.no_grad()
+def test_cached_logits_equal_the_full_forward_at_every_step(name, config):
+    """Closer than the tokens: each step's logits equal the last position's of the model's own forward
+    over the sequence so far (a cache at the wrong positions or missing a token moves them)."""
+    model, c = _model(name, config)
+    seq = torch.randint(0, c.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    cache = inference.new_cache(model, 2, 12)
+    got = [inference.forward(model, seq[:, :6], cache)] + [inference.forward(model, seq[:, t:t + 1], cache)
+                                                             for t in range(6, 12)]
+    for t, logits in zip(range(6, 13), got):
+        torch.testing.assert_close(logits, model(seq[:, :t])[:, -1], rtol=1e-4, atol=1e-6)
