@@ -18,7 +18,8 @@ def ep_decode(prompts, new_tokens):
     torch.manual_seed(0)
     model = get("moe-debug").build_model().eval()
     expert_parallel(model, dist.group.WORLD, world, rank)
-    return inference.generate(model, prompts.chunk(world)[rank], new_tokens)
+    held = [len(b.ffn.experts) for b in model.blocks if hasattr(b.ffn, "routing")]
+    return inference.generate(model, prompts.chunk(world)[rank], new_tokens), held
 
 
 def test_expert_parallel_decode_on_devices_equals_one_process(cluster):
@@ -27,6 +28,7 @@ def test_expert_parallel_decode_on_devices_equals_one_process(cluster):
     res = cluster.launch(ep_decode, prompts, 6)
     torch.manual_seed(0)
     want = inference.generate(get("moe-debug").build_model().eval(), prompts, 6)
-    assert torch.equal(torch.cat(res.results), want)
+    assert torch.equal(torch.cat([tokens for tokens, _ in res.results]), want)
+    assert all(held == [2, 2] for _, held in res.results)  # 8 experts over 4 devices, in both MoE layers
     # the devices exchanged the dispatch and combine: emulated communication was charged
     assert res.emulated_s > 0
