@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--chip", default="h100")
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--batch", type=int, default=8, help="sequences per device")
-    p.add_argument("--context", type=int, default=24, help="prompt tokens before the decode step (below the model's seq_len)")
+    p.add_argument("--context", type=int, default=24,
+                   help="prompt tokens before the decode step (below the model's seq_len)")
     args = p.parse_args(argv)
     system = System(args.chip, args.devices)
     prompts = torch.randint(0, get(args.workload).config.vocab_size, (args.batch * args.devices, args.context),
