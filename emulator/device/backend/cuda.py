@@ -16,7 +16,8 @@ While a program runs (`emulated(...)`, entered by program.py on the virtual cloc
   on a CPU build of torch fail at the first slice or random init ("PyTorch is not linked with
   support for cuda devices").
 * `nccl` is the `relay` backend (program.py takes init_process_group over; here
-  `is_nccl_available()` and DeviceMesh / init_device_mesh("cuda", ...) on the host), DDP's
+  `is_nccl_available()`), a DeviceMesh / init_device_mesh("cuda", ...) is a mesh of the host's
+  devices (so FSDP2 and DTensor find their parameters on the mesh's device), DDP's
   `device_ids` / `output_device` of a host module are dropped, and `torch.autocast("cuda", ...)`
   (and torch.cuda.amp's) is the CPU autocast with the same dtype.
 * What cannot be emulated is refused by name (`Unsupported`): CUDA graphs, raw CUDA kernels.
@@ -76,7 +77,7 @@ def _host(d):
     return "cpu" if _is_cuda(d) else d
 
 
-_TO = {torch.Tensor.to}
+_TO = {torch.Tensor.to, torch._C._nn._parse_to}  # (Module.to parses its arguments with _parse_to)
 _SELF = {torch.Tensor.cuda, torch.Tensor.pin_memory}  # the tensor itself (it is on the host already)
 
 
@@ -93,8 +94,9 @@ class Remap(TorchFunctionMode):
             d = kwargs["device"]
             if _is_cuda(d) or (isinstance(d, int) and not isinstance(d, bool) and func in _TO):
                 kwargs = {**kwargs, "device": "cpu"}
-        if func in _TO and len(args) > 1 and isinstance(args[1], int) and not isinstance(args[1], bool):
-            args = (args[0], "cpu", *args[2:])  # .to(local_rank)
+        if func in _TO and any(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            args = tuple("cpu" if isinstance(a, int) and not isinstance(a, bool) else _host(a)
+                         for a in args)  # .to(local_rank)
         elif any(_is_cuda(a) for a in args):
             args = tuple(_host(a) for a in args)
         return func(*args, **kwargs)
@@ -196,17 +198,18 @@ class VirtualCuda:
         return self.hbm.stats()
 
     # ------------------------------------------------------------ random numbers: the host's generator
+    # (tensors made on "cuda" draw from it; torch.manual_seed calls these too, so they seed it directly)
     def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(int(seed))
 
     def manual_seed_all(self, seed: int) -> None:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(int(seed))
 
     def seed(self) -> None:
-        torch.seed()
+        torch.default_generator.seed()
 
     def seed_all(self) -> None:
-        torch.seed()
+        torch.default_generator.seed()
 
     def get_rng_state(self, device=None):
         return torch.get_rng_state()
@@ -269,6 +272,12 @@ def _autocast_init(original):
     return __init__
 
 
+def _mesh_init(original):
+    def __init__(self, device_type, *args, **kwargs):  # a "cuda" mesh is the host's (FSDP2, DTensor)
+        return original(self, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+    return __init__
+
+
 def _ddp_init(original):
     def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
         if all(p.device.type == "cpu" for p in module.parameters()):  # a host module: no device ids
@@ -309,6 +318,7 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     index = int(os.environ.get("LOCAL_RANK", "0")) % count if index is None else index
     cuda = VirtualCuda(chip, count, index, hbm)
     from torch.amp import autocast_mode
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.nn.parallel import DistributedDataParallel
     patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES + _MEMORY_NAMES]
     patches += [(torch.cuda.memory, name, getattr(cuda, name)) for name in _MEMORY_NAMES]
@@ -317,6 +327,7 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
     patches += [(dist, "is_nccl_available", lambda: True),
                 (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
-                (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__))]
+                (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__)),
+                (DeviceMesh, "__init__", _mesh_init(DeviceMesh.__init__))]
     with _patched(patches), Remap():
         yield cuda
