@@ -198,7 +198,8 @@ class VirtualCuda:
         return self.hbm.stats()
 
     # ------------------------------------------------------------ random numbers: the host's generator
-    # (tensors made on "cuda" draw from it; torch.manual_seed calls these too, so they seed it directly)
+    # (torch.default_generator itself: torch.manual_seed / torch.seed call torch.cuda.manual_seed_all /
+    # seed_all, which would call back into them without end)
     def manual_seed(self, seed: int) -> None:
         torch.default_generator.manual_seed(int(seed))
 
@@ -241,10 +242,11 @@ class _DeviceContext:
 
 
 def _refuse(name: str, why: str):
-    def refused(*args, **kwargs):
+    """A class (annotations such as `torch.cuda.CUDAGraph | None` still work) that refuses to be made."""
+    def __init__(self, *args, **kwargs):
         raise Unsupported(f"torch.cuda.{name} cannot run on Relay's virtual CUDA device: {why} "
                           "(docs/design.md 'Programs written for GPUs')")
-    return refused
+    return type(name, (), {"__init__": __init__, "__module__": __name__})
 
 
 _REFUSED = {
@@ -252,6 +254,8 @@ _REFUSED = {
                  "reduce-overhead compile mode)",
     "graph": "CUDA graphs capture real kernels; run the program without them",
     "make_graphed_callables": "CUDA graphs capture real kernels; run the program without them",
+    "graph_pool_handle": "CUDA graphs capture real kernels; run the program without them (torchtitan: "
+                         "--training.disable_cuda_graphs)",
     "jiterator": "custom CUDA kernels have no host equivalent; use the aten op it replaces",
     "caching_allocator_alloc": "raw device allocations have no host equivalent",
 }
