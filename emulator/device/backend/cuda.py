@@ -18,7 +18,7 @@ While a program runs (`emulated(...)`, entered by program.py on the virtual cloc
 * `nccl` is the `relay` backend (program.py takes init_process_group over; here
   `is_nccl_available()`), a DeviceMesh / init_device_mesh("cuda", ...) is a mesh of the host's
   devices (so FSDP2 and DTensor find their parameters on the mesh's device), DDP's
-  `device_ids` / `output_device` of a host module are dropped, and `torch.autocast("cuda", ...)`
+  `device_ids` / `output_device` of a host module are dropped, FSDP1's `device_id` is the host, and `torch.autocast("cuda", ...)`
   (and torch.cuda.amp's) is the CPU autocast with the same dtype.
 * What cannot be emulated is refused by name (`Unsupported`): CUDA graphs, raw CUDA kernels.
 """
@@ -86,7 +86,9 @@ class Remap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.device:  # (a device object is made through torch function too: it stays cuda)
+        if func is torch.device:  # (a device object is made through torch function too: it stays cuda;
+            if len(args) == 1 and isinstance(args[0], int) and not kwargs:  # torch.device(i): the accelerator's
+                return torch.device("cuda", args[0])
             return func(*args, **kwargs)
         if func in _SELF:
             return args[0]
@@ -282,6 +284,14 @@ def _mesh_init(original):
     return __init__
 
 
+def _fsdp1_init(original):
+    def __init__(self, module, *args, device_id=None, **kwargs):  # FSDP1 on the host's device
+        if _is_cuda(device_id) or (isinstance(device_id, int) and not isinstance(device_id, bool)):
+            device_id = torch.device("cpu")
+        return original(self, module, *args, device_id=device_id, **kwargs)
+    return __init__
+
+
 def _ddp_init(original):
     def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
         if all(p.device.type == "cpu" for p in module.parameters()):  # a host module: no device ids
@@ -323,6 +333,7 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     cuda = VirtualCuda(chip, count, index, hbm)
     from torch.amp import autocast_mode
     from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
     patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES + _MEMORY_NAMES]
     patches += [(torch.cuda.memory, name, getattr(cuda, name)) for name in _MEMORY_NAMES]
@@ -332,6 +343,7 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches += [(dist, "is_nccl_available", lambda: True),
                 (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
                 (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__)),
-                (DeviceMesh, "__init__", _mesh_init(DeviceMesh.__init__))]
+                (DeviceMesh, "__init__", _mesh_init(DeviceMesh.__init__)),
+                (FullyShardedDataParallel, "__init__", _fsdp1_init(FullyShardedDataParallel.__init__))]
     with _patched(patches), Remap():
         yield cuda

@@ -24,7 +24,8 @@ class Tokens(torch.utils.data.Dataset):
 
 
 torch.manual_seed(0)
-model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2))
+model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=2,
+                                            bos_token_id=0, eos_token_id=0))
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=steps, logging_steps=1,
                          learning_rate=1e-3, report_to=[], save_strategy="no", seed=0)
 trainer = Trainer(model=model, args=args, train_dataset=Tokens())
