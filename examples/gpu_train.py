@@ -1,8 +1,8 @@
 """A training script written for GPUs, as torchrun runs it on a node of GPUs: Relay runs it
 unmodified (README "Run a GPU training program unmodified"). It uses what such scripts use:
 LOCAL_RANK and torch.cuda.set_device, the nccl backend, tensors made on and moved to "cuda",
-DDP with device_ids (or FSDP2 over a "cuda" device mesh), bf16 autocast, CUDA events, memory statistics and its own throughput line
-timed with time.perf_counter."""
+DDP with device_ids (or FSDP2 over a "cuda" device mesh), bf16 autocast, CUDA events, memory
+statistics and its own throughput line timed with time.perf_counter."""
 
 import argparse
 import os

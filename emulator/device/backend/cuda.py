@@ -18,8 +18,8 @@ While a program runs (`emulated(...)`, entered by program.py on the virtual cloc
 * `nccl` is the `relay` backend (program.py takes init_process_group over; here
   `is_nccl_available()`), a DeviceMesh / init_device_mesh("cuda", ...) is a mesh of the host's
   devices (so FSDP2 and DTensor find their parameters on the mesh's device), DDP's
-  `device_ids` / `output_device` of a host module are dropped, FSDP1's `device_id` is the host, and `torch.autocast("cuda", ...)`
-  (and torch.cuda.amp's) is the CPU autocast with the same dtype.
+  `device_ids` / `output_device` of a host module are dropped, FSDP1's `device_id` is the host,
+  and `torch.autocast("cuda", ...)` (and torch.cuda.amp's) is the CPU autocast of the same dtype.
 * What cannot be emulated is refused by name (`Unsupported`): CUDA graphs, raw CUDA kernels.
 """
 
