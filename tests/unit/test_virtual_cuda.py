@@ -230,3 +230,13 @@ def test_seeds_are_the_hosts_generator():
         torch.cuda.manual_seed_all(3)
         assert torch.equal(a, b) and torch.equal(a, torch.randn(4, device="cuda") * 0 + b)
         assert torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())
+
+
+def test_a_clock_taken_during_a_program_reads_the_host_after_it():
+    """A module imported while a program runs may take the function (`from time import
+    perf_counter`); the next program in the same worker must not find the last one's time."""
+    with gpu() as (timeline, _):
+        taken = time.time
+        timeline.host += 100.0
+        assert taken() - _real_time() > 99.0
+    assert abs(taken() - _real_time()) < 5.0
