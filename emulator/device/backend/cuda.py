@@ -223,6 +223,20 @@ class VirtualCuda:
     def initial_seed(self) -> int:
         return torch.initial_seed()
 
+    def ipc_collect(self) -> None:
+        pass
+
+    def is_current_stream_capturing(self) -> bool:
+        return False  # (no CUDA graph is ever captured: they are refused)
+
+    def set_per_process_memory_fraction(self, fraction: float, device=None) -> None:
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+        self.hbm.fraction = fraction  # the allocator's limit: an allocation past it is out of memory
+
+    def get_per_process_memory_fraction(self, device=None) -> float:
+        return self.hbm.fraction
+
     def default_stream(self, device=None):
         return torch.cpu.current_stream() if streams._active is None else streams._DEFAULT
 
@@ -264,10 +278,26 @@ _REFUSED = {
 _DEVICE_NAMES = ("is_available", "is_initialized", "init", "device_count", "set_device", "current_device",
                  "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
                  "get_arch_list", "device", "manual_seed", "manual_seed_all", "seed", "seed_all",
-                 "get_rng_state", "set_rng_state", "initial_seed", "default_stream")
+                 "get_rng_state", "set_rng_state", "initial_seed", "default_stream", "ipc_collect",
+                 "is_current_stream_capturing", "set_per_process_memory_fraction",
+                 "get_per_process_memory_fraction")
 _MEMORY_NAMES = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
                  "mem_get_info", "reset_peak_memory_stats", "reset_max_memory_allocated",
                  "reset_accumulated_memory_stats", "empty_cache", "memory_stats")
+
+
+def _no_range(*args, **kwargs):
+    return 0
+
+
+@contextlib.contextmanager
+def _range(*args, **kwargs):
+    yield
+
+
+# NVTX marks (profilers' ranges): nothing to mark on the host, so they do nothing, as without nsys
+_NVTX = {"range_push": _no_range, "range_pop": _no_range, "mark": _no_range, "range_start": _no_range,
+         "range_end": _no_range, "range": _range}
 
 
 def _autocast_init(original):
@@ -340,6 +370,7 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
+    patches += [(torch.cuda.nvtx, name, value) for name, value in _NVTX.items()]
     patches += [(dist, "is_nccl_available", lambda: True),
                 (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
                 (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__)),

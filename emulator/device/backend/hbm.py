@@ -30,6 +30,7 @@ class Hbm:
     def __init__(self, chip) -> None:
         self.chip = chip
         self.capacity = int(chip.hbm_gb * 1e9)  # bytes (the catalog's GB are 1e9 bytes)
+        self.fraction = 1.0  # torch.cuda.set_per_process_memory_fraction's limit
         self.live: dict[int, int] = {}  # storage key -> bytes counted
         self.allocated = 0
         self.peak = 0
@@ -55,11 +56,12 @@ class Hbm:
         if key in self.live:
             return
         nbytes = -(-storage.nbytes() // BLOCK) * BLOCK
-        if self.allocated + nbytes > self.capacity:
+        if self.allocated + nbytes > self.capacity * self.fraction:
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory on the emulated {self.chip.display or self.chip.name} "
                 f"({self.chip.hbm_gb:g} GB HBM): tried to allocate {nbytes / _GIB:.2f} GiB with "
-                f"{self.allocated / _GIB:.2f} GiB allocated of {self.capacity / _GIB:.2f} GiB "
+                f"{self.allocated / _GIB:.2f} GiB allocated of {self.capacity / _GIB:.2f} GiB"
+                + (f", {self.fraction:g} of it allowed " if self.fraction < 1 else " ") +
                 "(relay: emulated HBM, docs/design.md 'Programs written for GPUs')")
         self.live[key] = nbytes
         self.allocated += nbytes
