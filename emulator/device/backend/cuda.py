@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from relay.device.backend import hbm as hbm_names
 from relay.device.backend import streams
 
 # compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
@@ -168,37 +169,6 @@ class VirtualCuda:
     def device(self, device):
         return _DeviceContext(self, device)
 
-    # ------------------------------------------------------------ memory (hbm.py)
-    def memory_allocated(self, device=None) -> int:
-        return self.hbm.allocated
-
-    def max_memory_allocated(self, device=None) -> int:
-        return self.hbm.peak
-
-    def memory_reserved(self, device=None) -> int:
-        return self.hbm.reserved
-
-    def max_memory_reserved(self, device=None) -> int:
-        return self.hbm.reserved
-
-    def mem_get_info(self, device=None) -> tuple:
-        return self.hbm.capacity - self.hbm.reserved, self.hbm.capacity
-
-    def reset_peak_memory_stats(self, device=None) -> None:
-        self.hbm.reset_peak()
-
-    def reset_max_memory_allocated(self, device=None) -> None:
-        self.hbm.reset_peak()
-
-    def reset_accumulated_memory_stats(self, device=None) -> None:
-        pass
-
-    def empty_cache(self) -> None:
-        self.hbm.empty_cache()
-
-    def memory_stats(self, device=None) -> dict:
-        return self.hbm.stats()
-
     # ------------------------------------------------------------ random numbers: the host's generator
     # (torch.default_generator itself: torch.manual_seed / torch.seed call torch.cuda.manual_seed_all /
     # seed_all, which would call back into them without end)
@@ -228,14 +198,6 @@ class VirtualCuda:
 
     def is_current_stream_capturing(self) -> bool:
         return False  # (no CUDA graph is ever captured: they are refused)
-
-    def set_per_process_memory_fraction(self, fraction: float, device=None) -> None:
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
-        self.hbm.fraction = fraction  # the allocator's limit: an allocation past it is out of memory
-
-    def get_per_process_memory_fraction(self, device=None) -> float:
-        return self.hbm.fraction
 
     def default_stream(self, device=None):
         return torch.cpu.current_stream() if streams._active is None else streams._DEFAULT
@@ -279,11 +241,8 @@ _DEVICE_NAMES = ("is_available", "is_initialized", "init", "device_count", "set_
                  "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
                  "get_arch_list", "device", "manual_seed", "manual_seed_all", "seed", "seed_all",
                  "get_rng_state", "set_rng_state", "initial_seed", "default_stream", "ipc_collect",
-                 "is_current_stream_capturing", "set_per_process_memory_fraction",
-                 "get_per_process_memory_fraction")
-_MEMORY_NAMES = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
-                 "mem_get_info", "reset_peak_memory_stats", "reset_max_memory_allocated",
-                 "reset_accumulated_memory_stats", "empty_cache", "memory_stats")
+                 "is_current_stream_capturing")
+_MEMORY_NAMES = hbm_names.CUDA_NAMES  # (the Hbm's methods)
 
 
 def _no_range(*args, **kwargs):
@@ -365,8 +324,9 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
-    patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES + _MEMORY_NAMES]
-    patches += [(torch.cuda.memory, name, getattr(cuda, name)) for name in _MEMORY_NAMES]
+    patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES]
+    patches += [(module, name, getattr(hbm, name))
+                for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)]
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
