@@ -1,0 +1,81 @@
+"""The program's clock is the emulated clock (docs/design.md "Programs written for GPUs").
+
+While a program runs on the virtual clock, `time.perf_counter`, `time.monotonic`, `time.time`
+and their `_ns` forms read, on the program's thread, the device's host lane (Timeline.host: the
+emulated time at which the program issues its next kernel), so a framework's own throughput and
+timing lines print emulated figures. Each keeps its real value at the program's start and adds
+emulated seconds from there: `time.time()` is still a date, its deltas are emulated. As on a GPU,
+the host runs ahead of the streams: a timed section reads its kernels' time once the program
+syncs (`torch.cuda.synchronize()`, `.item()`, an event's synchronize), as programs do.
+
+Everything else keeps the host's time: other threads (Ray's, the communication engine's, data
+loader threads), and calls made from Relay's, Ray's and torch.distributed's own modules (their
+timeouts and spins) even on the program's thread; `threading` and `queue` took their clock
+before the patch. `relay launch --host-clock` leaves the clock alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+
+_NAMES = ("perf_counter", "monotonic", "time")
+_OWN = ("relay.", "ray.", "torch.distributed.", "grpc.")  # modules that keep the host's time
+_REAL = {name: getattr(time, name) for name in _NAMES}
+_REAL_NS = {name: getattr(time, name + "_ns") for name in _NAMES}
+_active = None  # (thread, timeline, lane offset, {name: real value at the program's start})
+
+
+def _emulated(name: str) -> float | None:
+    """`name`'s emulated reading for the caller, or None where the host's applies. A module that
+    took the function (`from time import perf_counter`) while a program ran keeps it: once no
+    program runs, it reads the host's time again."""
+    active = _active
+    if active is None or threading.get_ident() != active[0]:
+        return None
+    if sys._getframe(2).f_globals.get("__name__", "").startswith(_OWN):
+        return None
+    thread, timeline, offset, start = active
+    return start[name] + (timeline.host - offset)
+
+
+def _make(name: str):
+    real = _REAL[name]
+
+    def now() -> float:
+        t = _emulated(name)
+        return real() if t is None else t
+    now.__name__ = now.__qualname__ = name
+    return now
+
+
+def _make_ns(name: str):
+    real = _REAL_NS[name]
+
+    def now_ns() -> int:
+        t = _emulated(name)
+        return real() if t is None else int(t * 1e9)
+    now_ns.__name__ = now_ns.__qualname__ = name + "_ns"
+    return now_ns
+
+
+_PATCHED = {**{n: _make(n) for n in _NAMES}, **{n + "_ns": _make_ns(n) for n in _NAMES}}
+
+
+@contextlib.contextmanager
+def emulated(timeline):
+    """While inside, the calling thread's program reads `timeline.host` as its clock."""
+    global _active
+    start = {name: fn() for name, fn in _REAL.items()}  # real values at this program's emulated start
+    saved = {n: getattr(time, n) for n in _PATCHED}
+    _active = (threading.get_ident(), timeline, timeline.host, start)
+    for n, fn in _PATCHED.items():
+        setattr(time, n, fn)
+    try:
+        yield
+    finally:
+        _active = None
+        for n, fn in saved.items():
+            setattr(time, n, fn)
