@@ -125,7 +125,7 @@ def _range(batch: int, tolerance: float) -> tuple:
 def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivity,
               tolerance=batchrule.TOLERANCE, precisions=(("bf16", "bf16"),)) -> dict:
     c = config_of(w)
-    rows = []
+    rows, scanned = [], {}  # every slow count a search looked at, for the plot
     for fd, sd in precisions:
         for k in racks if (fd, sd) == precisions[0] else racks[:1]:  # other precisions: one rack
             be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices, tolerance, fd, sd)
@@ -137,10 +137,12 @@ def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivit
                   f"({len(be.points)} counts searched, {be.host_s:.0f} s real)", flush=True)
             if len(rows) == 1:
                 first = be
+            scanned.update({q.devices: q for q in be.points if sd == precisions[0][1]})
     top = max([r["devices"] or 0 for r in rows] + [slow.devices])
     counts = list(range(CURVE_STEP, top + 1, CURVE_STEP))
     sd = precisions[0][1]
     curve = fullscale.curve(slow, w, batch, counts, tolerance, sd) if counts else []
+    curve = sorted({**scanned, **{q.devices: q for q in curve}}.values(), key=lambda q: q.devices)
     run = {"workload": w, "seq_len": c.seq_len, "tokens_per_step": batch * c.seq_len, "breakeven": rows,
            "curve": [point_dict(p, train_tokens, w) for p in curve],
            "fast_curve": [r["fast"] for r in rows if r["precision"] == rows[0]["precision"]]}
