@@ -124,7 +124,10 @@ def _answer(s: dict) -> list[str]:
     lines += ["", "The search scans every device count in ascending order from the count that would match if every "
               "model FLOP ran at the 910C's best-shape GEMM rate (no count below it can), so each answer is the "
               "smallest matching count under the batch rule; the plot shows the slow side's best plan at every "
-              "count it searched."]
+              "count it searched. What divisibility is left is the plan space's, not the batch's: on a MoE, "
+              "expert parallelism must divide both dp and the number of experts (256 on deepseek-v3, a power of "
+              "two), so an odd count runs no expert parallelism and falls well below its even neighbours (the "
+              "teeth of the deepseek-v3 curve)."]
     return lines
 
 
@@ -232,6 +235,7 @@ def _mfu(s: dict) -> list[str]:
 
 
 def _far(v: float, lo: float, hi: float) -> str:
+    v = round(v, 1)  # as printed
     if v < lo:
         return f"{lo - v:.1f} points below the range"
     if v > hi:
@@ -251,11 +255,15 @@ def _why(m: dict, pts: list) -> str:
                 f"0.766). {STEADY}.")
     if m["compare"] == "moe":
         pipe = max(pts, key=lambda x: x[1]["breakdown"]["pipeline"] / x[1]["step_s"])
+        a2a = max(pts, key=lambda x: x[1]["breakdown"]["expert_all_to_all"] / x[1]["step_s"])
+        where = (f"the plan is pipeline-bound: {pipe[0]} spends {pipe[1]['breakdown']['pipeline']:.1f} of "
+                 f"{pipe[1]['step_s']:.1f} emulated s in the bubble and p2p, and its expert all-to-alls are exposed"
+                 if pipe[1]["breakdown"]["pipeline"] > 0 else
+                 f"its expert all-to-alls are exposed: {a2a[0]} spends {a2a[1]['breakdown']['expert_all_to_all']:.1f} "
+                 f"of {a2a[1]['step_s']:.1f} emulated s in them")
         return (f"Another chip (910B-class, not the 910C), a 718B MoE on thousands of NPUs with real routing "
-                "imbalance; Relay's MoE has balanced routing, which flatters it. Where Relay is below, the plan "
-                f"is pipeline-bound: {pipe[0]} spends {pipe[1]['breakdown']['pipeline']:.1f} of "
-                f"{pipe[1]['step_s']:.1f} emulated s in the bubble and p2p, and its expert all-to-alls are "
-                f"exposed; {STEADY}.")
+                "imbalance; Relay's MoE has balanced routing, which flatters it. Where Relay is at the bottom, "
+                f"{where}; {STEADY}.")
     return (f"Another chip (H100) and a larger dense model at the same precision. {STEADY}, so Relay belongs at the "
             "top of the published range, where its figures are.")
 

@@ -27,11 +27,11 @@ def plot_throughput(summary: dict):
     for ax, run in zip(axes[0], runs):
         pts = {p["devices"]: p for p in run["curve"] if p["plan"]}
         xs = sorted(pts)
-        ax.plot(xs, [pts[n]["tokens_per_s"] / 1e3 for n in xs], "o-", ms=3, color="tab:red",
+        ax.plot(xs, [pts[n]["tokens_per_s"] / 1e3 for n in xs], "o", ms=2.5, color="tab:red",
                 label=f"{summary['slow']['chip']['display']}, best plan (every 48 devices, every count scanned)")
         below = [r["below"] for r in run["breakeven"] if r["below"] and r["below"]["plan"]]
         ax.plot([p["devices"] for p in below], [p["tokens_per_s"] / 1e3 for p in below], "v", mfc="none",
-                color="tab:red", label="910C, the next count below each break-even (falls short)")
+                color="tab:red", label="910C, one device fewer than each break-even (falls short)")
         fx = [r["fast"]["devices"] for r in run["breakeven"]]
         ax.plot(fx, [r["fast"]["tokens_per_s"] / 1e3 for r in run["breakeven"]], "s", ms=7, color="tab:green",
                 label=f"{summary['fast']['chip']['display']}, NVL72 racks, best plan")
