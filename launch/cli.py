@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--racks", help="full scale: fast systems of this many presets each, e.g. 1,2,4 (default 1)")
     g.add_argument("--train-tokens", type=float, help="full scale: tokens to train for the time-to-train "
                    "column (default 1e12)")
+    g.add_argument("--batch-tolerance", type=float, help="full scale: each plan's global batch is the multiple of "
+                   "its dp nearest --global-batch, within this fraction of it (default 0.125)")
+    g.add_argument("--precisions", help="full scale: bf16 (both sides), best (each side at its best precision: "
+                   "FP8 where the chip has it), or both, e.g. bf16,best (default)")
     add_train_args(be)
     add_run_args(be)
     be.set_defaults(fn=cmd_breakeven)

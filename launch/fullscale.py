@@ -6,11 +6,12 @@ the plots)."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from tabulate import tabulate
 
-from relay.analytic import fullscale
+from relay.analytic import batchrule, fullscale
 from relay.analytic.footprint import GB, config_of
 from relay.errors import ConfigError
 from relay.hardware.system import PRESETS, System
@@ -18,9 +19,10 @@ from relay.launch.fullscale_summary import summary_md
 from relay.launch.options import as_list
 from relay.results.folder import ResultsDir, environment, system_dict
 from relay.results.fullscale_plots import draw
+from relay.workloads.analytic import causal_share
 
 FULL_SIZE = ("llama3-8b", "llama3-70b", "llama3-405b", "deepseek-v3", "mixtral-8x7b")
-GLOBAL_BATCH = 1152  # samples per step on both sides (default): divides 72, 144, 288 and 384 devices' dp
+GLOBAL_BATCH = 1152  # target samples per step on both sides (default; each plan's: batchrule.py)
 TRAIN_TOKENS = 1e12  # "time to train T tokens" (default T)
 CURVE_STEP = 48  # the plot's slow device counts: every 48 up to the largest searched
 
@@ -31,7 +33,7 @@ def wanted(args) -> bool:
     return bool(getattr(args, "plan_search", None)) or (bool(names) and all(n in FULL_SIZE for n in names))
 
 
-def point_dict(p: fullscale.Point, train_tokens: float) -> dict:
+def point_dict(p: fullscale.Point, train_tokens: float, workload: str | None = None) -> dict:
     b = p.best
     out = {"devices": p.devices, "domain": p.system.domain, "domains": p.system.domains,
            "chip": p.system.chip.name, "power_w": p.system.total_power_w, "host_s": p.host_s,
@@ -39,7 +41,9 @@ def point_dict(p: fullscale.Point, train_tokens: float) -> dict:
     if b is None:
         return {**out, "plan": None}
     bd = b.breakdown
-    return {**out, "plan": str(b.plan), "micro_batch": b.micro_batch, "step_s": b.step_s, "mfu": b.mfu,
+    causal = causal_share(config_of(workload)) if workload else None  # model FLOPs with causal attention / without
+    return {**out, "plan": str(b.plan), "micro_batch": b.micro_batch, "global_batch": p.global_batch,
+            "step_s": b.step_s, "mfu": b.mfu, "mfu_causal": b.mfu * causal if causal else None,
             "days_to_train": train_tokens / b.tokens_per_s / 86400,
             "breakdown": {"compute": bd.compute, "tensor_parallel": bd.tensor_parallel, "pipeline": bd.pipeline,
                           "expert_all_to_all": bd.expert_all_to_all, "data_parallel": bd.data_parallel},
@@ -72,13 +76,18 @@ def cmd_fullscale(args) -> None:
         raise ConfigError(f"--racks = {args.racks!r} is invalid; give fast systems to compare, e.g. 1,2,4")
     train_tokens = float(args.train_tokens or TRAIN_TOKENS)
     max_devices = args.max_devices or 4 * slow.devices
+    tolerance = batchrule.TOLERANCE if getattr(args, "batch_tolerance", None) is None else args.batch_tolerance
+    batchrule.check(batch, tolerance)
+    precisions = precisions_of(getattr(args, "precisions", None), fast, slow)
     out = ResultsDir(args.out, args.name or f"fullscale-{fast.name}-vs-{slow.name}")
     runs = []
     for w in workloads:
-        runs.append(_workload(w, fast, slow, batch, racks, max_devices, train_tokens, args.sensitivity))
+        runs.append(_workload(w, fast, slow, batch, racks, max_devices, train_tokens, args.sensitivity, tolerance,
+                              precisions))
     summary = {"kind": "fullscale", "name": out.path.name, "fast": system_dict(fast), "slow": system_dict(slow),
-               "global_batch": batch, "train_tokens": train_tokens, "max_devices": max_devices,
-               "workloads": runs, "host_s": time.perf_counter() - start}
+               "global_batch": batch, "batch_tolerance": tolerance, "batch_range": _range(batch, tolerance),
+               "precisions": [list(p) for p in precisions], "train_tokens": train_tokens,
+               "max_devices": max_devices, "workloads": runs, "host_s": time.perf_counter() - start}
     out.write_json("config.json", {"command": "breakeven", "mode": "full scale (analytic plan search)",
                                    "options": {k: v for k, v in vars(args).items() if k != "fn"},
                                    **environment()})
@@ -86,30 +95,57 @@ def cmd_fullscale(args) -> None:
     out.write_text("summary.md", summary_md(summary))
     draw(out, summary)
     print(table(summary))
-    print(f"# every figure emulated (analytic plan search); global batch {batch} samples on both sides; "
+    lo, hi = summary["batch_range"]
+    print(f"# every figure emulated (analytic plan search); global batch {batch} samples (each plan the multiple of "
+          f"its dp nearest it, {lo} to {hi}) on both sides, compared per token; "
           f"time to train {train_tokens:.3g} tokens; all-in power of the presets")
     print(f"# took {summary['host_s']:.0f} s (real, this host); results: {out.path}")
 
 
-def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivity) -> dict:
+def precisions_of(spec, fast: System, slow: System) -> list:
+    """(fast dtype, slow dtype) pairs to answer for: "bf16" both sides in BF16, "best" each side at
+    its best precision (FP8 where every chip of it has an FP8 peak, else BF16)."""
+    names = as_list(spec or "bf16,best")
+    bad = [n for n in names if n not in ("bf16", "best")]
+    if bad or not names:
+        raise ConfigError(f"--precisions = {spec!r} is invalid; give bf16, best or bf16,best")
+
+    def top(system: System) -> str:
+        return "fp8" if all(c.fp8_tflops is not None for c in system.chips) else "bf16"
+
+    pairs = [("bf16", "bf16") if n == "bf16" else (top(fast), top(slow)) for n in names]
+    return list(dict.fromkeys(pairs))  # "best" on two BF16 chips is the BF16 row
+
+
+def _range(batch: int, tolerance: float) -> tuple:
+    """The global batches the rule allows, samples (lowest, highest)."""
+    return math.ceil(batch * (1 - tolerance) - 1e-9), math.floor(batch * (1 + tolerance) + 1e-9)
+
+
+def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivity,
+              tolerance=batchrule.TOLERANCE, precisions=(("bf16", "bf16"),)) -> dict:
     c = config_of(w)
-    rows = []
-    for k in racks:
-        be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices)
-        rows.append({"racks": k, "devices": be.devices, "naive": be.naive, "host_s": be.host_s,
-                     "fast": point_dict(be.fast, train_tokens),
-                     "slow": point_dict(be.slow, train_tokens) if be.slow else None,
-                     "below": point_dict(be.below, train_tokens) if be.below else None})
-        print(f"# {w}, {k} x {fast.name}: {be.devices or 'not reached'} {slow.chip.name} "
-              f"({len(be.points)} counts searched, {be.host_s:.0f} s real)", flush=True)
-        if k == racks[0]:
-            first = be
+    rows, scanned = [], {}  # every slow count a search looked at, for the plot
+    for fd, sd in precisions:
+        for k in racks if (fd, sd) == precisions[0] else racks[:1]:  # other precisions: one rack
+            be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices, tolerance, fd, sd)
+            rows.append({"racks": k, "precision": {"fast": fd, "slow": sd}, "devices": be.devices,
+                         "naive": be.naive, "host_s": be.host_s, "fast": point_dict(be.fast, train_tokens, w),
+                         "slow": point_dict(be.slow, train_tokens, w) if be.slow else None,
+                         "below": point_dict(be.below, train_tokens, w) if be.below else None})
+            print(f"# {w}, {k} x {fast.name} ({fd}) against {slow.chip.name} ({sd}): {be.devices or 'not reached'} "
+                  f"({len(be.points)} counts searched, {be.host_s:.0f} s real)", flush=True)
+            if len(rows) == 1:
+                first = be
+            scanned.update({q.devices: q for q in be.points if sd == precisions[0][1]})
     top = max([r["devices"] or 0 for r in rows] + [slow.devices])
     counts = list(range(CURVE_STEP, top + 1, CURVE_STEP))
-    curve = fullscale.curve(slow, w, batch, counts) if counts else []
+    sd = precisions[0][1]
+    curve = fullscale.curve(slow, w, batch, counts, tolerance, sd) if counts else []
+    curve = sorted({**scanned, **{q.devices: q for q in curve}}.values(), key=lambda q: q.devices)
     run = {"workload": w, "seq_len": c.seq_len, "tokens_per_step": batch * c.seq_len, "breakeven": rows,
-           "curve": [point_dict(p, train_tokens) for p in curve],
-           "fast_curve": [r["fast"] for r in rows]}
+           "curve": [point_dict(p, train_tokens, w) for p in curve],
+           "fast_curve": [r["fast"] for r in rows if r["precision"] == rows[0]["precision"]]}
     if sensitivity and first.devices:
         run["sensitivity"] = fullscale.sensitivity(first, slow, max_devices)
         print(f"# {w}: sensitivity, {2 * len(fullscale.RANGES)} searches, {run['sensitivity']['host_s']:.0f} s real",

@@ -23,9 +23,12 @@ NOT_MODELLED = [
     "tensor-parallel, expert and pipeline messages are exposed.",
     "No failures, checkpoints, stragglers, thermal throttling, network congestion between jobs, or input "
     "pipeline; one step is the steady state.",
-    "Both sides in BF16 (FP8 is emulated, `--precision fp8`, but the 910C has none); MLA and the MoE blocks "
-    "are modelled as workloads/ "
-    "builds them; DeepSeek's DualPipe and its all-to-all kernels are not.",
+    "Precision: the BF16 rows run both sides in BF16; the best-precision rows run the B200 in FP8 as torchao's "
+    "float8 training does (Linear GEMMs in FP8 with their casts and scales charged, attention and the rest in "
+    "BF16) and the 910C in BF16 (it has no FP8). The B200's FP8 GEMM efficiency is not measured: the catalog "
+    "has no `fp8_matmul_eff` for it, so its FP8 GEMMs reach its BF16 best-shape fraction (0.766) of the FP8 "
+    "peak (the H100's published 0.78 is not borrowed). MLA and the MoE blocks are modelled as workloads/ builds "
+    "them; DeepSeek's DualPipe and its all-to-all kernels are not.",
     "Power is the catalog's all-in figure per device times the devices, whatever the load (no idle or "
     "partial-load power); scale-out switches between racks are not added for the multi-rack systems.",
 ]
@@ -39,10 +42,10 @@ def summary_md(s: dict) -> str:
              f"joined by the chip's scale-out beyond that) match a full {fast['name']} ({fast['devices']} x "
              f"{fast['chip']['display']}), each side running the best plan Relay's plan search finds at every "
              f"device count (dp, fsdp, tp, pp, ep, microbatches, recompute; pruned by memory, ranked by the "
-             f"analytic emulated step). Both sides train the same global batch: {s['global_batch']} samples per "
-             "step. **Every figure is emulated** (Relay's cost and fabric models, no device ran) unless marked "
-             f"published or catalog. Time to train is for T = {T:.3g} tokens; energy uses the presets' all-in "
-             f"power per device ({fast['power_w']:.0f} W per B200, {slow['power_w']:.0f} W per 910C). "
+             f"analytic emulated step). {rule(s)} **Every figure is emulated** (Relay's cost and fabric "
+             f"models, no device ran) unless marked published or catalog. Time to train is for T = {T:.3g} "
+             f"tokens; energy uses the presets' all-in power per device ({fast['power_w']:.0f} W per B200, "
+             f"{slow['power_w']:.0f} W per 910C). "
              f"Generating this folder took {s['host_s']:.0f} s of real time on this host (2 cores shared with other "
              "jobs).", ""]
     lines += _answer(s)
@@ -54,23 +57,40 @@ def summary_md(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rule(s: dict) -> str:
+    """The batch rule, in words (emulator/analytic/batchrule.py)."""
+    lo, hi = s.get("batch_range") or (s["global_batch"], s["global_batch"])
+    return (f"Batch rule: both sides train about the same tokens per step: each plan's global batch is the "
+            f"multiple of its data-parallel degree nearest {s['global_batch']:,} samples, within "
+            f"+-{100 * s.get('batch_tolerance', 0):g}% ({lo:,} to {hi:,} samples), the micro-batch and gradient "
+            "accumulation chosen freely by the search; throughput is compared per token, so every device count "
+            "has plans and the curve has no sawtooth from divisibility.")
+
+
+def _precision(r: dict) -> str:
+    p = r.get("precision") or {"fast": "bf16", "slow": "bf16"}
+    return f"{p['fast'].upper()} / {p['slow'].upper()}"
+
+
 def _answer(s: dict) -> list[str]:
     T = s["train_tokens"]
     lines = ["## The answer", "",
-             "| workload (tokens per step) | fast system | best plan | tokens/s (emulated) | break-even 910C "
-             "(emulated) | best plan there | tokens/s (emulated) | next count below (emulated tokens/s) | "
+             "| workload (target tokens per step) | precision, fast / slow | fast system | best plan | tokens/s "
+             "(emulated) | break-even 910C (emulated) | best plan there (global batch, samples) | tokens/s "
+             "(emulated) | one device fewer (emulated tokens/s) | "
              f"naive count (FLOPS ratio, catalog) | days to train {T:.3g} tokens, fast / slow (emulated) | "
-             "J per token, fast / slow (emulated, all-in) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "J per token, fast / slow (emulated, all-in) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in s["workloads"]:
         for r in run["breakeven"]:
             f, sl, b = r["fast"], r["slow"], r["below"]
-            head = (f"| {run['workload']} ({run['tokens_per_step']:,}) | {r['racks']} x NVL72 ({f['devices']} B200) | "
-                    f"{f['plan']} | {f['tokens_per_s']:,.0f} |")
+            head = (f"| {run['workload']} ({run['tokens_per_step']:,}) | {_precision(r)} | {r['racks']} x NVL72 "
+                    f"({f['devices']} B200) | {f['plan']} | {f['tokens_per_s']:,.0f} |")
             if not sl:
                 lines.append(f"{head} not reached up to {s['max_devices']} | - | - | - | {r['naive']:.0f} | "
                              f"{f['days_to_train']:.1f} / - | {f['energy_per_token_j']:.2f} / - |")
                 continue
-            lines.append(f"{head} **{r['devices']}** ({sl['domains']} domain(s)) | {sl['plan']} | {_tps(sl)} | "
+            lines.append(f"{head} **{r['devices']}** ({sl['domains']} domain(s)) | {sl['plan']} "
+                         f"({sl.get('global_batch') or s['global_batch']:,}) | {_tps(sl)} | "
                          f"{_below(b)} | {r['naive']:.0f} | {f['days_to_train']:.1f} / {sl['days_to_train']:.1f} | "
                          f"{f['energy_per_token_j']:.2f} / {sl['energy_per_token_j']:.2f} |")
     lines.append("")
@@ -84,12 +104,12 @@ def _answer(s: dict) -> list[str]:
         lines.append(
             f"**{run['workload']}.** {r['devices']} Ascend 910C match one NVL72's {f['tokens_per_s']:,.0f} emulated "
             f"tokens/s ({sl['tokens_per_s']:,.0f} with {sl['plan']}), against {r['naive']:.0f} from the FLOPS "
-            f"ratio alone; the next smaller count with a valid plan, {r['below']['devices']}, "
-            f"{'falls short' if r['below']['plan'] else 'has none that fits in memory'}. They spend "
+            f"ratio alone (both sides in BF16); one device fewer, {r['below']['devices']}, "
+            f"{'falls short' if r['below']['plan'] else 'has no plan that fits in memory'}. They spend "
             f"{sl['energy_per_token_j'] / f['energy_per_token_j']:.2f}x the energy per token (emulated, all-in "
             f"power) and train {s['train_tokens']:.3g} tokens in {sl['days_to_train']:.1f} days against "
             f"{f['days_to_train']:.1f}.")
-        more = [x for x in run["breakeven"][1:] if x["slow"]]
+        more = [x for x in run["breakeven"][1:] if x["slow"] and x.get("precision") == r.get("precision")]
         if more:
             lines[-1] += " With more racks (joined by the B200's scale-out, as the catalog gives it): " + "; ".join(
                 f"{x['racks']} x NVL72 ({x['fast']['tokens_per_s'] / f['tokens_per_s']:.2f}x one rack's tokens/s, "
@@ -99,12 +119,33 @@ def _answer(s: dict) -> list[str]:
                                   "B200: memory, not compute, shapes its plan, so more racks scale better than "
                                   "linearly." if any(x["fast"]["tokens_per_s"] > 1.05 * x["racks"] * f["tokens_per_s"]
                                                      for x in more) else ".")
+        lines += _best_precision(run, r)
         lines.append("")
-    lines += ["", "The search scans every device count that has a valid plan, in ascending order, from the count "
-              "that would match at 100% MFU (none below it can), so each answer is the smallest matching count; "
-              "counts in between often have no good plan at this global batch (the data-parallel degree must "
-              "divide it), which is why throughput is not monotone in the device count (the plot)."]
+    lines += ["", "The search scans every device count in ascending order from the count that would match if every "
+              "model FLOP ran at the 910C's best-shape GEMM rate (no count below it can), so each answer is the "
+              "smallest matching count under the batch rule; the plot shows the slow side's best plan at every "
+              "count it searched. What divisibility is left is the plan space's, not the batch's: on a MoE, "
+              "expert parallelism must divide both dp and the number of experts (256 on deepseek-v3, a power of "
+              "two), so an odd count runs no expert parallelism and falls well below its even neighbours (the "
+              "teeth of the deepseek-v3 curve)."]
     return lines
+
+
+def _best_precision(run: dict, base: dict) -> list[str]:
+    """A sentence on the best-precision row of the first rack, beside the BF16 answer."""
+    other = next((x for x in run["breakeven"] if x.get("precision") != base.get("precision")
+                  and x["racks"] == base["racks"]), None)
+    if not other:
+        return []
+    f, sl, p = other["fast"], other["slow"], other["precision"]
+    if not sl:
+        return [f"With the B200 in {p['fast'].upper()} ({f['tokens_per_s']:,.0f} emulated tokens/s) no count of "
+                f"910C in {p['slow'].upper()} matches up to the largest count searched."]
+    gain = f["tokens_per_s"] / base["fast"]["tokens_per_s"]
+    return [f"Each side at its best precision (B200 in {p['fast'].upper()}, 910C in {p['slow'].upper()}): one "
+            f"NVL72 trains {f['tokens_per_s']:,.0f} emulated tokens/s ({gain:.2f}x its BF16 rate, {f['plan']}), "
+            f"matched by **{other['devices']}** 910C "
+            f"({sl['tokens_per_s']:,.0f} with {sl['plan']})."]
 
 
 def _tps(p) -> str:
@@ -127,15 +168,25 @@ def _plans(s: dict) -> list[str]:
              "(emulated seconds per step, on the slowest pipeline stage) and its memory.", "",
              "| workload | system | devices | plan | micro-batch (samples) | step (emulated s) | "
              + " | ".join(f"{label} (emulated s)" for _, label in PARTS)
-             + " | MFU (emulated %) | peak memory / HBM (GB per device, emulated) |",
-             "|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|"]
+             + " | MFU, full attention (emulated %) | MFU, causal (emulated %) | peak memory / HBM (GB per device, "
+             "emulated) |",
+             "|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|---|"]
     for run in s["workloads"]:
         for name, p in _systems(s, run):
             bd = p["breakdown"]
             lines.append(f"| {run['workload']} | {name} | {p['devices']} | {p['plan']} | {p['micro_batch']} | "
                          f"{p['step_s']:.2f} | " + " | ".join(f"{bd[k]:.2f}" for k, _ in PARTS)
-                         + f" | {100 * p['mfu']:.1f} | {p['memory_gb']:.0f} / {p['hbm_gb']:.0f} |")
+                         + f" | {100 * p['mfu']:.1f} | {_pct(p.get('mfu_causal'))} | {p['memory_gb']:.0f} / "
+                         f"{p['hbm_gb']:.0f} |")
+    lines += ["", "MFU is model FLOPs per second over the BF16 peak (also for the FP8 rows). Full attention counts "
+              "the whole s x s score square (Relay's convention, workloads/analytic.py); causal halves the "
+              "attention term, as a causal mask skips about half of it (FlashAttention's benchmarks count "
+              "it so): the same step, a smaller count of model FLOPs."]
     return lines
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def _systems(s: dict, run: dict) -> list:
@@ -145,6 +196,11 @@ def _systems(s: dict, run: dict) -> list:
     out = [(f"{s['fast']['name']} ({r['racks']} rack)", r["fast"])]
     if r["slow"]:
         out.append(("910C at break-even", r["slow"]))
+    best = next((x for x in run["breakeven"]
+                 if x.get("precision") != r.get("precision") and x["racks"] == r["racks"]), None)
+    if best:
+        name = f"{s['fast']['name']} ({best['racks']} rack, {best['precision']['fast'].upper()})"
+        out.insert(1, (name, best["fast"]))
     full = _full(run, s["slow"]["devices"])
     if full and (not r["slow"] or full["devices"] != r["slow"]["devices"]):
         out.append((f"{s['slow']['name']} (full)", full))
@@ -153,7 +209,11 @@ def _systems(s: dict, run: dict) -> list:
 
 def _mfu(s: dict) -> list[str]:
     lines = ["", "## MFU against published training runs", "",
-             "| reference | published MFU | Relay's figure (emulated) | how far, and why |", "|---|---|---|---|"]
+             "Like with like: each published MFU is set beside Relay's in the same convention for "
+             "attention's model FLOPs (the row's; causal unless it says otherwise) and against the same "
+             "peak.", "",
+             "| reference | published MFU (convention) | Relay's figure (emulated, same convention and peak) | "
+             "how far, and why |", "|---|---|---|---|"]
     by = {run["workload"]: run for run in s["workloads"]}
     for m in mfus():
         run = next((r for w, r in by.items() if ("deepseek" in w or "mixtral" in w) == (m["compare"] == "moe")),
@@ -161,14 +221,21 @@ def _mfu(s: dict) -> list[str]:
         if not run:
             continue
         pts = _systems(s, run)
-        ours = "; ".join(f"{name}: {100 * p['mfu']:.1f}% ({_far(100 * p['mfu'], m['low'], m['high'])})"
-                         for name, p in pts)
-        lines.append(f"| {m['what']} ({m['source']}) | {m['low']}-{m['high']}% of the {m['dtype'].upper()} peak "
-                     f"(published) | {run['workload']}: {ours} | {_why(m, pts)} |")
+        conv = m.get("convention", "full")
+        key = "mfu_causal" if conv == "causal" else "mfu"
+        # against the FP8 peak: the FP8 rows only (the B200's FP8 peak is twice its BF16 one)
+        pts = [(n, p) for n, p in pts if ("FP8" in n) == (m["dtype"] == "fp8")] or pts
+        scale = 0.5 if m["dtype"] == "fp8" else 1.0
+        ours = "; ".join(f"{name}: {100 * scale * (p.get(key) or p['mfu']):.1f}% "
+                         f"({_far(100 * scale * (p.get(key) or p['mfu']), m['low'], m['high'])})" for name, p in pts)
+        lines.append(f"| {m['what']} ({m['source']}) | {m['low']}-{m['high']}% of the {m['dtype'].upper()} peak, "
+                     f"{conv} attention (published; convention {m.get('convention_source', 'as stated')}) | "
+                     f"{run['workload']}: {ours} | {_why(m, pts)} |")
     return lines
 
 
 def _far(v: float, lo: float, hi: float) -> str:
+    v = round(v, 1)  # as printed
     if v < lo:
         return f"{lo - v:.1f} points below the range"
     if v > hi:
@@ -183,18 +250,20 @@ STEADY = ("Relay's step is a steady state: overlap as the planner assumes it, no
 
 def _why(m: dict, pts: list) -> str:
     if m["dtype"] != "bf16":
-        lo, hi = 2 * m["low"], 2 * m["high"]
-        return (f"Same model, but the published MFU is against the FP8 peak, twice the BF16 one: the same "
-                f"throughput is {lo}-{hi}% of the BF16 peak, which BF16 training (all Relay emulates) cannot "
-                "reach, so Relay's BF16 figures sit above the FP8-peak percentage and below its BF16 equivalent; "
-                "not like for like.")
+        return ("Same model and precision (FP8, against the FP8 peak) on another chip (H100, whose FP8 GEMMs "
+                "reach a published 0.78 of peak; the B200's FP8 efficiency is an unmeasured estimate, its BF16 "
+                f"0.766). {STEADY}.")
     if m["compare"] == "moe":
         pipe = max(pts, key=lambda x: x[1]["breakdown"]["pipeline"] / x[1]["step_s"])
+        a2a = max(pts, key=lambda x: x[1]["breakdown"]["expert_all_to_all"] / x[1]["step_s"])
+        where = (f"the plan is pipeline-bound: {pipe[0]} spends {pipe[1]['breakdown']['pipeline']:.1f} of "
+                 f"{pipe[1]['step_s']:.1f} emulated s in the bubble and p2p, and its expert all-to-alls are exposed"
+                 if pipe[1]["breakdown"]["pipeline"] > 0 else
+                 f"its expert all-to-alls are exposed: {a2a[0]} spends {a2a[1]['breakdown']['expert_all_to_all']:.1f} "
+                 f"of {a2a[1]['step_s']:.1f} emulated s in them")
         return (f"Another chip (910B-class, not the 910C), a 718B MoE on thousands of NPUs with real routing "
-                "imbalance; Relay's MoE has balanced routing, which flatters it. Where Relay is below, the plan "
-                f"is pipeline-bound: {pipe[0]} spends {pipe[1]['breakdown']['pipeline']:.1f} of "
-                f"{pipe[1]['step_s']:.1f} emulated s in the bubble and p2p, and its expert all-to-alls are "
-                f"exposed; {STEADY}.")
+                "imbalance; Relay's MoE has balanced routing, which flatters it. Where Relay is at the bottom, "
+                f"{where}; {STEADY}.")
     return (f"Another chip (H100) and a larger dense model at the same precision. {STEADY}, so Relay belongs at the "
             "top of the published range, where its figures are.")
 

@@ -16,13 +16,17 @@ from relay.errors import ConfigError
 from relay.launch.options import add_system_args, system_from
 from relay.parallel import Parallel
 from relay.trainer import TrainConfig
+from relay.workloads.analytic import causal_share
 
 CONFIRM_STEPS = 2  # fake-run steps per confirmed plan: the second is the steady one compared
 CONFIRM_DEVICES = 16  # one device actor per device fits this host up to about this many
 CONFIRM_HEADERS = ["#", "plan", "analytic step\n(emulated s)", "fake-run step\n(emulated s)", "run / analytic",
                    "run host time\n(real s)"]
 
-HEADERS = ["#", "plan", "micro-batch\n(samples)", "step\n(emulated s)", "tokens/s\n(emulated)", "MFU\n(emulated %)",
+MFU_NOTE = ("# MFU: model FLOPs per second over the BF16 peak; full attn. counts the whole s x s score square, "
+            "causal halves the attention term (as a causal mask skips about half of it)")
+HEADERS = ["#", "plan", "micro-batch\n(samples)", "step\n(emulated s)", "tokens/s\n(emulated)",
+           "MFU, full attn.\n(emulated %)", "MFU, causal\n(emulated %)",
            "compute\n(emulated s)", "exposed TP\n(emulated s)", "pipeline bubble\n+ p2p (emulated s)",
            "expert all-to-all\n(emulated s)", "data-parallel\n(emulated s)", "peak memory / HBM\n(GB per device)"]
 
@@ -79,9 +83,11 @@ def confirm(system, workload: str, results: list, global_batch: int, dtype: str 
           f"{time.perf_counter() - start:.1f} real s")
 
 
-def row(i, r: planner.PlanResult) -> list:
+def row(i, r: planner.PlanResult, causal: float = 1.0) -> list:
+    """One plan's row; `causal`: model FLOPs with causal attention over those without (the causal MFU's factor)."""
     b = r.breakdown
     return [i, str(r.plan), r.micro_batch, f"{r.step_s:.3f}", f"{r.tokens_per_s:,.0f}", f"{100 * r.mfu:.1f}",
+            f"{100 * r.mfu * causal:.1f}",
             f"{b.compute:.3f}", f"{b.tensor_parallel:.3f}", f"{b.pipeline:.3f}", f"{b.expert_all_to_all:.3f}",
             f"{b.data_parallel:.3f}", f"{r.memory.total / GB:.1f} / {r.memory.capacity / GB:.0f}"]
 
@@ -104,6 +110,7 @@ def cmd_plan(args) -> int:
     elif batch < 1:
         raise ConfigError(f"--global-batch = {batch} is invalid; give a number of samples >= 1")
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
+    share = causal_share(config_of(args.workload, args.seq_len))
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
           f"({tokens:,} tokens), {args.precision}; analytic model, every figure emulated"
           + ("; messages at fp32 (4 bytes per element), as the fake-tensor runs of --confirm move them"
@@ -116,7 +123,8 @@ def cmd_plan(args) -> int:
         plan.check(system.devices, system.domain, config_of(args.workload, args.seq_len), batch // plan.dp)
         fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len, dtype=args.precision)
         r = planner.cost(system, args.workload, plan, batch, fp, seq_len=args.seq_len, dtype=args.precision)
-        print(tabulate([row(1, r)], headers=HEADERS, disable_numparse=True))
+        print(tabulate([row(1, r, share)], headers=HEADERS, disable_numparse=True))
+        print(MFU_NOTE)
         print(f"# memory (most loaded device): {fp.describe()}")
         if plan.sp:
             print("# sp: its memory modelled (the norms' activations / tp); its time as tensor parallel's all-reduces "
@@ -129,8 +137,9 @@ def cmd_plan(args) -> int:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "
                                   f"batch {batch} ({found.considered} considered, all over the HBM); use more "
                                   "devices, a smaller --global-batch or a shorter --seq-len")
-    print(tabulate([row(i + 1, r) for i, r in enumerate(found.results[:args.top])], headers=HEADERS,
+    print(tabulate([row(i + 1, r, share) for i, r in enumerate(found.results[:args.top])], headers=HEADERS,
                    disable_numparse=True))
+    print(MFU_NOTE)
     print(f"# memory of plan 1 (most loaded device): {found.results[0].memory.describe()}")
     print(f"# {found.considered} valid plans considered, {found.pruned_memory} pruned by memory, "
           f"{found.considered - found.pruned_memory} costed; search took {found.host_s:.1f} real s")

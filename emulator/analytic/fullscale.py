@@ -6,15 +6,20 @@ length, so the same tokens per step on both sides). No device runs: each device 
 
 Slow systems of n devices are the slow preset scaled to n: one scale-up domain up to the preset's
 domain (384 for a CloudMatrix 384), beyond it several domains joined by the chip's scale-out
-(System.scaled). At a fixed global batch only some counts have a plan at all (dp must divide the
-batch, tp and pp the model), and throughput is not monotone in the count (on 1,152 samples 256
-910C cannot run dp = 256 and do worse per device than 288, which run dp = 288). So the search
-works on the CANDIDATES (counts with at least one valid plan) and scans them rather than bisects:
-from a lower bound, every candidate in ascending order until one matches. The bound is the count
-that would match at 100% MFU (the fast plan's tokens per second x model FLOPs per token / one slow
-chip's peak): no plan beats its chips' peak, so no count below it can match, and the answer is
-exactly the smallest matching count. It is cheap: a count with few valid plans (most of them:
-253 devices allow dp = 11 x pp = 23 only) costs milliseconds, a count with many a few seconds.
+(System.scaled). Both sides train under the batch rule of batchrule.py: about the same tokens per
+step (each plan's global batch the multiple of its dp nearest the target, within +-tolerance; the
+micro-batch and the accumulation free), compared per token, so every count has plans and the
+throughput curve has no sawtooth from divisibility. Throughput is still not strictly monotone in
+the count (a prime count has fewer plans), so the search scans rather than bisects: from a lower
+bound, every count in ascending order until one matches. The bound is the count that would match
+if every model FLOP ran at the slow chip's best-shape GEMM efficiency (its peak x matmul_eff; x
+fp8_eff at the FP8 peak when the slow side runs FP8): the cost model charges no GEMM or attention
+kernel faster than that, so no count below it can match, and the answer is exactly the smallest
+matching count (tests/unit/test_fullscale.py checks it against every count). A count with few
+plans costs milliseconds, one with many a few seconds.
+
+Precision: each side runs its own (`fast_dtype`, `slow_dtype`: bf16 or fp8 where the chip has an
+FP8 peak), through the planner's dtype; MFU stays against the BF16 peak.
 
 Sensitivity (RANGES): one uncertain input of the slow side moved by a factor, the break-even
 searched again from the main answer. The chip's figures move through a variant chip registered
@@ -29,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from relay.analytic import planner
+from relay.analytic import batchrule, planner
 from relay.hardware import chips
 from relay.hardware.system import System
 
@@ -52,6 +57,12 @@ class Point:
         return self.best.tokens_per_s if self.best else 0.0
 
     @property
+    def global_batch(self) -> int | None:
+        """Samples per step the best plan trains (the batch rule's multiple of its dp)."""
+        b = self.best
+        return b.plan.dp * b.plan.n_microbatches * b.micro_batch if b else None
+
+    @property
     def energy_per_token_j(self) -> float | None:
         """Emulated J per token at the system's power (all-in for the presets); None: unknown."""
         w = self.system.total_power_w
@@ -63,7 +74,7 @@ class BreakEven:
     """The smallest slow count whose best plan matches the fast system's best plan."""
 
     workload: str
-    global_batch: int  # samples per step, on both sides
+    global_batch: int  # the target samples per step (each plan trains the rule's multiple of its dp)
     fast: Point
     devices: int | None  # the answer; None: no count up to max_devices matches
     slow: Point | None  # the slow system's best plan at the answer
@@ -71,63 +82,63 @@ class BreakEven:
     points: tuple  # every slow Point searched, by device count
     naive: float  # fast peak FLOPS / one slow chip's peak: the count from the FLOPS ratio alone
     host_s: float  # real seconds the whole search took
+    tolerance: float = batchrule.TOLERANCE  # the batch rule's, a fraction of global_batch
+    fast_dtype: str = "bf16"  # the precision each side trains in
+    slow_dtype: str = "bf16"
 
 
 @functools.cache
-def best(system: System, workload: str, global_batch: int) -> Point:
-    """The best plan of `workload` on `system` (cached: a sensitivity case and the plot's curve
-    reuse the break-even's searches)."""
-    start = time.perf_counter()
-    found = planner.search(system, workload, global_batch, top=1)
-    return Point(system, found.results[0] if found.results else None, time.perf_counter() - start)
+def best(system: System, workload: str, global_batch: int, tolerance: float = batchrule.TOLERANCE,
+         dtype: str = "bf16") -> Point:
+    """The best plan of `workload` on `system` under the batch rule (cached: a sensitivity case
+    and the plot's curve reuse the break-even's searches)."""
+    found = batchrule.best(system, workload, global_batch, tolerance, dtype)
+    return Point(system, found.result, found.host_s)
 
 
-_CANDIDATES = {}  # (domain, workload, global batch, max devices) -> candidates
+def lower_bound(target: Point, slow: System, dtype: str = "bf16") -> int:
+    """No count of `slow` below this can match `target`: the count whose every model FLOP at the
+    slow chip's best-shape GEMM rate gives the target's tokens per second (module docstring)."""
+    b = target.best
+    flops_per_token = b.mfu * target.system.peak("bf16") / b.tokens_per_s  # (MFU is against the BF16 peak)
+    chip = slow.chip
+    rate = chip.peak_flops("bf16") * chip.matmul_eff
+    if dtype == "fp8":
+        rate = max(rate, chip.peak_flops("fp8") * chip.fp8_eff)
+    return max(math.floor(target.tokens_per_s * flops_per_token / rate), 1)
 
 
-def candidates(slow: System, workload: str, global_batch: int, max_devices: int) -> tuple:
-    """Device counts up to max_devices with at least one valid plan (memory not checked). Which
-    plans are valid depends on the counts and the domain only, not the chip's figures: cached so."""
-    key = (slow.domain, workload, global_batch, max_devices)
-    if key not in _CANDIDATES:
-        _CANDIDATES[key] = tuple(n for n in range(1, max_devices + 1)
-                                 if next(planner.plans(slow.scaled(n), workload, global_batch), None) is not None)
-    return _CANDIDATES[key]
-
-
-def breakeven(fast: System, slow: System, workload: str, global_batch: int, max_devices: int) -> BreakEven:
+def breakeven(fast: System, slow: System, workload: str, global_batch: int, max_devices: int,
+              tolerance: float = batchrule.TOLERANCE, fast_dtype: str = "bf16", slow_dtype: str = "bf16") -> BreakEven:
     """The smallest slow count up to max_devices whose best plan matches the fast system's (the
-    scan in the module docstring)."""
+    scan in the module docstring), each side in its own precision."""
     start = time.perf_counter()
-    target = best(fast, workload, global_batch)
+    batchrule.check(global_batch, tolerance)
+    for chip, dtype in [(c, fast_dtype) for c in fast.chips] + [(slow.chip, slow_dtype)]:
+        chip.peak_flops(dtype)  # a precision the chip lacks: refused before any search
+    target = best(fast, workload, global_batch, tolerance, fast_dtype)
     naive = fast.peak_flops / slow.chip.peak_flops()
-    cands = candidates(slow, workload, global_batch, max_devices)
     seen = {}
 
     def at(n: int) -> Point:
         if n not in seen:
-            seen[n] = best(slow.scaled(n), workload, global_batch)
+            seen[n] = best(slow.scaled(n), workload, global_batch, tolerance, slow_dtype)
         return seen[n]
 
     answer = None
     if target.best is not None:
-        # model FLOPs per step / the fast system's peak = mfu x step: the slow peak must cover it
-        bound = target.best.mfu * naive
-        answer = next((n for n in cands if n >= math.floor(bound) and at(n).tokens_per_s >= target.tokens_per_s),
-                      None)
-    smaller = [c for c in cands if answer and c < answer]
-    below = at(smaller[-1]) if smaller else None
+        answer = next((n for n in range(lower_bound(target, slow, slow_dtype), max_devices + 1)
+                       if at(n).tokens_per_s >= target.tokens_per_s), None)
+    below = at(answer - 1) if answer and answer > 1 else None
     points = tuple(seen[k] for k in sorted(seen))
     return BreakEven(workload, global_batch, target, answer, seen.get(answer), below, points, naive,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, tolerance, fast_dtype, slow_dtype)
 
 
-def curve(slow: System, workload: str, global_batch: int, counts) -> list:
-    """Best plans at these slow device counts (for the plot), the nearest candidate to each."""
-    top = max(counts)
-    cands = candidates(slow, workload, global_batch, top)
-    ns = sorted({min(cands, key=lambda c: (abs(c - n), c)) for n in counts})
-    return [best(slow.scaled(n), workload, global_batch) for n in ns]
+def curve(slow: System, workload: str, global_batch: int, counts, tolerance: float = batchrule.TOLERANCE,
+          dtype: str = "bf16") -> list:
+    """Best plans at these slow device counts (for the plot), each count as it is."""
+    return [best(slow.scaled(n), workload, global_batch, tolerance, dtype) for n in sorted(set(counts))]
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,7 @@ def sensitivity(base: BreakEven, slow: System, max_devices: int, ranges=RANGES) 
                else getattr(slow, r.parameter)}
         for end in ("low", "high"):
             res = breakeven(base.fast.system, vary(slow, r, getattr(r, end)), base.workload, base.global_batch,
-                            max_devices)
+                            max_devices, base.tolerance, base.fast_dtype, base.slow_dtype)
             row[f"{end}_devices"] = res.devices
         rows.append(row)
     return {"base_devices": base.devices, "rows": rows, "host_s": time.perf_counter() - start}

@@ -27,11 +27,11 @@ def plot_throughput(summary: dict):
     for ax, run in zip(axes[0], runs):
         pts = {p["devices"]: p for p in run["curve"] if p["plan"]}
         xs = sorted(pts)
-        ax.plot(xs, [pts[n]["tokens_per_s"] / 1e3 for n in xs], "o-", ms=3, color="tab:red",
-                label=f"{summary['slow']['chip']['display']}, best plan, every 48 devices")
+        ax.plot(xs, [pts[n]["tokens_per_s"] / 1e3 for n in xs], "o", ms=2.5, color="tab:red",
+                label=f"{summary['slow']['chip']['display']}, best plan (every 48 devices, every count scanned)")
         below = [r["below"] for r in run["breakeven"] if r["below"] and r["below"]["plan"]]
         ax.plot([p["devices"] for p in below], [p["tokens_per_s"] / 1e3 for p in below], "v", mfc="none",
-                color="tab:red", label="910C, the next count below each break-even (falls short)")
+                color="tab:red", label="910C, one device fewer than each break-even (falls short)")
         fx = [r["fast"]["devices"] for r in run["breakeven"]]
         ax.plot(fx, [r["fast"]["tokens_per_s"] / 1e3 for r in run["breakeven"]], "s", ms=7, color="tab:green",
                 label=f"{summary['fast']['chip']['display']}, NVL72 racks, best plan")
@@ -41,7 +41,8 @@ def plot_throughput(summary: dict):
             if r["slow"]:
                 ax.plot([r["devices"]], [y], "*", ms=14, color="black", label="break-even" if i == 0 else None)
                 right = r["devices"] < 0.6 * max(xs + [r["devices"]])  # the label on the side with room
-                ax.annotate(f"{r['racks']} x NVL72 = {r['devices']} x 910C", (r["devices"], y),
+                prec = (r.get("precision") or {}).get("fast", "bf16")
+                ax.annotate(f"{r['racks']} x NVL72 ({prec.upper()}) = {r['devices']} x 910C", (r["devices"], y),
                             textcoords="offset points", xytext=(10, -14) if right else (-10, 6),
                             ha="left" if right else "right", fontsize=8)
         ax.set_title(f"{run['workload']}, {run['tokens_per_step']:,} tokens per step")

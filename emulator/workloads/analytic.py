@@ -45,6 +45,20 @@ def moe_flops(c, tokens: int) -> float:
     return 6 * n * tokens + 12 * c.n_layers * c.seq_len * d_att * tokens
 
 
+def attention_flops(c, tokens: int) -> float:
+    """The attention term of llama_flops / moe_flops: 12 L s d_att T, the full s x s square."""
+    d_att = c.n_heads * (c.qk_nope_dim + c.qk_rope_dim) if getattr(c, "attention", None) == "mla" else c.dim
+    return 12 * c.n_layers * c.seq_len * d_att * tokens
+
+
+def causal_share(c) -> float:
+    """Model FLOPs with the causal convention over those without: the attention term halved (a
+    causal mask skips about half the square), as Megatron-LM's and torchtitan's MFUs count it.
+    MFU x causal_share is the MFU in that convention."""
+    full = (moe_flops if hasattr(c, "n_experts") else llama_flops)(c, 1)
+    return (full - attention_flops(c, 1) / 2) / full
+
+
 def llama_activations(c, batch: int, tp: int = 1) -> float:
     """Bytes one Llama block saves for backward, Korthikanti et al.'s sbh(34 + 5as/h) adapted:
 

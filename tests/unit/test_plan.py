@@ -10,7 +10,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from relay.analytic import planner
-from relay.analytic.footprint import GB, check, footprint, measure, parameters
+from relay.analytic.footprint import GB, check, config_of, footprint, measure, parameters
 from relay.collectives import predict
 from relay.device.fake.measure import memory
 from relay.device.training.plans import tensor_parallel
@@ -19,6 +19,7 @@ from relay.hardware.system import System
 from relay.launch.cli import main
 from relay.parallel import Parallel
 from relay.workloads import analytic, llama, moe
+from relay.workloads.analytic import causal_share
 
 H100 = "h100"
 
@@ -158,11 +159,29 @@ def test_ranking_responds_to_the_fabric_and_the_device_count():
     assert best[1].tokens_per_s > best[0].tokens_per_s
 
 
+def test_causal_convention_halves_the_attention_term():
+    # llama3-70b at 8K: 6 N T + 12 L s d T; causal keeps 6 L s d T of the attention term
+    c = config_of("llama3-70b")
+    full = analytic.llama_flops(c, 1)
+    attn = 12 * c.n_layers * c.seq_len * c.dim
+    assert causal_share(c) == pytest.approx((full - attn / 2) / full)
+    assert 1.05 < 1 / causal_share(c) < 1.1  # the MFU conventions differ by about 7% here
+    d = config_of("deepseek-v3")  # MLA: attention at head size qk_nope + qk_rope
+    mla = 12 * d.n_layers * d.seq_len * d.n_heads * (d.qk_nope_dim + d.qk_rope_dim)
+    assert causal_share(d) == pytest.approx(1 - mla / 2 / analytic.moe_flops(d, 1))
+
+
 def test_relay_plan_prints_the_best_plans_with_units(capsys):
     assert main(["plan", "--chip", "h100", "--devices", "8", "--workload", "llama-debug", "--top", "3",
                  "--global-batch", "64"]) == 0
     out = capsys.readouterr().out
     assert "emulated s" in out and "GB per device" in out and "tokens/s" in out and "MFU" in out
+    # both MFU conventions, labelled; the causal one smaller by the attention term's half
+    assert "MFU, full attn." in out and "MFU, causal" in out and "causal halves the attention term" in out
+    first = next(line.split() for line in out.splitlines() if line.startswith("1 "))
+    full, causal = float(first[5]), float(first[6])
+    share = causal_share(config_of("llama-debug"))
+    assert causal <= full and causal == pytest.approx(full * share, abs=0.06)
     assert "valid plans considered" in out and "pruned by memory" in out and "real s" in out
     assert out.count("\n1 ") + out.count("\n1  ") >= 1 and "\n3 " in out
 
