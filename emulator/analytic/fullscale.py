@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from relay.analytic import planner
+from relay.analytic import planner, skew
 from relay.hardware import chips
 from relay.hardware.system import System
 
@@ -74,11 +74,11 @@ class BreakEven:
 
 
 @functools.cache
-def best(system: System, workload: str, global_batch: int) -> Point:
+def best(system: System, workload: str, global_batch: int, routing: str | None = None) -> Point:
     """The best plan of `workload` on `system` (cached: a sensitivity case and the plot's curve
-    reuse the break-even's searches)."""
+    reuse the break-even's searches); routing: a MoE routing model's text (skew.py), None balanced."""
     start = time.perf_counter()
-    found = planner.search(system, workload, global_batch, top=1)
+    found = skew.search(system, workload, global_batch, routing, top=1)
     return Point(system, found.results[0] if found.results else None, time.perf_counter() - start)
 
 
@@ -95,18 +95,19 @@ def candidates(slow: System, workload: str, global_batch: int, max_devices: int)
     return _CANDIDATES[key]
 
 
-def breakeven(fast: System, slow: System, workload: str, global_batch: int, max_devices: int) -> BreakEven:
+def breakeven(fast: System, slow: System, workload: str, global_batch: int, max_devices: int,
+              routing: str | None = None) -> BreakEven:
     """The smallest slow count up to max_devices whose best plan matches the fast system's (the
-    scan in the module docstring)."""
+    scan in the module docstring), both sides routed by `routing` (None: balanced)."""
     start = time.perf_counter()
-    target = best(fast, workload, global_batch)
+    target = best(fast, workload, global_batch, routing)
     naive = fast.peak_flops / slow.chip.peak_flops()
     cands = candidates(slow, workload, global_batch, max_devices)
     seen = {}
 
     def at(n: int) -> Point:
         if n not in seen:
-            seen[n] = best(slow.scaled(n), workload, global_batch)
+            seen[n] = best(slow.scaled(n), workload, global_batch, routing)
         return seen[n]
 
     answer = None

@@ -24,15 +24,17 @@ Goodput is reported at Daly's interval (`Goodput.fraction`).
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from relay.errors import ConfigError
 
 HOUR = 3600.0
-STORAGE_GBPS = 2000.0  # GB/s, aggregate checkpoint storage bandwidth (Llama 3 paper, section 3.3.1: Tectonic, 2 TB/s sustained, 7 TB/s peak)
-RESTART_S = 600.0  # s, detecting the failure, rescheduling and initialising the job, before reading the state back (an estimate)
+# GB/s, aggregate checkpoint storage bandwidth (Llama 3 paper, section 3.3.1: Tectonic, 2 TB/s sustained, 7 peak)
+STORAGE_GBPS = 2000.0
+RESTART_S = 600.0  # s: noticing the failure, rescheduling, initialising, before reading the state (an estimate)
 STATE_BYTES_PER_PARAM = 2 + 12  # bf16 weights + AdamW's fp32 master weights and two moments (trainer.OPTIMIZER_BYTES)
 _TABLE = Path(__file__).resolve().parent.parent / "hardware" / "reliability.toml"
 
