@@ -14,10 +14,12 @@ from relay.analytic import fullscale
 from relay.analytic.footprint import GB, config_of
 from relay.errors import ConfigError
 from relay.hardware.system import PRESETS, System
+from relay.launch import fullscale_risk
 from relay.launch.fullscale_summary import summary_md
 from relay.launch.options import as_list
 from relay.results.folder import ResultsDir, environment, system_dict
 from relay.results.fullscale_plots import draw
+from relay.results.risk_plots import draw as draw_risks
 
 FULL_SIZE = ("llama3-8b", "llama3-70b", "llama3-405b", "deepseek-v3", "mixtral-8x7b")
 GLOBAL_BATCH = 1152  # samples per step on both sides (default): divides 72, 144, 288 and 384 devices' dp
@@ -75,7 +77,8 @@ def cmd_fullscale(args) -> None:
     out = ResultsDir(args.out, args.name or f"fullscale-{fast.name}-vs-{slow.name}")
     runs = []
     for w in workloads:
-        runs.append(_workload(w, fast, slow, batch, racks, max_devices, train_tokens, args.sensitivity))
+        runs.append(_workload(w, fast, slow, batch, racks, max_devices, train_tokens, args.sensitivity,
+                              getattr(args, "routing", None), getattr(args, "uncertainty", None) or 0))
     summary = {"kind": "fullscale", "name": out.path.name, "fast": system_dict(fast), "slow": system_dict(slow),
                "global_batch": batch, "train_tokens": train_tokens, "max_devices": max_devices,
                "workloads": runs, "host_s": time.perf_counter() - start}
@@ -85,17 +88,18 @@ def cmd_fullscale(args) -> None:
     out.write_json("summary.json", summary)
     out.write_text("summary.md", summary_md(summary))
     draw(out, summary)
+    draw_risks(out, summary)
     print(table(summary))
     print(f"# every figure emulated (analytic plan search); global batch {batch} samples on both sides; "
           f"time to train {train_tokens:.3g} tokens; all-in power of the presets")
     print(f"# took {summary['host_s']:.0f} s (real, this host); results: {out.path}")
 
 
-def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivity) -> dict:
+def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivity, routing=None, samples=0) -> dict:
     c = config_of(w)
     rows = []
     for k in racks:
-        be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices)
+        be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices, routing)
         rows.append({"racks": k, "devices": be.devices, "naive": be.naive, "host_s": be.host_s,
                      "fast": point_dict(be.fast, train_tokens),
                      "slow": point_dict(be.slow, train_tokens) if be.slow else None,
@@ -114,6 +118,7 @@ def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivit
         run["sensitivity"] = fullscale.sensitivity(first, slow, max_devices)
         print(f"# {w}: sensitivity, {2 * len(fullscale.RANGES)} searches, {run['sensitivity']['host_s']:.0f} s real",
               flush=True)
+    run.update(fullscale_risk.extras(first, slow, w, batch, max_devices, curve, samples))  # skew, goodput, range
     return run
 
 
