@@ -62,3 +62,15 @@ def test_tornado_puts_the_input_that_moves_it_most_first():
 def test_an_unordered_range_is_refused():
     with pytest.raises(ValueError, match="ordered range"):
         u.Input("x", "x", 1.0, 0.5, 2.0, "test")
+
+
+def test_summary_sections_label_the_range_and_the_tornado():
+    from relay.launch import fullscale_risk
+
+    run = {"workload": "w", "uncertainty": {**u.sample(FAST, SLOW, inputs(0.2), n=200, seed=3,
+                                                      good=u.Goodput(1e12)), "prepare_s": 1.0}}
+    md = "\n".join(fullscale_risk.summary_md({"workloads": [run]}))
+    t = run["uncertainty"]["throughput"]
+    assert "## The answer as a range (emulated)" in md and "10th-90th percentile" in md
+    assert f"| w | throughput | {t['point']} | **{t['p50']}** | {t['p10']}-{t['p90']} |" in md
+    assert md.count("| w | ") == 2 + len(inputs(0.2))  # two break-evens, one tornado row per input
