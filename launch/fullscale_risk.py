@@ -31,7 +31,7 @@ def extras(be: fullscale.BreakEven, slow, workload: str, batch: int, max_devices
     print(f"# {workload}: goodput break-even {out['goodput']['devices']}, "
           f"{out['goodput']['host_s']:.0f} s real", flush=True)
     if samples and be.devices:
-        out["uncertainty"] = uncertainty.run(be, slow.chip, curve, workload, n=samples)
+        out["uncertainty"] = uncertainty.run(be, slow, curve, workload, max_devices, n=samples)
         u = out["uncertainty"]
         print(f"# {workload}: {samples} samples, {u['prepare_s']:.0f} s to prepare, {u['host_s']:.1f} s to "
               "sample (real)", flush=True)

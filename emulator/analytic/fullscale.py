@@ -41,6 +41,7 @@ class Point:
     system: System
     best: planner.PlanResult | None
     host_s: float  # real seconds the search took (0 when it came from the cache)
+    others: tuple = ()  # the best plan of each other expert-parallel degree (uncertainty.py's alternatives)
 
     @property
     def devices(self) -> int:
@@ -78,8 +79,13 @@ def best(system: System, workload: str, global_batch: int, routing: str | None =
     """The best plan of `workload` on `system` (cached: a sensitivity case and the plot's curve
     reuse the break-even's searches); routing: a MoE routing model's text (skew.py), None balanced."""
     start = time.perf_counter()
-    found = skew.search(system, workload, global_batch, routing, top=1)
-    return Point(system, found.results[0] if found.results else None, time.perf_counter() - start)
+    found = skew.search(system, workload, global_batch, routing, top=10**9)  # every plan is costed anyway
+    others = {}
+    for r in found.results[1:]:
+        if r.plan.ep != found.results[0].plan.ep:
+            others.setdefault(r.plan.ep, r)
+    return Point(system, found.results[0] if found.results else None, time.perf_counter() - start,
+                 tuple(others.values()))
 
 
 _CANDIDATES = {}  # (domain, workload, global batch, max devices) -> candidates
@@ -144,7 +150,7 @@ class Range:
 
 RANGES = (
     Range("matmul_eff", "910C GEMM efficiency (fraction of peak)", 0.8, 1.2,
-          "no published GEMM efficiency of the 910C at these shapes; the catalog keeps the default 0.7"),
+          "the catalog's 0.846 is a 910B2 die's 4096^3 GEMM; the 910C's two dies at training shapes unmeasured"),
     Range("mem_eff", "910C HBM efficiency (fraction of bandwidth)", 0.8, 1.2,
           "no published streaming-kernel figure for the 910C; the default 0.8"),
     Range("scaleup_gbps", "scale-up (UB) bandwidth per device", 0.8, 1.2,

@@ -14,11 +14,12 @@ gemm, hbm and link are factors on the catalog figures; a and b, the shares of th
 follow GEMM and HBM efficiency, are measured once per plan by costing it on a variant chip at
 0.8 x each efficiency (fullscale.vary: the blocks measured anew on fake tensors), so k is exact
 where each kernel is bound by one of them and a linearisation where a kernel sits at the ridge;
-the skew terms are skew.cost's extra at a few Zipf exponents, interpolated linearly. The plan is
-the best plan at catalog figures: another plan might win under other inputs, so a sample's
-throughput is a lower bound and its break-even an upper bound. Counts between searched counts
-are not evaluated: the answer of a sample is a searched count (dense from the bound to the
-catalog answer, every CURVE_STEP above it).
+the skew terms are skew.cost's extra at a few Zipf exponents, interpolated linearly. Each count
+keeps its best plan at catalog figures and its best plan of every other expert-parallel degree
+(with the best plan's shares: a skewed router can make a lower ep win); another plan might still
+win under other inputs, so a sample's break-even is an upper bound. The answer of a sample is a
+searched count: dense from the 100%-MFU bound to the catalog answer, every STEP devices up to
+ABOVE x the answer (searched here), and the plot's curve beyond.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from relay.analytic import fullscale, goodput, skew
 
 SKEWS = (0.1, 0.2, 0.3)  # Zipf exponents at which each MoE plan's skew terms are costed
 PROBE = 0.8  # factor on an efficiency for the elasticity measurement
+STEP, ABOVE = 16, 1.5  # counts searched above the answer for the samples: multiples of STEP up to ABOVE x it
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,14 @@ class Goodput:
         return goodput.goodput(devices, rate, self.state_bytes, self.storage_gbps, self.restart_s).fraction
 
 
-def breakeven(fast: PointModel, slow: list, x: dict, good: Goodput | None = None) -> int | None:
-    """The smallest slow count (of `slow`, sorted by devices) matching `fast` at inputs `x`
-    (name -> value); with `good`, on tokens/s x goodput. None: no count matches."""
-    target = fast.tokens_per_s(x["fast_gemm"], x["fast_hbm"], x["fast_link"], x["skew"])
+def breakeven(fast, slow: list, x: dict, good: Goodput | None = None) -> int | None:
+    """The smallest slow count (of `slow`, PointModels sorted by devices, several per count
+    allowed) matching `fast` (a PointModel, or a list of one count's: the fastest counts) at
+    inputs `x` (name -> value); with `good`, on tokens/s x goodput. None: no count matches."""
+    fast = fast if isinstance(fast, (list, tuple)) else [fast]
+    target = max(f.tokens_per_s(x["fast_gemm"], x["fast_hbm"], x["fast_link"], x["skew"]) for f in fast)
     if good is not None:
-        target *= good.fraction(fast.devices, x["fast_rate"])
+        target *= good.fraction(fast[0].devices, x["fast_rate"])
     for p in slow:
         t = p.tokens_per_s(x["slow_gemm"], x["slow_hbm"], x["slow_link"], x["skew"])
         if good is not None:
@@ -124,7 +128,7 @@ def _percentile(values: list, q: float):
     return ranked[min(len(ranked) - 1, max(0, math.ceil(q * len(ranked)) - 1))]
 
 
-def sample(fast: PointModel, slow: list, inputs: tuple, n: int = 2000, seed: int = 0,
+def sample(fast, slow: list, inputs: tuple, n: int = 2000, seed: int = 0,
            good: Goodput | None = None) -> dict:
     """n seeded samples of the break-even (and, with `good`, of the goodput break-even): the
     10th, 50th and 90th percentiles, the share not reached, and the tornado (each input alone at
@@ -160,19 +164,27 @@ def _swing(row: dict) -> float:
     return 1e9 if math.inf in (lo, hi) and lo != hi else abs(hi - lo)
 
 
-def model(point: fullscale.Point, workload: str, global_batch: int, skews=SKEWS) -> PointModel:
-    """A searched point's PointModel: its breakdown, its elasticities (two costings on variant
-    chips) and, for a MoE plan with expert parallelism, its skew terms."""
+def models(point: fullscale.Point, workload: str, global_batch: int, skews=SKEWS) -> list:
+    """A searched point's PointModels: its best plan's (`model`), and its best plan of each other
+    expert-parallel degree with the best plan's shares (a skewed router can make a lower ep win)."""
+    first = model(point.system, point.best, workload, global_batch, skews=skews)
+    return [first] + [model(point.system, b, workload, global_batch, (first.gemm, first.hbm), skews)
+                      for b in point.others]
+
+
+def model(system, b, workload: str, global_batch: int, shares=None, skews=SKEWS) -> PointModel:
+    """A plan's PointModel (b: a planner.PlanResult on `system`): its breakdown, its shares
+    (two costings on variant chips, unless given) and, under expert parallelism, its skew terms."""
     from relay.analytic import planner
 
-    b, plan, system = point.best, point.best.plan, point.system
-    bd = b.breakdown
-    shares = []
-    for param in ("matmul_eff", "mem_eff"):
-        r = fullscale.Range(param, param, PROBE, PROBE, "elasticity probe")
-        varied = planner.cost(fullscale.vary(system, r, PROBE), workload, plan, global_batch, b.memory)
-        grown = (varied.breakdown.compute + varied.breakdown.pipeline) / (bd.compute + bd.pipeline) - 1
-        shares.append(max(grown / (1 / PROBE - 1), 0.0))
+    plan, bd = b.plan, b.breakdown
+    if shares is None:
+        shares = []
+        for param in ("matmul_eff", "mem_eff"):
+            r = fullscale.Range(param, param, PROBE, PROBE, "elasticity probe")
+            varied = planner.cost(fullscale.vary(system, r, PROBE), workload, plan, global_batch, b.memory)
+            grown = (varied.breakdown.compute + varied.breakdown.pipeline) / (bd.compute + bd.pipeline) - 1
+            shares.append(max(grown / (1 / PROBE - 1), 0.0))
     gemm, hbm = shares
     if gemm + hbm > 1:  # a kernel at the ridge counted twice: shares scaled to the whole
         gemm, hbm = gemm / (gemm + hbm), hbm / (gemm + hbm)
@@ -182,7 +194,7 @@ def model(point: fullscale.Point, workload: str, global_batch: int, skews=SKEWS)
             k = skew.cost(system, workload, plan, global_batch, f"zipf:{s}", b.memory).breakdown
             grid.append((s, k.compute + k.pipeline - bd.compute - bd.pipeline,
                          k.expert_all_to_all - bd.expert_all_to_all))
-    return PointModel(point.devices, b.tokens_per_s * b.step_s, bd.compute,
+    return PointModel(system.devices, b.tokens_per_s * b.step_s, bd.compute,
                       bd.tensor_parallel + bd.expert_all_to_all + bd.data_parallel, bd.pipeline, gemm, hbm,
                       tuple(grid))
 
@@ -193,7 +205,7 @@ def default_inputs(fast_chip, slow_chip, moe: bool) -> tuple:
     fr, sr = goodput.rate(fast_chip.name), goodput.rate(slow_chip.name)
     sg, sh, fg, fh = slow_chip.matmul_eff, slow_chip.mem_eff, fast_chip.matmul_eff, fast_chip.mem_eff
     out = [
-        Input("slow_gemm", f"{slow_chip.display} GEMM efficiency ({0.70:.2f}-{sg:.2f} of peak; catalog {sg:.2f})",
+        Input("slow_gemm", f"{slow_chip.display} GEMM efficiency (0.70-{sg:.3g} of peak; catalog {sg:.3g})",
               0.70 / sg, 1.0, 1.0, "catalog: a 910B2 die's BF16 4096^3 GEMM (315 TFLOPS of 376); the 910C's two "
               "dies and training shapes unmeasured: down to the 0.70 default"),
         Input("slow_hbm", f"{slow_chip.display} HBM efficiency (0.60-0.90 of bandwidth; catalog {sh:.2f})",
@@ -222,17 +234,22 @@ def default_inputs(fast_chip, slow_chip, moe: bool) -> tuple:
     return tuple(out)
 
 
-def run(be: fullscale.BreakEven, slow_chip, curve: list, workload: str, n: int = 2000, seed: int = 0) -> dict:
-    """The distribution of `be` (a fullscale.BreakEven against `slow_chip`) over default_inputs,
-    from its searched points and `curve` (fullscale.Points); with the real seconds it took."""
-    start = time.perf_counter()
-    pts = {p.devices: p for p in (*be.points, *curve) if p.best is not None}
+def run(be: fullscale.BreakEven, slow, curve: list, workload: str, max_devices: int, n: int = 2000,
+        seed: int = 0) -> dict:
+    """The distribution of `be` (a fullscale.BreakEven against the `slow` preset) over
+    default_inputs, from its searched points, `curve` (fullscale.Points) and every candidate count
+    that is a multiple of STEP above the answer up to ABOVE x the answer (searched now)."""
     from relay.analytic.footprint import config_of
 
+    start = time.perf_counter()
+    above = [fullscale.best(slow.scaled(c), workload, be.global_batch)
+             for c in fullscale.candidates(slow, workload, be.global_batch, max_devices)
+             if be.devices < c <= ABOVE * be.devices and c % STEP == 0]
+    pts = {p.devices: p for p in (*be.points, *curve, *above) if p.best is not None}
     moe = hasattr(config_of(workload), "n_experts")
-    fast = model(be.fast, workload, be.global_batch)
-    slow = [model(p, workload, be.global_batch) for _, p in sorted(pts.items())]
+    fast = models(be.fast, workload, be.global_batch)
+    slow_models = [m for _, p in sorted(pts.items()) for m in models(p, workload, be.global_batch)]
     prep = time.perf_counter() - start
-    out = sample(fast, slow, default_inputs(be.fast.system.chip, slow_chip, moe),
+    out = sample(fast, slow_models, default_inputs(be.fast.system.chip, slow.chip, moe),
                  n, seed, Goodput(goodput.state_bytes(goodput.total_params(workload))))
-    return {**out, "prepare_s": prep}
+    return {**out, "prepare_s": prep, "searched_above": [p.devices for p in above]}

@@ -54,3 +54,11 @@ def test_bad_input_names_the_field():
         gp.goodput(8, 1e-5, 1e12, storage_gbps=0)
     with pytest.raises(ConfigError, match="no interruption rate"):
         gp.rate("tpu-v9")
+
+
+def test_llama3_405b_on_16k_h100_loses_about_what_the_paper_reports():
+    # at the anchor's own scale the model should land near the paper's "more than 90% effective
+    # training time": M = 3.09 h, 405B x 14 bytes = 5.67 TB at 2 TB/s = 2.8 s, 10 min restarts
+    g = gp.goodput(16384, gp.rate("h100").per_device_hour, gp.state_bytes(405e9))
+    assert g.mtbf_h == pytest.approx(3.09, rel=0.01) and g.checkpoint_s == pytest.approx(2.835, rel=0.01)
+    assert 0.90 < g.fraction < 0.95
