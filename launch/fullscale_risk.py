@@ -105,8 +105,9 @@ def _routing(runs) -> list[str]:
     lines = ["", "## Routing skew (emulated)", "",
              "Each side's chosen plan with a Zipf router (expert i gets a share 1 / (i + 1)^s; the hottest experts "
              "all on one device, the worst placement): the busiest expert-parallel device receives f times the "
-             "balanced share and sets the step (skew.py). The NVL72's plans use ep = 8, the 910C's up to ep = 128, "
-             "so the same router costs the 910C more.", "",
+             "balanced share and sets the step (skew.py); the wider the expert-parallel group (ep in the plan), the "
+             "larger f for the same router. Then the break-even searched again under one router, where each side "
+             "may pick another plan (a lower ep).", "",
              "| workload | side | plan | routing | busiest device / balanced (f) | tokens/s (emulated) | "
              "of balanced |", "|---|---|---|---|---|---|---|"]
     for run in rs:

@@ -143,7 +143,7 @@ def sample(fast, slow: list, inputs: tuple, n: int = 2000, seed: int = 0,
         x = {i.name: i.draw(rng) for i in inputs}
         for k, g in kinds.items():
             got[k].append(breakeven(fast, slow, x, g))
-    out = {"samples": n, "seed": seed, "searched_counts": [p.devices for p in slow],
+    out = {"samples": n, "seed": seed, "searched_counts": sorted({p.devices for p in slow}),
            "inputs": [vars(i) for i in inputs]}
     for k, g in kinds.items():
         v = got[k]
