@@ -60,7 +60,7 @@ def test_skewed_routing_costs_what_a_fake_run_costs(cluster8):
     costs it (analytic/skew.py: the busiest device's expert path and all-to-all) and as a fake run
     with the same routing model charges it: each step within 2%, and the step's growth over
     balanced routing within 25% of the run's (a planner that ignored the routing adds nothing)."""
-    system, plan, batch = System("h100", 4), Parallel(dp=4, ep=4), 256
+    system, plan, batch = System("h100", 2), Parallel(dp=2, ep=2), 128  # (two devices: a short test)
     cluster8.configure(system, clock="virtual")
     steps = {}
     for routing in ("balanced", "zipf:1.5"):
