@@ -63,6 +63,7 @@ def cmd_fullscale(args) -> None:
                           "plan from the plan search, not a fixed one; drop --parallel (relay plan --parallel "
                           "costs one plan on one system)")
     fast, slow = _presets(args)
+    fullscale_risk.check(args)
     workloads = as_list(args.workload)
     for w in workloads:
         config_of(w)  # refuses a workload that is not a language model, naming it

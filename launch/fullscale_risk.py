@@ -9,9 +9,18 @@ import time
 
 from relay.analytic import fullscale, goodput, skew, uncertainty
 from relay.analytic.footprint import config_of
+from relay.errors import ConfigError
 
 SKEWS = ("zipf:0.1", "zipf:0.2", "zipf:0.3")  # routing shown for each side's chosen plan
 SEARCHED_SKEW = "zipf:0.2"  # the break-even searched again under this routing (MoE workloads)
+
+
+def check(args) -> None:
+    """--uncertainty and --routing refused before any search (ConfigError naming the flag)."""
+    n = getattr(args, "uncertainty", None)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ConfigError(f"--uncertainty = {n!r} is invalid; give a number of samples >= 0 (e.g. 2000; 0: off)")
+    skew.parse(getattr(args, "routing", None))
 
 
 def extras(be: fullscale.BreakEven, slow, workload: str, batch: int, max_devices: int, curve: list,

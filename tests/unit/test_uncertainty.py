@@ -74,3 +74,15 @@ def test_summary_sections_label_the_range_and_the_tornado():
     assert "## The answer as a range (emulated)" in md and "10th-90th percentile" in md
     assert f"| w | throughput | {t['point']} | **{t['p50']}** | {t['p10']}-{t['p90']} |" in md
     assert md.count("| w | ") == 2 + len(inputs(0.2))  # two break-evens, one tornado row per input
+
+
+def test_bad_flags_are_refused_before_any_search():
+    from types import SimpleNamespace
+
+    from relay.errors import ConfigError
+    from relay.launch import fullscale_risk
+
+    with pytest.raises(ConfigError, match="--uncertainty = -5"):
+        fullscale_risk.check(SimpleNamespace(uncertainty=-5, routing=None))
+    with pytest.raises(ConfigError, match="--routing"):
+        fullscale_risk.check(SimpleNamespace(uncertainty=10, routing="zipf:?"))
