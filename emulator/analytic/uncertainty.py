@@ -239,9 +239,18 @@ def run(be: fullscale.BreakEven, slow, curve: list, workload: str, max_devices: 
     """The distribution of `be` (a fullscale.BreakEven against the `slow` preset) over
     default_inputs, from its searched points, `curve` (fullscale.Points) and every candidate count
     that is a multiple of STEP above the answer up to ABOVE x the answer (searched now)."""
+    start = time.perf_counter()
+    fast, slow_models, inputs, above = prepare(be, slow, curve, workload, max_devices)
+    prep = time.perf_counter() - start
+    out = sample(fast, slow_models, inputs, n, seed, Goodput(goodput.state_bytes(goodput.total_params(workload))))
+    return {**out, "prepare_s": prep, "searched_above": above}
+
+
+def prepare(be: fullscale.BreakEven, slow, curve: list, workload: str, max_devices: int) -> tuple:
+    """(The fast count's PointModels, every searched slow count's, default_inputs, the counts
+    searched above the answer), as `run` samples them."""
     from relay.analytic.footprint import config_of
 
-    start = time.perf_counter()
     above = [fullscale.best(slow.scaled(c), workload, be.global_batch)
              for c in fullscale.candidates(slow, workload, be.global_batch, max_devices)
              if be.devices < c <= ABOVE * be.devices and c % STEP == 0]
@@ -249,7 +258,4 @@ def run(be: fullscale.BreakEven, slow, curve: list, workload: str, max_devices: 
     moe = hasattr(config_of(workload), "n_experts")
     fast = models(be.fast, workload, be.global_batch)
     slow_models = [m for _, p in sorted(pts.items()) for m in models(p, workload, be.global_batch)]
-    prep = time.perf_counter() - start
-    out = sample(fast, slow_models, default_inputs(be.fast.system.chip, slow.chip, moe),
-                 n, seed, Goodput(goodput.state_bytes(goodput.total_params(workload))))
-    return {**out, "prepare_s": prep, "searched_above": [p.devices for p in above]}
+    return fast, slow_models, default_inputs(be.fast.system.chip, slow.chip, moe), [p.devices for p in above]
