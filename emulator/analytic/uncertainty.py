@@ -212,7 +212,8 @@ def default_inputs(fast_chip, slow_chip, moe: bool) -> tuple:
               0.60 / sh, 1.0, 0.90 / sh, "no published streaming-kernel figure for any Ascend"),
         Input("slow_link", "UB scale-up collective efficiency (x0.5-x1.2 the catalog's)", 0.5, 1.0, 1.2,
               "no measured UB collective; an Ascend DeepEP-style dispatch/combine reaches 102/152 GB/s "
-              "bottleneck bandwidth at EP 8 intranode (sgl-project/sgl-kernel-npu README), far below 392 GB/s"),
+              "bottleneck bandwidth at EP 8 intranode (sgl-kernel-npu README, read in a copy, github.com/BourneSun0527/"
+              "sgl-kernel-npu; the Ascend generation not re-checked), far below 392 GB/s"),
         Input("fast_gemm", f"{fast_chip.display} GEMM efficiency (x0.9-x1 the catalog's {fg:.3f})", 0.9, 1.0, 1.0,
               "catalog: a best-shape GEMM (stas00/ml-engineering); training shapes reach less"),
         Input("fast_hbm", f"{fast_chip.display} HBM efficiency (x0.9-x1.1 the catalog's {fh:.2f})", 0.9, 1.0, 1.1,
