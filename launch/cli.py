@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity", action="store_true", default=None,
                    help="also re-run the search with each uncertain model parameter at the ends of its "
                         "range (launch, matmul and memory efficiency, link efficiency) for summary.md")
+    g.add_argument("--uncertainty", type=int, metavar="N", help="full scale: also sample the break-even N times "
+                   "over the uncertain inputs' ranges (efficiencies, links, routing skew, failure rates) for the "
+                   "median and 10th-90th percentile and a tornado plot (e.g. 2000; default off)")
     g.add_argument("--plan-search", action="store_true", default=None,
                    help="full scale: each side's best plan from the analytic plan search (the default when "
                         "--workload names full-size language models, e.g. llama3-70b,deepseek-v3)")

@@ -15,10 +15,12 @@ from relay.analytic import batchrule, fullscale
 from relay.analytic.footprint import GB, config_of
 from relay.errors import ConfigError
 from relay.hardware.system import PRESETS, System
+from relay.launch import fullscale_risk
 from relay.launch.fullscale_summary import summary_md
 from relay.launch.options import as_list
 from relay.results.folder import ResultsDir, environment, system_dict
 from relay.results.fullscale_plots import draw
+from relay.results.risk_plots import draw as draw_risks
 from relay.workloads.analytic import causal_share
 
 FULL_SIZE = ("llama3-8b", "llama3-70b", "llama3-405b", "deepseek-v3", "mixtral-8x7b")
@@ -65,6 +67,7 @@ def cmd_fullscale(args) -> None:
                           "plan from the plan search, not a fixed one; drop --parallel (relay plan --parallel "
                           "costs one plan on one system)")
     fast, slow = _presets(args)
+    fullscale_risk.check(args)
     workloads = as_list(args.workload)
     for w in workloads:
         config_of(w)  # refuses a workload that is not a language model, naming it
@@ -83,7 +86,7 @@ def cmd_fullscale(args) -> None:
     runs = []
     for w in workloads:
         runs.append(_workload(w, fast, slow, batch, racks, max_devices, train_tokens, args.sensitivity, tolerance,
-                              precisions))
+                              precisions, getattr(args, "routing", None), getattr(args, "uncertainty", None) or 0))
     summary = {"kind": "fullscale", "name": out.path.name, "fast": system_dict(fast), "slow": system_dict(slow),
                "global_batch": batch, "batch_tolerance": tolerance, "batch_range": _range(batch, tolerance),
                "precisions": [list(p) for p in precisions], "train_tokens": train_tokens,
@@ -94,6 +97,7 @@ def cmd_fullscale(args) -> None:
     out.write_json("summary.json", summary)
     out.write_text("summary.md", summary_md(summary))
     draw(out, summary)
+    draw_risks(out, summary)
     print(table(summary))
     lo, hi = summary["batch_range"]
     print(f"# every figure emulated (analytic plan search); global batch {batch} samples (each plan the multiple of "
@@ -123,12 +127,13 @@ def _range(batch: int, tolerance: float) -> tuple:
 
 
 def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivity,
-              tolerance=batchrule.TOLERANCE, precisions=(("bf16", "bf16"),)) -> dict:
+              tolerance=batchrule.TOLERANCE, precisions=(("bf16", "bf16"),), routing=None, samples=0) -> dict:
     c = config_of(w)
     rows, scanned = [], {}  # every slow count a search looked at, for the plot
     for fd, sd in precisions:
         for k in racks if (fd, sd) == precisions[0] else racks[:1]:  # other precisions: one rack
-            be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices, tolerance, fd, sd)
+            be = fullscale.breakeven(fast.scaled(k * fast.devices), slow, w, batch, max_devices, tolerance, fd, sd,
+                                     routing)
             rows.append({"racks": k, "precision": {"fast": fd, "slow": sd}, "devices": be.devices,
                          "naive": be.naive, "host_s": be.host_s, "fast": point_dict(be.fast, train_tokens, w),
                          "slow": point_dict(be.slow, train_tokens, w) if be.slow else None,
@@ -150,6 +155,7 @@ def _workload(w, fast, slow, batch, racks, max_devices, train_tokens, sensitivit
         run["sensitivity"] = fullscale.sensitivity(first, slow, max_devices)
         print(f"# {w}: sensitivity, {2 * len(fullscale.RANGES)} searches, {run['sensitivity']['host_s']:.0f} s real",
               flush=True)
+    run.update(fullscale_risk.extras(first, slow, w, batch, max_devices, curve, samples))  # skew, goodput, range
     return run
 
 

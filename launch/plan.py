@@ -10,7 +10,7 @@ import time
 from tabulate import tabulate
 
 from relay import Cluster
-from relay.analytic import planner
+from relay.analytic import planner, skew
 from relay.analytic.footprint import GB, check, config_of
 from relay.errors import ConfigError
 from relay.launch.options import add_system_args, system_from
@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sample (default: the model's pre-training context)")
     p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="emulated compute precision: bf16, "
                    "or fp8 (torchao float8 training: Linear GEMMs in FP8, casts charged; chips with an FP8 peak)")
+    p.add_argument("--routing", help="MoE routing of the plans costed: balanced (default), zipf:S (S the Zipf "
+                   "exponent) or a JSON file of token counts per expert; the step follows the busiest device")
     p.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
     p.add_argument("--parallel", help="cost this one plan instead of searching, e.g. tp=8,pp=4,dp=12,fsdp "
                    "(refused with its memory breakdown if it does not fit)")
@@ -50,7 +52,8 @@ def add_parser(sub) -> None:
     p.set_defaults(fn=cmd_plan)
 
 
-def run_plans(cluster: Cluster, workload: str, plans, global_batch: int, optimizer: str = "adamw") -> list:
+def run_plans(cluster: Cluster, workload: str, plans, global_batch: int, optimizer: str = "adamw",
+              routing: str | None = None) -> list:
     """Each plan trained CONFIRM_STEPS steps on fake tensors on `cluster` (its system as
     configured): per plan the last step's row (step_s, compute_s, ..., emulated seconds), with
     host_s, the real seconds the run took. The runs move fp32 parameters and gradients (the
@@ -59,12 +62,13 @@ def run_plans(cluster: Cluster, workload: str, plans, global_batch: int, optimiz
     for plan in plans:
         start = time.perf_counter()
         res = cluster.train(workload, parallel=plan, steps=CONFIRM_STEPS, global_batch=global_batch,
-                            tensors="fake", optimizer=optimizer)
+                            tensors="fake", optimizer=optimizer, **({"routing": routing} if routing else {}))
         out.append({**res.steps[-1], "host_s": time.perf_counter() - start})
     return out
 
 
-def confirm(system, workload: str, results: list, global_batch: int, dtype: str = "bf16") -> None:
+def confirm(system, workload: str, results: list, global_batch: int, dtype: str = "bf16",
+            routing: str | None = None) -> None:
     """Prints the analytic and the fake-run step of each PlanResult in `results`."""
     if system.devices > CONFIRM_DEVICES and "shared" not in TrainConfig.__dataclass_fields__:
         print(f"# --confirm: {system.devices} devices need the shared fake runs (one process per distinct role); "
@@ -72,7 +76,7 @@ def confirm(system, workload: str, results: list, global_batch: int, dtype: str 
         return
     start = time.perf_counter()
     with Cluster(system, tensors="fake", dtype=dtype) as cluster:
-        runs = run_plans(cluster, workload, [r.plan for r in results], global_batch)
+        runs = run_plans(cluster, workload, [r.plan for r in results], global_batch, routing=routing)
     rows = [[i + 1, str(r.plan), f"{r.step_s:.4g}", f"{x['step_s']:.4g}", f"{x['step_s'] / r.step_s:.3f}",
              f"{x['host_s']:.1f}"] for i, (r, x) in enumerate(zip(results, runs))]
     print(f"# confirmed by fake-tensor runs ({CONFIRM_STEPS} steps, the last compared; every plan's messages at "
@@ -96,6 +100,7 @@ def cmd_plan(args) -> int:
     system = system_from(args)
     for chip in set(system.chips):  # fp8 on a chip without it: refused before anything is measured
         chip.peak_flops(args.precision)
+    skew.parse(args.routing)  # refused before anything is measured
     if args.top < 1:
         raise ConfigError(f"--top = {args.top} is invalid; give a number of plans >= 1")
     if args.confirm < 0 or (args.confirm and args.parallel):
@@ -112,7 +117,8 @@ def cmd_plan(args) -> int:
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
     share = causal_share(config_of(args.workload, args.seq_len))
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
-          f"({tokens:,} tokens), {args.precision}; analytic model, every figure emulated"
+          f"({tokens:,} tokens), {args.precision}, {args.routing or 'balanced'} routing; analytic model, every "
+          "figure emulated"
           + ("; messages at fp32 (4 bytes per element), as the fake-tensor runs of --confirm move them"
              if args.confirm else ""))
     if args.parallel:
@@ -122,7 +128,7 @@ def cmd_plan(args) -> int:
                               "every replica gets an equal share of")
         plan.check(system.devices, system.domain, config_of(args.workload, args.seq_len), batch // plan.dp)
         fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len, dtype=args.precision)
-        r = planner.cost(system, args.workload, plan, batch, fp, seq_len=args.seq_len, dtype=args.precision)
+        r = skew.cost(system, args.workload, plan, batch, args.routing, fp, seq_len=args.seq_len, dtype=args.precision)
         print(tabulate([row(1, r, share)], headers=HEADERS, disable_numparse=True))
         print(MFU_NOTE)
         print(f"# memory (most loaded device): {fp.describe()}")
@@ -131,8 +137,8 @@ def cmd_plan(args) -> int:
                   "(an all-gather and a reduce-scatter move the bytes of one all-reduce)")
         return 0
     # the runs --confirm compares with move fp32 messages (the model is not cast)
-    found = planner.search(system, args.workload, batch, top=max(args.top, args.confirm), seq_len=args.seq_len,
-                           message_bytes=4 if args.confirm else None, dtype=args.precision)
+    found = skew.search(system, args.workload, batch, args.routing, top=max(args.top, args.confirm),
+                        seq_len=args.seq_len, message_bytes=4 if args.confirm else None, dtype=args.precision)
     if not found.results:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "
                                   f"batch {batch} ({found.considered} considered, all over the HBM); use more "
@@ -144,5 +150,5 @@ def cmd_plan(args) -> int:
     print(f"# {found.considered} valid plans considered, {found.pruned_memory} pruned by memory, "
           f"{found.considered - found.pruned_memory} costed; search took {found.host_s:.1f} real s")
     if args.confirm:
-        confirm(system, args.workload, found.results[:args.confirm], batch, args.precision)
+        confirm(system, args.workload, found.results[:args.confirm], batch, args.precision, args.routing)
     return 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from relay.analytic import planner
+from relay.analytic import planner, skew
 from relay.analytic.footprint import footprint, measure, parameters
 from relay.errors import ConfigError
 from relay.hardware.system import System
@@ -68,6 +68,7 @@ class Best:
 
     result: planner.PlanResult | None
     host_s: float  # real seconds the searches took
+    others: tuple = ()  # the best plan of each other expert-parallel degree (uncertainty.py's alternatives)
 
     @property
     def global_batch(self) -> int | None:
@@ -76,9 +77,10 @@ class Best:
         return r.plan.dp * r.plan.n_microbatches * r.micro_batch if r else None
 
 
-def best(system: System, workload: str, target: int, tolerance: float = TOLERANCE, dtype: str = "bf16") -> Best:
+def best(system: System, workload: str, target: int, tolerance: float = TOLERANCE, dtype: str = "bf16",
+         routing: str | None = None) -> Best:
     """The plan of `system` with the most emulated tokens per second among every plan the rule
-    allows (each dp at its own batch)."""
+    allows (each dp at its own batch), MoE layers routed by `routing` (skew.py; None: balanced)."""
     check(target, tolerance)
     start, found, chip = time.perf_counter(), [], system.chip.name
     for b, dps in sorted(batches(system.devices, target, tolerance).items()):
@@ -91,6 +93,10 @@ def best(system: System, workload: str, target: int, tolerance: float = TOLERANC
             fp = footprint(workload, p, b, chip, dtype=dtype, measured=measure(workload, p.tp, p.ep, mb, chip,
                                                                                 dtype=dtype))
             if fp.fits:
-                found.append(planner.cost(system, workload, p, b, fp, dtype=dtype))
-    top = max(found, key=lambda r: (r.tokens_per_s, -r.plan.dp), default=None)
-    return Best(top, time.perf_counter() - start)
+                found.append(skew.cost(system, workload, p, b, routing, fp, dtype=dtype))
+    ranked = sorted(found, key=lambda r: (-r.tokens_per_s, r.plan.dp))
+    others = {}
+    for r in ranked[1:]:
+        if r.plan.ep != ranked[0].plan.ep:
+            others.setdefault(r.plan.ep, r)
+    return Best(ranked[0] if ranked else None, time.perf_counter() - start, tuple(others.values()))

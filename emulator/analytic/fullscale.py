@@ -46,6 +46,7 @@ class Point:
     system: System
     best: planner.PlanResult | None
     host_s: float  # real seconds the search took (0 when it came from the cache)
+    others: tuple = ()  # the best plan of each other expert-parallel degree (uncertainty.py's alternatives)
 
     @property
     def devices(self) -> int:
@@ -89,11 +90,12 @@ class BreakEven:
 
 @functools.cache
 def best(system: System, workload: str, global_batch: int, tolerance: float = batchrule.TOLERANCE,
-         dtype: str = "bf16") -> Point:
+         dtype: str = "bf16", routing: str | None = None) -> Point:
     """The best plan of `workload` on `system` under the batch rule (cached: a sensitivity case
-    and the plot's curve reuse the break-even's searches)."""
-    found = batchrule.best(system, workload, global_batch, tolerance, dtype)
-    return Point(system, found.result, found.host_s)
+    and the plot's curve reuse the break-even's searches); routing: a MoE routing model's text
+    (skew.py), None balanced."""
+    found = batchrule.best(system, workload, global_batch, tolerance, dtype, routing)
+    return Point(system, found.result, found.host_s, found.others)
 
 
 def lower_bound(target: Point, slow: System, dtype: str = "bf16") -> int:
@@ -109,20 +111,22 @@ def lower_bound(target: Point, slow: System, dtype: str = "bf16") -> int:
 
 
 def breakeven(fast: System, slow: System, workload: str, global_batch: int, max_devices: int,
-              tolerance: float = batchrule.TOLERANCE, fast_dtype: str = "bf16", slow_dtype: str = "bf16") -> BreakEven:
+              tolerance: float = batchrule.TOLERANCE, fast_dtype: str = "bf16", slow_dtype: str = "bf16",
+              routing: str | None = None) -> BreakEven:
     """The smallest slow count up to max_devices whose best plan matches the fast system's (the
-    scan in the module docstring), each side in its own precision."""
+    scan in the module docstring), each side in its own precision, both routed by `routing`
+    (None: balanced)."""
     start = time.perf_counter()
     batchrule.check(global_batch, tolerance)
     for chip, dtype in [(c, fast_dtype) for c in fast.chips] + [(slow.chip, slow_dtype)]:
         chip.peak_flops(dtype)  # a precision the chip lacks: refused before any search
-    target = best(fast, workload, global_batch, tolerance, fast_dtype)
+    target = best(fast, workload, global_batch, tolerance, fast_dtype, routing)
     naive = fast.peak_flops / slow.chip.peak_flops()
     seen = {}
 
     def at(n: int) -> Point:
         if n not in seen:
-            seen[n] = best(slow.scaled(n), workload, global_batch, tolerance, slow_dtype)
+            seen[n] = best(slow.scaled(n), workload, global_batch, tolerance, slow_dtype, routing)
         return seen[n]
 
     answer = None
@@ -154,7 +158,7 @@ class Range:
 
 RANGES = (
     Range("matmul_eff", "910C GEMM efficiency (fraction of peak)", 0.8, 1.2,
-          "no published GEMM efficiency of the 910C at these shapes; the catalog keeps the default 0.7"),
+          "the catalog's 0.846 is a 910B2 die's 4096^3 GEMM; the 910C's two dies at training shapes unmeasured"),
     Range("mem_eff", "910C HBM efficiency (fraction of bandwidth)", 0.8, 1.2,
           "no published streaming-kernel figure for the 910C; the default 0.8"),
     Range("scaleup_gbps", "scale-up (UB) bandwidth per device", 0.8, 1.2,

@@ -111,3 +111,23 @@ def test_summary_states_units_and_labels():
     assert "points below the range" in md or "points above" in md or "(inside)" in md  # how far, per reference
     printed = table(s)
     assert "(emulated)" in printed and "J per token" in printed
+
+
+def test_the_ranges_analytic_scaling_agrees_with_searching_again():
+    """uncertainty.py rescales the searched plans instead of searching per sample: at the catalog
+    figures it gives the search's answer, and with the 910C's GEMM or HBM efficiency at 0.65x it
+    gives what a new search on a variant chip gives, count by count (llama-debug, small systems;
+    at this size the GEMMs are launch-bound and only HBM efficiency moves the answer)."""
+    from relay.analytic import uncertainty
+
+    be = fullscale.breakeven(FAST, SLOW, WL, BATCH, MAX)
+    fast, slow, inputs, _ = uncertainty.prepare(be, SLOW, [fullscale.best(SLOW, WL, BATCH)], WL, MAX)
+    central = {i.name: i.central for i in inputs}
+    assert uncertainty.breakeven(fast, slow, central) == be.devices
+    for name, r in (("slow_gemm", fullscale.RANGES[0]), ("slow_hbm", fullscale.RANGES[1])):
+        varied = fullscale.vary(SLOW, r, 0.65)  # (the shares were measured at 0.8: this checks their use)
+        again = fullscale.breakeven(FAST, varied, WL, BATCH, MAX)
+        assert uncertainty.breakeven(fast, slow, {**central, name: 0.65}) == again.devices >= be.devices, name
+        for m in slow:  # each count's tokens/s as the search on the variant chip finds them
+            searched = fullscale.best(varied.scaled(m.devices), WL, BATCH).tokens_per_s
+            assert m.tokens_per_s(**{name[5:]: 0.65}) == pytest.approx(searched, rel=1e-3), (name, m.devices)
