@@ -18,8 +18,8 @@ the skew terms are skew.cost's extra at a few Zipf exponents, interpolated linea
 keeps its best plan at catalog figures and its best plan of every other expert-parallel degree
 (with the best plan's shares: a skewed router can make a lower ep win); another plan might still
 win under other inputs, so a sample's break-even is an upper bound. The answer of a sample is a
-searched count: dense from the 100%-MFU bound to the catalog answer, every STEP devices up to
-ABOVE x the answer (searched here), and the plot's curve beyond.
+searched count: dense from the scan's lower bound to STEP past the catalog answer, every STEP
+devices from there up to ABOVE x the answer (searched here), and the plot's curve beyond.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from relay.analytic import fullscale, goodput, skew
 
 SKEWS = (0.1, 0.2, 0.3)  # Zipf exponents at which each MoE plan's skew terms are costed
 PROBE = 0.8  # factor on an efficiency for the elasticity measurement
-STEP, ABOVE = 16, 1.5  # counts searched above the answer for the samples: multiples of STEP up to ABOVE x it
+STEP, ABOVE = 16, 1.5  # counts searched above the answer: every one up to STEP past it, then every STEP to ABOVE x it
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def run(be: fullscale.BreakEven, slow, curve: list, workload: str, max_devices: 
         seed: int = 0) -> dict:
     """The distribution of `be` (a fullscale.BreakEven against the `slow` preset) over
     default_inputs, from its searched points, `curve` (fullscale.Points) and every candidate count
-    that is a multiple of STEP above the answer up to ABOVE x the answer (searched now)."""
+    above the answer as STEP and ABOVE say (searched now)."""
     start = time.perf_counter()
     fast, slow_models, inputs, above = prepare(be, slow, curve, workload, max_devices)
     prep = time.perf_counter() - start
@@ -257,7 +257,8 @@ def prepare(be: fullscale.BreakEven, slow, curve: list, workload: str, max_devic
     from relay.analytic.footprint import config_of
 
     above = [fullscale.best(slow.scaled(c), workload, be.global_batch, be.tolerance, be.slow_dtype)
-             for c in range(be.devices + 1, min(max_devices, int(ABOVE * be.devices)) + 1) if c % STEP == 0]
+             for c in range(be.devices + 1, min(max_devices, max(int(ABOVE * be.devices), be.devices + STEP)) + 1)
+             if c <= be.devices + STEP or c % STEP == 0]
     pts = {p.devices: p for p in (*be.points, *curve, *above) if p.best is not None}
     moe = hasattr(config_of(workload), "n_experts")
     fast = models(be.fast, workload, be.global_batch, dtype=be.fast_dtype)

@@ -79,7 +79,8 @@ def test_each_side_at_its_own_precision():
 
 def test_a_faster_slow_chip_needs_no_more_devices():
     base = fullscale.breakeven(FAST, SLOW, WL, BATCH, MAX)
-    quick = chips.register(SLOW.chip.replace(name="test-quick-910c", matmul_eff=0.95, mem_eff=0.95))
+    quick = chips.register(SLOW.chip.replace(name="test-quick-910c", bf16_tflops=2 * SLOW.chip.bf16_tflops,
+                                                   mem_eff=0.95))
     faster = fullscale.breakeven(FAST, System(quick.name, 8, domain=8), WL, BATCH, MAX)
     assert faster.devices is not None and faster.devices < base.devices
     # and varying an input through `vary` reaches the planner (a variant chip, a new answer)
