@@ -20,7 +20,12 @@ def check(args) -> None:
     n = getattr(args, "uncertainty", None)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
         raise ConfigError(f"--uncertainty = {n!r} is invalid; give a number of samples >= 0 (e.g. 2000; 0: off)")
-    skew.parse(getattr(args, "routing", None))
+    routing = getattr(args, "routing", None)
+    if skew.parse(routing) is not None:
+        raise ConfigError(f"--routing = {routing!r}: the full-scale break-even answers with balanced routing and "
+                          f"shows skew beside it (each side's plan under {', '.join(SKEWS)} and the answer searched "
+                          f"again under {SEARCHED_SKEW}; skew is one of the range's inputs); drop --routing, or use "
+                          "`relay plan --routing` for one system")
 
 
 def extras(be: fullscale.BreakEven, slow, workload: str, batch: int, max_devices: int, curve: list,
@@ -33,6 +38,12 @@ def extras(be: fullscale.BreakEven, slow, workload: str, batch: int, max_devices
     if hasattr(c, "n_experts") and be.slow:
         out["routing"] = routing_effect(be, slow, workload, batch, max_devices, c)
         print(f"# {workload}: routing skew, {out['routing']['host_s']:.0f} s real", flush=True)
+    missing = sorted({c.name for c in (*be.fast.system.chips, slow.chip)} - set(goodput.rates()))
+    if missing:  # goodput and the range need each chip's interruption rate
+        out["not_rated"] = missing
+        print(f"# {workload}: no goodput break-even or range: no interruption rate for {', '.join(missing)} "
+              "(hardware/reliability.toml)", flush=True)
+        return out
     start = time.perf_counter()
     out["goodput"] = {**goodput.breakeven(be.fast, slow, workload, batch, max_devices, tolerance=be.tolerance,
                                           slow_dtype=be.slow_dtype),
@@ -106,6 +117,10 @@ def summary_md(s: dict) -> list[str]:
                 lines.append(f"| {run['workload']} | {r['what']} | {_n(r['at_low'])} | {_n(r['at_high'])} | "
                              f"{r['why']} |")
     lines += _routing(runs) + _goodput(runs)
+    missing = sorted({c for r in runs for c in r.get("not_rated", ())})
+    if missing:
+        lines += ["", f"No goodput break-even and no range: hardware/reliability.toml has no interruption rate for "
+                  f"{', '.join(missing)} (add a sourced row)."]
     return lines
 
 

@@ -108,7 +108,7 @@ def _answer(s: dict) -> list[str]:
         lines.append(
             f"**{run['workload']}.** {r['devices']} Ascend 910C match one NVL72's {f['tokens_per_s']:,.0f} emulated "
             f"tokens/s ({sl['tokens_per_s']:,.0f} with {sl['plan']}), against {r['naive']:.0f} from the FLOPS "
-            f"ratio alone (both sides in BF16); one device fewer, {r['below']['devices']}, "
+            f"ratio alone (precision, fast / slow: {_precision(r)}); one device fewer, {r['below']['devices']}, "
             f"{'falls short' if r['below']['plan'] else 'has no plan that fits in memory'}. They spend "
             f"{sl['energy_per_token_j'] / f['energy_per_token_j']:.2f}x the energy per token (emulated, all-in "
             f"power) and train {s['train_tokens']:.3g} tokens in {sl['days_to_train']:.1f} days against "

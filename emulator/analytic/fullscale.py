@@ -1,8 +1,8 @@
 """Break-even at full scale, on the analytic plan search (emulator/analytic/planner.py): the
 smallest number of slow devices whose BEST plan trains as many tokens per emulated second as the
-fast system's best plan, both at the same global batch (samples of the workload's sequence
-length, so the same tokens per step on both sides). No device runs: each device count costs one
-`planner.search` (block costs measured on fake tensors once, cached; then arithmetic).
+fast system's best plan, both under one batch rule (about the same tokens per step; below). No
+device runs: each device count costs about one plan search (block costs measured on fake tensors
+once, cached; then arithmetic).
 
 Slow systems of n devices are the slow preset scaled to n: one scale-up domain up to the preset's
 domain (384 for a CloudMatrix 384), beyond it several domains joined by the chip's scale-out
@@ -45,7 +45,7 @@ class Point:
 
     system: System
     best: planner.PlanResult | None
-    host_s: float  # real seconds the search took (0 when it came from the cache)
+    host_s: float  # real seconds the search took (the first time: a cached Point keeps it)
     others: tuple = ()  # the best plan of each other expert-parallel degree (uncertainty.py's alternatives)
 
     @property
@@ -88,12 +88,17 @@ class BreakEven:
     slow_dtype: str = "bf16"
 
 
-@functools.cache
 def best(system: System, workload: str, global_batch: int, tolerance: float = batchrule.TOLERANCE,
          dtype: str = "bf16", routing: str | None = None) -> Point:
-    """The best plan of `workload` on `system` under the batch rule (cached: a sensitivity case
-    and the plot's curve reuse the break-even's searches); routing: a MoE routing model's text
-    (skew.py), None balanced."""
+    """The best plan of `workload` on `system` under the batch rule (cached: a sensitivity case,
+    the goodput scan, the range and the plot's curve reuse the break-even's searches); routing: a
+    MoE routing model's text (skew.py), None balanced."""
+    return _best(system, workload, global_batch, tolerance, dtype, routing)
+
+
+@functools.cache
+def _best(system: System, workload: str, global_batch: int, tolerance: float, dtype: str, routing) -> Point:
+    """`best`, cached on every argument positionally (however a caller passes them)."""
     found = batchrule.best(system, workload, global_batch, tolerance, dtype, routing)
     return Point(system, found.result, found.host_s, found.others)
 

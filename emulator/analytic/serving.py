@@ -325,7 +325,9 @@ def serve(workload: str, system, layout: Layout, batch: int, input_len: int, out
     per_token = inference.cache_bytes_per_token(c) * c.n_layers
     if getattr(c, "attention", "gqa") == "gqa":
         per_token //= layout.tp  # the kv heads split tp ways; MLA's latent is whole on every tp rank
-    memory = {"weights": pre.params * PRECISIONS[dtype], "kv_cache": batch * (input_len + output_len) * per_token,
+    # the cache of whichever phase holds more: the decode batch's whole sequences, or the prefill batch's prompts
+    kv = max(batch * (input_len + output_len), prefill_batch * input_len) * per_token
+    memory = {"weights": pre.params * PRECISIONS[dtype], "kv_cache": kv,
               "activations": 2 * max(pre.largest, dec.largest), "hbm": system.chip.hbm_gb * 1e9}
     memory["total"] = memory["weights"] + memory["kv_cache"] + memory["activations"]
     return Serving(layout, batch, prefill_batch, pre, dec, pre.seconds, dec.seconds,

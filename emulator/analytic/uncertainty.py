@@ -4,7 +4,7 @@ Each sample draws every uncertain input (GEMM and HBM efficiency of each chip, e
 efficiency, MoE routing skew, each chip's interruption rate) from its range, and finds the
 smallest searched slow count whose best plan matches the fast system's, on throughput and on
 goodput (goodput.py). A sample must be cheap, so no plan is searched again: every best plan
-that the break-even search already found (the scan from the 100%-MFU bound to the answer, the
+that the break-even search already found (the scan from its GEMM-rate lower bound to the answer, the
 plot's curve) becomes a `PointModel`, its catalog step split into parts that scale analytically:
 
     step = (compute + skew compute) x k + (communication + skew all-to-all) / link + pipeline x k

@@ -37,6 +37,8 @@ CASES = [
       "1.5"], r"batch tolerance = 1.5 is invalid; give a fraction of the global batch in \[0, 1\)"),
     (["breakeven", "--fast", "nvl72", "--slow", "cloudmatrix384", "--workload", "llama3-70b", "--precisions",
       "fp4"], r"--precisions = 'fp4' is invalid; give bf16, best or bf16,best"),
+    (["breakeven", "--fast", "nvl72", "--slow", "cloudmatrix384", "--workload", "deepseek-v3", "--routing",
+      "zipf:0.2"], r"--routing = 'zipf:0.2': the full-scale break-even answers with balanced routing"),
     (["sweep", "--chips", "h100", "--devices", "1,3", "--scaling", "strong", "--global-batch", "8"],
      r"global_batch = 8 does not divide over 3 devices"),
     (["sweep", "--chips", "h100", "--devices", "1,2", "--scaling", "sideways"], r"scaling = 'sideways' is unknown"),

@@ -117,7 +117,7 @@ def test_summary_states_units_and_labels():
 def test_the_ranges_analytic_scaling_agrees_with_searching_again():
     """uncertainty.py rescales the searched plans instead of searching per sample: at the catalog
     figures it gives the search's answer, and with the 910C's GEMM or HBM efficiency at 0.65x it
-    gives what a new search on a variant chip gives, count by count (llama-debug, small systems;
+    gives what a new search on a variant chip gives, count by count (llama3-8b, small systems;
     at this size the GEMMs are launch-bound and only HBM efficiency moves the answer)."""
     from relay.analytic import uncertainty
 
@@ -132,3 +132,22 @@ def test_the_ranges_analytic_scaling_agrees_with_searching_again():
         for m in slow:  # each count's tokens/s as the search on the variant chip finds them
             searched = fullscale.best(varied.scaled(m.devices), WL, BATCH).tokens_per_s
             assert m.tokens_per_s(**{name[5:]: 0.65}) == pytest.approx(searched, rel=1e-3), (name, m.devices)
+
+
+def test_a_chip_without_an_interruption_rate_skips_goodput_and_the_range_and_says_so():
+    """The risk sections need each chip's interruption rate (hardware/reliability.toml): a chip
+    without one gets the point answer and a note, not an error after every search."""
+    from relay.launch import fullscale_risk
+
+    slow = System("ascend-910b", 8, domain=8)  # (no row in reliability.toml)
+    be = fullscale.breakeven(FAST, slow, WL, BATCH, MAX)
+    out = fullscale_risk.extras(be, slow, WL, BATCH, MAX, [], samples=10)
+    assert out == {"not_rated": ["ascend-910b"]}
+    md = "\n".join(fullscale_risk.summary_md({"workloads": [{"workload": WL, **out}]}))
+    assert "no interruption rate for ascend-910b" in md
+
+
+def test_best_is_cached_however_its_arguments_are_passed():
+    a = fullscale.best(SLOW, WL, BATCH)
+    assert fullscale.best(SLOW, WL, BATCH, TOL, "bf16", None) is a
+    assert fullscale.best(SLOW, WL, BATCH, tolerance=TOL, dtype="bf16") is a

@@ -58,6 +58,9 @@ def test_full_size_deepseek_memory_and_rates():
     assert s.prefill_tps == pytest.approx(s.prefill_batch * 1024 / s.ttft_s)
     assert s.decode.a2a_s > 0 and s.decode.tp_s == 0
     assert s.fits
+    # a prefill batch whose prompts outweigh the decode batch's sequences holds their cache
+    big = serving.serve("deepseek-v3", system, serving.Layout(32, 1, 32), 16, 1024, 256, prefill_batch=64)
+    assert big.memory["kv_cache"] == 64 * 1024 * (512 + 64) * 2 * c.n_layers
 
 
 @pytest.mark.parametrize("layout,match", [
