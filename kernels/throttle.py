@@ -59,6 +59,7 @@ class Throttle(TorchDispatchMode):
         # while kernels/replay.py records a step: (seconds, flops, bytes) of every charged op
         self.log = None
         self.steered = False  # while logging, an op ran whose result or output shape depends on data
+        self.memory = None  # counts every storage an op makes (relay.device.backend.hbm: the emulated HBM)
 
     def execute(self, func, args, kwargs):
         """Runs one op (a subclass may run some ops its own way; the charge is the same)."""
@@ -66,6 +67,8 @@ class Throttle(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = self.execute(func, args, kwargs)
+        if self.memory is not None:
+            self.memory.track(out)
         if self.paused:
             return out
         if self.sync_cuda:

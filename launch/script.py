@@ -118,6 +118,8 @@ def cmd_launch(args) -> int:
     algorithm = parse_algorithm(args.algorithm)
     algorithms(algorithm)  # an unknown algorithm is refused before any device starts
     clock = args.clock or "virtual"
+    if args.tensors == "fake" and clock != "virtual":
+        raise ConfigError("--tensors fake needs the virtual clock (fake tensors take no real time); drop --clock wall")
     cluster = Cluster(system, clock=clock, dilation=args.dilation, address=args.address,
                       timeout_s=args.timeout_s or 60.0)
     stem = args.script if args.module else os.path.splitext(os.path.basename(args.script))[0]
@@ -126,14 +128,14 @@ def cmd_launch(args) -> int:
     logs.mkdir(exist_ok=True)
     program = Program(script=args.script if args.module else os.path.abspath(args.script),
                       argv=tuple(args.script_args), algorithm=algorithm, module=args.module,
-                      log_dir=str(logs), cwd=os.getcwd())
+                      log_dir=str(logs), cwd=os.getcwd(), host_clock=args.host_clock)
     tail = None
     try:
         with cluster:  # started: an earlier run's logs by this name go only now (a refused run keeps them)
             for stale in [*logs.glob("rank*.log"), out.path / "error.txt"]:
                 stale.unlink(missing_ok=True)
             tail = Tail(logs, ranks)
-            res = launch(cluster, program, on_poll=tail.poll)
+            res = launch(cluster, program, on_poll=tail.poll, tensors=args.tensors)
         for d in res.per_device:  # devices on other nodes sent their output back
             if d["output"] is not None:
                 (logs / f"rank{d['device']}.log").write_text(d["output"])
@@ -149,7 +151,7 @@ def cmd_launch(args) -> int:
     config = {"command": "launch", "options": vars_of(args), "launch": res.config,
               "system": system_dict(system), **environment(cluster.host)}
     summary = write_launch(out, config, res)["summary"]
-    print(f"# relay launch: {args.script} on {system.describe()}, {clock} clock")
+    print(f"# relay launch: {args.script} on {system.describe()}, {clock} clock, {args.tensors} tensors")
     rows = [[d["device"], fmt(d["emulated_s"], 1e3), fmt(d["compute_s"], 1e3), fmt(d["comm_s"], 1e3),
              fmt(d["exposed_comm_s"], 1e3), f"{d['real_s']:.2f}"] for d in res.per_device]
     print(tabulate(rows, headers=["device", "time (emulated ms)", "compute (emulated ms)",
@@ -204,6 +206,12 @@ def add_parser(sub) -> None:
     p.add_argument("--ranks", "--local-ranks-filter", dest="ranks",
                    help="ranks whose output the console shows, prefixed [rank N]: e.g. 0 (default), 0,3, "
                    "0-3, all or none; every rank's output is kept in results/<name>/logs/rank<N>.log")
+    p.add_argument("--tensors", choices=("real", "fake"), default="real",
+                   help="real (default) or fake: the program's tensors are fake tensors (shapes only), so "
+                   "full-size models run; a value read from one (.item(), a printed loss) is 0")
+    p.add_argument("--host-clock", action="store_true",
+                   help="the program's time.perf_counter / monotonic / time read the host's clock (default: "
+                   "the device's emulated clock, so its own throughput lines print emulated figures)")
     p.add_argument("-m", "--module", action="store_true",
                    help="the script is a module's name, run as `python -m` runs it (e.g. -m torchtitan.train)")
     p.add_argument("script", help="the Python script every device runs (with -m: a module's name)")

@@ -12,6 +12,7 @@ from relay.device import jobs
 from relay.device.backend.collective import algorithms
 from relay.device.backend.program import Program, run_program
 from relay.device.backend.steps import aggregate
+from relay.device.fake.program import launch_fake
 from relay.driver.pacing import comm_ratio
 from relay.errors import ConfigError
 
@@ -71,10 +72,18 @@ def master(cluster) -> tuple[str, int]:
     return tuple(cluster.run(jobs.address, host, devices=1, what="launch set-up")[0])
 
 
-def launch(cluster, program: Program, on_poll=None) -> LaunchResult:
+def launch(cluster, program: Program, on_poll=None, tensors: str = "real") -> LaunchResult:
     """Run `program` on every device of `cluster` (started if it is not); on_poll() runs about
-    once a second while it does (`relay launch` shows the devices' output)."""
+    once a second while it does (`relay launch` shows the devices' output). `tensors="fake"`: the
+    program runs on fake tensors (device/fake/program.py), on the virtual clock."""
     algorithms(program.algorithm)  # an unknown algorithm is refused before any device starts
+    if tensors not in ("real", "fake"):
+        raise ConfigError(f"tensors = {tensors!r} is invalid; choose 'real' or 'fake'")
+    if tensors == "fake":
+        if cluster.clock != "virtual":
+            raise ConfigError("tensors = 'fake' needs the virtual clock (fake tensors take no real time); "
+                              "drop --clock wall")
+        program = replace(program, wrap=launch_fake)
     if program.script is None and not callable(program.fn):
         raise ConfigError(f"fn = {program.fn!r} is not callable; pass the function every device runs")
     if not cluster.actors:
@@ -89,5 +98,6 @@ def launch(cluster, program: Program, on_poll=None) -> LaunchResult:
     per_device = cluster.run(run_program, job, program, what="launch", on_poll=on_poll)
     config = {"devices": n, "system": cluster.system.describe(), "clock": cluster.clock,
               "dilation": job.dilation, "algorithms": algorithms(program.algorithm),
-              "script": program.script, "module": program.module, "argv": list(program.argv)}
+              "script": program.script, "module": program.module, "argv": list(program.argv),
+              "tensors": tensors, "host_clock": program.host_clock}
     return LaunchResult(per_device, config)

@@ -20,6 +20,7 @@ class CommThrottle(Throttle):
         super().__init__(*args, **kwargs)
         self.engine = engine
         self.fresh = None  # a fake_ops.FreshOps while a program runs on fake tensors
+        self.fake_scalars = False  # `relay launch --tensors fake`: a scalar read from a fake tensor is 0
         self.host_syncs = hasattr(self.lane, "host_sync")  # a Timeline: the host can run ahead
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -37,6 +38,9 @@ class CommThrottle(Throttle):
     def execute(self, func, args, kwargs):
         if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
             return _FUNCTIONAL[func](*args)
+        if func is _SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor) \
+                and args[0].constant is None:  # a program's .item() on fake tensors reads 0 (backend/cuda.py)
+            return False if args[0].dtype == torch.bool else 0
         if self.fresh is not None:
             return self.fresh.run(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
@@ -46,6 +50,7 @@ class CommThrottle(Throttle):
 # fake-tensor step): no kernel and nothing read, answered by fake mode at once. Real tensors never
 # dispatch it, so it neither waits for communication nor passes the throttle.
 _DEVICE = torch.ops.prim.device.default
+_SCALAR = torch.ops.aten._local_scalar_dense.default
 
 # Functional collectives (DTensor's, all_to_all_single_autograd's) on fake tensors: FakeTensorMode
 # would answer them from their shape rule alone and no message would leave, so they are issued as

@@ -20,10 +20,11 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._redistribute import _gen_transform_infos
 
 import relay.dist as relay_dist
+from relay.device.backend import clock, cuda, streams
 from relay.device.backend import group as relay_group
-from relay.device.backend import streams
 from relay.device.backend.comm_throttle import CommThrottle
 from relay.device.backend.engine import Engine
+from relay.device.backend.hbm import Hbm
 from relay.device.backend.scripts import run_main
 from relay.device.backend.steps import StepMarks
 from relay.device.job import Job
@@ -44,6 +45,9 @@ class Program:
     log_dir: str | None = None  # a script's output goes to log_dir/rank<N>.log (device/backend/scripts.py)
     node: str | None = None  # the driver's Ray node: devices elsewhere send their output back
     cwd: str | None = None  # the driver's working directory (-m looks for the module there first)
+    wrap: object = None  # a function(throttle) -> a context around the program (fake tensors: driver)
+    host_clock: bool = False  # the program's time.* read the host's clock (else the emulated one)
+    gpu: bool = True  # the program sees a virtual CUDA device and the emulated clock (the plan trainer: no)
 
     def env(self, device: int, system) -> dict:
         """torchrun's variables; a scale-up domain plays the part of a node."""
@@ -87,8 +91,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     try:
         compute.start()
         comm.start()
-        with throttle, marks, (streams.emulated(compute, engine) if isinstance(compute, Timeline)
-                               else contextlib.nullcontext()):
+        with throttle, marks, _device(program, job, compute, engine, throttle):
             if program.script is None:
                 store = dist.HashStore() if engine.recording else None  # (alone: no rendezvous)
                 dist.init_process_group(relay_group.NAME, rank=device, world_size=world, store=store,
@@ -114,6 +117,29 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
             "steps": marks.rows(device),
             "real_s": time.time() - r0, "fidelity": min(s["fidelity"] for s in stats),
             "overrun_s": sum(s["overrun_s"] for s in stats), "output": output}
+
+
+@contextlib.contextmanager
+def _device(program: Program, job: Job, compute, engine, throttle):
+    """The device as a program written for GPUs sees it: on the virtual clock, streams on its
+    timeline and the program's clock the emulated one; a virtual CUDA device (cuda.py) with the
+    chip's HBM (hbm.py); fake tensors where the program asks (Program.wrap)."""
+    virtual = isinstance(compute, Timeline)
+    with contextlib.ExitStack() as stack:
+        if virtual:
+            stack.enter_context(streams.emulated(compute, engine))
+        if program.gpu:
+            throttle.memory = Hbm(job.system.chip)
+            stack.enter_context(cuda.emulated(job.system.chip, throttle.memory,
+                                          count=job.system.domain_sizes[job.system.domain_of(engine.device)]))
+        if virtual and program.gpu and not program.host_clock:
+            stack.enter_context(clock.emulated(compute))
+        if program.wrap is not None:
+            stack.enter_context(program.wrap(throttle))
+        try:
+            yield
+        finally:
+            throttle.memory = None
 
 
 def _forget_meshes() -> None:

@@ -35,7 +35,9 @@ def _timeline():
 
 def _apply(name: str, *args) -> None:
     timeline, engine = _active
-    engine.exposed_s += timeline.apply(name, *args)
+    waited = timeline.apply(name, *args)
+    if engine is not None:  # (None: no communication engine, a device's compute alone)
+        engine.exposed_s += waited
 
 
 class Stream:
@@ -131,6 +133,7 @@ def synchronize(device=None) -> None:
 
 _NAMES = {"Stream": Stream, "Event": Event, "current_stream": current_stream, "stream": stream,
           "synchronize": synchronize}
+NAMES = tuple(_NAMES)  # what backend/cuda.py gives torch.cuda too
 
 
 @contextlib.contextmanager

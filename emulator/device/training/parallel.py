@@ -20,15 +20,15 @@ import time
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
-from torch.distributed import _functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp._fully_shard import _fsdp_param
-from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
 import relay.dist as relay_dist
 from relay.device.backend.program import Program, run_program
 from relay.device.fake.ops import FreshOps
+from relay.device.fake.program import eager
 from relay.device.fake.record import Recorder
 from relay.device.job import Job, die
 from relay.device.training import experts as experts_plan
@@ -45,7 +45,7 @@ def train(dev, job: Job, config: TrainConfig, master: tuple) -> dict:
     `master`: the rendezvous address of torch.distributed's default group."""
     dev.rows = []
     algorithm = None if config.algorithm == "auto" else {"all_reduce": config.algorithm}
-    out = run_program(dev, job, Program(_train, (dev, job, config), algorithm=algorithm, master=master))
+    out = run_program(dev, job, Program(_train, (dev, job, config), algorithm=algorithm, master=master, gpu=False))
     return {"device": dev.index, "rows": out["result"]["rows"], "state_dict": out["result"]["state"],
             "fidelity": out["fidelity"], "overrun_s": out["overrun_s"]}
 
@@ -169,36 +169,10 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
     mode = FakeTensorMode(allow_non_fake_inputs=True) if config.fake else None
     ctx.throttle.fresh = FreshOps(mode) if mode else None  # fake mode's answers, remembered (fake_ops.py)
     try:
-        with (mode or contextlib.nullcontext()), (_eager() if mode else contextlib.nullcontext()):
+        with (mode or contextlib.nullcontext()), (eager() if mode else contextlib.nullcontext()):
             return _steps(dev, job, config, ctx, meshes, mode)
     finally:
         ctx.throttle.fresh = None
-
-
-@contextlib.contextmanager
-def _eager():
-    """Functional collectives as in eager mode on fake tensors too: torch takes an active fake
-    mode for tracing and waits on each result at once (wait_tensor), where eager wraps it and
-    waits when it is used (AsyncCollectiveTensor): the same ops and waits as on real tensors."""
-    traced, wait = funcol._are_we_tracing, funcol.wait_tensor
-    funcol._are_we_tracing, funcol.wait_tensor = (lambda: False), _wait_fake
-    try:
-        yield
-    finally:
-        funcol._are_we_tracing, funcol.wait_tensor = traced, wait
-
-
-_WAIT = funcol.wait_tensor
-
-
-def _wait_fake(tensor):
-    """funcol.wait_tensor answered as fake mode answers it (its Meta kernel: empty_like) where fake
-    mode alone sees it (an AsyncCollectiveTensor used inside an op's dispatch, below the throttle,
-    which charges nothing there): fake mode's path for ops outside aten costs 0.5 ms, and a
-    full-size MoE stage waits 18,000 times a step. The wait itself is Engine.wait_for_inputs'."""
-    if isinstance(tensor, FakeTensor) and isinstance(_get_current_dispatch_mode(), FakeTensorMode):
-        return torch.empty_like(tensor)
-    return _WAIT(tensor)
 
 
 @contextlib.contextmanager
@@ -314,7 +288,7 @@ def _steps(dev, job: Job, config: TrainConfig, ctx, meshes: tuple, mode) -> dict
 def record(dev, job: Job, config: TrainConfig, device: int) -> dict:
     """The step of `device`'s role, recorded on this worker alone (record.py, driver/shared.py)."""
     algorithm = None if config.algorithm == "auto" else {"all_reduce": config.algorithm}
-    out = run_program(dev, job, Program(_train, (dev, job, config), algorithm=algorithm), device=device,
+    out = run_program(dev, job, Program(_train, (dev, job, config), algorithm=algorithm, gpu=False), device=device,
                       engine_class=Recorder)
     return {"device": device, "rows": out["result"]["rows"], "recording": out["result"]["recording"],
             "real_s": out["real_s"]}

@@ -1,0 +1,322 @@
+"""The virtual CUDA device: a program written for GPUs runs unmodified on a Relay device
+(docs/design.md "Programs written for GPUs": the choice, what was tried, the limits).
+
+While a program runs (`emulated(...)`, entered by program.py on the virtual clock):
+
+* `torch.cuda`'s device calls answer for the emulated chip: `is_available()` is True,
+  `device_count()` is the devices of this device's scale-up domain (torchrun's LOCAL_WORLD_SIZE:
+  programs call `set_device(LOCAL_RANK)`), `get_device_name/properties/capability` name the chip,
+  its HBM and its SMs; `Stream`, `Event`, `stream()`, `current_stream()`, `synchronize()` are the
+  device timeline's (streams.py, as torch.cpu's already are); `memory_*` read the emulated HBM
+  (hbm.py), where an out-of-memory the chip would hit raises `torch.OutOfMemoryError`.
+* Tensors stay on the host: `Remap`, a TorchFunctionMode on the program's thread, turns every
+  "cuda" device a call names (factory functions' `device=`, `.to("cuda")`, `.to(local_rank)`,
+  `.cuda()`, `torch.device("cuda", i)` passed anywhere) into "cpu", so `.device` reads cpu and
+  `.is_cuda` False. Fake tensors (`--tensors fake`) are remapped alike: fake CUDA tensors
+  on a CPU build of torch fail at the first slice or random init ("PyTorch is not linked with
+  support for cuda devices").
+* `nccl` is the `relay` backend (program.py takes init_process_group over; here
+  `is_nccl_available()` and DeviceMesh / init_device_mesh("cuda", ...) on the host), DDP's
+  `device_ids` / `output_device` of a host module are dropped, and `torch.autocast("cuda", ...)`
+  (and torch.cuda.amp's) is the CPU autocast with the same dtype.
+* What cannot be emulated is refused by name (`Unsupported`): CUDA graphs, raw CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+from relay.device.backend import streams
+
+# compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
+# report (8, 0), the lowest with bf16, so that programs take the paths they take on an A100
+CAPABILITY = {"a100": (8, 0), "h100": (9, 0), "h200": (9, 0), "b200": (10, 0), "b200-hgx": (10, 0),
+              "gb200": (10, 0)}
+DEFAULT_CAPABILITY = (8, 0)
+
+
+class Unsupported(RuntimeError):
+    """A CUDA call Relay's virtual device cannot emulate."""
+
+
+@dataclass(frozen=True)
+class Properties:
+    """torch.cuda.get_device_properties(): the emulated chip's."""
+    name: str
+    total_memory: int  # bytes: the chip's HBM
+    multi_processor_count: int
+    major: int
+    minor: int
+    is_integrated: bool = False
+    is_multi_gpu_board: bool = False
+    L2_cache_size: int = 50 * 2 ** 20  # bytes, an estimate (H100 SXM: 50 MB)
+    warp_size: int = 32
+    gcnArchName: str = ""
+    uuid: str = "relay-emulated"
+
+    def __repr__(self) -> str:
+        return (f"_CudaDeviceProperties(name='{self.name}', major={self.major}, minor={self.minor}, "
+                f"total_memory={self.total_memory // 2 ** 20}MB, "
+                f"multi_processor_count={self.multi_processor_count}) (relay: emulated)")
+
+
+def _is_cuda(d) -> bool:
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    return isinstance(d, str) and (d == "cuda" or d.startswith("cuda:"))
+
+
+def _host(d):
+    return "cpu" if _is_cuda(d) else d
+
+
+_TO = {torch.Tensor.to}
+_SELF = {torch.Tensor.cuda, torch.Tensor.pin_memory}  # the tensor itself (it is on the host already)
+
+
+class Remap(TorchFunctionMode):
+    """Every "cuda" device a call names becomes the host's (see the module's docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.device:  # (a device object is made through torch function too: it stays cuda)
+            return func(*args, **kwargs)
+        if func in _SELF:
+            return args[0]
+        if "device" in kwargs:
+            d = kwargs["device"]
+            if _is_cuda(d) or (isinstance(d, int) and not isinstance(d, bool) and func in _TO):
+                kwargs = {**kwargs, "device": "cpu"}
+        if func in _TO and len(args) > 1 and isinstance(args[1], int) and not isinstance(args[1], bool):
+            args = (args[0], "cpu", *args[2:])  # .to(local_rank)
+        elif any(_is_cuda(a) for a in args):
+            args = tuple(_host(a) for a in args)
+        return func(*args, **kwargs)
+
+
+class VirtualCuda:
+    """torch.cuda's answers for one device (installed by `emulated`)."""
+
+    def __init__(self, chip, count: int, index: int, hbm) -> None:
+        self.chip, self.count, self.index, self.hbm = chip, count, index, hbm
+        major, minor = CAPABILITY.get(chip.name, DEFAULT_CAPABILITY)
+        self.properties = Properties(name=chip.display or chip.name, total_memory=hbm.capacity,
+                                     multi_processor_count=chip.compute_units or 132, major=major,
+                                     minor=minor)
+
+    def _ordinal(self, device) -> int:
+        if device is None:
+            return self.index
+        if isinstance(device, str):
+            device = torch.device(device)
+        if isinstance(device, torch.device):
+            if device.type != "cuda":
+                raise ValueError(f"Expected a cuda device, but got: {device}")
+            device = self.index if device.index is None else device.index
+        if not 0 <= int(device) < self.count:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {device} (relay: the emulated node has "
+                               f"{self.count} devices: torch.cuda.device_count())")
+        return int(device)
+
+    # ------------------------------------------------------------ devices
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def init(self) -> None:
+        pass
+
+    def device_count(self) -> int:
+        return self.count
+
+    def set_device(self, device) -> None:
+        self.index = self._ordinal(device)
+
+    def current_device(self) -> int:
+        return self.index
+
+    def get_device_name(self, device=None) -> str:
+        self._ordinal(device)
+        return self.properties.name
+
+    def get_device_properties(self, device=None) -> Properties:
+        self._ordinal(device)
+        return self.properties
+
+    def get_device_capability(self, device=None) -> tuple:
+        self._ordinal(device)
+        return self.properties.major, self.properties.minor
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        return True
+
+    def get_arch_list(self) -> list:
+        return [f"sm_{self.properties.major}{self.properties.minor}"]
+
+    def device(self, device):
+        return _DeviceContext(self, device)
+
+    # ------------------------------------------------------------ memory (hbm.py)
+    def memory_allocated(self, device=None) -> int:
+        return self.hbm.allocated
+
+    def max_memory_allocated(self, device=None) -> int:
+        return self.hbm.peak
+
+    def memory_reserved(self, device=None) -> int:
+        return self.hbm.reserved
+
+    def max_memory_reserved(self, device=None) -> int:
+        return self.hbm.reserved
+
+    def mem_get_info(self, device=None) -> tuple:
+        return self.hbm.capacity - self.hbm.reserved, self.hbm.capacity
+
+    def reset_peak_memory_stats(self, device=None) -> None:
+        self.hbm.reset_peak()
+
+    def reset_max_memory_allocated(self, device=None) -> None:
+        self.hbm.reset_peak()
+
+    def reset_accumulated_memory_stats(self, device=None) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        self.hbm.empty_cache()
+
+    def memory_stats(self, device=None) -> dict:
+        return self.hbm.stats()
+
+    # ------------------------------------------------------------ random numbers: the host's generator
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def manual_seed_all(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def seed(self) -> None:
+        torch.seed()
+
+    def seed_all(self) -> None:
+        torch.seed()
+
+    def get_rng_state(self, device=None):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, device=None) -> None:
+        torch.set_rng_state(state)
+
+    def initial_seed(self) -> int:
+        return torch.initial_seed()
+
+    def default_stream(self, device=None):
+        return torch.cpu.current_stream() if streams._active is None else streams._DEFAULT
+
+
+class _DeviceContext:
+    """torch.cuda.device(i): the current device inside, restored after."""
+
+    def __init__(self, cuda: VirtualCuda, device) -> None:
+        self.cuda, self.target = cuda, device
+
+    def __enter__(self):
+        self.previous = self.cuda.index
+        if self.target is not None and not (isinstance(self.target, int) and self.target < 0):
+            self.cuda.set_device(self.target)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cuda.index = self.previous
+
+
+def _refuse(name: str, why: str):
+    def refused(*args, **kwargs):
+        raise Unsupported(f"torch.cuda.{name} cannot run on Relay's virtual CUDA device: {why} "
+                          "(docs/design.md 'Programs written for GPUs')")
+    return refused
+
+
+_REFUSED = {
+    "CUDAGraph": "CUDA graphs capture real kernels; run the program without them (e.g. no cudagraphs / "
+                 "reduce-overhead compile mode)",
+    "graph": "CUDA graphs capture real kernels; run the program without them",
+    "make_graphed_callables": "CUDA graphs capture real kernels; run the program without them",
+    "jiterator": "custom CUDA kernels have no host equivalent; use the aten op it replaces",
+    "caching_allocator_alloc": "raw device allocations have no host equivalent",
+}
+_DEVICE_NAMES = ("is_available", "is_initialized", "init", "device_count", "set_device", "current_device",
+                 "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
+                 "get_arch_list", "device", "manual_seed", "manual_seed_all", "seed", "seed_all",
+                 "get_rng_state", "set_rng_state", "initial_seed", "default_stream")
+_MEMORY_NAMES = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
+                 "mem_get_info", "reset_peak_memory_stats", "reset_max_memory_allocated",
+                 "reset_accumulated_memory_stats", "empty_cache", "memory_stats")
+
+
+def _autocast_init(original):
+    def __init__(self, device_type, dtype=None, *args, **kwargs):
+        if device_type == "cuda":  # the host's autocast, same dtype (CUDA's default: float16)
+            device_type, dtype = "cpu", torch.float16 if dtype is None else dtype
+        return original(self, device_type, dtype, *args, **kwargs)
+    return __init__
+
+
+def _ddp_init(original):
+    def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
+        if all(p.device.type == "cpu" for p in module.parameters()):  # a host module: no device ids
+            device_ids = output_device = None
+        return original(self, module, device_ids, output_device, *args, **kwargs)
+    return __init__
+
+
+@contextlib.contextmanager
+def _patched(patches):
+    """(object, name, value) patches applied inside, undone after."""
+    saved = [(obj, name, getattr(obj, name, _MISSING)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            if value is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+_MISSING = object()
+
+
+def count_from_env() -> int:
+    """Devices of this device's node: torchrun's LOCAL_WORLD_SIZE (program.py sets it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
+    """While inside, this thread's program sees a CUDA device: the emulated `chip` with `hbm`
+    (an hbm.Hbm the throttle counts into). Streams need streams.emulated(...) around it."""
+    count = count_from_env() if count is None else count
+    index = int(os.environ.get("LOCAL_RANK", "0")) % count if index is None else index
+    cuda = VirtualCuda(chip, count, index, hbm)
+    from torch.amp import autocast_mode
+    from torch.nn.parallel import DistributedDataParallel
+    patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES + _MEMORY_NAMES]
+    patches += [(torch.cuda.memory, name, getattr(cuda, name)) for name in _MEMORY_NAMES]
+    # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
+    patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
+    patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
+    patches += [(dist, "is_nccl_available", lambda: True),
+                (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
+                (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__))]
+    with _patched(patches), Remap():
+        yield cuda

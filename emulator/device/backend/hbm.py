@@ -1,0 +1,89 @@
+"""The emulated chip's HBM as a program's `torch.cuda.memory_*` calls see it (the virtual CUDA
+device, backend/cuda.py; docs/design.md "Programs written for GPUs").
+
+Every tensor storage an op makes while the program runs (the throttle sees every op) is counted
+once, rounded up to 512 bytes as CUDA's caching allocator rounds blocks, and uncounted when the
+storage is freed (a weak reference's finalizer). Real and fake tensors count alike, by their
+real size, so a fake run at full size holds the model's real footprint. A storage that would
+take the count past the chip's capacity raises `torch.OutOfMemoryError` naming the chip, as
+PyTorch's allocator does (the op has run on the host; its output is dropped).
+
+`reserved` follows the caching allocator's rule (memory once held stays held until
+`empty_cache()`): the peak allocated since the last `empty_cache`. Storages made before the
+program started (none, for a script) and the communication engine's own buffers (off the
+program's thread) are not counted.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+BLOCK = 512  # bytes: CUDA's caching allocator rounds every block up to a multiple of 512
+_GIB = 2 ** 30
+
+
+class Hbm:
+    """A device's HBM: what the program's live storages hold, against the chip's capacity."""
+
+    def __init__(self, chip) -> None:
+        self.chip = chip
+        self.capacity = int(chip.hbm_gb * 1e9)  # bytes (the catalog's GB are 1e9 bytes)
+        self.live: dict[int, int] = {}  # storage key -> bytes counted
+        self.allocated = 0
+        self.peak = 0
+        self.reserved = 0
+        self.allocations = 0
+        self.frees = 0
+
+    def track(self, out) -> None:
+        """Count the storages of an op's output (a tensor, or tensors in a list or tuple)."""
+        if isinstance(out, torch.Tensor):
+            self._storage(out)
+        elif isinstance(out, (list, tuple)):
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    self._storage(t)
+
+    def _storage(self, t: torch.Tensor) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a subclass without storage (DTensor's wrapper)
+            return
+        key = storage._cdata
+        if key in self.live:
+            return
+        nbytes = -(-storage.nbytes() // BLOCK) * BLOCK
+        if self.allocated + nbytes > self.capacity:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory on the emulated {self.chip.display or self.chip.name} "
+                f"({self.chip.hbm_gb:g} GB HBM): tried to allocate {nbytes / _GIB:.2f} GiB with "
+                f"{self.allocated / _GIB:.2f} GiB allocated of {self.capacity / _GIB:.2f} GiB "
+                "(relay: emulated HBM, docs/design.md 'Programs written for GPUs')")
+        self.live[key] = nbytes
+        self.allocated += nbytes
+        self.allocations += 1
+        self.peak = max(self.peak, self.allocated)
+        self.reserved = max(self.reserved, self.allocated)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        nbytes = self.live.pop(key, 0)
+        self.allocated -= nbytes
+        self.frees += 1
+
+    # ------------------------------------------------------------ torch.cuda's names
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
+
+    def empty_cache(self) -> None:
+        self.reserved = self.allocated
+
+    def stats(self) -> dict:
+        """torch.cuda.memory_stats()'s keys that programs read (all pools as one)."""
+        return {"allocated_bytes.all.current": self.allocated, "allocated_bytes.all.peak": self.peak,
+                "reserved_bytes.all.current": self.reserved, "reserved_bytes.all.peak": self.reserved,
+                "active_bytes.all.current": self.allocated, "active_bytes.all.peak": self.peak,
+                "allocation.all.current": len(self.live), "num_alloc_retries": 0, "num_ooms": 0,
+                "num_device_alloc": self.allocations, "num_device_free": self.frees}

@@ -1,0 +1,221 @@
+"""The virtual CUDA device (relay.device.backend.cuda, hbm, clock), entered in-process as a
+program on a Relay device sees it: the chip's answers, tensors on the host, the emulated HBM and
+the program's clock on the device's timeline. (tests/ray/test_gpu_programs.py runs whole programs.)"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from relay.device.backend import clock, cuda, streams
+from relay.device.backend.hbm import Hbm
+from relay.hardware import chips
+from relay.kernels.cost import CostModel
+from relay.kernels.throttle import Throttle
+from relay.kernels.timeline import DEFAULT, Timeline
+
+
+@contextlib.contextmanager
+def gpu(chip="h100", count=2, index=0, host_clock=False):
+    """A program's view of one device: throttle on a timeline, streams, CUDA, clock."""
+    chip = chips.get(chip)
+    cost = CostModel(chip)
+    timeline = Timeline(cost.launch_us / 1e6)
+    throttle = Throttle(cost, timeline)
+    throttle.memory = Hbm(chip)
+    with throttle, streams.emulated(timeline, None), cuda.emulated(chip, throttle.memory, count=count, index=index):
+        with (contextlib.nullcontext() if host_clock else clock.emulated(timeline)):
+            yield timeline, throttle
+
+
+def test_is_available_and_device_count():
+    assert not torch.cuda.is_available()  # a CPU build outside
+    with gpu(count=4):
+        assert torch.cuda.is_available() and torch.cuda.is_initialized()
+        assert torch.cuda.device_count() == 4
+    assert not torch.cuda.is_available()  # undone
+
+
+def test_set_device_and_current_device():
+    with gpu(count=4, index=0):
+        torch.cuda.set_device(3)
+        assert torch.cuda.current_device() == 3
+        torch.cuda.set_device(torch.device("cuda", 1))
+        assert torch.cuda.current_device() == 1
+        torch.cuda.set_device("cuda:2")
+        assert torch.cuda.current_device() == 2
+        with torch.cuda.device(0):
+            assert torch.cuda.current_device() == 0
+        assert torch.cuda.current_device() == 2
+        with pytest.raises(RuntimeError, match="invalid device ordinal 4"):
+            torch.cuda.set_device(4)
+
+
+def test_device_name_properties_and_capability():
+    with gpu("h100"):
+        p = torch.cuda.get_device_properties(0)
+        assert torch.cuda.get_device_name() == p.name == chips.get("h100").display
+        assert p.total_memory == 80 * 10 ** 9  # the catalog's 80 GB HBM, in bytes
+        assert p.multi_processor_count == chips.get("h100").compute_units
+        assert (p.major, p.minor) == torch.cuda.get_device_capability() == (9, 0)
+        assert torch.cuda.is_bf16_supported()
+    with gpu("b200"):
+        assert torch.cuda.get_device_capability() == (10, 0)
+        assert torch.cuda.get_device_properties().total_memory == int(chips.get("b200").hbm_gb * 1e9)
+
+
+def test_cuda_devices_are_the_host():
+    """torch.device("cuda", i), .cuda(), .to("cuda"), .to(local_rank), factories with device="cuda":
+    all on the host; the tensor reads cpu (see docs/design.md)."""
+    with gpu():
+        dev = torch.device("cuda", 1)
+        a = torch.ones(3, device="cuda")
+        b = torch.zeros(2, 2, device=dev)
+        c = torch.randn(4, device=torch.device("cuda:0"))
+        d = torch.tensor([1.0, 2.0], device="cuda").to(dev, non_blocking=True)
+        e = torch.arange(4).to(1)
+        f = a.cuda()
+        m = torch.nn.Linear(2, 2).cuda().to("cuda")
+        g = torch.empty_like(a, device="cuda")
+        assert all(t.device.type == "cpu" for t in (a, b, c, d, e, f, g, m.weight))
+        assert not a.is_cuda and a.pin_memory() is a and f is a
+        assert e.tolist() == [0, 1, 2, 3] and d.tolist() == [1.0, 2.0]
+
+
+def test_factories_and_to_keep_other_arguments():
+    with gpu():
+        a = torch.full((2,), 3.0, device="cuda", dtype=torch.bfloat16)
+        assert a.dtype == torch.bfloat16 and a.tolist() == [3.0, 3.0]
+        b = a.to("cuda", torch.float32)
+        assert b.dtype == torch.float32
+        assert torch.ones(2).to(torch.float64).dtype == torch.float64  # a dtype is not a device
+
+
+def test_streams_and_events_are_the_timeline():
+    with gpu() as (timeline, _):
+        s = torch.cuda.Stream()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(s):
+            assert torch.cuda.current_stream() == s
+            start.record()
+            x = torch.randn(512, 512)
+            for _ in range(4):
+                x = x @ x
+            end.record()
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end)
+        assert ms == pytest.approx((timeline.events[end.id] - timeline.events[start.id]) * 1e3)
+        assert ms > 0 and timeline.host >= ms / 1e3
+
+
+def test_memory_counts_storages_and_peak():
+    with gpu() as (_, throttle):
+        base = torch.cuda.memory_allocated()
+        a = torch.empty(1000, device="cuda")  # 4000 bytes -> 4096 (512-byte blocks)
+        assert torch.cuda.memory_allocated() - base == 4096
+        v = a.view(10, 100)  # a view holds no new storage
+        assert torch.cuda.memory_allocated() - base == 4096
+        b = torch.empty(256, device="cuda")
+        assert torch.cuda.max_memory_allocated() - base == 4096 + 1024
+        del a, v
+        assert torch.cuda.memory_allocated() - base == 1024
+        assert torch.cuda.max_memory_allocated() - base == 5120
+        assert torch.cuda.memory_reserved() - base == 5120  # held until empty_cache
+        torch.cuda.reset_peak_memory_stats()
+        assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()
+        torch.cuda.empty_cache()
+        assert torch.cuda.memory_reserved() == torch.cuda.memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        assert total == 80 * 10 ** 9 and free == total - torch.cuda.memory_reserved()
+        stats = torch.cuda.memory_stats()
+        assert stats["allocated_bytes.all.current"] == torch.cuda.memory_allocated()
+        del b
+
+
+def test_out_of_memory_at_the_chips_capacity():
+    """An 80 GB H100: 79 GB of (fake) tensors fit, 2 GB more do not, and the error names the chip."""
+    with gpu("h100"), FakeTensorMode():
+        held = torch.empty(79 * 10 ** 9, dtype=torch.uint8, device="cuda")
+        assert torch.cuda.memory_allocated() >= 79 * 10 ** 9
+        with pytest.raises(torch.OutOfMemoryError, match="H100.*80 GB"):
+            torch.empty(2 * 10 ** 9, dtype=torch.uint8, device="cuda")
+        del held
+        torch.empty(2 * 10 ** 9, dtype=torch.uint8, device="cuda")  # freed: fits again
+
+
+def test_nccl_and_autocast():
+    with gpu():
+        assert dist.is_nccl_available() and dist.Backend.NCCL == "nccl"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = torch.nn.Linear(8, 8)(torch.randn(2, 8, device="cuda"))
+        assert y.dtype == torch.bfloat16  # the host's autocast, same dtype
+        with torch.autocast(device_type="cuda"):  # CUDA's default: float16
+            assert torch.nn.Linear(8, 8)(torch.randn(2, 8)).dtype == torch.float16
+        scaler = torch.amp.GradScaler("cuda")
+        assert scaler.is_enabled()
+
+
+def test_unsupported_calls_are_refused_by_name():
+    with gpu():
+        with pytest.raises(cuda.Unsupported, match="torch.cuda.CUDAGraph"):
+            torch.cuda.CUDAGraph()
+        with pytest.raises(cuda.Unsupported, match="torch.cuda.graph"):
+            torch.cuda.graph(None)
+
+
+def test_the_programs_clock_is_the_emulated_clock():
+    """perf_counter around an emulated GEMM-heavy second reads that second, not the host's time."""
+    with gpu("h100") as (timeline, throttle), FakeTensorMode():
+        x = torch.randn(16384, 16384, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(16384, 16384, device="cuda", dtype=torch.bfloat16)
+        host0 = _real_perf_counter()
+        t0, m0, w0, n0 = time.perf_counter(), time.monotonic(), time.time(), time.perf_counter_ns()
+        issued = timeline.host
+        while timeline.streams[DEFAULT] - issued < 1.0:  # 1 s of emulated GEMMs
+            y = x @ w
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        host = _real_perf_counter() - host0
+        emulated = timeline.host - issued
+        assert dt == pytest.approx(emulated, rel=1e-9) and 1.0 <= dt < 1.01
+        assert time.monotonic() - m0 == pytest.approx(dt) and time.time() - w0 == pytest.approx(dt, rel=1e-6)
+        assert (time.perf_counter_ns() - n0) / 1e9 == pytest.approx(dt, rel=1e-6)
+        assert abs(host - dt) > 1e-3 or host == 0  # the host's own time is another figure
+        del y
+    assert abs(time.time() - _real_time()) < 1.0  # undone; time.time() stayed a date inside
+
+
+def test_other_threads_and_relay_keep_the_hosts_clock():
+    import threading
+    with gpu() as (timeline, _):
+        timeline.host += 100.0  # 100 emulated seconds later
+        seen = {}
+        th = threading.Thread(target=lambda: seen.setdefault("t", time.time()))
+        th.start()
+        th.join()
+        assert abs(seen["t"] - _real_time()) < 5.0  # another thread: the host's
+        assert time.time() - _real_time() > 99.0  # the program's thread: emulated
+        relay_module = {"__name__": "relay.device.some_module", "time": time}
+        exec("def now():\n    return time.time()\n", relay_module)  # Relay's code on the program's thread
+        assert abs(relay_module["now"]() - _real_time()) < 5.0
+
+
+def test_host_clock_keeps_host_time():
+    with gpu(host_clock=True) as (timeline, _):
+        timeline.host += 100.0
+        assert abs(time.time() - _real_time()) < 5.0
+
+
+def _real_time():
+    return time.clock_gettime(time.CLOCK_REALTIME)
+
+
+def _real_perf_counter():
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
