@@ -196,17 +196,19 @@ class VirtualCuda:
         return self.hbm.stats()
 
     # ------------------------------------------------------------ random numbers: the host's generator
+    # (torch.default_generator itself: torch.manual_seed / torch.seed call torch.cuda.manual_seed_all /
+    # seed_all, which would call back into them without end)
     def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(int(seed))
 
     def manual_seed_all(self, seed: int) -> None:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(int(seed))
 
     def seed(self) -> None:
-        torch.seed()
+        torch.default_generator.seed()
 
     def seed_all(self) -> None:
-        torch.seed()
+        torch.default_generator.seed()
 
     def get_rng_state(self, device=None):
         return torch.get_rng_state()
