@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from types import FunctionType
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from relay.device.backend import streams
+from relay.device.backend import gpu_libs, streams
 
 # compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
 # report (8, 0), the lowest with bf16, so that programs take the paths they take on an A100
@@ -97,6 +98,9 @@ class Remap(TorchFunctionMode):
             args = (args[0], "cpu", *args[2:])  # .to(local_rank)
         elif any(_is_cuda(a) for a in args):
             args = tuple(_host(a) for a in args)
+        if isinstance(func, FunctionType):  # a function in Python (Tensor.backward, nn.init.*): what it
+            with self:  # runs inside (a backward pass and FSDP's hooks in it, DTensor's dispatch) is remapped too
+                return torch.overrides.redispatch_function(func, types, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -320,5 +324,6 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches += [(dist, "is_nccl_available", lambda: True),
                 (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
                 (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__))]
+    patches += gpu_libs.patches()  # torch.compile, FlexAttention, DTensor's RNG (backend/gpu_libs.py)
     with _patched(patches), Remap():
         yield cuda
