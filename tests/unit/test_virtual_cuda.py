@@ -80,7 +80,7 @@ def test_cuda_devices_are_the_host():
         d = torch.tensor([1.0, 2.0], device="cuda").to(dev, non_blocking=True)
         e = torch.arange(4).to(1)
         f = a.cuda()
-        m = torch.nn.Linear(2, 2).cuda().to("cuda")
+        m = torch.nn.Linear(2, 2).cuda().to("cuda").to(1)
         g = torch.empty_like(a, device="cuda")
         assert all(t.device.type == "cpu" for t in (a, b, c, d, e, f, g, m.weight))
         assert not a.is_cuda and a.pin_memory() is a and f is a
@@ -219,3 +219,14 @@ def _real_time():
 
 def _real_perf_counter():
     return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def test_seeds_are_the_hosts_generator():
+    with gpu():
+        torch.manual_seed(3)  # (calls torch.cuda.manual_seed_all)
+        a = torch.randn(4, device="cuda")
+        torch.cuda.manual_seed(3)
+        b = torch.randn(4, device="cuda")
+        torch.cuda.manual_seed_all(3)
+        assert torch.equal(a, b) and torch.equal(a, torch.randn(4, device="cuda") * 0 + b)
+        assert torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())

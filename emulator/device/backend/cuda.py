@@ -16,9 +16,10 @@ While a program runs (`emulated(...)`, entered by program.py on the virtual cloc
   on a CPU build of torch fail at the first slice or random init ("PyTorch is not linked with
   support for cuda devices").
 * `nccl` is the `relay` backend (program.py takes init_process_group over; here
-  `is_nccl_available()` and DeviceMesh / init_device_mesh("cuda", ...) on the host), DDP's
-  `device_ids` / `output_device` of a host module are dropped, and `torch.autocast("cuda", ...)`
-  (and torch.cuda.amp's) is the CPU autocast with the same dtype.
+  `is_nccl_available()`), a DeviceMesh / init_device_mesh("cuda", ...) is a mesh of the host's
+  devices (so FSDP2 and DTensor find their parameters on the mesh's device), DDP's
+  `device_ids` / `output_device` of a host module are dropped, FSDP1's `device_id` is the host,
+  and `torch.autocast("cuda", ...)` (and torch.cuda.amp's) is the CPU autocast of the same dtype.
 * What cannot be emulated is refused by name (`Unsupported`): CUDA graphs, raw CUDA kernels.
 """
 
@@ -77,7 +78,7 @@ def _host(d):
     return "cpu" if _is_cuda(d) else d
 
 
-_TO = {torch.Tensor.to}
+_TO = {torch.Tensor.to, torch._C._nn._parse_to}  # (Module.to parses its arguments with _parse_to)
 _SELF = {torch.Tensor.cuda, torch.Tensor.pin_memory}  # the tensor itself (it is on the host already)
 
 
@@ -86,7 +87,9 @@ class Remap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.device:  # (a device object is made through torch function too: it stays cuda)
+        if func is torch.device:  # (a device object is made through torch function too: it stays cuda;
+            if len(args) == 1 and isinstance(args[0], int) and not kwargs:  # torch.device(i): the accelerator's
+                return torch.device("cuda", args[0])
             return func(*args, **kwargs)
         if func in _SELF:
             return args[0]
@@ -94,8 +97,9 @@ class Remap(TorchFunctionMode):
             d = kwargs["device"]
             if _is_cuda(d) or (isinstance(d, int) and not isinstance(d, bool) and func in _TO):
                 kwargs = {**kwargs, "device": "cpu"}
-        if func in _TO and len(args) > 1 and isinstance(args[1], int) and not isinstance(args[1], bool):
-            args = (args[0], "cpu", *args[2:])  # .to(local_rank)
+        if func in _TO and any(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            args = tuple("cpu" if isinstance(a, int) and not isinstance(a, bool) else _host(a)
+                         for a in args)  # .to(local_rank)
         elif any(_is_cuda(a) for a in args):
             args = tuple(_host(a) for a in args)
         if isinstance(func, FunctionType):  # a function in Python (Tensor.backward, nn.init.*): what it
@@ -244,10 +248,11 @@ class _DeviceContext:
 
 
 def _refuse(name: str, why: str):
-    def refused(*args, **kwargs):
+    """A class (annotations such as `torch.cuda.CUDAGraph | None` still work) that refuses to be made."""
+    def __init__(self, *args, **kwargs):
         raise Unsupported(f"torch.cuda.{name} cannot run on Relay's virtual CUDA device: {why} "
                           "(docs/design.md 'Programs written for GPUs')")
-    return refused
+    return type(name, (), {"__init__": __init__, "__module__": __name__})
 
 
 _REFUSED = {
@@ -255,6 +260,8 @@ _REFUSED = {
                  "reduce-overhead compile mode)",
     "graph": "CUDA graphs capture real kernels; run the program without them",
     "make_graphed_callables": "CUDA graphs capture real kernels; run the program without them",
+    "graph_pool_handle": "CUDA graphs capture real kernels; run the program without them (torchtitan: "
+                         "--training.disable_cuda_graphs)",
     "jiterator": "custom CUDA kernels have no host equivalent; use the aten op it replaces",
     "caching_allocator_alloc": "raw device allocations have no host equivalent",
 }
@@ -272,6 +279,20 @@ def _autocast_init(original):
         if device_type == "cuda":  # the host's autocast, same dtype (CUDA's default: float16)
             device_type, dtype = "cpu", torch.float16 if dtype is None else dtype
         return original(self, device_type, dtype, *args, **kwargs)
+    return __init__
+
+
+def _mesh_init(original):
+    def __init__(self, device_type, *args, **kwargs):  # a "cuda" mesh is the host's (FSDP2, DTensor)
+        return original(self, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+    return __init__
+
+
+def _fsdp1_init(original):
+    def __init__(self, module, *args, device_id=None, **kwargs):  # FSDP1 on the host's device
+        if _is_cuda(device_id) or (isinstance(device_id, int) and not isinstance(device_id, bool)):
+            device_id = torch.device("cpu")
+        return original(self, module, *args, device_id=device_id, **kwargs)
     return __init__
 
 
@@ -315,6 +336,8 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     index = int(os.environ.get("LOCAL_RANK", "0")) % count if index is None else index
     cuda = VirtualCuda(chip, count, index, hbm)
     from torch.amp import autocast_mode
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
     patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES + _MEMORY_NAMES]
     patches += [(torch.cuda.memory, name, getattr(cuda, name)) for name in _MEMORY_NAMES]
@@ -323,7 +346,9 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
     patches += [(dist, "is_nccl_available", lambda: True),
                 (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
-                (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__))]
+                (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__)),
+                (DeviceMesh, "__init__", _mesh_init(DeviceMesh.__init__)),
+                (FullyShardedDataParallel, "__init__", _fsdp1_init(FullyShardedDataParallel.__init__))]
     patches += gpu_libs.patches()  # torch.compile, FlexAttention, DTensor's RNG (backend/gpu_libs.py)
     with _patched(patches), Remap():
         yield cuda

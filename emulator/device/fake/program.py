@@ -11,12 +11,17 @@ prints) is 0: fake tensors hold no data (the throttle's `fake_scalars`).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed import _functional_collectives as funcol
+from torch.distributed import device_mesh
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from relay.device.backend.cuda import Unsupported
 from relay.device.fake.ops import FreshOps
 
 
@@ -33,9 +38,57 @@ def fake_tensors(throttle, *, scalars: bool = False):
         throttle.fresh, throttle.fake_scalars = None, False
 
 
+@contextlib.contextmanager
 def launch_fake(throttle):
     """`relay launch --tensors fake`'s context around the program (Program.wrap)."""
-    return fake_tensors(throttle, scalars=True)
+    patches = [(torch.utils, "swap_tensors", _swap_or_set(torch.utils.swap_tensors)),
+               (device_mesh, "init_device_mesh", _real(device_mesh.init_device_mesh)),
+               (dist, "init_device_mesh", _real(dist.init_device_mesh)),
+               (DistributedDataParallel, "__init__", _no_ddp)]
+    patches += [(device_mesh.DeviceMesh, name, _real(getattr(device_mesh.DeviceMesh, name))) for name in _MESH]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        with fake_tensors(throttle, scalars=True):
+            yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+# A device mesh's table of ranks is a tensor read with data-dependent ops (nonzero): made real, as
+# the plan trainer makes its meshes before fake mode starts.
+_MESH = ("__init__", "__getitem__", "_flatten", "_unflatten")
+
+
+def _no_ddp(self, *args, **kwargs):
+    raise Unsupported("DistributedDataParallel(...) cannot run on fake tensors (--tensors fake): its C++ reducer "
+                      "reads the parameters' data; run it with --tensors real, or shard with FSDP2 (fully_shard), "
+                      "which runs on fake tensors")
+
+
+def _real(fn):
+    @functools.wraps(fn)
+    def real(*args, **kwargs):
+        with unset_fake_temporarily():
+            return fn(*args, **kwargs)
+    return real
+
+
+def _swap_or_set(swap):
+    """Module.to / .cuda / .half on fake parameters swaps them (nn.Module._apply), which torch
+    refuses while fake mode's caches hold weak references to them: the parameter takes the
+    converted data in place instead (`.data =`, torch's path for real parameters)."""
+    def swap_tensors(t1, t2):
+        try:
+            return swap(t1, t2)
+        except RuntimeError as e:
+            if "weakref" not in str(e) or not isinstance(t1, FakeTensor):
+                raise
+            with torch.no_grad():
+                t1.data = t2.detach()
+    return swap_tensors
 
 
 @contextlib.contextmanager
