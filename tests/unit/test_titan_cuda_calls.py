@@ -27,17 +27,43 @@ def gpu(chip="h100", count=2, index=0):
             yield timeline, throttle
 
 
-def test_seeding_through_torch_and_torch_cuda():
-    """torch.manual_seed calls torch.cuda.manual_seed_all where CUDA is available (torchtitan's
-    set_determinism does both): the device's seed is the host generator's, without recursion."""
+def test_calls_inside_python_level_torch_functions_are_remapped():
+    """Tensor.backward is a torch function written in Python: what runs inside it (a backward
+    hook allocating on "cuda", as FSDP2's reduce-scatter does) is remapped too."""
+    seen = []
+
+    def hook(grad):
+        seen.append(torch.zeros(2, device="cuda").device)
+        return grad
+
     with gpu():
-        torch.manual_seed(7)
-        a = torch.randn(4, device="cuda")
-        torch.cuda.manual_seed_all(7)
-        b = torch.randn(4, device="cuda")
-        torch.cuda.manual_seed(7)
-        c = torch.randn(4, device="cuda")
-        torch.seed()
-        torch.cuda.seed_all()
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a, c)
+        x = torch.ones(3, device="cuda", requires_grad=True)
+        x.register_hook(hook)
+        (x * 2).sum().backward()
+        torch.nn.init.normal_(w := torch.empty(4, 4, device="cuda"))
+    assert seen == [torch.device("cpu")] and w.device.type == "cpu" and x.grad.tolist() == [2.0] * 3
+
+
+def test_torch_compile_runs_eager_and_is_charged():
+    """torch.compile on the virtual device is the function itself (as a call and as a decorator):
+    every op reaches the throttle (compiled kernels would bypass it)."""
+    def f(a, b):
+        return (a @ b).relu()
+
+    with gpu() as (_, throttle):
+        compiled = torch.compile(f, options={"max_autotune": True})
+        decorated = torch.compile(fullgraph=True)(f)
+        a = torch.randn(64, 64, device="cuda")
+        ops = throttle.ops
+        compiled(a, a)
+        decorated(a, a)
+        assert throttle.ops - ops == 4 and throttle.flops >= 2 * 2 * 64 ** 3
+    assert compiled is f and decorated is f
+
+
+def test_set_timeout_is_accepted():
+    """torchtitan 0.3.0 calls torch.distributed.set_timeout after its first step (a newer torch's
+    API): accepted on the virtual device where this torch lacks it."""
+    import torch.distributed as dist
+    with gpu():
+        dist.set_timeout(__import__("datetime").timedelta(seconds=100))
