@@ -63,7 +63,8 @@ def main(names: list) -> None:
                           "--dump_folder", f"{tmp}/rel-{name}"], f"{tmp}/relay-{name}.log")
         print(f"# {name}: {n} devices, torchtitan {' '.join(extra) or '(FSDP over all devices)'}"
               f"  [host s: torchrun {ref_s:.0f}, relay {rel_s:.0f}; logs {tmp}]")
-        print("step  loss torchrun  loss relay  grad_norm torchrun  grad_norm relay  equal  relay tps (emulated)  relay mfu")
+        print("step  loss torchrun  loss relay  grad_norm torchrun  grad_norm relay  equal  "
+              "relay tps (emulated)  relay mfu")
         for step in sorted(set(ref) | set(rel)):
             a, b = ref.get(step, ("-",) * 4), rel.get(step, ("-",) * 4)
             same = a[:2] == b[:2]
