@@ -67,3 +67,19 @@ def test_set_timeout_is_accepted():
     import torch.distributed as dist
     with gpu():
         dist.set_timeout(__import__("datetime").timedelta(seconds=100))
+
+
+def test_fake_scalars_keep_a_python_numbers_value():
+    """`relay launch --tensors fake`: .item() of a fake tensor made from a Python number is that
+    number (nn.init.trunc_normal_ reads its bounds so, then loops until no value is out of them:
+    torchtitan's llama3 initialisation); any other fake value reads 0."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from relay.device.backend.comm_throttle import CommThrottle
+
+    throttle = CommThrottle.__new__(CommThrottle)
+    throttle.fake_scalars, throttle.fresh = True, None
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        bound, data = torch.empty(1).new_tensor(-2.5, device="cpu"), torch.randn(3).sum()
+    item = torch.ops.aten._local_scalar_dense.default
+    assert throttle.execute(item, (bound,), {}) == -2.5 and throttle.execute(item, (data,), {}) == 0

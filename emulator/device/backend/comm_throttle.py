@@ -38,9 +38,10 @@ class CommThrottle(Throttle):
     def execute(self, func, args, kwargs):
         if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
             return _FUNCTIONAL[func](*args)
-        if func is _SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor) \
-                and args[0].constant is None:  # a program's .item() on fake tensors reads 0 (backend/cuda.py)
-            return False if args[0].dtype == torch.bool else 0
+        if func is _SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor):
+            if args[0].constant is not None:  # a fake tensor made from a Python number: its value
+                return args[0].constant.item()  # (nn.init.trunc_normal_'s bounds, new_tensor(a).item())
+            return False if args[0].dtype == torch.bool else 0  # a program's .item() on fake tensors reads 0
         if self.fresh is not None:
             return self.fresh.run(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
