@@ -44,6 +44,7 @@ else:
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 data = torch.Generator().manual_seed(1 + rank)  # each rank its own samples
 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+dist.barrier(device_ids=[torch.cuda.current_device()])
 for step in range(args.steps):
     x = torch.randn(args.batch, w, generator=data).to(device, non_blocking=True)
     torch.cuda.synchronize()

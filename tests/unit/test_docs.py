@@ -29,6 +29,16 @@ def test_readme_torch_distributed_example_is_examples_torch_ddp():
     assert "relay launch --chip h100 --devices 4 --domain 2 examples/torch_ddp.py" in section
 
 
+def test_readme_gpu_section_names_the_command_the_test_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Run a GPU training program unmodified", 1)[1].split("\n## ", 1)[0]
+    assert "relay launch --chip h100 --devices 2 examples/gpu_train.py" in section
+    test = (ROOT / "tests" / "ray" / "test_gpu_programs.py").read_text()
+    assert '"launch", "--chip", "h100", "--devices", "2"' in test and '"examples" / "gpu_train.py"' in test
+    shown = section.split("```\n", 1)[1].split("```", 1)[0].splitlines()[0]
+    assert shown in test  # the first line shown is asserted there, verbatim
+
+
 def _map_rows() -> list[str]:
     """The module column of docs/design.md's "Where things live" table."""
     text = (ROOT / "docs" / "design.md").read_text().split("## Where things live", 1)[1].split("\n## ", 1)[0]

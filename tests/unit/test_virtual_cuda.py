@@ -230,3 +230,42 @@ def test_seeds_are_the_hosts_generator():
         torch.cuda.manual_seed_all(3)
         assert torch.equal(a, b) and torch.equal(a, torch.randn(4, device="cuda") * 0 + b)
         assert torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())
+
+
+def test_a_clock_taken_during_a_program_reads_the_host_after_it():
+    """A module imported while a program runs may take the function (`from time import
+    perf_counter`); the next program in the same worker must not find the last one's time."""
+    with gpu() as (timeline, _):
+        taken = time.time
+        timeline.host += 100.0
+        assert taken() - _real_time() > 99.0
+    assert abs(taken() - _real_time()) < 5.0
+
+
+def test_grad_scaler_step_nvtx_and_small_calls():
+    with gpu():
+        m = torch.nn.Linear(4, 4).cuda()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = m(torch.randn(2, 4, device="cuda")).float().sum()
+        before = m.weight.detach().clone()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() == 1024.0 and not torch.equal(before, m.weight)  # finite: stepped
+        torch.cuda.nvtx.range_push("fwd")
+        torch.cuda.nvtx.range_pop()
+        with torch.cuda.nvtx.range("step"):
+            torch.cuda.ipc_collect()
+        assert not torch.cuda.is_current_stream_capturing()
+
+
+def test_memory_fraction_lowers_the_limit():
+    with gpu("h100"), FakeTensorMode():
+        torch.cuda.set_per_process_memory_fraction(0.5)
+        assert torch.cuda.get_per_process_memory_fraction() == 0.5
+        held = torch.empty(39 * 10 ** 9, dtype=torch.uint8, device="cuda")
+        with pytest.raises(torch.OutOfMemoryError, match="0.5 of it allowed"):
+            torch.empty(2 * 10 ** 9, dtype=torch.uint8, device="cuda")
+        del held

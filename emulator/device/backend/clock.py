@@ -23,45 +23,59 @@ import time
 
 _NAMES = ("perf_counter", "monotonic", "time")
 _OWN = ("relay.", "ray.", "torch.distributed.", "grpc.")  # modules that keep the host's time
+_REAL = {name: getattr(time, name) for name in _NAMES}
+_REAL_NS = {name: getattr(time, name + "_ns") for name in _NAMES}
+_active = None  # (thread, timeline, lane offset, {name: real value at the program's start})
+
+
+def _emulated(name: str) -> float | None:
+    """`name`'s emulated reading for the caller, or None where the host's applies. A module that
+    took the function (`from time import perf_counter`) while a program ran keeps it: once no
+    program runs, it reads the host's time again."""
+    active = _active
+    if active is None or threading.get_ident() != active[0]:
+        return None
+    if sys._getframe(2).f_globals.get("__name__", "").startswith(_OWN):
+        return None
+    thread, timeline, offset, start = active
+    return start[name] + (timeline.host - offset)
+
+
+def _make(name: str):
+    real = _REAL[name]
+
+    def now() -> float:
+        t = _emulated(name)
+        return real() if t is None else t
+    now.__name__ = now.__qualname__ = name
+    return now
+
+
+def _make_ns(name: str):
+    real = _REAL_NS[name]
+
+    def now_ns() -> int:
+        t = _emulated(name)
+        return real() if t is None else int(t * 1e9)
+    now_ns.__name__ = now_ns.__qualname__ = name + "_ns"
+    return now_ns
+
+
+_PATCHED = {**{n: _make(n) for n in _NAMES}, **{n + "_ns": _make_ns(n) for n in _NAMES}}
 
 
 @contextlib.contextmanager
 def emulated(timeline):
     """While inside, the calling thread's program reads `timeline.host` as its clock."""
-    real = {name: getattr(time, name) for name in _NAMES}
-    real_ns = {name: getattr(time, name + "_ns") for name in _NAMES}
-    start = {name: fn() for name, fn in real.items()}  # real values at emulated 0 of this program
-    offset = timeline.host  # the lane may already have run (cluster.launch's set-up)
-    thread = threading.get_ident()
-
-    def theirs() -> bool:
-        if threading.get_ident() != thread:
-            return True
-        caller = sys._getframe(2).f_globals.get("__name__", "")
-        return caller.startswith(_OWN)
-
-    def make(name):
-        fn, base = real[name], start[name]
-
-        def now() -> float:
-            return fn() if theirs() else base + (timeline.host - offset)
-        now.__name__ = name
-        return now
-
-    def make_ns(name):
-        fn, base = real_ns[name], int(start[name] * 1e9)
-
-        def now_ns() -> int:
-            return fn() if theirs() else base + int((timeline.host - offset) * 1e9)
-        now_ns.__name__ = name + "_ns"
-        return now_ns
-
-    patched = {**{n: make(n) for n in _NAMES}, **{n + "_ns": make_ns(n) for n in _NAMES}}
-    saved = {n: getattr(time, n) for n in patched}
-    for n, fn in patched.items():
+    global _active
+    start = {name: fn() for name, fn in _REAL.items()}  # real values at this program's emulated start
+    saved = {n: getattr(time, n) for n in _PATCHED}
+    _active = (threading.get_ident(), timeline, timeline.host, start)
+    for n, fn in _PATCHED.items():
         setattr(time, n, fn)
     try:
         yield
     finally:
+        _active = None
         for n, fn in saved.items():
             setattr(time, n, fn)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from relay.device.backend import gpu_libs, streams
+from relay.device.backend import hbm as hbm_names
 
 # compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
 # report (8, 0), the lowest with bf16, so that programs take the paths they take on an A100
@@ -172,37 +173,6 @@ class VirtualCuda:
     def device(self, device):
         return _DeviceContext(self, device)
 
-    # ------------------------------------------------------------ memory (hbm.py)
-    def memory_allocated(self, device=None) -> int:
-        return self.hbm.allocated
-
-    def max_memory_allocated(self, device=None) -> int:
-        return self.hbm.peak
-
-    def memory_reserved(self, device=None) -> int:
-        return self.hbm.reserved
-
-    def max_memory_reserved(self, device=None) -> int:
-        return self.hbm.reserved
-
-    def mem_get_info(self, device=None) -> tuple:
-        return self.hbm.capacity - self.hbm.reserved, self.hbm.capacity
-
-    def reset_peak_memory_stats(self, device=None) -> None:
-        self.hbm.reset_peak()
-
-    def reset_max_memory_allocated(self, device=None) -> None:
-        self.hbm.reset_peak()
-
-    def reset_accumulated_memory_stats(self, device=None) -> None:
-        pass
-
-    def empty_cache(self) -> None:
-        self.hbm.empty_cache()
-
-    def memory_stats(self, device=None) -> dict:
-        return self.hbm.stats()
-
     # ------------------------------------------------------------ random numbers: the host's generator
     # (torch.default_generator itself: torch.manual_seed / torch.seed call torch.cuda.manual_seed_all /
     # seed_all, which would call back into them without end)
@@ -226,6 +196,12 @@ class VirtualCuda:
 
     def initial_seed(self) -> int:
         return torch.initial_seed()
+
+    def ipc_collect(self) -> None:
+        pass
+
+    def is_current_stream_capturing(self) -> bool:
+        return False  # (no CUDA graph is ever captured: they are refused)
 
     def default_stream(self, device=None):
         return torch.cpu.current_stream() if streams._active is None else streams._DEFAULT
@@ -268,10 +244,23 @@ _REFUSED = {
 _DEVICE_NAMES = ("is_available", "is_initialized", "init", "device_count", "set_device", "current_device",
                  "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
                  "get_arch_list", "device", "manual_seed", "manual_seed_all", "seed", "seed_all",
-                 "get_rng_state", "set_rng_state", "initial_seed", "default_stream")
-_MEMORY_NAMES = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
-                 "mem_get_info", "reset_peak_memory_stats", "reset_max_memory_allocated",
-                 "reset_accumulated_memory_stats", "empty_cache", "memory_stats")
+                 "get_rng_state", "set_rng_state", "initial_seed", "default_stream", "ipc_collect",
+                 "is_current_stream_capturing")
+_MEMORY_NAMES = hbm_names.CUDA_NAMES  # (the Hbm's methods)
+
+
+def _no_range(*args, **kwargs):
+    return 0
+
+
+@contextlib.contextmanager
+def _range(*args, **kwargs):
+    yield
+
+
+# NVTX marks (profilers' ranges): nothing to mark on the host, so they do nothing, as without nsys
+_NVTX = {"range_push": _no_range, "range_pop": _no_range, "mark": _no_range, "range_start": _no_range,
+         "range_end": _no_range, "range": _range}
 
 
 def _autocast_init(original):
@@ -339,11 +328,13 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
-    patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES + _MEMORY_NAMES]
-    patches += [(torch.cuda.memory, name, getattr(cuda, name)) for name in _MEMORY_NAMES]
+    patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES]
+    patches += [(module, name, getattr(hbm, name))
+                for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)]
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
+    patches += [(torch.cuda.nvtx, name, value) for name, value in _NVTX.items()]
     patches += [(dist, "is_nccl_available", lambda: True),
                 (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
                 (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__)),

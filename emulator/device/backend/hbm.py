@@ -30,6 +30,7 @@ class Hbm:
     def __init__(self, chip) -> None:
         self.chip = chip
         self.capacity = int(chip.hbm_gb * 1e9)  # bytes (the catalog's GB are 1e9 bytes)
+        self.fraction = 1.0  # torch.cuda.set_per_process_memory_fraction's limit
         self.live: dict[int, int] = {}  # storage key -> bytes counted
         self.allocated = 0
         self.peak = 0
@@ -55,11 +56,12 @@ class Hbm:
         if key in self.live:
             return
         nbytes = -(-storage.nbytes() // BLOCK) * BLOCK
-        if self.allocated + nbytes > self.capacity:
+        if self.allocated + nbytes > self.capacity * self.fraction:
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory on the emulated {self.chip.display or self.chip.name} "
                 f"({self.chip.hbm_gb:g} GB HBM): tried to allocate {nbytes / _GIB:.2f} GiB with "
-                f"{self.allocated / _GIB:.2f} GiB allocated of {self.capacity / _GIB:.2f} GiB "
+                f"{self.allocated / _GIB:.2f} GiB allocated of {self.capacity / _GIB:.2f} GiB"
+                + (f", {self.fraction:g} of it allowed " if self.fraction < 1 else " ") +
                 "(relay: emulated HBM, docs/design.md 'Programs written for GPUs')")
         self.live[key] = nbytes
         self.allocated += nbytes
@@ -73,17 +75,53 @@ class Hbm:
         self.allocated -= nbytes
         self.frees += 1
 
-    # ------------------------------------------------------------ torch.cuda's names
-    def reset_peak(self) -> None:
+    # ------------------------------------------------------------ torch.cuda's names (CUDA_NAMES)
+    def memory_allocated(self, device=None) -> int:
+        return self.allocated
+
+    def max_memory_allocated(self, device=None) -> int:
+        return self.peak
+
+    def memory_reserved(self, device=None) -> int:
+        return self.reserved
+
+    def max_memory_reserved(self, device=None) -> int:
+        return self.reserved
+
+    def mem_get_info(self, device=None) -> tuple:
+        return self.capacity - self.reserved, self.capacity
+
+    def reset_peak_memory_stats(self, device=None) -> None:
         self.peak = self.allocated
+
+    def reset_max_memory_allocated(self, device=None) -> None:
+        self.peak = self.allocated
+
+    def reset_accumulated_memory_stats(self, device=None) -> None:
+        pass
 
     def empty_cache(self) -> None:
         self.reserved = self.allocated
 
-    def stats(self) -> dict:
+    def set_per_process_memory_fraction(self, fraction: float, device=None) -> None:
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+        self.fraction = fraction  # the allocator's limit: an allocation past it is out of memory
+
+    def get_per_process_memory_fraction(self, device=None) -> float:
+        return self.fraction
+
+    def memory_stats(self, device=None) -> dict:
         """torch.cuda.memory_stats()'s keys that programs read (all pools as one)."""
         return {"allocated_bytes.all.current": self.allocated, "allocated_bytes.all.peak": self.peak,
                 "reserved_bytes.all.current": self.reserved, "reserved_bytes.all.peak": self.reserved,
                 "active_bytes.all.current": self.allocated, "active_bytes.all.peak": self.peak,
                 "allocation.all.current": len(self.live), "num_alloc_retries": 0, "num_ooms": 0,
                 "num_device_alloc": self.allocations, "num_device_free": self.frees}
+
+
+# the methods above, by the torch.cuda names they answer (backend/cuda.py installs them)
+CUDA_NAMES = ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
+              "mem_get_info", "reset_peak_memory_stats", "reset_max_memory_allocated",
+              "reset_accumulated_memory_stats", "empty_cache", "set_per_process_memory_fraction",
+              "get_per_process_memory_fraction", "memory_stats")
