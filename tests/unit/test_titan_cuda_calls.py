@@ -83,3 +83,29 @@ def test_fake_scalars_keep_a_python_numbers_value():
         bound, data = torch.empty(1).new_tensor(-2.5, device="cpu"), torch.randn(3).sum()
     item = torch.ops.aten._local_scalar_dense.default
     assert throttle.execute(item, (bound,), {}) == -2.5 and throttle.execute(item, (data,), {}) == 0
+
+
+def test_remembered_fake_answers_keep_the_inputs_device():
+    """The fake-op memo (relay.device.fake.ops.FreshOps) keys an op by its inputs' device too:
+    torchtitan builds its model on "meta" and later runs the same ops at the same shapes on the
+    device (FlexAttention's mask); the answer remembered for meta was given for cpu
+    (FakeTensorDeviceMismatchError: meta and cpu)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from relay.device.fake.ops import FreshOps
+
+    class Remembering(TorchDispatchMode):
+        def __init__(self, fresh):
+            super().__init__()
+            self.fresh = fresh
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return self.fresh.run(func, args, kwargs or {})
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, Remembering(FreshOps(mode)):
+        on_meta = torch.arange(16, device="meta")[:, None] * 2
+        on_host = torch.arange(16, device="cpu")[:, None] * 2
+        assert (on_meta.device.type, on_host.device.type) == ("meta", "cpu")
+        assert (on_host >= torch.arange(16)).device.type == "cpu"
