@@ -109,3 +109,16 @@ def test_remembered_fake_answers_keep_the_inputs_device():
         on_host = torch.arange(16, device="cpu")[:, None] * 2
         assert (on_meta.device.type, on_host.device.type) == ("meta", "cpu")
         assert (on_host >= torch.arange(16)).device.type == "cpu"
+
+
+def test_meta_tensors_take_no_hbm():
+    """torchtitan builds its model on "meta" (8B: 32 GB of fp32 parameters), shards it, then
+    materialises the shards: only those count (emulated HBM; meta tensors hold no memory)."""
+    with gpu() as (_, throttle):
+        before = torch.cuda.memory_allocated()
+        with torch.device("meta"):
+            w = torch.nn.Linear(4096, 4096)
+        assert torch.cuda.memory_allocated() == before
+        x = torch.empty(1024, 1024, device="cuda")
+        assert torch.cuda.memory_allocated() == before + 4 * 2 ** 20
+    del w, x
