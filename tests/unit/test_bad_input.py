@@ -54,6 +54,8 @@ CASES = [
      r"module = 'no_such_package.train' is not importable from .*; give a module on the Python path"),
     (["launch", "--chip", "h100", "--devices", "2", "--ranks", "2", "README.md"],
      r"ranks = '2' names a rank outside 0..1"),
+    (["launch", "--chip", "h100", "--devices", "2", "--clock", "wall", "--tensors", "fake", "README.md"],
+     r"--tensors fake needs the virtual clock"),
 ]
 
 

@@ -103,7 +103,7 @@ def test_streams_and_events_are_the_timeline():
         with torch.cuda.stream(s):
             assert torch.cuda.current_stream() == s
             start.record()
-            x = torch.randn(512, 512)
+            x = torch.randn(128, 128)
             for _ in range(4):
                 x = x @ x
             end.record()
@@ -269,3 +269,22 @@ def test_memory_fraction_lowers_the_limit():
         with pytest.raises(torch.OutOfMemoryError, match="0.5 of it allowed"):
             torch.empty(2 * 10 ** 9, dtype=torch.uint8, device="cuda")
         del held
+
+
+def test_default_device_load_and_device_class():
+    import io
+    with gpu(count=2):
+        with torch.device("cuda"):
+            assert torch.zeros(2).device.type == "cpu"
+        torch.set_default_device("cuda")
+        try:
+            assert torch.zeros(2).device.type == "cpu"
+        finally:
+            torch.set_default_device(None)
+        buffer = io.BytesIO()
+        torch.save({"w": torch.arange(3.0)}, buffer)
+        for location in ("cuda:0", torch.device("cuda", 1), {"cuda:1": "cuda:0"}, 0):
+            buffer.seek(0)
+            assert torch.load(buffer, map_location=location)["w"].tolist() == [0.0, 1.0, 2.0]
+        d = torch.cuda.device(1)
+        assert isinstance(d, torch.cuda.device) and d.idx == 1

@@ -31,10 +31,9 @@ from dataclasses import dataclass
 from types import FunctionType
 
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from relay.device.backend import gpu_libs, streams
+from relay.device.backend import gpu_libs, host_objects, streams
 from relay.device.backend import hbm as hbm_names
 
 # compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
@@ -73,6 +72,10 @@ def _is_cuda(d) -> bool:
     if isinstance(d, torch.device):
         return d.type == "cuda"
     return isinstance(d, str) and (d == "cuda" or d.startswith("cuda:"))
+
+
+def _index(d) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool)
 
 
 def _host(d):
@@ -170,8 +173,6 @@ class VirtualCuda:
     def get_arch_list(self) -> list:
         return [f"sm_{self.properties.major}{self.properties.minor}"]
 
-    def device(self, device):
-        return _DeviceContext(self, device)
 
     # ------------------------------------------------------------ random numbers: the host's generator
     # (torch.default_generator itself: torch.manual_seed / torch.seed call torch.cuda.manual_seed_all /
@@ -208,15 +209,18 @@ class VirtualCuda:
 
 
 class _DeviceContext:
-    """torch.cuda.device(i): the current device inside, restored after."""
+    """torch.cuda.device(i): the current device inside, restored after (a class: torch's own code
+    tests isinstance(x, torch.cuda.device)); `emulated` makes one per device (`cuda`)."""
+    cuda: VirtualCuda
 
-    def __init__(self, cuda: VirtualCuda, device) -> None:
-        self.cuda, self.target = cuda, device
+    def __init__(self, device) -> None:
+        self.target = device
+        self.idx = -1 if device is None or (_index(device) and device < 0) else self.cuda._ordinal(device)
 
     def __enter__(self):
         self.previous = self.cuda.index
-        if self.target is not None and not (isinstance(self.target, int) and self.target < 0):
-            self.cuda.set_device(self.target)
+        if self.idx >= 0:
+            self.cuda.set_device(self.idx)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -243,54 +247,10 @@ _REFUSED = {
 }
 _DEVICE_NAMES = ("is_available", "is_initialized", "init", "device_count", "set_device", "current_device",
                  "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
-                 "get_arch_list", "device", "manual_seed", "manual_seed_all", "seed", "seed_all",
+                 "get_arch_list", "manual_seed", "manual_seed_all", "seed", "seed_all",
                  "get_rng_state", "set_rng_state", "initial_seed", "default_stream", "ipc_collect",
                  "is_current_stream_capturing")
 _MEMORY_NAMES = hbm_names.CUDA_NAMES  # (the Hbm's methods)
-
-
-def _no_range(*args, **kwargs):
-    return 0
-
-
-@contextlib.contextmanager
-def _range(*args, **kwargs):
-    yield
-
-
-# NVTX marks (profilers' ranges): nothing to mark on the host, so they do nothing, as without nsys
-_NVTX = {"range_push": _no_range, "range_pop": _no_range, "mark": _no_range, "range_start": _no_range,
-         "range_end": _no_range, "range": _range}
-
-
-def _autocast_init(original):
-    def __init__(self, device_type, dtype=None, *args, **kwargs):
-        if device_type == "cuda":  # the host's autocast, same dtype (CUDA's default: float16)
-            device_type, dtype = "cpu", torch.float16 if dtype is None else dtype
-        return original(self, device_type, dtype, *args, **kwargs)
-    return __init__
-
-
-def _mesh_init(original):
-    def __init__(self, device_type, *args, **kwargs):  # a "cuda" mesh is the host's (FSDP2, DTensor)
-        return original(self, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
-    return __init__
-
-
-def _fsdp1_init(original):
-    def __init__(self, module, *args, device_id=None, **kwargs):  # FSDP1 on the host's device
-        if _is_cuda(device_id) or (isinstance(device_id, int) and not isinstance(device_id, bool)):
-            device_id = torch.device("cpu")
-        return original(self, module, *args, device_id=device_id, **kwargs)
-    return __init__
-
-
-def _ddp_init(original):
-    def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
-        if all(p.device.type == "cpu" for p in module.parameters()):  # a host module: no device ids
-            device_ids = output_device = None
-        return original(self, module, device_ids, output_device, *args, **kwargs)
-    return __init__
 
 
 @contextlib.contextmanager
@@ -324,22 +284,14 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     count = count_from_env() if count is None else count
     index = int(os.environ.get("LOCAL_RANK", "0")) % count if index is None else index
     cuda = VirtualCuda(chip, count, index, hbm)
-    from torch.amp import autocast_mode
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
     patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES]
+    patches.append((torch.cuda, "device", type("device", (_DeviceContext,), {"cuda": cuda})))
     patches += [(module, name, getattr(hbm, name))
                 for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)]
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
-    patches += [(torch.cuda.nvtx, name, value) for name, value in _NVTX.items()]
-    patches += [(dist, "is_nccl_available", lambda: True),
-                (autocast_mode.autocast, "__init__", _autocast_init(autocast_mode.autocast.__init__)),
-                (DistributedDataParallel, "__init__", _ddp_init(DistributedDataParallel.__init__)),
-                (DeviceMesh, "__init__", _mesh_init(DeviceMesh.__init__)),
-                (FullyShardedDataParallel, "__init__", _fsdp1_init(FullyShardedDataParallel.__init__))]
+    patches += host_objects.patches()  # nccl, autocast, DDP, DeviceMesh, FSDP1, nvtx, load, default device
     patches += gpu_libs.patches()  # torch.compile, FlexAttention, DTensor's RNG (backend/gpu_libs.py)
     with _patched(patches), Remap():
         yield cuda
