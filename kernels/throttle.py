@@ -26,11 +26,16 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from relay.kernels import flex
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import CostModel
 
 
 class Throttle(TorchDispatchMode):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        flex.register(cls)  # FlexAttention's operators, charged as a fused kernel (kernels/flex.py)
+
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         # Otherwise torch wraps __torch_dispatch__ in torch._disable_dynamo, whose first call
@@ -117,6 +122,9 @@ class Throttle(TorchDispatchMode):
             yield
         finally:
             self.paused = was
+
+
+flex.register(Throttle)
 
 
 def _local(x):

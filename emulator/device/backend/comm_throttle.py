@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _resolve_process_group
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.tensor import DTensor
 
 from relay.kernels.throttle import Throttle, steers
 
@@ -38,9 +39,11 @@ class CommThrottle(Throttle):
     def execute(self, func, args, kwargs):
         if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
             return _FUNCTIONAL[func](*args)
-        if func is _SCALAR and self.fake_scalars and isinstance(args[0], FakeTensor) \
-                and args[0].constant is None:  # a program's .item() on fake tensors reads 0 (backend/cuda.py)
-            return False if args[0].dtype == torch.bool else 0
+        scalar = args[0]._local_tensor if func is _SCALAR and isinstance(args[0], DTensor) else args[0]
+        if func is _SCALAR and self.fake_scalars and isinstance(scalar, FakeTensor):
+            if scalar.constant is not None:  # a fake tensor made from a Python number: its value
+                return scalar.constant.item()  # (nn.init.trunc_normal_'s bounds, new_tensor(a).item())
+            return False if scalar.dtype == torch.bool else 0  # a program's .item() on fake tensors reads 0
         if self.fresh is not None:
             return self.fresh.run(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))

@@ -28,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from types import FunctionType
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from relay.device.backend import gpu_libs, host_objects, streams
 from relay.device.backend import hbm as hbm_names
-from relay.device.backend import host_objects, streams
 
 # compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
 # report (8, 0), the lowest with bf16, so that programs take the paths they take on an A100
@@ -105,6 +106,9 @@ class Remap(TorchFunctionMode):
                          for a in args)  # .to(local_rank)
         elif any(_is_cuda(a) for a in args):
             args = tuple(_host(a) for a in args)
+        if isinstance(func, FunctionType):  # a function in Python (Tensor.backward, nn.init.*): what it
+            with self:  # runs inside (a backward pass and FSDP's hooks in it, DTensor's dispatch) is remapped too
+                return torch.overrides.redispatch_function(func, types, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -288,5 +292,6 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
     patches += host_objects.patches()  # nccl, autocast, DDP, DeviceMesh, FSDP1, nvtx, load, default device
+    patches += gpu_libs.patches()  # torch.compile, FlexAttention, DTensor's RNG (backend/gpu_libs.py)
     with _patched(patches), Remap():
         yield cuda

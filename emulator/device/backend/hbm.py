@@ -48,6 +48,8 @@ class Hbm:
                     self._storage(t)
 
     def _storage(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":  # (no memory: a model built on "meta" before it is sharded, as torchtitan's)
+            return
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # a subclass without storage (DTensor's wrapper)

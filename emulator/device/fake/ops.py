@@ -68,8 +68,8 @@ class FreshOps:
             if type(a) is FakeTensor:
                 if a.fake_mode is not self.mode or a.constant is not None:
                     raise _Unkeyed
-                fakes.append(a)
-                return a.shape, a.stride(), a.storage_offset(), a.dtype
+                fakes.append(a)  # (its device too: a model built on "meta" runs the same ops at the same shapes)
+                return a.shape, a.stride(), a.storage_offset(), a.dtype, a.fake_device
             if type(a) in _PLAIN:
                 return type(a), a
             if type(a) in (list, tuple, torch.Size):

@@ -1,0 +1,50 @@
+"""torchtitan 0.3.0 as it ships (PyPI, pinned in the dev extra) through `relay launch -m
+torchtitan.train`: the llama3 debug model under FSDP on 2 emulated H100, real tensors. Its own
+loss and grad-norm lines equal plain torchrun's on this host (bench/titan_reference.py; longer
+runs and FSDP x TP: bench/titan_runs.py), and its own throughput, MFU and memory lines are
+emulated figures."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from relay.launch.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "tests" / "assets" / "torchtitan"
+SEQ, BATCH = 128, 2
+ARGS = ["--module", "llama3", "--config", "llama3_debugmodel",
+        "--training.disable_cuda_graphs",  # torchtitan's own flag: Relay refuses CUDA graphs by name
+        "--parallelism.spmd_backend", "partial_dtensor",  # 0.3's default backend needs a newer torch than 2.13
+        "--hf_assets_path", str(ASSETS / "tokenizer"), "--dataloader.dataset_path", str(ASSETS / "c4_test"),
+        "--training.steps", "2", "--training.seq_len", str(SEQ), "--training.local_batch_size", str(BATCH),
+        "--debug.seed", "0"]
+# torchtitan's step lines for ARGS under `torchrun --nproc-per-node 2 bench/titan_reference.py ARGS`
+# on this CPU host: (step, loss, grad_norm) as it prints them
+TORCHRUN = [(1, 8.05884, 1.9851), (2, 7.79703, 2.0108)]
+STEP = re.compile(r"\[rank 0\] .*step:\s*(\d+)\s+loss:\s*([\d.]+)\s+grad_norm:\s*([\d.]+)\s+memory:\s*([\d.]+)GiB"
+                  r".*tps: ([\d,]+)\s+tflops: ([\d.]+)\s+mfu: ([\d.]+)%")
+
+
+def test_torchtitan_llama3_debug_model_under_fsdp_as_it_ships(ray_session, tmp_path, capsys):
+    assert main(["launch", "--chip", "h100", "--devices", "2", "--out", str(tmp_path), "--name", "titan",
+                 "-m", "torchtitan.train", *ARGS, "--dump_folder", str(tmp_path / "dump")]) == 0
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    lines = [m.groups() for m in STEP.finditer(out)]
+    # the losses and grad norms torchrun's run prints, at every step
+    assert [(int(s), float(loss), float(g)) for s, loss, g, *_ in lines] == TORCHRUN
+    # the chip it sees and the MFU peak it takes from the chip's name: the emulated H100's
+    assert "[rank 0] relay: init_process_group(backend='nccl') runs on the 'relay' backend" in out
+    assert "CUDA capacity: H100" in out and "Peak FLOPS used for computing MFU: 9.890e+14" in out
+    with open(tmp_path / "titan" / "steps.csv") as fh:
+        step_s = {int(r["step"]): float(r["step_s"]) for r in csv.DictReader(fh) if r["device"] == "0"}
+    _, _, _, memory, tps, tflops, mfu = lines[1]
+    # its tps (tokens per device per second, from its own time.perf_counter) is the emulated step's:
+    # step 2's line covers Relay's step 1 (Relay's step 0 is step 1 and the set-up)
+    assert int(tps.replace(",", "")) == pytest.approx(SEQ * BATCH / step_s[1], rel=0.02)
+    assert float(mfu) == pytest.approx(100 * float(tflops) * 1e12 / 989e12, abs=0.011)
+    assert 0 < float(memory) < 1  # GiB of the emulated HBM (torchrun on the host prints -0.00)
