@@ -288,3 +288,14 @@ def test_default_device_load_and_device_class():
             assert torch.load(buffer, map_location=location)["w"].tolist() == [0.0, 1.0, 2.0]
         d = torch.cuda.device(1)
         assert isinstance(d, torch.cuda.device) and d.idx == 1
+
+
+def test_an_integer_device_is_the_accelerators():
+    """device=local_rank (an int) names cuda:i on a GPU build: factories, *_like and new_* too."""
+    with gpu(count=2):
+        x = torch.ones(2)
+        made = [torch.zeros(3, device=0), torch.randn(3, device=torch.cuda.current_device()),
+                torch.tensor([1.0], device=1), torch.empty_like(x, device=0), x.new_zeros(3, device=0),
+                torch.full((2,), 2.0, device=1), torch.arange(3, device=0)]
+        assert all(t.device.type == "cpu" for t in made)
+        assert made[0].tolist() == [0.0, 0.0, 0.0] and made[2].tolist() == [1.0]

@@ -99,7 +99,7 @@ class Remap(TorchFunctionMode):
             return args[0]
         if "device" in kwargs:
             d = kwargs["device"]
-            if _is_cuda(d) or (isinstance(d, int) and not isinstance(d, bool) and func in _TO):
+            if _is_cuda(d) or _index(d):  # device=local_rank: the accelerator's, as on a GPU build
                 kwargs = {**kwargs, "device": "cpu"}
         if func in _TO and any(isinstance(a, int) and not isinstance(a, bool) for a in args):
             args = tuple("cpu" if isinstance(a, int) and not isinstance(a, bool) else _host(a)
