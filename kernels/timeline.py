@@ -49,6 +49,7 @@ class Timeline:
         self.starts: dict[int, deque] = defaultdict(lambda: deque(maxlen=queue_depth))
         self.charged_s = 0.0
         self.waited_s = 0.0  # emulated s the default stream waited for other streams' events
+        self.before_reset_s = 0.0  # the device's time at each reset, summed (the program's clock runs on)
         self.listener = None  # called as listener(name, args) on every change but a kernel
 
     # ------------------------------------------------------------ kernels (the throttle)
@@ -95,6 +96,7 @@ class Timeline:
         self.apply("reset")
 
     def _reset(self) -> float:
+        self.before_reset_s += self.measure()  # (clock.py: the program's clock never goes back)
         self.host = 0.0  # (the current stream stays: the program may be inside a stream's block)
         for s in self.streams:
             self.streams[s] = 0.0

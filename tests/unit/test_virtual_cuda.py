@@ -299,3 +299,40 @@ def test_an_integer_device_is_the_accelerators():
                 torch.full((2,), 2.0, device=1), torch.arange(3, device=0)]
         assert all(t.device.type == "cpu" for t in made)
         assert made[0].tolist() == [0.0, 0.0, 0.0] and made[2].tolist() == [1.0]
+
+
+def test_a_forked_child_reads_the_hosts_clock():
+    """A DataLoader worker forked from the program is another process: the host's time, advancing."""
+    import os
+    with gpu() as (timeline, _):
+        timeline.host += 100.0
+        assert time.time() - _real_time() > 99.0
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its own clock must be the host's and must advance over a sleep
+            try:
+                a = time.monotonic()
+                time.sleep(0.05)
+                ok = abs(time.time() - _real_time()) < 5.0 and time.monotonic() - a >= 0.04
+                os.write(write, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        seen = os.read(read, 1)
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert seen == b"1"
+        assert time.time() - _real_time() > 99.0  # the parent's program still reads emulated time
+
+
+def test_the_programs_clock_runs_on_across_a_restart():
+    """relay.dist.restart_clocks() puts the timeline back at emulated 0: the program's clock goes on."""
+    with gpu() as (timeline, _):
+        timeline.host += 10.0
+        before = time.monotonic(), time.perf_counter(), time.time()
+        timeline.reset()
+        assert timeline.host == 0.0
+        after = time.monotonic(), time.perf_counter(), time.time()
+        assert all(b >= a for a, b in zip(before, after))
+        timeline.host += 2.0
+        assert time.monotonic() - before[0] == pytest.approx(2.0)  # 10 s, restart, 2 s more: 2 s after

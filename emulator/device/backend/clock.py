@@ -8,15 +8,20 @@ emulated seconds from there: `time.time()` is still a date, its deltas are emula
 the host runs ahead of the streams: a timed section reads its kernels' time once the program
 syncs (`torch.cuda.synchronize()`, `.item()`, an event's synchronize), as programs do.
 
+`relay.dist.restart_clocks()` restarts the timeline at emulated 0; the program's clock goes on
+from where it was (Timeline.before_reset_s), never back.
+
 Everything else keeps the host's time: other threads (Ray's, the communication engine's, data
-loader threads), and calls made from Relay's, Ray's and torch.distributed's own modules (their
-timeouts and spins) even on the program's thread; `threading` and `queue` took their clock
+loader threads), forked children (DataLoader workers: another process), and calls made from
+Relay's, Ray's and torch.distributed's own modules (their timeouts and spins) even on the
+program's thread; `threading` and `queue` took their clock
 before the patch. `relay launch --host-clock` leaves the clock alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -38,7 +43,7 @@ def _emulated(name: str) -> float | None:
     if sys._getframe(2).f_globals.get("__name__", "").startswith(_OWN):
         return None
     thread, timeline, offset, start = active
-    return start[name] + (timeline.host - offset)
+    return start[name] + (timeline.host + timeline.before_reset_s - offset)
 
 
 def _make(name: str):
@@ -64,13 +69,24 @@ def _make_ns(name: str):
 _PATCHED = {**{n: _make(n) for n in _NAMES}, **{n + "_ns": _make_ns(n) for n in _NAMES}}
 
 
+def _forked() -> None:
+    """A forked child (a DataLoader worker, a multiprocessing pool) is another process: its thread
+    has the program thread's id, but no kernel of its own advances the device's timeline, so its
+    clock is the host's (else it would read a frozen emulated time: its timeouts never expire)."""
+    global _active
+    _active = None
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 @contextlib.contextmanager
 def emulated(timeline):
     """While inside, the calling thread's program reads `timeline.host` as its clock."""
     global _active
     start = {name: fn() for name, fn in _REAL.items()}  # real values at this program's emulated start
     saved = {n: getattr(time, n) for n in _PATCHED}
-    _active = (threading.get_ident(), timeline, timeline.host, start)
+    _active = (threading.get_ident(), timeline, timeline.host + timeline.before_reset_s, start)
     for n, fn in _PATCHED.items():
         setattr(time, n, fn)
     try:
