@@ -137,6 +137,12 @@ class Timeline:
         self.host = max(self.host, t)
         return 0.0
 
+    def _sleep(self, seconds: float) -> float:
+        """The program's host slept (time.sleep on its thread: backend/clock.py): the host lane
+        moves on by that long, as a real host's time passes; the streams do not."""
+        self.host += seconds
+        return 0.0
+
     def _sync_event(self, event: int) -> float:
         self.host = max(self.host, self.events.get(event, 0.0))
         return 0.0

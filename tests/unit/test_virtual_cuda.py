@@ -336,3 +336,23 @@ def test_the_programs_clock_runs_on_across_a_restart():
         assert all(b >= a for a, b in zip(before, after))
         timeline.host += 2.0
         assert time.monotonic() - before[0] == pytest.approx(2.0)  # 10 s, restart, 2 s more: 2 s after
+
+
+def test_sleep_moves_the_programs_clock_on():
+    """A timeout loop on the program's clock (filelock's acquire(timeout=...)) ends: time.sleep
+    moves the host lane on by what was slept, a change the timeline records (shared runs replay it)."""
+    with gpu() as (timeline, _):
+        seen = []
+        timeline.listener = lambda name, args: seen.append((name, args))
+        t0, host0 = time.monotonic(), timeline.host
+        for polls in range(1, 100):  # (on a frozen clock: 99 polls, or forever in a while loop)
+            time.sleep(0.01)
+            if time.monotonic() - t0 >= 0.05:
+                break
+        assert polls in (5, 6) and timeline.host - host0 == pytest.approx(0.01 * polls)
+        assert seen == [("sleep", (0.01,))] * polls
+        assert timeline.streams[DEFAULT] == 0.0  # the streams did not move
+        relay_module = {"__name__": "relay.device.some_module", "time": time}
+        exec("def nap():\n    time.sleep(0.01)\n", relay_module)  # Relay's own sleeps: host time only
+        relay_module["nap"]()
+        assert len(seen) == polls

@@ -7,6 +7,8 @@ timing lines print emulated figures. Each keeps its real value at the program's 
 emulated seconds from there: `time.time()` is still a date, its deltas are emulated. As on a GPU,
 the host runs ahead of the streams: a timed section reads its kernels' time once the program
 syncs (`torch.cuda.synchronize()`, `.item()`, an event's synchronize), as programs do.
+`time.sleep(s)` on the program's thread sleeps on the host and moves the host lane on by s
+emulated seconds (Timeline's "sleep" change), as a real host's time passes while it sleeps.
 
 `relay.dist.restart_clocks()` restarts the timeline at emulated 0; the program's clock goes on
 from where it was (Timeline.before_reset_s), never back.
@@ -66,7 +68,21 @@ def _make_ns(name: str):
     return now_ns
 
 
-_PATCHED = {**{n: _make(n) for n in _NAMES}, **{n + "_ns": _make_ns(n) for n in _NAMES}}
+_REAL_SLEEP = time.sleep
+
+
+def sleep(seconds: float) -> None:
+    """time.sleep: the host's, and on the program's thread the host lane moves on by `seconds`
+    too (a change the timeline records, so shared runs replay it): a program's `while monotonic()
+    - t0 < timeout: sleep(dt)` loop (filelock's acquire(timeout=...)) ends as on a real host."""
+    _REAL_SLEEP(seconds)
+    active = _active
+    if (active is not None and threading.get_ident() == active[0] and seconds > 0
+            and not sys._getframe(1).f_globals.get("__name__", "").startswith(_OWN)):
+        active[1].apply("sleep", float(seconds))
+
+
+_PATCHED = {**{n: _make(n) for n in _NAMES}, **{n + "_ns": _make_ns(n) for n in _NAMES}, "sleep": sleep}
 
 
 def _forked() -> None:
