@@ -356,3 +356,21 @@ def test_sleep_moves_the_programs_clock_on():
         exec("def nap():\n    time.sleep(0.01)\n", relay_module)  # Relay's own sleeps: host time only
         relay_module["nap"]()
         assert len(seen) == polls
+
+
+def test_wall_clock_events_time_the_host():
+    """--clock wall (no emulated timeline): CUDA's Event and Stream take their arguments, and
+    elapsed_time is milliseconds of the host's time (the wall clock's emulated time)."""
+    chip = chips.get("h100")
+    with cuda.emulated(chip, Hbm(chip), count=2, index=0):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with pytest.raises(RuntimeError, match="not recorded"):
+            start.elapsed_time(end)
+        h0 = _real_perf_counter()
+        start.record()
+        time.sleep(0.02)
+        with torch.cuda.stream(torch.cuda.Stream(priority=-1)):
+            torch.cuda.Stream().record_event(end)
+        torch.cuda.synchronize()
+        host_ms = (_real_perf_counter() - h0) * 1e3
+        assert 20.0 <= start.elapsed_time(end) <= host_ms

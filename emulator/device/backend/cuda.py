@@ -290,6 +290,8 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
                 for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)]
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
+    if streams._active is None:  # the wall clock: events on the host's time (streams.HostEvent)
+        patches += [(torch.cuda, "Event", streams.HostEvent), (torch.cuda, "Stream", streams.HostStream)]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
     patches += host_objects.patches()  # nccl, autocast, DDP, DeviceMesh, FSDP1, nvtx, load, default device
     patches += gpu_libs.patches()  # torch.compile, FlexAttention, DTensor's RNG (backend/gpu_libs.py)
