@@ -374,3 +374,15 @@ def test_wall_clock_events_time_the_host():
         torch.cuda.synchronize()
         host_ms = (_real_perf_counter() - h0) * 1e3
         assert 20.0 <= start.elapsed_time(end) <= host_ms
+
+
+def test_a_tensors_own_device_is_the_current_device():
+    """x.device reads cpu (remapped): torch.cuda calls given it answer for the current device."""
+    with gpu(count=2, index=1):
+        x = torch.ones(2, device="cuda")
+        assert torch.cuda.get_device_properties(x.device).name == chips.get("h100").display
+        assert torch.cuda.get_device_capability(x.device) == (9, 0)
+        with torch.cuda.device(x.device):
+            assert torch.cuda.current_device() == 1
+        with pytest.raises(ValueError, match="Expected a cuda device"):
+            torch.cuda.get_device_properties(torch.device("meta"))

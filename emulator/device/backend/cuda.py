@@ -128,6 +128,8 @@ class VirtualCuda:
         if isinstance(device, str):
             device = torch.device(device)
         if isinstance(device, torch.device):
+            if device.type == "cpu":  # a tensor's own device (remapped: it reads cpu) is the current one
+                return self.index
             if device.type != "cuda":
                 raise ValueError(f"Expected a cuda device, but got: {device}")
             device = self.index if device.index is None else device.index
