@@ -386,3 +386,26 @@ def test_a_tensors_own_device_is_the_current_device():
             assert torch.cuda.current_device() == 1
         with pytest.raises(ValueError, match="Expected a cuda device"):
             torch.cuda.get_device_properties(torch.device("meta"))
+
+
+def test_generator_summary_set_stream_type_and_autocast_query():
+    with gpu() as (timeline, _):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        assert isinstance(g, torch.Generator) and g.device.type == "cpu"
+        a = torch.randn(3, device="cuda", generator=g)
+        assert torch.equal(a, torch.randn(3, generator=torch.Generator("cuda").manual_seed(0)))
+        torch.empty(2 ** 20, device="cuda")
+        summary = torch.cuda.memory_summary()
+        assert "emulated HBM" in summary and "MiB" in summary and torch.cuda.memory.memory_summary() == summary
+        s = torch.cuda.Stream()
+        torch.cuda.set_stream(s)
+        assert timeline.current == s.id and torch.cuda.current_stream() == s
+        torch.cuda.set_stream(torch.cuda.default_stream())
+        assert timeline.current == DEFAULT
+        x = torch.ones(2, dtype=torch.float64).type("torch.cuda.FloatTensor")
+        assert x.dtype == torch.float32 and x.device.type == "cpu"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.is_autocast_enabled("cuda") and torch.is_autocast_enabled()
+            assert torch.get_autocast_dtype("cuda") == torch.bfloat16
+        assert not torch.is_autocast_enabled("cuda")
+    assert torch.Generator is torch._C.Generator  # undone

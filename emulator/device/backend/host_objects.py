@@ -3,8 +3,10 @@ device (backend/cuda.py installs `patches()`; docs/design.md "Programs written f
 a DeviceMesh of device type "cuda" is a host mesh (FSDP2 and DTensor find their parameters on
 the mesh's device), DDP's `device_ids` of a host module are dropped, FSDP1's `device_id` is the
 host's, `torch.autocast("cuda", dtype)` is the host's autocast of that dtype, `torch.load`'s
-`map_location` and `torch.set_default_device` of "cuda" are the host, `nccl` is available (it is
-the relay backend), and NVTX ranges do nothing (as without a profiler attached)."""
+`map_location`, `torch.set_default_device` and `torch.Generator` of "cuda" are the host,
+`torch.is_autocast_enabled("cuda")` / `get_autocast_dtype("cuda")` read the host's autocast,
+`nccl` is available (it is the relay backend), and NVTX ranges do nothing (as without a
+profiler attached)."""
 
 from __future__ import annotations
 
@@ -87,6 +89,22 @@ def set_default_device(original):
     return set_default_device
 
 
+class Generator(torch._C.Generator):
+    """torch.Generator(device="cuda"): a generator of the host (the program's tensors are there)."""
+
+    def __new__(cls, device=None):
+        return super().__new__(cls, "cpu" if device is None or _cuda(device) or _index(device) else device)
+
+    def __init__(self, device=None) -> None:
+        pass
+
+
+def autocast_query(original):
+    def query(device_type="cuda", *args):  # torch.is_autocast_enabled("cuda"): the host's autocast
+        return original("cpu" if device_type == "cuda" else device_type, *args)
+    return query
+
+
 def patches() -> list:
     """(object, name, value) for backend/cuda.py's `emulated`."""
     from torch.amp import autocast_mode
@@ -99,5 +117,7 @@ def patches() -> list:
         (DistributedDataParallel, "__init__", ddp_init(DistributedDataParallel.__init__)),
         (DeviceMesh, "__init__", mesh_init(DeviceMesh.__init__)),
         (FullyShardedDataParallel, "__init__", fsdp1_init(FullyShardedDataParallel.__init__)),
-        (torch, "load", load(torch.load)),
+        (torch, "load", load(torch.load)), (torch, "Generator", Generator),
+        (torch, "is_autocast_enabled", autocast_query(torch.is_autocast_enabled)),
+        (torch, "get_autocast_dtype", autocast_query(torch.get_autocast_dtype)),
         (torch, "set_default_device", set_default_device(torch.set_default_device))]
