@@ -409,3 +409,29 @@ def test_generator_summary_set_stream_type_and_autocast_query():
             assert torch.get_autocast_dtype("cuda") == torch.bfloat16
         assert not torch.is_autocast_enabled("cuda")
     assert torch.Generator is torch._C.Generator  # undone
+
+
+def test_torch_accelerator_agrees_with_torch_cuda():
+    """torch.accelerator and torch.get_device_module() answer as torch.cuda does, and torch's own
+    users of them still run: a DataLoader pinning memory (with a worker), an optimizer's step."""
+    from torch.utils.data import DataLoader, TensorDataset
+    with gpu(count=2, index=1) as (timeline, _):
+        acc = torch.accelerator
+        assert acc.is_available() and acc.current_accelerator() == torch.device("cuda")
+        assert acc.device_count() == 2 and acc.current_device_index() == 1
+        acc.set_device_index(0)
+        assert torch.cuda.current_device() == 0
+        assert torch.get_device_module() is torch.cuda and torch.get_device_module("cuda") is torch.cuda
+        assert acc.current_stream() == torch.cuda.current_stream() and not acc.current_stream().is_capturing()
+        x = torch.empty(1000, device="cuda")
+        assert acc.memory_allocated() == torch.cuda.memory_allocated() > 0
+        data = TensorDataset(torch.arange(16.0).view(8, 2))
+        for workers in (0, 1):
+            batches = [b for (b,) in DataLoader(data, batch_size=4, pin_memory=True, num_workers=workers)]
+            assert torch.equal(torch.cat(batches), data.tensors[0])
+        m = torch.nn.Linear(2, 2)
+        opt = torch.optim.AdamW(m.parameters())
+        m(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        del x
+    assert not torch.accelerator.is_available() and torch.get_device_module() is torch.cpu  # undone

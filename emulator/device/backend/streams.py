@@ -67,6 +67,9 @@ class Stream:
     def query(self) -> bool:
         return True
 
+    def is_capturing(self) -> bool:
+        return False  # (CUDA graphs are refused: backend/cuda.py)
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Stream) and other.id == self.id
 
@@ -168,6 +171,9 @@ class HostStream(torch.cpu.Stream):
 
     def record_event(self, event: HostEvent | None = None) -> HostEvent:
         return (event or HostEvent()).record()
+
+    def is_capturing(self) -> bool:
+        return False
 
 
 _host_clock = time.perf_counter  # (taken before any program's clock patch: the host's)
