@@ -435,3 +435,14 @@ def test_torch_accelerator_agrees_with_torch_cuda():
         opt.step()
         del x
     assert not torch.accelerator.is_available() and torch.get_device_module() is torch.cpu  # undone
+
+
+def test_cluster_launch_takes_the_clusters_tensors():
+    """Cluster(tensors="fake").launch(fn) runs fn on fake tensors (its settings are checked as
+    such, before any worker starts), and refuses a fake cluster too large to give fn a worker each."""
+    from relay import Cluster, System
+    from relay.errors import ConfigError
+    with pytest.raises(ConfigError, match="tensors = 'fake' needs the virtual clock"):
+        Cluster(System("h100", 2), clock="wall", tensors="fake").launch(print)
+    with pytest.raises(ConfigError, match=r"Cluster\(tensors='fake'\) of 32 devices starts one worker"):
+        Cluster(System("h100", 32), tensors="fake").launch(print, host_clock=True)
