@@ -49,6 +49,7 @@ class Timeline:
         self.starts: dict[int, deque] = defaultdict(lambda: deque(maxlen=queue_depth))
         self.charged_s = 0.0
         self.waited_s = 0.0  # emulated s the default stream waited for other streams' events
+        self.before_reset_s = 0.0  # the device's time at each reset, summed (the program's clock runs on)
         self.listener = None  # called as listener(name, args) on every change but a kernel
 
     # ------------------------------------------------------------ kernels (the throttle)
@@ -95,6 +96,7 @@ class Timeline:
         self.apply("reset")
 
     def _reset(self) -> float:
+        self.before_reset_s += self.measure()  # (clock.py: the program's clock never goes back)
         self.host = 0.0  # (the current stream stays: the program may be inside a stream's block)
         for s in self.streams:
             self.streams[s] = 0.0
@@ -133,6 +135,12 @@ class Timeline:
         """The host waits for a stream (None: every stream)."""
         t = max(self.streams.values()) if stream is None else self.streams[stream]
         self.host = max(self.host, t)
+        return 0.0
+
+    def _sleep(self, seconds: float) -> float:
+        """The program's host slept (time.sleep on its thread: backend/clock.py): the host lane
+        moves on by that long, as a real host's time passes; the streams do not."""
+        self.host += seconds
         return 0.0
 
     def _sync_event(self, event: int) -> float:

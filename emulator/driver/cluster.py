@@ -226,10 +226,13 @@ class Cluster:
     def broadcast(self, tensors, algorithm="ring", root=0, **kw):
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
-    def launch(self, fn, *args, **kwargs) -> _programs.LaunchResult:
+    def launch(self, fn, *args, tensors: str | None = None, host_clock: bool = False,
+               **kwargs) -> _programs.LaunchResult:
         """fn(*args, **kwargs) on every device, torch.distributed initialised on the `relay` backend;
-        each device's result and emulated times (driver/programs.py; relay.dist inside fn)."""
-        return _programs.launch(self, Program(fn, args, kwargs))
+        each device's result and emulated times (driver/programs.py; relay.dist inside fn).
+        `tensors`: the Cluster's unless given; `host_clock`: fn's time.* read the host's clock."""
+        return _programs.launch(self, Program(fn, args, kwargs, host_clock=host_clock),
+                                tensors=_launch_tensors(self, tensors))
 
     def preflight(self, workload=None, **options) -> _training.Preflight:
         """Every check of a training run that needs no device (settings, algorithm against the
@@ -265,6 +268,18 @@ def _run_config(cluster, workload, options: dict) -> TrainConfig:
     if config.shared is None:
         config = config.replace(shared=config.fake and cluster.system.devices > SHARED_ABOVE)
     return config
+
+
+def _launch_tensors(cluster, tensors: str | None) -> str:
+    """cluster.launch's tensors: the cluster's unless given; a fake cluster that starts one worker
+    (shared runs) cannot run fn on a worker per device."""
+    tensors = cluster.tensors if tensors is None else tensors
+    if tensors == "fake" and _workers(cluster.system, cluster.tensors) < cluster.system.devices:
+        raise ConfigError(f"Cluster(tensors='fake') of {cluster.system.devices} devices starts one worker "
+                          "(its training runs are shared) and cluster.launch runs fn on a worker per device; "
+                          f"use at most {SHARED_ABOVE} devices, or Cluster(..., tensors='real')"
+                          ".launch(fn, tensors='fake')")
+    return tensors
 
 
 def _workers(system, tensors: str) -> int:

@@ -288,3 +288,161 @@ def test_default_device_load_and_device_class():
             assert torch.load(buffer, map_location=location)["w"].tolist() == [0.0, 1.0, 2.0]
         d = torch.cuda.device(1)
         assert isinstance(d, torch.cuda.device) and d.idx == 1
+
+
+def test_an_integer_device_is_the_accelerators():
+    """device=local_rank (an int) names cuda:i on a GPU build: factories, *_like and new_* too."""
+    with gpu(count=2):
+        x = torch.ones(2)
+        made = [torch.zeros(3, device=0), torch.randn(3, device=torch.cuda.current_device()),
+                torch.tensor([1.0], device=1), torch.empty_like(x, device=0), x.new_zeros(3, device=0),
+                torch.full((2,), 2.0, device=1), torch.arange(3, device=0)]
+        assert all(t.device.type == "cpu" for t in made)
+        assert made[0].tolist() == [0.0, 0.0, 0.0] and made[2].tolist() == [1.0]
+
+
+def test_a_forked_child_reads_the_hosts_clock():
+    """A DataLoader worker forked from the program is another process: the host's time, advancing."""
+    import os
+    with gpu() as (timeline, _):
+        timeline.host += 100.0
+        assert time.time() - _real_time() > 99.0
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its own clock must be the host's and must advance over a sleep
+            try:
+                a = time.monotonic()
+                time.sleep(0.05)
+                ok = abs(time.time() - _real_time()) < 5.0 and time.monotonic() - a >= 0.04
+                os.write(write, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        seen = os.read(read, 1)
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert seen == b"1"
+        assert time.time() - _real_time() > 99.0  # the parent's program still reads emulated time
+
+
+def test_the_programs_clock_runs_on_across_a_restart():
+    """relay.dist.restart_clocks() puts the timeline back at emulated 0: the program's clock goes on."""
+    with gpu() as (timeline, _):
+        timeline.host += 10.0
+        before = time.monotonic(), time.perf_counter(), time.time()
+        timeline.reset()
+        assert timeline.host == 0.0
+        after = time.monotonic(), time.perf_counter(), time.time()
+        assert all(b >= a for a, b in zip(before, after))
+        timeline.host += 2.0
+        assert time.monotonic() - before[0] == pytest.approx(2.0)  # 10 s, restart, 2 s more: 2 s after
+
+
+def test_sleep_moves_the_programs_clock_on():
+    """A timeout loop on the program's clock (filelock's acquire(timeout=...)) ends: time.sleep
+    moves the host lane on by what was slept, a change the timeline records (shared runs replay it)."""
+    with gpu() as (timeline, _):
+        seen = []
+        timeline.listener = lambda name, args: seen.append((name, args))
+        t0, host0 = time.monotonic(), timeline.host
+        for polls in range(1, 100):  # (on a frozen clock: 99 polls, or forever in a while loop)
+            time.sleep(0.01)
+            if time.monotonic() - t0 >= 0.05:
+                break
+        assert polls in (5, 6) and timeline.host - host0 == pytest.approx(0.01 * polls)
+        assert seen == [("sleep", (0.01,))] * polls
+        assert timeline.streams[DEFAULT] == 0.0  # the streams did not move
+        relay_module = {"__name__": "relay.device.some_module", "time": time}
+        exec("def nap():\n    time.sleep(0.01)\n", relay_module)  # Relay's own sleeps: host time only
+        relay_module["nap"]()
+        assert len(seen) == polls
+
+
+def test_wall_clock_events_time_the_host():
+    """--clock wall (no emulated timeline): CUDA's Event and Stream take their arguments, and
+    elapsed_time is milliseconds of the host's time (the wall clock's emulated time)."""
+    chip = chips.get("h100")
+    with cuda.emulated(chip, Hbm(chip), count=2, index=0):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with pytest.raises(RuntimeError, match="not recorded"):
+            start.elapsed_time(end)
+        h0 = _real_perf_counter()
+        start.record()
+        time.sleep(0.02)
+        with torch.cuda.stream(torch.cuda.Stream(priority=-1)):
+            torch.cuda.Stream().record_event(end)
+        torch.cuda.synchronize()
+        host_ms = (_real_perf_counter() - h0) * 1e3
+        assert 20.0 <= start.elapsed_time(end) <= host_ms
+
+
+def test_a_tensors_own_device_is_the_current_device():
+    """x.device reads cpu (remapped): torch.cuda calls given it answer for the current device."""
+    with gpu(count=2, index=1):
+        x = torch.ones(2, device="cuda")
+        assert torch.cuda.get_device_properties(x.device).name == chips.get("h100").display
+        assert torch.cuda.get_device_capability(x.device) == (9, 0)
+        with torch.cuda.device(x.device):
+            assert torch.cuda.current_device() == 1
+        with pytest.raises(ValueError, match="Expected a cuda device"):
+            torch.cuda.get_device_properties(torch.device("meta"))
+
+
+def test_generator_summary_set_stream_type_and_autocast_query():
+    with gpu() as (timeline, _):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        assert isinstance(g, torch.Generator) and g.device.type == "cpu"
+        a = torch.randn(3, device="cuda", generator=g)
+        assert torch.equal(a, torch.randn(3, generator=torch.Generator("cuda").manual_seed(0)))
+        torch.empty(2 ** 20, device="cuda")
+        summary = torch.cuda.memory_summary()
+        assert "emulated HBM" in summary and "MiB" in summary and torch.cuda.memory.memory_summary() == summary
+        s = torch.cuda.Stream()
+        torch.cuda.set_stream(s)
+        assert timeline.current == s.id and torch.cuda.current_stream() == s
+        torch.cuda.set_stream(torch.cuda.default_stream())
+        assert timeline.current == DEFAULT
+        x = torch.ones(2, dtype=torch.float64).type("torch.cuda.FloatTensor")
+        assert x.dtype == torch.float32 and x.device.type == "cpu"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.is_autocast_enabled("cuda") and torch.is_autocast_enabled()
+            assert torch.get_autocast_dtype("cuda") == torch.bfloat16
+        assert not torch.is_autocast_enabled("cuda")
+    assert torch.Generator is torch._C.Generator  # undone
+
+
+def test_torch_accelerator_agrees_with_torch_cuda():
+    """torch.accelerator and torch.get_device_module() answer as torch.cuda does, and torch's own
+    users of them still run: a DataLoader pinning memory (with a worker), an optimizer's step."""
+    from torch.utils.data import DataLoader, TensorDataset
+    with gpu(count=2, index=1) as (timeline, _):
+        acc = torch.accelerator
+        assert acc.is_available() and acc.current_accelerator() == torch.device("cuda")
+        assert acc.device_count() == 2 and acc.current_device_index() == 1
+        acc.set_device_index(0)
+        assert torch.cuda.current_device() == 0
+        assert torch.get_device_module() is torch.cuda and torch.get_device_module("cuda") is torch.cuda
+        assert acc.current_stream() == torch.cuda.current_stream() and not acc.current_stream().is_capturing()
+        x = torch.empty(1000, device="cuda")
+        assert acc.memory_allocated() == torch.cuda.memory_allocated() > 0
+        data = TensorDataset(torch.arange(16.0).view(8, 2))
+        for workers in (0, 1):
+            batches = [b for (b,) in DataLoader(data, batch_size=4, pin_memory=True, num_workers=workers)]
+            assert torch.equal(torch.cat(batches), data.tensors[0])
+        m = torch.nn.Linear(2, 2)
+        opt = torch.optim.AdamW(m.parameters())
+        m(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        del x
+    assert not torch.accelerator.is_available() and torch.get_device_module() is torch.cpu  # undone
+
+
+def test_cluster_launch_takes_the_clusters_tensors():
+    """Cluster(tensors="fake").launch(fn) runs fn on fake tensors (its settings are checked as
+    such, before any worker starts), and refuses a fake cluster too large to give fn a worker each."""
+    from relay import Cluster, System
+    from relay.errors import ConfigError
+    with pytest.raises(ConfigError, match="tensors = 'fake' needs the virtual clock"):
+        Cluster(System("h100", 2), clock="wall", tensors="fake").launch(print)
+    with pytest.raises(ConfigError, match=r"Cluster\(tensors='fake'\) of 32 devices starts one worker"):
+        Cluster(System("h100", 32), tensors="fake").launch(print, host_clock=True)

@@ -7,16 +7,23 @@ timing lines print emulated figures. Each keeps its real value at the program's 
 emulated seconds from there: `time.time()` is still a date, its deltas are emulated. As on a GPU,
 the host runs ahead of the streams: a timed section reads its kernels' time once the program
 syncs (`torch.cuda.synchronize()`, `.item()`, an event's synchronize), as programs do.
+`time.sleep(s)` on the program's thread sleeps on the host and moves the host lane on by s
+emulated seconds (Timeline's "sleep" change), as a real host's time passes while it sleeps.
+
+`relay.dist.restart_clocks()` restarts the timeline at emulated 0; the program's clock goes on
+from where it was (Timeline.before_reset_s), never back.
 
 Everything else keeps the host's time: other threads (Ray's, the communication engine's, data
-loader threads), and calls made from Relay's, Ray's and torch.distributed's own modules (their
-timeouts and spins) even on the program's thread; `threading` and `queue` took their clock
+loader threads), forked children (DataLoader workers: another process), and calls made from
+Relay's, Ray's and torch.distributed's own modules (their timeouts and spins) even on the
+program's thread; `threading` and `queue` took their clock
 before the patch. `relay launch --host-clock` leaves the clock alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -38,7 +45,7 @@ def _emulated(name: str) -> float | None:
     if sys._getframe(2).f_globals.get("__name__", "").startswith(_OWN):
         return None
     thread, timeline, offset, start = active
-    return start[name] + (timeline.host - offset)
+    return start[name] + (timeline.host + timeline.before_reset_s - offset)
 
 
 def _make(name: str):
@@ -61,7 +68,32 @@ def _make_ns(name: str):
     return now_ns
 
 
-_PATCHED = {**{n: _make(n) for n in _NAMES}, **{n + "_ns": _make_ns(n) for n in _NAMES}}
+_REAL_SLEEP = time.sleep
+
+
+def sleep(seconds: float) -> None:
+    """time.sleep: the host's, and on the program's thread the host lane moves on by `seconds`
+    too (a change the timeline records, so shared runs replay it): a program's `while monotonic()
+    - t0 < timeout: sleep(dt)` loop (filelock's acquire(timeout=...)) ends as on a real host."""
+    _REAL_SLEEP(seconds)
+    active = _active
+    if (active is not None and threading.get_ident() == active[0] and seconds > 0
+            and not sys._getframe(1).f_globals.get("__name__", "").startswith(_OWN)):
+        active[1].apply("sleep", float(seconds))
+
+
+_PATCHED = {**{n: _make(n) for n in _NAMES}, **{n + "_ns": _make_ns(n) for n in _NAMES}, "sleep": sleep}
+
+
+def _forked() -> None:
+    """A forked child (a DataLoader worker, a multiprocessing pool) is another process: its thread
+    has the program thread's id, but no kernel of its own advances the device's timeline, so its
+    clock is the host's (else it would read a frozen emulated time: its timeouts never expire)."""
+    global _active
+    _active = None
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 @contextlib.contextmanager
@@ -70,7 +102,7 @@ def emulated(timeline):
     global _active
     start = {name: fn() for name, fn in _REAL.items()}  # real values at this program's emulated start
     saved = {n: getattr(time, n) for n in _PATCHED}
-    _active = (threading.get_ident(), timeline, timeline.host, start)
+    _active = (threading.get_ident(), timeline, timeline.host + timeline.before_reset_s, start)
     for n, fn in _PATCHED.items():
         setattr(time, n, fn)
     try:

@@ -97,9 +97,11 @@ class Remap(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _SELF:
             return args[0]
+        if func is torch.Tensor.type and args[1:2] and isinstance(args[1], str) and args[1].startswith("torch.cuda."):
+            args = (args[0], "torch." + args[1][len("torch.cuda."):], *args[2:])  # x.type("torch.cuda.FloatTensor")
         if "device" in kwargs:
             d = kwargs["device"]
-            if _is_cuda(d) or (isinstance(d, int) and not isinstance(d, bool) and func in _TO):
+            if _is_cuda(d) or _index(d):  # device=local_rank: the accelerator's, as on a GPU build
                 kwargs = {**kwargs, "device": "cpu"}
         if func in _TO and any(isinstance(a, int) and not isinstance(a, bool) for a in args):
             args = tuple("cpu" if isinstance(a, int) and not isinstance(a, bool) else _host(a)
@@ -128,6 +130,8 @@ class VirtualCuda:
         if isinstance(device, str):
             device = torch.device(device)
         if isinstance(device, torch.device):
+            if device.type == "cpu":  # a tensor's own device (remapped: it reads cpu) is the current one
+                return self.index
             if device.type != "cuda":
                 raise ValueError(f"Expected a cuda device, but got: {device}")
             device = self.index if device.index is None else device.index
@@ -204,6 +208,20 @@ class VirtualCuda:
     def is_current_stream_capturing(self) -> bool:
         return False  # (no CUDA graph is ever captured: they are refused)
 
+    def memory_summary(self, device=None, abbreviated: bool = False) -> str:
+        """torch.cuda.memory_summary(): the emulated HBM's figures (torch's table needs its
+        allocator's per-pool statistics, which the emulated HBM does not keep)."""
+        self._ordinal(device)
+        h, mib = self.hbm, 2 ** 20
+        return (f"relay: emulated HBM of device {self.index} ({self.properties.name}, "
+                f"{h.capacity / 1e9:.0f} GB): allocated {h.allocated / mib:.1f} MiB "
+                f"(peak {h.peak / mib:.1f} MiB), reserved {h.reserved / mib:.1f} MiB")
+
+    def set_stream(self, stream) -> None:
+        """torch.cuda.set_stream(s): s is the current stream from here on (the emulated timeline's)."""
+        if streams._active is not None:
+            streams._apply("use", stream.id)
+
     def default_stream(self, device=None):
         return torch.cpu.current_stream() if streams._active is None else streams._DEFAULT
 
@@ -249,7 +267,7 @@ _DEVICE_NAMES = ("is_available", "is_initialized", "init", "device_count", "set_
                  "get_device_name", "get_device_properties", "get_device_capability", "is_bf16_supported",
                  "get_arch_list", "manual_seed", "manual_seed_all", "seed", "seed_all",
                  "get_rng_state", "set_rng_state", "initial_seed", "default_stream", "ipc_collect",
-                 "is_current_stream_capturing")
+                 "is_current_stream_capturing", "memory_summary", "set_stream")
 _MEMORY_NAMES = hbm_names.CUDA_NAMES  # (the Hbm's methods)
 
 
@@ -288,8 +306,11 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches.append((torch.cuda, "device", type("device", (_DeviceContext,), {"cuda": cuda})))
     patches += [(module, name, getattr(hbm, name))
                 for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)]
+    patches.append((torch.cuda.memory, "memory_summary", cuda.memory_summary))
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
+    if streams._active is None:  # the wall clock: events on the host's time (streams.HostEvent)
+        patches += [(torch.cuda, "Event", streams.HostEvent), (torch.cuda, "Stream", streams.HostStream)]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
     patches += host_objects.patches()  # nccl, autocast, DDP, DeviceMesh, FSDP1, nvtx, load, default device
     patches += gpu_libs.patches()  # torch.compile, FlexAttention, DTensor's RNG (backend/gpu_libs.py)

@@ -3,8 +3,10 @@ device (backend/cuda.py installs `patches()`; docs/design.md "Programs written f
 a DeviceMesh of device type "cuda" is a host mesh (FSDP2 and DTensor find their parameters on
 the mesh's device), DDP's `device_ids` of a host module are dropped, FSDP1's `device_id` is the
 host's, `torch.autocast("cuda", dtype)` is the host's autocast of that dtype, `torch.load`'s
-`map_location` and `torch.set_default_device` of "cuda" are the host, `nccl` is available (it is
-the relay backend), and NVTX ranges do nothing (as without a profiler attached)."""
+`map_location`, `torch.set_default_device` and `torch.Generator` of "cuda" are the host,
+`torch.is_autocast_enabled("cuda")` / `get_autocast_dtype("cuda")` read the host's autocast,
+`nccl` is available (it is the relay backend), and NVTX ranges do nothing (as without a
+profiler attached)."""
 
 from __future__ import annotations
 
@@ -87,6 +89,61 @@ def set_default_device(original):
     return set_default_device
 
 
+class Generator(torch._C.Generator):
+    """torch.Generator(device="cuda"): a generator of the host (the program's tensors are there)."""
+
+    def __new__(cls, device=None):
+        return super().__new__(cls, "cpu" if device is None or _cuda(device) or _index(device) else device)
+
+    def __init__(self, device=None) -> None:
+        pass
+
+
+def autocast_query(original):
+    def query(device_type="cuda", *args):  # torch.is_autocast_enabled("cuda"): the host's autocast
+        return original("cpu" if device_type == "cuda" else device_type, *args)
+    return query
+
+
+def _current_stream(device=None):
+    from relay.device.backend import streams  # (the timeline's where one runs: --clock virtual)
+    return streams.current_stream() if streams._active is not None else streams.HostStream()
+
+
+def _device_module(original):
+    def get_device_module(device=None):  # torch.get_device_module(): the accelerator's, torch.cuda
+        return torch.cuda if device is None or _cuda(device) else original(device)
+    return get_device_module
+
+
+def accelerator_patches() -> list:
+    """torch.accelerator agrees with torch.cuda (the current accelerator is "cuda"): torch's own
+    code asks it (DataLoader's pin_memory, the optimizers' capture check, DDP, FSDP2). Pinning is
+    the identity (the tensors are the host's; a DataLoader's pin thread is outside the remapping),
+    and torch.utils.checkpoint's default device type stays the host's (its RNG stash is there)."""
+    from torch.utils import checkpoint
+    from torch.utils.data._utils import pin_memory
+    acc, cuda = torch.accelerator, torch.cuda
+    found = [(acc, "is_available", lambda: True),
+             (acc, "current_accelerator", lambda check_available=False: torch.device("cuda")),
+             (acc, "device_count", lambda: cuda.device_count()),
+             (acc, "current_stream", _current_stream), (acc, "set_stream", lambda s: cuda.set_stream(s)),
+             (acc, "synchronize", lambda device=None: cuda.synchronize()),
+             (acc, "device_index", lambda device: cuda.device(device)),
+             (acc, "get_memory_info", lambda device=None: cuda.mem_get_info()),
+             (torch, "get_device_module", _device_module(torch.get_device_module)),
+             (pin_memory, "pin_memory", lambda data, device=None: data),
+             (checkpoint.DefaultDeviceType, "_default_device_type", "cpu")]
+    for name in ("current_device_index", "current_device_idx"):
+        found.append((acc, name, lambda: cuda.current_device()))
+    for name in ("set_device_index", "set_device_idx"):
+        found.append((acc, name, lambda device: cuda.set_device(device)))
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
+                 "memory_stats", "reset_peak_memory_stats", "reset_accumulated_memory_stats", "empty_cache"):
+        found.append((acc, name, lambda *args, _name=name, **kwargs: getattr(cuda, _name)()))
+    return found
+
+
 def patches() -> list:
     """(object, name, value) for backend/cuda.py's `emulated`."""
     from torch.amp import autocast_mode
@@ -99,5 +156,7 @@ def patches() -> list:
         (DistributedDataParallel, "__init__", ddp_init(DistributedDataParallel.__init__)),
         (DeviceMesh, "__init__", mesh_init(DeviceMesh.__init__)),
         (FullyShardedDataParallel, "__init__", fsdp1_init(FullyShardedDataParallel.__init__)),
-        (torch, "load", load(torch.load)),
-        (torch, "set_default_device", set_default_device(torch.set_default_device))]
+        (torch, "load", load(torch.load)), (torch, "Generator", Generator),
+        (torch, "is_autocast_enabled", autocast_query(torch.is_autocast_enabled)),
+        (torch, "get_autocast_dtype", autocast_query(torch.get_autocast_dtype)),
+        (torch, "set_default_device", set_default_device(torch.set_default_device)), *accelerator_patches()]

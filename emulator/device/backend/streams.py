@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 
 import torch
 
@@ -65,6 +66,9 @@ class Stream:
 
     def query(self) -> bool:
         return True
+
+    def is_capturing(self) -> bool:
+        return False  # (CUDA graphs are refused: backend/cuda.py)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Stream) and other.id == self.id
@@ -130,6 +134,49 @@ def stream(s: Stream | None):
 def synchronize(device=None) -> None:
     _apply("sync", None)
 
+
+class HostEvent:
+    """torch.cuda.Event where no emulated timeline runs (`--clock wall`: the emulated time is the
+    host's own, so torch.cpu's no-op streams stand): recorded at the host's time, elapsed_time in
+    milliseconds of it (torch.cpu.Event takes no arguments and has no elapsed_time)."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+        self.t = None
+
+    def record(self, stream=None) -> HostEvent:
+        self.t = _host_clock()
+        return self
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        if self.t is None or end.t is None:
+            raise RuntimeError("relay: elapsed_time of an event not recorded; record both events first")
+        return (end.t - self.t) * 1e3
+
+
+class HostStream(torch.cpu.Stream):
+    """torch.cuda.Stream where no emulated timeline runs: torch.cpu's no-op stream, taking CUDA's
+    arguments; its record_event gives a HostEvent."""
+
+    def __init__(self, device=None, priority: int = 0, **kwargs) -> None:
+        super().__init__(priority)
+
+    def record_event(self, event: HostEvent | None = None) -> HostEvent:
+        return (event or HostEvent()).record()
+
+    def is_capturing(self) -> bool:
+        return False
+
+
+_host_clock = time.perf_counter  # (taken before any program's clock patch: the host's)
 
 _NAMES = {"Stream": Stream, "Event": Event, "current_stream": current_stream, "stream": stream,
           "synchronize": synchronize}
