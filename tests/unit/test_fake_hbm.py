@@ -1,6 +1,7 @@
 """The emulated HBM (relay.device.backend.hbm) of a program on fake tensors (`relay launch --tensors
 fake`) equals the same program's on real tensors, step after step, with Python's cyclic collector
-off as torchtitan keeps it between its own collections (tools/utils.GarbageCollection)."""
+off as torchtitan keeps it between its own collections (tools/utils.GarbageCollection); a DTensor
+holds its local shard."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import contextlib
 import gc
 import weakref
 
+import pytest
 import torch
+import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from relay import System
 from relay.collectives import Fabric
@@ -22,6 +28,7 @@ from relay.device.fake.program import launch_fake
 from relay.hardware import chips
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import CostModel
+from relay.kernels.throttle import Throttle
 from relay.kernels.timeline import Timeline
 
 
@@ -92,3 +99,25 @@ def test_the_fake_op_memo_keeps_no_input_alive():
             alive.append(weakref.ref(out))
             del a, b, out, view
             assert [r() for r in alive] == [None] * 3
+
+
+@pytest.mark.parametrize("fake", [False, True])
+def test_a_dtensor_holds_its_local_shard(fake):
+    """An op on a DTensor (FSDP2's parameters: torchtitan's to_empty and init_weights) makes its
+    local shard, below the throttle: that is what the HBM holds, not the DTensor's own storage,
+    which has the global size (llama3 8B on 8 emulated H100 read 35.3 GiB "memory usage for
+    model" where its fp32 shards are 3.7 GiB, and ran out of emulated memory at its first step)."""
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        weight = distribute_tensor(torch.empty(1024, 512), init_device_mesh("cpu", (8,)), [Shard(0)])
+        throttle = Throttle(CostModel(chips.get("h100")), VirtualLane())
+        throttle.memory = hbm = Hbm(chips.get("h100"))
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), throttle:
+            shard = torch.empty_like(weight)
+            assert hbm.allocated == 128 * 512 * 4 and shard.to_local().shape == (128, 512)
+            total = shard.sum()  # a scalar DTensor, partial: its local scalar (one block)
+            assert hbm.allocated == 128 * 512 * 4 + 512
+            del shard, total
+            assert hbm.allocated == 0
+    finally:
+        dist.destroy_process_group()
