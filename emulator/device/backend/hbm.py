@@ -4,9 +4,11 @@ device, backend/cuda.py; docs/design.md "Programs written for GPUs").
 Every tensor storage an op makes while the program runs (the throttle sees every op) is counted
 once, rounded up to 512 bytes as CUDA's caching allocator rounds blocks, and uncounted when the
 storage is freed (a weak reference's finalizer). Real and fake tensors count alike, by their
-real size, so a fake run at full size holds the model's real footprint. A storage that would
-take the count past the chip's capacity raises `torch.OutOfMemoryError` naming the chip, as
-PyTorch's allocator does (the op has run on the host; its output is dropped).
+real size, so a fake run at full size holds the model's real footprint. A wrapper subclass (a
+DTensor) counts its inner tensors (a DTensor's local shard), not its own storage (the global size,
+no memory). A storage that would take the count past the chip's capacity raises
+`torch.OutOfMemoryError` naming the chip, as PyTorch's allocator does (the op has run on the
+host; its output is dropped).
 
 `reserved` follows the caching allocator's rule (memory once held stays held until
 `empty_cache()`): the peak allocated since the last `empty_cache`. Storages made before the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 BLOCK = 512  # bytes: CUDA's caching allocator rounds every block up to a multiple of 512
 _GIB = 2 ** 30
@@ -41,18 +44,30 @@ class Hbm:
     def track(self, out) -> None:
         """Count the storages of an op's output (a tensor, or tensors in a list or tuple)."""
         if isinstance(out, torch.Tensor):
-            self._storage(out)
+            self._tensor(out)
         elif isinstance(out, (list, tuple)):
             for t in out:
                 if isinstance(t, torch.Tensor):
-                    self._storage(t)
+                    self._tensor(t)
+
+    def _tensor(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):
+            # a wrapper (a DTensor, FSDP2's parameters, an AsyncCollectiveTensor) holds its inner
+            # tensors' memory (a DTensor: its local shard), made by ops below the throttle that it
+            # never sees; the wrapper's own storage has the global size and no memory
+            for name in t.__tensor_flatten__()[0]:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):  # (a DTensor also names its mesh)
+                    self._tensor(inner)
+        else:
+            self._storage(t)
 
     def _storage(self, t: torch.Tensor) -> None:
         if t.device.type == "meta":  # (no memory: a model built on "meta" before it is sharded, as torchtitan's)
             return
         try:
             storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # a subclass without storage (DTensor's wrapper)
+        except (RuntimeError, NotImplementedError):  # a subclass without storage
             return
         key = storage._cdata
         if key in self.live:

@@ -62,26 +62,32 @@ class FreshOps:
 
     def _key(self, func, args, kwargs) -> tuple | None:
         """(op, each argument's part), or None when an argument cannot be keyed or none is fake."""
-        fakes = []
-
-        def part(a):
-            if type(a) is FakeTensor:
-                if a.fake_mode is not self.mode or a.constant is not None:
-                    raise _Unkeyed
-                fakes.append(a)  # (its device too: a model built on "meta" runs the same ops at the same shapes)
-                return a.shape, a.stride(), a.storage_offset(), a.dtype, a.fake_device
-            if type(a) in _PLAIN:
-                return type(a), a
-            if type(a) in (list, tuple, torch.Size):
-                return type(a), tuple(part(x) for x in a)
-            raise _Unkeyed
-
+        fakes = []  # one entry per fake input (no tensor: see _part)
         try:
-            key = (func, *(part(a) for a in args), *((k, part(v)) for k, v in kwargs.items()))
+            key = (func, *(_part(a, self.mode, fakes) for a in args),
+                   *((k, _part(v, self.mode, fakes)) for k, v in kwargs.items()))
         except _Unkeyed:
             return None
         # (an op without fake inputs, a factory, answers with a fake tensor only under the mode)
         return key if fakes or torch._C._get_dispatch_mode(_FAKE) is self.mode else None
+
+
+def _part(a, mode, fakes: list):
+    """An argument's part of the key. A function of the module, not a closure in _key: a nested
+    function that calls itself is a reference cycle (function -> its cell -> function), and the
+    cycle kept every fake input of every op alive until Python's cyclic collector ran; their
+    storages stayed counted in the emulated HBM (torchtitan turns the collector off between its
+    collections: the HBM count grew every step)."""
+    if type(a) is FakeTensor:
+        if a.fake_mode is not mode or a.constant is not None:
+            raise _Unkeyed
+        fakes.append(True)  # (its device too: a model built on "meta" runs the same ops at the same shapes)
+        return a.shape, a.stride(), a.storage_offset(), a.dtype, a.fake_device
+    if type(a) in _PLAIN:
+        return type(a), a
+    if type(a) in (list, tuple, torch.Size):
+        return type(a), tuple(_part(x, mode, fakes) for x in a)
+    raise _Unkeyed
 
 
 class _Unkeyed(Exception):
