@@ -287,7 +287,7 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES]
     patches.append((torch.cuda, "device", type("device", (_DeviceContext,), {"cuda": cuda})))
     patches += [(module, name, getattr(hbm, name))
-                for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)]
+                for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)] + hbm.patches()
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]
     patches += [(torch.cuda, name, _refuse(name, why)) for name, why in _REFUSED.items()]
