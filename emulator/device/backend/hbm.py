@@ -7,9 +7,9 @@ storage is freed (a weak reference's finalizer). Real and fake tensors count ali
 real size, so a fake run at full size holds the model's real footprint. A wrapper subclass (a
 DTensor) counts its inner tensors (a DTensor's local shard), not its own storage (the global size,
 no memory). A storage resized in place (`UntypedStorage.resize_`: FSDP2 frees and allocates its
-all-gathered parameters so) is counted at its new size. A storage that would take the count past the chip's capacity raises
-`torch.OutOfMemoryError` naming the chip, as PyTorch's allocator does (the op has run on the
-host; its output is dropped).
+all-gathered parameters so) is counted at its new size. A storage that would take the count past
+the chip's capacity raises `torch.OutOfMemoryError` naming the chip, as PyTorch's allocator does
+(the op has run on the host; its output is dropped).
 
 `reserved` follows the caching allocator's rule (memory once held stays held until
 `empty_cache()`): the peak allocated since the last `empty_cache`. Storages made before the
