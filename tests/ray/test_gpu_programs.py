@@ -55,9 +55,11 @@ def test_full_size_on_fake_tensors_and_what_they_refuse(cluster, tmp_path):
     res = launch(cluster, program, tensors="fake")
     log = (tmp_path / "rank0.log").read_text()
     peak = [float(x) for x in re.findall(r"peak memory ([\d.]+) MiB", log)]
-    # two 8192 x 32768 layers, fp32, sharded over 2 devices with AdamW's two states and gradients,
-    # plus a batch's activations: over 8 GiB, well under the 80 GB HBM
-    assert len(peak) == 2 and 8 * 1024 < peak[-1] < 70e9 / 2 ** 20
+    # two 8192 x 32768 layers, fp32, sharded over 2 devices: 1 GiB of parameters, 1 of gradients
+    # and 2 of AdamW's states, plus the layers gathered and a batch's activations in the step:
+    # over 5 GiB, under 10 (a DTensor counted at its global size, or the gathered layers kept
+    # after FSDP2 freed them, read 19.8 GiB)
+    assert len(peak) == 2 and 5 * 1024 < peak[-1] < 10 * 1024
     assert "loss 0.0000" in log and res.per_device[0]["flops"] > 1e13
     with pytest.raises(Exception, match=r"DistributedDataParallel\(...\) cannot run on fake tensors"):
         launch(cluster, replace(program, argv=("--steps", "1")), tensors="fake")

@@ -305,7 +305,7 @@ def emulated(chip, hbm, *, count: int | None = None, index: int | None = None):
     patches = [(torch.cuda, name, getattr(cuda, name)) for name in _DEVICE_NAMES]
     patches.append((torch.cuda, "device", type("device", (_DeviceContext,), {"cuda": cuda})))
     patches += [(module, name, getattr(hbm, name))
-                for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)]
+                for name in _MEMORY_NAMES for module in (torch.cuda, torch.cuda.memory)] + hbm.patches()
     patches.append((torch.cuda.memory, "memory_summary", cuda.memory_summary))
     # the device timeline's streams where streams.emulated is active (virtual clock), else torch.cpu's no-ops
     patches += [(torch.cuda, name, getattr(torch.cpu, name)) for name in streams.NAMES]

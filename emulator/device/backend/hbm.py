@@ -6,9 +6,10 @@ once, rounded up to 512 bytes as CUDA's caching allocator rounds blocks, and unc
 storage is freed (a weak reference's finalizer). Real and fake tensors count alike, by their
 real size, so a fake run at full size holds the model's real footprint. A wrapper subclass (a
 DTensor) counts its inner tensors (a DTensor's local shard), not its own storage (the global size,
-no memory). A storage that would take the count past the chip's capacity raises
-`torch.OutOfMemoryError` naming the chip, as PyTorch's allocator does (the op has run on the
-host; its output is dropped).
+no memory). A storage resized in place (`UntypedStorage.resize_`: FSDP2 frees and allocates its
+all-gathered parameters so) is counted at its new size. A storage that would take the count past
+the chip's capacity raises `torch.OutOfMemoryError` naming the chip, as PyTorch's allocator does
+(the op has run on the host; its output is dropped).
 
 `reserved` follows the caching allocator's rule (memory once held stays held until
 `empty_cache()`): the peak allocated since the last `empty_cache`. Storages made before the
@@ -62,6 +63,36 @@ class Hbm:
         else:
             self._storage(t)
 
+    def patches(self) -> list:
+        """(object, name, value) patches while the program runs: a counted storage resized in
+        place (`UntypedStorage.resize_`, no aten op: FSDP2 frees each all-gathered parameter so
+        after its forward and backward, and allocates it again before) is counted at its new size."""
+        resize = torch.UntypedStorage.resize_
+
+        def resize_(storage, size):
+            self._resize(storage._cdata, size)
+            return resize(storage, size)
+        return [(torch.UntypedStorage, "resize_", resize_)]
+
+    def _resize(self, key: int, size: int) -> None:
+        if key not in self.live:  # (not the program's: made before it, or by the engine)
+            return
+        nbytes = -(-int(size) // BLOCK) * BLOCK
+        self._check(nbytes - self.live[key])
+        self.allocated += nbytes - self.live[key]
+        self.live[key] = nbytes
+        self.peak = max(self.peak, self.allocated)
+        self.reserved = max(self.reserved, self.allocated)
+
+    def _check(self, nbytes: int) -> None:
+        if self.allocated + nbytes > self.capacity * self.fraction:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory on the emulated {self.chip.display or self.chip.name} "
+                f"({self.chip.hbm_gb:g} GB HBM): tried to allocate {nbytes / _GIB:.2f} GiB with "
+                f"{self.allocated / _GIB:.2f} GiB allocated of {self.capacity / _GIB:.2f} GiB"
+                + (f", {self.fraction:g} of it allowed " if self.fraction < 1 else " ") +
+                "(relay: emulated HBM, docs/design.md 'Programs written for GPUs')")
+
     def _storage(self, t: torch.Tensor) -> None:
         if t.device.type == "meta":  # (no memory: a model built on "meta" before it is sharded, as torchtitan's)
             return
@@ -73,13 +104,7 @@ class Hbm:
         if key in self.live:
             return
         nbytes = -(-storage.nbytes() // BLOCK) * BLOCK
-        if self.allocated + nbytes > self.capacity * self.fraction:
-            raise torch.OutOfMemoryError(
-                f"CUDA out of memory on the emulated {self.chip.display or self.chip.name} "
-                f"({self.chip.hbm_gb:g} GB HBM): tried to allocate {nbytes / _GIB:.2f} GiB with "
-                f"{self.allocated / _GIB:.2f} GiB allocated of {self.capacity / _GIB:.2f} GiB"
-                + (f", {self.fraction:g} of it allowed " if self.fraction < 1 else " ") +
-                "(relay: emulated HBM, docs/design.md 'Programs written for GPUs')")
+        self._check(nbytes)
         self.live[key] = nbytes
         self.allocated += nbytes
         self.allocations += 1
