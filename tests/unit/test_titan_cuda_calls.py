@@ -1,4 +1,4 @@
-"""CUDA calls torchtitan 0.3.0 makes on its train path, on the virtual CUDA device (NEEDS.md lists
+"""CUDA calls torchtitan 0.3.0 makes on its train path, on the virtual CUDA device (docs/torchtitan.md lists
 them all; tests/unit/test_virtual_cuda.py covers the device's own calls)."""
 
 from __future__ import annotations
