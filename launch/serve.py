@@ -16,6 +16,7 @@ from relay.hardware.system import System
 from relay.launch.options import add_system_args, system_from
 
 GB = 1e9
+BATCH = 64  # decode sequences per replica, by default
 HEADERS = ["phase", "layout", "batch\n(sequences\nper replica)", "TTFT / TPOT\n(emulated ms)",
            "tokens/s per device\n(emulated)", "compute\n(emulated ms)", "TP all-reduce\n(emulated ms)",
            "dispatch+combine\n(emulated ms)", "memory / HBM\n(GB per device)"]
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
                    "deepseek-v3, mixtral-8x7b, llama-debug, moe-debug")
     p.add_argument("--input-len", type=int, default=4096, help="prompt tokens per request (default 4096)")
     p.add_argument("--output-len", type=int, default=1024, help="generated tokens per request (default 1024)")
-    p.add_argument("--batch", type=int, default=64, help="sequences per replica in a decode step (default 64)")
+    p.add_argument("--batch", type=int, help=f"sequences per replica in a decode step (default {BATCH})")
     p.add_argument("--prefill-batch", type=int, help="prompts per replica in a prefill step (default: "
                    f"{serving.PREFILL_TOKENS} tokens' worth, at least 1)")
     p.add_argument("--parallel", help="the layout, e.g. dp=72,tp=1,ep=72 (missing: dp = devices / tp, tp = 1, "
@@ -55,8 +56,14 @@ def _check(args, system) -> None:
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} = {v} is invalid; give a count >= 1")
     system.chip.peak_flops(args.precision)  # fp8 on a chip without it: refused here
-    if args.breakeven and args.parallel:
-        raise ConfigError("--breakeven searches the layouts of both sides; drop --parallel")
+    given = [flag for flag, v in (("--parallel", args.parallel), ("--batch", args.batch),
+                                  ("--prefill-batch", args.prefill_batch), ("--no-overlap", args.no_overlap)) if v]
+    if (args.search or args.breakeven) and given:
+        raise ConfigError(f"{', '.join(given)}: --search and --breakeven choose the layout and both batches and "
+                          "overlap the expert all-to-all themselves; drop " + ("them" if len(given) > 1 else "it"))
+    if args.fast_precision and not args.breakeven:
+        raise ConfigError(f"--fast-precision = {args.fast_precision!r} is the fast side's precision of --breakeven "
+                          "FAST; add --breakeven FAST or drop it")
     if (args.tpot_ms or args.ttft_ms) and not (args.search or args.breakeven):
         raise ConfigError("--tpot-ms / --ttft-ms are targets of a search; add --search (or --breakeven FAST)")
 
@@ -135,8 +142,8 @@ def cmd_serve(args) -> int:
     layout = Layout.parse(args.parallel, system.devices) if args.parallel else Layout(system.devices, 1, moe_ep)
     if args.parallel and "ep=" not in args.parallel:
         layout = Layout(layout.dp, layout.tp, moe_ep)
-    s = serving.serve(args.workload, system, layout, args.batch, args.input_len, args.output_len, args.precision,
-                      overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch)
+    s = serving.serve(args.workload, system, layout, args.batch or BATCH, args.input_len, args.output_len,
+                      args.precision, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch)
     print(head)
     print(tabulate(rows(s), headers=HEADERS, disable_numparse=True))
     print(f"# memory per device: {_describe_memory(s)}")

@@ -76,7 +76,11 @@ def test_bad_layouts_are_refused(layout, match):
 def test_cli_refuses_bad_input_before_running(capsys):
     for argv, match in ((["--parallel", "dp=3"], "dp x tp = 3"), (["--batch", "0"], "--batch = 0"),
                         (["--parallel", "pp=2"], "'pp=2'"), (["--tpot-ms", "50"], "add --search"),
-                        (["--precision", "fp8", "--system", "cloudmatrix384"], "no fp8 peak")):
+                        (["--precision", "fp8", "--system", "cloudmatrix384"], "no fp8 peak"),
+                        (["--search", "--parallel", "dp=4", "--batch", "8"], "--parallel, --batch: --search and "
+                         "--breakeven choose the layout"),
+                        (["--breakeven", "nvl72", "--no-overlap"], "--no-overlap: --search and --breakeven"),
+                        (["--fast-precision", "fp8"], "--fast-precision = 'fp8' is the fast side's precision")):
         system = [] if "--system" in argv else ["--chip", "h100", "--devices", "4"]
         base = ["serve", "--workload", "llama-debug", *system]
         assert cli.main(base + argv) == 2
