@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
+from _device import gpu  # tests/unit is on the path (no package)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -132,12 +133,8 @@ def test_fsdp2_frees_what_it_all_gathers():
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        chip = chips.get("h100")
-        cost = CostModel(chip)
-        timeline = Timeline(cost.launch_us / 1e6)
-        throttle = Throttle(cost, timeline)
-        throttle.memory = hbm = Hbm(chip)
-        with throttle, streams.emulated(timeline, None), cuda.emulated(chip, hbm, count=1, index=0):
+        with gpu(count=1, host_clock=True) as (_, throttle):
+            hbm = throttle.memory
             torch.manual_seed(0)
             model = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024, bias=False) for _ in range(4)))
             mesh = init_device_mesh("cpu", (2,))

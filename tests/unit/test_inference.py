@@ -5,17 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _device import one_thread  # noqa: F401  (tests/unit is on the path)
 
 from relay.workloads import get, inference, moe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's intra-op threads only add hand-offs (seconds on a loaded 2-core host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, config=None):

@@ -3,7 +3,7 @@ every emulated figure, the KV cache charged as HBM traffic and capacity, layouts
 anything runs, the search's batch the largest meeting the target."""
 
 import pytest
-import torch
+from _device import one_thread  # noqa: F401  (tests/unit is on the path)
 
 from relay import System
 from relay.analytic import serving, serving_search
@@ -14,13 +14,7 @@ from relay.workloads import inference, llama, moe
 H100x4 = System("h100", 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's intra-op threads only add hand-offs (seconds on a loaded 2-core host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name,layout", [("llama-debug", serving.Layout(2, 2, 1)),

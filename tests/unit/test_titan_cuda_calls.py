@@ -3,28 +3,8 @@ them all; tests/unit/test_virtual_cuda.py covers the device's own calls)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-
-from relay.device.backend import clock, cuda, streams
-from relay.device.backend.hbm import Hbm
-from relay.hardware import chips
-from relay.kernels.cost import CostModel
-from relay.kernels.throttle import Throttle
-from relay.kernels.timeline import Timeline
-
-
-@contextlib.contextmanager
-def gpu(chip="h100", count=2, index=0):
-    chip = chips.get(chip)
-    cost = CostModel(chip)
-    timeline = Timeline(cost.launch_us / 1e6)
-    throttle = Throttle(cost, timeline)
-    throttle.memory = Hbm(chip)
-    with throttle, streams.emulated(timeline, None), cuda.emulated(chip, throttle.memory, count=count, index=index):
-        with clock.emulated(timeline):
-            yield timeline, throttle
+from _device import gpu  # tests/unit is on the path (no package)
 
 
 def test_calls_inside_python_level_torch_functions_are_remapped():

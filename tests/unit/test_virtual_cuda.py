@@ -4,33 +4,18 @@ the program's clock on the device's timeline. (tests/ray/test_gpu_programs.py ru
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
+from _device import gpu  # tests/unit is on the path (no package)
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from relay.device.backend import clock, cuda, streams
+from relay.device.backend import cuda
 from relay.device.backend.hbm import Hbm
 from relay.hardware import chips
-from relay.kernels.cost import CostModel
-from relay.kernels.throttle import Throttle
-from relay.kernels.timeline import DEFAULT, Timeline
-
-
-@contextlib.contextmanager
-def gpu(chip="h100", count=2, index=0, host_clock=False):
-    """A program's view of one device: throttle on a timeline, streams, CUDA, clock."""
-    chip = chips.get(chip)
-    cost = CostModel(chip)
-    timeline = Timeline(cost.launch_us / 1e6)
-    throttle = Throttle(cost, timeline)
-    throttle.memory = Hbm(chip)
-    with throttle, streams.emulated(timeline, None), cuda.emulated(chip, throttle.memory, count=count, index=index):
-        with (contextlib.nullcontext() if host_clock else clock.emulated(timeline)):
-            yield timeline, throttle
+from relay.kernels.timeline import DEFAULT
 
 
 def test_is_available_and_device_count():
