@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from relay.device.backend import gpu_libs, host_objects, streams
 from relay.device.backend import hbm as hbm_names
+from relay.device.backend.host_objects import _cuda, _index
 
 # compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
 # report (8, 0), the lowest with bf16, so that programs take the paths they take on an A100
@@ -68,18 +69,8 @@ class Properties:
                 f"multi_processor_count={self.multi_processor_count}) (relay: emulated)")
 
 
-def _is_cuda(d) -> bool:
-    if isinstance(d, torch.device):
-        return d.type == "cuda"
-    return isinstance(d, str) and (d == "cuda" or d.startswith("cuda:"))
-
-
-def _index(d) -> bool:
-    return isinstance(d, int) and not isinstance(d, bool)
-
-
 def _host(d):
-    return "cpu" if _is_cuda(d) else d
+    return "cpu" if _cuda(d) else d
 
 
 _TO = {torch.Tensor.to, torch._C._nn._parse_to}  # (Module.to parses its arguments with _parse_to)
@@ -101,12 +92,12 @@ class Remap(TorchFunctionMode):
             args = (args[0], "torch." + args[1][len("torch.cuda."):], *args[2:])  # x.type("torch.cuda.FloatTensor")
         if "device" in kwargs:
             d = kwargs["device"]
-            if _is_cuda(d) or _index(d):  # device=local_rank: the accelerator's, as on a GPU build
+            if _cuda(d) or _index(d):  # device=local_rank: the accelerator's, as on a GPU build
                 kwargs = {**kwargs, "device": "cpu"}
         if func in _TO and any(isinstance(a, int) and not isinstance(a, bool) for a in args):
             args = tuple("cpu" if isinstance(a, int) and not isinstance(a, bool) else _host(a)
                          for a in args)  # .to(local_rank)
-        elif any(_is_cuda(a) for a in args):
+        elif any(_cuda(a) for a in args):
             args = tuple(_host(a) for a in args)
         if isinstance(func, FunctionType):  # a function in Python (Tensor.backward, nn.init.*): what it
             with self:  # runs inside (a backward pass and FSDP's hooks in it, DTensor's dispatch) is remapped too

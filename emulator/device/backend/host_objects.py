@@ -17,12 +17,14 @@ import torch.distributed as dist
 
 
 def _cuda(d) -> bool:
+    """Whether `d` names a CUDA device ("cuda", "cuda:i" or such a torch.device)."""
     if isinstance(d, torch.device):
         return d.type == "cuda"
     return isinstance(d, str) and (d == "cuda" or d.startswith("cuda:"))
 
 
 def _index(d) -> bool:
+    """Whether `d` is a device ordinal (an int, as local_rank: the accelerator's, as on a GPU build)."""
     return isinstance(d, int) and not isinstance(d, bool)
 
 
