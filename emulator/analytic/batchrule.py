@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from relay.analytic import planner, skew
-from relay.analytic.footprint import footprint, measure, parameters
+from relay.analytic.footprint import fitting
 from relay.errors import ConfigError
 from relay.hardware.system import System
 
@@ -85,14 +85,8 @@ def best(system: System, workload: str, target: int, tolerance: float = TOLERANC
     start, found, chip = time.perf_counter(), [], system.chip.name
     for b, dps in sorted(batches(system.devices, target, tolerance).items()):
         for p in planner.plans(system, workload, b):
-            # as planner.search: the parameters alone rule out most plans, then the measured blocks
-            if p.dp not in dps or not footprint(workload, p, b, chip, dtype=dtype,
-                                                measured=parameters(workload, p.tp, p.ep)).fits:
-                continue
-            mb = b // p.dp // p.n_microbatches
-            fp = footprint(workload, p, b, chip, dtype=dtype, measured=measure(workload, p.tp, p.ep, mb, chip,
-                                                                                dtype=dtype))
-            if fp.fits:
+            fp = fitting(workload, p, b, chip, dtype=dtype) if p.dp in dps else None
+            if fp is not None:
                 found.append(skew.cost(system, workload, p, b, routing, fp, dtype=dtype))
     ranked = sorted(found, key=lambda r: (-r.tokens_per_s, r.plan.dp))
     others = {}

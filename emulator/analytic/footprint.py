@@ -306,6 +306,19 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
     return best
 
 
+def fitting(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footprint | None:
+    """The plan's footprint when it fits in the chip's HBM, else None, as the plan searches prune:
+    the parameters alone (counted, no fake run) rule out most plans; then one measurement per (tp,
+    ep, microbatch), cached, serves every plan that shares it. kw: dtype, optimizer, seq_len."""
+    if not footprint(workload, plan, global_batch, chip, **kw,
+                     measured=parameters(workload, plan.tp, plan.ep, kw.get("seq_len"))).fits:
+        return None
+    mb = global_batch // plan.dp // plan.n_microbatches
+    measured = measure(workload, plan.tp, plan.ep, mb, chip, **kw)
+    fp = footprint(workload, plan, global_batch, chip, **kw, measured=measured)
+    return fp if fp.fits else None
+
+
 def check(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footprint:
     """The plan's footprint, or a ConfigError naming the device, the breakdown, the capacity and
     the ways to fit, when its peak exceeds the chip's HBM."""

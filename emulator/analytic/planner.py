@@ -38,7 +38,7 @@ import torch
 
 from relay.analytic import accumulate, activations
 from relay.analytic import footprint as footprints
-from relay.analytic.footprint import Footprint, config_of, footprint, measure, parameters, stage_layers
+from relay.analytic.footprint import Footprint, config_of, fitting, footprint, measure, stage_layers
 from relay.analytic.overlap import fsdp_exposed
 from relay.collectives import predict
 from relay.collectives.fabric import Fabric
@@ -154,14 +154,8 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
     fits, considered = [], 0
     for p in plans(system, workload, global_batch, seq_len):
         considered += 1
-        # memory first, the parameters alone (counted, no fake run) ruling out most plans; then one
-        # measurement per (tp, ep, microbatch), cached, serves every plan that shares it
-        counted = parameters(workload, p.tp, p.ep, seq_len)
-        if not footprint(workload, p, global_batch, chip, **kw, measured=counted).fits:
-            continue
-        mb = global_batch // p.dp // p.n_microbatches
-        fp = footprint(workload, p, global_batch, chip, **kw, measured=measure(workload, p.tp, p.ep, mb, chip, **kw))
-        if fp.fits:
+        fp = fitting(workload, p, global_batch, chip, **kw)  # memory first
+        if fp is not None:
             fits.append((p, fp))
     results = sorted((cost(system, workload, p, global_batch, fp, **kw, message_bytes=message_bytes) for p, fp in fits),
                      key=lambda r: r.step_s)

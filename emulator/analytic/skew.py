@@ -33,7 +33,7 @@ from dataclasses import replace
 import torch
 
 from relay.analytic import activations, planner
-from relay.analytic.footprint import config_of, footprint, measure, parameters, stage_layers
+from relay.analytic.footprint import config_of, fitting, measure, stage_layers
 from relay.errors import ConfigError
 from relay.kernels.cost import CostModel
 from relay.workloads import routing as routings
@@ -130,12 +130,8 @@ def search(system, workload: str, global_batch: int, routing=None, top: int = 5,
     mem = {k: kw[k] for k in ("dtype", "optimizer", "seq_len") if k in kw}
     for p in planner.plans(system, workload, global_batch, kw.get("seq_len")):
         considered += 1
-        if not footprint(workload, p, global_batch, chip, **mem,
-                         measured=parameters(workload, p.tp, p.ep, kw.get("seq_len"))).fits:
-            continue
-        mb = global_batch // p.dp // p.n_microbatches
-        fp = footprint(workload, p, global_batch, chip, **mem, measured=measure(workload, p.tp, p.ep, mb, chip, **mem))
-        if fp.fits:
+        fp = fitting(workload, p, global_batch, chip, **mem)
+        if fp is not None:
             fits.append(cost(system, workload, p, global_batch, routing, fp, **kw))
     results = sorted(fits, key=lambda r: r.step_s)
     return planner.Search(results[:top], considered, considered - len(fits), global_batch,
