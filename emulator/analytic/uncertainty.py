@@ -164,19 +164,18 @@ def _swing(row: dict) -> float:
     return 1e9 if math.inf in (lo, hi) and lo != hi else abs(hi - lo)
 
 
-def models(point: fullscale.Point, workload: str, global_batch: int, skews=SKEWS, dtype: str = "bf16") -> list:
+def models(point: fullscale.Point, workload: str, skews=SKEWS, dtype: str = "bf16") -> list:
     """A searched point's PointModels: its best plan's (`model`), and its best plan of each other
     expert-parallel degree with the best plan's shares (a skewed router can make a lower ep win)."""
-    first = model(point.system, point.best, workload, global_batch, skews=skews, dtype=dtype)
-    return [first] + [model(point.system, b, workload, global_batch, (first.gemm, first.hbm), skews, dtype)
+    first = model(point.system, point.best, workload, skews=skews, dtype=dtype)
+    return [first] + [model(point.system, b, workload, (first.gemm, first.hbm), skews, dtype)
                       for b in point.others]
 
 
-def model(system, b, workload: str, global_batch: int, shares=None, skews=SKEWS, dtype: str = "bf16") -> PointModel:
+def model(system, b, workload: str, shares=None, skews=SKEWS, dtype: str = "bf16") -> PointModel:
     """A plan's PointModel (b: a planner.PlanResult on `system`): its breakdown, its shares
     (two costings on variant chips, unless given) and, under expert parallelism, its skew terms.
-    Each plan is costed at the batch it trains (the batch rule's multiple of its dp, not the
-    target `global_batch`)."""
+    Each plan is costed at the batch it trains (the batch rule's multiple of its dp)."""
     from relay.analytic import planner
 
     plan, bd = b.plan, b.breakdown
@@ -261,6 +260,6 @@ def prepare(be: fullscale.BreakEven, slow, curve: list, workload: str, max_devic
              if c <= be.devices + STEP or c % STEP == 0]
     pts = {p.devices: p for p in (*be.points, *curve, *above) if p.best is not None}
     moe = hasattr(config_of(workload), "n_experts")
-    fast = models(be.fast, workload, be.global_batch, dtype=be.fast_dtype)
-    slow_models = [m for _, p in sorted(pts.items()) for m in models(p, workload, be.global_batch, dtype=be.slow_dtype)]
+    fast = models(be.fast, workload, dtype=be.fast_dtype)
+    slow_models = [m for _, p in sorted(pts.items()) for m in models(p, workload, dtype=be.slow_dtype)]
     return fast, slow_models, default_inputs(be.fast.system.chip, slow.chip, moe), [p.devices for p in above]
