@@ -415,3 +415,15 @@ def small_tensors():
     except Exception as e:  # noqa: BLE001 (the first failure is the finding; later ones follow from it)
         bad.append(f"rank {r}: {name}: raised {type(e).__name__}: {e}")
     return bad
+
+
+def rendezvous_servers():
+    """(address, port) of what this device's process listens on at MASTER_PORT, with the default
+    group initialised (torch.distributed's rendezvous store, where device 0 serves it)."""
+    import os
+
+    import psutil
+    dist.barrier()
+    port = int(os.environ["MASTER_PORT"])
+    return sorted((c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet")
+                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port)

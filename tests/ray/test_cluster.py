@@ -102,6 +102,15 @@ def test_the_embedded_ray_session_and_its_devices_listen_on_loopback_only(cluste
     assert get_authentication_mode() == AuthenticationMode.TOKEN
 
 
+def test_a_programs_rendezvous_store_is_served_on_loopback_only(cluster):
+    """The default group's store a launched program rendezvouses on is served by device 0 on
+    MASTER_ADDR alone (torchrun's agent store), not by the program's rank 0 on every interface."""
+    from _programs import rendezvous_servers
+    servers = cluster.launch(rendezvous_servers).results
+    assert servers[0] and all(loopback(ip) for ip, _ in servers[0])
+    assert servers[1:] == [[]] * 3  # the other devices connect as clients
+
+
 def test_a_sweep_of_sizes_reuses_the_same_actors(cluster):
     pids = list(cluster.pids)
     for n in (2, 3, 8, 4):

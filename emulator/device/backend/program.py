@@ -28,6 +28,7 @@ from relay.device.backend.hbm import Hbm
 from relay.device.backend.scripts import run_main
 from relay.device.backend.steps import StepMarks
 from relay.device.job import Job
+from relay.device.plane.transport import listening_fd
 from relay.kernels.timeline import Timeline
 
 
@@ -56,7 +57,8 @@ class Program:
                 "LOCAL_WORLD_SIZE": str(system.domain_sizes[node]), "GROUP_RANK": str(node),
                 "NODE_RANK": str(node), "ROLE_RANK": str(device), "ROLE_WORLD_SIZE": str(system.devices),
                 "MASTER_ADDR": self.master[0], "MASTER_PORT": str(self.master[1]),
-                "TORCHELASTIC_RUN_ID": "relay", "OMP_NUM_THREADS": "1"}
+                "TORCHELASTIC_RUN_ID": "relay", "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+                "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
 
 
 def run_program(dev, job: Job, program: Program, *, device: int | None = None, engine_class=Engine) -> dict:
@@ -91,7 +93,8 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     try:
         compute.start()
         comm.start()
-        with throttle, marks, _device(program, job, compute, engine, throttle):
+        with throttle, marks, _device(program, job, compute, engine, throttle), \
+                _agent_store(program, device, world, job.timeout_s, engine.recording):
             if program.script is None:
                 store = dist.HashStore() if engine.recording else None  # (alone: no rendezvous)
                 dist.init_process_group(relay_group.NAME, rank=device, world_size=world, store=store,
@@ -117,6 +120,24 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
             "steps": marks.rows(device),
             "real_s": time.time() - r0, "fidelity": min(s["fidelity"] for s in stats),
             "overrun_s": sum(s["overrun_s"] for s in stats), "output": output}
+
+
+@contextlib.contextmanager
+def _agent_store(program: Program, device: int, world: int, timeout_s: float, recording: bool):
+    """torchrun's habit: the launcher serves the default group's rendezvous store (here device 0,
+    before the program starts) on MASTER_ADDR alone, and every rank connects to it as a client
+    (TORCHELASTIC_USE_AGENT_STORE). The program's own rank 0 would otherwise serve it on every
+    interface, whatever MASTER_ADDR says."""
+    if device != 0 or recording:  # (a recording worker rendezvouses on a HashStore of its own)
+        yield
+        return
+    addr, port = program.master
+    store = dist.TCPStore(addr, port, world, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listening_fd(addr, port, world))
+    try:
+        yield
+    finally:
+        del store
 
 
 @contextlib.contextmanager

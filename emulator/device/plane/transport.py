@@ -63,20 +63,24 @@ def rendezvous_store(rank: int, world: int, addr: str, port: int, timeout: timed
     makes one per connection), so that nothing can write where a device will read without
     knowing it. The store has no authentication: anyone who reaches the port can still list its
     keys (see README, Security)."""
-    listen_fd = None
-    if rank == 0:
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        server = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            server.bind((addr, port))
-            server.listen(max(128, world))
-        except OSError:
-            server.close()
-            raise
-        listen_fd = server.detach()
+    listen_fd = listening_fd(addr, port, world) if rank == 0 else None
     store = dist.TCPStore(addr, port, world, rank == 0, timeout, master_listen_fd=listen_fd)
     return dist.PrefixStore(f"relay-{secret}", store)
+
+
+def listening_fd(addr: str, port: int, backlog: int) -> int:
+    """A TCP socket listening on `addr` alone, as a file descriptor for TCPStore's
+    master_listen_fd (TCPStore then owns and closes it)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    server = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((addr, port))
+        server.listen(max(128, backlog))
+    except OSError:
+        server.close()
+        raise
+    return server.detach()
 
 
 def _decode(raw: bytes, me: int, peer: int):
