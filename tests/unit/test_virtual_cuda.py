@@ -4,6 +4,7 @@ the program's clock on the device's timeline. (tests/ray/test_gpu_programs.py ru
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from _device import gpu  # tests/unit is on the path (no package)
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from relay.device.backend import cuda
+from relay.device.backend import clock, cuda
 from relay.device.backend.hbm import Hbm
 from relay.hardware import chips
 from relay.kernels.timeline import DEFAULT
@@ -431,3 +432,24 @@ def test_cluster_launch_takes_the_clusters_tensors():
         Cluster(System("h100", 2), clock="wall", tensors="fake").launch(print)
     with pytest.raises(ConfigError, match=r"Cluster\(tensors='fake'\) of 32 devices starts one worker"):
         Cluster(System("h100", 32), tensors="fake").launch(print, host_clock=True)
+
+
+def test_a_clock_taken_by_name_before_the_program_reads_emulated_time():
+    """A framework that did `from time import perf_counter` at import (tqdm's `from time import
+    time`) reads the emulated clock while the program runs, and the host's after; the standard
+    library's own (threading's timeouts) keep the host's."""
+    import threading
+    import types
+    framework = types.ModuleType("some_framework")
+    exec("from time import perf_counter, time\n", framework.__dict__)
+    sys.modules["some_framework"] = framework
+    try:
+        with gpu() as (timeline, _):
+            timeline.host += 100.0
+            assert framework.time() - _real_time() > 99.0
+            assert framework.perf_counter() - _real_perf_counter() > 99.0
+            assert threading._time is clock._REAL["monotonic"]
+        assert abs(framework.time() - _real_time()) < 5.0 and framework.time is clock._REAL["time"]
+    finally:
+        del sys.modules["some_framework"]
+

@@ -16,8 +16,10 @@ from where it was (Timeline.before_reset_s), never back.
 Everything else keeps the host's time: other threads (Ray's, the communication engine's, data
 loader threads), forked children (DataLoader workers: another process), and calls made from
 Relay's, Ray's and torch.distributed's own modules (their timeouts and spins) even on the
-program's thread; `threading` and `queue` took their clock
-before the patch. `relay launch --host-clock` leaves the clock alone.
+program's thread; `threading` and `queue` took their clock before the patch and keep it. Other
+modules imported before the program that took a clock function by name (`from time import time`:
+tqdm's rates, a framework's timers) are switched to the emulated one while it runs (_taken).
+`relay launch --host-clock` leaves the clock alone.
 """
 
 from __future__ import annotations
@@ -105,9 +107,33 @@ def emulated(timeline):
     _active = (threading.get_ident(), timeline, timeline.host + timeline.before_reset_s, start)
     for n, fn in _PATCHED.items():
         setattr(time, n, fn)
+    taken = _taken()
+    for names, n in taken:
+        names[n] = _PATCHED[names[n].__name__]
     try:
         yield
     finally:
         _active = None
         for n, fn in saved.items():
             setattr(time, n, fn)
+        for names, n in taken:
+            names[n] = _REAL_BY_NAME[names[n].__name__]
+
+
+_REAL_BY_NAME = {**_REAL, **{n + "_ns": f for n, f in _REAL_NS.items()}, "sleep": _REAL_SLEEP}
+_REAL_IDS = {id(f) for f in _REAL_BY_NAME.values()}
+
+
+def _taken() -> list[tuple[dict, str]]:
+    """(module globals, name) of every module imported before the program that took a clock
+    function by name (`from time import time`: tqdm's rate, a framework's timers), so that it
+    reads the emulated clock too; the standard library's (threading, queue, asyncio: their
+    timeouts) and Relay's, Ray's and torch.distributed's own keep the host's."""
+    out = []
+    for name, m in list(sys.modules.items()):
+        if name.partition(".")[0] in sys.stdlib_module_names or name.startswith(_OWN) or name == "__main__":
+            continue
+        names = getattr(m, "__dict__", None)
+        if isinstance(names, dict):
+            out += [(names, k) for k, v in list(names.items()) if id(v) in _REAL_IDS and callable(v)]
+    return out
