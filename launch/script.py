@@ -140,6 +140,8 @@ def cmd_launch(args) -> int:
             if d["output"] is not None:
                 (logs / f"rank{d['device']}.log").write_text(d["output"])
     except DeviceError as e:
+        for d, text in e.logs.items():  # failed devices on other nodes sent their output back
+            (logs / f"rank{d}.log").write_text(text)
         error = out.write_text("error.txt", e.report())
         # (as BaseException.add_note does from Python 3.11; the cli prints the notes)
         e.__notes__ = [*getattr(e, "__notes__", []), f"each failed device's last output and traceback: {error}; "

@@ -28,10 +28,11 @@ class DeviceError(RuntimeError):
     cause, then for a script its last output and its traceback)."""
 
     def __init__(self, device: int, what: str, cause: str, step: int | None = None, completed=None,
-                 details: dict | None = None):
+                 details: dict | None = None, logs: dict | None = None):
         self.device, self.what, self.cause, self.step, self.completed = device, what, cause, step, completed
         self.details = details or {device: cause}
-        super().__init__(device, what, cause, step, completed, details)
+        self.logs = logs or {}  # {device: its whole output}, from failed devices on other nodes than the driver's
+        super().__init__(device, what, cause, step, completed, details, logs)
 
     def __str__(self) -> str:
         where = f" in step {self.step}" if self.step is not None else ""
@@ -102,7 +103,8 @@ def failure(errors: dict[int, BaseException], what: str, step: int | None = None
     details = {d: (cause if d == device else text) + "\n" + (inner.report() if isinstance(inner, ScriptError) else "")
                for d, (text, inner) in causes.items()}
     details.setdefault(device, cause + "\n")  # (blamed for its silence: it said nothing)
-    return DeviceError(device, what, cause, step, completed, details)
+    logs = {d: inner.log for d, (_, inner) in causes.items() if isinstance(getattr(inner, "log", None), str)}
+    return DeviceError(device, what, cause, step, completed, details, logs)
 
 
 def gather(actors: list, refs: list, timeout_s: float, poll_s: float = 1.0, on_poll=None,

@@ -12,6 +12,7 @@ from ray.cluster_utils import Cluster as RayCluster
 from relay import Cluster, System
 from relay.device import jobs
 from relay.device.backend.program import Program
+from relay.driver.monitor import DeviceError
 from relay.driver.programs import launch
 from relay.driver.session import MEMORY_MB
 
@@ -39,6 +40,14 @@ try:
         res = launch(cluster, Program(script=os.path.join(logs, "hello.py"), log_dir=logs))
         out["outputs"] = [d["output"] for d in res.per_device]
         out["logs_written_here"] = sorted(os.listdir(logs))
+        # a failed device on another node sends its whole output back with its error
+        with open(os.path.join(logs, "fail.py"), "w") as f:
+            f.write("import os\nfor i in range(60):\n    print('line', i)\n"
+                    "if os.environ['RANK'] == '5':\n    raise ValueError('device five')\n")
+        try:
+            launch(cluster, Program(script=os.path.join(logs, "fail.py"), log_dir=logs))
+        except DeviceError as e:
+            out["failed"] = [e.device, sorted(e.logs), e.logs.get(5, "").splitlines()[:2]]
     try:
         Cluster(System("h100", 12), address=ray_cluster.address).start()
     except ValueError as e:

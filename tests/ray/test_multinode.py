@@ -35,6 +35,8 @@ def test_domains_land_on_one_node_each_and_devices_work_across_nodes():
     assert seen["losses"] == pytest.approx(train_single(get("mlp"), 3, 32)[0], abs=1e-5)  # training too
     # no device is on the driver's node: each sends its output back instead of writing the log
     assert seen["outputs"] == [f"hello from {d}\n" for d in range(8)] and seen["logs_written_here"] == ["hello.py"]
+    # a failed script on another node: its whole output comes back (not only the last 40 lines)
+    assert seen["failed"] == [5, [5], ["line 0", "line 1"]]
     assert "room for 8 more device(s)" in seen["too_many"] and "12 were asked" in seen["too_many"]
 
 

@@ -4,7 +4,8 @@ kept in a log of the device's own, its failure told with its own traceback.
 Output: while the script runs, the device's stdout and stderr, Python's (sys.stdout) and the C
 level's (fd 1 and 2) alike, go line by line to <log_dir>/rank<N>.log, which the driver reads as
 it grows (launch/script.py shows the chosen ranks' lines). A device on another node than the
-driver cannot reach that folder: it writes a temporary file and sends the text back instead.
+driver cannot reach that folder: it writes a temporary file and sends the text back instead, with
+its result or, when it fails, on its exception (`log`: DeviceError.logs, which `relay launch` writes).
 
 Failure: an exception becomes a ScriptError holding the traceback from the script's own frames
 down (runpy's and Relay's dropped) and the device's last lines of output; an exit with a non-zero
@@ -14,6 +15,7 @@ appended to the log, where Python would have printed it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -56,16 +58,22 @@ def run_main(program, device: int) -> str | None:
     else:
         fd, path = tempfile.mkstemp(prefix=f"relay-rank{device}-", suffix=".log")
         os.close(fd)
+    text = None
     try:
         with _output_to(path):
             _run(program)
-    except ScriptError as e:
-        e.output = _last_lines(path, OUTPUT_LINES)
-        with open(path, "a", encoding="utf-8") as log:
-            log.write(e.traceback)
+    except BaseException as e:
+        if isinstance(e, ScriptError):
+            e.output = _last_lines(path, OUTPUT_LINES)
+            with open(path, "a", encoding="utf-8") as log:
+                log.write(e.traceback)
+        if not here:  # the whole output goes back with the error (the driver writes the log)
+            with contextlib.suppress(AttributeError):
+                e.log = Path(path).read_text(encoding="utf-8", errors="replace")
         raise
-    finally:
+    else:
         text = None if here else Path(path).read_text(encoding="utf-8", errors="replace")
+    finally:
         if not here:
             os.unlink(path)
     return text
