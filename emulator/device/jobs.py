@@ -7,16 +7,18 @@ import os
 import socket
 import time
 from dataclasses import replace
+from datetime import timedelta
 
 import ray
 import torch
+import torch.distributed as dist
 
 from relay.collectives.alltoall import layout_for
 from relay.collectives.core import Ports, finish, prepare
 from relay.collectives.schedules import Recv, Send, Step
 from relay.device.backend.collective import choose, group_of, run_collective
 from relay.device.job import Job
-from relay.device.plane.transport import Transport, free_address, free_fabric
+from relay.device.plane.transport import Transport, free_address, free_fabric, listening_fd
 from relay.kernels.clock import VirtualLane
 
 
@@ -29,6 +31,23 @@ def identify(dev) -> dict:
 def address(dev, host: str) -> tuple[str, int]:
     """An address this device (rank 0) can listen on."""
     return free_address(host)
+
+
+def serve_store(dev, host: str, world: int, timeout_s: float) -> tuple[str, int]:
+    """Serve a launched program's default-group rendezvous store (MASTER_ADDR, MASTER_PORT) on
+    `host` alone until close_store, as torchrun's agent does: every rank of the program connects
+    to it as a client (TORCHELASTIC_USE_AGENT_STORE, backend/program.py). The program's own rank 0
+    would otherwise serve it on every interface, whatever MASTER_ADDR says, and only while it runs."""
+    close_store(dev)
+    host, port = free_address(host)
+    dev.agent_store = dist.TCPStore(host, port, world, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+                                    master_listen_fd=listening_fd(host, port, world))
+    return host, port
+
+
+def close_store(dev) -> None:
+    """Stop serving the store serve_store started (its server closes with the object)."""
+    dev.agent_store = None
 
 
 def connect(dev, addr: str, port: int, world: int, timeout_s: float, data_plane: str = "auto",

@@ -3,6 +3,7 @@ every device (device/backend/program.py runs it there) and gather what each devi
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import replace
 
@@ -65,11 +66,20 @@ class LaunchResult:
                 for d in self.per_device]
 
 
-def master(cluster) -> tuple[str, int]:
-    """A free address on device 0's host for torch.distributed's rendezvous (MASTER_ADDR, _PORT)."""
+@contextlib.contextmanager
+def rendezvous(cluster):
+    """torch.distributed's rendezvous store (MASTER_ADDR, _PORT) for one run of a program: served by
+    device 0 (jobs.serve_store) on loopback when every device is on one node, else on its node's
+    address, and closed when the run ends."""
     nodes = {i["node_ip"] for i in cluster.info}
     host = "127.0.0.1" if len(nodes) == 1 else cluster.info[0]["node_ip"]
-    return tuple(cluster.run(jobs.address, host, devices=1, what="launch set-up")[0])
+    address = tuple(cluster.run(jobs.serve_store, host, cluster.system.devices, cluster.timeout_s, devices=1,
+                                what="launch set-up")[0])
+    try:
+        yield address
+    finally:
+        with contextlib.suppress(Exception):  # (device 0 may be what failed)
+            cluster.run(jobs.close_store, devices=1, what="launch clean-up")
 
 
 def launch(cluster, program: Program, on_poll=None, tensors: str = "real") -> LaunchResult:
@@ -90,12 +100,13 @@ def launch(cluster, program: Program, on_poll=None, tensors: str = "real") -> La
         cluster.start()
     n = cluster.system.devices
     job = cluster.job(comm_ratio(cluster.system, 4e6))
-    program = replace(program, master=master(cluster), node=ray.get_runtime_context().get_node_id())
+    program = replace(program, node=ray.get_runtime_context().get_node_id())
     fn = program.fn
     name = getattr(fn, "__module__", None) or ""
     if fn is not None and name in sys.modules and name != "__main__" and not name.startswith(("relay.", "torch")):
         ray.cloudpickle.register_pickle_by_value(sys.modules[name])  # a test file, a user's module
-    per_device = cluster.run(run_program, job, program, what="launch", on_poll=on_poll)
+    with rendezvous(cluster) as address:
+        per_device = cluster.run(run_program, job, replace(program, master=address), what="launch", on_poll=on_poll)
     config = {"devices": n, "system": cluster.system.describe(), "clock": cluster.clock,
               "dilation": job.dilation, "algorithms": algorithms(program.algorithm),
               "script": program.script, "module": program.module, "argv": list(program.argv),

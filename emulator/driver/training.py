@@ -20,7 +20,7 @@ from relay.driver import shared
 from relay.driver.metrics import TrainResult, aggregate
 from relay.driver.monitor import Failed, blame, failure
 from relay.driver.pacing import comm_ratio
-from relay.driver.programs import master
+from relay.driver.programs import rendezvous
 from relay.errors import ConfigError
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import CostModel
@@ -85,10 +85,12 @@ def train(cluster, config: TrainConfig, checked: Preflight | None = None, csv: s
             res = shared.run(cluster, job, config)
         else:
             if config.parallel is not None:
-                fn, args = device_plans.train, (job, config, master(cluster))
+                with rendezvous(cluster) as address:
+                    res = cluster.run(device_plans.train, job, config, address, what="training", abort=False,
+                                      on_poll=progress.poll)
             else:
-                fn, args = device_training.train, (job, config)
-            res = cluster.run(fn, *args, what="training", abort=False, on_poll=progress.poll)
+                res = cluster.run(device_training.train, job, config, what="training", abort=False,
+                                  on_poll=progress.poll)
     except Failed as e:  # keep what was measured: the steps every surviving device finished
         culprit, _ = blame(e.errors)
         rows = progress.final(skip=culprit)

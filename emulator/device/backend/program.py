@@ -28,7 +28,6 @@ from relay.device.backend.hbm import Hbm
 from relay.device.backend.scripts import run_main
 from relay.device.backend.steps import StepMarks
 from relay.device.job import Job
-from relay.device.plane.transport import listening_fd
 from relay.kernels.timeline import Timeline
 
 
@@ -40,7 +39,7 @@ class Program:
     kwargs: dict = field(default_factory=dict)
     script: str | None = None  # a path, for relay launch
     argv: tuple = ()  # the script's arguments
-    master: tuple = ("127.0.0.1", 29500)  # MASTER_ADDR, MASTER_PORT: device 0's rendezvous store
+    master: tuple = ("127.0.0.1", 29500)  # MASTER_ADDR, _PORT: the store device 0 serves (jobs.serve_store)
     algorithm: object = None  # None (auto), one algorithm name, or {primitive: algorithm}
     module: bool = False  # `script` names a module, run as `python -m` runs it
     log_dir: str | None = None  # a script's output goes to log_dir/rank<N>.log (device/backend/scripts.py)
@@ -93,8 +92,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     try:
         compute.start()
         comm.start()
-        with throttle, marks, _device(program, job, compute, engine, throttle), \
-                _agent_store(program, device, world, job.timeout_s, engine.recording):
+        with throttle, marks, _device(program, job, compute, engine, throttle):
             if program.script is None:
                 store = dist.HashStore() if engine.recording else None  # (alone: no rendezvous)
                 dist.init_process_group(relay_group.NAME, rank=device, world_size=world, store=store,
@@ -120,24 +118,6 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
             "steps": marks.rows(device),
             "real_s": time.time() - r0, "fidelity": min(s["fidelity"] for s in stats),
             "overrun_s": sum(s["overrun_s"] for s in stats), "output": output}
-
-
-@contextlib.contextmanager
-def _agent_store(program: Program, device: int, world: int, timeout_s: float, recording: bool):
-    """torchrun's habit: the launcher serves the default group's rendezvous store (here device 0,
-    before the program starts) on MASTER_ADDR alone, and every rank connects to it as a client
-    (TORCHELASTIC_USE_AGENT_STORE). The program's own rank 0 would otherwise serve it on every
-    interface, whatever MASTER_ADDR says."""
-    if device != 0 or recording:  # (a recording worker rendezvouses on a HashStore of its own)
-        yield
-        return
-    addr, port = program.master
-    store = dist.TCPStore(addr, port, world, True, timedelta(seconds=timeout_s), wait_for_workers=False,
-                          master_listen_fd=listening_fd(addr, port, world))
-    try:
-        yield
-    finally:
-        del store
 
 
 @contextlib.contextmanager
