@@ -47,6 +47,15 @@ MODELLED = ("balanced routing", "token-dropless")  # extras the plan model assum
 METRICS = {"tokens_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOPS/GPU"}
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTES = ("none", "full", "selective")
+# What each framework runs that the plan model can cost: its kernels' fusion (kernels/fusion.py)
+# and Megatron's communication overlaps (analytic/megatron.py). Megatron-Core (Megatron-Bridge,
+# NeMo 2.0) runs Transformer Engine's fused kernels and its configs' TP and p2p overlaps; NeMo
+# AutoModel runs FSDP2 over Transformer Engine layers (and torch.compile); torchtitan and Meta's
+# Llama 3 runs are eager unless a row lists torch.compile in its extras.
+FRAMEWORKS = {"megatron-core": ("fused", ("tp", "p2p")), "automodel": ("fused", ()), "torchtitan": ("eager", ()),
+              "meta": ("eager", ())}
+COMPILED = "torch.compile"  # an extra that makes an eager framework's row fused
+FUSED_EXTRAS = (COMPILED, "Transformer Engine")  # extras the fused mode stands for
 # Layout features the analytic plan model (relay.analytic.planner.cost) costs today. `layout`
 # approximates each False one by the nearest plan it can cost, and says so on the row; set an
 # entry True when the planner learns the feature and `layout` passes the row's value through.
@@ -67,6 +76,7 @@ class TrainingRow:
     chip: str
     devices: int
     system: str  # as measured, in words
+    framework: str  # FRAMEWORKS: what ran it (sets the fusion mode and Megatron's overlaps)
     domain: int  # devices per scale-up domain
     tp: int
     pp: int
@@ -98,6 +108,8 @@ def _check(r: TrainingRow, path) -> None:
         v = getattr(r, f)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad(f, "give an integer >= 1")
+    if r.framework not in FRAMEWORKS:
+        raise bad("framework", f"give one of {', '.join(FRAMEWORKS)}")
     if r.precision not in PRECISIONS:
         raise bad("precision", f"give one of {', '.join(PRECISIONS)}")
     if r.recompute not in RECOMPUTES:
@@ -147,6 +159,8 @@ class Layout:
     seq_len: int  # tokens per sample per device as Relay runs it (the row's, or its share under cp)
     devices: int  # devices Relay runs (the row's, or one CP rank of each group)
     approximations: tuple  # each a sentence: "<published feature> run as <what Relay ran>"
+    fusion: str = "eager"  # how the blocks' kernels are charged (kernels/fusion.py)
+    overlap: tuple = ()  # Megatron's communication overlaps costed (analytic/megatron.py)
 
 
 def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
@@ -198,7 +212,16 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     cp = {"cp": row.cp} if costs["cp"] and row.cp > 1 else {}
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
                     recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, **cp)
-    return Layout(plan, dtype, seq_len, devices, tuple(out))
+    fusion, overlap = FRAMEWORKS[row.framework]
+    fusion = "fused" if COMPILED in row.extras else fusion
+    if fusion == "fused":
+        out.append("fused kernels run as Relay's fused chains (kernels/fusion.py: one launch per chain of memory-bound "
+                   "ops, fp8 casts fused into their producers), without CUDA graphs, with fp8 weights cast every "
+                   "microbatch and eager's saved activations")
+    if overlap and (row.tp > 1 or row.stages > 1):
+        out.append("Megatron's TP comm and interleaved p2p overlap costed (analytic/megatron.py); its MoE all-to-all "
+                   "and distributed-optimizer overlaps not")
+    return Layout(plan, dtype, seq_len, devices, tuple(out), fusion, overlap)
 
 
 def system_of(row: TrainingRow, devices: int | None = None) -> System:
@@ -225,7 +248,8 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     """Relay's figure for the row at its published layout (and the planner's best plan), in the
     row's unit, or {"not_run": reason}."""
     lay = layout(row)
-    extras = tuple(e for e in row.extras if not e.startswith(MODELLED))
+    modelled = MODELLED + (FUSED_EXTRAS if lay.fusion == "fused" else ())
+    extras = tuple(e for e in row.extras if not e.startswith(modelled))
     out = {"row": row, "approximations": lay.approximations, "extras": extras}
     system = system_of(row, lay.devices)
     c = config_of(row.workload, lay.seq_len)
@@ -235,16 +259,16 @@ def run(row: TrainingRow, best: bool = True) -> dict:
                                                                          row.global_batch // lay.plan.dp)
     except ConfigError as e:
         return {**out, "not_run": str(e)}
-    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len)
+    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion)
     fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
-    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw)
+    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap)
     fig = per_gpu(row, r.step_s)
     out.update(plan=lay.plan, relay=fig, ratio=fig / row.published, err=abs(fig / row.published - 1),
                step_s=r.step_s, memory=fp)
     if best:
         # on the row's own system and sequence (a CP row above ran one CP rank of each group)
         found = planner.search(system_of(row), row.workload, row.global_batch, top=1, dtype=lay.dtype,
-                               seq_len=row.seq_len)
+                               seq_len=row.seq_len, fusion=lay.fusion)
         if found.results:
             out.update(best=per_gpu(row, found.results[0].step_s), best_plan=found.results[0].plan)
     return out

@@ -183,8 +183,9 @@ class Block:
     norm_bytes: float = 0.0  # of `activations`, bytes autograd saves inside the blocks' norms
 
 
-def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str) -> Block:
-    """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`."""
+def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str = "eager") -> Block:
+    """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`,
+    its kernels charged as `fusion` runs them (kernels/fusion.py)."""
     model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
     size = ITEMSIZE[dtype]
     held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
@@ -199,7 +200,7 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
                 norms[key] = saved[key]
         return t
 
-    throttle = Throttle(CostModel(chip, dtype), VirtualLane())
+    throttle = Throttle(CostModel(chip, dtype, fusion=fusion), VirtualLane())
     ops = BlockOps(throttle, size)
     ops.attach(model)
     with mode:
