@@ -37,6 +37,7 @@ from relay.analytic import planner
 from relay.analytic.footprint import GB, config_of, footprint
 from relay.errors import ConfigError
 from relay.launch import validate
+from relay.launch.training_frameworks import FRAMEWORKS, FUSED_EXTRAS, kernels_of
 from relay.parallel import Parallel
 from relay.workloads import analytic
 from relay.workloads import get as get_workload
@@ -47,15 +48,6 @@ MODELLED = ("balanced routing", "token-dropless")  # extras the plan model assum
 METRICS = {"tokens_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOPS/GPU"}
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTES = ("none", "full", "selective")
-# What each framework runs that the plan model can cost: its kernels' fusion (kernels/fusion.py)
-# and Megatron's communication overlaps (analytic/megatron.py). Megatron-Core (Megatron-Bridge,
-# NeMo 2.0) runs Transformer Engine's fused kernels and its configs' TP and p2p overlaps; NeMo
-# AutoModel runs FSDP2 over Transformer Engine layers (and torch.compile); torchtitan and Meta's
-# Llama 3 runs are eager unless a row lists torch.compile in its extras.
-FRAMEWORKS = {"megatron-core": ("fused", ("tp", "p2p")), "automodel": ("fused", ()), "torchtitan": ("eager", ()),
-              "meta": ("eager", ())}
-COMPILED = "torch.compile"  # an extra that makes an eager framework's row fused
-FUSED_EXTRAS = (COMPILED, "Transformer Engine")  # extras the fused mode stands for
 # Layout features the analytic plan model (relay.analytic.planner.cost) costs today. `layout`
 # approximates each False one by the nearest plan it can cost, and says so on the row; set an
 # entry True when the planner learns the feature and `layout` passes the row's value through.
@@ -212,16 +204,8 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     cp = {"cp": row.cp} if costs["cp"] and row.cp > 1 else {}
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
                     recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, **cp)
-    fusion, overlap = FRAMEWORKS[row.framework]
-    fusion = "fused" if COMPILED in row.extras else fusion
-    if fusion == "fused":
-        out.append("fused kernels run as Relay's fused chains (kernels/fusion.py: one launch per chain of memory-bound "
-                   "ops, fp8 casts fused into their producers), without CUDA graphs, with fp8 weights cast every "
-                   "microbatch and eager's saved activations")
-    if overlap and (row.tp > 1 or row.stages > 1):
-        out.append("Megatron's TP comm and interleaved p2p overlap costed (analytic/megatron.py); its MoE all-to-all "
-                   "and distributed-optimizer overlaps not")
-    return Layout(plan, dtype, seq_len, devices, tuple(out), fusion, overlap)
+    fusion, overlap, kernels = kernels_of(row)
+    return Layout(plan, dtype, seq_len, devices, tuple(out + kernels), fusion, overlap)
 
 
 def system_of(row: TrainingRow, devices: int | None = None) -> System:
@@ -248,8 +232,7 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     """Relay's figure for the row at its published layout (and the planner's best plan), in the
     row's unit, or {"not_run": reason}."""
     lay = layout(row)
-    modelled = MODELLED + (FUSED_EXTRAS if lay.fusion == "fused" else ())
-    extras = tuple(e for e in row.extras if not e.startswith(modelled))
+    extras = tuple(e for e in row.extras if not e.startswith(MODELLED + (FUSED_EXTRAS * (lay.fusion == "fused"))))
     out = {"row": row, "approximations": lay.approximations, "extras": extras}
     system = system_of(row, lay.devices)
     c = config_of(row.workload, lay.seq_len)

@@ -15,10 +15,17 @@ the collectives the planner otherwise charges exposed a Megatron run hides behin
             Megatron-Bridge sets it whenever virtual pipeline stages are used, and batched p2p
             (no overlap) otherwise (https://docs.nvidia.com/nemo/megatron-bridge/latest/training/
             communication-overlap.html, "Pipeline-parallel Communication Overlap").
+    "dp"    the distributed optimizer's overlapped gradient reduce-scatter and parameter all-gather
+            (`overlap_grad_reduce`, `overlap_param_gather`, on whenever dp > 1 in Megatron-Bridge's
+            and NeMo 2.0's CommOverlapConfig): chunked by the layers of a virtual pipeline stage
+            under a pipeline, each chunk overlapped with the other chunks' compute, so one chunk of
+            it stays exposed (same page, "Data-parallel Communication Overlap"). Without a
+            pipeline the planner already exposes only the last bucket; with a pipeline and no
+            virtual stages the one chunk is all of it.
 
-Not modelled: MoE dispatch / combine overlap (DeepEP, `overlap_moe_expert_parallel_comm`), and the
-distributed optimizer's overlapped gradient reduce-scatter and parameter all-gather
-(`overlap_grad_reduce`, `overlap_param_gather`): the planner keeps those exposed.
+Not modelled: MoE dispatch / combine overlap (`overlap_moe_expert_parallel_comm`; Megatron-Bridge's
+DeepSeek-V3 performance configs turn it on only for H100 at 1,024 GPUs, set_moe_a2a_overlap_overrides
+in scripts/performance/configs/deepseek/deepseek_llm_pretrain.py, none of the validated rows).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 from relay.analytic.footprint import check_fusion
 from relay.errors import ConfigError
 
-OVERLAPS = ("tp", "p2p")
+OVERLAPS = ("tp", "p2p", "dp")
 
 
 def check(overlap, fusion: str = "eager") -> frozenset:
@@ -37,7 +44,8 @@ def check(overlap, fusion: str = "eager") -> frozenset:
     bad = sorted(out - set(OVERLAPS))
     if bad:
         raise ConfigError(f"overlap = {bad[0]!r} is unknown; choose among {', '.join(OVERLAPS)} (Megatron-LM's TP "
-                          "communication overlap, its interleaved pipeline's p2p overlap), or none")
+                          "communication overlap, its interleaved pipeline's p2p overlap, its distributed "
+                          "optimizer's overlapped reduce-scatter and all-gather), or none")
     return out
 
 
@@ -62,3 +70,12 @@ def p2p(message_s: float, microbatch_compute_s: float, plan, overlap: frozenset)
     if "p2p" not in overlap or not plan.interleaved:
         return message_s
     return max(message_s - microbatch_compute_s / plan.n_stages, 0.0)
+
+
+def data_parallel(exposed_s: float, plan, overlap: frozenset) -> float:
+    """Exposed data-parallel seconds (planner._data_parallel's) under the distributed optimizer's
+    overlap ("dp" in overlap; without FSDP, under an interleaved pipeline): one virtual stage's
+    chunk of it."""
+    if "dp" not in overlap or plan.fsdp or not plan.interleaved:
+        return exposed_s
+    return exposed_s / plan.n_stages

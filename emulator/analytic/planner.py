@@ -210,6 +210,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         held, tensors = [replace(p, expert_params=0) for p in held], [(n, 0) for n, _ in tensors]
     opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
     copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
+    dp = megatron.data_parallel(dp, plan, overlap)
     v = plan.n_stages  # interleaved 1F1B: a v-th of the bubble, v times the p2p messages
     bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max / v + m * v * p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
