@@ -9,9 +9,11 @@ that reads the chain's inputs once, keeps its intermediates in registers, and wr
     Transformer Engine   RMSNorm / LayerNorm fused (and fused into the next Linear's FP8 cast:
                          LayerNormLinear), SwiGLU / GeLU with the FP8 cast of their output, fused
                          RoPE, fused cross entropy, FusedAdam (one multi-tensor kernel)
-    Megatron-LM          bias-dropout-add, bias-SwiGLU / bias-GeLU, fused RoPE, fused softmax
-                         (megatron/core/fusions/), enabled by its configs' bias_activation_fusion,
-                         bias_dropout_fusion, apply_rope_fusion, masked_softmax_fusion
+    Megatron-LM          bias-dropout-add, bias-SwiGLU / bias-GeLU, fused RoPE, fused softmax,
+                         fused cross entropy (megatron/core/fusions/); TransformerConfig's
+                         bias_activation_fusion, bias_dropout_fusion and masked_softmax_fusion are
+                         on by default, apply_rope_fusion and cross_entropy_loss_fusion off unless a
+                         config sets them (Relay's rule fuses those chains too: an approximation)
     torch.compile        Inductor fuses pointwise and reduction chains the same way
 
 The rule Relay charges (no per-kernel table: it follows the data of the ops that run):
@@ -30,9 +32,15 @@ The rule Relay charges (no per-kernel table: it follows the data of the ops that
   FP8 copy written (fp8.OPERAND_BYTES per element).
 * `_unsafe_view` (the reshape of a Linear's output) aliases its input and launches no kernel.
 
-Not modelled here: CUDA graphs (launch overhead hidden by graph replay), the FP8 weight cast
-cached across microbatches (TE's is_first_microbatch), the smaller activations a fused kernel
-saves for backward (the memory model stays eager's).
+* A weight's FP8 casts (forward, and its transpose for the input gradient) are counted apart
+  (`weight_casts`, when `weights` names the parameters): Transformer Engine casts a weight once a
+  step and reuses the FP8 copy for the step's other microbatches (`is_first_microbatch`; TE user
+  guide, Performance Optimizations, "FP8 weight caching": https://docs.nvidia.com/deeplearning/
+  transformer-engine/user-guide/examples/advanced_optimizations.html), so the plan model charges
+  them once a step (planner.cost).
+
+Not modelled here: CUDA graphs (launch overhead hidden by graph replay), and the smaller
+activations a fused kernel saves for backward (the memory model stays eager's).
 """
 
 from __future__ import annotations
@@ -80,6 +88,8 @@ class Fuser:
         self.last: set = set()  # storages the chain closed last wrote (an FP8 GEMM's producer)
         self.dropped: dict = {}  # storage -> (its weak reference, bytes, fixed bytes): writes a chain dropped
         self.credit = 0.0  # dropped bytes not yet taken off the open chain's charge
+        self.weights: set = set()  # storages of the parameters (their FP8 casts counted apart)
+        self.weight_casts = [0, 0.0]  # kernels and bytes of the parameters' FP8 casts so far
 
     def _close(self) -> None:
         if self.written:
@@ -165,7 +175,10 @@ def casts(fuser: Fuser, func, args, stored_size: int, fixed=None) -> tuple | Non
     for t in low:
         fused = fuser.fused_cast(t)
         b = t.numel() * fp8.OPERAND_BYTES if fused else fp8.cast_bytes(t, stored_size)
-        kernels += 0 if fused else fp8.CAST_KERNELS
-        nbytes += b
+        k = 0 if fused else fp8.CAST_KERNELS
+        kernels, nbytes = kernels + k, nbytes + b
         fixed_bytes += b if fixed is not None and fixed(t) else 0
+        if fuser.weights and _key(t) in fuser.weights:
+            fuser.weight_casts[0] += k
+            fuser.weight_casts[1] += b
     return kernels, nbytes, fixed_bytes

@@ -28,8 +28,8 @@ def kernels_of(row) -> tuple[str, tuple, list[str]]:
     out = []
     if fusion == "fused":
         out.append("fused kernels run as Relay's fused chains (kernels/fusion.py: one launch per chain of memory-bound "
-                   "ops, fp8 casts fused into their producers), without CUDA graphs, with fp8 weights cast every "
-                   "microbatch and eager's saved activations")
+                   "ops, fp8 casts fused into their producers, fp8 weights cast once a step), without CUDA graphs "
+                   "and with eager's saved activations")
     if overlap and (row.tp > 1 or row.stages > 1):
         out.append("Megatron's TP comm, interleaved p2p and distributed-optimizer overlaps costed "
                    "(analytic/megatron.py)")

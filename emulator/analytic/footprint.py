@@ -67,6 +67,7 @@ class Part:
     ac_saved_s: float = 0.0  # forward seconds of the ops selective (op) checkpointing keeps (blockops.py)
     ac_saved_bytes: float = 0.0  # bytes of their outputs
     norm_bytes: float = 0.0  # of `activations`, what the norms save (sequence parallel divides it by tp)
+    weight_cast_s: float = 0.0  # of forward_s + backward_s, FP8 weight casts a fused run makes once a step
 
     def __sub__(self, o: Part) -> Part:
         return Part(*(getattr(self, f) - getattr(o, f) for f in Part.__dataclass_fields__))
@@ -199,7 +200,7 @@ def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype:
 def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str) -> Part:
     b = measure_block(wl, micro_batch, chip, dtype, optimizer, fusion)
     return Part(b.forward_s, b.backward_s, b.optimizer_s, b.activations, b.params, b.expert_params, b.ac_saved_s,
-                b.ac_saved_bytes, b.norm_bytes)
+                b.ac_saved_bytes, b.norm_bytes, b.weight_cast_s)
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     slowest = max(stages, key=lambda x: sum(x[:4]))
     compute, tp, ep, p2p, kinds, s = slowest
     p2p = megatron.p2p(p2p, compute, plan, overlap)
+    cached = (m - 1) * sum(meas.parts[k].weight_cast_s for k in kinds)  # FP8 weights cast once a step (fusion.py)
     t_max = compute + tp + ep + p2p
     params = [meas.parts[k] for k in kinds]
     # the embedding's half of the base on stage 0, the head's on the last (as footprint.py)
@@ -212,7 +213,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
     dp = megatron.data_parallel(dp, plan, overlap)
     v = plan.n_stages  # interleaved 1F1B: a v-th of the bubble, v times the p2p messages
-    bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max / v + m * v * p2p, m * ep, dp)
+    bd = Breakdown(m * compute - cached + opt + copies, m * tp, (plan.pp - 1) * t_max / v + m * v * p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas, fusion=fusion)
     tokens = global_batch * c.seq_len

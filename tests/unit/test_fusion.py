@@ -9,6 +9,7 @@ import torch
 
 from relay import System, chips
 from relay.analytic import megatron, planner
+from relay.analytic.footprint import config_of, measure
 from relay.device.fake.measure import step_cost
 from relay.errors import ConfigError
 from relay.hardware.chips import Chip
@@ -166,3 +167,27 @@ def test_validate_rows_use_the_mode_their_framework_runs():
     bad = dict(vars(rows[0]), framework="jax")
     with pytest.raises(ConfigError, match=r"framework = 'jax' is invalid; give one of megatron-core"):
         vt._check(vt.TrainingRow(**bad), "training.toml")
+
+
+def test_fp8_weight_casts_are_charged_once_a_step_when_fused():
+    c = config_of("llama-debug")
+    launch, rate = H100.launch_us / 1e6, H100.hbm_Bps * H100.mem_eff
+    kv, q = c.n_kv_heads * c.dim // c.n_heads, c.dim
+    weights = [c.dim * q, c.dim * kv, c.dim * kv, q * c.dim, 3 * c.dim * c.ffn_dim]  # wq, wk, wv, wo, w1 + w2 + w3
+    part = measure("llama-debug", 1, 1, 2, "h100", dtype="fp8", fusion="fused").parts["dense"]
+    # each of the block's 7 weights cast in forward and for the input gradient: 2 kernels, 2 + 2 + 1 bytes each
+    assert part.weight_cast_s == pytest.approx(7 * 2 * 2 * launch + 2 * 5 * sum(weights) / rate, rel=1e-9)
+    assert measure("llama-debug", 1, 1, 2, "h100", dtype="fp8").parts["dense"].weight_cast_s == 0.0  # eager: torchao
+    # the planner: a second accumulated microbatch costs its compute less the casts the first one made
+    def per_microbatch(fusion):
+        parts = measure("llama-debug", 1, 1, 2, "h100", dtype="fp8", fusion=fusion).parts
+        return c.n_layers * (parts["dense"].forward_s + parts["dense"].backward_s) + parts["base"].forward_s + \
+            parts["base"].backward_s
+
+    def compute(m, fusion):
+        return planner.cost(System("h100", 1), "llama-debug", Parallel(microbatches=m), 2 * m, dtype="fp8",
+                            fusion=fusion).breakdown.compute
+
+    adds = compute(2, "eager") - compute(1, "eager") - per_microbatch("eager")  # the gradient accumulation's adds
+    assert compute(2, "fused") - compute(1, "fused") == \
+        pytest.approx(per_microbatch("fused") + adds - c.n_layers * part.weight_cast_s, rel=1e-9)
