@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from relay.kernels import fp8, moe_ops
+from relay.kernels import fp8, fusion, moe_ops
 from relay.kernels.gemm import quantisation
 
 # bytes of a floating element as stored: an "fp8" run stores BF16 and casts to FP8 only for the
@@ -144,8 +144,10 @@ class CostModel:
     matmul_eff: float | None = None  # None: the chip's default
     mem_eff: float | None = None
     launch_us: float | None = None
+    fusion: str = "eager"  # "eager": a kernel per aten op; "fused": chains fused (kernels/fusion.py)
 
     def __post_init__(self):
+        fusion.check(self.fusion)
         if self.dtype not in ITEMSIZE:
             raise ValueError(f"dtype = {self.dtype!r} is not an emulated dtype; "
                              f"choose one of {', '.join(ITEMSIZE)}")
@@ -171,8 +173,8 @@ class CostModel:
         size = ITEMSIZE[self.dtype] if t.is_floating_point() else t.element_size()
         return t.numel() * size
 
-    def seconds(self, flops: float, nbytes: float) -> float:
-        return self._launch_s + max(flops / self._flop_rate, nbytes / self._byte_rate)
+    def seconds(self, flops: float, nbytes: float, launches: int = 1) -> float:
+        return launches * self._launch_s + max(flops / self._flop_rate, nbytes / self._byte_rate)
 
     def op_cost(self, func, args=(), kwargs=None, out=None) -> OpCost:
         """Cost of one executed aten op (func is an OpOverload, out its result)."""

@@ -26,9 +26,9 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from relay.kernels import flex
+from relay.kernels import flex, fusion
 from relay.kernels.clock import VirtualLane
-from relay.kernels.cost import CostModel
+from relay.kernels.cost import ITEMSIZE, CostModel
 
 
 class Throttle(TorchDispatchMode):
@@ -60,6 +60,8 @@ class Throttle(TorchDispatchMode):
         self.log = None
         self.steered = False  # while logging, an op ran whose result or output shape depends on data
         self.memory = None  # counts every storage an op makes (relay.device.backend.hbm: the emulated HBM)
+        # fusion = "fused": the open chain of memory-bound ops (kernels/fusion.py)
+        self.fuser = fusion.Fuser(cost_model.tensor_bytes) if cost_model.fusion == "fused" else None
 
     def execute(self, func, args, kwargs):
         """Runs one op (a subclass may run some ops its own way; the charge is the same)."""
@@ -83,23 +85,26 @@ class Throttle(TorchDispatchMode):
 
     def _charge(self, func, args, kwargs, out) -> None:
         # the cost model's parts, without an OpCost per op (this runs for every op)
-        k, model = self.batch_scale, self.cost_model
-        if k == 1.0:
-            parts = model.op_parts(func, args, kwargs, out)
-            if parts is None:
+        k, model, fuser = self.batch_scale, self.cost_model, self.fuser
+        fixed_of = self.fixed if k != 1.0 else None
+        parts = model.op_parts(func, args, kwargs, out, fixed_of, k)
+        if parts is None:
+            return
+        flops, nbytes, fixed, q = parts
+        launches = 1
+        if fuser is not None and not flops:  # a memory-bound op: in the open chain or a new one
+            chained = fuser.memory_bound(func, args, kwargs, out, fixed_of)
+            if chained is None:
                 return
-            flops, nbytes, _, q = parts
-            seconds = model.seconds(flops / q, nbytes)
-            flops, nbytes = float(flops), float(nbytes)
-        else:
-            parts = model.op_parts(func, args, kwargs, out, self.fixed, k)
-            if parts is None:
-                return
-            flops, nbytes, fixed, q = parts
-            flops, nbytes = flops * k, (nbytes - fixed) * k + fixed
-            seconds = model.seconds(flops / q, nbytes)
+            launches, nbytes, fixed = chained
+        elif fuser is not None:  # a GEMM or attention: ends the chain, reads what it spilled
+            spilled, spilled_fixed = fuser.other(args, kwargs)
+            nbytes, fixed = nbytes + spilled, fixed + spilled_fixed
+        flops, nbytes = flops * k, (nbytes - fixed) * k + fixed
+        seconds = model.seconds(flops / q, nbytes, launches)
         if model.fp8:  # a Linear GEMM's FP8 casts, charged with it (kernels/fp8.py)
-            casts = model.casts(func, args, self.fixed if k != 1.0 else None)
+            casts = model.casts(func, args, fixed_of) if fuser is None else \
+                fusion.casts(fuser, func, args, ITEMSIZE[model.dtype], fixed_of)
             if casts:
                 kernels, moved, fixed = casts
                 moved = (moved - fixed) * k + fixed

@@ -13,6 +13,7 @@ from relay import Cluster
 from relay.analytic import planner, skew
 from relay.analytic.footprint import GB, check, config_of
 from relay.errors import ConfigError
+from relay.kernels.fusion import MODES as FUSIONS
 from relay.launch.options import add_system_args, system_from
 from relay.parallel import Parallel
 from relay.trainer import TrainConfig
@@ -41,6 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sample (default: the model's pre-training context)")
     p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="emulated compute precision: bf16, "
                    "or fp8 (torchao float8 training: Linear GEMMs in FP8, casts charged; chips with an FP8 peak)")
+    p.add_argument("--fusion", choices=FUSIONS, default="eager", help="how the model's kernels are charged: eager "
+                   "(default: a kernel per aten op, as eager PyTorch runs) or fused (each chain of memory-bound ops "
+                   "one kernel, FP8 casts fused into their producers, as Megatron-LM with Transformer Engine or "
+                   "torch.compile runs them; kernels/fusion.py)")
     p.add_argument("--routing", help="MoE routing of the plans costed: balanced (default), zipf:S (S the Zipf "
                    "exponent) or a JSON file of token counts per expert; the step follows the busiest device")
     p.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
@@ -106,6 +111,9 @@ def cmd_plan(args) -> int:
     if args.confirm < 0 or (args.confirm and args.parallel):
         raise ConfigError(f"--confirm = {args.confirm} is invalid; give a number of plans >= 0 to run after a "
                           "search (not with --parallel)")
+    if args.confirm and args.fusion != "eager":
+        raise ConfigError(f"--confirm with --fusion = {args.fusion!r}: the fake-tensor runs charge eager kernels "
+                          "(fusion is modelled in the plan search only); drop --confirm or --fusion")
     if args.confirm and args.seq_len not in (None, config_of(args.workload).seq_len):
         raise ConfigError(f"--confirm with --seq-len = {args.seq_len}: the runs train the model at its own "
                           f"sequence length ({config_of(args.workload).seq_len}); drop --seq-len or --confirm")
@@ -117,7 +125,8 @@ def cmd_plan(args) -> int:
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
     share = causal_share(config_of(args.workload, args.seq_len))
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
-          f"({tokens:,} tokens), {args.precision}, {args.routing or 'balanced'} routing; analytic model, every "
+          f"({tokens:,} tokens), {args.precision}, {args.fusion} kernels, {args.routing or 'balanced'} routing; "
+          "analytic model, every "
           "figure emulated"
           + ("; messages at fp32 (4 bytes per element), as the fake-tensor runs of --confirm move them"
              if args.confirm else ""))
@@ -127,8 +136,10 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"--global-batch = {batch} is not a multiple of dp = {plan.dp}; give a batch that "
                               "every replica gets an equal share of")
         plan.check(system.devices, system.domain, config_of(args.workload, args.seq_len), batch // plan.dp)
-        fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len, dtype=args.precision)
-        r = skew.cost(system, args.workload, plan, batch, args.routing, fp, seq_len=args.seq_len, dtype=args.precision)
+        fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len, dtype=args.precision,
+                   fusion=args.fusion)
+        r = skew.cost(system, args.workload, plan, batch, args.routing, fp, seq_len=args.seq_len, dtype=args.precision,
+                      fusion=args.fusion)
         print(tabulate([row(1, r, share)], headers=HEADERS, disable_numparse=True))
         print(MFU_NOTE)
         print(f"# memory (most loaded device): {fp.describe()}")
@@ -138,7 +149,8 @@ def cmd_plan(args) -> int:
         return 0
     # the runs --confirm compares with move fp32 messages (the model is not cast)
     found = skew.search(system, args.workload, batch, args.routing, top=max(args.top, args.confirm),
-                        seq_len=args.seq_len, message_bytes=4 if args.confirm else None, dtype=args.precision)
+                        seq_len=args.seq_len, message_bytes=4 if args.confirm else None, dtype=args.precision,
+                        fusion=args.fusion)
     if not found.results:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "
                                   f"batch {batch} ({found.considered} considered, all over the HBM); use more "

@@ -37,6 +37,7 @@ from relay.analytic import planner
 from relay.analytic.footprint import GB, config_of, footprint
 from relay.errors import ConfigError
 from relay.launch import validate
+from relay.launch.training_frameworks import FRAMEWORKS, FUSED_EXTRAS, kernels_of
 from relay.parallel import Parallel
 from relay.workloads import analytic
 from relay.workloads import get as get_workload
@@ -67,6 +68,7 @@ class TrainingRow:
     chip: str
     devices: int
     system: str  # as measured, in words
+    framework: str  # FRAMEWORKS: what ran it (sets the fusion mode and Megatron's overlaps)
     domain: int  # devices per scale-up domain
     tp: int
     pp: int
@@ -98,6 +100,8 @@ def _check(r: TrainingRow, path) -> None:
         v = getattr(r, f)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad(f, "give an integer >= 1")
+    if r.framework not in FRAMEWORKS:
+        raise bad("framework", f"give one of {', '.join(FRAMEWORKS)}")
     if r.precision not in PRECISIONS:
         raise bad("precision", f"give one of {', '.join(PRECISIONS)}")
     if r.recompute not in RECOMPUTES:
@@ -147,6 +151,8 @@ class Layout:
     seq_len: int  # tokens per sample per device as Relay runs it (the row's, or its share under cp)
     devices: int  # devices Relay runs (the row's, or one CP rank of each group)
     approximations: tuple  # each a sentence: "<published feature> run as <what Relay ran>"
+    fusion: str = "eager"  # how the blocks' kernels are charged (kernels/fusion.py)
+    overlap: tuple = ()  # Megatron's communication overlaps costed (analytic/megatron.py)
 
 
 def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
@@ -198,7 +204,8 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     cp = {"cp": row.cp} if costs["cp"] and row.cp > 1 else {}
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
                     recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, **cp)
-    return Layout(plan, dtype, seq_len, devices, tuple(out))
+    fusion, overlap, kernels = kernels_of(row)
+    return Layout(plan, dtype, seq_len, devices, tuple(out + kernels), fusion, overlap)
 
 
 def system_of(row: TrainingRow, devices: int | None = None) -> System:
@@ -225,7 +232,7 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     """Relay's figure for the row at its published layout (and the planner's best plan), in the
     row's unit, or {"not_run": reason}."""
     lay = layout(row)
-    extras = tuple(e for e in row.extras if not e.startswith(MODELLED))
+    extras = tuple(e for e in row.extras if not e.startswith(MODELLED + (FUSED_EXTRAS * (lay.fusion == "fused"))))
     out = {"row": row, "approximations": lay.approximations, "extras": extras}
     system = system_of(row, lay.devices)
     c = config_of(row.workload, lay.seq_len)
@@ -235,16 +242,16 @@ def run(row: TrainingRow, best: bool = True) -> dict:
                                                                          row.global_batch // lay.plan.dp)
     except ConfigError as e:
         return {**out, "not_run": str(e)}
-    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len)
+    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion)
     fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
-    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw)
+    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap)
     fig = per_gpu(row, r.step_s)
     out.update(plan=lay.plan, relay=fig, ratio=fig / row.published, err=abs(fig / row.published - 1),
                step_s=r.step_s, memory=fp)
     if best:
         # on the row's own system and sequence (a CP row above ran one CP rank of each group)
         found = planner.search(system_of(row), row.workload, row.global_batch, top=1, dtype=lay.dtype,
-                               seq_len=row.seq_len)
+                               seq_len=row.seq_len, fusion=lay.fusion)
         if found.results:
             out.update(best=per_gpu(row, found.results[0].step_s), best_plan=found.results[0].plan)
     return out

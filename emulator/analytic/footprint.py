@@ -44,6 +44,7 @@ from relay.device.fake.measure import measure_block
 from relay.errors import ConfigError
 from relay.hardware import chips
 from relay.kernels.cost import ITEMSIZE
+from relay.kernels.fusion import MODES as FUSIONS
 from relay.parallel import Parallel
 from relay.trainer import OPTIMIZER_BYTES
 from relay.workloads import get as get_workload
@@ -66,6 +67,7 @@ class Part:
     ac_saved_s: float = 0.0  # forward seconds of the ops selective (op) checkpointing keeps (blockops.py)
     ac_saved_bytes: float = 0.0  # bytes of their outputs
     norm_bytes: float = 0.0  # of `activations`, what the norms save (sequence parallel divides it by tp)
+    weight_cast_s: float = 0.0  # of forward_s + backward_s, FP8 weight casts a fused run makes once a step
 
     def __sub__(self, o: Part) -> Part:
         return Part(*(getattr(self, f) - getattr(o, f) for f in Part.__dataclass_fields__))
@@ -126,7 +128,7 @@ def _workload(workload: str, config, tp: int, n_layers: int, dense: int):
 
 
 def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dtype: str = "bf16",
-            optimizer: str = "adamw", seq_len: int | None = None) -> Measured:
+            optimizer: str = "adamw", seq_len: int | None = None, fusion: str = "eager") -> Measured:
     """One device's share of each kind of part of `workload` under tensor parallel `tp` and
     expert parallel `ep`, measured on fake tensors at `micro_batch` samples (cached).
 
@@ -136,11 +138,12 @@ def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dty
     a full-size MoE block (256 experts) is what takes seconds."""
     c = config_of(workload, seq_len)
     # a dense block holds no experts: measured at ep = 1, shared by every ep
-    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",)))
+    check_fusion(fusion)
+    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",), fusion))
     if hasattr(c, "n_experts"):
-        moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",))["moe"]
+        moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",), fusion)["moe"]
         if tp > 1:
-            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",))["dense"]
+            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",), fusion)["dense"]
                             for t in (tp, 1))
             moe = moe + split - whole
         parts["moe"] = _per_expert_share(c, ep, moe)
@@ -179,24 +182,25 @@ def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> M
 
 @functools.cache
 def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype: str, optimizer: str,
-             kinds: tuple) -> dict:
+             kinds: tuple, fusion: str = "eager") -> dict:
     """{"base": the model without blocks, kind: one block of each of `kinds`} (by_layers' method)."""
     def run(n_layers: int, dense: int) -> Part:
-        return _run(_workload(workload, config, tp, n_layers, dense), micro_batch, chips.get(chip), dtype, optimizer)
+        return _run(_workload(workload, config, tp, n_layers, dense), micro_batch, chips.get(chip), dtype, optimizer,
+                    fusion)
 
     # the model without blocks does not depend on the blocks' shard: measured once per size
     base = _measure(workload, config_of(workload, config.seq_len), 1, micro_batch, chip, dtype, optimizer,
-                    ())["base"] if kinds else run(0, 0)
+                    (), fusion)["base"] if kinds else run(0, 0)
     out = {"base": base}
     for kind in kinds:
         out[kind] = run(1, 1 if kind == "dense" else 0) - base
     return out
 
 
-def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str) -> Part:
-    b = measure_block(wl, micro_batch, chip, dtype, optimizer)
+def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str) -> Part:
+    b = measure_block(wl, micro_batch, chip, dtype, optimizer, fusion)
     return Part(b.forward_s, b.backward_s, b.optimizer_s, b.activations, b.params, b.expert_params, b.ac_saved_s,
-                b.ac_saved_bytes, b.norm_bytes)
+                b.ac_saved_bytes, b.norm_bytes, b.weight_cast_s)
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,14 @@ class Footprint:
         return (f"{self.device}: parameters {g(self.parameters)} + gradients {g(self.gradients)} + optimizer "
                 f"{g(self.optimizer)} + activations {g(self.activations)} = {g(self.total)} of "
                 f"{g(self.capacity)} HBM")
+
+
+def check_fusion(fusion) -> None:
+    """A ConfigError for a fusion mode the cost model lacks (kernels/fusion.py), before any measurement."""
+    if fusion not in FUSIONS:
+        raise ConfigError(f"fusion = {fusion!r} is unknown; choose 'eager' (a kernel per aten op, as eager PyTorch "
+                          "runs) or 'fused' (memory-bound op chains as one kernel, as Megatron-LM with Transformer "
+                          "Engine or torch.compile runs them)")
 
 
 def config_of(workload, seq_len: int | None = None):
@@ -264,7 +276,8 @@ def in_flight(plan: Parallel, rank: int) -> float:
 
 
 def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: str = "bf16",
-              optimizer: str = "adamw", seq_len: int | None = None, measured: Measured | None = None) -> Footprint:
+              optimizer: str = "adamw", seq_len: int | None = None, measured: Measured | None = None,
+              fusion: str = "eager") -> Footprint:
     """The most loaded device's memory under `plan` for a step of `global_batch` samples (see the
     module docstring for what is measured and what is closed form)."""
     chip = chips.get(chip)
@@ -274,7 +287,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
     m = plan.n_microbatches
     mb = max(replica // m, 1)
     meas = measured or measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
-                               seq_len=seq_len)
+                               seq_len=seq_len, fusion=fusion)
     size, opt_bytes = ITEMSIZE[dtype], OPTIMIZER_BYTES[optimizer]
     dense = getattr(c, "n_dense_layers", c.n_layers)
     best = None
@@ -309,7 +322,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
 def fitting(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footprint | None:
     """The plan's footprint when it fits in the chip's HBM, else None, as the plan searches prune:
     the parameters alone (counted, no fake run) rule out most plans; then one measurement per (tp,
-    ep, microbatch), cached, serves every plan that shares it. kw: dtype, optimizer, seq_len."""
+    ep, microbatch), cached, serves every plan that shares it. kw: dtype, optimizer, seq_len, fusion."""
     if not footprint(workload, plan, global_batch, chip, **kw,
                      measured=parameters(workload, plan.tp, plan.ep, kw.get("seq_len"))).fits:
         return None

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from relay.analytic import accumulate, activations
+from relay.analytic import accumulate, activations, megatron
 from relay.analytic import footprint as footprints
 from relay.analytic.footprint import Footprint, config_of, fitting, footprint, measure, stage_layers
 from relay.analytic.overlap import fsdp_exposed
@@ -138,7 +138,7 @@ def plans(system: System, workload: str, global_batch: int, seq_len: int | None 
 
 def search(system, workload: str, global_batch: int | None = None, devices: int | None = None, top: int = 5, *,
            seq_len: int | None = None, dtype: str = "bf16", optimizer: str = "adamw",
-           message_bytes: int | None = None) -> Search:
+           message_bytes: int | None = None, fusion: str = "eager") -> Search:
     """The `top` fastest plans of `workload` on `system` (a System or a preset name, scaled to
     `devices` if given) that fit in memory, by emulated step time. message_bytes: bytes per
     element of every message (default: the emulated dtype's; real-mode plans move fp32, 4)."""
@@ -149,7 +149,7 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
     for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", 1 if seq_len is None else seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
-    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len)
+    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len, fusion=fusion)
     chip = system.chip.name
     fits, considered = [], 0
     for p in plans(system, workload, global_batch, seq_len):
@@ -164,17 +164,20 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
 
 def cost(system: System, workload: str, plan: Parallel, global_batch: int, memory: Footprint | None = None, *,
          dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None,
-         message_bytes: int | None = None) -> PlanResult:
-    """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`."""
+         message_bytes: int | None = None, fusion: str = "eager", overlap=()) -> PlanResult:
+    """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`; fusion
+    ("eager" or "fused": kernels/fusion.py) and Megatron's overlaps (megatron.OVERLAPS): analytic/megatron.py."""
+    overlap = megatron.check(overlap, fusion)
     c = config_of(workload, seq_len)
     m = plan.n_microbatches
     mb = global_batch // plan.dp // m
     meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer,
-                   seq_len=seq_len)
+                   seq_len=seq_len, fusion=fusion)
     size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
     kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])
-    tp_fwd, tp_bwd = _tensor_parallel(system, plan, c, mb, size, kernels)
+    tp_fwd, tp_bwd = megatron.tensor_parallel(*_tensor_parallel(system, plan, c, mb, size, kernels), meas.parts,
+                                              plan, overlap)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
     # and before the dispatch, the token counts per expert (int64), once per forward pass
@@ -195,6 +198,8 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         stages.append((compute, tp, ep, p2p, kinds, s))
     slowest = max(stages, key=lambda x: sum(x[:4]))
     compute, tp, ep, p2p, kinds, s = slowest
+    p2p = megatron.p2p(p2p, compute, plan, overlap)
+    cached = (m - 1) * sum(meas.parts[k].weight_cast_s for k in kinds)  # FP8 weights cast once a step (fusion.py)
     t_max = compute + tp + ep + p2p
     params = [meas.parts[k] for k in kinds]
     # the embedding's half of the base on stage 0, the head's on the last (as footprint.py)
@@ -206,10 +211,11 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         held, tensors = [replace(p, expert_params=0) for p in held], [(n, 0) for n, _ in tensors]
     opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
     copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
+    dp = megatron.data_parallel(dp, plan, overlap)
     v = plan.n_stages  # interleaved 1F1B: a v-th of the bubble, v times the p2p messages
-    bd = Breakdown(m * compute + opt + copies, m * tp, (plan.pp - 1) * t_max / v + m * v * p2p, m * ep, dp)
+    bd = Breakdown(m * compute - cached + opt + copies, m * tp, (plan.pp - 1) * t_max / v + m * v * p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
-                                 seq_len=seq_len, measured=meas)
+                                 seq_len=seq_len, measured=meas, fusion=fusion)
     tokens = global_batch * c.seq_len
     flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
     step = bd.total

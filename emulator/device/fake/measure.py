@@ -181,10 +181,12 @@ class Block:
     ac_saved_s: float = 0.0  # forward seconds of the ops selective op checkpointing keeps (blockops.py)
     ac_saved_bytes: float = 0.0  # bytes of their outputs, at the emulated dtype
     norm_bytes: float = 0.0  # of `activations`, bytes autograd saves inside the blocks' norms
+    weight_cast_s: float = 0.0  # of forward_s + backward_s, the FP8 weight casts a fused run caches (fusion.py)
 
 
-def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str) -> Block:
-    """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`."""
+def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str = "eager") -> Block:
+    """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`,
+    its kernels charged as `fusion` runs them (kernels/fusion.py)."""
     model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
     size = ITEMSIZE[dtype]
     held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
@@ -199,8 +201,10 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
                 norms[key] = saved[key]
         return t
 
-    throttle = Throttle(CostModel(chip, dtype), VirtualLane())
+    throttle = Throttle(CostModel(chip, dtype, fusion=fusion), VirtualLane())
     ops = BlockOps(throttle, size)
+    if throttle.fuser is not None:  # the parameters, whose FP8 casts Transformer Engine caches (kernels/fusion.py)
+        throttle.fuser.weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     ops.attach(model)
     with mode:
         opt = Optimizer(optimizer, model.parameters(), wl.lr)
@@ -214,4 +218,5 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     return Block(forward_s, backward_s, throttle.emulated_s - forward_s - backward_s, sum(saved.values()),
                 sum(p.numel() for p in model.parameters()), experts, ops.saved_s, ops.saved_bytes,
-                sum(norms.values()))
+                sum(norms.values()), throttle.cost_model.cast_seconds(*throttle.fuser.weight_casts)
+                if throttle.fuser is not None else 0.0)

@@ -1,0 +1,36 @@
+"""What each framework of `relay validate --training`'s rows runs that the plan model can cost:
+its kernels' fusion (kernels/fusion.py) and Megatron's communication overlaps
+(analytic/megatron.py), from a row's `framework` and `extras` (emulator/hardware/training.toml).
+
+    megatron-core   Megatron-Bridge, NeMo 2.0: Transformer Engine's fused kernels; TP comm overlap
+                    (its performance configs' userbuffers presets), interleaved p2p overlap and
+                    the distributed optimizer's overlapped reduce-scatter / all-gather (its
+                    CommOverlapConfig: overlap_p2p_comm with virtual stages, overlap_grad_reduce
+                    and overlap_param_gather with dp > 1)
+    automodel       NeMo AutoModel: FSDP2 over Transformer Engine layers (and torch.compile)
+    torchtitan      eager PyTorch, fused only where the row's extras list torch.compile
+    meta            the Llama 3 paper's own framework: nothing published to cost, eager
+"""
+
+from __future__ import annotations
+
+FRAMEWORKS = {"megatron-core": ("fused", ("tp", "p2p", "dp")), "automodel": ("fused", ()),
+              "torchtitan": ("eager", ()), "meta": ("eager", ())}
+COMPILED = "torch.compile"  # an extra that makes an eager framework's row fused
+FUSED_EXTRAS = (COMPILED, "Transformer Engine")  # extras the fused mode stands for
+
+
+def kernels_of(row) -> tuple[str, tuple, list[str]]:
+    """(fusion, overlaps, approximations) of a TrainingRow: what Relay costs it with and, in
+    words, what that leaves out."""
+    fusion, overlap = FRAMEWORKS[row.framework]
+    fusion = "fused" if COMPILED in row.extras else fusion
+    out = []
+    if fusion == "fused":
+        out.append("fused kernels run as Relay's fused chains (kernels/fusion.py: one launch per chain of memory-bound "
+                   "ops, fp8 casts fused into their producers, fp8 weights cast once a step), without CUDA graphs "
+                   "and with eager's saved activations")
+    if overlap and (row.tp > 1 or row.stages > 1):
+        out.append("Megatron's TP comm, interleaved p2p and distributed-optimizer overlaps costed "
+                   "(analytic/megatron.py)")
+    return fusion, overlap, out
