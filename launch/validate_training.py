@@ -47,6 +47,7 @@ MODELLED = ("balanced routing", "token-dropless")  # extras the plan model assum
 METRICS = {"tokens_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOPS/GPU"}
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTES = ("none", "full", "selective")
+SEQUENCE_PARALLEL = ("pytorch/torchtitan", "arxiv.org/abs/2407.21783")  # sources whose TP runs sequence parallel
 # Layout features the analytic plan model (relay.analytic.planner.cost) costs today. `layout`
 # approximates each False one by the nearest plan it can cost, and says so on the row; set an
 # entry True when the planner learns the feature and `layout` passes the row's value through.
@@ -191,13 +192,16 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
         out.append("selective recompute run as none")
     # Megatron (Megatron-Bridge, NeMo) runs its distributed optimizer (ZeRO-1) by default
     dist_opt = not row.fsdp and dp > 1 and ("Megatron" in row.source or "docs.nvidia.com/nemo" in row.source)
+    # sequence parallel with every TP plan: torchtitan's apply_tp puts the norms on SequenceParallel
+    # unconditionally (models/llama/parallelize_llama.py), and the Llama 3 paper's TP is Korthikanti et al.'s
+    sp = row.tp > 1 and any(s in row.source for s in SEQUENCE_PARALLEL)
     dtype = row.precision
     if row.precision == "fp8" and not costs["fp8"]:
         dtype = "bf16"
         out.append("FP8 run as BF16")
     cp = {"cp": row.cp} if costs["cp"] and row.cp > 1 else {}
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
-                    recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, **cp)
+                    recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, sp=sp, **cp)
     return Layout(plan, dtype, seq_len, devices, tuple(out))
 
 
