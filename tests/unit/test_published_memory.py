@@ -74,9 +74,10 @@ def test_torchtitans_published_tp_layouts_fit_their_chip(rid):
     """Published layouts that ran fit in Relay's model (they were 235 GB and 134 GB of 80 before
     the block inputs were kept at 1/tp): 70B FSDP 32 x TP 8, local batch 16, full AC on the Grand
     Teton H100 (96 GB; torchtitan published 71.9 GiB for it with Float8); 405B FSDP 16 x TP 8, local
-    batch 2, full AC on 80 GB. The 70B figure by hand: 80 blocks x 16 samples x 2sbh / 8 kept, plus
-    one block's working set (its norms' / 8) and the head's (logits and loss, whole: plans.py
-    replicates the head where torchtitan's loss parallel splits it by vocabulary)."""
+    batch 2, full AC (72.6 GB: it would fit an 80 GB H100 too). The 70B figure by hand: 80 blocks
+    x 16 samples x 2sbh / 8 kept, plus one block's working set (its norms' / 8) and the head's
+    (logits and loss, whole: plans.py replicates the head where torchtitan's loss parallel splits
+    it by vocabulary)."""
     row = ROWS[rid]
     lay = vt.layout(row)
     fp = footprint(row.workload, lay.plan, row.global_batch, row.chip, dtype=lay.dtype, seq_len=lay.seq_len)
@@ -90,13 +91,14 @@ def test_torchtitans_published_tp_layouts_fit_their_chip(rid):
 
 
 def test_the_grand_teton_h100_is_a_sourced_catalog_chip():
-    """torchtitan's H100 benchmarks ran on 96 GB HBM2e at 2.4 TB/s, 500 W; its peak is unpublished
-    (an estimate, the SXM's as an upper bound); every figure has a source."""
+    """torchtitan's H100 benchmarks ran on 96 GB HBM2e at 2.4 TB/s, 500 W (its performance page's
+    405B run too: 'HBM2e based lower TDP SXM H100'); its peak is unpublished (an estimate, the
+    SXM's as an upper bound); every figure has a source."""
     c = chips.get("h100-hbm2e")
     assert (c.hbm_bytes, c.hbm_Bps, c.power_w) == (96e9, 2.4e12, 500)
     assert c.is_estimate("bf16_tflops") and c.peak_flops("bf16") == chips.get(H100).peak_flops("bf16")
     for f in FIGURES:
         if getattr(c, f) is not None:
             assert c.sources.get(f), f
-    titan = [r for r in ROWS.values() if "96 GB HBM2e, 500 W" in r.system]
-    assert len(titan) == 4 and all(r.chip == "h100-hbm2e" for r in titan)
+    titan = [r for r in ROWS.values() if r.id.startswith("torchtitan-h100")]
+    assert len(titan) == 5 and all(r.chip == "h100-hbm2e" for r in titan)
