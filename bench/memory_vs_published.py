@@ -10,6 +10,8 @@ should fit its chip.
 Sources (each row names its table):
   T = https://github.com/pytorch/torchtitan/blob/b5bcd76c6/benchmarks/llama3_h100_202412_torchtitan.md
       (Grand Teton H100: 96 GB HBM2e, 2.4 TB/s, 500 W: the catalog's h100-hbm2e; torch 2024-12-23)
+  P = https://github.com/pytorch/torchtitan/blob/4d88a8a44/docs/performance.md (Llama 3.1 405B on
+      128 of the same H100; no memory figure, so only "fits" is checked)
   L = https://arxiv.org/abs/2407.21783 (Llama 3, section 3.3.2 and Table 4: 405B on 80 GB H100
       "without activation checkpointing" at 8K; no memory figure, so only "fits" is checked)
 
@@ -34,6 +36,8 @@ CASES = [
      "dp=32,tp=8,fsdp,recompute,sp", 512, "fp8", 71.9),
     ("T Table 5 '1F1B' (405B, FSDP 8 TP 8 PP 8, local batch 32, full AC, compile + Float8)", "llama3-405b",
      "h100-hbm2e", "dp=8,tp=8,pp=8,microbatches=32,fsdp,recompute,sp", 256, "fp8", 82.5),
+    ("P '405B, batch size 2, full AC' (FSDP 16 TP 8, local batch 2)", "llama3-405b", "h100-hbm2e",
+     "dp=16,tp=8,fsdp,recompute,sp", 32, "bf16", None),
     ("L Table 4, 8,192 GPUs (405B, TP 8 PP 16 V 8 DP 64, 32 micro-batches, no AC)", "llama3-405b", "h100",
      "dp=64,tp=8,pp=16,stages=8,microbatches=32,fsdp,sp", 2048, "bf16", None),
 ]

@@ -43,7 +43,8 @@ from relay.workloads import get as get_workload
 
 TRAINING = chips.CATALOG.with_name("training.toml")  # beside the chip catalog, in relay.hardware
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.25  # |relay / published - 1| (issue 26's acceptance)
-MODELLED = ("balanced routing", "token-dropless")  # extras the plan model assumes (its routing is balanced)
+ASYNC_P2P = "asynchronous pipeline p2p"  # an extra the plan model costs (planner.cost's async_p2p)
+MODELLED = ("balanced routing", "token-dropless", ASYNC_P2P)  # extras the plan model assumes or costs
 METRICS = {"tokens_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOPS/GPU"}
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTES = ("none", "full", "selective")
@@ -241,7 +242,7 @@ def run(row: TrainingRow, best: bool = True) -> dict:
         return {**out, "not_run": str(e)}
     kw = dict(dtype=lay.dtype, seq_len=lay.seq_len)
     fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
-    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw)
+    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, async_p2p=ASYNC_P2P in row.extras)
     fig = per_gpu(row, r.step_s)
     out.update(plan=lay.plan, relay=fig, ratio=fig / row.published, err=abs(fig / row.published - 1),
                step_s=r.step_s, memory=fp)
