@@ -44,10 +44,12 @@ from relay.workloads import get as get_workload
 
 TRAINING = chips.CATALOG.with_name("training.toml")  # beside the chip catalog, in relay.hardware
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.25  # |relay / published - 1| (issue 26's acceptance)
-MODELLED = ("balanced routing", "token-dropless")  # extras the plan model assumes (its routing is balanced)
+ASYNC_P2P = "asynchronous pipeline p2p"  # an extra the plan model costs (planner.cost's async_p2p)
+MODELLED = ("balanced routing", "token-dropless", ASYNC_P2P)  # extras the plan model assumes or costs
 METRICS = {"tokens_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOPS/GPU"}
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTES = ("none", "full", "selective")
+SEQUENCE_PARALLEL = ("pytorch/torchtitan", "arxiv.org/abs/2407.21783")  # sources whose TP runs sequence parallel
 # Layout features the analytic plan model (relay.analytic.planner.cost) costs today. `layout`
 # approximates each False one by the nearest plan it can cost, and says so on the row; set an
 # entry True when the planner learns the feature and `layout` passes the row's value through.
@@ -197,13 +199,16 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
         out.append("selective recompute run as none")
     # Megatron (Megatron-Bridge, NeMo) runs its distributed optimizer (ZeRO-1) by default
     dist_opt = not row.fsdp and dp > 1 and ("Megatron" in row.source or "docs.nvidia.com/nemo" in row.source)
+    # sequence parallel with every TP plan: torchtitan's apply_tp puts the norms on SequenceParallel
+    # unconditionally (models/llama/parallelize_llama.py), and the Llama 3 paper's TP is Korthikanti et al.'s
+    sp = row.tp > 1 and any(s in row.source for s in SEQUENCE_PARALLEL)
     dtype = row.precision
     if row.precision == "fp8" and not costs["fp8"]:
         dtype = "bf16"
         out.append("FP8 run as BF16")
     cp = {"cp": row.cp} if costs["cp"] and row.cp > 1 else {}
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
-                    recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, **cp)
+                    recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, sp=sp, **cp)
     fusion, overlap, kernels = kernels_of(row)
     return Layout(plan, dtype, seq_len, devices, tuple(out + kernels), fusion, overlap)
 
@@ -244,7 +249,8 @@ def run(row: TrainingRow, best: bool = True) -> dict:
         return {**out, "not_run": str(e)}
     kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion)
     fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
-    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap)
+    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap,
+                     async_p2p=ASYNC_P2P in row.extras)
     fig = per_gpu(row, r.step_s)
     out.update(plan=lay.plan, relay=fig, ratio=fig / row.published, err=abs(fig / row.published - 1),
                step_s=r.step_s, memory=fp)

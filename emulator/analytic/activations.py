@@ -13,7 +13,10 @@ such block is added once (Korthikanti et al. 2022, section 5: "the memory needed
 activations of a single layer" on top of the stored inputs).
 
 Sequence parallel divides what the blocks' norms save by tp (`norm_bytes`: plans.py runs them on
-1 / tp of the sequence); the rest of a block is tensor parallel's (the gathered inputs of the
+1 / tp of the sequence), and a checkpointed block's kept input by tp: between blocks the
+residual stream is the sequence's shard (plans.py, as torchtitan: RowwiseParallel to Shard(1)),
+so what torch.utils.checkpoint saves is s/tp x b x d (Korthikanti et al.'s 2sbh per layer of full
+recompute, Table 2, is for tensor parallel alone); the rest of a block is tensor parallel's (the gathered inputs of the
 column-wise layers are saved whole by DTensor, where Megatron saves its shard and gathers it
 again in backward).
 """
@@ -31,7 +34,11 @@ def block_activations(plan, part) -> float:
 
 def kept(plan, blocks: list, held: float, block_input: float) -> float:
     """Bytes the device's `blocks` (in order) hold at its peak, `held` microbatches in flight:
-    per block what it keeps, and one checkpointed block's whole activations while it recomputes."""
+    per block what it keeps, and one checkpointed block's whole activations while it recomputes.
+    `block_input`: the bytes of one microbatch's s b d at the emulated dtype (a 1 / tp share of
+    it is kept under sequence parallel)."""
+    if plan.sp:
+        block_input /= plan.tp
     per_mb, live = 0.0, 0.0
     for i, b in enumerate(blocks):
         how = checkpoint.recomputed(plan, i)

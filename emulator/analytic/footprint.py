@@ -18,13 +18,15 @@ pipeline stage holds, how many microbatches of activations 1F1B keeps in flight 
 at most the microbatches; interleaved 1F1B, `stages` = v chunks per rank: torch's warm-up count,
 (v - 1) x the microbatches of a round + 2 (pp - 1 - stage), plus one, chunks of 1 / v of the
 rank's blocks, at most v x the microbatches), activation checkpointing and sequence parallel
-(activations.py: full recompute keeps each block's input, 2 s b d bytes at bf16, selective op
-mode that and the kept ops' outputs, and one block's activations are live while it is
-recomputed; sp divides the norms' saved tensors by tp), FSDP (parameters, gradients and optimizer
-state divided by the replicas, experts by the dp / ep replicas that hold them, plus one block
-gathered whole; with gradient accumulation each microbatch reduce-scatters, as torchtitan
-runs it), the distributed optimizer (`dist_opt`: optimizer state alone divided so), and
-the 2 + 2 + 12 bytes per parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
+(activations.py: full recompute keeps each block's input, 2 s b d bytes at bf16, a 1 / tp share
+of it under sp, selective op mode that and the kept ops' outputs, and one block's activations are
+live while it is recomputed; sp divides the norms' saved tensors by tp), FSDP (parameters,
+gradients and optimizer state divided by the replicas, experts by the dp / ep replicas that hold
+them, plus one block gathered whole; with gradient accumulation each microbatch reduce-scatters,
+as torchtitan runs it; under a pipeline the stage's parameters and gradients are held unsharded,
+as torch's pipelining runs FSDP2 between the first backward and the reduce-scatter after the
+schedule), the distributed optimizer (`dist_opt`: optimizer state alone divided so), and the
+2 + 2 + 12 bytes per parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
 Gradient accumulation without a pipeline holds one microbatch's activations.
 
 Units: bytes in the figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
@@ -304,13 +306,19 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         # FSDP shards experts over the dp / ep replicas that hold them, the rest over dp (plans.py)
         sharded = (params - experts) / plan.dp + experts / plan.dp_outer if plan.fsdp else params
         gathered = max((b.params for b in blocks), default=0) if plan.fsdp else 0  # one block gathered whole
+        if plan.fsdp and plan.pp > 1:
+            # torch's pipelining leaves each FSDP2 unit unsharded from its first backward on, its gradients
+            # unsharded too, until the reduce-scatter after the last microbatch (stage.py:
+            # backward_maybe_with_nosync, perform_reduce_grad): the stage's blocks all gathered at the peak
+            gathered = params
         # checkpointing and sequence parallel: activations.py (a block's input is s b d)
         act = activations.kept(plan, blocks, in_flight(plan, stage), size * mb * c.seq_len * c.dim)
         if stage == plan.pp - 1:
             act += base.activations  # logits and loss (the embedding's output is small)
         what = " + ".join(x for x in ("embedding" if stage == 0 else "", f"{len(blocks)} blocks",
                                       "head" if stage == plan.pp - 1 else "") if x)
-        grads = sharded + gathered  # (FSDP2 accumulates into the shards: each microbatch reduce-scatters)
+        # (FSDP2 accumulates into the shards: each microbatch reduce-scatters; under a pipeline unsharded)
+        grads = params if plan.fsdp and plan.pp > 1 else sharded + gathered
         # the distributed optimizer (ZeRO-1) shards the optimizer state as FSDP does, not the rest
         states = (params - experts) / plan.dp + experts / plan.dp_outer if plan.dist_opt else sharded
         fp = Footprint(f"pipeline stage {stage} ({what})" if plan.pp > 1 else f"every device ({what})",

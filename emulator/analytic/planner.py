@@ -22,7 +22,8 @@ one scale-up domain runs on its links), algorithm "auto" (the vendor library's c
                      2 backward of each device's k s b d routed tokens, balanced routing, and
                      a small all-to-all of the token counts per forward pass; exposed
     pipeline p2p     each microbatch's activation forward and its gradient back, on the link
-                     between neighbouring stages; exposed
+                     between neighbouring stages; exposed (with `async_p2p`, overlapped: only
+                     the bubble's chain pays them)
 Checked against fake-tensor runs of every plan on a small system (docs/design.md,
 bench/plan_vs_runs.py): the runs' timelines set the overlaps and the *_KERNELS below.
 """
@@ -164,9 +165,11 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
 
 def cost(system: System, workload: str, plan: Parallel, global_batch: int, memory: Footprint | None = None, *,
          dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None,
-         message_bytes: int | None = None, fusion: str = "eager", overlap=()) -> PlanResult:
+         message_bytes: int | None = None, fusion: str = "eager", overlap=(), async_p2p: bool = False) -> PlanResult:
     """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`; fusion
-    ("eager" or "fused": kernels/fusion.py) and Megatron's overlaps (megatron.OVERLAPS): analytic/megatron.py."""
+    ("eager" or "fused": kernels/fusion.py) and Megatron's overlaps (megatron.OVERLAPS): analytic/megatron.py.
+    async_p2p: the pipeline's p2p messages overlap the compute (the Llama 3 paper's PP, section
+    3.3.2), so only the bubble's chain pays them; torch's schedules, which the runs use, expose them."""
     overlap = megatron.check(overlap, fusion)
     c = config_of(workload, seq_len)
     m = plan.n_microbatches
@@ -213,7 +216,8 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
     dp = megatron.data_parallel(dp, plan, overlap)
     v = plan.n_stages  # interleaved 1F1B: a v-th of the bubble, v times the p2p messages
-    bd = Breakdown(m * compute - cached + opt + copies, m * tp, (plan.pp - 1) * t_max / v + m * v * p2p, m * ep, dp)
+    exposed_p2p = 0.0 if async_p2p else m * v * p2p
+    bd = Breakdown(m * compute - cached + opt + copies, m * tp, (plan.pp - 1) * t_max / v + exposed_p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas, fusion=fusion)
     tokens = global_batch * c.seq_len

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from relay.analytic import planner
 from relay.errors import ConfigError
 from relay.launch import cli, validate
 from relay.launch import validate_training as vt
@@ -69,6 +70,23 @@ def test_layout_names_every_approximation_and_drops_them_when_the_planner_costs_
     assert not sel.plan.recompute and sel.approximations == ("selective recompute run as none",)
     sel = vt.layout(BY_ID["torchtitan-h100x8-llama3-8b"])
     assert sel.plan.ac == "op" and sel.approximations == ()
+
+
+def test_the_llama3_papers_asynchronous_p2p_is_costed_as_overlapped():
+    """The Llama 3 paper's pipeline sends and receives asynchronously (section 3.3.2): its rows pay
+    the p2p messages only in the bubble's chain, where the default (torch's schedules, as the runs
+    use them) exposes each of the v x m microbatch-chunks' messages, one each way."""
+    row = BY_ID["llama3-paper-h100x8192-405b"]
+    lay, system = vt.layout(row), vt.system_of(row)
+    act = 1 * row.seq_len * 16384 * 2  # one sample of s x d at bf16
+    p2p = 2 * system.link(0, system.devices // row.pp).seconds(act)
+    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len)
+    exposed = planner.cost(system, row.workload, lay.plan, row.global_batch, **kw)
+    overlapped = planner.cost(system, row.workload, lay.plan, row.global_batch, **kw, async_p2p=True)
+    assert exposed.breakdown.pipeline - overlapped.breakdown.pipeline == pytest.approx(32 * 8 * p2p, rel=1e-9)
+    assert overlapped.breakdown.compute == exposed.breakdown.compute
+    assert vt.run(row, best=False)["step_s"] == pytest.approx(overlapped.step_s, rel=1e-12)
+    assert vt.ASYNC_P2P in row.extras and row.extras[0].startswith(vt.MODELLED)
 
 
 def test_a_bad_row_is_refused_naming_the_row_the_field_and_the_fix(tmp_path):
