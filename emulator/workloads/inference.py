@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn import functional as F
 from torch.utils.flop_counter import register_flop_formula
 
@@ -182,9 +183,9 @@ class EPShard(nn.Module):
     stages (`start`, `experts`, `finish`), so that two micro-batches can overlap one's
     all-to-all with the other's compute (device/training/serving.py)."""
 
-    def __init__(self, c, local: int, group=None):
+    def __init__(self, c, local: int, group=None, wire=None):
         super().__init__()
-        self.c, self.group = c, group
+        self.c, self.group, self.wire = c, group, wire  # wire: the dtype fake rows travel in
         self.router = nn.Linear(c.dim, c.n_experts, bias=False)
         self.experts = Experts(SwiGLU(c.dim, c.expert_dim) for _ in range(local))
         self.shared = SwiGLU(c.dim, c.n_shared * c.expert_dim) if c.n_shared else None
@@ -194,7 +195,12 @@ class EPShard(nn.Module):
 
     def _all_to_all(self, rows: torch.Tensor, out_splits: list, in_splits: list):
         out = rows.new_empty(sum(out_splits), rows.shape[1])
-        return out, dist.all_to_all_single(out, rows, out_splits, in_splits, group=self.group, async_op=True)
+        if self.wire is None or not isinstance(rows, FakeTensor) or rows.dtype == self.wire:
+            return out, dist.all_to_all_single(out, rows, out_splits, in_splits, group=self.group, async_op=True)
+        # fake rows hold no values: bare buffers of the wire's dtype travel in their place, so the
+        # messages have the served size (the host's fp32 would double it), and no cast is charged
+        sent, got = rows.new_empty(rows.shape, dtype=self.wire), out.new_empty(out.shape, dtype=self.wire)
+        return out, dist.all_to_all_single(got, sent, out_splits, in_splits, group=self.group, async_op=True)
 
     def start(self, x) -> dict:
         """Routes x (B, T, d) and issues the dispatch of its rows."""

@@ -89,7 +89,9 @@ def _model(step: Step, group, rank: int):
         model = family.workload(step.workload, c).build_model()
         for block in model.blocks:
             if hasattr(block.ffn, "routing"):
-                block.ffn = EPShard(c, local, group if step.ep > 1 else None)
+                # the dispatch and combine move bf16 rows, as served (DeepEP in BF16), though the
+                # host's fake tensors are fp32 (the cost model charges them at the emulated dtype)
+                block.ffn = EPShard(c, local, group if step.ep > 1 else None, wire=torch.bfloat16)
     return model
 
 
