@@ -136,3 +136,15 @@ def test_balanced_splits_send_and_receive_every_row_with_one_role():
         for r in range(6):
             G.rank = r
             assert Recorder.exchange(None, G, *inference.balanced_splits(rows, 6, r)) == S
+
+
+def test_validate_inference_takes_validate_trainings_verdict(capsys):
+    """One verdict for both tables (launch/validate_training.py's summary and verdict): the median
+    over the rows not used for fitting, the worst row named, no bound on the worst (issue 29's
+    target bounds the median only)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["validate", "--inference", "--only", "sglang-h100x32-prefill"])
+    assert e.value.code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("PASS: median |error| ") and "over the 1 row(s) run and not used for fitting " \
+        "(target <= 15%), worst sglang-h100x32-prefill" in line and "beyond" not in line
