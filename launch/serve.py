@@ -46,6 +46,10 @@ def add_parser(sub) -> None:
                    "system's devices match its whole throughput at the same latency targets")
     p.add_argument("--fast-precision", choices=tuple(PRECISIONS), help="with --breakeven: the fast side's "
                    "precision (default --precision)")
+    p.add_argument("--shared", nargs="?", const="decode", choices=("decode", "prefill", "both"),
+                   help="also run the step (default decode) on the emulated devices, fake tensors at full size, as "
+                   "a shared run (one worker records the one role, every device replayed: driver/serving.py), and "
+                   "print it beside the analytic step (tp=1, bf16)")
     p.set_defaults(fn=cmd_serve)
 
 
@@ -64,6 +68,9 @@ def _check(args, system) -> None:
     if args.fast_precision and not args.breakeven:
         raise ConfigError(f"--fast-precision = {args.fast_precision!r} is the fast side's precision of --breakeven "
                           "FAST; add --breakeven FAST or drop it")
+    if args.shared and (args.search or args.breakeven or args.precision != "bf16"):
+        raise ConfigError(f"--shared runs one layout's step on the devices in bf16; drop --search / --breakeven "
+                          f"(and --precision {args.precision}) or drop --shared")
     if (args.tpot_ms or args.ttft_ms) and not (args.search or args.breakeven):
         raise ConfigError("--tpot-ms / --ttft-ms are targets of a search; add --search (or --breakeven FAST)")
 
@@ -142,6 +149,8 @@ def cmd_serve(args) -> int:
     layout = Layout.parse(args.parallel, system.devices) if args.parallel else Layout(system.devices, 1, moe_ep)
     if args.parallel and "ep=" not in args.parallel:
         layout = Layout(layout.dp, layout.tp, moe_ep)
+    if args.shared and layout.tp != 1:
+        raise ConfigError(f"--shared with --parallel {layout}: runs on the devices take tp=1; give tp=1")
     s = serving.serve(args.workload, system, layout, args.batch or BATCH, args.input_len, args.output_len,
                       args.precision, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch)
     print(head)
@@ -149,4 +158,35 @@ def cmd_serve(args) -> int:
     print(f"# memory per device: {_describe_memory(s)}")
     print(f"# TTFT: one prefill step of {s.prefill_batch} prompts; TPOT: one decode step at context "
           f"{args.input_len + args.output_len // 2} (the decode's mean); took {time.perf_counter() - start:.1f} real s")
+    if args.shared:
+        _shared(args, system, s)
     return 0 if s.fits else 1
+
+
+def _shared(args, system, s) -> None:
+    """The layout's steps run on the emulated devices (shared), beside the analytic ones."""
+    from relay.device.training.serving import Step
+    from relay.driver import serving as on_devices
+    from relay.driver.cluster import Cluster
+    c = config_of(args.workload, 1)
+    overlap = not args.no_overlap and hasattr(c, "n_experts")
+    phases = ("decode", "prefill") if args.shared == "both" else (args.shared,)
+    table = []
+    with Cluster(system, clock="virtual", tensors="fake", timeout_s=1800) as cluster:
+        for ph in phases:
+            t0 = time.perf_counter()
+            batch, tokens, context = (s.batch, 1, args.input_len + args.output_len // 2) if ph == "decode" else \
+                (s.prefill_batch, args.input_len, args.input_len)
+            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, 2 if overlap else 1)
+            res = on_devices.run(cluster, step, shared_run=True)
+            model = getattr(s, ph)
+            table.append([ph, str(s.layout), batch, "2" if overlap else "1", f"{res.seconds * 1e3:.2f}",
+                          f"{model.seconds * 1e3:.2f}", f"{model.seconds / res.seconds:.3f}",
+                          f"{res.compute_s * 1e3:.2f}", f"{res.comm_s * 1e3:.2f}", f"{res.exposed_s * 1e3:.2f}",
+                          f"{res.roles} / {system.devices}", f"{time.perf_counter() - t0:.0f}"])
+    print(f"# the same steps on the {system.devices} emulated devices (fake tensors, full size; shared run: "
+          "recorded roles replayed on every device; every figure emulated but the last column)")
+    print(tabulate(table, headers=["phase", "layout", "batch", "micro-\nbatches", "devices\n(emulated ms)",
+                                   "analytic\n(emulated ms)", "analytic /\ndevices", "compute\n(emulated ms)",
+                                   "dispatch+combine\n(emulated ms)", "exposed\n(emulated ms)",
+                                   "roles /\ndevices", "took\n(host s)"], disable_numparse=True))

@@ -6,7 +6,7 @@ Measured, not assumed: `measure` runs models of 0 and 1 block of each kind (dens
 tensors, each through one call, device/fake/measure.py's `measure_block` (its `by_layers` method:
 every block of a kind is identical, so a block's figure is the 1-block model's minus the 0-block
 model's, exactly), with the block split as the plan splits it on one device (`shard` and
-`_split_heads`: Megatron tensor parallel divides the heads and the dense SwiGLU's width by tp and
+`split_heads`: Megatron tensor parallel divides the heads and the dense SwiGLU's width by tp and
 leaves norms, embeddings, the head, routers and experts whole, as plans.py does; expert parallel
 keeps n_experts / ep experts). Each run charges every aten op by the cost model (forward, backward
 and optimizer step separately) and records what autograd saves for backward (measure.memory's rule),
@@ -88,7 +88,7 @@ class Measured:
 
 def shard(config, tp: int = 1, ep: int = 1):
     """The configuration of one device's share of a block's feed-forward under tensor and expert
-    parallelism, as plans.py splits it (the heads split in the built model: `_split_heads`).
+    parallelism, as plans.py splits it (the heads split in the built model: `split_heads`).
     Expert parallelism keeps n_experts / ep experts per device, each fed by the ep replicas of
     its group: with balanced routing, the same k expert passes per token as on one device, so
     the shard keeps top_k and at least top_k experts (the FLOPs are those of the real split;
@@ -100,7 +100,7 @@ def shard(config, tp: int = 1, ep: int = 1):
     return replace(config, **changes)
 
 
-def _split_heads(model, tp: int):
+def split_heads(model, tp: int):
     """Each block's attention with n_heads / tp heads (and key/value heads) of the same size, as
     plans.tensor_parallel leaves it on one device (the low-rank latents of MLA stay whole)."""
     if tp == 1:
@@ -126,7 +126,7 @@ def _workload(workload: str, config, tp: int, n_layers: int, dense: int):
     family = importlib.import_module(type(config).__module__)
     extra = {"n_dense_layers": dense} if hasattr(config, "n_dense_layers") else {}
     wl = family.workload(workload, replace(config, n_layers=n_layers, **extra))
-    return replace(wl, build_model=lambda: _split_heads(wl.build_model(), tp))
+    return replace(wl, build_model=lambda: split_heads(wl.build_model(), tp))
 
 
 def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dtype: str = "bf16",

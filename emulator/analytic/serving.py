@@ -37,12 +37,11 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from relay import collectives
-from relay.analytic.footprint import _split_heads
+from relay.analytic.footprint import split_heads
 from relay.errors import ConfigError
 from relay.hardware import chips
 from relay.kernels import moe_ops
@@ -51,8 +50,7 @@ from relay.kernels.cost import CostModel
 from relay.kernels.throttle import Throttle
 from relay.workloads import get as get_workload
 from relay.workloads import inference
-from relay.workloads.llama import SwiGLU
-from relay.workloads.moe import Experts
+from relay.workloads.inference import EPShard
 
 PRECISIONS = {"bf16": 2, "fp8": 1}  # bytes a weight is stored in (fp8: Linear GEMMs in FP8, kernels/fp8.py)
 
@@ -99,33 +97,6 @@ def check(layout: Layout, config, devices: int) -> None:
         raise ConfigError(f"--parallel ep={layout.ep}: the model has no experts; use ep=1")
     if devices % layout.ep:
         raise ConfigError(f"--parallel ep={layout.ep} does not divide the {devices} devices; choose a divisor")
-
-
-class EPShard(nn.Module):
-    """One device's MoE layer under expert parallelism: the router over all experts, the dispatch
-    buffer of its tokens' top-k choices (the all-to-all's input), its `local` experts on the rows
-    it receives (tokens x top_k, balanced), the combine, and the replicated shared experts."""
-
-    def __init__(self, c, local: int):
-        super().__init__()
-        self.c = c
-        self.router = nn.Linear(c.dim, c.n_experts, bias=False)
-        self.experts = Experts(SwiGLU(c.dim, c.expert_dim) for _ in range(local))
-        self.shared = SwiGLU(c.dim, c.n_shared * c.expert_dim) if c.n_shared else None
-
-    def forward(self, x):  # (B, T, d) -> (B, T, d)
-        B, T, d = x.shape
-        x = x.reshape(-1, d)  # (N, d)
-        top, idx = self.router(x).topk(self.c.top_k, dim=-1)  # (N, k)
-        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.c.top_k)  # (N k,)
-        sent = moe_ops.permute(x, token)  # (N k, d): the dispatch's send buffer
-        rows, local = sent.shape[0], len(self.experts)
-        counts = [rows // local + (e < rows % local) for e in range(local)]  # balanced routing
-        out = self.experts(sent, counts)  # the rows received (as many as sent), through the local experts
-        y = moe_ops.unpermute(out, top.softmax(-1).reshape(-1), token, x.shape[0])  # the combine
-        if self.shared is not None:
-            y = y + self.shared(x)
-        return y.view(B, T, d)
 
 
 @dataclass(frozen=True)
@@ -181,7 +152,7 @@ class Cost:
 def _model(workload: str, config, tp: int, local: int, n_layers: int, dense: int):
     family = importlib.import_module(type(config).__module__)
     extra = {"n_dense_layers": dense} if hasattr(config, "n_dense_layers") else {}
-    model = _split_heads(family.workload(workload, replace(config, n_layers=n_layers, ffn_dim=config.ffn_dim // tp,
+    model = split_heads(family.workload(workload, replace(config, n_layers=n_layers, ffn_dim=config.ffn_dim // tp,
                                                            **extra)).build_model(), tp)
     for block in model.blocks:
         if hasattr(block.ffn, "routing"):

@@ -24,11 +24,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn import functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from relay.workloads.llama import Attention, rotate
-from relay.workloads.moe import MLA
+from relay.kernels import moe_ops
+from relay.workloads.llama import Attention, SwiGLU, rotate
+from relay.workloads.moe import MLA, Experts
 
 
 @dataclass
@@ -128,23 +132,112 @@ def _mla(a: MLA, x, cos, sin, cache, start: int):
     return a.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def attention(block, x, cos, sin, kv, start: int) -> torch.Tensor:
+    """x plus the block's attention over its cache `kv` (the step's tokens written at `start`)."""
+    h = block.attn_norm(x)
+    h = _mla(block.attn, h, cos, sin, kv, start) if isinstance(block.attn, MLA) else \
+        _gqa(block.attn, h, cos, sin, kv, start)
+    return x + h
+
+
+def rotary(model, cache: Cache, T: int) -> tuple:
+    """The rotary tables of a step of T tokens after the cache's (a prompt to an empty cache, or one token)."""
+    start = cache.length
+    if start and T != 1:
+        raise ValueError(f"{T} tokens fed after {start} cached ones: feed a prompt to an empty cache, "
+                         "then one token a step")
+    return model.cos[start:start + T], model.sin[start:start + T]
+
+
 def forward(model, idx: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits (B, vocab) of the last of `idx`'s tokens (B, T), fed after the cache's tokens: a
     prefill when the cache is empty, else T = 1, one decode step. The cache is advanced."""
     start, T = cache.length, idx.shape[1]
-    if start and T != 1:
-        raise ValueError(f"{T} tokens fed after {start} cached ones: feed a prompt to an empty cache, "
-                         "then one token a step")
-    cos, sin = model.cos[start:start + T], model.sin[start:start + T]
+    cos, sin = rotary(model, cache, T)
     x = model.tok(idx)  # (B, T, d)
     for block, kv in zip(model.blocks, cache.layers):
-        h = block.attn_norm(x)
-        h = _mla(block.attn, h, cos, sin, kv, start) if isinstance(block.attn, MLA) else \
-            _gqa(block.attn, h, cos, sin, kv, start)
-        x = x + h
+        x = attention(block, x, cos, sin, kv, start)
         x = x + block.ffn(block.ffn_norm(x))
     cache.length = start + T
     return model.head(model.norm(x[:, -1:]))[:, 0]  # only the last position is sampled
+
+
+def balanced_splits(rows: int, n: int, rank: int) -> tuple[list[int], list[int]]:
+    """Balanced routing of `rows` (token, expert) rows from each of n devices: the rows this device
+    sends each peer and receives from each. When n does not divide rows, the remainder's extra
+    rows go to the r peers after this device (a rotation), so every device sends and receives
+    exactly `rows` and does the same work."""
+    base, r = divmod(rows, n)
+    send = [base + ((p - rank) % n < r) for p in range(n)]
+    recv = [base + ((rank - p) % n < r) for p in range(n)]
+    return send, recv
+
+
+class EPShard(nn.Module):
+    """One device's MoE layer under expert parallelism, as large-scale EP serving runs it: the
+    router over all experts, the dispatch buffer of its tokens' top-k choices, its `local` experts
+    on the rows it receives (tokens x top_k, balanced), the combine, and the replicated shared
+    experts. With `group` (a process group of the ep devices) the dispatch and the combine are
+    all-to-alls over it (balanced_splits); without, the rows stay on the device (the serving
+    model's measured step: analytic/serving.py times the all-to-alls in closed form). In three
+    stages (`start`, `experts`, `finish`), so that two micro-batches can overlap one's
+    all-to-all with the other's compute (device/training/serving.py)."""
+
+    def __init__(self, c, local: int, group=None, wire=None):
+        super().__init__()
+        self.c, self.group, self.wire = c, group, wire  # wire: the dtype fake rows travel in
+        self.router = nn.Linear(c.dim, c.n_experts, bias=False)
+        self.experts = Experts(SwiGLU(c.dim, c.expert_dim) for _ in range(local))
+        self.shared = SwiGLU(c.dim, c.n_shared * c.expert_dim) if c.n_shared else None
+
+    def forward(self, x):  # (B, T, d) -> (B, T, d)
+        return self.finish(self.expert_rows(self.start(x)))
+
+    def _all_to_all(self, rows: torch.Tensor, out_splits: list, in_splits: list):
+        out = rows.new_empty(sum(out_splits), rows.shape[1])
+        if self.wire is None or not isinstance(rows, FakeTensor) or rows.dtype == self.wire:
+            return out, dist.all_to_all_single(out, rows, out_splits, in_splits, group=self.group, async_op=True)
+        # fake rows hold no values: bare buffers of the wire's dtype travel in their place, so the
+        # messages have the served size (the host's fp32 would double it), and no cast is charged
+        sent, got = rows.new_empty(rows.shape, dtype=self.wire), out.new_empty(out.shape, dtype=self.wire)
+        return out, dist.all_to_all_single(got, sent, out_splits, in_splits, group=self.group, async_op=True)
+
+    def start(self, x) -> dict:
+        """Routes x (B, T, d) and issues the dispatch of its rows."""
+        s = {"shape": x.shape, "x": x.reshape(-1, x.shape[-1])}  # (N, d)
+        top, idx = self.router(s["x"]).topk(self.c.top_k, dim=-1)  # (N, k)
+        s["weights"] = top.softmax(-1).reshape(-1)
+        s["token"] = torch.arange(s["x"].shape[0], device=x.device).repeat_interleave(self.c.top_k)  # (N k,)
+        sent = moe_ops.permute(s["x"], s["token"])  # (N k, d): the dispatch's send buffer
+        if self.group is None:
+            s["rows"] = sent
+        else:
+            s["send"], s["recv"] = balanced_splits(sent.shape[0], dist.get_world_size(self.group),
+                                                   dist.get_rank(self.group))
+            s["rows"], s["work"] = self._all_to_all(sent, s["recv"], s["send"])
+        return s
+
+    def expert_rows(self, s: dict) -> dict:
+        """The local experts on the rows received (balanced over them), the combine issued."""
+        if "work" in s:
+            s["work"].wait()
+        rows, local = s["rows"].shape[0], len(self.experts)
+        counts = [rows // local + (e < rows % local) for e in range(local)]  # balanced routing
+        out = self.experts(s["rows"], counts)
+        if self.group is None:
+            s["back"] = out
+        else:
+            s["back"], s["work"] = self._all_to_all(out, s["send"], s["recv"])
+        return s
+
+    def finish(self, s: dict) -> torch.Tensor:
+        """The combine's rows weighted back onto their tokens, plus the shared experts: (B, T, d)."""
+        if "work" in s:
+            s["work"].wait()
+        y = moe_ops.unpermute(s["back"], s["weights"], s["token"], s["x"].shape[0])
+        if self.shared is not None:
+            y = y + self.shared(s["x"])
+        return y.view(s["shape"])
 
 
 @torch.no_grad()

@@ -74,7 +74,9 @@ def test_cli_refuses_bad_input_before_running(capsys):
                         (["--search", "--parallel", "dp=4", "--batch", "8"], "--parallel, --batch: --search and "
                          "--breakeven choose the layout"),
                         (["--breakeven", "nvl72", "--no-overlap"], "--no-overlap: --search and --breakeven"),
-                        (["--fast-precision", "fp8"], "--fast-precision = 'fp8' is the fast side's precision")):
+                        (["--fast-precision", "fp8"], "--fast-precision = 'fp8' is the fast side's precision"),
+                        (["--shared", "--search"], "--shared runs one layout's step on the devices"),
+                        (["--shared", "--parallel", "dp=2,tp=2"], "runs on the devices take tp=1")):
         system = [] if "--system" in argv else ["--chip", "h100", "--devices", "4"]
         base = ["serve", "--workload", "llama-debug", *system]
         assert cli.main(base + argv) == 2
@@ -114,3 +116,35 @@ def test_inference_validate_rows_hold_their_recorded_figures():
     assert len(rows) == 1
     for x in validate_serving.evaluate(rows):
         assert x["relay"] == pytest.approx(x["row"].relay, rel=0.01), x["row"].id
+
+
+def test_balanced_splits_send_and_receive_every_row_with_one_role():
+    """Each device sends and receives exactly `rows` (the serving model's balanced routing), the
+    receive counts are what the peers send it, and every device's row is device 0's rotated (so
+    one device's recording stands for all: the Recorder rebuilds the matrix from its row and column)."""
+    from relay.device.fake.record import Recorder
+
+    class G:  # the members a Recorder's exchange sees of a group
+        size, rank = 6, 0
+    for rows in (12, 14, 5):
+        S = [inference.balanced_splits(rows, 6, r)[0] for r in range(6)]
+        for r in range(6):
+            send, recv = inference.balanced_splits(rows, 6, r)
+            assert sum(send) == sum(recv) == rows
+            assert recv == [S[p][r] for p in range(6)]
+            assert send == S[0][-r:] + S[0][:-r] if r else send == S[0]
+        for r in range(6):
+            G.rank = r
+            assert Recorder.exchange(None, G, *inference.balanced_splits(rows, 6, r)) == S
+
+
+def test_validate_inference_takes_validate_trainings_verdict(capsys):
+    """One verdict for both tables (launch/validate_training.py's summary and verdict): the median
+    over the rows not used for fitting, the worst row named, no bound on the worst (issue 29's
+    target bounds the median only)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["validate", "--inference", "--only", "sglang-h100x32-prefill"])
+    assert e.value.code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("PASS: median |error| ") and "over the 1 row(s) run and not used for fitting " \
+        "(target <= 15%), worst sglang-h100x32-prefill" in line and "beyond" not in line

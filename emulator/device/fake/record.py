@@ -122,12 +122,17 @@ class Recorder(Engine):
     def exchange(self, group, row: list[int], column=None) -> list[list[int]]:
         """The split matrix as devices that route alike make it: a dispatch (this device receives
         as much from every peer) sends every row like this one; a return trip (it sends as much to
-        every peer) has each sender send alike, what this device receives from it."""
+        every peer) has each sender send alike, what this device receives from it; a rotation
+        (inference.balanced_splits) has each sender's row this one's turned by the sender's rank."""
         column = list(column if column is not None else row)
         if len(set(column)) == 1:
             return [list(row)] * group.size
         if len(set(row)) == 1:
             return [[c] * group.size for c in column]
+        n, me = group.size, group.rank
+        f = [row[(k + me) % n] for k in range(n)]  # a rotation: each sender's row is this one's turned by
+        if column == [f[(me - i) % n] for i in range(n)]:  # its rank (balanced rows that n does not divide)
+            return [[f[(p - i) % n] for p in range(n)] for i in range(n)]
         raise ConfigError(f"shared run: an all-to-all on devices {list(group.members)} whose sizes differ by sender "
                           "and by receiver; run one process per device (shared=False)")
 

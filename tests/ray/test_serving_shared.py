@@ -1,0 +1,36 @@
+"""Serving steps on the emulated devices (device/training/serving.py, driver/serving.py): a decode
+step of moe-debug (MLA, a shared expert) with attention data parallel and the experts over 4
+devices, the dispatch and combine as all-to-alls through the `relay` backend, on fake tensors.
+Shared (one worker records the one role, every device replayed) equals one process per device in
+every emulated figure; without overlap the step equals the serving model's (analytic/serving.py):
+the same compute op by op, the all-to-alls timed by the executor as by the closed form."""
+
+import pytest
+
+from relay import System
+from relay.analytic import serving
+from relay.device.training.serving import Step
+from relay.driver import serving as on_devices
+
+KEYS = ("start_s", "end_s", "compute_s", "comm_s", "exposed_comm_s", "pipeline_wait_s", "flops", "spans")
+
+
+def test_shared_decode_equals_one_process_per_device(cluster):
+    # batch 7: micro-batches of 3 and 4 sequences, 6 and 8 rows over 4 devices (balanced_splits' rotation)
+    step = Step("moe-debug", 4, 4, 7, 1, 25, micro=2)
+    full, shared = on_devices.run(cluster, step, shared_run=False), on_devices.run(cluster, step, shared_run=True)
+    assert (full.roles, shared.roles) == (4, 1)
+    assert [{k: r[k] for k in KEYS} for r in shared.rows] == [{k: r[k] for k in KEYS} for r in full.rows]
+    row = shared.rows[0]
+    assert len(row["spans"]["all_to_all"]) == 2 * 2 * 2  # 2 MoE blocks x 2 micro-batches x dispatch, combine
+    assert shared.exposed_s < shared.comm_s  # the other micro-batch hid (here all of) the all-to-alls
+
+
+def test_decode_on_devices_equals_the_serving_model_without_overlap(cluster):
+    devices = on_devices.run(cluster, Step("moe-debug", 4, 4, 7, 1, 25), shared_run=False)
+    model = serving.phase("moe-debug", serving.Layout(4, 1, 4), System("h100", 4), "bf16", 7, 1, 25, overlap=False)
+    assert devices.compute_s == pytest.approx(model.compute_s, rel=1e-9)
+    assert devices.flops == model.flops
+    assert devices.comm_s == pytest.approx(model.a2a_s, rel=0.01)  # executor against closed form
+    assert devices.exposed_s == devices.comm_s  # nothing overlaps: the step is their sum
+    assert devices.seconds == pytest.approx(model.seconds, rel=0.001)
