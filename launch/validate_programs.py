@@ -160,6 +160,9 @@ def jobs(rows: list, path, out: str) -> list[Job]:
         reason = why_not(r, r.devices)
         argv = () if reason else tuple(command(r, chip, out))
         found.append(Job(r, chip, published, argv, reason, tuple(overrides(r)[1])))
+    if any(j.argv for j in found) and not os.path.isdir(os.path.join(ROOT, ASSETS)):
+        raise ConfigError(f"--programs: {os.path.join(ROOT, ASSETS)} is not there (torchtitan's tokenizer and data "
+                          "for offline runs); run from a checkout of this repository, which has them")
     return found
 
 
