@@ -226,8 +226,8 @@ def report(done: list[dict], plan: dict) -> str:
             table.append(head + [f"not run: {j.not_run}" if j.not_run else x["failed"], "", "", "", ""])
             continue
         ratio = f"{x['figure'] / j.published:.3f}" if j.published else "-"
-        peak = f" of {x['peak_flops'] / 1e12:.0f}" if x["peak_flops"] else ""
-        table.append(head + [f"{x['figure']:,.4g} (step {x['step']})", ratio, f"{x['mfu']:.2f}%{peak}",
+        peak = f" of {x['peak_flops'] / 1e12:,.0f}" if x["peak_flops"] else ""
+        table.append(head + [f"{_g(x['figure'])} (step {x['step']})", ratio, f"{x['mfu']:.2f}%{peak}",
                              f"{x['memory']:.2f}", f"{x['host_s']:.0f}"])
     return tabulate(table, headers=["row", "chips", "published", "unit", "plan model\n(emulated)",
                                     "program's own line\n(emulated, row's unit)", "program /\npublished",
@@ -237,7 +237,24 @@ def report(done: list[dict], plan: dict) -> str:
 
 
 def _g(v) -> str:
-    return "-" if v is None else f"{v:.4g}"
+    return "-" if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.4g}"
+
+
+def notes(done: list[dict]) -> list[str]:
+    """What differs from the published run (once per row), and an MFU torchtitan took against
+    another peak than the chip's (it looks the peak up from the device's name)."""
+    out, said = [], set()
+    for x in done:
+        j = x["job"]
+        if j.approximations and not j.not_run and j.row.id not in said:
+            said.add(j.row.id)
+            out.append(f"#   {j.row.id}: " + "; ".join(j.approximations))
+        peak = chips.get(j.chip).bf16_tflops
+        if x.get("peak_flops") and abs(x["peak_flops"] / 1e12 / peak - 1) > 0.02:
+            out.append(f"#   {j.row.id} on {j.chip}: torchtitan's MFU is against {x['peak_flops'] / 1e12:,.0f} TFLOPS, "
+                       f"the peak it looks up for {x['device']!r}; against the catalog's BF16 peak, {peak:g} "
+                       f"TFLOPS, it is {x['mfu'] * x['peak_flops'] / 1e12 / peak:.2f}% (emulated)")
+    return out
 
 
 def cmd_programs(rows: list, results: list[dict], path) -> None:
@@ -257,9 +274,7 @@ def cmd_programs(rows: list, results: list[dict], path) -> None:
           f"the row's layout); its own last-step line read from rank 0's console (logs: {out})")
     done = [run_job(j, out) for j in todo]
     print(report(done, plan))
-    for x in done:
-        if x["job"].approximations and not x["job"].not_run:
-            print(f"#   {x['job'].row.id} on {x['job'].chip}: " + "; ".join(x["job"].approximations))
+    print("\n".join(notes(done)))
     held = [abs(x["figure"] / x["job"].published - 1) for x in done if "figure" in x and x["job"].published]
     print(f"# programs: {sum('figure' in x for x in done)} of {len(done)} launched and read; "
           + (f"median |program / published - 1| {statistics.median(held):.1%} over {len(held)} row(s) with a "

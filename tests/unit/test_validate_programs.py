@@ -82,11 +82,16 @@ def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_publishe
     assert done[0]["figure"] == 8911
     text = vp.report(done, {(ROW.id, "h100"): 9215.0, (ROW.id, "b200"): 20000.0})
     first, failed, big = text.splitlines()[-3:]
-    for words in ("5762", "tokens/s/GPU", "9215", "8,911 (step 3)", f"{8911 / 5762:.3f}", "52.18% of 989",
+    for words in ("5762", "tokens/s/GPU", "9,215", "8,911 (step 3)", f"{8911 / 5762:.3f}", "52.18% of 989",
                   "51.81", "97"):
         assert words in first
     assert "none (Relay only)" in failed and "failed (exit 1); console: b200.log" in failed
     assert "not run: needs 64 device actors; shared runs of launched programs are not built" in big
+    assert [n for n in vp.notes(done) if "MFU" in n] == []  # torchtitan's H100 peak is the catalog's
+    seen = {**vp.parse(LOG.read_text()), "peak_flops": 312e12, "device": "Ascend 910C"}  # its fallback: A100's
+    note = vp.notes([vp.result(todo[(ROW.id, "ascend-910c")], seen, 1.0, 0, "x.log")])[-1]
+    assert note.endswith("torchtitan's MFU is against 312 TFLOPS, the peak it looks up for 'Ascend 910C'; against "
+                         "the catalog's BF16 peak, 752 TFLOPS, it is 21.65% (emulated)")  # 52.18% x 312 / 752
 
 
 def test_bad_input_is_refused_before_anything_launches(tmp_path, capsys):
