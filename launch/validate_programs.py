@@ -100,8 +100,8 @@ def overrides(row) -> tuple[list[str], list[str]]:
              "--parallelism.tensor_parallel_degree", str(row.tp), "--parallelism.pipeline_parallel_degree",
              str(row.pp), "--parallelism.context_parallel_degree", str(row.cp),
              "--parallelism.expert_parallel_degree", str(row.ep)]
-    out = ["torchtitan 0.3.0 (PyPI) with its defaults (FlexAttention, charged as one fused attention kernel), "
-           "whatever torchtitan the published run used"]
+    out = ["torchtitan 0.3.0 from PyPI, not the published run's version, with its defaults (its attention, "
+           "FlexAttention, charged as one fused attention kernel)"]
     if "torch.compile" in row.extras:
         args.append("--compile.enable")
         out.append("torch.compile runs eager on Relay's devices (each op charged; what it would fuse, op by op)")
@@ -112,9 +112,10 @@ def overrides(row) -> tuple[list[str], list[str]]:
     return args + [AC[row.recompute]], out  # (the AC subcommand last: tyro takes its own flags after it)
 
 
-def why_not(row, devices: int) -> str:
-    if devices > MAX_DEVICES:
-        return (f"needs {devices} device actors; shared runs of launched programs are not built (one launch runs "
+def why_not(row) -> str:
+    """Why the row's program is not launched here ("" when it is)."""
+    if row.devices > MAX_DEVICES:
+        return (f"needs {row.devices} device actors; shared runs of launched programs are not built (one launch runs "
                 f"at most {MAX_DEVICES} here)")
     if row.pp > 1:
         return ("torchtitan 0.3.0's pipeline schedules call schedule.step(arg_mbs=...), which torch 2.13 lacks "
@@ -157,7 +158,7 @@ def jobs(rows: list, path, out: str) -> list[Job]:
     for r, chip, published in [(r, r.chip, r.published) for r in rows if r.program] + \
                               [(by_id[rid], chip, None) for rid, chip in extra if rid in by_id]:
         program_args(r)
-        reason = why_not(r, r.devices)
+        reason = why_not(r)
         argv = () if reason else tuple(command(r, chip, out))
         found.append(Job(r, chip, published, argv, reason, tuple(overrides(r)[1])))
     if any(j.argv for j in found) and not os.path.isdir(os.path.join(ROOT, ASSETS)):
