@@ -275,7 +275,8 @@ def cmd_programs(rows: list, results: list[dict], path) -> None:
           f"the row's layout); its own last-step line read from rank 0's console (logs: {out})")
     done = [run_job(j, out) for j in todo]
     print(report(done, plan))
-    print("\n".join(notes(done)))
+    for line in notes(done):
+        print(line)
     held = [abs(x["figure"] / x["job"].published - 1) for x in done if "figure" in x and x["job"].published]
     print(f"# programs: {sum('figure' in x for x in done)} of {len(done)} launched and read; "
           + (f"median |program / published - 1| {statistics.median(held):.1%} over {len(held)} row(s) with a "
