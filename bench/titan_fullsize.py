@@ -14,56 +14,48 @@ torchtitan's published figure is for H100 only: on another chip the same run is 
 one (its MFU is against the peak torchtitan looks up from the chip's name: B200 "(GB200, ...)" ->
 GB200's 2.5 PFLOPS; a name it does not know, Ascend 910C, -> A100's 312 TFLOPS, with a warning).
 
-What differs from the published run, stated: torchtitan 0.3.0 rather than 9dec370 (Dec 2024);
-FlexAttention (0.3's default; charged as one fused SDPA kernel) where 2024's used SDPA;
+The launch is the one `relay validate --training --programs` makes for training.toml's row
+torchtitan-h100x8-llama3-8b (launch/validate_programs.py: torchtitan's own overrides for the row's
+layout). What differs from the published run, stated: torchtitan 0.3.0 rather than 9dec370 (Dec
+2024); FlexAttention (0.3's default; charged as one fused SDPA kernel) where 2024's used SDPA;
 --training.disable_cuda_graphs and --parallelism.spmd_backend partial_dtensor (README); the
 tokenizer and data are the test assets (fake tensors: values do not matter, shapes do).
 """
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
+import shlex
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLISHED_TPS = 5762  # tokens/s per GPU, Table 1 row "FSDP"
-LINE = re.compile(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps: ([\d,]+)\s+tflops: ([\d.,]+)\s+mfu: ([\d.]+)%")
+from relay.launch import validate_programs as vp
+from relay.launch import validate_training as vt
+
+ROW = "torchtitan-h100x8-llama3-8b"  # training.toml's row: the layout and the published figure
+PUBLISHED_MEMORY_GIB = 82.4  # Table 1, row "FSDP"
 
 
 def main(steps: int = 3, chip: str = "h100") -> None:
+    row = {r.id: r for r in vt.load()}[ROW]
     out = tempfile.mkdtemp(prefix="titan-8b-")
-    cmd = [sys.executable, "-m", "relay.launch.cli", "launch", "--chip", chip, "--devices", "8", "--tensors", "fake",
-           "--out", out, "-m", "torchtitan.train", "--module", "llama3", "--config", "llama3_8b",
-           "--training.disable_cuda_graphs", "--parallelism.spmd_backend", "partial_dtensor",
-           "--hf_assets_path", "tests/assets/torchtitan/tokenizer", "--dataloader.dataset", "c4_test",
-           "--dataloader.dataset_path", "tests/assets/torchtitan/c4_test", "--training.local_batch_size", "2",
-           "--training.steps", str(steps), "--metrics.log_freq", "1", "--dump_folder", f"{out}/dump"]
-    print("$", " ".join(cmd[1:]))
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    host_s = time.perf_counter() - start
-    text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)
-    with open(f"{out}/console.log", "w") as fh:
-        fh.write(text)
-    for line in text.splitlines():
-        if "step:" in line and line.startswith("[rank 0]"):
-            print(line)
-    found = LINE.findall(text)
-    if done.returncode or not found:
-        print(f"run failed (rc {done.returncode}); console: {out}/console.log")
+    argv = vp.command(row, chip, out, steps)  # the launch `relay validate --training --programs` makes
+    print("$ relay", shlex.join(argv))
+    got, host_s, rc = vp.launch(argv, f"{out}/console.log")
+    for step, memory, tps, tflops, mfu in got["steps"]:
+        print(f"[rank 0] torchtitan step {step}: memory {memory:.2f} GiB, tps {tps:,}, tflops {tflops:,.2f}, "
+              f"mfu {mfu:.2f}% (its own line, emulated)")
+    if rc or not got["steps"]:
+        print(f"run failed (rc {rc}); console: {out}/console.log")
         return
-    step, memory, tps, tflops, mfu = found[-1]
-    tps = int(tps.replace(",", ""))
+    step, memory, tps, tflops, mfu = got["steps"][-1]
     print(f"\nllama3 8B, FSDP over 8 x {chip}, local batch 2, seq 8192, selective AC")
-    print(f"  torchtitan's own line on Relay (step {step}, emulated): {tps:,} tps/GPU, {tflops} TFLOPS, MFU {mfu}%, "
-          f"memory {memory} GiB (emulated HBM)")
-    if chip == "h100":
-        print(f"  published (torchtitan Table 1, FSDP):          {PUBLISHED_TPS:,} tps/GPU (MFU 33-39%), 82.4 GiB")
-        print(f"  relay / published: {tps / PUBLISHED_TPS:.3f}")
+    print(f"  torchtitan's own line on Relay (step {step}, emulated): {tps:,} tps/GPU, {tflops} TFLOPS, MFU {mfu}% "
+          f"of {got['peak_flops'] / 1e12:.0f} TFLOPS (its peak for {got['device']!r}), memory {memory} GiB "
+          "(emulated HBM)")
+    if chip == row.chip:
+        print(f"  published (torchtitan Table 1, FSDP):          {row.published:,.0f} tps/GPU (MFU 33-39%), "
+              f"{PUBLISHED_MEMORY_GIB} GiB")
+        print(f"  relay / published: {tps / row.published:.3f}")
     else:
         print("  published: none for this chip (torchtitan's Table 1 is H100)")
     print(f"  host time of the run: {host_s:.0f} s (real), {steps} steps; results: {out}")

@@ -156,6 +156,10 @@ def report(results: list[dict]) -> str:
 
 
 def cmd_validate(args) -> int:
+    if args.programs and (not args.training or args.json):
+        raise ConfigError("option --programs is given without --training (or with --json); it launches the "
+                          "programs of training.toml's rows and prints their lines beside that table: add --training "
+                          "(and drop --json)")
     if args.training:  # published training runs (emulator/hardware/training.toml)
         from relay.launch import validate_training
         return validate_training.cmd_training(args)
@@ -204,6 +208,8 @@ def add_parser(sub) -> None:
                    "instead (prefill and decode tokens/s per device; rows marked inference)")
     v.add_argument("--no-best", action="store_true", help="with --training: skip the planner's search for "
                    "the best plan (it takes a minute on the large MoE rows)")
+    v.add_argument("--programs", action="store_true", help="with --training: also launch each row's own program "
+                   "(torchtitan) unmodified on fake tensors and print its own tps / MFU / memory lines (slow)")
     v.add_argument("--only", help="rows whose id matches this regular expression")
     v.add_argument("--update", action="store_true", help="rewrite the table's expected relay figures")
     v.add_argument("--json", action="store_true")

@@ -93,6 +93,7 @@ class TrainingRow:
     scaleout_gbps: float | None = None
     fit: bool = False
     relay: float = 0.0  # Relay's figure at the published layout when the table was last updated
+    program: str = ""  # the program that ran it, as --programs launches it (validate_programs)
 
 
 def _check(r: TrainingRow, path) -> None:
@@ -365,5 +366,8 @@ def cmd_training(args) -> int:
         print(f"# beyond {TARGET_WORST:.0%}: {', '.join(s['misses'])} (their approximations above)")
     if args.update:
         print(f"# updated the relay column of {path}")
+    if getattr(args, "programs", False):  # the rows' own programs launched (slow, opt-in), before the verdict
+        from relay.launch import validate_programs
+        validate_programs.cmd_programs(rows, results, path)
     print(line)
     return 0 if ok else 1

@@ -1,0 +1,105 @@
+"""`relay validate --training --programs` (launch/validate_programs.py) without launching anything:
+the rows' programs and the launches they make (or why not), torchtitan's own overrides for a row's
+layout as torchtitan's own ConfigManager reads them, its log lines as a full-size launch printed
+them (tests/assets/torchtitan/llama3_8b_h100x8_fake.log), the table, and bad input. The full-size
+launch itself (~200 s host) is `relay validate --training --programs` / bench/titan_fullsize.py."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay.errors import ConfigError
+from relay.launch import cli
+from relay.launch import validate_programs as vp
+from relay.launch import validate_training as vt
+
+ROWS = vt.load()
+BY_ID = {r.id: r for r in ROWS}
+ROW = BY_ID["torchtitan-h100x8-llama3-8b"]  # FSDP 8, local batch 2, seq 8192, selective AC: 5,762 tps/GPU
+# `relay launch` of ROW's program on 8 H100 (fake tensors), its console as captured
+LOG = Path(__file__).resolve().parents[1] / "assets" / "torchtitan" / "llama3_8b_h100x8_fake.log"
+
+
+def test_every_torchtitan_row_is_launched_or_says_why_not(tmp_path):
+    todo = vp.jobs(ROWS, vt.TRAINING, str(tmp_path))
+    assert {j.row.id for j in todo} == {r.id for r in ROWS if "github.com/pytorch/torchtitan" in r.source}
+    by = {(j.row.id, j.chip): j for j in todo}
+    j = by[(ROW.id, "h100")]
+    assert j.published == 5762 and not j.not_run
+    argv = list(j.argv)
+    assert argv[:9] == ["launch", "--chip", "h100", "--devices", "8", "--domain", "8", "--tensors", "fake"]
+    assert argv[argv.index("-m") + 1:argv.index("-m") + 6] == ["torchtitan.train", "--module", "llama3", "--config",
+                                                                 "llama3_8b"]
+    assert argv[-1] == "activation_checkpoint:selective"  # (tyro's subcommand: last)
+    for chip in ("b200", "ascend-910c"):  # Relay-only comparison lines: the same launch on another chip
+        c = by[(ROW.id, chip)]
+        tail = len(vp.overrides(ROW)[0])  # the same layout
+        assert c.published is None and c.argv[1:3] == ("--chip", chip) and c.argv[-tail:] == j.argv[-tail:]
+    big = [j for j in todo if j.row.devices > vp.MAX_DEVICES]
+    assert len(big) == 9 and not any(j.argv for j in big)
+    for j in big:
+        assert j.not_run.startswith(f"needs {j.row.devices} device actors; shared runs of launched programs are "
+                                    "not built")
+    assert "pipeline schedules" in vp.why_not(replace(ROW, pp=2, dp=4))
+    assert "float8 converter" in vp.why_not(replace(ROW, precision="fp8"))
+
+
+def test_the_overrides_give_torchtitan_the_rows_layout():
+    """torchtitan's own ConfigManager (tyro) parses the flags: a misspelt flag or a wrong degree fails here."""
+    manager = pytest.importorskip("torchtitan.config.manager")
+    ac = pytest.importorskip("torchtitan.distributed.activation_checkpoint")
+    cases = [(ROW, (2, 16, 8192, 8, 1, 1), ac.SelectiveAC.Config, False),
+             (BY_ID["torchtitan-h100x64-llama3-8b-tp8"], (12, 96, 8192, 8, 1, 8), ac.SelectiveAC.Config, True),
+             (BY_ID["torchtitan-h100x256-llama3-70b-tp8"], (16, 512, 8192, 32, 1, 8), ac.FullAC.Config, True),
+             (replace(ROW, fsdp=False, recompute="none", micro_batch=1), (1, 16, 8192, 1, 8, 1), type(None), False)]
+    for row, layout, policy, compiled in cases:
+        c = manager.ConfigManager().parse_args(vp.program_args(row) + list(vp.TITAN_FLAGS) + vp.overrides(row)[0])
+        p = c.parallelism
+        assert (c.training.local_batch_size, c.training.global_batch_size, c.training.seq_len,
+                p.data_parallel_shard_degree, p.data_parallel_replicate_degree, p.tensor_parallel_degree) == layout
+        assert (p.pipeline_parallel_degree, p.context_parallel_degree, c.training.steps) == (1, 1, vp.STEPS)
+        assert type(c.activation_checkpoint) is policy and c.compile.enable is compiled, row.id
+        assert c.training.disable_cuda_graphs and c.metrics.log_freq == 1
+
+
+def test_torchtitans_own_lines_are_read_from_rank_0():
+    got = vp.parse(LOG.read_text())
+    assert [s[0] for s in got["steps"]] == [1, 2, 3]
+    assert got["steps"][-1] == (3, 51.81, 8911, 516.09, 52.18)  # step, memory GiB, tps, TFLOPS, MFU %
+    assert (got["peak_flops"], got["device"], got["capacity_gib"]) == (9.89e14, "H100 SXM", 74.51)
+    other = ("[rank 1] [titan] - INFO - step:  9  loss:  0.1  grad_norm:  0.1  memory: 1.00GiB(1%)  tps: 1  "
+             "tflops: 1.00  mfu: 1.00%\n\x1b[32m[rank 0] [titan] - INFO - \x1b[39mstep:  4  loss:  0.00000  "
+             "grad_norm:  0.0000  memory: 2.50GiB(3.36%)  tps: 12,345  tflops: 1,000.5  mfu: 10.00%\x1b[39m\n")
+    assert vp.parse(other)["steps"] == [(4, 2.5, 12345, 1000.5, 10.0)]  # rank 1's line is not rank 0's
+
+
+def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_published_figure(tmp_path):
+    todo = {(j.row.id, j.chip): j for j in vp.jobs(ROWS, vt.TRAINING, str(tmp_path))}
+    done = [vp.result(todo[(ROW.id, "h100")], vp.parse(LOG.read_text()), 97.0, 0, str(LOG)),
+            vp.result(todo[(ROW.id, "b200")], vp.parse(""), 3.0, 1, "b200.log"),
+            {"job": todo[("torchtitan-h100x64-llama3-8b-tp8", "h100")]}]
+    assert done[0]["figure"] == 8911
+    text = vp.report(done, {(ROW.id, "h100"): 9215.0, (ROW.id, "b200"): 20000.0})
+    first, failed, big = text.splitlines()[-3:]
+    for words in ("5762", "tokens/s/GPU", "9,215", "8,911 (step 3)", f"{8911 / 5762:.3f}", "52.18% of 989",
+                  "51.81", "97"):
+        assert words in first
+    assert "none (Relay only)" in failed and "failed (exit 1); console: b200.log" in failed
+    assert "not run: needs 64 device actors; shared runs of launched programs are not built" in big
+    assert [n for n in vp.notes(done) if "MFU" in n] == []  # torchtitan's H100 peak is the catalog's
+    seen = {**vp.parse(LOG.read_text()), "peak_flops": 312e12, "device": "Ascend 910C"}  # its fallback: A100's
+    note = vp.notes([vp.result(todo[(ROW.id, "ascend-910c")], seen, 1.0, 0, "x.log")])[-1]
+    assert note.endswith("torchtitan's MFU is against 312 TFLOPS, the peak it looks up for 'Ascend 910C'; against "
+                         "the catalog's BF16 peak, 752 TFLOPS, it is 21.65% (emulated)")  # 52.18% x 312 / 752
+
+
+def test_bad_input_is_refused_before_anything_launches(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"row 'torchtitan-h100x8-llama3-8b': program = 'megatron' is invalid"):
+        vp.jobs([replace(ROW, program="megatron")], vt.TRAINING, str(tmp_path))
+    path = tmp_path / "t.toml"
+    path.write_text(vt.TRAINING.read_text().replace('chip = "ascend-910c"', 'chip = "ascend-910x"'))
+    with pytest.raises(ConfigError, match="ascend-910x"):
+        vp.jobs(ROWS, path, str(tmp_path))
+    assert cli.main(["validate", "--programs"]) == 2
+    assert "--programs is given without --training" in capsys.readouterr().err
