@@ -109,6 +109,11 @@ class Cluster:
             raise
         return self
 
+    def connect(self) -> Cluster:
+        """Ray connected (embedded if no address), no worker started: shared runs start their own."""
+        self._owns_ray = connect_ray(self.address) or self._owns_ray
+        return self
+
     def close(self) -> None:
         """Kill every worker this cluster started (and the embedded Ray, if it started one)."""
         release(self.actors, self._pgs)
@@ -226,13 +231,17 @@ class Cluster:
     def broadcast(self, tensors, algorithm="ring", root=0, **kw):
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
-    def launch(self, fn, *args, tensors: str | None = None, host_clock: bool = False,
+    def launch(self, fn, *args, tensors: str | None = None, host_clock: bool = False, shared: bool = False,
                **kwargs) -> _programs.LaunchResult:
         """fn(*args, **kwargs) on every device, torch.distributed initialised on the `relay` backend;
         each device's result and emulated times (driver/programs.py; relay.dist inside fn).
-        `tensors`: the Cluster's unless given; `host_clock`: fn's time.* read the host's clock."""
-        return _programs.launch(self, Program(fn, args, kwargs, host_clock=host_clock),
-                                tensors=_launch_tensors(self, tensors))
+        `tensors`: the Cluster's unless given; `host_clock`: fn's time.* read the host's clock;
+        `shared` (fake tensors, fn the same work on every rank): rank 0 runs alone and every
+        device is replayed from it (driver/launch_shared.py)."""
+        program = Program(fn, args, kwargs, host_clock=host_clock)
+        if shared:
+            return _programs.launch(self, program, tensors=self.tensors if tensors is None else tensors, shared=True)
+        return _programs.launch(self, program, tensors=_launch_tensors(self, tensors))
 
     def preflight(self, workload=None, **options) -> _training.Preflight:
         """Every check of a training run that needs no device (settings, algorithm against the
