@@ -27,7 +27,7 @@ from tabulate import tabulate
 from relay import Cluster
 from relay.device.backend.collective import algorithms
 from relay.device.backend.program import Program
-from relay.driver.launch_shared import check
+from relay.driver.launch_shared import check, connect
 from relay.driver.monitor import DeviceError
 from relay.driver.programs import launch
 from relay.errors import ConfigError
@@ -139,7 +139,7 @@ def cmd_launch(args) -> int:
     try:
         # started (a shared run starts its own workers): an earlier run's logs by this name go only
         # now (a refused run keeps them)
-        with contextlib.closing(cluster.connect()) if args.shared else cluster:
+        with contextlib.closing(connect(cluster)) if args.shared else cluster:
             for stale in [*logs.glob("rank*.log"), out.path / "error.txt"]:
                 stale.unlink(missing_ok=True)
             tail = Tail(logs, ranks)

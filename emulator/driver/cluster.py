@@ -109,11 +109,6 @@ class Cluster:
             raise
         return self
 
-    def connect(self) -> Cluster:
-        """Ray connected (embedded if no address), no worker started: shared runs start their own."""
-        self._owns_ray = connect_ray(self.address) or self._owns_ray
-        return self
-
     def close(self) -> None:
         """Kill every worker this cluster started (and the embedded Ray, if it started one)."""
         release(self.actors, self._pgs)
@@ -236,12 +231,9 @@ class Cluster:
         """fn(*args, **kwargs) on every device, torch.distributed initialised on the `relay` backend;
         each device's result and emulated times (driver/programs.py; relay.dist inside fn).
         `tensors`: the Cluster's unless given; `host_clock`: fn's time.* read the host's clock;
-        `shared` (fake tensors, fn the same work on every rank): rank 0 runs alone and every
-        device is replayed from it (driver/launch_shared.py)."""
-        program = Program(fn, args, kwargs, host_clock=host_clock)
-        if shared:
-            return _programs.launch(self, program, tensors=self.tensors if tensors is None else tensors, shared=True)
-        return _programs.launch(self, program, tensors=_launch_tensors(self, tensors))
+        `shared`: rank 0 alone, every device replayed (fake tensors; driver/launch_shared.py)."""
+        tensors = (self.tensors if tensors is None else tensors) if shared else _launch_tensors(self, tensors)
+        return _programs.launch(self, Program(fn, args, kwargs, host_clock=host_clock), tensors=tensors, shared=shared)
 
     def preflight(self, workload=None, **options) -> _training.Preflight:
         """Every check of a training run that needs no device (settings, algorithm against the

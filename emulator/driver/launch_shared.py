@@ -30,7 +30,7 @@ from relay.device.fake.launched import record_launched
 from relay.device.fake.program import launch_fake
 from relay.device.worker import RemoteWorker
 from relay.driver.monitor import Failed, failure, gather
-from relay.driver.session import release
+from relay.driver.session import connect_ray, release
 from relay.driver.shared import DIM_NAMES, _Device, replay, roles
 from relay.errors import ConfigError
 from relay.parallel import Parallel
@@ -64,7 +64,7 @@ def launch_shared(cluster, program, on_poll=None, plan=None, tensors: str = "fak
     result, with the same per-device figures)."""
     from relay.driver.programs import LaunchResult  # (programs.launch calls this module)
     plan = check(cluster, program, tensors, plan)
-    cluster.connect()
+    connect(cluster)
     system, n = cluster.system, cluster.system.devices
     job = cluster.job(1.0)  # (the virtual clock: no pacing)
     program = ray_program(program)
@@ -87,6 +87,13 @@ def launch_shared(cluster, program, on_poll=None, plan=None, tensors: str = "fak
               "argv": list(program.argv), "tensors": "fake", "host_clock": program.host_clock,
               "shared": True, "roles": len(reps), "parallel": str(plan)}
     return LaunchResult(per_device, config)
+
+
+def connect(cluster):
+    """Ray connected (embedded if no address; the cluster then stops it on close), no device worker
+    started: a shared run starts its own."""
+    cluster._owns_ray = connect_ray(cluster.address) or cluster._owns_ray
+    return cluster
 
 
 def ray_program(program):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # FSDP2 over a "cuda" mesh of every rank, each doing the same work (examples/gpu_train.py is not:
 # its rank 0 alone reads the loss, a host sync, which a shared run would charge every device)
 SCRIPT = str(ROOT / "tests" / "ray" / "programs" / "fsdp_every_rank.py")
-ARGS = ("1024", "64", "3")  # width, batch, steps
+ARGS = ("512", "64", "3")  # width, batch, steps
 DEVICE = ("emulated_s", "compute_s", "comm_s", "exposed_comm_s")
 STEP = ("step", "step_s", "compute_s", "comm_s", "exposed_comm_s", "model_state_bytes")
 LINE = re.compile(r"step (\d): ([\d.]+) ms")
