@@ -4,15 +4,15 @@ is replayed from its recording), against torchtitan's published figure for the c
 Prints torchtitan's own tps / MFU / memory lines (emulated), Relay's emulated step of every
 device, and the host seconds the run took.
 
-    .venv/bin/python bench/titan_shared.py [8b-h100x128 | 8b-h100x64 | 70b-a100x64] [steps]
+    .venv/bin/python bench/titan_shared.py [8b-h100x128 | 8b-h100x64 | 8b-h100x256 | 70b-a100x64] [steps]
 
 Published (emulator/hardware/training.toml rows, with their sources):
 - 8b-h100x128: torchtitan-h100x128-llama3-8b, https://github.com/pytorch/torchtitan/blob/b5bcd76c6/
   benchmarks/llama3_h100_202412_torchtitan.md, Table 3 (1D parallelism (FSDP), Llama 3.1 8B, 128
   GPUs), row "FSDP": 5,605 tokens/s per GPU; local batch 2, sequence 8192, selective (op) AC;
   Grand Teton H100 SXM 96 GB HBM2e, 500 W, 8 per host, 400 Gb/s RDMA per GPU.
-- 8b-h100x64: the same configuration on 64 devices (no published row; the 8- and 128-device rows
-  bracket it: 5,762 and 5,605).
+- 8b-h100x64, 8b-h100x256: the same configuration on 64 and 256 devices (no published row; the
+  8- and 128-device rows give 5,762 and 5,605).
 - 70b-a100x64: torchtitan-a100x64-llama3-70b, https://github.com/pytorch/torchtitan/blob/4d88a8a44/
   docs/performance.md (FSDP2 on 64 A100 80GB, 70B, batch size 1, full AC): 331 tokens/s per GPU,
   MFU 51.7%; sequence 8192.
@@ -37,6 +37,7 @@ LINE = re.compile(r"step:\s*(\d+).*?memory:\s*([\d.]+)GiB.*?tps: ([\d,]+)\s+tflo
 CASES = {  # devices, chip, torchtitan config, its options, published tokens/s/GPU (None: none)
     "8b-h100x128": (128, "h100", "llama3_8b", ["--training.local_batch_size", "2"], 5605),
     "8b-h100x64": (64, "h100", "llama3_8b", ["--training.local_batch_size", "2"], None),
+    "8b-h100x256": (256, "h100", "llama3_8b", ["--training.local_batch_size", "2"], None),
     # llama3_70b's own config takes full AC (FullAC.Config()) and tensor_parallel_degree 8: the
     # published row is FSDP alone
     "70b-a100x64": (64, "a100", "llama3_70b", ["--training.local_batch_size", "1",
