@@ -45,3 +45,19 @@ def test_a_collective_is_timed_as_if_every_member_started_with_it(recorder):
     assert work.end == ends[0] > 0  # (the recorder alone would have answered 0: communication free)
     assert recorder.compute.scheduled() == ends[0]  # the program's clock waited for it
     assert [e[0] for e in recorder.events] == ["issue", "wait"]  # and the replay has it to redo
+
+
+def test_object_collectives_are_answered_with_this_ranks_own_value():
+    """No peer answers them in a recording: a symmetric program's ranks hold what this one holds."""
+    import torch.distributed as dist
+
+    from relay.device.fake.launched import _objects_answered
+    original = dist.all_gather_object
+    out, box = [None] * 4, [{"seed": 7}]
+    with _objects_answered():
+        dist.all_gather_object(out, {"step": 3})
+        dist.broadcast_object_list(box, src=0)
+        with pytest.raises(ConfigError, match="scatter_object_list on a rank that is not its source"):
+            dist.scatter_object_list([None], None, src=0)
+    assert out == [{"step": 3}] * 4 and out[0] is not out[1]  # copies, as unpickled objects are
+    assert box == [{"seed": 7}] and dist.all_gather_object is original  # restored after
