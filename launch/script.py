@@ -16,6 +16,7 @@ A failed run adds error.txt: each failed device's last output and traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -26,6 +27,7 @@ from tabulate import tabulate
 from relay import Cluster
 from relay.device.backend.collective import algorithms
 from relay.device.backend.program import Program
+from relay.driver.launch_shared import check, connect
 from relay.driver.monitor import DeviceError
 from relay.driver.programs import launch
 from relay.errors import ConfigError
@@ -120,8 +122,12 @@ def cmd_launch(args) -> int:
     clock = args.clock or "virtual"
     if args.tensors == "fake" and clock != "virtual":
         raise ConfigError("--tensors fake needs the virtual clock (fake tensors take no real time); drop --clock wall")
+    if args.parallel and not args.shared:
+        raise ConfigError(f"--parallel {args.parallel} is a hint for shared runs only; add --shared")
     cluster = Cluster(system, clock=clock, dilation=args.dilation, address=args.address,
                       timeout_s=args.timeout_s or 60.0)
+    if args.shared:
+        check(cluster, Program(script=args.script), args.tensors, args.parallel)  # before anything starts
     stem = args.script if args.module else os.path.splitext(os.path.basename(args.script))[0]
     out = ResultsDir(args.out or "results", args.name or f"launch-{stem}-{system.chip.name}x{system.devices}")
     logs = (out.path / "logs").resolve()
@@ -131,11 +137,14 @@ def cmd_launch(args) -> int:
                       log_dir=str(logs), cwd=os.getcwd(), host_clock=args.host_clock)
     tail = None
     try:
-        with cluster:  # started: an earlier run's logs by this name go only now (a refused run keeps them)
+        # started (a shared run starts its own workers): an earlier run's logs by this name go only
+        # now (a refused run keeps them)
+        with contextlib.closing(connect(cluster)) if args.shared else cluster:
             for stale in [*logs.glob("rank*.log"), out.path / "error.txt"]:
                 stale.unlink(missing_ok=True)
             tail = Tail(logs, ranks)
-            res = launch(cluster, program, on_poll=tail.poll, tensors=args.tensors)
+            res = launch(cluster, program, on_poll=tail.poll, tensors=args.tensors, shared=args.shared,
+                         plan=args.parallel)
         for d in res.per_device:  # devices on other nodes sent their output back
             if d["output"] is not None:
                 (logs / f"rank{d['device']}.log").write_text(d["output"])
@@ -153,7 +162,8 @@ def cmd_launch(args) -> int:
     config = {"command": "launch", "options": vars_of(args), "launch": res.config,
               "system": system_dict(system), **environment(cluster.host)}
     summary = write_launch(out, config, res)["summary"]
-    print(f"# relay launch: {args.script} on {system.describe()}, {clock} clock, {args.tensors} tensors")
+    shared = f", shared: {res.config['roles']} device(s) ran, every device replayed" if args.shared else ""
+    print(f"# relay launch: {args.script} on {system.describe()}, {clock} clock, {args.tensors} tensors{shared}")
     rows = [[d["device"], fmt(d["emulated_s"], 1e3), fmt(d["compute_s"], 1e3), fmt(d["comm_s"], 1e3),
              fmt(d["exposed_comm_s"], 1e3), f"{d['real_s']:.2f}"] for d in res.per_device]
     print(tabulate(rows, headers=["device", "time (emulated ms)", "compute (emulated ms)",
@@ -211,6 +221,12 @@ def add_parser(sub) -> None:
     p.add_argument("--tensors", choices=("real", "fake"), default="real",
                    help="real (default) or fake: the program's tensors are fake tensors (shapes only), so "
                    "full-size models run; a value read from one (.item(), a printed loss) is 0")
+    p.add_argument("--shared", action="store_true",
+                   help="with --tensors fake, for a program whose every rank does the same work (data parallel, "
+                   "FSDP): rank 0 runs alone and every device is replayed from it (one device's host time; "
+                   "each device's emulated figures equal a launch of one process per device)")
+    p.add_argument("--parallel", help="with --shared, the plan the program's process groups follow "
+                   "(e.g. dp=4,tp=2; default: every device a data-parallel replica, groups of the whole world)")
     p.add_argument("--host-clock", action="store_true",
                    help="the program's time.perf_counter / monotonic / time read the host's clock (default: "
                    "the device's emulated clock, so its own throughput lines print emulated figures)")

@@ -226,13 +226,14 @@ class Cluster:
     def broadcast(self, tensors, algorithm="ring", root=0, **kw):
         return self.collective("broadcast", tensors, algorithm, root=root, **kw)
 
-    def launch(self, fn, *args, tensors: str | None = None, host_clock: bool = False,
+    def launch(self, fn, *args, tensors: str | None = None, host_clock: bool = False, shared: bool = False,
                **kwargs) -> _programs.LaunchResult:
         """fn(*args, **kwargs) on every device, torch.distributed initialised on the `relay` backend;
         each device's result and emulated times (driver/programs.py; relay.dist inside fn).
-        `tensors`: the Cluster's unless given; `host_clock`: fn's time.* read the host's clock."""
-        return _programs.launch(self, Program(fn, args, kwargs, host_clock=host_clock),
-                                tensors=_launch_tensors(self, tensors))
+        `tensors`: the Cluster's unless given; `host_clock`: fn's time.* read the host's clock;
+        `shared`: rank 0 alone, every device replayed (fake tensors; driver/launch_shared.py)."""
+        tensors = (self.tensors if tensors is None else tensors) if shared else _launch_tensors(self, tensors)
+        return _programs.launch(self, Program(fn, args, kwargs, host_clock=host_clock), tensors=tensors, shared=shared)
 
     def preflight(self, workload=None, **options) -> _training.Preflight:
         """Every check of a training run that needs no device (settings, algorithm against the

@@ -14,6 +14,7 @@ from relay.device.backend.collective import algorithms
 from relay.device.backend.program import Program, run_program
 from relay.device.backend.steps import aggregate
 from relay.device.fake.program import launch_fake
+from relay.driver.launch_shared import launch_shared
 from relay.driver.pacing import comm_ratio
 from relay.errors import ConfigError
 
@@ -82,10 +83,17 @@ def rendezvous(cluster):
             cluster.run(jobs.close_store, devices=1, what="launch clean-up")
 
 
-def launch(cluster, program: Program, on_poll=None, tensors: str = "real") -> LaunchResult:
+def launch(cluster, program: Program, on_poll=None, tensors: str = "real", shared: bool = False,
+           plan=None) -> LaunchResult:
     """Run `program` on every device of `cluster` (started if it is not); on_poll() runs about
     once a second while it does (`relay launch` shows the devices' output). `tensors="fake"`: the
-    program runs on fake tensors (device/fake/program.py), on the virtual clock."""
+    program runs on fake tensors (device/fake/program.py), on the virtual clock. `shared`: one
+    worker per role runs it and every device is replayed (driver/launch_shared.py; `plan`: a
+    Parallel, or its text, whose groups the program's are)."""
+    if shared:
+        return launch_shared(cluster, program, on_poll, plan, tensors)
+    if plan is not None:
+        raise ConfigError(f"parallel = {plan!r} is a hint for shared runs only; add shared=True (--shared)")
     algorithms(program.algorithm)  # an unknown algorithm is refused before any device starts
     if tensors not in ("real", "fake"):
         raise ConfigError(f"tensors = {tensors!r} is invalid; choose 'real' or 'fake'")

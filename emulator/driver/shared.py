@@ -157,9 +157,11 @@ class _Device:
         return out
 
 
-def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int, list[int]]) -> list[list[dict]]:
+def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int, list[int]],
+           device_class=_Device) -> list[list[dict]]:
     """Every device's rows from its role's recording (recordings: representative -> the record
-    worker's result, members: representative -> its role's devices)."""
+    worker's result, members: representative -> its role's devices; device_class: launched
+    programs' rows, driver/launch_shared.py)."""
     n = system.devices
     groups: dict = {}
 
@@ -195,7 +197,7 @@ def replay(system, fabric, plan, recordings: dict[int, dict], members: dict[int,
                                           "plan's; run one process per device")
                     seen[ms] = (d,) if len(ms) == 1 else tuple(range(n)) if dim == "world" else _group(plan, dim, d)
                 return seen[ms]
-            devices.append(_Device(d, rec["recording"], rec["rows"], rename, category))
+            devices.append(device_class(d, rec["recording"], rec["rows"], rename, category))
     by_index = {x.d: x for x in devices}
     waiting: dict = defaultdict(dict)  # (group, seq) -> {device: start}
     mail: dict = defaultdict(deque)  # (sender, receiver) -> emulated starts of the messages sent

@@ -85,7 +85,7 @@ def run_program(dev, job: Job, program: Program, *, device: int | None = None, e
     relay_group.activate(engine)
     _forget_meshes()
     relay_dist._current = ctx
-    restore = _take_over(device)
+    restore = _take_over(device, world, alone=engine.recording)
     marks = StepMarks(compute, throttle, engine, ctx.counts)  # a step per optimizer.step()
     r0 = time.time()
     result = output = None
@@ -151,8 +151,9 @@ def _forget_meshes() -> None:
     _gen_transform_infos.cache_clear()
 
 
-def _take_over(device: int):
-    """init_process_group(...) of any backend starts the relay group; returns the undo."""
+def _take_over(device: int, world: int, alone: bool = False):
+    """init_process_group(...) of any backend starts the relay group; returns the undo. `alone`
+    (a shared run's recording): on a store of its own, as the given rank, with no rendezvous."""
     original = dist.init_process_group
 
     def init_process_group(backend=None, *args, **kwargs):
@@ -162,6 +163,9 @@ def _take_over(device: int):
             print(f"relay: init_process_group(backend={backend!r}) runs on the 'relay' backend "
                   "(the emulated fabric)", file=sys.stderr, flush=True)
         kwargs.pop("device_id", None)
+        if alone:
+            kwargs.pop("init_method", None)
+            kwargs.update(store=dist.HashStore(), rank=device, world_size=world)
         return original("relay", *args, **kwargs)
 
     dist.init_process_group = init_process_group

@@ -61,6 +61,7 @@ class StepMarks:
         self.depth -= 1
         if self.depth > 0:
             return
+        self.engine.mark("step")  # (a shared run's recording notes it: driver/launch_shared.py)
         spans = self.engine.spans
         new = spans[self.spans_seen:]  # appended by the communication thread; a slice is a snapshot
         self.spans_seen += len(new)
