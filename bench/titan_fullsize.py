@@ -35,8 +35,9 @@ ROW = "torchtitan-h100x8-llama3-8b"  # training.toml's row: the layout and the p
 PUBLISHED_MEMORY_GIB = 82.4  # Table 1, row "FSDP"
 
 
-def main(steps: int = 3, chip: str = "h100") -> None:
+def main(steps: int = 3, chip: str | None = None) -> None:
     row = {r.id: r for r in vt.load()}[ROW]
+    chip = chip or row.chip  # the row's own (h100-hbm2e, the Grand Teton H100 the benchmark ran on)
     out = tempfile.mkdtemp(prefix="titan-8b-")
     argv = vp.command(row, chip, out, steps)  # the launch `relay validate --training --programs` makes
     print("$ relay", shlex.join(argv))
@@ -63,6 +64,6 @@ def main(steps: int = 3, chip: str = "h100") -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    chip = args.pop(args.index("--chip") + 1) if "--chip" in args else "h100"
+    chip = args.pop(args.index("--chip") + 1) if "--chip" in args else None
     args = [a for a in args if a != "--chip"]
     main(int(args[0]) if args else 3, chip)

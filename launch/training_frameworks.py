@@ -18,6 +18,19 @@ FRAMEWORKS = {"megatron-core": ("fused", ("tp", "p2p", "dp")), "automodel": ("fu
               "torchtitan": ("eager", ()), "meta": ("eager", ())}
 COMPILED = "torch.compile"  # an extra that makes an eager framework's row fused
 FUSED_EXTRAS = (COMPILED, "Transformer Engine")  # extras the fused mode stands for
+ASYNC_P2P = "asynchronous pipeline p2p"  # an extra the plan model costs (planner.cost's async_p2p)
+# frameworks whose tensor parallelism runs sequence parallel: torchtitan's apply_tp puts the norms on
+# SequenceParallel unconditionally (models/llama/parallelize_llama.py), the Llama 3 paper's TP is
+# Korthikanti et al.'s, and Megatron-Bridge's TP comm overlap (costed on its rows) is gated on it
+# (docs.nvidia.com/nemo/megatron-bridge/latest/skills/perf-techniques/tp-dp-comm-overlap/SKILL.html)
+SEQUENCE_PARALLEL = ("torchtitan", "meta", "megatron-core")
+
+
+def plan_words(row, dp: int) -> tuple[bool, bool]:
+    """(dist_opt, sp) of a TrainingRow's plan: Megatron (Megatron-Bridge, NeMo) runs its distributed
+    optimizer (ZeRO-1) by default; sequence parallel as SEQUENCE_PARALLEL says."""
+    return (row.framework == "megatron-core" and not row.fsdp and dp > 1,
+            row.tp > 1 and row.framework in SEQUENCE_PARALLEL)
 
 
 def kernels_of(row) -> tuple[str, tuple, list[str]]:

@@ -1,20 +1,13 @@
 """`relay validate --training`: Relay's emulated training step against published end-to-end
-training throughput.
-
-Each row of emulator/hardware/training.toml is a published run (model, chips and count, fabric,
-parallel layout, batch, sequence length, precision, recompute, figure and source). Relay builds
-the row's System (the chip x count, its scale-up domains over the chip's scale-out), costs the
-*published* layout with the analytic plan model (relay.analytic.planner.cost, as `relay plan
---parallel` does) and, beside it, the planner's own best plan (planner.search), and reports its
-figure in the row's unit (tokens/s per GPU, or model TFLOPS per GPU) against the published one.
-
-What the plan model cannot cost yet is never dropped in silence: `layout` maps a row to the
-nearest plan it can cost and names every approximation (PLANNER_COSTS lists the features; flip
-one when the planner learns it, and `layout` passes the row's value through instead). A row
-whose layout does not map at all is reported "not run" with the reason.
-
-The verdict is the issue's target: median |error| <= 10% and no row beyond 25%, over the rows
-that ran and are not `fit` rows; misses are listed with their approximations.
+training throughput. Each row of emulator/hardware/training.toml is a published run (model, chips,
+fabric, layout, batch, sequence, precision, recompute, framework, figure and source). Relay costs
+the *published* layout on the row's System with the analytic plan model (planner.cost, as `relay
+plan --parallel` does; its kernels and overlaps as the row's framework runs them:
+training_frameworks.py) and, beside it, the planner's best plan, in the row's unit.
+What the plan model cannot cost yet is never dropped in silence: `layout` maps a row to the nearest
+plan it can cost and names every approximation (PLANNER_COSTS lists the features); a row whose
+layout does not map is "not run", with the reason. The verdict is the issue's target: median
+|error| <= 10% and no row beyond 25%, over the rows that ran and are not `fit` rows.
 """
 
 from __future__ import annotations
@@ -37,19 +30,17 @@ from relay.analytic import planner
 from relay.analytic.footprint import GB, config_of, footprint
 from relay.errors import ConfigError
 from relay.launch import validate
-from relay.launch.training_frameworks import FRAMEWORKS, FUSED_EXTRAS, kernels_of
+from relay.launch.training_frameworks import ASYNC_P2P, FRAMEWORKS, FUSED_EXTRAS, kernels_of, plan_words
 from relay.parallel import Parallel
 from relay.workloads import analytic
 from relay.workloads import get as get_workload
 
 TRAINING = chips.CATALOG.with_name("training.toml")  # beside the chip catalog, in relay.hardware
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.25  # |relay / published - 1| (issue 26's acceptance)
-ASYNC_P2P = "asynchronous pipeline p2p"  # an extra the plan model costs (planner.cost's async_p2p)
 MODELLED = ("balanced routing", "token-dropless", ASYNC_P2P)  # extras the plan model assumes or costs
 METRICS = {"tokens_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOPS/GPU"}
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTES = ("none", "full", "selective")
-SEQUENCE_PARALLEL = ("pytorch/torchtitan", "arxiv.org/abs/2407.21783")  # sources whose TP runs sequence parallel
 # Layout features the analytic plan model (relay.analytic.planner.cost) costs today. `layout`
 # approximates each False one by the nearest plan it can cost, and says so on the row; set an
 # entry True when the planner learns the feature and `layout` passes the row's value through.
@@ -198,11 +189,7 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
             out.append("the source's selective recompute run as torchtitan's op policy (ac=op)")
     elif row.recompute == "selective":
         out.append("selective recompute run as none")
-    # Megatron (Megatron-Bridge, NeMo) runs its distributed optimizer (ZeRO-1) by default
-    dist_opt = not row.fsdp and dp > 1 and ("Megatron" in row.source or "docs.nvidia.com/nemo" in row.source)
-    # sequence parallel with every TP plan: torchtitan's apply_tp puts the norms on SequenceParallel
-    # unconditionally (models/llama/parallelize_llama.py), and the Llama 3 paper's TP is Korthikanti et al.'s
-    sp = row.tp > 1 and any(s in row.source for s in SEQUENCE_PARALLEL)
+    dist_opt, sp = plan_words(row, dp)
     dtype = row.precision
     if row.precision == "fp8" and not costs["fp8"]:
         dtype = "bf16"

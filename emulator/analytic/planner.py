@@ -22,8 +22,7 @@ one scale-up domain runs on its links), algorithm "auto" (the vendor library's c
                      2 backward of each device's k s b d routed tokens, balanced routing, and
                      a small all-to-all of the token counts per forward pass; exposed
     pipeline p2p     each microbatch's activation forward and its gradient back, on the link
-                     between neighbouring stages; exposed (with `async_p2p`, overlapped: only
-                     the bubble's chain pays them)
+                     between neighbouring stages; exposed (`async_p2p`: only the bubble's chain)
 Checked against fake-tensor runs of every plan on a small system (docs/design.md,
 bench/plan_vs_runs.py): the runs' timelines set the overlaps and the *_KERNELS below.
 """

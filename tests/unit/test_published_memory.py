@@ -58,12 +58,13 @@ def test_fsdp_under_a_pipeline_holds_the_stages_parameters_and_gradients_unshard
 
 def test_torchtitan_and_llama3_paper_tp_rows_run_sequence_parallel_and_the_paper_8_chunks():
     """torchtitan's apply_tp puts every norm on SequenceParallel; the Llama 3 paper's TP is
-    Korthikanti et al.'s; a Megatron row is left as its helper maps it, and tp = 1 has none. The
-    paper's rows interleave 8 chunks a rank (one layer a chunk: section 3.3.2, see the row's note)."""
+    Korthikanti et al.'s; Megatron-Bridge's TP comm overlap (costed on its rows) is gated on
+    sequence parallel; tp = 1 has none. The paper's rows interleave 8 chunks a rank (one layer a
+    chunk: section 3.3.2, see the row's note)."""
     for rid in ("torchtitan-h100x256-llama3-70b-tp8", "torchtitan-h100x64-llama3-8b-tp8",
-                "llama3-paper-h100x8192-405b", "llama3-paper-h100x16384-405b"):
+                "llama3-paper-h100x8192-405b", "llama3-paper-h100x16384-405b", "mbridge-h100x64-llama3-70b-fp8"):
         assert vt.layout(ROWS[rid]).plan.sp, rid
-    for rid in ("mbridge-h100x64-llama3-70b-fp8", "torchtitan-h100x8-llama3-8b"):
+    for rid in ("torchtitan-h100x8-llama3-8b", "mbridge-h100x8-llama3-8b-fp8"):
         assert not vt.layout(ROWS[rid]).plan.sp, rid
     paper = vt.layout(ROWS["llama3-paper-h100x8192-405b"]).plan
     assert (paper.pp, paper.n_stages, paper.n_microbatches) == (16, 8, 32)

@@ -25,10 +25,10 @@ def test_every_torchtitan_row_is_launched_or_says_why_not(tmp_path):
     todo = vp.jobs(ROWS, vt.TRAINING, str(tmp_path))
     assert {j.row.id for j in todo} == {r.id for r in ROWS if "github.com/pytorch/torchtitan" in r.source}
     by = {(j.row.id, j.chip): j for j in todo}
-    j = by[(ROW.id, "h100")]
+    j = by[(ROW.id, "h100-hbm2e")]
     assert j.published == 5762 and not j.not_run
     argv = list(j.argv)
-    assert argv[:9] == ["launch", "--chip", "h100", "--devices", "8", "--domain", "8", "--tensors", "fake"]
+    assert argv[:9] == ["launch", "--chip", "h100-hbm2e", "--devices", "8", "--domain", "8", "--tensors", "fake"]
     assert argv[argv.index("-m") + 1:argv.index("-m") + 6] == ["torchtitan.train", "--module", "llama3", "--config",
                                                                  "llama3_8b"]
     assert argv[-1] == "activation_checkpoint:selective"  # (tyro's subcommand: last)
@@ -76,11 +76,11 @@ def test_torchtitans_own_lines_are_read_from_rank_0():
 
 def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_published_figure(tmp_path):
     todo = {(j.row.id, j.chip): j for j in vp.jobs(ROWS, vt.TRAINING, str(tmp_path))}
-    done = [vp.result(todo[(ROW.id, "h100")], vp.parse(LOG.read_text()), 97.0, 0, str(LOG)),
+    done = [vp.result(todo[(ROW.id, "h100-hbm2e")], vp.parse(LOG.read_text()), 97.0, 0, str(LOG)),
             vp.result(todo[(ROW.id, "b200")], vp.parse(""), 3.0, 1, "b200.log"),
-            {"job": todo[("torchtitan-h100x64-llama3-8b-tp8", "h100")]}]
+            {"job": todo[("torchtitan-h100x64-llama3-8b-tp8", "h100-hbm2e")]}]
     assert done[0]["figure"] == 8911
-    text = vp.report(done, {(ROW.id, "h100"): 9215.0, (ROW.id, "b200"): 20000.0})
+    text = vp.report(done, {(ROW.id, "h100-hbm2e"): 9215.0, (ROW.id, "b200"): 20000.0})
     first, failed, big = text.splitlines()[-3:]
     for words in ("5762", "tokens/s/GPU", "9,215", "8,911 (step 3)", f"{8911 / 5762:.3f}", "52.18% of 989",
                   "51.81", "97"):
