@@ -94,12 +94,9 @@ def _check(r: TrainingRow, path) -> None:
         v = getattr(r, f)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise bad(f, "give an integer >= 1")
-    if r.framework not in FRAMEWORKS:
-        raise bad("framework", f"give one of {', '.join(FRAMEWORKS)}")
-    if r.precision not in PRECISIONS:
-        raise bad("precision", f"give one of {', '.join(PRECISIONS)}")
-    if r.recompute not in RECOMPUTES:
-        raise bad("recompute", f"give one of {', '.join(RECOMPUTES)}")
+    for f, choices in (("framework", FRAMEWORKS), ("precision", PRECISIONS), ("recompute", RECOMPUTES)):
+        if getattr(r, f) not in choices:
+            raise bad(f, f"give one of {', '.join(choices)}")
     if METRICS.get(r.metric) != r.unit:
         raise bad("metric", "give tokens_per_gpu with unit 'tokens/s/GPU' or tflops_per_gpu with 'TFLOPS/GPU'")
     if r.tp * r.pp * r.cp * r.dp != r.devices:
@@ -122,14 +119,12 @@ def load(path: Path | str = TRAINING) -> list[TrainingRow]:
         raw = tomllib.load(fh)["row"]
     rows = []
     for r in raw:
-        unknown = sorted(set(r) - known)
-        if unknown:
+        if unknown := sorted(set(r) - known):
             raise ConfigError(f"{path}: row {r.get('id')!r}: unknown field(s) {', '.join(unknown)}; "
                               f"the fields are {', '.join(sorted(known))}")
         rows.append(TrainingRow(**{**r, "extras": tuple(r.get("extras", ()))}))
     ids = [r.id for r in rows]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
         raise ConfigError(f"{path}: duplicate row id(s) {', '.join(dup)}")
     for r in rows:
         _check(r, path)
@@ -209,15 +204,18 @@ def system_of(row: TrainingRow, devices: int | None = None) -> System:
     return System(row.chip, devices, domain=min(row.domain, devices), **links)
 
 
+def _flops(workload: str, seq_len: int) -> float:
+    c = config_of(workload, seq_len)  # a token's model FLOPs on sequences of seq_len tokens
+    return (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, 1)
+
+
 def per_gpu(row: TrainingRow, step_s: float) -> float:
     """The row's figure for a step of step_s emulated seconds over the row's own batch and
     sequence: tokens/s per GPU, or model TFLOPS per GPU (Relay's count, 6 N T + attention, as
     relay plan's MFU)."""
     tokens = row.global_batch * row.seq_len
     if row.metric == "tflops_per_gpu":
-        c = config_of(row.workload, row.seq_len)
-        flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
-        return flops / step_s / row.devices / 1e12
+        return _flops(row.workload, row.seq_len) * tokens / step_s / row.devices / 1e12
     return tokens / step_s / row.devices
 
 
@@ -235,6 +233,9 @@ def run(row: TrainingRow, best: bool = True) -> dict:
                                                                          row.global_batch // lay.plan.dp)
     except ConfigError as e:
         return {**out, "not_run": str(e)}
+    if (left := 1 - _flops(row.workload, lay.seq_len) / _flops(row.workload, row.seq_len)) > TARGET_MEDIAN:
+        return {**out, "not_run": f"the nearest plan leaves out {left:.0%} of the row's model FLOPs (attention over "
+                                  f"sequences of {lay.seq_len} tokens, not {row.seq_len}): needs a CP dimension"}
     kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion)
     fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
     r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap,
@@ -351,8 +352,7 @@ def cmd_training(args) -> int:
           + (f" ({', '.join(s['not_run'])})" if s["not_run"] else ""))
     if s["misses"]:
         print(f"# beyond {TARGET_WORST:.0%}: {', '.join(s['misses'])} (their approximations above)")
-    if args.update:
-        print(f"# updated the relay column of {path}")
+    print(f"# updated the relay column of {path}" * bool(args.update), end="\n" * bool(args.update))
     if getattr(args, "programs", False):  # the rows' own programs launched (slow, opt-in), before the verdict
         from relay.launch import validate_programs
         validate_programs.cmd_programs(rows, results, path)

@@ -153,3 +153,13 @@ def test_a_layout_relay_cannot_place_is_reported_not_run_with_the_reason():
     assert "tp = 8 does not divide the scale-up domain (4 devices)" in x["not_run"] and "relay" not in x
     assert vt.summary([x])["not_run"] == [row.id]
     assert "not run: parallel: tp = 8" in vt.notes([x])[0] and "not run" in vt.report([x])
+
+
+def test_a_context_parallel_fold_that_drops_attention_is_not_run():
+    """cp under a pipeline runs one CP rank on 1/cp of each sequence: at 128K tokens (the Llama 3
+    paper's CP 16 row) that leaves out about half of the model FLOPs (attention), so the row is not
+    run; at 8K with cp 2 (Megatron's 405B rows) the attention dropped is a few % and the row runs."""
+    x = vt.run(BY_ID["llama3-paper-h100x16384-405b-cp16"], best=False)
+    assert "leaves out 54% of the row's model FLOPs" in x["not_run"] and "needs a CP dimension" in x["not_run"]
+    y = vt.run(BY_ID["mbridge-b200x128-llama3-405b-fp8"], best=False)
+    assert "not_run" not in y and y["ratio"] > 0
