@@ -11,9 +11,9 @@ and memory. Under Relay the program's clock is the emulated clock, so those are 
 the host time the run took is real. The `[[comparison]]` entries of the table launch a row's
 program on another chip too: Relay-only lines, with no published figure, never in a median.
 
-Not launched, and said so: a row of more than MAX_DEVICES devices (one launched program runs one
-device actor per device on this host: shared runs, which time-share actors, exist for the plan
-trainer only), a pipeline-parallel row (torchtitan 0.3.0 calls schedule.step(arg_mbs=...), which
+A row of more than MAX_DEVICES devices launches as a shared run (`relay launch --shared`,
+driver/launch_shared.py: rank 0 recorded alone, every device replayed; with tp > 1 the `--parallel
+dp=,tp=` hint names the groups torchtitan's mesh makes). Not launched, and said so: a pipeline-parallel row (torchtitan 0.3.0 calls schedule.step(arg_mbs=...), which
 torch 2.13 lacks; it fails the same under torchrun) and an FP8 row (the float8 converter is part of
 torchtitan's model spec, which its command line does not set).
 
@@ -44,7 +44,7 @@ from relay.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (cwd of the launch)
 ASSETS = "tests/assets/torchtitan"  # tokenizer and data torchtitan's wheel does not ship (its README)
-MAX_DEVICES = 8  # device actors one launched program may start on this host (one node of 8)
+MAX_DEVICES = 8  # device actors one launched program starts on this host (one node of 8); more: --shared
 STEPS = 3  # torchtitan's step 1 line includes its set-up; the last step's line is read
 TIMEOUT_S = 3600.0  # host seconds one launch may take
 PROGRAMS = ("torchtitan",)
@@ -114,9 +114,6 @@ def overrides(row) -> tuple[list[str], list[str]]:
 
 def why_not(row) -> str:
     """Why the row's program is not launched here ("" when it is)."""
-    if row.devices > MAX_DEVICES:
-        return (f"needs {row.devices} device actors; shared runs of launched programs are not built (one launch runs "
-                f"at most {MAX_DEVICES} here)")
     if row.pp > 1:
         return ("torchtitan 0.3.0's pipeline schedules call schedule.step(arg_mbs=...), which torch 2.13 lacks "
                 "(the same under torchrun)")
@@ -132,6 +129,8 @@ def command(row, chip: str, out: str, steps: int | None = None) -> list[str]:
         args[args.index("--training.steps") + 1] = str(steps)
     system = ["--chip", chip, "--devices", str(row.devices), "--domain", str(min(row.domain, row.devices))]
     system += ["--scaleout-gbps", str(row.scaleout_gbps)] if row.scaleout_gbps else []
+    if row.devices > MAX_DEVICES:  # one device actor per device is too many here: a shared run
+        system += ["--shared"] + (["--parallel", f"dp={row.dp * row.cp},tp={row.tp}"] if row.tp > 1 else [])
     name = f"{row.id}-{chip}"
     return ["launch", *system, "--tensors", "fake", "--out", out, "--name", name, "-m", "torchtitan.train",
             *program_args(row), *TITAN_FLAGS, "--dump_folder", f"{out}/{name}-dump", *args]
