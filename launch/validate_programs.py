@@ -13,9 +13,10 @@ program on another chip too: Relay-only lines, with no published figure, never i
 
 A row of more than MAX_DEVICES devices launches as a shared run (`relay launch --shared`,
 driver/launch_shared.py: rank 0 recorded alone, every device replayed; with tp > 1 the `--parallel
-dp=,tp=` hint names the groups torchtitan's mesh makes). Not launched, and said so: a pipeline-parallel row (torchtitan 0.3.0 calls schedule.step(arg_mbs=...), which
-torch 2.13 lacks; it fails the same under torchrun) and an FP8 row (the float8 converter is part of
-torchtitan's model spec, which its command line does not set).
+dp=,tp=` hint names the groups torchtitan's mesh makes). Not launched, and said so: a
+pipeline-parallel row (torchtitan 0.3.0 calls schedule.step(arg_mbs=...), which torch 2.13 lacks;
+it fails the same under torchrun) and an FP8 row (the float8 converter is part of torchtitan's
+model spec, which its command line does not set).
 
 bench/titan_fullsize.py runs the 8B-on-8-H100 row through `job` / `launch` as well.
 """

@@ -14,7 +14,7 @@ from relay.device.training import serving as device_serving
 from relay.device.worker import RemoteWorker
 from relay.driver import shared
 from relay.driver.monitor import Failed, failure, gather
-from relay.driver.programs import master
+from relay.driver.programs import rendezvous
 from relay.driver.session import release
 from relay.errors import ConfigError
 
@@ -68,7 +68,8 @@ def run(cluster, step: device_serving.Step, shared_run: bool) -> StepResult:
         rows = [r[0] for r in shared.replay(cluster.system, job.fabric(), plan, dict(zip(reps, recs)), members)]
         roles = len(reps)
     else:
-        res = cluster.run(device_serving.run, job, step, master(cluster), what="serving step")
+        with rendezvous(cluster) as address:
+            res = cluster.run(device_serving.run, job, step, address, what="serving step")
         rows = [r["rows"][0] for r in res]
         roles = len(rows)
     slow = max(rows, key=lambda r: r["end_s"] - r["start_s"])
