@@ -19,10 +19,7 @@ every device. With balanced routing each device receives as many (token, expert)
 sends: tokens x top_k. Communication times come from the collectives' closed forms on the system
 (`collectives.predict`, the calibrated fabric). `overlap` (default on for MoE models: DeepSeek's
 dual micro-batch overlap, SGLang's two-batch overlap, CloudMatrix-Infer's microbatch pipeline)
-runs the step as two micro-batches (halves of the batch, or of a single prompt), each reading the
-weights again, with each MoE block charged max(both halves' compute, the all-to-all), and takes
-it only where it beats one batch with compute and all-to-all in sequence, as serving systems
-enable it (a device run of both schedules: bench/serve_vs_devices.py, `relay serve --shared`).
+charges each MoE block max(compute, all-to-all) instead of their sum.
 
 Figures: TTFT = one prefill step of `batch` prompts of `input_len` tokens on a replica (no
 queueing); TPOT = one decode step of `batch` sequences at the mean context of the decode
@@ -250,26 +247,15 @@ def phase(workload: str, layout: Layout, system, dtype: str, batch: int, tokens:
           overlap: bool = True, tensors: str = "fake") -> Phase:
     parts = step(workload, layout, system.chip.name, dtype, batch, tokens, context, tensors)
     comm = communication(workload, layout, system, dtype, batch, tokens)
-    one = _schedule(parts, comm, 1, False)
-    if overlap and comm["a2a"] and batch * tokens > 1:  # two micro-batches: halves of the batch (or prompt)
-        half = (-(-batch // 2), tokens) if batch > 1 else (1, -(-tokens // 2))
-        two = _schedule(step(workload, layout, system.chip.name, dtype, *half, context, tensors), comm, 2, True)
-        one = min(one, two)  # as the serving systems enable it: where it beats one batch
-    seconds, compute, tp, a2a, flops, nbytes, params = one
-    return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), max(c.largest for c, _ in parts.values()))
-
-
-def _schedule(parts: dict, comm: dict, runs: int, overlap: bool) -> tuple:
-    """(seconds, compute, tp, a2a, flops, bytes, params) of a step whose parts each run `runs` times
-    (micro-batches of the batch: each reads the weights again), the MoE blocks' all-to-alls beside
-    their compute (`overlap`: max of the two) or after it."""
     seconds = compute = tp = a2a = flops = nbytes = params = 0.0
     for kind, (cost, n) in parts.items():
-        link, moe_a2a, c = comm.get(kind, 0.0), comm["a2a"] if kind == "moe" else 0.0, runs * cost.seconds
-        seconds += n * ((max(c, moe_a2a) if overlap else c + moe_a2a) + link)
-        compute, tp, a2a = compute + n * c, tp + n * link, a2a + n * moe_a2a
-        flops, nbytes, params = flops + n * runs * cost.flops, nbytes + n * runs * cost.bytes, params + n * cost.params
-    return seconds, compute, tp, a2a, flops, nbytes, params
+        link = comm.get(kind, 0.0)
+        moe_a2a = comm["a2a"] if kind == "moe" else 0.0
+        block = max(cost.seconds, moe_a2a) + link if overlap else cost.seconds + moe_a2a + link
+        seconds += n * block
+        compute, tp, a2a = compute + n * cost.seconds, tp + n * link, a2a + n * moe_a2a
+        flops, nbytes, params = flops + n * cost.flops, nbytes + n * cost.bytes, params + n * cost.params
+    return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), max(c.largest for c, _ in parts.values()))
 
 
 @dataclass(frozen=True)

@@ -109,12 +109,11 @@ def test_cli_prints_the_figures_with_units(capsys):
 
 
 def test_inference_validate_rows_hold_their_recorded_figures():
-    """Cheap rows (a prefill and a decode at their sources' layouts, full size) within 1% of the
-    table's relay column: a model change that moves them must update the table (`relay validate
-    --inference --update`). The decode row runs its two micro-batches only where they pay."""
+    """A cheap row (a prefill at its source's layout, full size) within 1% of the table's relay column:
+    a model change that moves it must update the table (`relay validate --inference --update`)."""
     from relay.launch import validate_serving
-    rows = [r for r in validate_serving.load() if r.id in ("sglang-h100x32-prefill", "sglang-h100x72-decode")]
-    assert len(rows) == 2
+    rows = [r for r in validate_serving.load() if r.id == "sglang-h100x32-prefill"]
+    assert len(rows) == 1
     for x in validate_serving.evaluate(rows):
         assert x["relay"] == pytest.approx(x["row"].relay, rel=0.01), x["row"].id
 
@@ -149,19 +148,3 @@ def test_validate_inference_takes_validate_trainings_verdict(capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("PASS: median |error| ") and "over the 1 row(s) run and not used for fitting " \
         "(target <= 15%), worst sglang-h100x32-prefill" in line and "beyond" not in line
-
-
-def test_two_micro_batches_run_only_where_they_beat_one_batch():
-    """The overlap runs the step as two micro-batches, each reading the weights again: a decode step
-    whose weight reads dominate keeps one batch (the same step as no overlap), and the overlap is
-    never slower than no overlap; where the all-to-all is long against the halves' compute it pays.
-    (At full size: DeepSeek-V3 decode on CloudMatrix 384, batch 64, both schedules run on 384 device
-    actors: one batch 72.36 ms, two micro-batches 86.95 ms; the model takes one batch, 72.37 ms.)"""
-    system, layout = System("h100", 8), serving.Layout(8, 1, 8)
-    for batch, tokens in ((1, 1), (4, 1), (64, 1), (2, 32), (1, 32)):
-        on, off = (serving.phase("moe-debug", layout, system, "bf16", batch, tokens, 32, overlap=o) for o in (1, 0))
-        assert on.seconds <= off.seconds
-    half = serving.phase("moe-debug", layout, system, "bf16", 32, 1, 32, overlap=False).compute_s
-    slow = System("h100", 8, scaleup_gbps=0.1)  # an all-to-all as long as the halves' compute
-    on, off = (serving.phase("moe-debug", layout, slow, "bf16", 64, 1, 32, overlap=o) for o in (1, 0))
-    assert on.seconds < off.seconds and on.compute_s == pytest.approx(2 * half, rel=1e-9)
