@@ -40,7 +40,7 @@ def check(overlap, fusion: str = "eager") -> frozenset:
     """The overlaps as a frozenset, or a ConfigError naming the unknown one (or an unknown fusion
     mode, footprint.check_fusion) and the choices: before anything is measured."""
     check_fusion(fusion)
-    out = frozenset(overlap or ())
+    out = frozenset((overlap,) if isinstance(overlap, str) else overlap or ())
     bad = sorted(out - set(OVERLAPS))
     if bad:
         raise ConfigError(f"overlap = {bad[0]!r} is unknown; choose among {', '.join(OVERLAPS)} (Megatron-LM's TP "

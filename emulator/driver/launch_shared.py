@@ -77,7 +77,7 @@ def launch_shared(cluster, program, on_poll=None, plan=None, tensors: str = "fak
         refs = [w.run.remote(record_launched, job, program, rep, ok) for w, rep, ok in zip(workers, reps, allowed)]
         recs = gather(workers, refs, cluster.timeout_s, on_poll=on_poll)
     except Failed as e:
-        raise failure(e.errors, "recording the program's roles") from None
+        raise failure({reps[i]: err for i, err in e.errors.items()}, "recording the program's roles") from None
     finally:
         release(workers, [])
     recordings = {rep: {"recording": r.pop("recording"), "rows": r} for rep, r in zip(reps, recs)}

@@ -79,8 +79,9 @@ def rendezvous(cluster):
     try:
         yield address
     finally:
-        with contextlib.suppress(Exception):  # (device 0 may be what failed)
-            cluster.run(jobs.close_store, devices=1, what="launch clean-up")
+        with contextlib.suppress(Exception):  # best effort: device 0 may be what failed, and a failed
+            # run's caller still collects the surviving devices' steps (abort would kill them first)
+            cluster.run(jobs.close_store, devices=1, what="launch clean-up", abort=False)
 
 
 def launch(cluster, program: Program, on_poll=None, tensors: str = "real", shared: bool = False,

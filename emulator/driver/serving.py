@@ -62,12 +62,14 @@ def run(cluster, step: device_serving.Step, shared_run: bool) -> StepResult:
             refs = [w.run.remote(device_serving.record, job, step, rep) for w, rep in zip(workers, reps)]
             recs = gather(workers, refs, cluster.timeout_s)
         except Failed as e:
-            raise failure(e.errors, "recording the serving step") from None
+            raise failure({reps[i]: err for i, err in e.errors.items()}, "recording the serving step") from None
         finally:
             release(workers, [])
         rows = [r[0] for r in shared.replay(cluster.system, job.fabric(), plan, dict(zip(reps, recs)), members)]
         roles = len(reps)
     else:
+        if not cluster.actors:
+            cluster.start()
         with rendezvous(cluster) as address:
             res = cluster.run(device_serving.run, job, step, address, what="serving step")
         rows = [r["rows"][0] for r in res]

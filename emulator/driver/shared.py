@@ -347,7 +347,7 @@ def run(cluster, job, config) -> list[dict]:
         refs = [w.run.remote(device_plans.record, job, config, rep) for w, rep in zip(workers, reps)]
         recs = gather(workers, refs, cluster.timeout_s)
     except Failed as e:
-        raise failure(e.errors, "recording the roles") from None
+        raise failure({reps[i]: err for i, err in e.errors.items()}, "recording the roles") from None
     finally:
         release(workers, [])
     rows = replay(cluster.system, job.fabric(), plan, {r: x for r, x in zip(reps, recs)}, members)

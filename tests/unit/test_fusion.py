@@ -119,6 +119,8 @@ def test_a_bad_fusion_or_overlap_is_refused_naming_it():
         planner.search(system, "llama-debug", 8, fusion="turbo")
     with pytest.raises(ConfigError, match=r"overlap = 'ep' is unknown; choose among tp, p2p, dp"):
         planner.cost(system, "llama-debug", Parallel(dp=8), 8, overlap=("tp", "ep"))
+    with pytest.raises(ConfigError, match=r"overlap = 'ep' is unknown"):  # one name, not its letters
+        planner.cost(system, "llama-debug", Parallel(dp=8), 8, overlap="ep")
     with pytest.raises(SystemExit) as e:  # argparse names the choices
         main(["plan", "--chip", "h100", "--devices", "8", "--workload", "llama-debug", "--fusion", "turbo"])
     assert e.value.code == 2

@@ -453,3 +453,20 @@ def test_a_clock_taken_by_name_before_the_program_reads_emulated_time():
     finally:
         del sys.modules["some_framework"]
 
+
+
+def test_a_clock_name_rebound_during_the_program_keeps_its_value_and_the_error_its_type():
+    """A program that rebinds a clock name it took (a monkeypatch) and then fails: its own error comes
+    out, the rebound name keeps its new value, and the other taken names get the host's clock back."""
+    import types
+    framework = types.ModuleType("some_framework_2")
+    exec("from time import perf_counter, time\n", framework.__dict__)
+    sys.modules["some_framework_2"] = framework
+    try:
+        with pytest.raises(RuntimeError, match="the program's own"):
+            with gpu():
+                framework.perf_counter = lambda: 1.0
+                raise RuntimeError("the program's own")
+        assert framework.perf_counter() == 1.0 and framework.time is clock._REAL["time"]
+    finally:
+        del sys.modules["some_framework_2"]

@@ -105,19 +105,22 @@ def emulated(timeline):
     start = {name: fn() for name, fn in _REAL.items()}  # real values at this program's emulated start
     saved = {n: getattr(time, n) for n in _PATCHED}
     _active = (threading.get_ident(), timeline, timeline.host + timeline.before_reset_s, start)
-    for n, fn in _PATCHED.items():
-        setattr(time, n, fn)
-    taken = _taken()
-    for names, n in taken:
-        names[n] = _PATCHED[names[n].__name__]
+    taken = []  # (module globals, name, the real function, the emulated one)
     try:
+        for n, fn in _PATCHED.items():
+            setattr(time, n, fn)
+        for names, n in _taken():
+            real = names[n]
+            names[n] = _PATCHED[real.__name__]
+            taken.append((names, n, real, names[n]))
         yield
     finally:
         _active = None
         for n, fn in saved.items():
             setattr(time, n, fn)
-        for names, n in taken:
-            names[n] = _REAL_BY_NAME[names[n].__name__]
+        for names, n, real, emulated_fn in taken:
+            if names.get(n) is emulated_fn:  # (a name the program rebound meanwhile keeps its new value)
+                names[n] = real
 
 
 _REAL_BY_NAME = {**_REAL, **{n + "_ns": f for n, f in _REAL_NS.items()}, "sleep": _REAL_SLEEP}
