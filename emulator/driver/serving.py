@@ -11,11 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.device.training import serving as device_serving
-from relay.device.worker import RemoteWorker
 from relay.driver import shared
-from relay.driver.monitor import Failed, failure, gather
 from relay.driver.programs import rendezvous
-from relay.driver.session import release
 from relay.errors import ConfigError
 
 
@@ -57,14 +54,7 @@ def run(cluster, step: device_serving.Step, shared_run: bool) -> StepResult:
         plan = step.plan
         members = shared.roles(plan, skewed=False)
         reps = sorted(members)
-        workers = [RemoteWorker.options(num_cpus=0, max_concurrency=2).remote(rep, cluster.device) for rep in reps]
-        try:
-            refs = [w.run.remote(device_serving.record, job, step, rep) for w, rep in zip(workers, reps)]
-            recs = gather(workers, refs, cluster.timeout_s)
-        except Failed as e:
-            raise failure({reps[i]: err for i, err in e.errors.items()}, "recording the serving step") from None
-        finally:
-            release(workers, [])
+        recs = shared.record(cluster, reps, "recording the serving step", device_serving.record, job, step)
         rows = [r[0] for r in shared.replay(cluster.system, job.fabric(), plan, dict(zip(reps, recs)), members)]
         roles = len(reps)
     else:

@@ -342,14 +342,19 @@ def run(cluster, job, config) -> list[dict]:
     skewed = config.routing is not None and getattr(config.routing, "s", None) != 0
     members = roles(plan, skewed)
     reps = sorted(members)
-    workers = [RemoteWorker.options(num_cpus=0, max_concurrency=2).remote(rep, cluster.device) for rep in reps]
-    try:
-        refs = [w.run.remote(device_plans.record, job, config, rep) for w, rep in zip(workers, reps)]
-        recs = gather(workers, refs, cluster.timeout_s)
-    except Failed as e:
-        raise failure({reps[i]: err for i, err in e.errors.items()}, "recording the roles") from None
-    finally:
-        release(workers, [])
+    recs = record(cluster, reps, "recording the roles", device_plans.record, job, config)
     rows = replay(cluster.system, job.fabric(), plan, {r: x for r, x in zip(reps, recs)}, members)
     return [{"device": d, "rows": r, "state_dict": {}, "fidelity": 1.0, "overrun_s": 0.0, "roles": len(reps)}
             for d, r in enumerate(rows)]
+
+
+def record(cluster, reps: list, what: str, fn, *args) -> list:
+    """Each representative's recording, fn(worker, *args, rep), on a worker process of its own,
+    started for it and ended after; a failure names the representative device."""
+    workers = [RemoteWorker.options(num_cpus=0, max_concurrency=2).remote(rep, cluster.device) for rep in reps]
+    try:
+        return gather(workers, [w.run.remote(fn, *args, rep) for w, rep in zip(workers, reps)], cluster.timeout_s)
+    except Failed as e:
+        raise failure({reps[i]: err for i, err in e.errors.items()}, what) from None
+    finally:
+        release(workers, [])
