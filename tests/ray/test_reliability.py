@@ -46,6 +46,18 @@ def test_a_device_killed_mid_training_fails_the_run_and_keeps_completed_steps(ra
     assert cluster.actors == [] and gone(pids)  # every other device was stopped too
 
 
+def test_device_0_killed_mid_plan_training_keeps_completed_steps(ray_session):
+    """Under a parallel plan, device 0 also serves the run's rendezvous store: when it dies, closing
+    the store must not stop the other devices before their finished steps are collected."""
+    from relay import Parallel
+    cluster = Cluster(System("h100", 4), timeout_s=BOUND_S, faults=Faults(fail=(0, 3))).start()
+    with pytest.raises(DeviceError) as e:
+        cluster.train("mlp", parallel=Parallel(dp=4), steps=8, per_device_batch=4)
+    err = e.value
+    assert (err.device, err.step) == (0, 3) and "process died" in err.cause
+    assert [s["step"] for s in err.completed.steps] == [0, 1, 2]
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("data_plane", ["auto", "gloo"])
 def test_a_device_killed_mid_collective_fails_the_call_on_either_data_plane(ray_session, data_plane):
