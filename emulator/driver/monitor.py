@@ -50,7 +50,12 @@ class DeviceError(RuntimeError):
 
 
 class Unresponsive(Exception):
-    pass
+    """A device that did not answer pings. `grace`: it only missed the one ping sent in the grace
+    after another device failed (on a loaded host, a busy device can): weaker than an own error."""
+
+    def __init__(self, text: str, grace: bool = False):
+        super().__init__(text)
+        self.grace = grace
 
 
 class Failed(Exception):
@@ -78,14 +83,17 @@ def _cause(e: BaseException) -> tuple[str, BaseException]:
 def blame(errors: dict[int, BaseException]) -> tuple[int, str]:
     """The device to blame for a set of failures ({device: exception}), and why."""
     causes = {d: _cause(e) for d, e in errors.items()}
-    for kind in (ray.exceptions.RayActorError, Unresponsive):
-        for d, (text, inner) in sorted(causes.items()):
-            if isinstance(inner, kind):
-                return d, text
-    own = {d: c for d, c in causes.items() if not isinstance(c[1], PeerError)}
-    if own:
-        d = min(own)
-        return d, own[d][0]
+
+    def rank(inner) -> int:  # a dead process, a hung one, its own error, a ping missed in the grace
+        if isinstance(inner, ray.exceptions.RayActorError):
+            return 0
+        if isinstance(inner, Unresponsive):
+            return 3 if inner.grace else 1
+        return 4 if isinstance(inner, PeerError) else 2
+
+    d = min(causes, key=lambda d: (rank(causes[d][1]), d))
+    if rank(causes[d][1]) < 4:
+        return d, causes[d][0]
     # everyone who reported was waiting on someone: blame a device they waited for that did not
     # report itself (it is stuck), else the one most of them waited for
     named = [inner.peer for _, inner in causes.values()]
@@ -137,7 +145,7 @@ def gather(actors: list, refs: list, timeout_s: float, poll_s: float = 1.0, on_p
             for d, reply in asked.items():
                 if d not in errors and not wait([reply], timeout=0)[0]:
                     errors[d] = Unresponsive(f"it stopped answering (no reply to a ping within {GRACE_S:g} s, "
-                                             "while the devices waiting on it gave up)")
+                                             "while the devices waiting on it gave up)", grace=True)
             break
         now = time.time()
         if not ping:

@@ -93,6 +93,10 @@ def test_blame_order():
     assert blame({0: PeerError(0, 3, "x"), 2: died})[0] == 2
     assert blame({0: PeerError(0, 3, "x"), 1: Unresponsive("hung")})[0] == 1
     assert blame({0: PeerError(0, 3, "x"), 2: RuntimeError("boom")})[0] == 2
+    # a device that only missed the grace ping (busy on a loaded host) is not blamed over an own error
+    assert blame({1: Unresponsive("late", grace=True), 5: RuntimeError("boom")})[0] == 5
+    assert blame({1: Unresponsive("hung"), 5: RuntimeError("boom")})[0] == 1
+    assert blame({0: PeerError(0, 3, "x"), 1: Unresponsive("late", grace=True)})[0] == 1
     # everyone waited on someone: a named device that did not report is stuck
     assert blame({0: PeerError(0, 3, "x"), 1: PeerError(1, 0, "y")})[0] == 3
     # all named devices reported: the one most of them waited for
