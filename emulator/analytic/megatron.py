@@ -20,7 +20,8 @@ the collectives the planner otherwise charges exposed a Megatron run hides behin
             and NeMo 2.0's CommOverlapConfig): chunked by the layers of a virtual pipeline stage
             under a pipeline, each chunk overlapped with the other chunks' compute, so one chunk of
             it stays exposed (same page, "Data-parallel Communication Overlap"). Without a
-            pipeline the planner already exposes only the last bucket; with a pipeline and no
+            pipeline, Megatron's buckets (bucket_bytes), the experts' among them (messages),
+            hidden behind the last microbatch's backward (buckets); with a pipeline and no
             virtual stages the one chunk is all of it.
 
 Not modelled: MoE dispatch / combine overlap (`overlap_moe_expert_parallel_comm`; Megatron-Bridge's
@@ -29,6 +30,8 @@ in scripts/performance/configs/deepseek/deepseek_llm_pretrain.py, none of the va
 """
 
 from __future__ import annotations
+
+import math
 
 from relay.analytic.footprint import check_fusion
 from relay.errors import ConfigError
@@ -79,3 +82,35 @@ def data_parallel(exposed_s: float, plan, overlap: frozenset) -> float:
     if "dp" not in overlap or plan.fsdp or not plan.interleaved:
         return exposed_s
     return exposed_s / plan.n_stages
+
+
+def buckets(experts_s: float, buckets_s: float, backward_s: float, last_s: float, overlap: frozenset) -> float:
+    """Exposed seconds of a step's gradient sync without a pipeline (planner._data_parallel): the
+    expert gradients' all-reduces (experts_s) and the dense gradients' buckets (buckets_s, the last
+    one last_s), against one microbatch's backward (backward_s). Relay's runs sync the experts after
+    the backward, exposed, and the buckets during it. Under the distributed optimizer's overlap
+    ("dp"), Megatron's DDP keeps the expert gradients in buckets of their own, reduced over the
+    expert data-parallel group as they fill, like the dense ones (`expert_parallel_buffers` and
+    `expert_parallel_bucket_groups` beside `buffers` and `bucket_groups`, every group's sync started
+    and finished together: megatron/core/distributed/distributed_data_parallel.py, Megatron-LM), so
+    both hide behind the last microbatch's backward and only what outlasts it, or the last
+    bucket, stays exposed."""
+    if "dp" in overlap:
+        return max(experts_s + buckets_s - backward_s, last_s)
+    return experts_s + max(buckets_s - backward_s, last_s)
+
+
+def bucket_bytes(default: float, dp: int, size: int, overlap: frozenset) -> float:
+    """Bytes of a gradient bucket: Relay's runs' `default`, or under Megatron's overlapped
+    gradient reduce ("dp") its DDP's default bucket of max(40,000,000, 1,000,000 x dp) parameters,
+    "large enough to remain bandwidth-bound rather than latency-bound" (`ddp_config.bucket_size`
+    in megatron/core/distributed/distributed_data_parallel.py, Megatron-LM), of `size` bytes each."""
+    return max(40_000_000, 1_000_000 * dp) * size if "dp" in overlap else default
+
+
+def messages(tensors: int, nbytes: float, dp: int, size: int, overlap: frozenset) -> int:
+    """All-reduces that sync `tensors` expert gradient tensors of `nbytes` in all: one per tensor
+    (Relay's runs), or under "dp" Megatron's buckets (bucket_bytes) of its expert buffers."""
+    if "dp" not in overlap:
+        return tensors
+    return max(math.ceil(nbytes / bucket_bytes(0.0, dp, size, overlap)), 1)

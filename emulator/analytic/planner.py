@@ -212,7 +212,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     if plan.ep == 1:  # without expert parallelism plans.py syncs and shards experts as any parameter
         held, tensors = [replace(p, expert_params=0) for p in held], [(n, 0) for n, _ in tensors]
     opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
-    copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m)
+    copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m, overlap)
     dp = megatron.data_parallel(dp, plan, overlap)
     v = plan.n_stages  # interleaved 1F1B: a v-th of the bubble, v times the p2p messages
     exposed_p2p = 0.0 if async_p2p else m * v * p2p
@@ -274,24 +274,24 @@ def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> f
     return out
 
 
-def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _Kernels, m: int) -> tuple:
+def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _Kernels, m: int, overlap=()) -> tuple:
     """(Compute, exposed communication) of data parallelism, emulated seconds, as plans.py runs it.
 
-    Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets, each all-reduced when its last
-    gradient is made in the last microbatch's backward (pp = 1: the last bucket and whatever
-    outlasts the backward exposed) or all after the schedule (pp > 1, exposed); a cat per bucket
-    and a copy back per tensor. FSDP2 (units: each block, the root, and with ep > 1 each MoE
-    block's experts over the dp / ep replicas holding them): its kernels (`_fsdp`), its gathers
-    and reduce-scatters prefetched as the device timeline runs them (overlap.py; under a pipeline
-    the reduce-scatters, sent after the schedule, exposed). Expert gradients without fsdp: an
-    all-reduce per tensor over dp / ep."""
+    Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets, each all-reduced when its last gradient
+    is made in the last microbatch's backward (pp = 1: the last bucket and whatever outlasts the
+    backward exposed) or all after the schedule (pp > 1, exposed); a cat per bucket and a copy back
+    per tensor. FSDP2 (units: each block, the root, and with ep > 1 each MoE block's experts over the
+    dp / ep replicas holding them): its kernels (`_fsdp`), its gathers and reduce-scatters
+    prefetched as the device timeline runs them (overlap.py; under a pipeline the reduce-scatters,
+    sent after the schedule, exposed). Expert gradients without fsdp: an all-reduce per tensor over
+    dp / ep, exposed; under Megatron's "dp" overlap in its own buckets, as the dense (megatron.py)."""
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
     compute, exposed = accumulate.adds(plan, parts, tensors, kernels), 0.0  # (accumulated microbatches)
     if expert_tensors and not plan.shards_experts:
         compute += kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
-        if plan.dp_outer > 1:
-            exposed = expert_tensors * _collective(system, plan, "dp_outer", "all_reduce",
-                                                   expert_params * size / expert_tensors)
+        if plan.dp_outer > 1:  # per tensor (Megatron's "dp" overlap: in its buckets, megatron.messages)
+            n = megatron.messages(expert_tensors, expert_params * size, plan.dp, size, overlap)
+            exposed = n * _collective(system, plan, "dp_outer", "all_reduce", expert_params * size / n)
     if plan.dp == 1:
         return compute, exposed
     dense = [(p.params - p.expert_params, n - e, p.backward_s) for p, (n, e) in zip(parts, tensors)]
@@ -304,12 +304,12 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
         coll = lambda dim, primitive, n: _collective(system, plan, dim, primitive, n * size)  # noqa: E731
         return compute, exposed + fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m)  # (overlap.py)
     grads = params * size
-    buckets = max(math.ceil(grads / (BUCKET_MB * 1e6)), 1)
+    buckets = max(math.ceil(grads / megatron.bucket_bytes(BUCKET_MB * 1e6, plan.dp, size, overlap)), 1)
     each = _collective(system, plan, "dp", "all_reduce", grads / buckets)
     compute += kernels.seconds(buckets + owned, 4 * params)
     if plan.pp > 1:
         return compute, exposed + buckets * each
-    return compute, exposed + max(buckets * each - sum(d[2] for d in dense), each)
+    return compute, megatron.buckets(exposed, buckets * each, sum(d[2] for d in dense), each, overlap)
 
 
 def _fsdp(plan: Parallel, units: list, blocks: int, kernels: _Kernels, m: int) -> float:
