@@ -1,0 +1,124 @@
+"""Why the MoE rows of `relay validate --training` miss: each row's emulated step broken into its
+parts, its expert-parallel groups placed on the system (inside a scale-up domain or across), and
+two what-ifs that are NOT the model, each a documented behaviour of the framework that ran the row
+and that Relay does not cost yet:
+
+  deepep-node   AutoModel's DeepSeek-V3 rows run DeepEP (enable_deepep: true) with its
+                FakeBalancedGate, which sends token i to experts 8i..8i+7 mod 256
+                (nemo_automodel/components/moe/layers.py at Automodel 89e3a9fdd): with 4 experts
+                per rank (EP 64), 2 ranks of one node. DeepEP's internode dispatch sends a token
+                once per destination node over RDMA and forwards it over NVLink
+                (github.com/deepseek-ai/DeepEP README, "normal kernels ... forwarding data from
+                NVLink domain to RDMA domain"), so a token crosses the network once, not top_k
+                = 8 times as Relay's all-to-all charges it. Costed here as the all-to-all of one
+                copy per token.
+  te-fp8        Megatron-Core runs the experts as Transformer Engine's GroupedLinear, which runs
+                its GEMMs in FP8 under the FP8 recipes (TE's _GroupedLinear "autograd function
+                with FP8 support"); Relay charges grouped GEMMs at BF16 under "fp8"
+                (kernels/moe_ops.py: torchao's float8 converter swaps nn.Linear only). Costed
+                here as the grouped GEMMs at the FP8 rate (no casts added).
+
+    .venv/bin/python bench/moe_rows.py          (about 15 s: fake-tensor blocks of each row)
+
+Every figure is emulated (the step Relay's plan model gives for the row's published layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from relay.analytic import footprint, planner
+from relay.kernels import cost, moe_ops
+from relay.launch import validate_training as vt
+from relay.launch.training_frameworks import ASYNC_P2P
+
+MOE = ("deepseek-v3", "mixtral-8x7b")
+
+
+def costed(row):
+    """(PlanResult, Layout) of the row at its published layout, as `relay validate --training`."""
+    lay = vt.layout(row)
+    system = vt.system_of(row, lay.devices)
+    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion)
+    fp = footprint.footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
+    return planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap,
+                        async_p2p=ASYNC_P2P in row.extras), lay
+
+
+@contextlib.contextmanager
+def deepep_node(copies: int):
+    """The expert all-to-alls of routed tokens (top_k copies a token) charged as `copies` a token."""
+    real = planner._collective
+
+    def one_copy_per_node(system, plan, dim, primitive, nbytes):
+        c = footprint.config_of("deepseek-v3")
+        routed = dim == "ep" and primitive == "all_to_all" and nbytes > 8 * c.n_experts
+        return real(system, plan, dim, primitive, nbytes * copies / c.top_k if routed else nbytes)
+
+    planner._collective = one_copy_per_node
+    try:
+        yield
+    finally:
+        planner._collective = real
+
+
+@contextlib.contextmanager
+def te_fp8_experts():
+    """Grouped GEMMs at the FP8 rate under "fp8" (block measurements redone, then dropped)."""
+    real = cost.CostModel.op_parts
+    grouped = set(moe_ops.GROUPED_GEMMS) | {moe_ops.GROUPED_DW}
+
+    def parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale=1.0):
+        r = real(self, func, args, kwargs, out, fixed, scale)
+        if r is not None and self.fp8 and func._overloadpacket in grouped:
+            flops, nbytes, fixed_bytes, q = r
+            return flops, nbytes, fixed_bytes, q * self._fp8_speedup
+        return r
+
+    cost.CostModel.op_parts = parts
+    footprint._measure.cache_clear()
+    try:
+        yield
+    finally:
+        cost.CostModel.op_parts = real
+        footprint._measure.cache_clear()
+
+
+def placement(row, lay) -> str:
+    plan, domain = lay.plan, row.domain
+    ep, outer = plan.group("ep", 0), plan.group("dp_outer", 0)
+    nodes = lambda g: len({d // domain for d in g})  # noqa: E731
+    return (f"EP {plan.ep} over {nodes(ep)} scale-up domain(s) of {domain}; expert replicas (dp/ep = "
+            f"{plan.dp_outer}) over {nodes(outer)}")
+
+
+def main() -> int:
+    rows = [r for r in vt.load() if r.workload in MOE]
+    print("# MoE rows of relay validate --training: the step (emulated seconds) at the published layout, by part")
+    print(f"# {'row':40s} {'published':>9s} {'Relay':>7s} {'ratio':>6s} | {'compute':>8s} {'bubble+p2p':>10s} "
+          f"{'expert a2a':>10s} {'dp sync':>8s} {'tp':>6s}  (s)")
+    base = {}
+    for row in rows:
+        r, lay = costed(row)
+        pub = row.global_batch * row.seq_len / row.published / row.devices
+        base[row.id] = r.step_s
+        b = r.breakdown
+        print(f"  {row.id:40s} {pub:9.3f} {r.step_s:7.3f} {pub / r.step_s:6.3f} | {b.compute:8.3f} {b.pipeline:10.3f} "
+              f"{b.expert_all_to_all:10.3f} {b.data_parallel:8.3f} {b.tensor_parallel:6.3f}")
+        print(f"  {'':40s} {placement(row, lay)}; {lay.plan}")
+    print("# what-ifs (not the model): ratio Relay / published at the published layout")
+    for name, rows_of, ctx in (
+            ("deepep-node", lambda r: r.framework == "automodel", lambda: deepep_node(1)),
+            ("te-fp8", lambda r: r.framework == "megatron-core" and r.precision == "fp8", te_fp8_experts)):
+        with ctx():
+            for row in filter(rows_of, rows):
+                r, _ = costed(row)
+                pub = row.global_batch * row.seq_len / row.published / row.devices
+                print(f"  {name:12s} {row.id:40s} ratio {pub / base[row.id]:.3f} -> {pub / r.step_s:.3f} "
+                      f"(expert a2a {r.breakdown.expert_all_to_all:.3f} s, compute {r.breakdown.compute:.3f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
