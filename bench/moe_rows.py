@@ -1,7 +1,8 @@
 """Why the MoE rows of `relay validate --training` miss: each row's emulated step broken into its
-parts, its expert-parallel groups placed on the system (inside a scale-up domain or across), and
-two what-ifs that are NOT the model, each a documented behaviour of the framework that ran the row
-and that Relay does not cost yet:
+parts, its expert-parallel groups placed on the system (inside a scale-up domain or across), one
+MoE block's compute by op class (expert grouped GEMMs, other GEMMs, attention, the dispatch's
+permutations, the rest), and two what-ifs that are NOT the model, each a documented behaviour of
+the framework that ran the row and that Relay does not cost yet:
 
   deepep-node   AutoModel's DeepSeek-V3 rows run DeepEP (enable_deepep: true) with its
                 FakeBalancedGate, which sends token i to experts 8i..8i+7 mod 256
@@ -28,12 +29,58 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from relay import chips
 from relay.analytic import footprint, planner
+from relay.device.fake.measure import measure_block
 from relay.kernels import cost, moe_ops
+from relay.kernels.throttle import Throttle
 from relay.launch import validate_training as vt
 from relay.launch.training_frameworks import ASYNC_P2P
 
 MOE = ("deepseek-v3", "mixtral-8x7b")
+CLASSES = ("expert grouped GEMMs", "other GEMMs", "attention", "permute / unpermute / swiglu", "the rest")
+
+
+def op_class(packet) -> str:
+    if packet in moe_ops.GROUPED_GEMMS or packet is moe_ops.GROUPED_DW:
+        return CLASSES[0]
+    if packet in cost._GEMMS:
+        return CLASSES[1]
+    if packet in cost.ATTENTION_FLOPS:
+        return CLASSES[2]
+    if packet in moe_ops.FLOPS or getattr(packet, "_qualified_op_name", "").startswith("relay::"):
+        return CLASSES[3]
+    return CLASSES[4]
+
+
+def block_by_class(row, lay) -> dict:
+    """Emulated seconds of one MoE block (forward + backward of one microbatch, the optimizer
+    left out) by op class: the block and the model around it measured, the latter taken away.
+    Each op's charge goes to its class (under "fused", a chain of memory-bound ops to the op
+    charged when it closes)."""
+    plan, c = lay.plan, footprint.config_of(row.workload, lay.seq_len)
+    mb = row.global_batch // plan.dp // plan.n_microbatches
+    real = Throttle._charge
+
+    def run(n_layers: int) -> dict:
+        got = dict.fromkeys(CLASSES, 0.0)
+
+        def charge(self, func, args, kwargs, o):
+            before = self.emulated_s
+            real(self, func, args, kwargs, o)
+            got[op_class(func._overloadpacket)] += self.emulated_s - before
+
+        Throttle._charge = charge
+        try:
+            wl = footprint._workload(row.workload, footprint.shard(c, 1, plan.ep), 1, n_layers, 0)
+            b = measure_block(wl, mb, chips.get(row.chip), lay.dtype, "adamw", lay.fusion)
+        finally:
+            Throttle._charge = real
+        got["the rest"] -= b.optimizer_s  # the optimizer's kernels are "the rest"
+        return got
+
+    block, base = run(1), run(0)
+    return {k: block[k] - base[k] for k in CLASSES}
 
 
 def costed(row):
@@ -107,6 +154,10 @@ def main() -> int:
         print(f"  {row.id:40s} {pub:9.3f} {r.step_s:7.3f} {pub / r.step_s:6.3f} | {b.compute:8.3f} {b.pipeline:10.3f} "
               f"{b.expert_all_to_all:10.3f} {b.data_parallel:8.3f} {b.tensor_parallel:6.3f}")
         print(f"  {'':40s} {placement(row, lay)}; {lay.plan}")
+        parts = block_by_class(row, lay)
+        total = sum(parts.values())
+        print(f"  {'':40s} one MoE block, fwd + bwd of a microbatch: {total * 1e3:.2f} ms = "
+              + ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items()))
     print("# what-ifs (not the model): ratio Relay / published at the published layout")
     for name, rows_of, ctx in (
             ("deepep-node", lambda r: r.framework == "automodel", lambda: deepep_node(1)),
