@@ -50,8 +50,9 @@ def check(implementation) -> None:
                          "('sdpa': PyTorch's flash backend, FlashAttention-2; 'cudnn': cuDNN / Transformer Engine)")
 
 
-def causal(func, args, kwargs) -> bool:
-    """Whether an attention kernel's call masks causally (its is_causal argument)."""
+def causal(func, args, kwargs) -> bool | None:
+    """Whether an attention kernel's call masks causally (its is_causal argument); None: unknown (a
+    FlexAttention block mask, kernels/flex.py)."""
     try:
         i = _CAUSAL_ARG[func]
     except KeyError:
@@ -60,15 +61,18 @@ def causal(func, args, kwargs) -> bool:
     if i is None:
         return False
     if kwargs and "is_causal" in kwargs:
-        return bool(kwargs["is_causal"])
+        return None if kwargs["is_causal"] is None else bool(kwargs["is_causal"])
     return bool(args[i]) if len(args) > i else False
 
 
-def rate(chip, implementation: str, backward: bool, is_causal: bool) -> float | None:
+def rate(chip, implementation: str, backward: bool, is_causal: bool | None) -> float | None:
     """The fraction of `chip`'s dense peak the kernel reaches in the FLOPs it executes, divided by
     the share of torch's count it executes (1/2 under a causal mask): the factor that turns torch's
-    count into the kernel's time at the chip's peak; None for a chip without a sourced table."""
+    count into the kernel's time at the chip's peak; None for a chip without a sourced table, or a
+    mask not known (the GEMM rule then)."""
     table = getattr(chip, "attention", None) or {}
+    if is_causal is None:
+        return None
     effs = table.get(implementation)
     if not effs:
         return None

@@ -11,8 +11,10 @@ from relay.analytic import planner
 from relay.analytic.footprint import config_of, measure
 from relay.errors import ConfigError
 from relay.hardware.chips import Chip
+from relay.kernels import flex
 from relay.kernels.cost import CostModel
 from relay.launch import validate_training as vt
+from relay.launch.cli import main
 from relay.launch.training_frameworks import attention_of
 from relay.parallel import Parallel
 
@@ -68,6 +70,11 @@ def test_cudnn_is_charged_at_its_own_rate_and_a_chip_without_a_table_keeps_the_g
             s, c = charge(sdpa, causal).seconds, charge(cudnn, causal).seconds
             launch = H100.launch_us / 1e6
             assert (s - launch) / (c - launch) == pytest.approx(ratio, rel=1e-12)
+    # a FlexAttention block mask (kernels/flex.py), whose sparsity fake tensors do not hold: the GEMM rule
+    q, k, v, out = _tensors(4)
+    launch, rate = H100.launch_us / 1e6, H100.peak_flops("bf16") * H100.matmul_eff
+    assert sdpa.op_cost(FWD, (q, k, v), flex.UNKNOWN_MASK, out).seconds == pytest.approx(launch + 2 * PRODUCT / rate,
+                                                                                           rel=1e-12)
     a100 = CostModel(A100, attention="cudnn")  # no sourced attention figures: matmul_eff over torch's full count
     rate = A100.peak_flops("bf16") * A100.matmul_eff
     assert _forward(a100, True).seconds == pytest.approx(A100.launch_us / 1e6 + 2 * PRODUCT / rate, rel=1e-12)
@@ -104,7 +111,7 @@ def test_the_rows_run_the_attention_their_framework_runs():
     assert config_of("llama3-8b").seq_len == 8192  # the sequence the catalog's figures were measured at
 
 
-def test_bad_attention_values_are_refused_naming_them():
+def test_bad_attention_values_are_refused_naming_them(capsys):
     with pytest.raises(ValueError, match=r"attention = 'fa9' is unknown; choose one of sdpa, cudnn"):
         CostModel(H100, attention="fa9")
     with pytest.raises(ConfigError, match=r"attention = 'fa9' is unknown; choose one of sdpa, cudnn"):
@@ -113,3 +120,9 @@ def test_bad_attention_values_are_refused_naming_them():
         Chip(name="toy", bf16_tflops=1, hbm_gb=1, hbm_tbps=1, scaleup_gbps=1, scaleup_latency_us=1,
              scaleout_latency_us=1, attention={"sdpa": [0.3, 2]})
     assert all("FlashAttention-3 paper" in chips.get(c).sources["attention"] for c in ("h100", "h200", "h100-hbm2e"))
+    plan = ["plan", "--chip", "h100", "--devices", "8", "--workload", "llama-debug"]
+    assert main(plan + ["--attention", "cudnn", "--confirm", "1"]) == 2  # before anything is measured or run
+    assert "--confirm with --attention = 'cudnn': the fake-tensor runs charge" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse names the choices
+        main(plan + ["--attention", "fa9"])
+    assert e.value.code == 2 and "invalid choice: 'fa9'" in capsys.readouterr().err
