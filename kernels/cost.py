@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from relay.kernels import fp8, fusion, moe_ops
+from relay.kernels import attention, fp8, fusion, moe_ops
 from relay.kernels.gemm import quantisation
 
 # bytes of a floating element as stored: an "fp8" run stores BF16 and casts to FP8 only for the
@@ -145,9 +145,11 @@ class CostModel:
     mem_eff: float | None = None
     launch_us: float | None = None
     fusion: str = "eager"  # "eager": a kernel per aten op; "fused": chains fused (kernels/fusion.py)
+    attention: str = attention.DEFAULT  # the fused attention kernels' implementation (kernels/attention.py)
 
     def __post_init__(self):
         fusion.check(self.fusion)
+        attention.check(self.attention)
         if self.dtype not in ITEMSIZE:
             raise ValueError(f"dtype = {self.dtype!r} is not an emulated dtype; "
                              f"choose one of {', '.join(ITEMSIZE)}")
@@ -209,6 +211,11 @@ class CostModel:
             flops = _memo_flops(func, kind, args, kwargs, out)
             if func._overloadpacket in FUSED_BACKWARD:
                 flops, q = _without_recompute(flops, args)
+            if func._overloadpacket in attention.FORWARD or func._overloadpacket in attention.BACKWARD:
+                # the implementation's own efficiency and causal skipping, where the chip has them
+                r = attention.rate(self.chip, self.attention, func._overloadpacket in attention.BACKWARD,
+                                   attention.causal(func, args, kwargs))
+                q *= r / self.chip.matmul_eff if r else 1.0
             if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
                 *batch, m, n = out.shape
                 a = args[1] if func._overloadpacket in _ADDS else args[0]

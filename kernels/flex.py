@@ -23,6 +23,10 @@ from torch._higher_order_ops.flex_attention import flex_attention, flex_attentio
 # flex_attention's compiled kernels: (query, key, value, ...) and (grad_out, query, key, value, ...)
 FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+# A block mask's sparsity is data (its kv_num_blocks), which fake tensors do not hold: whether the
+# compiled kernel skips half the square (a causal mask) is unknown, so the charge keeps the GEMM
+# rule (kernels/attention.py: no implementation's table, which assume a known mask)
+UNKNOWN_MASK = {"is_causal": None}
 
 
 def _track(mode, out) -> None:
@@ -37,7 +41,7 @@ def _forward(mode, query, key, value, score_mod, block_mask, scale, kernel_optio
                          score_mod_other_buffers, mask_mod_other_buffers)
     _track(mode, out)
     if not mode.paused:
-        mode._charge(FORWARD, (query, key, value), {}, out[0])
+        mode._charge(FORWARD, (query, key, value), UNKNOWN_MASK, out[0])
     return out
 
 
@@ -48,7 +52,7 @@ def _backward(mode, query, key, value, out, logsumexp, grad_out, grad_logsumexp,
                                     mask_mod_other_buffers)
     _track(mode, grads)
     if not mode.paused and grad_out is not None:
-        mode._charge(BACKWARD, (grad_out, query, key, value, out, logsumexp), {}, tuple(grads[:3]))
+        mode._charge(BACKWARD, (grad_out, query, key, value, out, logsumexp), UNKNOWN_MASK, tuple(grads[:3]))
     return grads
 
 

@@ -13,6 +13,7 @@ from relay import Cluster
 from relay.analytic import planner, skew
 from relay.analytic.footprint import GB, check, config_of
 from relay.errors import ConfigError
+from relay.kernels.attention import IMPLEMENTATIONS as ATTENTIONS
 from relay.kernels.fusion import MODES as FUSIONS
 from relay.launch.options import add_system_args, system_from
 from relay.parallel import Parallel
@@ -46,6 +47,10 @@ def add_parser(sub) -> None:
                    "(default: a kernel per aten op, as eager PyTorch runs) or fused (each chain of memory-bound ops "
                    "one kernel, FP8 casts fused into their producers, as Megatron-LM with Transformer Engine or "
                    "torch.compile runs them; kernels/fusion.py)")
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa", help="the attention kernels charged: sdpa "
+                   "(default: PyTorch's scaled_dot_product_attention, FlashAttention-2) or cudnn (as Transformer "
+                   "Engine runs it on Hopper); at the catalog's published rate where the chip has one "
+                   "(kernels/attention.py)")
     p.add_argument("--routing", help="MoE routing of the plans costed: balanced (default), zipf:S (S the Zipf "
                    "exponent) or a JSON file of token counts per expert; the step follows the busiest device")
     p.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
@@ -111,6 +116,9 @@ def cmd_plan(args) -> int:
     if args.confirm < 0 or (args.confirm and args.parallel):
         raise ConfigError(f"--confirm = {args.confirm} is invalid; give a number of plans >= 0 to run after a "
                           "search (not with --parallel)")
+    if args.confirm and args.attention != "sdpa":
+        raise ConfigError(f"--confirm with --attention = {args.attention!r}: the fake-tensor runs charge PyTorch's "
+                          "SDPA kernels ('sdpa'); drop --confirm or --attention")
     if args.confirm and args.fusion != "eager":
         raise ConfigError(f"--confirm with --fusion = {args.fusion!r}: the fake-tensor runs charge eager kernels "
                           "(fusion is modelled in the plan search only); drop --confirm or --fusion")
@@ -125,7 +133,8 @@ def cmd_plan(args) -> int:
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
     share = causal_share(config_of(args.workload, args.seq_len))
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
-          f"({tokens:,} tokens), {args.precision}, {args.fusion} kernels, {args.routing or 'balanced'} routing; "
+          f"({tokens:,} tokens), {args.precision}, {args.fusion} kernels, {args.attention} attention, "
+          f"{args.routing or 'balanced'} routing; "
           "analytic model, every "
           "figure emulated"
           + ("; messages at fp32 (4 bytes per element), as the fake-tensor runs of --confirm move them"
@@ -137,9 +146,9 @@ def cmd_plan(args) -> int:
                               "every replica gets an equal share of")
         plan.check(system.devices, system.domain, config_of(args.workload, args.seq_len), batch // plan.dp)
         fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len, dtype=args.precision,
-                   fusion=args.fusion)
+                   fusion=args.fusion, attention=args.attention)
         r = skew.cost(system, args.workload, plan, batch, args.routing, fp, seq_len=args.seq_len, dtype=args.precision,
-                      fusion=args.fusion)
+                      fusion=args.fusion, attention=args.attention)
         print(tabulate([row(1, r, share)], headers=HEADERS, disable_numparse=True))
         print(MFU_NOTE)
         print(f"# memory (most loaded device): {fp.describe()}")
@@ -150,7 +159,7 @@ def cmd_plan(args) -> int:
     # the runs --confirm compares with move fp32 messages (the model is not cast)
     found = skew.search(system, args.workload, batch, args.routing, top=max(args.top, args.confirm),
                         seq_len=args.seq_len, message_bytes=4 if args.confirm else None, dtype=args.precision,
-                        fusion=args.fusion)
+                        fusion=args.fusion, attention=args.attention)
     if not found.results:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "
                                   f"batch {batch} ({found.considered} considered, all over the HBM); use more "

@@ -10,6 +10,11 @@ its kernels' fusion (kernels/fusion.py) and Megatron's communication overlaps
     automodel       NeMo AutoModel: FSDP2 over Transformer Engine layers (and torch.compile)
     torchtitan      eager PyTorch, fused only where the row's extras list torch.compile
     meta            the Llama 3 paper's own framework: nothing published to cost, eager
+Their attention kernels (kernels/attention.py): Transformer Engine's DotProductAttention prefers its
+FusedAttention (cuDNN) backend on Hopper and newer GPUs when FlashAttention also qualifies (Transformer
+Engine documentation, "Attention Backend Selection"), so Megatron-Core and AutoModel's TE layers run
+cuDNN attention; torchtitan and the rest call PyTorch's scaled_dot_product_attention, whose flash
+backend is FlashAttention-2 ("sdpa").
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ ASYNC_P2P = "asynchronous pipeline p2p"  # an extra the plan model costs (planne
 # Korthikanti et al.'s, and Megatron-Bridge's TP comm overlap (costed on its rows) is gated on it
 # (docs.nvidia.com/nemo/megatron-bridge/latest/skills/perf-techniques/tp-dp-comm-overlap/SKILL.html)
 SEQUENCE_PARALLEL = ("torchtitan", "meta", "megatron-core")
+TE_ATTENTION = "Transformer Engine"  # an extra whose attention runs TE's (cuDNN on Hopper) instead of torch's SDPA
+
+
+def attention_of(row) -> str:
+    """The attention kernels a TrainingRow's framework runs (kernels/attention.py's implementations)."""
+    return "cudnn" if row.framework == "megatron-core" or TE_ATTENTION in row.extras else "sdpa"
 
 
 def plan_words(row, dp: int) -> tuple[bool, bool]:

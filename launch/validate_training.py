@@ -30,7 +30,7 @@ from relay.analytic import planner
 from relay.analytic.footprint import GB, config_of, footprint
 from relay.errors import ConfigError
 from relay.launch import validate
-from relay.launch.training_frameworks import ASYNC_P2P, FRAMEWORKS, FUSED_EXTRAS, kernels_of, plan_words
+from relay.launch.training_frameworks import ASYNC_P2P, FRAMEWORKS, FUSED_EXTRAS, attention_of, kernels_of, plan_words
 from relay.parallel import Parallel
 from relay.workloads import analytic
 from relay.workloads import get as get_workload
@@ -236,7 +236,7 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     if (left := 1 - _flops(row.workload, lay.seq_len) / _flops(row.workload, row.seq_len)) > TARGET_MEDIAN:
         return {**out, "not_run": f"the nearest plan leaves out {left:.0%} of the row's model FLOPs (attention over "
                                   f"sequences of {lay.seq_len} tokens, not {row.seq_len}): needs a CP dimension"}
-    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion)
+    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion, attention=attention_of(row))
     fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
     r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap,
                      async_p2p=ASYNC_P2P in row.extras)
@@ -246,7 +246,7 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     if best:
         # on the row's own system and sequence (a CP row above ran one CP rank of each group)
         found = planner.search(system_of(row), row.workload, row.global_batch, top=1, dtype=lay.dtype,
-                               seq_len=row.seq_len, fusion=lay.fusion)
+                               seq_len=row.seq_len, fusion=lay.fusion, attention=kw["attention"])
         if found.results:
             out.update(best=per_gpu(row, found.results[0].step_s), best_plan=found.results[0].plan)
     return out

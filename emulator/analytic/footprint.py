@@ -45,6 +45,7 @@ from relay.analytic import activations
 from relay.device.fake.measure import measure_block
 from relay.errors import ConfigError
 from relay.hardware import chips
+from relay.kernels.attention import IMPLEMENTATIONS as ATTENTIONS
 from relay.kernels.cost import ITEMSIZE
 from relay.kernels.fusion import MODES as FUSIONS
 from relay.parallel import Parallel
@@ -130,7 +131,7 @@ def _workload(workload: str, config, tp: int, n_layers: int, dense: int):
 
 
 def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dtype: str = "bf16",
-            optimizer: str = "adamw", seq_len: int | None = None, fusion: str = "eager") -> Measured:
+            optimizer: str = "adamw", seq_len: int | None = None, fusion: str = "eager", attention="sdpa") -> Measured:
     """One device's share of each kind of part of `workload` under tensor parallel `tp` and
     expert parallel `ep`, measured on fake tensors at `micro_batch` samples (cached).
 
@@ -140,7 +141,7 @@ def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dty
     a full-size MoE block (256 experts) is what takes seconds."""
     c = config_of(workload, seq_len)
     # a dense block holds no experts: measured at ep = 1, shared by every ep
-    check_fusion(fusion)
+    fusion = check_fusion(fusion, attention)  # (fusion, attention): how the kernels run, for measure_block
     parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",), fusion))
     if hasattr(c, "n_experts"):
         moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",), fusion)["moe"]
@@ -184,7 +185,7 @@ def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> M
 
 @functools.cache
 def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype: str, optimizer: str,
-             kinds: tuple, fusion: str = "eager") -> dict:
+             kinds: tuple, fusion: tuple = ("eager", "sdpa")) -> dict:
     """{"base": the model without blocks, kind: one block of each of `kinds`} (by_layers' method)."""
     def run(n_layers: int, dense: int) -> Part:
         return _run(_workload(workload, config, tp, n_layers, dense), micro_batch, chips.get(chip), dtype, optimizer,
@@ -199,8 +200,8 @@ def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype:
     return out
 
 
-def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str) -> Part:
-    b = measure_block(wl, micro_batch, chip, dtype, optimizer, fusion)
+def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str, fusion: tuple) -> Part:
+    b = measure_block(wl, micro_batch, chip, dtype, optimizer, *fusion)
     return Part(b.forward_s, b.backward_s, b.optimizer_s, b.activations, b.params, b.expert_params, b.ac_saved_s,
                 b.ac_saved_bytes, b.norm_bytes, b.weight_cast_s)
 
@@ -231,12 +232,17 @@ class Footprint:
                 f"{g(self.capacity)} HBM")
 
 
-def check_fusion(fusion) -> None:
-    """A ConfigError for a fusion mode the cost model lacks (kernels/fusion.py), before any measurement."""
+def check_fusion(fusion, attention: str = "sdpa") -> tuple:
+    """(fusion, attention), or a ConfigError for a fusion mode (kernels/fusion.py) or attention kernel
+    (kernels/attention.py) the cost model lacks, before any measurement."""
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention = {attention!r} is unknown; choose one of {', '.join(ATTENTIONS)} ('sdpa': "
+                          "PyTorch's flash backend, FlashAttention-2; 'cudnn': cuDNN, as Transformer Engine runs it)")
     if fusion not in FUSIONS:
         raise ConfigError(f"fusion = {fusion!r} is unknown; choose 'eager' (a kernel per aten op, as eager PyTorch "
                           "runs) or 'fused' (memory-bound op chains as one kernel, as Megatron-LM with Transformer "
                           "Engine or torch.compile runs them)")
+    return fusion, attention
 
 
 def config_of(workload, seq_len: int | None = None):
@@ -279,7 +285,7 @@ def in_flight(plan: Parallel, rank: int) -> float:
 
 def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: str = "bf16",
               optimizer: str = "adamw", seq_len: int | None = None, measured: Measured | None = None,
-              fusion: str = "eager") -> Footprint:
+              fusion: str = "eager", attention: str = "sdpa") -> Footprint:
     """The most loaded device's memory under `plan` for a step of `global_batch` samples (see the
     module docstring for what is measured and what is closed form)."""
     chip = chips.get(chip)
@@ -289,7 +295,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
     m = plan.n_microbatches
     mb = max(replica // m, 1)
     meas = measured or measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
-                               seq_len=seq_len, fusion=fusion)
+                               seq_len=seq_len, fusion=fusion, attention=attention)
     size, opt_bytes = ITEMSIZE[dtype], OPTIMIZER_BYTES[optimizer]
     dense = getattr(c, "n_dense_layers", c.n_layers)
     best = None

@@ -138,7 +138,7 @@ def plans(system: System, workload: str, global_batch: int, seq_len: int | None 
 
 def search(system, workload: str, global_batch: int | None = None, devices: int | None = None, top: int = 5, *,
            seq_len: int | None = None, dtype: str = "bf16", optimizer: str = "adamw",
-           message_bytes: int | None = None, fusion: str = "eager") -> Search:
+           message_bytes: int | None = None, fusion: str = "eager", attention: str = "sdpa") -> Search:
     """The `top` fastest plans of `workload` on `system` (a System or a preset name, scaled to
     `devices` if given) that fit in memory, by emulated step time. message_bytes: bytes per
     element of every message (default: the emulated dtype's; real-mode plans move fp32, 4)."""
@@ -149,7 +149,7 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
     for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", 1 if seq_len is None else seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
-    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len, fusion=fusion)
+    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len, fusion=fusion, attention=attention)
     chip = system.chip.name
     fits, considered = [], 0
     for p in plans(system, workload, global_batch, seq_len):
@@ -164,9 +164,9 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
 
 def cost(system: System, workload: str, plan: Parallel, global_batch: int, memory: Footprint | None = None, *,
          dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None,
-         message_bytes: int | None = None, fusion: str = "eager", overlap=(), async_p2p: bool = False) -> PlanResult:
-    """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`; fusion
-    ("eager" or "fused": kernels/fusion.py) and Megatron's overlaps (megatron.OVERLAPS): analytic/megatron.py.
+         message_bytes: int | None = None, fusion="eager", overlap=(), async_p2p=False, attention="sdpa") -> PlanResult:
+    """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`; fusion ("eager"
+    or "fused": kernels/fusion.py), attention (kernels/attention.py) and Megatron's overlaps: analytic/megatron.py.
     async_p2p: the pipeline's p2p messages overlap the compute (the Llama 3 paper's PP, section
     3.3.2), so only the bubble's chain pays them; torch's schedules, which the runs use, expose them."""
     overlap = megatron.check(overlap, fusion)
@@ -174,7 +174,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     m = plan.n_microbatches
     mb = global_batch // plan.dp // m
     meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer,
-                   seq_len=seq_len, fusion=fusion)
+                   seq_len=seq_len, fusion=fusion, attention=attention)
     size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
     kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])
@@ -218,7 +218,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     exposed_p2p = 0.0 if async_p2p else m * v * p2p
     bd = Breakdown(m * compute - cached + opt + copies, m * tp, (plan.pp - 1) * t_max / v + exposed_p2p, m * ep, dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
-                                 seq_len=seq_len, measured=meas, fusion=fusion)
+                                 seq_len=seq_len, measured=meas, fusion=fusion, attention=attention)
     tokens = global_batch * c.seq_len
     flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
     step = bd.total

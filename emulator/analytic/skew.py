@@ -84,11 +84,11 @@ def expert_path_s(chip, dtype: str, rows: int, dim: int, hidden: int, local: int
 
 def cost(system, workload: str, plan, global_batch: int, routing=None, memory=None, *, dtype: str = "bf16",
          optimizer: str = "adamw", seq_len: int | None = None, message_bytes: int | None = None,
-         fusion: str = "eager"):
+         fusion: str = "eager", attention: str = "sdpa"):
     """planner.cost with `routing` (a routing model or its text; None or balanced: the same)."""
     model = parse(routing)
     base = planner.cost(system, workload, plan, global_batch, memory, dtype=dtype, optimizer=optimizer,
-                        seq_len=seq_len, message_bytes=message_bytes, fusion=fusion)
+                        seq_len=seq_len, message_bytes=message_bytes, fusion=fusion, attention=attention)
     c = config_of(workload, seq_len)
     if model is None or plan.ep == 1 or not hasattr(c, "n_experts"):
         return base
@@ -100,7 +100,7 @@ def cost(system, workload: str, plan, global_batch: int, routing=None, memory=No
     chip = system.chip
     balanced = expert_path_s(chip, dtype, rows, c.dim, c.expert_dim, c.n_experts // plan.ep)
     part = measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
-                   seq_len=seq_len, fusion=fusion).parts["moe"]
+                   seq_len=seq_len, fusion=fusion, attention=attention).parts["moe"]
     routed = rows * c.dim * (message_bytes or {"fp32": 4}.get(dtype, 2))
     a2a = planner._collective(system, plan, "ep", "all_to_all", routed)
     dense = getattr(c, "n_dense_layers", 0)
@@ -128,7 +128,7 @@ def search(system, workload: str, global_batch: int, routing=None, top: int = 5,
         return planner.search(system, workload, global_batch, top=top, **kw)
     start = time.perf_counter()
     chip, considered, fits = system.chip.name, 0, []
-    mem = {k: kw[k] for k in ("dtype", "optimizer", "seq_len", "fusion") if k in kw}
+    mem = {k: kw[k] for k in ("dtype", "optimizer", "seq_len", "fusion", "attention") if k in kw}
     for p in planner.plans(system, workload, global_batch, kw.get("seq_len")):
         considered += 1
         fp = fitting(workload, p, global_batch, chip, **mem)

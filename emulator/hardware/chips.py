@@ -63,6 +63,9 @@ class Chip:
     scaleout_fabric: str | None = None
     estimates: tuple[str, ...] = ()  # figures that are estimates or disputed
     sources: dict = field(default_factory=dict, compare=False)  # figure -> where it comes from
+    # attention implementation -> [forward, backward, causal forward, causal backward]: the fraction of
+    # the dense BF16 peak its fused kernel reaches in the FLOPs it executes (kernels/attention.py)
+    attention: dict = field(default_factory=dict, compare=False)
     note: str = ""
 
     def __post_init__(self):
@@ -84,6 +87,11 @@ class Chip:
             if getattr(self, f) > 1:
                 raise ConfigError(f"chip {self.name!r}: {f} = {getattr(self, f)!r} is above 1; "
                                  "an efficiency is a fraction of peak in (0, 1]")
+        for impl, effs in self.attention.items():
+            if not isinstance(effs, list) or len(effs) != 4 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in effs):
+                raise ConfigError(f"chip {self.name!r}: attention.{impl} = {effs!r} is invalid; give four fractions "
+                                 "of the BF16 peak in (0, 1]: forward, backward, causal forward, causal backward")
         for f in self.estimates:
             if f not in FIGURES:
                 raise ConfigError(f"chip {self.name!r}: estimates lists {f!r}, which is not a figure; "
@@ -146,7 +154,7 @@ def _parse(name: str, raw: dict) -> Chip:
     kw["sources"] = sources
     kw["estimates"] = tuple(raw.pop("estimates", ()))
     allowed = {"display", "vendor", "note", "matmul_eff", "fp8_matmul_eff", "mem_eff", "launch_us", "compute_units",
-               "scaleup_fabric", "scaleout_fabric"}
+               "scaleup_fabric", "scaleout_fabric", "attention"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"chip {name!r}: unknown field(s) {', '.join(sorted(unknown))}; "

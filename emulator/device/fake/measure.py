@@ -184,9 +184,11 @@ class Block:
     weight_cast_s: float = 0.0  # of forward_s + backward_s, the FP8 weight casts a fused run caches (fusion.py)
 
 
-def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str = "eager") -> Block:
+def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str = "eager",
+                  attention: str = "sdpa") -> Block:
     """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`,
-    its kernels charged as `fusion` runs them (kernels/fusion.py)."""
+    its kernels charged as `fusion` runs them (kernels/fusion.py), its attention as `attention`'s
+    kernels (kernels/attention.py)."""
     model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
     size = ITEMSIZE[dtype]
     held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
@@ -201,7 +203,7 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
                 norms[key] = saved[key]
         return t
 
-    throttle = Throttle(CostModel(chip, dtype, fusion=fusion), VirtualLane())
+    throttle = Throttle(CostModel(chip, dtype, fusion=fusion, attention=attention), VirtualLane())
     ops = BlockOps(throttle, size)
     if throttle.fuser is not None:  # the parameters, whose FP8 casts Transformer Engine caches (kernels/fusion.py)
         throttle.fuser.weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
