@@ -1,0 +1,72 @@
+"""The expert dispatch and combine costed by the peers a dispatch reaches (analytic/dispatch.py),
+and two micro-batches chosen only where they are faster than one (analytic/serving.phase)."""
+
+import pytest
+from _device import one_thread  # noqa: F401  (tests/unit is on the path)
+
+from relay import System
+from relay.analytic import dispatch, serving
+from relay.collectives import predict, simulate
+from relay.errors import ConfigError
+from relay.workloads import moe
+from relay.workloads.inference import balanced_splits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C = moe.CONFIGS["deepseek-v3"]
+
+
+def executor(rows: int, row_bytes: int, system) -> float:
+    """The local executor's all-to-all (the devices' timing code) of each rank's balanced rows:
+    its messages are the non-empty splits only."""
+    p = system.devices
+    splits = [[n * row_bytes // 2 for n in balanced_splits(rows, p, r)[0]] for r in range(p)]
+    return simulate("all_to_all", "auto", rows * row_bytes, system, dtype="bfloat16", splits=splits)
+
+
+@pytest.mark.parametrize("rows", [2, 8, 31, 32, 45])
+def test_the_serving_all_to_all_is_the_executors_of_the_rows_sent(rows):
+    """DeepSeek-V3's dispatch + combine on 32 devices of one domain, one sequence per device (rows =
+    top_k = 8, then more): the serving model's closed form equals the executor's all-to-all of the
+    balanced splits, which sends a message only to a peer with rows. On main the model charged all
+    31 peers: 2.9x the executor's at 8 rows."""
+    system = System("ascend-910c", 32)
+    batch, row = rows / C.top_k, C.dim * 2
+    want = 2 * executor(rows, row, system)
+    if batch == int(batch):
+        got = serving.communication("deepseek-v3", serving.Layout(32, 1, 32), system, "bf16", int(batch), 1)["a2a"]
+        assert got == pytest.approx(want, rel=1e-9)
+    # (past 32 rows the splits are uneven, and the dense closed form charges n/p a message)
+    assert 2 * dispatch.seconds(rows, row, system) == pytest.approx(want, rel=1e-9 if rows <= 32 else 5e-3)
+    if rows < 32:
+        assert dispatch.seconds(rows, row, system) < predict("all_to_all", "auto", rows * row, system)
+
+
+def test_peers_reached_balanced_exact_uniform_expected():
+    assert [dispatch.peers(r, 384) for r in (0, 1, 8, 383, 384, 512)] == [0, 0, 7, 382, 383, 383]
+    # uniform routing: the expected distinct other ranks among r draws, 383 (1 - (383/384)^r)
+    assert dispatch.peers(8, 384, "uniform") == pytest.approx(383 * (1 - (383 / 384) ** 8), rel=1e-12)
+    assert dispatch.peers(512, 384, "uniform") == pytest.approx(282.0, abs=0.5)  # 383 (1 - e^-1.333...)
+    assert dispatch.seconds(1, 100, System("h100", 8)) == 0.0  # a row kept home: no message, no launch
+    with pytest.raises(ConfigError, match="routing = 'zipf'"):
+        dispatch.peers(8, 8, "zipf")
+
+
+def test_two_micro_batches_re_read_the_weights_and_are_chosen_only_where_faster():
+    """DeepSeek-V3 on 384 910C: at decode two micro-batches each read every weight (the step's HBM
+    traffic nearly doubles), so at batch 64 one batch is faster and is chosen, where main's overlap
+    hid the whole all-to-all for free (45.84 ms); a 4-prompt prefill, where the all-to-all is long
+    against compute that splits evenly, runs two."""
+    system = System.preset("cloudmatrix384")
+    layout = serving.Layout(384, 1, 384)
+    args = ("deepseek-v3", layout, system, "bf16")
+    one = serving.phase(*args, 64, 1, 4608, overlap=False)
+    two = serving._phase(*args, (32, 32), 1, 4608, True, "fake", "balanced")
+    assert (one.micro, two.micro) == (1, 2)
+    assert two.bytes > 1.8 * one.bytes - 1.8 * 64 * 4608 * 576 * 2 * C.n_layers  # weights twice, cache once
+    assert serving.phase(*args, 64, 1, 4608) == one  # 75.0 > 72.4 ms: no overlap
+    assert one.seconds == pytest.approx(one.compute_s + one.a2a_s)
+    pre_one = serving.phase(*args, 4, 4096, 4096, overlap=False)
+    pre = serving.phase(*args, 4, 4096, 4096)
+    assert pre.micro == 2 and pre.seconds < pre_one.seconds
+    assert pre.seconds == pytest.approx(max(pre.compute_s, pre.a2a_s))  # no TP: each MoE block max(compute, a2a)
