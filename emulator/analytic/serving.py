@@ -20,11 +20,10 @@ sends: tokens x top_k, and messages only the peers those rows reach (dispatch.py
 peers, not all ep - 1). Communication times come from the collectives' closed forms on the system
 (`collectives.predict`, the calibrated fabric). `overlap` (default on for MoE models: DeepSeek's
 dual micro-batch overlap, SGLang's two-batch overlap, CloudMatrix-Infer's microbatch pipeline)
-runs two micro-batches of half the sequences where that is faster than one batch: each MoE block
-costs max(both halves' compute, both halves' all-to-alls), each half reading every weight and
-launching every kernel again, so it pays where the all-to-all is long against the compute and not
-at decode where reading the weights dominates (SGLang enables its two-batch overlap per
-deployment where it pays).
+runs two micro-batches of half the sequences where that is faster than one batch, timed as the
+devices run them (tbo.py), each half reading every weight and launching every kernel again, so
+it pays where the all-to-all is long against the compute and not at decode where reading the
+weights dominates (SGLang enables its two-batch overlap per deployment where it pays).
 
 Figures: TTFT = one prefill step of `batch` prompts of `input_len` tokens on a replica (no
 queueing); TPOT = one decode step of `batch` sequences at the mean context of the decode
@@ -46,7 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from relay import collectives
-from relay.analytic import dispatch
+from relay.analytic import dispatch, tbo
 from relay.analytic.footprint import split_heads
 from relay.errors import ConfigError
 from relay.hardware import chips
@@ -225,15 +224,16 @@ def communication(workload: str, layout: Layout, system, dtype: str, batch: int,
     c = get_workload(workload).config
     act = batch * tokens * c.dim * 2  # bytes of a block's output on a replica (bf16)
     ar = collectives.predict("all_reduce", "auto", act, system.scaled(layout.tp)) if layout.tp > 1 else 0.0
-    out = {"dense": 2 * ar, "moe": ar, "a2a": 0.0}
+    out = {"dense": 2 * ar, "moe": ar, "a2a": 0.0, "dispatch": 0.0, "combine": 0.0}
     if hasattr(c, "n_experts") and layout.ep > 1:
         # (token, expert) rows each device sends: its replica's tokens, as its EPShard computes them
         # (under tp > 1 every tp rank of a replica routes all of them: the MoE is not split by tp)
         rows = batch * tokens * c.top_k
         group = system.scaled(layout.ep)
         # DeepEP dispatches in FP8 where the run is FP8, and combines in BF16
-        out["a2a"] = (dispatch.seconds(rows, c.dim * PRECISIONS[dtype], group, routing)
-                      + dispatch.seconds(rows, c.dim * 2, group, routing))
+        out["dispatch"] = dispatch.seconds(rows, c.dim * PRECISIONS[dtype], group, routing)
+        out["combine"] = dispatch.seconds(rows, c.dim * 2, group, routing)
+        out["a2a"] = out["dispatch"] + out["combine"]
     return out
 
 
@@ -253,12 +253,10 @@ class Phase:
 
 
 def _phase(workload: str, layout: Layout, system, dtype: str, batches: tuple, tokens: int, context: int,
-           overlap: bool, tensors: str, routing: str) -> Phase:
-    """The step of the micro-batches `batches` (sequences each), run one after the other through
-    every block. One: compute + all-to-all (+ TP all-reduces). Two, overlapped (DeepSeek's dual
-    micro-batch overlap, SGLang's two-batch overlap): each MoE block max(both halves' compute, both
-    halves' all-to-alls), every weight read and every kernel launched once per micro-batch, so one
-    micro-batch's all-to-all hides behind the other's compute and nothing else is saved."""
+           tensors: str, routing: str) -> Phase:
+    """The step of one batch (compute, then the all-to-all, plus TP all-reduces), or of two
+    micro-batches overlapped as the devices run them (tbo.timeline: each reads every weight and
+    launches every kernel; one's all-to-all hides behind the other's compute)."""
     runs = [(step(workload, layout, system.chip.name, dtype, b, tokens, context, tensors),
              communication(workload, layout, system, dtype, b, tokens, routing)) for b in batches]
     seconds = compute = tp = a2a = flops = nbytes = params = largest = 0.0
@@ -269,13 +267,23 @@ def _phase(workload: str, layout: Layout, system, dtype: str, batches: tuple, to
         c_s = sum(x.seconds for x in costs)
         link = sum(comm.get(kind, 0.0) for _, comm in runs)
         moe_a2a = sum(comm["a2a"] for _, comm in runs) if kind == "moe" else 0.0
-        block = max(c_s, moe_a2a) + link if overlap else c_s + moe_a2a + link
-        seconds += n * block
+        seconds += n * (c_s + moe_a2a + link)
         compute, tp, a2a = compute + n * c_s, tp + n * link, a2a + n * moe_a2a
         flops += n * sum(x.flops for x in costs)
         nbytes += n * sum(x.bytes for x in costs)
         params += n * costs[0].params
         largest = max([largest] + [x.largest for x in costs])
+    if len(batches) == 2:
+        c = config_of(workload, context)
+        local, halves = math.ceil(c.n_experts / layout.ep), []
+        for b, (parts, comm) in zip(batches, runs):
+            pre, experts, post = tbo.stages(_model, ServingCost, workload, c, layout.tp, local, system.chip.name,
+                                            dtype, b, tokens, context)
+            dense = parts["dense"][0].seconds + comm["dense"] if "dense" in parts else 0.0
+            halves.append(tbo.Half(dense, pre + comm["moe"], experts, post, comm["dispatch"], comm["combine"]))
+        base = step(workload, layout, system.chip.name, dtype, sum(batches), tokens, context, tensors)["base"][0]
+        seconds = tbo.timeline(tuple(halves), runs[0][0].get("dense", (None, 0))[1], runs[0][0]["moe"][1],
+                               base.seconds)
     return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), largest, len(batches))
 
 
@@ -284,11 +292,10 @@ def phase(workload: str, layout: Layout, system, dtype: str, batch: int, tokens:
     """One device's step: one batch (overlap off, a dense model, or a single sequence), or, with
     overlap, two micro-batches (halves of the sequences) where they are faster than one batch, as
     SGLang enables its two-batch overlap only where it pays."""
-    one = _phase(workload, layout, system, dtype, (batch,), tokens, context, False, tensors, routing)
+    one = _phase(workload, layout, system, dtype, (batch,), tokens, context, tensors, routing)
     if not overlap or batch < 2 or one.a2a_s == 0:
         return one
-    two = _phase(workload, layout, system, dtype, (batch // 2, batch - batch // 2), tokens, context, True, tensors,
-                 routing)
+    two = _phase(workload, layout, system, dtype, (batch // 2, batch - batch // 2), tokens, context, tensors, routing)
     return two if two.seconds < one.seconds else one
 
 

@@ -24,6 +24,12 @@ def test_shared_decode_equals_one_process_per_device(cluster):
     row = shared.rows[0]
     assert len(row["spans"]["all_to_all"]) == 2 * 2 * 2  # 2 MoE blocks x 2 micro-batches x dispatch, combine
     assert shared.exposed_s < shared.comm_s  # the other micro-batch hid (here all of) the all-to-alls
+    # the serving model's two-micro-batch step (tbo.timeline) is the devices' within 1% (the devices
+    # also embed each half apart and concatenate the halves' last rows: two kernels more); its old
+    # max(compute, all-to-all) of one whole batch ignored that each half reads every weight
+    model = serving._phase("moe-debug", serving.Layout(4, 1, 4), System("h100", 4), "bf16", (3, 4), 1, 25,
+                           "fake", "balanced")
+    assert shared.seconds == pytest.approx(model.seconds, rel=0.01)
 
 
 @pytest.mark.parametrize("batch", [7, 1])
