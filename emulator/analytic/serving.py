@@ -259,11 +259,11 @@ def _phase(workload: str, layout: Layout, system, dtype: str, batches: tuple, to
     launches every kernel; one's all-to-all hides behind the other's compute)."""
     runs = [(step(workload, layout, system.chip.name, dtype, b, tokens, context, tensors),
              communication(workload, layout, system, dtype, b, tokens, routing)) for b in batches]
+    # embedding, final norm and head: once for the step's tokens (as the devices run them)
+    base = step(workload, layout, system.chip.name, dtype, sum(batches), tokens, context, tensors)["base"][0]
     seconds = compute = tp = a2a = flops = nbytes = params = largest = 0.0
     for kind, (_, n) in runs[0][0].items():
-        costs = [parts[kind][0] for parts, _ in runs]
-        if kind == "base":  # embedding, final norm and head: once for the step's tokens (as the devices run them)
-            costs = [step(workload, layout, system.chip.name, dtype, sum(batches), tokens, context, tensors)["base"][0]]
+        costs = [base] if kind == "base" else [parts[kind][0] for parts, _ in runs]
         c_s = sum(x.seconds for x in costs)
         link = sum(comm.get(kind, 0.0) for _, comm in runs)
         moe_a2a = sum(comm["a2a"] for _, comm in runs) if kind == "moe" else 0.0
@@ -281,7 +281,6 @@ def _phase(workload: str, layout: Layout, system, dtype: str, batches: tuple, to
                                             dtype, b, tokens, context)
             dense = parts["dense"][0].seconds + comm["dense"] if "dense" in parts else 0.0
             halves.append(tbo.Half(dense, pre + comm["moe"], experts, post, comm["dispatch"], comm["combine"]))
-        base = step(workload, layout, system.chip.name, dtype, sum(batches), tokens, context, tensors)["base"][0]
         seconds = tbo.timeline(tuple(halves), runs[0][0].get("dense", (None, 0))[1], runs[0][0]["moe"][1],
                                base.seconds)
     return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), largest, len(batches))
