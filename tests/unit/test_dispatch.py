@@ -29,7 +29,7 @@ def test_the_serving_all_to_all_is_the_executors_of_the_rows_sent(rows):
     """DeepSeek-V3's dispatch + combine on 32 devices of one domain, one sequence per device (rows =
     top_k = 8, then more): the serving model's closed form equals the executor's all-to-all of the
     balanced splits, which sends a message only to a peer with rows. On main the model charged all
-    31 peers: 2.9x the executor's at 8 rows."""
+    31 peers: 2.1x the executor's at 8 rows (46.03 against 21.76 us)."""
     system = System("ascend-910c", 32)
     batch, row = rows / C.top_k, C.dim * 2
     want = 2 * executor(rows, row, system)
