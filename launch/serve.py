@@ -9,7 +9,7 @@ import time
 
 from tabulate import tabulate
 
-from relay.analytic import serving, serving_search
+from relay.analytic import dispatch, serving, serving_search
 from relay.analytic.serving import PRECISIONS, Layout, config_of
 from relay.errors import ConfigError
 from relay.hardware.system import System
@@ -17,7 +17,7 @@ from relay.launch.options import add_system_args, system_from
 
 GB = 1e9
 BATCH = 64  # decode sequences per replica, by default
-HEADERS = ["phase", "layout", "batch\n(sequences\nper replica)", "TTFT / TPOT\n(emulated ms)",
+HEADERS = ["phase", "layout", "batch\n(sequences\nper replica)", "micro-\nbatches", "TTFT / TPOT\n(emulated ms)",
            "tokens/s per device\n(emulated)", "compute\n(emulated ms)", "TP all-reduce\n(emulated ms)",
            "dispatch+combine\n(emulated ms)", "memory / HBM\n(GB per device)"]
 
@@ -37,8 +37,11 @@ def add_parser(sub) -> None:
                    "ep = devices for MoE models, 1 for dense ones)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights and GEMMs: bf16, or fp8 "
                    "(weights quantised ahead of serving, Linear GEMMs at the FP8 peak; chips with FP8)")
-    p.add_argument("--no-overlap", action="store_true", help="charge the expert all-to-all after the compute "
-                   "instead of overlapped with a second micro-batch")
+    p.add_argument("--no-overlap", action="store_true", help="one micro-batch: charge the expert all-to-all after "
+                   "the compute (default: two micro-batches overlapping it where that is faster)")
+    p.add_argument("--routing", choices=dispatch.ROUTINGS, default="balanced", help="how a device's (token, expert) "
+                   "rows fall on the ep devices, which sets the peers a dispatch messages: balanced (spread evenly, "
+                   "as the device runs do; default) or uniform (random experts: fewer peers at large batches)")
     p.add_argument("--search", action="store_true", help="search the layouts and batches under --tpot-ms / --ttft-ms")
     p.add_argument("--tpot-ms", type=float, help="decode latency target: time per output token, ms")
     p.add_argument("--ttft-ms", type=float, help="prefill latency target: time to first token, ms")
@@ -71,6 +74,9 @@ def _check(args, system) -> None:
     if args.shared and (args.search or args.breakeven or args.precision != "bf16"):
         raise ConfigError(f"--shared runs one layout's step on the devices in bf16; drop --search / --breakeven "
                           f"(and --precision {args.precision}) or drop --shared")
+    if args.shared and args.routing != "balanced":
+        raise ConfigError(f"--routing {args.routing} with --shared: the devices route balanced (every device the same "
+                          "work, so one role replays all); drop --routing or drop --shared")
     if (args.tpot_ms or args.ttft_ms) and not (args.search or args.breakeven):
         raise ConfigError("--tpot-ms / --ttft-ms are targets of a search; add --search (or --breakeven FAST)")
 
@@ -87,8 +93,8 @@ def rows(s, phases=("prefill", "decode")) -> list:
         batch = s.prefill_batch if ph == "prefill" else s.batch
         latency = s.ttft_s if ph == "prefill" else s.tpot_s
         tps = s.prefill_tps if ph == "prefill" else s.decode_tps
-        out.append([ph, str(s.layout), batch, f"{latency * 1e3:.2f}", f"{tps:,.0f}", f"{p.compute_s * 1e3:.2f}",
-                    f"{p.tp_s * 1e3:.2f}", f"{p.a2a_s * 1e3:.2f}", _memory(s)])
+        out.append([ph, str(s.layout), batch, p.micro, f"{latency * 1e3:.2f}", f"{tps:,.0f}",
+                    f"{p.compute_s * 1e3:.2f}", f"{p.tp_s * 1e3:.2f}", f"{p.a2a_s * 1e3:.2f}", _memory(s)])
     return out
 
 
@@ -123,7 +129,7 @@ def cmd_serve(args) -> int:
         fast.chip.peak_flops(fast_precision)
         print(head + f"; break-even against {fast.describe()} ({fast_precision}), latency targets {targets}")
         b = serving_search.breakeven(args.workload, system, fast, args.input_len, args.output_len, args.precision,
-                                     args.tpot_ms, args.ttft_ms, fast_precision)
+                                     args.tpot_ms, args.ttft_ms, fast_precision, args.routing)
         _print_best(f"slow side: {system.name} x {system.devices} ({args.precision})", b.slow)
         _print_best(f"fast side: {fast.name} x {fast.devices} ({fast_precision})", b.fast)
         for phase, n in (("decode (output tokens/s)", b.decode_devices),
@@ -135,11 +141,11 @@ def cmd_serve(args) -> int:
     if args.search:
         print(head + f"; layouts searched under {targets}")
         best = serving_search.search(args.workload, system, args.input_len, args.output_len, args.precision,
-                                     args.tpot_ms, args.ttft_ms)
+                                     args.tpot_ms, args.ttft_ms, routing=args.routing)
         table = []
         for layout, dec, pre in best.tried:
-            table += rows(pre, ("prefill",)) if pre else [["prefill", str(layout), "-", "misses", "", "", "", "", ""]]
-            table += rows(dec, ("decode",)) if dec else [["decode", str(layout), "-", "misses", "", "", "", "", ""]]
+            for ph, one in (("prefill", pre), ("decode", dec)):
+                table += rows(one, (ph,)) if one else [[ph, str(layout), "-", "", "misses", "", "", "", "", ""]]
         print(tabulate(table, headers=HEADERS, disable_numparse=True))
         _print_best("best per phase (disaggregated pools: each phase its own layout)", best)
         print(f"# {len(best.tried)} layouts searched in {time.perf_counter() - start:.1f} real s")
@@ -152,7 +158,8 @@ def cmd_serve(args) -> int:
     if args.shared and layout.tp != 1:
         raise ConfigError(f"--shared with --parallel {layout}: runs on the devices take tp=1; give tp=1")
     s = serving.serve(args.workload, system, layout, args.batch or BATCH, args.input_len, args.output_len,
-                      args.precision, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch)
+                      args.precision, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch,
+                      routing=args.routing)
     print(head)
     print(tabulate(rows(s), headers=HEADERS, disable_numparse=True))
     print(f"# memory per device: {_describe_memory(s)}")
@@ -168,8 +175,6 @@ def _shared(args, system, s) -> None:
     from relay.device.training.serving import Step
     from relay.driver import serving as on_devices
     from relay.driver.cluster import Cluster
-    c = config_of(args.workload, 1)
-    overlap = not args.no_overlap and hasattr(c, "n_experts")
     phases = ("decode", "prefill") if args.shared == "both" else (args.shared,)
     table = []
     with Cluster(system, clock="virtual", tensors="fake", timeout_s=1800) as cluster:
@@ -177,10 +182,10 @@ def _shared(args, system, s) -> None:
             t0 = time.perf_counter()
             batch, tokens, context = (s.batch, 1, args.input_len + args.output_len // 2) if ph == "decode" else \
                 (s.prefill_batch, args.input_len, args.input_len)
-            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, 2 if overlap else 1)
-            res = on_devices.run(cluster, step, shared_run=True)
             model = getattr(s, ph)
-            table.append([ph, str(s.layout), batch, "2" if overlap else "1", f"{res.seconds * 1e3:.2f}",
+            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, model.micro)
+            res = on_devices.run(cluster, step, shared_run=True)
+            table.append([ph, str(s.layout), batch, str(model.micro), f"{res.seconds * 1e3:.2f}",
                           f"{model.seconds * 1e3:.2f}", f"{model.seconds / res.seconds:.3f}",
                           f"{res.compute_s * 1e3:.2f}", f"{res.comm_s * 1e3:.2f}", f"{res.exposed_s * 1e3:.2f}",
                           f"{res.roles} / {system.devices}", f"{time.perf_counter() - t0:.0f}"])

@@ -16,10 +16,14 @@ experts spread over `ep` devices, ceil(n_experts / ep) each (one per device at l
 redundant copies beyond n_experts balance the load), each device's tokens dispatched to their
 top-k experts and combined back by an all-to-all over the ep group, shared experts replicated on
 every device. With balanced routing each device receives as many (token, expert) rows as it
-sends: tokens x top_k. Communication times come from the collectives' closed forms on the system
+sends: tokens x top_k, and messages only the peers those rows reach (dispatch.py: at batch 1 top_k
+peers, not all ep - 1). Communication times come from the collectives' closed forms on the system
 (`collectives.predict`, the calibrated fabric). `overlap` (default on for MoE models: DeepSeek's
 dual micro-batch overlap, SGLang's two-batch overlap, CloudMatrix-Infer's microbatch pipeline)
-charges each MoE block max(compute, all-to-all) instead of their sum.
+runs two micro-batches of half the sequences where that is faster than one batch, timed as the
+devices run them (tbo.py), each half reading every weight and launching every kernel again, so
+it pays where the all-to-all is long against the compute and not at decode where reading the
+weights dominates (SGLang enables its two-batch overlap per deployment where it pays).
 
 Figures: TTFT = one prefill step of `batch` prompts of `input_len` tokens on a replica (no
 queueing); TPOT = one decode step of `batch` sequences at the mean context of the decode
@@ -41,6 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from relay import collectives
+from relay.analytic import dispatch, tbo
 from relay.analytic.footprint import split_heads
 from relay.errors import ConfigError
 from relay.hardware import chips
@@ -212,20 +217,23 @@ def step(workload: str, layout: Layout, chip: str, dtype: str, batch: int, token
     return parts
 
 
-def communication(workload: str, layout: Layout, system, dtype: str, batch: int, tokens: int) -> dict:
-    """Emulated seconds per block of each kind: TP all-reduces and the expert dispatch and combine."""
+def communication(workload: str, layout: Layout, system, dtype: str, batch: int, tokens: int,
+                  routing: str = "balanced") -> dict:
+    """Emulated seconds per block of each kind: TP all-reduces and the expert dispatch and combine
+    (each rank messaging only the peers its rows reach: dispatch.py)."""
     c = get_workload(workload).config
     act = batch * tokens * c.dim * 2  # bytes of a block's output on a replica (bf16)
     ar = collectives.predict("all_reduce", "auto", act, system.scaled(layout.tp)) if layout.tp > 1 else 0.0
-    out = {"dense": 2 * ar, "moe": ar, "a2a": 0.0}
+    out = {"dense": 2 * ar, "moe": ar, "a2a": 0.0, "dispatch": 0.0, "combine": 0.0}
     if hasattr(c, "n_experts") and layout.ep > 1:
         # (token, expert) rows each device sends: its replica's tokens, as its EPShard computes them
         # (under tp > 1 every tp rank of a replica routes all of them: the MoE is not split by tp)
         rows = batch * tokens * c.top_k
         group = system.scaled(layout.ep)
         # DeepEP dispatches in FP8 where the run is FP8, and combines in BF16
-        out["a2a"] = (collectives.predict("all_to_all", "auto", rows * c.dim * PRECISIONS[dtype], group)
-                      + collectives.predict("all_to_all", "auto", rows * c.dim * 2, group))
+        out["dispatch"] = dispatch.seconds(rows, c.dim * PRECISIONS[dtype], group, routing)
+        out["combine"] = dispatch.seconds(rows, c.dim * 2, group, routing)
+        out["a2a"] = out["dispatch"] + out["combine"]
     return out
 
 
@@ -241,21 +249,53 @@ class Phase:
     bytes: float  # HBM traffic
     params: int  # parameters on the device
     largest: float  # bytes of the largest tensor made
+    micro: int = 1  # micro-batches: 2 overlap one's all-to-all with the other's compute
+
+
+def _phase(workload: str, layout: Layout, system, dtype: str, batches: tuple, tokens: int, context: int,
+           tensors: str, routing: str) -> Phase:
+    """The step of one batch (compute, then the all-to-all, plus TP all-reduces), or of two
+    micro-batches overlapped as the devices run them (tbo.timeline: each reads every weight and
+    launches every kernel; one's all-to-all hides behind the other's compute)."""
+    runs = [(step(workload, layout, system.chip.name, dtype, b, tokens, context, tensors),
+             communication(workload, layout, system, dtype, b, tokens, routing)) for b in batches]
+    # embedding, final norm and head: once for the step's tokens (as the devices run them)
+    base = step(workload, layout, system.chip.name, dtype, sum(batches), tokens, context, tensors)["base"][0]
+    seconds = compute = tp = a2a = flops = nbytes = params = largest = 0.0
+    for kind, (_, n) in runs[0][0].items():
+        costs = [base] if kind == "base" else [parts[kind][0] for parts, _ in runs]
+        c_s = sum(x.seconds for x in costs)
+        link = sum(comm.get(kind, 0.0) for _, comm in runs)
+        moe_a2a = sum(comm["a2a"] for _, comm in runs) if kind == "moe" else 0.0
+        seconds += n * (c_s + moe_a2a + link)
+        compute, tp, a2a = compute + n * c_s, tp + n * link, a2a + n * moe_a2a
+        flops += n * sum(x.flops for x in costs)
+        nbytes += n * sum(x.bytes for x in costs)
+        params += n * costs[0].params
+        largest = max([largest] + [x.largest for x in costs])
+    if len(batches) == 2:
+        c = config_of(workload, context)
+        local, halves = math.ceil(c.n_experts / layout.ep), []
+        for b, (parts, comm) in zip(batches, runs):
+            pre, experts, post = tbo.stages(_model, ServingCost, workload, c, layout.tp, local, system.chip.name,
+                                            dtype, b, tokens, context)
+            dense = parts["dense"][0].seconds + comm["dense"] if "dense" in parts else 0.0
+            halves.append(tbo.Half(dense, pre + comm["moe"], experts, post, comm["dispatch"], comm["combine"]))
+        seconds = tbo.timeline(tuple(halves), runs[0][0].get("dense", (None, 0))[1], runs[0][0]["moe"][1],
+                               base.seconds)
+    return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), largest, len(batches))
 
 
 def phase(workload: str, layout: Layout, system, dtype: str, batch: int, tokens: int, context: int,
-          overlap: bool = True, tensors: str = "fake") -> Phase:
-    parts = step(workload, layout, system.chip.name, dtype, batch, tokens, context, tensors)
-    comm = communication(workload, layout, system, dtype, batch, tokens)
-    seconds = compute = tp = a2a = flops = nbytes = params = 0.0
-    for kind, (cost, n) in parts.items():
-        link = comm.get(kind, 0.0)
-        moe_a2a = comm["a2a"] if kind == "moe" else 0.0
-        block = max(cost.seconds, moe_a2a) + link if overlap else cost.seconds + moe_a2a + link
-        seconds += n * block
-        compute, tp, a2a = compute + n * cost.seconds, tp + n * link, a2a + n * moe_a2a
-        flops, nbytes, params = flops + n * cost.flops, nbytes + n * cost.bytes, params + n * cost.params
-    return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), max(c.largest for c, _ in parts.values()))
+          overlap: bool = True, tensors: str = "fake", routing: str = "balanced") -> Phase:
+    """One device's step: one batch (overlap off, a dense model, or a single sequence), or, with
+    overlap, two micro-batches (halves of the sequences) where they are faster than one batch, as
+    SGLang enables its two-batch overlap only where it pays."""
+    one = _phase(workload, layout, system, dtype, (batch,), tokens, context, tensors, routing)
+    if not overlap or batch < 2 or one.a2a_s == 0:
+        return one
+    two = _phase(workload, layout, system, dtype, (batch // 2, batch - batch // 2), tokens, context, tensors, routing)
+    return two if two.seconds < one.seconds else one
 
 
 @dataclass(frozen=True)
@@ -283,7 +323,7 @@ PREFILL_TOKENS = 16384  # prompt tokens per replica in a prefill step, by defaul
 
 def serve(workload: str, system, layout: Layout, batch: int, input_len: int, output_len: int,
           dtype: str = "bf16", overlap: bool | None = None, tensors: str = "fake",
-          prefill_batch: int | None = None) -> Serving:
+          prefill_batch: int | None = None, routing: str = "balanced") -> Serving:
     """One layout's figures: decode `batch` sequences per replica; prefill `prefill_batch` prompts
     per replica per step (default: as many as fill PREFILL_TOKENS, at least one)."""
     c = config_of(workload, input_len + output_len)
@@ -291,8 +331,9 @@ def serve(workload: str, system, layout: Layout, batch: int, input_len: int, out
     system.chip.peak_flops(dtype)  # refuses a precision the chip lacks
     overlap = hasattr(c, "n_experts") if overlap is None else overlap
     prefill_batch = prefill_batch or max(1, PREFILL_TOKENS // input_len)
-    pre = phase(workload, layout, system, dtype, prefill_batch, input_len, input_len, overlap, tensors)
-    dec = phase(workload, layout, system, dtype, batch, 1, input_len + output_len // 2, overlap, tensors)
+    pre = phase(workload, layout, system, dtype, prefill_batch, input_len, input_len, overlap, tensors, routing)
+    dec = phase(workload, layout, system, dtype, batch, 1, input_len + output_len // 2, overlap, tensors,
+                routing)
     per_token = inference.cache_bytes_per_token(c) * c.n_layers
     if getattr(c, "attention", "gqa") == "gqa":
         per_token //= layout.tp  # the kv heads split tp ways; MLA's latent is whole on every tp rank

@@ -76,7 +76,8 @@ def test_cli_refuses_bad_input_before_running(capsys):
                         (["--breakeven", "nvl72", "--no-overlap"], "--no-overlap: --search and --breakeven"),
                         (["--fast-precision", "fp8"], "--fast-precision = 'fp8' is the fast side's precision"),
                         (["--shared", "--search"], "--shared runs one layout's step on the devices"),
-                        (["--shared", "--parallel", "dp=2,tp=2"], "runs on the devices take tp=1")):
+                        (["--shared", "--parallel", "dp=2,tp=2"], "runs on the devices take tp=1"),
+                        (["--shared", "--routing", "uniform"], "--routing uniform with --shared")):
         system = [] if "--system" in argv else ["--chip", "h100", "--devices", "4"]
         base = ["serve", "--workload", "llama-debug", *system]
         assert cli.main(base + argv) == 2
