@@ -53,9 +53,18 @@ class NoFp8(RuntimeError):
     """An FP8 GEMM on an emulated chip that has none."""
 
 
+_WRAPPER: dict = {}  # type -> whether it is one of WRAPPERS (this runs for every op)
+
+
 def defers(types) -> bool:
     """Whether an op with arguments of these types is left to their subclass (WRAPPERS)."""
-    return any(f"{t.__module__}.{t.__qualname__}" in WRAPPERS for t in types)
+    for t in types:
+        w = _WRAPPER.get(t)
+        if w is None:
+            w = _WRAPPER[t] = f"{t.__module__}.{t.__qualname__}" in WRAPPERS
+        if w:
+            return True
+    return False
 
 
 def scaled(func, args) -> bool:
