@@ -5,7 +5,8 @@ model's figure and the published one.
 
 For each such row this builds torchtitan's own overrides that reproduce the row's layout (local
 batch, sequence, activation checkpointing, FSDP / replicate / TP / CP / EP degrees, steps: see
-`overrides`), launches it on the row's chip x devices in a subprocess (`relay launch`, an embedded
+`overrides`; a row run with torch.compile is charged with Relay's fused chains, `relay launch --fusion
+fused`), launches it on the row's chip x devices in a subprocess (`relay launch`, an embedded
 Ray of its own), and reads torchtitan's own log lines of rank 0: the last step's tps, TFLOPS, MFU
 and memory. Under Relay the program's clock is the emulated clock, so those are emulated figures;
 the host time the run took is real. The `[[comparison]]` entries of the table launch a row's
@@ -117,7 +118,8 @@ def overrides(row) -> tuple[list[str], list[str]]:
            "FlexAttention, charged as one fused attention kernel)"]
     if "torch.compile" in row.extras:
         args.append("--compile.enable")
-        out.append("torch.compile runs eager on Relay's devices (each op charged; what it would fuse, op by op)")
+        out.append("torch.compile runs eager on Relay's devices, its kernels charged as Relay's fused chains "
+                   "(relay launch --fusion fused, kernels/fusion.py)")
     else:
         args.append("--compile.no_enable")
     if row.recompute == "selective":
@@ -150,6 +152,7 @@ def command(row, chip: str, out: str, steps: int | None = None) -> list[str]:
         args[args.index("--training.steps") + 1] = str(steps)
     system = ["--chip", chip, "--devices", str(row.devices), "--domain", str(min(row.domain, row.devices))]
     system += ["--scaleout-gbps", str(row.scaleout_gbps)] if row.scaleout_gbps else []
+    system += ["--fusion", "fused"] if "torch.compile" in row.extras else []  # what compile fuses, as fused
     if row.devices > MAX_DEVICES:  # one device actor per device is too many here: a shared run
         system += ["--shared"] + (["--parallel", f"dp={row.dp * row.cp},tp={row.tp}"] if row.tp > 1 else [])
     name = f"{row.id}-{chip}"

@@ -21,7 +21,7 @@ from relay.kernels.throttle import Throttle
 M, K, N = 8192, 4096, 2048  # tokens, in features, out features (Llama 3 8B's scale, on fake tensors)
 
 
-def _run(chip, recipe):
+def _run(chip, recipe, fusion="eager"):
     """Forward and backward of one float8 Linear on fake tensors under the throttle: its log of
     (seconds, FLOPs, bytes) per charged op, and the throttle."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -29,7 +29,7 @@ def _run(chip, recipe):
         layer = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16))
         convert_to_float8_training(layer, config=Float8LinearConfig.from_recipe_name(recipe))
         x = torch.randn(M, K, dtype=torch.bfloat16, requires_grad=True)
-    with fake, Throttle(CostModel(chip), VirtualLane()) as t:
+    with fake, Throttle(CostModel(chip, fusion=fusion), VirtualLane()) as t:
         t.log = []
         layer(x).sum().backward()
     return t.log, t
@@ -52,6 +52,18 @@ def test_a_float8_linear_is_charged_as_three_scaled_mm_at_the_fp8_peak(recipe):
         assert s == pytest.approx(expected, rel=1e-12)
     # the GEMMs are a fraction of a BF16 run's: the casts and scales are ops of their own
     assert len(log) > 3 * len(gemms) and t.flops == sum(f for _, f, _ in gemms)
+
+
+def test_fused_chains_charge_the_casts_less_and_the_gemms_the_same():
+    """`relay launch --fusion fused` (a program run with torch.compile): the amax / scale / cast ops
+    chain into fewer kernels moving fewer bytes; the FP8 GEMMs are charged as in eager."""
+    h200 = chips.get("h200")
+    eager, e = _run(h200, "rowwise")
+    fused, f = _run(h200, "rowwise", "fused")
+    # the three _scaled_mm (compute-bound: a spilled scale read back adds bytes, not time)
+    assert [x[:2] for x in fused if x[1]] == [x[:2] for x in eager if x[1]]
+    other = [sum(s for s, fl, _ in log if not fl) for log in (eager, fused)]
+    assert other[1] < 0.6 * other[0] and f.bytes < e.bytes
 
 
 def test_a_chip_without_fp8_refuses_the_scaled_mm():

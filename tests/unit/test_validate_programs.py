@@ -42,6 +42,9 @@ def test_every_torchtitan_row_is_launched_or_says_why_not(tmp_path):
         hint = j.argv[j.argv.index("--parallel") + 1] if "--parallel" in j.argv else None
         assert hint == (f"dp={j.row.dp},tp={j.row.tp}" if j.row.tp > 1 else None), j.row.id
     assert "--shared" not in by[(ROW.id, "h100-hbm2e")].argv  # 8 devices: one actor each
+    for j in todo:  # a row run with torch.compile: its kernels charged as Relay's fused chains
+        assert ("--fusion" in j.argv) == ("torch.compile" in j.row.extras and bool(j.argv)), j.row.id
+        assert "--fusion" not in j.argv or j.argv[j.argv.index("--fusion") + 1] == "fused"
     assert "pipeline schedules" in vp.why_not(replace(ROW, pp=2, dp=4))
     # the FP8 rows: torchtitan's llama3_8b with its float8 converter (launch/titan_configs.py), on H200
     fp8 = [j for j in todo if j.row.precision == "fp8"]
