@@ -86,3 +86,20 @@ def test_the_virtual_device_reports_fp8_capability_exactly_on_the_nvidia_chips_w
             assert (capability >= (8, 9)) == (c.fp8_tflops is not None), c.name
         else:  # reported as an A100, without FP8 whatever the chip has
             assert capability == DEFAULT_CAPABILITY, c.name
+
+
+def test_relay_launch_fusion_reaches_the_devices_cost_model():
+    """`relay launch --fusion fused` (what --programs passes for a compiled row): the device's cost
+    model, built from the job, charges fused chains; eager stays the default; others are refused."""
+    from relay import Cluster, System
+    from relay.driver.pacing import make_job
+    from relay.launch.cli import build_parser
+
+    parser = build_parser()
+    base = ["launch", "--chip", "h200", "--devices", "2", "-m", "torchtitan.train"]
+    assert parser.parse_args(base).fusion == "eager"
+    args = parser.parse_args(base[:1] + ["--fusion", "fused"] + base[1:])
+    job = make_job(Cluster(System("h200", 2), efficiency={"fusion": args.fusion}), 1.0, 0.0)
+    assert [job.cost_model(r).fusion for r in range(2)] == ["fused", "fused"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(base[:1] + ["--fusion", "compiled"] + base[1:])
