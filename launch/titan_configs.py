@@ -22,13 +22,30 @@ def llama3_8b_float8():
     [float8] table has filter_fqns = ["output"] (0.3.0 names that layer `lm_head`, as its 405B float8
     config filters it). The recipe is 0.3.0's default, "rowwise"; the published run used the
     tensorwise recipe of its day with FSDP float8 all-gather, which 0.3.0's converter no longer
-    offers (its recipe_name is "rowwise" or "rowwise_with_gw_hp")."""
+    offers (its recipe_name is "rowwise" or "rowwise_with_gw_hp"). Also the asyncTP page's float8
+    rowwise 8B run (training.toml's torchtitan-h100x64-llama3-8b-tp8-fp8-rowwise), that recipe."""
     from torchtitan.components.quantization import Float8LinearConverter
     from torchtitan.models.llama3 import model_registry
     from torchtitan.models.llama3.config_registry import llama3_8b
 
-    config = llama3_8b()
+    return _float8(llama3_8b(), "8B", model_registry, Float8LinearConverter)
+
+
+def llama3_70b_float8():
+    """torchtitan's `llama3_70b` with its float8 converter as `llama3_8b_float8`: the asyncTP page's
+    float8 rowwise run (`--model.converters="float8" --float8.recipe_name="rowwise"` on
+    train_configs/llama3_70b.toml; training.toml's torchtitan-h100x256-llama3-70b-tp8-fp8-rowwise)."""
+    from torchtitan.components.quantization import Float8LinearConverter
+    from torchtitan.models.llama3 import model_registry
+    from torchtitan.models.llama3.config_registry import llama3_70b
+
+    return _float8(llama3_70b(), "70B", model_registry, Float8LinearConverter)
+
+
+def _float8(config, flavor, model_registry, converter):
+    """`config` with its model spec rebuilt with torchtitan's float8 converter, as its registry's
+    float8 configs build it (the output layer, `lm_head`, kept in BF16)."""
     compiled = config.compile.enable and "model" in config.compile.components
     config.model_spec = model_registry(
-        "8B", converters=[Float8LinearConverter.Config(filter_fqns=["lm_head"], model_compile_enabled=compiled)])
+        flavor, converters=[converter.Config(filter_fqns=["lm_head"], model_compile_enabled=compiled)])
     return config

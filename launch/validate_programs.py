@@ -67,8 +67,8 @@ STEP = re.compile(r"^\[rank 0\] .*?step:\s*(\d+)\s.*?memory:\s*([\d.]+)GiB.*?tps
 PEAK = re.compile(r"^\[rank 0\] .*Peak FLOPS used for computing MFU: ([\d.e+]+)", re.M)
 DEVICE = re.compile(r"^\[rank 0\] .*CUDA capacity: (.+?) with ([\d.]+)GiB memory", re.M)
 # torchtitan configs (--module --config) that turn its float8 converter on: what an "fp8" row names
-FLOAT8 = {("relay.launch.titan_configs", "llama3_8b_float8"), ("llama3", "llama3_debugmodel_float8"),
-          ("llama3", "llama3_405b")}
+FLOAT8 = {("relay.launch.titan_configs", "llama3_8b_float8"), ("relay.launch.titan_configs", "llama3_70b_float8"),
+          ("llama3", "llama3_debugmodel_float8"), ("llama3", "llama3_405b")}
 
 
 @dataclass(frozen=True)

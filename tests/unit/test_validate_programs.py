@@ -37,7 +37,7 @@ def test_every_torchtitan_row_is_launched_or_says_why_not(tmp_path):
         tail = len(vp.overrides(ROW)[0])  # the same layout
         assert c.published is None and c.argv[1:3] == ("--chip", chip) and c.argv[-tail:] == j.argv[-tail:]
     big = [j for j in todo if j.row.devices > vp.MAX_DEVICES and not j.row.pp > 1]
-    assert len(big) == 9 and all(j.argv and "--shared" in j.argv for j in big)  # shared launches
+    assert len(big) == 11 and all(j.argv and "--shared" in j.argv for j in big)  # shared launches
     for j in big:  # torchtitan's TP mesh groups named by the --parallel hint
         hint = j.argv[j.argv.index("--parallel") + 1] if "--parallel" in j.argv else None
         assert hint == (f"dp={j.row.dp},tp={j.row.tp}" if j.row.tp > 1 else None), j.row.id
@@ -46,14 +46,16 @@ def test_every_torchtitan_row_is_launched_or_says_why_not(tmp_path):
         assert ("--fusion" in j.argv) == ("torch.compile" in j.row.extras and bool(j.argv)), j.row.id
         assert "--fusion" not in j.argv or j.argv[j.argv.index("--fusion") + 1] == "fused"
     assert "pipeline schedules" in vp.why_not(replace(ROW, pp=2, dp=4))
-    # the FP8 rows: torchtitan's llama3_8b with its float8 converter (launch/titan_configs.py), on H200
-    fp8 = [j for j in todo if j.row.precision == "fp8"]
-    assert {(j.row.id, j.row.devices) for j in fp8} == {("trainy-h200x32-llama3-8b-fp8", 32),
-                                                         ("trainy-h200x64-llama3-8b-fp8", 64)}
-    for j in fp8:
+    # the FP8 rows: torchtitan's llama3_8b / 70b with its float8 converter (launch/titan_configs.py)
+    fp8 = {j.row.id: j for j in todo if j.row.precision == "fp8"}
+    assert {i: (j.row.devices, j.chip) for i, j in fp8.items()} == {
+        "trainy-h200x32-llama3-8b-fp8": (32, "h200"), "trainy-h200x64-llama3-8b-fp8": (64, "h200"),
+        "torchtitan-h100x64-llama3-8b-tp8-fp8-rowwise": (64, "h100-hbm2e"),
+        "torchtitan-h100x256-llama3-70b-tp8-fp8-rowwise": (256, "h100-hbm2e")}
+    for j in fp8.values():
         argv = list(j.argv)
         assert argv[argv.index("--module") + 1:argv.index("--module") + 4] == [
-            "relay.launch.titan_configs", "--config", "llama3_8b_float8"]
+            "relay.launch.titan_configs", "--config", "llama3_70b_float8" if "70b" in j.row.id else "llama3_8b_float8"]
         assert any("rowwise" in a for a in j.approximations)  # what differs from the published run, said
     assert vp.why_not(replace(ROW, precision="fp8")) == ""  # an H100 has FP8
     for chip in ("a100", "ascend-910c"):  # as torchtitan's converter refuses them (capability < 8.9)
