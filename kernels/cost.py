@@ -64,8 +64,9 @@ class OpCost:
 
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
+# (a grouped GEMM: one GEMM of all its groups' rows, kernels/moe_ops.py; _scaled_mm: an FP8 GEMM, kernels/fp8.py)
 _GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
-          *moe_ops.GROUPED_GEMMS}  # (a grouped GEMM: one GEMM of all its groups' rows, kernels/moe_ops.py)
+          torch.ops.aten._scaled_mm, *moe_ops.GROUPED_GEMMS}
 _ADDS = {torch.ops.aten.addmm, torch.ops.aten.baddbmm}  # (input, a, b): the reduction is a's last dim
 _KIND: dict = {}  # op -> 0 (free), 1 (memory-bound) or its FLOP formula
 _FLOPS: dict = {}  # (op, shapes and other arguments) -> FLOPs: shapes repeat from step to step,
@@ -164,15 +165,13 @@ class CostModel:
         is_fp8 = self.dtype == fp8.PRECISION
         object.__setattr__(self, "fp8", is_fp8)
         object.__setattr__(self, "_flop_rate", self.chip.peak_flops("bf16" if is_fp8 else self.dtype) * self.matmul_eff)
-        if is_fp8:  # FP8 GEMMs reach the chip's fp8_eff, scaled as an override scales matmul_eff
-            eff = getattr(self.chip, "fp8_eff", self.chip.matmul_eff) * self.matmul_eff / self.chip.matmul_eff
-            object.__setattr__(self, "_fp8_speedup", self.chip.peak_flops("fp8") * eff / self._flop_rate)
+        object.__setattr__(self, "_fp8_speedup", self._fp8_rate() if is_fp8 else None)
         object.__setattr__(self, "_byte_rate", self.chip.hbm_Bps * self.mem_eff)
         object.__setattr__(self, "_launch_s", self.launch_us / 1e6)
         object.__setattr__(self, "_float_size", ITEMSIZE[self.dtype])
 
     def tensor_bytes(self, t: torch.Tensor) -> int:
-        size = ITEMSIZE[self.dtype] if t.is_floating_point() else t.element_size()
+        size = ITEMSIZE[self.dtype] if t.is_floating_point() and t.dtype not in fp8.BYTE_FLOATS else t.element_size()
         return t.numel() * size
 
     def seconds(self, flops: float, nbytes: float, launches: int = 1) -> float:
@@ -232,6 +231,8 @@ class CostModel:
                 q = quantisation(out[0].shape[0], out[0].shape[1], self.chip.compute_units, len(out), rows or 1)
             if self.fp8 and func._overloadpacket in fp8.GEMMS:
                 low = fp8.operands(func, args)
+            elif fp8.scaled(func, args):  # a program's own FP8 GEMM (its operands are float8 already)
+                q *= self._scaled_mm_speedup()
         nbytes, fixed_bytes = self._bytes((args, out, tuple(kwargs.values()) if kwargs else ()), fixed)
         if low:  # a Linear GEMM in FP8: its rate (folded into q) and its operands at 1 byte
             q *= self._fp8_speedup
@@ -240,6 +241,22 @@ class CostModel:
                 nbytes -= saved
                 fixed_bytes -= saved if fixed is not None and fixed(t) else 0
         return flops, nbytes, fixed_bytes, q
+
+    def _fp8_rate(self) -> float:
+        """An FP8 GEMM's rate over _flop_rate: the chip's FP8 peak x its fp8_eff, scaled as an
+        override scales matmul_eff (the "fp8" recipe's GEMMs, a program's own torch._scaled_mm)."""
+        eff = getattr(self.chip, "fp8_eff", self.chip.matmul_eff) * self.matmul_eff / self.chip.matmul_eff
+        return self.chip.peak_flops("fp8") * eff / self._flop_rate
+
+    def _scaled_mm_speedup(self) -> float:
+        if self._fp8_speedup is not None:
+            return self._fp8_speedup
+        if getattr(self.chip, "fp8_tflops", 1) is None:
+            raise fp8.NoFp8(f"torch._scaled_mm on float8 operands: the emulated chip {self.chip.name!r} has no FP8 "
+                            "tensor cores (its catalog fp8_tflops is \"none\"), and CUDA refuses the op below compute "
+                            "capability 8.9; run the program's FP8 on a chip with FP8 (h100, h200, b200) or in BF16")
+        object.__setattr__(self, "_fp8_speedup", self._fp8_rate())
+        return self._fp8_speedup
 
     def casts(self, func, args, fixed=None) -> tuple | None:
         """(kernels, bytes, fixed bytes) of the scaling and casts before a Linear GEMM in FP8
@@ -262,7 +279,8 @@ class CostModel:
         nbytes = fixed_bytes = 0
         for y in x:
             if isinstance(y, torch.Tensor):
-                n = y.numel() * (self._float_size if y.is_floating_point() else y.element_size())
+                n = y.numel() * (self._float_size if y.is_floating_point() and y.dtype not in fp8.BYTE_FLOATS
+                                 else y.element_size())  # (float8: 1 byte, kernels/fp8.py)
                 nbytes += n
                 if fixed is not None and fixed(y):
                     fixed_bytes += n

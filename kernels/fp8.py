@@ -18,6 +18,17 @@ fused kernels stay BF16), the cost model (kernels/cost.py) charges
 Not modelled: torch.compile fusing a cast into the op before it, FSDP2's float8 all-gather
 (off by default in torchtitan), and torchtitan's per-layer filters (its Llama configs keep the
 output head in BF16 with filter_fqns = ["output"]; Relay charges every Linear in FP8).
+
+A program that runs torchao's float8 training itself (`relay launch` of torchtitan with its float8
+converter: launch/titan_configs.py) is charged as it runs, at any emulated dtype: torchao's
+Float8TrainingTensor is a tensor subclass whose `mm` runs `aten._scaled_mm` on its float8 data
+(torchao/float8/float8_ops.py, addmm_float8_unwrapped). A dispatch mode sees the subclass's `mm`
+first and would charge it as a BF16 GEMM, never seeing the `_scaled_mm` it runs; so the throttle
+hands the ops of such a wrapper (WRAPPERS) back to the subclass (`defers`) and charges the ops it
+runs on plain tensors: the `_scaled_mm` at the chip's FP8 peak x fp8_eff with its float8 operands
+at 1 byte an element (`scaled`), and its scales, casts and amaxes as the memory-bound ops they
+are. On a chip without FP8 (catalog fp8_tflops "none": A100, Ascend) the `_scaled_mm` is refused
+as CUDA refuses it below compute capability 8.9 (`NoFp8`).
 """
 
 from __future__ import annotations
@@ -29,6 +40,36 @@ OPERAND_BYTES = 1  # an FP8 GEMM operand (e4m3 or e5m2), per element
 CAST_KERNELS = 2  # per operand: amax reduction, then the scaled cast
 _aten = torch.ops.aten
 GEMMS = {_aten.mm, _aten.addmm}  # a Linear layer's GEMMs (2-D operands)
+# floating dtypes of one byte an element: charged at their own size, whatever the emulated dtype
+BYTE_FLOATS = frozenset({torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+                         torch.float8_e8m0fnu})
+SCALED_MM = {_aten._scaled_mm}  # torch._scaled_mm: (a, b, scale_a, scale_b, bias, scale_result, out_dtype, ...)
+# tensor subclasses charged as the ops they run on their inner tensors (module.qualname, so that the
+# kernels need not import torchao)
+WRAPPERS = frozenset({"torchao.float8.float8_training_tensor.Float8TrainingTensor"})
+
+
+class NoFp8(RuntimeError):
+    """An FP8 GEMM on an emulated chip that has none."""
+
+
+_WRAPPER: dict = {}  # type -> whether it is one of WRAPPERS (this runs for every op)
+
+
+def defers(types) -> bool:
+    """Whether an op with arguments of these types is left to their subclass (WRAPPERS)."""
+    for t in types:
+        w = _WRAPPER.get(t)
+        if w is None:
+            w = _WRAPPER[t] = f"{t.__module__}.{t.__qualname__}" in WRAPPERS
+        if w:
+            return True
+    return False
+
+
+def scaled(func, args) -> bool:
+    """Whether func is torch._scaled_mm on float8 operands (charged at the FP8 peak)."""
+    return func._overloadpacket in SCALED_MM and getattr(args[0], "dtype", None) in BYTE_FLOATS
 
 
 def operands(func, args) -> tuple | None:

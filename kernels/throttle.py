@@ -26,7 +26,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from relay.kernels import flex, fusion
+from relay.kernels import flex, fp8, fusion
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import ITEMSIZE, CostModel
 
@@ -68,6 +68,8 @@ class Throttle(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if fp8.defers(types):  # torchao's float8 tensor: its own ops are charged (kernels/fp8.py)
+            return NotImplemented
         out = self.execute(func, args, kwargs)
         if self.memory is not None:
             self.memory.track(out)

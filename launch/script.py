@@ -31,6 +31,7 @@ from relay.driver.launch_shared import check, connect
 from relay.driver.monitor import DeviceError
 from relay.driver.programs import launch
 from relay.errors import ConfigError
+from relay.kernels.fusion import MODES as FUSIONS
 from relay.launch.options import add_run_args, add_system_args, system_from, vars_of
 from relay.results.folder import ResultsDir, environment, fmt, system_dict
 from relay.results.write import write_launch
@@ -125,7 +126,7 @@ def cmd_launch(args) -> int:
     if args.parallel and not args.shared:
         raise ConfigError(f"--parallel {args.parallel} is a hint for shared runs only; add --shared")
     cluster = Cluster(system, clock=clock, dilation=args.dilation, address=args.address,
-                      timeout_s=args.timeout_s or 60.0)
+                      timeout_s=args.timeout_s or 60.0, efficiency={"fusion": args.fusion})
     if args.shared:
         check(cluster, Program(script=args.script), args.tensors, args.parallel)  # before anything starts
     stem = args.script if args.module else os.path.splitext(os.path.basename(args.script))[0]
@@ -227,6 +228,10 @@ def add_parser(sub) -> None:
                    "each device's emulated figures equal a launch of one process per device)")
     p.add_argument("--parallel", help="with --shared, the plan the program's process groups follow "
                    "(e.g. dp=4,tp=2; default: every device a data-parallel replica, groups of the whole world)")
+    p.add_argument("--fusion", choices=FUSIONS, default="eager",
+                   help="how the program's ops are charged: eager (default; a kernel per aten op, as eager PyTorch "
+                   "launches them) or fused (Relay's fused chains of memory-bound ops, kernels/fusion.py: what "
+                   "torch.compile would fuse, for a program that compiles; it still runs eagerly)")
     p.add_argument("--host-clock", action="store_true",
                    help="the program's time.perf_counter / monotonic / time read the host's clock (default: "
                    "the device's emulated clock, so its own throughput lines print emulated figures)")

@@ -5,7 +5,8 @@ model's figure and the published one.
 
 For each such row this builds torchtitan's own overrides that reproduce the row's layout (local
 batch, sequence, activation checkpointing, FSDP / replicate / TP / CP / EP degrees, steps: see
-`overrides`), launches it on the row's chip x devices in a subprocess (`relay launch`, an embedded
+`overrides`; a row run with torch.compile is charged with Relay's fused chains, `relay launch --fusion
+fused`), launches it on the row's chip x devices in a subprocess (`relay launch`, an embedded
 Ray of its own), and reads torchtitan's own log lines of rank 0: the last step's tps, TFLOPS, MFU
 and memory. Under Relay the program's clock is the emulated clock, so those are emulated figures;
 the host time the run took is real. The `[[comparison]]` entries of the table launch a row's
@@ -15,8 +16,12 @@ A row of more than MAX_DEVICES devices launches as a shared run (`relay launch -
 driver/launch_shared.py: rank 0 recorded alone, every device replayed; with tp > 1 the `--parallel
 dp=,tp=` hint names the groups torchtitan's mesh makes). Not launched, and said so: a
 pipeline-parallel row (torchtitan 0.3.0 calls schedule.step(arg_mbs=...), which torch 2.13 lacks;
-it fails the same under torchrun) and an FP8 row (the float8 converter is part of torchtitan's
-model spec, which its command line does not set).
+it fails the same under torchrun), and an FP8 row on a chip without FP8 (torchtitan's float8
+converter refuses compute capability < 8.9, as it would on that chip). An FP8 row names a config
+with torchtitan's float8 converter (FLOAT8: torchtitan 0.3.0 sets converters in its model spec,
+not on its command line; launch/titan_configs.py has the 8B one); torchao's float8 training then
+runs as it ships, its torch._scaled_mm charged at the chip's FP8 peak (kernels/fp8.py), and
+torchtitan prints no MFU under float8 ("N/A": it would be against the BF16 peak).
 
 bench/titan_fullsize.py runs the 8B-on-8-H100 row through `job` / `launch` as well.
 """
@@ -58,9 +63,12 @@ TITAN_FLAGS = ("--training.disable_cuda_graphs", "--parallelism.spmd_backend", "
 AC = {"selective": "activation_checkpoint:selective", "full": "activation_checkpoint:full",
       "none": "activation_checkpoint:none"}  # tyro subcommands: last on the command line
 STEP = re.compile(r"^\[rank 0\] .*?step:\s*(\d+)\s.*?memory:\s*([\d.]+)GiB.*?tps: ([\d,]+)\s+tflops: ([\d.,]+)"
-                  r"\s+mfu: ([\d.]+)%", re.M)
+                  r"\s+mfu: (?:([\d.]+)%|N/A)", re.M)  # (N/A: torchtitan prints no MFU under float8)
 PEAK = re.compile(r"^\[rank 0\] .*Peak FLOPS used for computing MFU: ([\d.e+]+)", re.M)
 DEVICE = re.compile(r"^\[rank 0\] .*CUDA capacity: (.+?) with ([\d.]+)GiB memory", re.M)
+# torchtitan configs (--module --config) that turn its float8 converter on: what an "fp8" row names
+FLOAT8 = {("relay.launch.titan_configs", "llama3_8b_float8"), ("relay.launch.titan_configs", "llama3_70b_float8"),
+          ("llama3", "llama3_debugmodel_float8"), ("llama3", "llama3_405b")}
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,11 @@ def program_args(row) -> list[str]:
         raise ConfigError(f"training.toml: row {row.id!r}: program = {row.program!r} is invalid; give "
                           "'torchtitan --module MODULE --config CONFIG' (torchtitan's config_registry function, "
                           "e.g. llama3 / llama3_8b), the only program --programs launches")
+    named = tuple((words[words.index(f) + 1:] or [""])[0] for f in ("--module", "--config"))
+    if row.precision == "fp8" and named not in FLOAT8:
+        raise ConfigError(f"training.toml: row {row.id!r}: precision = 'fp8' but program = {row.program!r} runs "
+                          "torchtitan in BF16 (its float8 converter is set in the model spec of a config); give a "
+                          "config with it: " + ", ".join(f"'--module {m} --config {c}'" for m, c in sorted(FLOAT8)))
     return words[1:]
 
 
@@ -105,21 +118,30 @@ def overrides(row) -> tuple[list[str], list[str]]:
            "FlexAttention, charged as one fused attention kernel)"]
     if "torch.compile" in row.extras:
         args.append("--compile.enable")
-        out.append("torch.compile runs eager on Relay's devices (each op charged; what it would fuse, op by op)")
+        out.append("torch.compile runs eager on Relay's devices, its kernels charged as Relay's fused chains "
+                   "(relay launch --fusion fused, kernels/fusion.py)")
     else:
         args.append("--compile.no_enable")
     if row.recompute == "selective":
         out.append("selective recompute as torchtitan 0.3.0's per-op policy (SelectiveAC)")
+    if row.precision == "fp8":
+        out.append("torchao's float8 with torchtitan 0.3.0's recipe, rowwise, and BF16 FSDP all-gathers (the "
+                   "published run's tensorwise recipe and float8 all-gather are not in 0.3.0's converter); torchtitan "
+                   "prints no MFU under float8")
     return args + [AC[row.recompute]], out  # (the AC subcommand last: tyro takes its own flags after it)
 
 
-def why_not(row) -> str:
-    """Why the row's program is not launched here ("" when it is)."""
+def why_not(row, chip: str | None = None) -> str:
+    """Why the row's program is not launched here on `chip` (the row's by default; "" when it is)."""
     if row.pp > 1:
         return ("torchtitan 0.3.0's pipeline schedules call schedule.step(arg_mbs=...), which torch 2.13 lacks "
                 "(the same under torchrun)")
-    if row.precision != "bf16":
-        return f"{row.precision} runs through torchtitan's float8 converter, set in its model spec, not by a flag"
+    c = chips.get(chip or row.chip)
+    if row.precision == "fp8" and c.fp8_tflops is None:
+        return (f"{c.name} has no FP8 (catalog fp8_tflops \"none\"): torchtitan's float8 converter refuses compute "
+                "capability < 8.9, as it would on that chip")
+    if row.precision not in ("bf16", "fp8"):
+        return f"precision {row.precision!r}: no torchtitan config of it is launched here (bf16 and fp8 are)"
     return ""
 
 
@@ -130,6 +152,7 @@ def command(row, chip: str, out: str, steps: int | None = None) -> list[str]:
         args[args.index("--training.steps") + 1] = str(steps)
     system = ["--chip", chip, "--devices", str(row.devices), "--domain", str(min(row.domain, row.devices))]
     system += ["--scaleout-gbps", str(row.scaleout_gbps)] if row.scaleout_gbps else []
+    system += ["--fusion", "fused"] if "torch.compile" in row.extras else []  # what compile fuses, as fused
     if row.devices > MAX_DEVICES:  # one device actor per device is too many here: a shared run
         system += ["--shared"] + (["--parallel", f"dp={row.dp * row.cp},tp={row.tp}"] if row.tp > 1 else [])
     name = f"{row.id}-{chip}"
@@ -158,7 +181,7 @@ def jobs(rows: list, path, out: str) -> list[Job]:
     for r, chip, published in [(r, r.chip, r.published) for r in rows if r.program] + \
                               [(by_id[rid], chip, None) for rid, chip in extra if rid in by_id]:
         program_args(r)
-        reason = why_not(r)
+        reason = why_not(r, chip)
         argv = () if reason else tuple(command(r, chip, out))
         found.append(Job(r, chip, published, argv, reason, tuple(overrides(r)[1])))
     if any(j.argv for j in found) and not os.path.isdir(os.path.join(ROOT, ASSETS)):
@@ -171,7 +194,7 @@ def parse(text: str) -> dict:
     """torchtitan's own lines of rank 0 in a launch's console: each step's (step, memory GiB, tps,
     TFLOPS, MFU %), the MFU peak it used (FLOP/s) and the device name and memory it saw."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    steps = [(int(s), float(m), int(t.replace(",", "")), float(f.replace(",", "")), float(u))
+    steps = [(int(s), float(m), int(t.replace(",", "")), float(f.replace(",", "")), float(u) if u else None)
              for s, m, t, f, u in STEP.findall(text)]
     peak, device = PEAK.search(text), DEVICE.search(text)
     return {"steps": steps, "peak_flops": float(peak[1]) if peak else None,
@@ -228,7 +251,8 @@ def report(done: list[dict], plan: dict) -> str:
             continue
         ratio = f"{x['figure'] / j.published:.3f}" if j.published else "-"
         peak = f" of {x['peak_flops'] / 1e12:,.0f}" if x["peak_flops"] else ""
-        table.append(head + [f"{_g(x['figure'])} (step {x['step']})", ratio, f"{x['mfu']:.2f}%{peak}",
+        mfu = f"{x['mfu']:.2f}%{peak}" if x["mfu"] is not None else "N/A (float8)"
+        table.append(head + [f"{_g(x['figure'])} (step {x['step']})", ratio, mfu,
                              f"{x['memory']:.2f}", f"{x['host_s']:.0f}"])
     return tabulate(table, headers=["row", "chips", "published", "unit", "plan model\n(emulated)",
                                     "program's own line\n(emulated, row's unit)", "program /\npublished",
@@ -251,7 +275,7 @@ def notes(done: list[dict]) -> list[str]:
             said.add(j.row.id)
             out.append(f"#   {j.row.id}: " + "; ".join(j.approximations))
         peak = chips.get(j.chip).bf16_tflops
-        if x.get("peak_flops") and abs(x["peak_flops"] / 1e12 / peak - 1) > 0.02:
+        if x.get("peak_flops") and x.get("mfu") is not None and abs(x["peak_flops"] / 1e12 / peak - 1) > 0.02:
             out.append(f"#   {j.row.id} on {j.chip}: torchtitan's MFU is against {x['peak_flops'] / 1e12:,.0f} TFLOPS, "
                        f"the peak it looks up for {x['device']!r}; against the catalog's BF16 peak, {peak:g} "
                        f"TFLOPS, it is {x['mfu'] * x['peak_flops'] / 1e12 / peak:.2f}% (emulated)")

@@ -36,14 +36,30 @@ def test_every_torchtitan_row_is_launched_or_says_why_not(tmp_path):
         c = by[(ROW.id, chip)]
         tail = len(vp.overrides(ROW)[0])  # the same layout
         assert c.published is None and c.argv[1:3] == ("--chip", chip) and c.argv[-tail:] == j.argv[-tail:]
-    big = [j for j in todo if j.row.devices > vp.MAX_DEVICES and j.row.precision == "bf16"]
-    assert len(big) == 7 and all(j.argv and "--shared" in j.argv for j in big)  # shared launches
+    big = [j for j in todo if j.row.devices > vp.MAX_DEVICES and not j.row.pp > 1]
+    assert len(big) == 11 and all(j.argv and "--shared" in j.argv for j in big)  # shared launches
     for j in big:  # torchtitan's TP mesh groups named by the --parallel hint
         hint = j.argv[j.argv.index("--parallel") + 1] if "--parallel" in j.argv else None
         assert hint == (f"dp={j.row.dp},tp={j.row.tp}" if j.row.tp > 1 else None), j.row.id
     assert "--shared" not in by[(ROW.id, "h100-hbm2e")].argv  # 8 devices: one actor each
+    for j in todo:  # a row run with torch.compile: its kernels charged as Relay's fused chains
+        assert ("--fusion" in j.argv) == ("torch.compile" in j.row.extras and bool(j.argv)), j.row.id
+        assert "--fusion" not in j.argv or j.argv[j.argv.index("--fusion") + 1] == "fused"
     assert "pipeline schedules" in vp.why_not(replace(ROW, pp=2, dp=4))
-    assert "float8 converter" in vp.why_not(replace(ROW, precision="fp8"))
+    # the FP8 rows: torchtitan's llama3_8b / 70b with its float8 converter (launch/titan_configs.py)
+    fp8 = {j.row.id: j for j in todo if j.row.precision == "fp8"}
+    assert {i: (j.row.devices, j.chip) for i, j in fp8.items()} == {
+        "trainy-h200x32-llama3-8b-fp8": (32, "h200"), "trainy-h200x64-llama3-8b-fp8": (64, "h200"),
+        "torchtitan-h100x64-llama3-8b-tp8-fp8-rowwise": (64, "h100-hbm2e"),
+        "torchtitan-h100x256-llama3-70b-tp8-fp8-rowwise": (256, "h100-hbm2e")}
+    for j in fp8.values():
+        argv = list(j.argv)
+        assert argv[argv.index("--module") + 1:argv.index("--module") + 4] == [
+            "relay.launch.titan_configs", "--config", "llama3_70b_float8" if "70b" in j.row.id else "llama3_8b_float8"]
+        assert any("rowwise" in a for a in j.approximations)  # what differs from the published run, said
+    assert vp.why_not(replace(ROW, precision="fp8")) == ""  # an H100 has FP8
+    for chip in ("a100", "ascend-910c"):  # as torchtitan's converter refuses them (capability < 8.9)
+        assert "no FP8" in vp.why_not(replace(ROW, precision="fp8"), chip)
 
 
 def test_the_overrides_give_torchtitan_the_rows_layout():
@@ -73,13 +89,17 @@ def test_torchtitans_own_lines_are_read_from_rank_0():
              "tflops: 1.00  mfu: 1.00%\n\x1b[32m[rank 0] [titan] - INFO - \x1b[39mstep:  4  loss:  0.00000  "
              "grad_norm:  0.0000  memory: 2.50GiB(3.36%)  tps: 12,345  tflops: 1,000.5  mfu: 10.00%\x1b[39m\n")
     assert vp.parse(other)["steps"] == [(4, 2.5, 12345, 1000.5, 10.0)]  # rank 1's line is not rank 0's
+    float8 = ("[rank 0] [titan] 2026-12-07 05:40:52,655 - root - INFO - \x1b[31mstep:  3  \x1b[32mloss:  0.00000  "
+              "grad_norm:  0.0000  memory: 43.40GiB(33.05%)  tps: 8,252  tflops: 477.91  \x1b[35mmfu: N/A\x1b[39m\n")
+    assert vp.parse(float8)["steps"] == [(3, 43.4, 8252, 477.91, None)]  # torchtitan prints no MFU under float8
 
 
 def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_published_figure(tmp_path):
     todo = {(j.row.id, j.chip): j for j in vp.jobs(ROWS, vt.TRAINING, str(tmp_path))}
     done = [vp.result(todo[(ROW.id, "h100-hbm2e")], vp.parse(LOG.read_text()), 97.0, 0, str(LOG)),
             vp.result(todo[(ROW.id, "b200")], vp.parse(""), 3.0, 1, "b200.log"),
-            {"job": todo[("trainy-h200x32-llama3-8b-fp8", "h200")]}]
+            {"job": replace(todo[("trainy-h200x32-llama3-8b-fp8", "h200")], argv=(),
+                            not_run=vp.why_not(BY_ID["trainy-h200x32-llama3-8b-fp8"], "ascend-910c"))}]
     assert done[0]["figure"] == 8911
     text = vp.report(done, {(ROW.id, "h100-hbm2e"): 9215.0, (ROW.id, "b200"): 20000.0})
     first, failed, big = text.splitlines()[-3:]
@@ -87,7 +107,7 @@ def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_publishe
                   "51.81", "97"):
         assert words in first
     assert "none (Relay only)" in failed and "failed (exit 1); console: b200.log" in failed
-    assert "not run: fp8 runs through torchtitan's float8 converter" in big
+    assert "not run: ascend-910c has no FP8" in big
     assert [n for n in vp.notes(done) if "MFU" in n] == []  # torchtitan's H100 peak is the catalog's
     seen = {**vp.parse(LOG.read_text()), "peak_flops": 312e12, "device": "Ascend 910C"}  # its fallback: A100's
     note = vp.notes([vp.result(todo[(ROW.id, "ascend-910c")], seen, 1.0, 0, "x.log")])[-1]
@@ -98,6 +118,9 @@ def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_publishe
 def test_bad_input_is_refused_before_anything_launches(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"row 'torchtitan-h100x8-llama3-8b': program = 'megatron' is invalid"):
         vp.jobs([replace(ROW, program="megatron")], vt.TRAINING, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"precision = 'fp8' but program = .*llama3_8b' runs torchtitan in BF16.*"
+                                          r"--module relay.launch.titan_configs --config llama3_8b_float8"):
+        vp.jobs([replace(ROW, precision="fp8")], vt.TRAINING, str(tmp_path))
     path = tmp_path / "t.toml"
     path.write_text(vt.TRAINING.read_text().replace('chip = "ascend-910c"', 'chip = "ascend-910x"'))
     with pytest.raises(ConfigError, match="ascend-910x"):

@@ -39,8 +39,8 @@ from relay.device.backend.host_objects import _cuda, _index
 
 # compute capability reported per chip (NVIDIA's CUDA GPUs table); chips that are not NVIDIA's
 # report (8, 0), the lowest with bf16, so that programs take the paths they take on an A100
-CAPABILITY = {"a100": (8, 0), "h100": (9, 0), "h200": (9, 0), "b200": (10, 0), "b200-hgx": (10, 0),
-              "gb200": (10, 0)}
+CAPABILITY = {"a100": (8, 0), "h100": (9, 0), "h100-hbm2e": (9, 0), "h200": (9, 0), "b200": (10, 0),
+              "b200-hgx": (10, 0), "gb200": (10, 0)}
 DEFAULT_CAPABILITY = (8, 0)
 
 
