@@ -13,6 +13,7 @@ from relay.analytic import dispatch, serving, serving_search
 from relay.analytic.serving import PRECISIONS, Layout, config_of
 from relay.errors import ConfigError
 from relay.hardware.system import System
+from relay.kernels.graphs import GRAPH_LAUNCH_US
 from relay.launch.options import add_system_args, system_from
 
 GB = 1e9
@@ -42,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--routing", choices=dispatch.ROUTINGS, default="balanced", help="how a device's (token, expert) "
                    "rows fall on the ep devices, which sets the peers a dispatch messages: balanced (spread evenly, "
                    "as the device runs do; default) or uniform (random experts: fewer peers at large batches)")
+    p.add_argument("--eager-decode", action="store_true", help="run decode eagerly, every kernel paying the "
+                   "catalog's launch_us (default: decode replayed as a captured graph, as SGLang, vLLM and Ascend's "
+                   "graph mode serve it, kernels/graphs.py; prefill is eager either way)")
     p.add_argument("--search", action="store_true", help="search the layouts and batches under --tpot-ms / --ttft-ms")
     p.add_argument("--tpot-ms", type=float, help="decode latency target: time per output token, ms")
     p.add_argument("--ttft-ms", type=float, help="prefill latency target: time to first token, ms")
@@ -118,8 +122,10 @@ def cmd_serve(args) -> int:
     _check(args, system)
     start = time.perf_counter()
     targets = ", ".join(f"{n} <= {v:g} ms" for n, v in (("TPOT", args.tpot_ms), ("TTFT", args.ttft_ms)) if v) or "none"
+    decode = "eager" if args.eager_decode else f"as a captured graph ({GRAPH_LAUNCH_US:g} us a kernel)"
     head = (f"# relay serve: {args.workload} on {system.describe()}, input {args.input_len} + output "
-            f"{args.output_len} tokens per request, {args.precision}; analytic model, every figure emulated")
+            f"{args.output_len} tokens per request, {args.precision}; decode {decode}, prefill eager; "
+            "analytic model, every figure emulated")
     if args.breakeven:
         fast = System.preset(args.breakeven) if args.breakeven in System.presets() else None
         if fast is None:
@@ -129,7 +135,7 @@ def cmd_serve(args) -> int:
         fast.chip.peak_flops(fast_precision)
         print(head + f"; break-even against {fast.describe()} ({fast_precision}), latency targets {targets}")
         b = serving_search.breakeven(args.workload, system, fast, args.input_len, args.output_len, args.precision,
-                                     args.tpot_ms, args.ttft_ms, fast_precision, args.routing)
+                                     args.tpot_ms, args.ttft_ms, fast_precision, args.routing, not args.eager_decode)
         _print_best(f"slow side: {system.name} x {system.devices} ({args.precision})", b.slow)
         _print_best(f"fast side: {fast.name} x {fast.devices} ({fast_precision})", b.fast)
         for phase, n in (("decode (output tokens/s)", b.decode_devices),
@@ -141,7 +147,7 @@ def cmd_serve(args) -> int:
     if args.search:
         print(head + f"; layouts searched under {targets}")
         best = serving_search.search(args.workload, system, args.input_len, args.output_len, args.precision,
-                                     args.tpot_ms, args.ttft_ms, routing=args.routing)
+                                     args.tpot_ms, args.ttft_ms, routing=args.routing, graphs=not args.eager_decode)
         table = []
         for layout, dec, pre in best.tried:
             for ph, one in (("prefill", pre), ("decode", dec)):
@@ -159,7 +165,7 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--shared with --parallel {layout}: runs on the devices take tp=1; give tp=1")
     s = serving.serve(args.workload, system, layout, args.batch or BATCH, args.input_len, args.output_len,
                       args.precision, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch,
-                      routing=args.routing)
+                      routing=args.routing, graphs=not args.eager_decode)
     print(head)
     print(tabulate(rows(s), headers=HEADERS, disable_numparse=True))
     print(f"# memory per device: {_describe_memory(s)}")
@@ -183,7 +189,7 @@ def _shared(args, system, s) -> None:
             batch, tokens, context = (s.batch, 1, args.input_len + args.output_len // 2) if ph == "decode" else \
                 (s.prefill_batch, args.input_len, args.input_len)
             model = getattr(s, ph)
-            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, model.micro)
+            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, model.micro, model.graphs)
             res = on_devices.run(cluster, step, shared_run=True)
             table.append([ph, str(s.layout), batch, str(model.micro), f"{res.seconds * 1e3:.2f}",
                           f"{model.seconds * 1e3:.2f}", f"{model.seconds / res.seconds:.3f}",

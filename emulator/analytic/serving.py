@@ -49,6 +49,7 @@ from relay.analytic import dispatch, tbo
 from relay.analytic.footprint import split_heads
 from relay.errors import ConfigError
 from relay.hardware import chips
+from relay.kernels import graphs as captured
 from relay.kernels import moe_ops
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import CostModel
@@ -167,9 +168,10 @@ def _model(workload: str, config, tp: int, local: int, n_layers: int, dense: int
 
 @functools.cache
 def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: int, chip: str, dtype: str,
-             batch: int, tokens: int, context: int, tensors: str = "fake") -> Cost:
+             batch: int, tokens: int, context: int, tensors: str = "fake", launch_us: float | None = None) -> Cost:
     """A model of n_layers blocks: one prefill of `tokens` (context 0), or one decode step
-    (tokens 1) after `context - 1` cached tokens, of `batch` sequences."""
+    (tokens 1) after `context - 1` cached tokens, of `batch` sequences (launch_us: the cost
+    model's override, a captured graph's: kernels/graphs.py)."""
     if tensors == "real":
         torch.manual_seed(0)
         model, mode = _model(workload, config, tp, local, n_layers, dense), None
@@ -184,7 +186,7 @@ def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: i
         cache.length = 0 if tokens > 1 else context - 1
         idx = torch.zeros(batch, tokens, dtype=torch.long)
         largest = _Largest(PRECISIONS[dtype] if dtype in PRECISIONS else 2)
-        throttle = Throttle(ServingCost(chips.get(chip), dtype), VirtualLane())
+        throttle = Throttle(ServingCost(chips.get(chip), dtype, launch_us=launch_us), VirtualLane())
         with throttle, largest:
             inference.forward(model, idx, cache)
     params = sum(p.numel() for p in model.parameters())
@@ -201,13 +203,13 @@ def config_of(workload: str, context: int):
 
 
 def step(workload: str, layout: Layout, chip: str, dtype: str, batch: int, tokens: int, context: int,
-         tensors: str = "fake") -> dict:
+         tensors: str = "fake", graphs: bool = False) -> dict:
     """Per kind of part ("base", "dense", "moe"): one device's compute Cost of a prefill (tokens > 1)
-    or decode step, and the count of each in the model."""
+    or decode step (graphs: run as a captured graph), and the count of each in the model."""
     c = config_of(workload, context)
     local = math.ceil(c.n_experts / layout.ep) if hasattr(c, "n_experts") else 0
     dense = getattr(c, "n_dense_layers", c.n_layers)
-    args = (chip, dtype, batch, tokens, context, tensors)
+    args = (chip, dtype, batch, tokens, context, tensors, captured.launch_us(graphs))
     base = _measure(workload, c, layout.tp, local, 0, 0, *args)
     parts = {"base": (base, 1)}
     if dense:
@@ -250,17 +252,18 @@ class Phase:
     params: int  # parameters on the device
     largest: float  # bytes of the largest tensor made
     micro: int = 1  # micro-batches: 2 overlap one's all-to-all with the other's compute
+    graphs: bool = False  # run as a captured graph (kernels/graphs.py: decode, by default)
 
 
 def _phase(workload: str, layout: Layout, system, dtype: str, batches: tuple, tokens: int, context: int,
-           tensors: str, routing: str) -> Phase:
+           tensors: str, routing: str, graphs: bool = False) -> Phase:
     """The step of one batch (compute, then the all-to-all, plus TP all-reduces), or of two
     micro-batches overlapped as the devices run them (tbo.timeline: each reads every weight and
     launches every kernel; one's all-to-all hides behind the other's compute)."""
-    runs = [(step(workload, layout, system.chip.name, dtype, b, tokens, context, tensors),
+    runs = [(step(workload, layout, system.chip.name, dtype, b, tokens, context, tensors, graphs),
              communication(workload, layout, system, dtype, b, tokens, routing)) for b in batches]
     # embedding, final norm and head: once for the step's tokens (as the devices run them)
-    base = step(workload, layout, system.chip.name, dtype, sum(batches), tokens, context, tensors)["base"][0]
+    base = step(workload, layout, system.chip.name, dtype, sum(batches), tokens, context, tensors, graphs)["base"][0]
     seconds = compute = tp = a2a = flops = nbytes = params = largest = 0.0
     for kind, (_, n) in runs[0][0].items():
         costs = [base] if kind == "base" else [parts[kind][0] for parts, _ in runs]
@@ -278,23 +281,24 @@ def _phase(workload: str, layout: Layout, system, dtype: str, batches: tuple, to
         local, halves = math.ceil(c.n_experts / layout.ep), []
         for b, (parts, comm) in zip(batches, runs):
             pre, experts, post = tbo.stages(_model, ServingCost, workload, c, layout.tp, local, system.chip.name,
-                                            dtype, b, tokens, context)
+                                            dtype, b, tokens, context, captured.launch_us(graphs))
             dense = parts["dense"][0].seconds + comm["dense"] if "dense" in parts else 0.0
             halves.append(tbo.Half(dense, pre + comm["moe"], experts, post, comm["dispatch"], comm["combine"]))
         seconds = tbo.timeline(tuple(halves), runs[0][0].get("dense", (None, 0))[1], runs[0][0]["moe"][1],
                                base.seconds)
-    return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), largest, len(batches))
+    return Phase(seconds, compute, tp, a2a, flops, nbytes, int(params), largest, len(batches), graphs)
 
 
 def phase(workload: str, layout: Layout, system, dtype: str, batch: int, tokens: int, context: int,
-          overlap: bool = True, tensors: str = "fake", routing: str = "balanced") -> Phase:
+          overlap: bool = True, tensors: str = "fake", routing: str = "balanced", graphs: bool = False) -> Phase:
     """One device's step: one batch (overlap off, a dense model, or a single sequence), or, with
     overlap, two micro-batches (halves of the sequences) where they are faster than one batch, as
     SGLang enables its two-batch overlap only where it pays."""
-    one = _phase(workload, layout, system, dtype, (batch,), tokens, context, tensors, routing)
+    one = _phase(workload, layout, system, dtype, (batch,), tokens, context, tensors, routing, graphs)
     if not overlap or batch < 2 or one.a2a_s == 0:
         return one
-    two = _phase(workload, layout, system, dtype, (batch // 2, batch - batch // 2), tokens, context, tensors, routing)
+    two = _phase(workload, layout, system, dtype, (batch // 2, batch - batch // 2), tokens, context, tensors, routing,
+                 graphs)
     return two if two.seconds < one.seconds else one
 
 
@@ -323,9 +327,10 @@ PREFILL_TOKENS = 16384  # prompt tokens per replica in a prefill step, by defaul
 
 def serve(workload: str, system, layout: Layout, batch: int, input_len: int, output_len: int,
           dtype: str = "bf16", overlap: bool | None = None, tensors: str = "fake",
-          prefill_batch: int | None = None, routing: str = "balanced") -> Serving:
-    """One layout's figures: decode `batch` sequences per replica; prefill `prefill_batch` prompts
-    per replica per step (default: as many as fill PREFILL_TOKENS, at least one)."""
+          prefill_batch: int | None = None, routing: str = "balanced", graphs: bool = True) -> Serving:
+    """One layout's figures: decode `batch` sequences per replica, as a captured graph unless
+    graphs is False (kernels/graphs.py; prefill runs eagerly, as serving systems run it); prefill
+    `prefill_batch` prompts per replica per step (default: as many as fill PREFILL_TOKENS, at least one)."""
     c = config_of(workload, input_len + output_len)
     check(layout, c, system.devices)
     system.chip.peak_flops(dtype)  # refuses a precision the chip lacks
@@ -333,7 +338,7 @@ def serve(workload: str, system, layout: Layout, batch: int, input_len: int, out
     prefill_batch = prefill_batch or max(1, PREFILL_TOKENS // input_len)
     pre = phase(workload, layout, system, dtype, prefill_batch, input_len, input_len, overlap, tensors, routing)
     dec = phase(workload, layout, system, dtype, batch, 1, input_len + output_len // 2, overlap, tensors,
-                routing)
+                routing, graphs)
     per_token = inference.cache_bytes_per_token(c) * c.n_layers
     if getattr(c, "attention", "gqa") == "gqa":
         per_token //= layout.tp  # the kv heads split tp ways; MLA's latent is whole on every tp rank

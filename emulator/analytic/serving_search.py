@@ -56,7 +56,7 @@ def _largest(ok, hi: int) -> int:
 
 def search(workload: str, system, input_len: int, output_len: int, dtype: str = "bf16",
            tpot_ms: float | None = None, ttft_ms: float | None = None, max_batch: int = MAX_BATCH,
-           phases: tuple = ("prefill", "decode"), routing: str = "balanced") -> Best:
+           phases: tuple = ("prefill", "decode"), routing: str = "balanced", graphs: bool = True) -> Best:
     for name, v in (("--tpot-ms", tpot_ms), ("--ttft-ms", ttft_ms)):
         if v is not None and not v > 0:
             raise ConfigError(f"{name} = {v} is invalid; give a latency target in ms > 0")
@@ -64,7 +64,7 @@ def search(workload: str, system, input_len: int, output_len: int, dtype: str = 
     for layout in layouts(workload, system):
         def run(batch: int, prefill_batch: int = 1) -> Serving:
             return serve(workload, system, layout, batch, input_len, output_len, dtype, prefill_batch=prefill_batch,
-                         routing=routing)
+                         routing=routing, graphs=graphs)
 
         def decode_ok(b: int) -> bool:
             s = run(b)
@@ -93,11 +93,12 @@ class Breakeven:
 
 def breakeven(workload: str, slow, fast, input_len: int, output_len: int, dtype: str = "bf16",
               tpot_ms: float | None = None, ttft_ms: float | None = None, fast_dtype: str | None = None,
-              routing: str = "balanced") -> Breakeven:
+              routing: str = "balanced", graphs: bool = True) -> Breakeven:
     """Slow devices (at the slow system's per-device throughput, at its own size) that match the
     fast system's total throughput, decode and prefill, at the same latency targets."""
-    s = search(workload, slow, input_len, output_len, dtype, tpot_ms, ttft_ms, routing=routing)
-    f = search(workload, fast, input_len, output_len, fast_dtype or dtype, tpot_ms, ttft_ms, routing=routing)
+    s = search(workload, slow, input_len, output_len, dtype, tpot_ms, ttft_ms, routing=routing, graphs=graphs)
+    f = search(workload, fast, input_len, output_len, fast_dtype or dtype, tpot_ms, ttft_ms, routing=routing,
+               graphs=graphs)
 
     def count(a: Serving | None, b: Serving | None, rate: str) -> int | None:
         if a is None or b is None:

@@ -43,10 +43,10 @@ class Half:
 
 @functools.cache
 def stages(build, cost, workload: str, config, tp: int, local: int, chip: str, dtype: str, batch: int,
-           tokens: int, context: int) -> tuple[float, float, float]:
+           tokens: int, context: int, launch_us: float | None = None) -> tuple[float, float, float]:
     """A MoE block's compute (pre, experts, post) for `batch` sequences: `build(workload, config, tp,
     local, n_layers, dense)` makes the one-block model on the meta device (serving._model), `cost` is
-    the cost model's class (serving.ServingCost)."""
+    the cost model's class (serving.ServingCost), launch_us its override (a captured graph's)."""
     with torch.device("meta"):
         model = build(workload, config, tp, local, 1, 0)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -57,7 +57,7 @@ def stages(build, cost, workload: str, config, tp: int, local: int, chip: str, d
         cache.length = start = 0 if tokens > 1 else context - 1
         cos, sin = inference.rotary(model, cache, tokens)
         x, block = model.tok(torch.zeros(batch, tokens, dtype=torch.long)), model.blocks[0]
-        throttle = Throttle(cost(chips.get(chip), dtype), VirtualLane())
+        throttle = Throttle(cost(chips.get(chip), dtype, launch_us=launch_us), VirtualLane())
         with throttle:
             x = inference.attention(block, x, cos, sin, cache.layers[0], start)
             s = block.ffn.start(block.ffn_norm(x))

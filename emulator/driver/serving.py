@@ -8,12 +8,13 @@ worker. Both give every device the same emulated figures (tests/ray/test_serving
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relay.device.training import serving as device_serving
 from relay.driver import shared
 from relay.driver.programs import rendezvous
 from relay.errors import ConfigError
+from relay.kernels import graphs
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def run(cluster, step: device_serving.Step, shared_run: bool) -> StepResult:
     """`step` on every device of the cluster's system, shared or one process per device."""
     check(cluster, step)
     job = cluster.job(1.0)
+    if step.graphs:  # a captured graph's kernels: each at the graph's launch cost (kernels/graphs.py)
+        job = replace(job, efficiency={**job.efficiency, "launch_us": graphs.launch_us(True)})
     if shared_run:
         plan = step.plan
         members = shared.roles(plan, skewed=False)

@@ -44,3 +44,15 @@ def test_decode_on_devices_equals_the_serving_model_without_overlap(cluster, bat
     assert devices.comm_s == pytest.approx(model.a2a_s, rel=0.01 if batch > 1 else 1e-9)  # executor, closed form
     assert devices.exposed_s == devices.comm_s  # nothing overlaps: the step is their sum
     assert devices.seconds == pytest.approx(model.seconds, rel=0.001)
+
+
+def test_a_captured_decode_on_devices_equals_the_serving_models(cluster):
+    """Decode as a captured graph (kernels/graphs.py) on the devices: every kernel charged the
+    graph's gap through the job's launch_us, as the serving model charges it; less than eager."""
+    devices = on_devices.run(cluster, Step("moe-debug", 4, 4, 1, 1, 25, graphs=True), shared_run=False)
+    graph, eager = (serving.phase("moe-debug", serving.Layout(4, 1, 4), System("h100", 4), "bf16", 1, 1, 25,
+                                  overlap=False, graphs=g) for g in (True, False))
+    assert devices.compute_s == pytest.approx(graph.compute_s, rel=1e-9)
+    assert devices.flops == graph.flops
+    assert devices.seconds == pytest.approx(graph.seconds, rel=0.001)
+    assert graph.compute_s < eager.compute_s

@@ -55,6 +55,7 @@ class Step:
     tokens: int
     context: int
     micro: int = 1  # 2: two micro-batches overlap the all-to-alls with compute
+    graphs: bool = False  # run as a captured graph: every kernel at kernels/graphs.py's launch cost
 
     @property
     def plan(self) -> Parallel:
