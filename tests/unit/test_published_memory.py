@@ -99,4 +99,4 @@ def test_the_grand_teton_h100_is_a_sourced_catalog_chip():
         if getattr(c, f) is not None:
             assert c.sources.get(f), f
     titan = [r for r in ROWS.values() if r.id.startswith("torchtitan-h100")]
-    assert len(titan) == 5 and all(r.chip == "h100-hbm2e" for r in titan)
+    assert len(titan) == 7 and all(r.chip == "h100-hbm2e" for r in titan)
