@@ -163,8 +163,13 @@ def command(row, chip: str, out: str, steps: int | None = None) -> list[str]:
 def comparisons(path) -> list[tuple[str, str]]:
     """The table's [[comparison]] entries: (row id, chip)."""
     with open(path, "rb") as fh:
-        raw = tomllib.load(fh).get("comparison", [])
-    return [(c["row"], c["chip"]) for c in raw]
+        table = tomllib.load(fh)
+    ids = {r.get("id") for r in table.get("row", [])}
+    for c in table.get("comparison", []):
+        if c.get("row") not in ids:
+            raise ConfigError(f"{path}: [[comparison]] row = {c.get('row')!r} is no row of the table; give the "
+                              "id of a [[row]] (relay validate --training lists them) or drop the comparison")
+    return [(c["row"], c["chip"]) for c in table.get("comparison", [])]
 
 
 def jobs(rows: list, path, out: str) -> list[Job]:

@@ -125,5 +125,9 @@ def test_bad_input_is_refused_before_anything_launches(tmp_path, capsys):
     path.write_text(vt.TRAINING.read_text().replace('chip = "ascend-910c"', 'chip = "ascend-910x"'))
     with pytest.raises(ConfigError, match="ascend-910x"):
         vp.jobs(ROWS, path, str(tmp_path))
+    # a misspelt row id in a [[comparison]] is refused, not skipped in silence (as it was)
+    path.write_text(vt.TRAINING.read_text().replace('row = "torchtitan-h100x8-llama3-8b"\nchip', 'row = "titan-8b"\nchip'))
+    with pytest.raises(ConfigError, match=r"\[\[comparison\]\] row = 'titan-8b' is no row of the table"):
+        vp.jobs(ROWS, path, str(tmp_path))
     assert cli.main(["validate", "--programs"]) == 2
     assert "--programs is given without --training" in capsys.readouterr().err
