@@ -29,7 +29,8 @@ IMPLEMENTATIONS = ("sdpa", "cudnn")
 DEFAULT = "sdpa"  # what a PyTorch program's F.scaled_dot_product_attention runs
 
 _aten = torch.ops.aten
-# attention kernels (forward, backward) whose argument `is_causal` says whether the mask is causal
+# attention kernels (forward, backward) whose argument `is_causal` (the efficient kernels': `custom_mask_type`)
+# says whether the mask is causal
 FORWARD = {_aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_flash_attention,
            _aten._scaled_dot_product_efficient_attention, _aten._scaled_dot_product_cudnn_attention,
            _aten._scaled_dot_product_fused_attention_overrideable, _aten._flash_attention_forward,
@@ -40,7 +41,7 @@ BACKWARD = {_aten._scaled_dot_product_flash_attention_for_cpu_backward,
             _aten._scaled_dot_product_cudnn_attention_backward,
             _aten._scaled_dot_product_fused_attention_overrideable_backward,
             _aten._flash_attention_backward, _aten._efficient_attention_backward}
-_CAUSAL_ARG: dict = {}  # op -> position of its is_causal argument (None: it has none)
+_CAUSAL_ARG: dict = {}  # op -> (position, name) of its is_causal or custom_mask_type argument (None: none)
 
 
 def check(implementation) -> None:
@@ -51,17 +52,19 @@ def check(implementation) -> None:
 
 
 def causal(func, args, kwargs) -> bool | None:
-    """Whether an attention kernel's call masks causally (its is_causal argument); None: unknown (a
-    FlexAttention block mask, kernels/flex.py)."""
+    """Whether an attention kernel's call masks causally (its is_causal argument, or the efficient
+    kernels' custom_mask_type: 0 none, 1 and 2 causal); None: unknown (a FlexAttention block mask,
+    kernels/flex.py)."""
     try:
-        i = _CAUSAL_ARG[func]
+        i, name = _CAUSAL_ARG[func]
     except KeyError:
         names = [a.name for a in func._schema.arguments]
-        i = _CAUSAL_ARG[func] = names.index("is_causal") if "is_causal" in names else None
+        name = next((n for n in ("is_causal", "custom_mask_type") if n in names), None)
+        i, name = _CAUSAL_ARG[func] = (names.index(name) if name else None), name
     if i is None:
         return False
-    if kwargs and "is_causal" in kwargs:
-        return None if kwargs["is_causal"] is None else bool(kwargs["is_causal"])
+    if kwargs and name in kwargs:
+        return None if kwargs[name] is None else bool(kwargs[name])
     return bool(args[i]) if len(args) > i else False
 
 

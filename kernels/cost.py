@@ -77,8 +77,9 @@ _FLOPS_MAX = 100_000  # distinct entries kept at most (inputs whose shapes never
 # Attention kernels that torch.utils.flop_counter has no formula for, with torch's own counts
 # (sdpa_flop_count: QK^T and PV; the backward adds the recomputed QK^T and three more matmuls,
 # of which the model's FLOPs keep the four: see FUSED_BACKWARD).
-# Like torch's formulas they charge the full score matrix also when is_causal (a causal kernel
-# may skip masked blocks; Relay charges what an explicitly masked matmul would). The math
+# Like torch's formulas they count the full score matrix also when is_causal; the time of a causal
+# kernel halves it on a chip with an attention table (kernels/attention.py), elsewhere it is charged
+# what an explicitly masked matmul would be. The math
 # fallback (aten._scaled_dot_product_attention_math) decomposes into matmuls and softmax, which
 # are charged op by op. Formulas take raw tensors and `out_val`, as the registry's do.
 def _sdpa_forward(query, key, value, *args, out_val=None, **kwargs) -> int:

@@ -124,7 +124,8 @@ def cmd_serve(args) -> int:
     targets = ", ".join(f"{n} <= {v:g} ms" for n, v in (("TPOT", args.tpot_ms), ("TTFT", args.ttft_ms)) if v) or "none"
     decode = "eager" if args.eager_decode else f"as a captured graph ({GRAPH_LAUNCH_US:g} us a kernel)"
     head = (f"# relay serve: {args.workload} on {system.describe()}, input {args.input_len} + output "
-            f"{args.output_len} tokens per request, {args.precision}; decode {decode}, prefill eager; "
+            f"{args.output_len} tokens per request, {args.precision}, {args.routing} routing; decode {decode}, "
+            "prefill eager; "
             "analytic model, every figure emulated")
     if args.breakeven:
         fast = System.preset(args.breakeven) if args.breakeven in System.presets() else None

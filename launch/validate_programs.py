@@ -17,7 +17,9 @@ driver/launch_shared.py: rank 0 recorded alone, every device replayed; with tp >
 dp=,tp=` hint names the groups torchtitan's mesh makes). Not launched, and said so: a
 pipeline-parallel row (torchtitan 0.3.0 calls schedule.step(arg_mbs=...), which torch 2.13 lacks;
 it fails the same under torchrun), and an FP8 row on a chip without FP8 (torchtitan's float8
-converter refuses compute capability < 8.9, as it would on that chip). An FP8 row names a config
+converter refuses compute capability < 8.9, as it would on that chip), and a BF16 row whose config
+builds the float8 converter (torchtitan's llama3_405b: its command line cannot remove it, and it
+would run FP8 GEMMs). An FP8 row names a config
 with torchtitan's float8 converter (FLOAT8: torchtitan 0.3.0 sets converters in its model spec,
 not on its command line; launch/titan_configs.py has the 8B one); torchao's float8 training then
 runs as it ships, its torch._scaled_mm charged at the chip's FP8 peak (kernels/fp8.py), and
@@ -83,6 +85,11 @@ class Job:
     approximations: tuple = ()
 
 
+def _named(words: list) -> tuple:
+    """(module, config) a torchtitan command line names ("" where one is missing)."""
+    return tuple((words[words.index(f) + 1:] or [""])[0] if f in words else "" for f in ("--module", "--config"))
+
+
 def program_args(row) -> list[str]:
     """The row's `program` field as torchtitan's --module/--config, or a ConfigError."""
     words = shlex.split(row.program)
@@ -90,7 +97,7 @@ def program_args(row) -> list[str]:
         raise ConfigError(f"training.toml: row {row.id!r}: program = {row.program!r} is invalid; give "
                           "'torchtitan --module MODULE --config CONFIG' (torchtitan's config_registry function, "
                           "e.g. llama3 / llama3_8b), the only program --programs launches")
-    named = tuple((words[words.index(f) + 1:] or [""])[0] for f in ("--module", "--config"))
+    named = _named(words)
     if row.precision == "fp8" and named not in FLOAT8:
         raise ConfigError(f"training.toml: row {row.id!r}: precision = 'fp8' but program = {row.program!r} runs "
                           "torchtitan in BF16 (its float8 converter is set in the model spec of a config); give a "
@@ -142,6 +149,9 @@ def why_not(row, chip: str | None = None) -> str:
                 "capability < 8.9, as it would on that chip")
     if row.precision not in ("bf16", "fp8"):
         return f"precision {row.precision!r}: no torchtitan config of it is launched here (bf16 and fp8 are)"
+    if row.precision != "fp8" and _named(shlex.split(row.program)) in FLOAT8:
+        return (f"its config ({row.program!r}) builds torchtitan's float8 converter into the model spec, which its "
+                f"command line cannot remove: it would run FP8 GEMMs for a {row.precision} row")
     return ""
 
 

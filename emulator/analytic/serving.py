@@ -16,7 +16,7 @@ experts spread over `ep` devices, ceil(n_experts / ep) each (one per device at l
 redundant copies beyond n_experts balance the load), each device's tokens dispatched to their
 top-k experts and combined back by an all-to-all over the ep group, shared experts replicated on
 every device. With balanced routing each device receives as many (token, expert) rows as it
-sends: tokens x top_k, and messages only the peers those rows reach (dispatch.py: at batch 1 top_k
+sends: tokens x top_k, and messages only the peers those rows reach (dispatch.py: at batch 1 top_k - 1
 peers, not all ep - 1). Communication times come from the collectives' closed forms on the system
 (`collectives.predict`, the calibrated fabric). `overlap` (default on for MoE models: DeepSeek's
 dual micro-batch overlap, SGLang's two-batch overlap, CloudMatrix-Infer's microbatch pipeline)

@@ -88,6 +88,10 @@ class Chip:
                 raise ConfigError(f"chip {self.name!r}: {f} = {getattr(self, f)!r} is above 1; "
                                  "an efficiency is a fraction of peak in (0, 1]")
         for impl, effs in self.attention.items():
+            from relay.kernels.attention import IMPLEMENTATIONS  # (torch: imported only for a chip with a table)
+            if impl not in IMPLEMENTATIONS:  # a misspelt name would leave its implementation at the GEMM rule
+                raise ConfigError(f"chip {self.name!r}: attention.{impl} is not an attention implementation; "
+                                 f"give one of {', '.join(IMPLEMENTATIONS)}")
             if not isinstance(effs, list) or len(effs) != 4 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in effs):
                 raise ConfigError(f"chip {self.name!r}: attention.{impl} = {effs!r} is invalid; give four fractions "

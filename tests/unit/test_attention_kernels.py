@@ -119,6 +119,9 @@ def test_bad_attention_values_are_refused_naming_them(capsys):
     with pytest.raises(ConfigError, match=r"attention.sdpa = \[0.3, 2\] is invalid; give four fractions"):
         Chip(name="toy", bf16_tflops=1, hbm_gb=1, hbm_tbps=1, scaleup_gbps=1, scaleup_latency_us=1,
              scaleout_latency_us=1, attention={"sdpa": [0.3, 2]})
+    with pytest.raises(ConfigError, match=r"attention.cudn is not an attention implementation; give one of sdpa"):
+        Chip(name="toy", bf16_tflops=1, hbm_gb=1, hbm_tbps=1, scaleup_gbps=1, scaleup_latency_us=1,
+             scaleout_latency_us=1, attention={"cudn": [0.6, 0.5, 0.5, 0.4]})
     assert all("FlashAttention-3 paper" in chips.get(c).sources["attention"] for c in ("h100", "h200", "h100-hbm2e"))
     plan = ["plan", "--chip", "h100", "--devices", "8", "--workload", "llama-debug"]
     assert main(plan + ["--attention", "cudnn", "--confirm", "1"]) == 2  # before anything is measured or run
@@ -126,3 +129,22 @@ def test_bad_attention_values_are_refused_naming_them(capsys):
     with pytest.raises(SystemExit) as e:  # argparse names the choices
         main(plan + ["--attention", "fa9"])
     assert e.value.code == 2 and "invalid choice: 'fa9'" in capsys.readouterr().err
+
+
+def test_the_efficient_kernels_mask_type_says_whether_they_run_causally():
+    """aten._efficient_attention_forward / _backward (the memory-efficient kernels) take no is_causal:
+    their custom_mask_type is 0 without a mask and 1 or 2 for a causal one (top-left or bottom-right
+    aligned), so a causal call is charged half the square at the causal rate, as the others are."""
+    from relay.kernels import attention
+    op = torch.ops.aten._efficient_attention_forward.default
+    q, k, v = (torch.empty(B, T, H, D, device="meta") for _ in range(3))  # (batch, sequence, heads, head dim)
+    args = lambda mask: (q, k, v, None, None, None, T, T, 0.0, mask, True)  # noqa: E731
+    assert [attention.causal(op, args(m), {}) for m in (0, 1, 2)] == [False, True, True]
+    assert attention.causal(op, args(0), {"custom_mask_type": 1}) is True
+    back = torch.ops.aten._efficient_attention_backward.default
+    assert "custom_mask_type" in [a.name for a in back._schema.arguments]
+    out = (torch.empty(B, T, H, D, device="meta"), torch.empty(B, H, T, device="meta"))
+    model = CostModel(H100)  # the rate each is charged at (q: its factor on the GEMM rate)
+    plain, masked = (model.op_parts(op, args(m), None, out)[3] for m in (0, 1))
+    fwd_eff, _, causal_fwd_eff, _ = H100.attention["sdpa"]
+    assert masked / plain == pytest.approx(2 * causal_fwd_eff / fwd_eff, rel=1e-9)

@@ -85,3 +85,20 @@ def test_the_overlap_timeline_hides_one_halfs_all_to_all_behind_the_others_compu
     # with no all-to-all it is the compute alone; with one dense block first, its two halves
     free = tbo.Half(dense=5.0, pre=3.0, experts=1.0, post=2.0, dispatch=0.0, combine=0.0)
     assert tbo.timeline((free, free), 1, 1, 0.0) == 2 * (5 + 3 + 1 + 2)
+
+
+def test_cli_routing_reaches_the_model_and_is_named(capsys):
+    """`relay serve --routing uniform` costs the all-to-all by the expected peers of random experts,
+    and says which routing its figures are for."""
+    from relay.launch import cli
+    argv = ["serve", "--chip", "h100", "--devices", "8", "--workload", "moe-debug", "--input-len", "16",
+            "--output-len", "8", "--batch", "1", "--parallel", "dp=8,tp=1,ep=8", "--no-overlap"]
+    a2a = {}
+    for routing in ("balanced", "uniform"):
+        assert cli.main(argv + ["--routing", routing]) == 0
+        out = capsys.readouterr().out
+        assert f"{routing} routing" in out.splitlines()[0]
+        a2a[routing] = float(next(x for x in out.splitlines() if x.startswith("decode")).split()[8])
+    model = {r: serving.serve("moe-debug", System("h100", 8), serving.Layout(8, 1, 8), 1, 16, 8, overlap=False,
+                              routing=r).decode.a2a_s * 1e3 for r in ("balanced", "uniform")}
+    assert a2a == {r: pytest.approx(model[r], abs=0.005) for r in model} and model["uniform"] != model["balanced"]

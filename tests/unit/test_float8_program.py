@@ -103,3 +103,20 @@ def test_relay_launch_fusion_reaches_the_devices_cost_model():
     assert [job.cost_model(r).fusion for r in range(2)] == ["fused", "fused"]
     with pytest.raises(SystemExit):
         parser.parse_args(base[:1] + ["--fusion", "compiled"] + base[1:])
+    # and cmd_launch itself hands it to the cluster it starts (stopped there: nothing is launched)
+    from relay.launch import script
+
+    class Made(Exception):
+        pass
+
+    def made(system, **kw):
+        raise Made(kw.get("efficiency"))
+
+    real, script.Cluster = script.Cluster, made
+    try:
+        for fusion in ("fused", "eager"):
+            with pytest.raises(Made) as e:
+                script.cmd_launch(parser.parse_args(base[:1] + ["--fusion", fusion] + base[1:]))
+            assert e.value.args[0] == {"fusion": fusion}
+    finally:
+        script.Cluster = real

@@ -59,3 +59,20 @@ def test_the_mixtral_b200_row_exposes_only_what_outlasts_the_backward():
                      seq_len=lay.seq_len, fusion=lay.fusion, overlap=lay.overlap)
     assert r.breakdown.data_parallel < 0.25 * r.step_s
     assert 0.9 < x["ratio"] < 1.1
+
+
+def test_bench_moe_rows_costs_each_row_as_validate_training_does():
+    """bench/moe_rows.py breaks down the step `relay validate --training` gives a row, so it costs the
+    row with the same attention kernels (training_frameworks.attention_of: cuDNN for AutoModel's TE
+    layers): without them its H100 DeepSeek-V3 row read 0.621 where validate reads 0.651."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "moe_rows.py"
+    spec = importlib.util.spec_from_file_location("moe_rows", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = BY_ID["automodel-h100x256-deepseek-v3"]
+    r, _ = bench.costed(row)
+    x = vt.run(row, best=False)
+    assert r.step_s == pytest.approx(x["step_s"], rel=1e-12)
