@@ -81,3 +81,11 @@ def rate(chip, implementation: str, backward: bool, is_causal: bool | None) -> f
         return None
     eff = effs[2 * bool(is_causal) + bool(backward)]  # [forward, backward, causal forward, causal backward]
     return eff / (0.5 if is_causal else 1.0)
+
+
+def words(chip, implementation: str) -> str:
+    """What a header says of the attention charged: the implementation where the chip has its
+    table, else the GEMM rule that is charged instead."""
+    if implementation in (getattr(chip, "attention", None) or {}):
+        return f"{implementation} attention"
+    return f"attention at the GEMM rule ({chip.name} has no {implementation} table)"

@@ -14,6 +14,7 @@ from relay.analytic import planner, skew
 from relay.analytic.footprint import GB, check, config_of
 from relay.errors import ConfigError
 from relay.kernels.attention import IMPLEMENTATIONS as ATTENTIONS
+from relay.kernels.attention import words as attention_words
 from relay.kernels.fusion import MODES as FUSIONS
 from relay.launch.options import add_system_args, system_from
 from relay.parallel import Parallel
@@ -133,7 +134,8 @@ def cmd_plan(args) -> int:
     tokens = batch * config_of(args.workload, args.seq_len).seq_len
     share = causal_share(config_of(args.workload, args.seq_len))
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
-          f"({tokens:,} tokens), {args.precision}, {args.fusion} kernels, {args.attention} attention, "
+          f"({tokens:,} tokens), {args.precision}, {args.fusion} kernels, "
+          f"{attention_words(system.chip, args.attention)}, "
           f"{args.routing or 'balanced'} routing; "
           "analytic model, every "
           "figure emulated"

@@ -33,6 +33,9 @@ MATMUL_EFF = 0.7
 MEM_EFF = 0.8  # fraction of HBM bandwidth a streaming kernel reaches
 LAUNCH_US = 4.0  # fixed cost per kernel (launch + tail), us
 
+# the attention implementations a chip's `attention` table may name: kernels/attention.py's IMPLEMENTATIONS
+# (the layers keep kernels and hardware apart; tests/unit/test_attention_kernels.py holds the two equal)
+ATTENTION_TABLES = ("sdpa", "cudnn")
 FIGURES = ("bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tbps", "scaleup_gbps", "scaleup_latency_us",
            "scaleout_gbps", "scaleout_latency_us", "power_w")
 # figures that may be absent from a data sheet, and the word the catalog uses for that
@@ -88,10 +91,9 @@ class Chip:
                 raise ConfigError(f"chip {self.name!r}: {f} = {getattr(self, f)!r} is above 1; "
                                  "an efficiency is a fraction of peak in (0, 1]")
         for impl, effs in self.attention.items():
-            from relay.kernels.attention import IMPLEMENTATIONS  # (torch: imported only for a chip with a table)
-            if impl not in IMPLEMENTATIONS:  # a misspelt name would leave its implementation at the GEMM rule
+            if impl not in ATTENTION_TABLES:  # a misspelt name would leave its implementation at the GEMM rule
                 raise ConfigError(f"chip {self.name!r}: attention.{impl} is not an attention implementation; "
-                                 f"give one of {', '.join(IMPLEMENTATIONS)}")
+                                 f"give one of {', '.join(ATTENTION_TABLES)}")
             if not isinstance(effs, list) or len(effs) != 4 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in effs):
                 raise ConfigError(f"chip {self.name!r}: attention.{impl} = {effs!r} is invalid; give four fractions "

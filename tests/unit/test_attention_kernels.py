@@ -148,3 +148,18 @@ def test_the_efficient_kernels_mask_type_says_whether_they_run_causally():
     plain, masked = (model.op_parts(op, args(m), None, out)[3] for m in (0, 1))
     fwd_eff, _, causal_fwd_eff, _ = H100.attention["sdpa"]
     assert masked / plain == pytest.approx(2 * causal_fwd_eff / fwd_eff, rel=1e-9)
+
+
+def test_the_plan_header_names_the_attention_charged(capsys):
+    """--attention cudnn on a chip without a cudnn table charges the GEMM rule, and says so."""
+    args = ["plan", "--devices", "8", "--workload", "llama-debug", "--parallel", "dp=8", "--global-batch", "8"]
+    assert main([*args, "--chip", "a100", "--attention", "cudnn"]) == 0
+    assert "attention at the GEMM rule (a100 has no cudnn table)" in capsys.readouterr().out.splitlines()[0]
+    assert main([*args, "--chip", "h100", "--attention", "cudnn"]) == 0
+    assert ", cudnn attention," in capsys.readouterr().out.splitlines()[0]
+
+
+def test_the_catalog_accepts_the_implementations_the_cost_model_charges():
+    from relay.hardware.chips import ATTENTION_TABLES
+    from relay.kernels.attention import IMPLEMENTATIONS
+    assert ATTENTION_TABLES == IMPLEMENTATIONS

@@ -129,7 +129,8 @@ def test_bad_input_is_refused_before_anything_launches(tmp_path, capsys):
     with pytest.raises(ConfigError, match="ascend-910x"):
         vp.jobs(ROWS, path, str(tmp_path))
     # a misspelt row id in a [[comparison]] is refused, not skipped in silence (as it was)
-    path.write_text(vt.TRAINING.read_text().replace('row = "torchtitan-h100x8-llama3-8b"\nchip', 'row = "titan-8b"\nchip'))
+    table = vt.TRAINING.read_text()
+    path.write_text(table.replace('row = "torchtitan-h100x8-llama3-8b"\nchip', 'row = "titan-8b"\nchip'))
     with pytest.raises(ConfigError, match=r"\[\[comparison\]\] row = 'titan-8b' is no row of the table"):
         vp.jobs(ROWS, path, str(tmp_path))
     assert cli.main(["validate", "--programs"]) == 2
