@@ -141,17 +141,21 @@ def attention(block, x, cos, sin, kv, start: int) -> torch.Tensor:
 
 
 def rotary(model, cache: Cache, T: int) -> tuple:
-    """The rotary tables of a step of T tokens after the cache's (a prompt to an empty cache, or one token)."""
+    """The rotary tables of a step of T tokens after the cache's (a prompt to an empty cache, then one
+    token a step, or, verifying a multi-token prediction draft, the token and its draft: T = 2)."""
     start = cache.length
-    if start and T != 1:
+    if start and T > 2:
         raise ValueError(f"{T} tokens fed after {start} cached ones: feed a prompt to an empty cache, "
-                         "then one token a step")
+                         "then one token a step (two with a draft to verify)")
     return model.cos[start:start + T], model.sin[start:start + T]
 
 
-def forward(model, idx: torch.Tensor, cache: Cache) -> torch.Tensor:
+def forward(model, idx: torch.Tensor, cache: Cache, sample: int = 1) -> torch.Tensor:
     """Logits (B, vocab) of the last of `idx`'s tokens (B, T), fed after the cache's tokens: a
-    prefill when the cache is empty, else T = 1, one decode step. The cache is advanced."""
+    prefill when the cache is empty, else T = 1, one decode step, or T = 2, a token and its
+    multi-token prediction draft, verified together (sample = 2: logits (B, 2, vocab) of both; the
+    two new tokens attend to the whole cache, the draft's own row included: the kernels' bytes and
+    FLOPs are those of the masked step, its values are not sampled). The cache is advanced."""
     start, T = cache.length, idx.shape[1]
     cos, sin = rotary(model, cache, T)
     x = model.tok(idx)  # (B, T, d)
@@ -159,7 +163,8 @@ def forward(model, idx: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = attention(block, x, cos, sin, kv, start)
         x = x + block.ffn(block.ffn_norm(x))
     cache.length = start + T
-    return model.head(model.norm(x[:, -1:]))[:, 0]  # only the last position is sampled
+    logits = model.head(model.norm(x[:, -sample:]))  # only the sampled positions reach the head
+    return logits[:, 0] if sample == 1 else logits
 
 
 def balanced_splits(rows: int, n: int, rank: int) -> tuple[list[int], list[int]]:
