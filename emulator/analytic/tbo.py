@@ -55,7 +55,7 @@ def stages(build, cost, workload: str, config, tp: int, local: int, chip: str, d
     with mode, torch.no_grad():
         cache = inference.new_cache(model, batch, max(context, tokens))
         cache.length = start = context - tokens  # 0 for a prefill
-        cos, sin = inference.rotary(model, cache, tokens)
+        cos, sin = inference.rotary(model, cache, tokens, tokens - 1 if start else 0)
         x, block = model.tok(torch.zeros(batch, tokens, dtype=torch.long)), model.blocks[0]
         throttle = Throttle(cost(chips.get(chip), dtype, launch_us=launch_us), VirtualLane())
         with throttle:

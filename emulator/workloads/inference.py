@@ -140,13 +140,13 @@ def attention(block, x, cos, sin, kv, start: int) -> torch.Tensor:
     return x + h
 
 
-def rotary(model, cache: Cache, T: int) -> tuple:
+def rotary(model, cache: Cache, T: int, drafts: int = 0) -> tuple:
     """The rotary tables of a step of T tokens after the cache's (a prompt to an empty cache, then one
-    token a step, or, verifying a multi-token prediction draft, the token and its draft: T = 2)."""
+    token a step, or one and its `drafts` multi-token prediction drafts, verified together)."""
     start = cache.length
-    if start and T > 2:
-        raise ValueError(f"{T} tokens fed after {start} cached ones: feed a prompt to an empty cache, "
-                         "then one token a step (two with a draft to verify)")
+    if start and T != 1 + drafts:
+        raise ValueError(f"{T} tokens fed after {start} cached ones with {drafts} draft(s): feed a prompt to an "
+                         "empty cache, then one token a step (and its drafts, sampled, to verify them)")
     return model.cos[start:start + T], model.sin[start:start + T]
 
 
@@ -157,7 +157,7 @@ def forward(model, idx: torch.Tensor, cache: Cache, sample: int = 1) -> torch.Te
     two new tokens attend to the whole cache, the draft's own row included: the kernels' bytes and
     FLOPs are those of the masked step, its values are not sampled). The cache is advanced."""
     start, T = cache.length, idx.shape[1]
-    cos, sin = rotary(model, cache, T)
+    cos, sin = rotary(model, cache, T, sample - 1)
     x = model.tok(idx)  # (B, T, d)
     for block, kv in zip(model.blocks, cache.layers):
         x = attention(block, x, cos, sin, kv, start)
