@@ -86,9 +86,9 @@ def _check(args, system) -> None:
         raise ConfigError(f"--routing {args.routing} with --shared: the devices route balanced (every device the same "
                           "work, so one role replays all); drop --routing or drop --shared")
     mtp.check(args.workload, args.mtp)
-    if args.mtp is not None and (args.shared or args.breakeven):
-        raise ConfigError(f"--mtp {args.mtp:g} is modelled analytically and the break-even compares the systems "
-                          "without MTP; drop --shared / --breakeven or drop --mtp")
+    if args.mtp is not None and args.breakeven:
+        raise ConfigError(f"--mtp {args.mtp:g} with --breakeven: the break-even compares the systems as their "
+                          "serving sources run both, without MTP; drop --breakeven or drop --mtp")
     if (args.tpot_ms or args.ttft_ms) and not (args.search or args.breakeven):
         raise ConfigError("--tpot-ms / --ttft-ms are targets of a search; add --search (or --breakeven FAST)")
 
@@ -200,15 +200,24 @@ def _shared(args, system, s) -> None:
             t0 = time.perf_counter()
             batch, tokens, context = (s.batch, 1, args.input_len + args.output_len // 2) if ph == "decode" else \
                 (s.prefill_batch, args.input_len, args.input_len)
-            model = getattr(s, ph)
-            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, model.micro, model.graphs)
+            model, drafts = getattr(s, ph), 0
+            if ph == "decode" and s.mtp is not None:  # the devices run the verify step: the token and its draft
+                tokens, drafts, whole = 2, 1, model.seconds
+                model = serving.phase(args.workload, s.layout, system, args.precision, batch, 2, context,
+                                      model.micro == 2, routing=args.routing, graphs=model.graphs)
+                module_ms = (whole - model.seconds) * 1e3
+            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, model.micro, model.graphs,
+                        drafts)
             res = on_devices.run(cluster, step, shared_run=True)
             table.append([ph, str(s.layout), batch, str(model.micro), f"{res.seconds * 1e3:.2f}",
                           f"{model.seconds * 1e3:.2f}", f"{model.seconds / res.seconds:.3f}",
                           f"{res.compute_s * 1e3:.2f}", f"{res.comm_s * 1e3:.2f}", f"{res.exposed_s * 1e3:.2f}",
                           f"{res.roles} / {system.devices}", f"{time.perf_counter() - t0:.0f}"])
     print(f"# the same steps on the {system.devices} emulated devices (fake tensors, full size; shared run: "
-          "recorded roles replayed on every device; every figure emulated but the last column)")
+          "recorded roles replayed on every device; every figure emulated but the last column)"
+          + ("; decode: the verify step (2 tokens a sequence), the MTP module after it "
+             f"({module_ms:.2f} ms) analytic only" if s.mtp is not None and "decode" in phases
+             else ""))
     print(tabulate(table, headers=["phase", "layout", "batch", "micro-\nbatches", "devices\n(emulated ms)",
                                    "analytic\n(emulated ms)", "analytic /\ndevices", "compute\n(emulated ms)",
                                    "dispatch+combine\n(emulated ms)", "exposed\n(emulated ms)",
