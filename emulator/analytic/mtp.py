@@ -117,10 +117,10 @@ def serve(workload: str, system, layout, batch: int, input_len: int, output_len:
           acceptance: float | None = None, **kw) -> serving.Serving:
     """serving.serve's figures, with one MTP draft a decode step accepted `acceptance` of the time
     (None: no MTP, serving.serve's own)."""
+    check(workload, acceptance)  # before anything is measured
     s = serving.serve(workload, system, layout, batch, input_len, output_len, dtype, **kw)
     if acceptance is None:
         return s
-    check(workload, acceptance)
     c = serving.config_of(workload, input_len + output_len)
     overlap = kw.get("overlap")
     dec, extra = decode(workload, layout, system, dtype, batch, input_len + output_len // 2,
