@@ -1,7 +1,8 @@
 """`relay serve`: a language model served on a system (emulator/analytic/serving.py): one layout's
 emulated prefill and decode throughput per device, TTFT, TPOT and memory per device (--parallel);
 the best layouts under latency targets (--search, --tpot-ms, --ttft-ms); or the serving
-break-even of this system against a faster one at equal targets (--breakeven FAST)."""
+break-even of this system against a faster one at equal targets (--breakeven FAST). With --mtp
+ACCEPTANCE, decode runs one multi-token prediction draft a step (emulator/analytic/mtp.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 from tabulate import tabulate
 
-from relay.analytic import dispatch, serving, serving_search
+from relay.analytic import dispatch, mtp, serving, serving_search
 from relay.analytic.serving import PRECISIONS, Layout, config_of
 from relay.errors import ConfigError
 from relay.hardware.system import System
@@ -57,6 +58,9 @@ def add_parser(sub) -> None:
                    help="also run the step (default decode) on the emulated devices, fake tensors at full size, as "
                    "a shared run (one worker records the one role, every device replayed: driver/serving.py), and "
                    "print it beside the analytic step (tp=1, bf16)")
+    p.add_argument("--mtp", type=float, metavar="ACCEPTANCE", help="decode with DeepSeek-V3's multi-token "
+                   "prediction: each step verifies one draft token per sequence, accepted this fraction of the time "
+                   "(e.g. 0.7, CloudMatrix-Infer's; DeepSeek-V3's report: 0.85-0.9); default: no MTP")
     p.set_defaults(fn=cmd_serve)
 
 
@@ -81,6 +85,10 @@ def _check(args, system) -> None:
     if args.shared and args.routing != "balanced":
         raise ConfigError(f"--routing {args.routing} with --shared: the devices route balanced (every device the same "
                           "work, so one role replays all); drop --routing or drop --shared")
+    mtp.check(args.workload, args.mtp)
+    if args.mtp is not None and args.breakeven:
+        raise ConfigError(f"--mtp {args.mtp:g} with --breakeven: the break-even compares the systems as their "
+                          "serving sources run both, without MTP; drop --breakeven or drop --mtp")
     if (args.tpot_ms or args.ttft_ms) and not (args.search or args.breakeven):
         raise ConfigError("--tpot-ms / --ttft-ms are targets of a search; add --search (or --breakeven FAST)")
 
@@ -125,8 +133,9 @@ def cmd_serve(args) -> int:
     decode = "eager" if args.eager_decode else f"as a captured graph ({GRAPH_LAUNCH_US:g} us a kernel)"
     head = (f"# relay serve: {args.workload} on {system.describe()}, input {args.input_len} + output "
             f"{args.output_len} tokens per request, {args.precision}, {args.routing} routing; decode {decode}, "
-            "prefill eager; "
-            "analytic model, every figure emulated")
+            "prefill eager; analytic model, every figure emulated"
+            + (f"; decode with one MTP draft a step, accepted {args.mtp:g} of the time: TPOT = step / "
+               f"{1 + args.mtp:g}" if args.mtp is not None else ""))
     if args.breakeven:
         fast = System.preset(args.breakeven) if args.breakeven in System.presets() else None
         if fast is None:
@@ -148,7 +157,8 @@ def cmd_serve(args) -> int:
     if args.search:
         print(head + f"; layouts searched under {targets}")
         best = serving_search.search(args.workload, system, args.input_len, args.output_len, args.precision,
-                                     args.tpot_ms, args.ttft_ms, routing=args.routing, graphs=not args.eager_decode)
+                                     args.tpot_ms, args.ttft_ms, routing=args.routing, graphs=not args.eager_decode,
+                                     mtp=args.mtp)
         table = []
         for layout, dec, pre in best.tried:
             for ph, one in (("prefill", pre), ("decode", dec)):
@@ -164,13 +174,15 @@ def cmd_serve(args) -> int:
         layout = Layout(layout.dp, layout.tp, moe_ep)
     if args.shared and layout.tp != 1:
         raise ConfigError(f"--shared with --parallel {layout}: runs on the devices take tp=1; give tp=1")
-    s = serving.serve(args.workload, system, layout, args.batch or BATCH, args.input_len, args.output_len,
-                      args.precision, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch,
-                      routing=args.routing, graphs=not args.eager_decode)
+    s = mtp.serve(args.workload, system, layout, args.batch or BATCH, args.input_len, args.output_len, args.precision,
+                  args.mtp, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch,
+                  routing=args.routing, graphs=not args.eager_decode)
     print(head)
     print(tabulate(rows(s), headers=HEADERS, disable_numparse=True))
     print(f"# memory per device: {_describe_memory(s)}")
-    print(f"# TTFT: one prefill step of {s.prefill_batch} prompts; TPOT: one decode step at context "
+    step = "one decode step" if s.mtp is None else \
+        f"one decode step (2 tokens a sequence, then the MTP module) / {1 + s.mtp:g} tokens a step"
+    print(f"# TTFT: one prefill step of {s.prefill_batch} prompts; TPOT: {step} at context "
           f"{args.input_len + args.output_len // 2} (the decode's mean); took {time.perf_counter() - start:.1f} real s")
     if args.shared:
         _shared(args, system, s)
@@ -189,15 +201,24 @@ def _shared(args, system, s) -> None:
             t0 = time.perf_counter()
             batch, tokens, context = (s.batch, 1, args.input_len + args.output_len // 2) if ph == "decode" else \
                 (s.prefill_batch, args.input_len, args.input_len)
-            model = getattr(s, ph)
-            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, model.micro, model.graphs)
+            model, drafts = getattr(s, ph), 0
+            if ph == "decode" and s.mtp is not None:  # the devices run the verify step: the token and its draft
+                tokens, drafts, whole = 2, 1, model.seconds
+                model = serving.phase(args.workload, s.layout, system, args.precision, batch, 2, context,
+                                      model.micro == 2, routing=args.routing, graphs=model.graphs)
+                module_ms = (whole - model.seconds) * 1e3
+            step = Step(args.workload, s.layout.dp, s.layout.ep, batch, tokens, context, model.micro, model.graphs,
+                        drafts)
             res = on_devices.run(cluster, step, shared_run=True)
             table.append([ph, str(s.layout), batch, str(model.micro), f"{res.seconds * 1e3:.2f}",
                           f"{model.seconds * 1e3:.2f}", f"{model.seconds / res.seconds:.3f}",
                           f"{res.compute_s * 1e3:.2f}", f"{res.comm_s * 1e3:.2f}", f"{res.exposed_s * 1e3:.2f}",
                           f"{res.roles} / {system.devices}", f"{time.perf_counter() - t0:.0f}"])
     print(f"# the same steps on the {system.devices} emulated devices (fake tensors, full size; shared run: "
-          "recorded roles replayed on every device; every figure emulated but the last column)")
+          "recorded roles replayed on every device; every figure emulated but the last column)"
+          + ("; decode: the verify step (2 tokens a sequence), the MTP module after it "
+             f"({module_ms:.2f} ms) analytic only" if s.mtp is not None and "decode" in phases
+             else ""))
     print(tabulate(table, headers=["phase", "layout", "batch", "micro-\nbatches", "devices\n(emulated ms)",
                                    "analytic\n(emulated ms)", "analytic /\ndevices", "compute\n(emulated ms)",
                                    "dispatch+combine\n(emulated ms)", "exposed\n(emulated ms)",

@@ -1,7 +1,9 @@
 """`relay validate --inference`: the serving model (emulator/analytic/serving.py) against published
 serving throughput of DeepSeek-V3/R1 (emulator/hardware/serving.toml: CloudMatrix-Infer on
 CloudMatrix384, SGLang's large-scale EP on H100 and GB200), each row at the layout its source
-states. A decode row with a latency bound runs the largest batch meeting it (the source's figure
+states, with multi-token prediction where its source states it (`mtp_acceptance`, the source's
+acceptance rate of the one draft token, cited in `mtp_source`: analytic/mtp.py). A decode row
+with a latency bound runs the largest batch meeting it (the source's figure
 is the best under the bound); one with a batch runs that batch; a prefill row runs its prompt
 tokens per step. The verdict: median |error| <= 15% over the rows not used for fitting (none is)."""
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from relay import System, chips
-from relay.analytic import serving
+from relay.analytic import mtp, serving
 from relay.analytic.serving_search import MAX_BATCH, _largest
 from relay.launch.validate import update
 from relay.launch.validate_training import summary, verdict
@@ -53,6 +55,8 @@ class Row:
     note: str = ""
     fit: bool = False
     relay: float = 0.0
+    mtp_acceptance: float | None = None  # one MTP draft a decode step, accepted this often (where the source states it)
+    mtp_source: str = ""  # where the source states its MTP and acceptance rate
 
 
 def load(path=SERVING) -> list[Row]:
@@ -66,8 +70,8 @@ def figure(row: Row) -> tuple[float, str]:
     layout = serving.Layout(row.dp, row.tp, row.ep)
 
     def run(batch: int, prefill_batch: int = 1):
-        return serving.serve(WORKLOAD, system, layout, batch, row.input_len, row.output_len, row.precision,
-                             prefill_batch=prefill_batch)
+        return mtp.serve(WORKLOAD, system, layout, batch, row.input_len, row.output_len, row.precision,
+                         row.mtp_acceptance, prefill_batch=prefill_batch)
 
     if row.phase == "prefill":
         s = run(1, max(1, row.prefill_tokens // row.input_len))
@@ -76,7 +80,8 @@ def figure(row: Row) -> tuple[float, str]:
     if not batch:
         return 0.0, f"{layout}: no batch meets TPOT <= {row.tpot_ms} ms"
     s = run(batch)
-    return s.decode_tps, f"{layout}, batch {batch}, TPOT {s.tpot_s * 1e3:.1f} ms"
+    spec = f", MTP {row.mtp_acceptance:g} accepted" if row.mtp_acceptance is not None else ""
+    return s.decode_tps, f"{layout}, batch {batch}{spec}, TPOT {s.tpot_s * 1e3:.1f} ms"
 
 
 def evaluate(rows: list[Row]) -> list[dict]:

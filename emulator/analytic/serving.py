@@ -169,8 +169,9 @@ def _model(workload: str, config, tp: int, local: int, n_layers: int, dense: int
 @functools.cache
 def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: int, chip: str, dtype: str,
              batch: int, tokens: int, context: int, tensors: str = "fake", launch_us: float | None = None) -> Cost:
-    """A model of n_layers blocks: one prefill of `tokens` (context 0), or one decode step
-    (tokens 1) after `context - 1` cached tokens, of `batch` sequences (launch_us: the cost
+    """A model of n_layers blocks: one prefill of `tokens` (context = tokens), or one decode step
+    (tokens 1, or 2: a token and its draft, both sampled) after `context - tokens` cached tokens,
+    of `batch` sequences (launch_us: the cost
     model's override, a captured graph's: kernels/graphs.py)."""
     if tensors == "real":
         torch.manual_seed(0)
@@ -183,12 +184,12 @@ def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: i
             model = model.to_empty(device="cpu")  # the rotary tables too: fake, of their shape (values unused)
     with mode or contextlib.nullcontext(), torch.no_grad():
         cache = inference.new_cache(model, batch, max(context, tokens))
-        cache.length = 0 if tokens > 1 else context - 1
+        cache.length = context - tokens  # 0 for a prefill; a decode step's tokens (1, or 2 verifying a draft) come last
         idx = torch.zeros(batch, tokens, dtype=torch.long)
         largest = _Largest(PRECISIONS[dtype] if dtype in PRECISIONS else 2)
         throttle = Throttle(ServingCost(chips.get(chip), dtype, launch_us=launch_us), VirtualLane())
         with throttle, largest:
-            inference.forward(model, idx, cache)
+            inference.forward(model, idx, cache, sample=tokens if cache.length else 1)
     params = sum(p.numel() for p in model.parameters())
     return Cost(throttle.emulated_s, throttle.flops, throttle.bytes, params, largest.bytes)
 
@@ -316,6 +317,7 @@ class Serving:
     prefill_tps: float  # prompt tokens/s per device
     decode_tps: float  # output tokens/s per device
     memory: dict  # bytes per device: weights, kv_cache, activations, total, hbm
+    mtp: float | None = None  # one multi-token prediction draft a decode step, accepted this often (mtp.py)
 
     @property
     def fits(self) -> bool:

@@ -9,6 +9,8 @@ per device; prefill, the largest prompt batch whose TTFT meets `ttft_ms`, then t
 tokens/s per device. TPOT and TTFT grow with the batch, so each batch is found by bisection over
 powers of two and the integers between them. Layouts tried: tp over the divisors of the scale-up
 domain (at most MAX_TP) that split the heads; for MoE models, ep over the whole system and over one domain.
+With `mtp` (an acceptance rate) decode runs one multi-token prediction draft a step (mtp.py); the
+break-even runs none.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from relay.analytic.serving import Layout, Serving, config_of, serve
+from relay.analytic.mtp import serve
+from relay.analytic.serving import Layout, Serving, config_of
 from relay.errors import ConfigError
 
 MAX_BATCH = 1024  # sequences per replica in a decode step, at most
@@ -56,15 +59,16 @@ def _largest(ok, hi: int) -> int:
 
 def search(workload: str, system, input_len: int, output_len: int, dtype: str = "bf16",
            tpot_ms: float | None = None, ttft_ms: float | None = None, max_batch: int = MAX_BATCH,
-           phases: tuple = ("prefill", "decode"), routing: str = "balanced", graphs: bool = True) -> Best:
+           phases: tuple = ("prefill", "decode"), routing: str = "balanced", graphs: bool = True,
+           mtp: float | None = None) -> Best:
     for name, v in (("--tpot-ms", tpot_ms), ("--ttft-ms", ttft_ms)):
         if v is not None and not v > 0:
             raise ConfigError(f"{name} = {v} is invalid; give a latency target in ms > 0")
     tried = []
     for layout in layouts(workload, system):
         def run(batch: int, prefill_batch: int = 1) -> Serving:
-            return serve(workload, system, layout, batch, input_len, output_len, dtype, prefill_batch=prefill_batch,
-                         routing=routing, graphs=graphs)
+            return serve(workload, system, layout, batch, input_len, output_len, dtype, mtp,
+                         prefill_batch=prefill_batch, routing=routing, graphs=graphs)
 
         def decode_ok(b: int) -> bool:
             s = run(b)

@@ -54,8 +54,8 @@ def stages(build, cost, workload: str, config, tp: int, local: int, chip: str, d
         model = model.to_empty(device="cpu")
     with mode, torch.no_grad():
         cache = inference.new_cache(model, batch, max(context, tokens))
-        cache.length = start = 0 if tokens > 1 else context - 1
-        cos, sin = inference.rotary(model, cache, tokens)
+        cache.length = start = context - tokens  # 0 for a prefill
+        cos, sin = inference.rotary(model, cache, tokens, tokens - 1 if start else 0)
         x, block = model.tok(torch.zeros(batch, tokens, dtype=torch.long)), model.blocks[0]
         throttle = Throttle(cost(chips.get(chip), dtype, launch_us=launch_us), VirtualLane())
         with throttle:

@@ -42,6 +42,9 @@ def check(cluster, step: device_serving.Step) -> None:
     if step.micro not in (1, 2):
         raise ConfigError(f"serving step: micro = {step.micro} is invalid; give 1 (no overlap) or 2 (two "
                           "micro-batches overlapping the all-to-alls)")
+    if step.drafts not in (0, 1) or (step.drafts and step.tokens != 2):
+        raise ConfigError(f"serving step: drafts = {step.drafts} with tokens = {step.tokens}; a decode step "
+                          "verifies at most one multi-token prediction draft: give drafts = 1 and tokens = 2")
     if cluster.clock != "virtual" or cluster.dtype != "bf16":
         raise ConfigError(f"serving step: clock = {cluster.clock!r}, dtype = {cluster.dtype!r}; runs on the "
                           "devices take the virtual clock and bf16 (fp8 serving is the analytic model's only)")

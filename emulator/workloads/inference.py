@@ -140,26 +140,31 @@ def attention(block, x, cos, sin, kv, start: int) -> torch.Tensor:
     return x + h
 
 
-def rotary(model, cache: Cache, T: int) -> tuple:
-    """The rotary tables of a step of T tokens after the cache's (a prompt to an empty cache, or one token)."""
+def rotary(model, cache: Cache, T: int, drafts: int = 0) -> tuple:
+    """The rotary tables of a step of T tokens after the cache's (a prompt to an empty cache, then one
+    token a step, or one and its `drafts` multi-token prediction drafts, verified together)."""
     start = cache.length
-    if start and T != 1:
-        raise ValueError(f"{T} tokens fed after {start} cached ones: feed a prompt to an empty cache, "
-                         "then one token a step")
+    if start and T != 1 + drafts:
+        raise ValueError(f"{T} tokens fed after {start} cached ones with {drafts} draft(s): feed a prompt to an "
+                         "empty cache, then one token a step (and its drafts, sampled, to verify them)")
     return model.cos[start:start + T], model.sin[start:start + T]
 
 
-def forward(model, idx: torch.Tensor, cache: Cache) -> torch.Tensor:
+def forward(model, idx: torch.Tensor, cache: Cache, sample: int = 1) -> torch.Tensor:
     """Logits (B, vocab) of the last of `idx`'s tokens (B, T), fed after the cache's tokens: a
-    prefill when the cache is empty, else T = 1, one decode step. The cache is advanced."""
+    prefill when the cache is empty, else T = 1, one decode step, or T = 2, a token and its
+    multi-token prediction draft, verified together (sample = 2: logits (B, 2, vocab) of both; the
+    two new tokens attend to the whole cache, the draft's own row included: the kernels' bytes and
+    FLOPs are those of the masked step, its values are not sampled). The cache is advanced."""
     start, T = cache.length, idx.shape[1]
-    cos, sin = rotary(model, cache, T)
+    cos, sin = rotary(model, cache, T, sample - 1)
     x = model.tok(idx)  # (B, T, d)
     for block, kv in zip(model.blocks, cache.layers):
         x = attention(block, x, cos, sin, kv, start)
         x = x + block.ffn(block.ffn_norm(x))
     cache.length = start + T
-    return model.head(model.norm(x[:, -1:]))[:, 0]  # only the last position is sampled
+    logits = model.head(model.norm(x[:, -sample:]))  # only the sampled positions reach the head
+    return logits[:, 0] if sample == 1 else logits
 
 
 def balanced_splits(rows: int, n: int, rank: int) -> tuple[list[int], list[int]]:

@@ -46,7 +46,9 @@ from relay.workloads.moe import only_experts
 @dataclass(frozen=True)
 class Step:
     """One serving step on every device: `batch` sequences per device, `tokens` each (1: a decode
-    step after context - 1 cached tokens; more: a prefill of that many from an empty cache)."""
+    step after context - 1 cached tokens; 1 + drafts: a decode step verifying multi-token
+    prediction drafts, every position sampled, after context - tokens; more: a prefill of that
+    many from an empty cache)."""
 
     workload: str
     dp: int  # devices (attention data parallel, tp = 1)
@@ -56,6 +58,7 @@ class Step:
     context: int
     micro: int = 1  # 2: two micro-batches overlap the all-to-alls with compute
     graphs: bool = False  # run as a captured graph: every kernel at kernels/graphs.py's launch cost
+    drafts: int = 0  # decode: MTP drafts verified with the token (analytic/mtp.py: 1), tokens = 1 + drafts
 
     @property
     def plan(self) -> Parallel:
@@ -64,7 +67,7 @@ class Step:
 
     @property
     def phase(self) -> str:
-        return "decode" if self.tokens == 1 else "prefill"
+        return "decode" if self.tokens == 1 + self.drafts else "prefill"
 
 
 def run(dev, job: Job, step: Step, master: tuple) -> dict:
@@ -111,13 +114,13 @@ def _serve(dev, job: Job, step: Step) -> dict:
                 # (to_empty's empty_like converts each meta tensor to a fake one first: 3x the host time)
                 model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
                 cache = inference.new_cache(model, step.batch, max(step.context, step.tokens))
-                cache.length = 0 if step.tokens > 1 else step.context - 1
+                cache.length = step.context - step.tokens if step.phase == "decode" else 0
                 idx = torch.zeros(step.batch, step.tokens, dtype=torch.long)
             r0, t0, c0, f0 = time.time(), compute.measure(), throttle.emulated_s, throttle.flops
             n0, e0, w0 = len(engine.spans), engine.exposed_s, engine.recv_wait_s
             engine.mark("start")
             with torch.no_grad():
-                forward(model, idx, cache, step.micro)
+                forward(model, idx, cache, step.micro, 1 + step.drafts if step.phase == "decode" else 1)
             t_end, t_sched = compute.now(), compute.scheduled()
             engine.mark("backward")  # (the rows' marks: no backward, the step ends here)
             t1 = compute.measure()
@@ -133,15 +136,16 @@ def _serve(dev, job: Job, step: Step) -> dict:
     return {"rows": [row], "recording": engine.recording_of() if engine.recording else None}
 
 
-def forward(model, idx: torch.Tensor, cache, micro: int = 1) -> torch.Tensor:
-    """inference.forward, or with micro = 2 two micro-batches of half the sequences each: each
+def forward(model, idx: torch.Tensor, cache, micro: int = 1, sample: int = 1) -> torch.Tensor:
+    """inference.forward (`sample`: the last positions reaching the head, 2 verifying a draft), or
+    with micro = 2 two micro-batches of half the sequences each: each
     block's attention (and routing: the dispatch issued) of the first half, then of the second,
     then both halves' experts (the combines issued); a half's combine is waited for only when its
     next block's attention needs it. So one half's all-to-all runs while the other computes."""
     if micro == 1 or idx.shape[0] < 2:
-        return inference.forward(model, idx, cache)
+        return inference.forward(model, idx, cache, sample)
     start, T = cache.length, idx.shape[1]
-    cos, sin = inference.rotary(model, cache, T)
+    cos, sin = inference.rotary(model, cache, T, sample - 1)
     h = idx.shape[0] // 2
     halves = (slice(0, h), slice(h, idx.shape[0]))
     layers = [[kv[s] if isinstance(kv, torch.Tensor) else tuple(t[s] for t in kv) for kv in cache.layers]
@@ -166,5 +170,5 @@ def forward(model, idx: torch.Tensor, cache, micro: int = 1) -> torch.Tensor:
         if pending[m] is not None:
             xs[m] = xs[m] + pending[m][0].finish(pending[m][1])
     cache.length = start + T
-    last = torch.cat([x[:, -1:] for x in xs])
-    return model.head(model.norm(last))[:, 0]
+    logits = model.head(model.norm(torch.cat([x[:, -sample:] for x in xs])))
+    return logits[:, 0] if sample == 1 else logits
