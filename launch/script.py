@@ -164,8 +164,8 @@ def cmd_launch(args) -> int:
               "system": system_dict(system), **environment(cluster.host)}
     summary = write_launch(out, config, res)["summary"]
     shared = f", shared: {res.config['roles']} device(s) ran, every device replayed" if args.shared else ""
-    print(f"# relay launch: {args.script} on {system.describe()}, {clock} clock, {args.tensors} tensors, "
-          f"{args.fusion} kernels{shared}")
+    print(f"# relay launch: {args.script} on {system.describe()}, {clock} clock, {args.tensors} tensors"
+          f"{shared}, {args.fusion} kernels")
     rows = [[d["device"], fmt(d["emulated_s"], 1e3), fmt(d["compute_s"], 1e3), fmt(d["comm_s"], 1e3),
              fmt(d["exposed_comm_s"], 1e3), f"{d['real_s']:.2f}"] for d in res.per_device]
     print(tabulate(rows, headers=["device", "time (emulated ms)", "compute (emulated ms)",
