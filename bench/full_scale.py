@@ -35,8 +35,7 @@ CATEGORIES = ("tensor parallel", "pipeline", "expert all-to-all", "data parallel
 
 
 def model_flops(workload, tokens: int) -> float:
-    c = get_workload(workload).config
-    return analytic.moe_flops(c, tokens) if hasattr(c, "n_experts") else analytic.llama_flops(c, tokens)
+    return analytic.model_flops(get_workload(workload).config, tokens)
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,7 @@ from relay.device.fake.measure import measure_block
 from relay.kernels import cost, moe_ops
 from relay.kernels.throttle import Throttle
 from relay.launch import validate_training as vt
-from relay.launch.training_frameworks import ASYNC_P2P, attention_of
+from relay.launch.training_frameworks import attention_of
 
 MOE = ("deepseek-v3", "mixtral-8x7b")
 CLASSES = ("expert grouped GEMMs", "other GEMMs", "attention", "permute / unpermute / swiglu", "the rest")
@@ -86,11 +86,7 @@ def block_by_class(row, lay) -> dict:
 def costed(row):
     """(PlanResult, Layout) of the row at its published layout, as `relay validate --training`."""
     lay = vt.layout(row)
-    system = vt.system_of(row, lay.devices)
-    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion, attention=attention_of(row))
-    fp = footprint.footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
-    return planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap,
-                        async_p2p=ASYNC_P2P in row.extras), lay
+    return vt.cost(row, lay), lay
 
 
 @contextlib.contextmanager

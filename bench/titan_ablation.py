@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from relay import System
 from relay.analytic import planner
-from relay.analytic.footprint import footprint
 from relay.parallel import Parallel
 
 SEQ = 8192
@@ -30,9 +29,8 @@ STEPS = (("eager", "eager", "bf16"), ("+ torch.compile", "fused", "bf16"), ("+ F
 def relay_step(devices: int, batch: int, fusion: str, dtype: str) -> float:
     """Relay's emulated step, s, for the table's layout (dp=devices, FSDP, selective op AC)."""
     system, plan = System("h100-hbm2e", devices, domain=8), Parallel(dp=devices, fsdp=True, ac="op")
-    kw = dict(dtype=dtype, seq_len=SEQ, fusion=fusion, attention="sdpa")
-    fp = footprint("llama3-8b", plan, batch, "h100-hbm2e", **kw)
-    return planner.cost(system, "llama3-8b", plan, batch, fp, **kw).step_s
+    return planner.cost(system, "llama3-8b", plan, batch, dtype=dtype, seq_len=SEQ, fusion=fusion,
+                        attention="sdpa").step_s
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ from tabulate import tabulate
 
 from relay import chips
 from relay.errors import ConfigError
+from relay.launch.training_frameworks import COMPILED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (cwd of the launch)
 ASSETS = "tests/assets/torchtitan"  # tokenizer and data torchtitan's wheel does not ship (its README)
@@ -123,7 +124,7 @@ def overrides(row) -> tuple[list[str], list[str]]:
              "--parallelism.expert_parallel_degree", str(row.ep)]
     out = ["torchtitan 0.3.0 from PyPI, not the published run's version, with its defaults (its attention, "
            "FlexAttention, charged as one fused attention kernel)"]
-    if "torch.compile" in row.extras:
+    if COMPILED in row.extras:
         args.append("--compile.enable")
         out.append("torch.compile runs eager on Relay's devices, its kernels charged as Relay's fused chains "
                    "(relay launch --fusion fused, kernels/fusion.py)")
@@ -162,7 +163,7 @@ def command(row, chip: str, out: str, steps: int | None = None) -> list[str]:
         args[args.index("--training.steps") + 1] = str(steps)
     system = ["--chip", chip, "--devices", str(row.devices), "--domain", str(min(row.domain, row.devices))]
     system += ["--scaleout-gbps", str(row.scaleout_gbps)] if row.scaleout_gbps else []
-    system += ["--fusion", "fused"] if "torch.compile" in row.extras else []  # what compile fuses, as fused
+    system += ["--fusion", "fused"] if COMPILED in row.extras else []  # what compile fuses, as fused
     if row.devices > MAX_DEVICES:  # one device actor per device is too many here: a shared run
         system += ["--shared"] + (["--parallel", f"dp={row.dp * row.cp},tp={row.tp}"] if row.tp > 1 else [])
     name = f"{row.id}-{chip}"

@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 from relay import System, chips
 from relay.analytic import planner
-from relay.analytic.footprint import GB, config_of, footprint
+from relay.analytic.footprint import GB, config_of
 from relay.errors import ConfigError
 from relay.launch import validate
 from relay.launch.training_frameworks import ASYNC_P2P, FRAMEWORKS, FUSED_EXTRAS, attention_of, kernels_of, plan_words
@@ -204,19 +204,21 @@ def system_of(row: TrainingRow, devices: int | None = None) -> System:
     return System(row.chip, devices, domain=min(row.domain, devices), **links)
 
 
-def _flops(workload: str, seq_len: int) -> float:
-    c = config_of(workload, seq_len)  # a token's model FLOPs on sequences of seq_len tokens
-    return (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, 1)
-
-
 def per_gpu(row: TrainingRow, step_s: float) -> float:
     """The row's figure for a step of step_s emulated seconds over the row's own batch and
     sequence: tokens/s per GPU, or model TFLOPS per GPU (Relay's count, 6 N T + attention, as
     relay plan's MFU)."""
     tokens = row.global_batch * row.seq_len
     if row.metric == "tflops_per_gpu":
-        return _flops(row.workload, row.seq_len) * tokens / step_s / row.devices / 1e12
+        return analytic.model_flops(config_of(row.workload, row.seq_len), tokens) / step_s / row.devices / 1e12
     return tokens / step_s / row.devices
+
+
+def cost(row: TrainingRow, lay: Layout):
+    """planner.cost of the row at its published layout, with the kernels and overlaps it runs."""
+    return planner.cost(system_of(row, lay.devices), row.workload, lay.plan, row.global_batch, dtype=lay.dtype,
+                        seq_len=lay.seq_len, fusion=lay.fusion, attention=attention_of(row), overlap=lay.overlap,
+                        async_p2p=ASYNC_P2P in row.extras)
 
 
 def run(row: TrainingRow, best: bool = True) -> dict:
@@ -233,20 +235,17 @@ def run(row: TrainingRow, best: bool = True) -> dict:
                                                                          row.global_batch // lay.plan.dp)
     except ConfigError as e:
         return {**out, "not_run": str(e)}
-    if (left := 1 - _flops(row.workload, lay.seq_len) / _flops(row.workload, row.seq_len)) > TARGET_MEDIAN:
+    full = config_of(row.workload, row.seq_len)  # the row's own sequences (a CP row's plan runs one CP rank's)
+    if (left := 1 - analytic.model_flops(c, 1) / analytic.model_flops(full, 1)) > TARGET_MEDIAN:
         return {**out, "not_run": f"the nearest plan leaves out {left:.0%} of the row's model FLOPs (attention over "
                                   f"sequences of {lay.seq_len} tokens, not {row.seq_len}): needs a CP dimension"}
-    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion, attention=attention_of(row))
-    fp = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw)
-    r = planner.cost(system, row.workload, lay.plan, row.global_batch, fp, **kw, overlap=lay.overlap,
-                     async_p2p=ASYNC_P2P in row.extras)
+    r = cost(row, lay)
     fig = per_gpu(row, r.step_s)
     out.update(plan=lay.plan, relay=fig, ratio=fig / row.published, err=abs(fig / row.published - 1),
-               step_s=r.step_s, memory=fp)
-    if best:
-        # on the row's own system and sequence (a CP row above ran one CP rank of each group)
+               step_s=r.step_s, memory=r.memory)
+    if best:  # on the row's own system and sequence (a CP row above ran one CP rank of each group)
         found = planner.search(system_of(row), row.workload, row.global_batch, top=1, dtype=lay.dtype,
-                               seq_len=row.seq_len, fusion=lay.fusion, attention=kw["attention"])
+                               seq_len=row.seq_len, fusion=lay.fusion, attention=attention_of(row))
         if found.results:
             out.update(best=per_gpu(row, found.results[0].step_s), best_plan=found.results[0].plan)
     return out
@@ -268,7 +267,7 @@ def summary(results: list[dict], bound: float | None = TARGET_WORST) -> dict:
 
 def verdict(s: dict, median: float = TARGET_MEDIAN) -> tuple[bool, str]:
     ok = bool(s["held_out"]) and s["median_abs_err"] <= median and not s["misses"]
-    bound = s.get("worst_bound", TARGET_WORST)
+    bound = s["worst_bound"]
     return ok, (("PASS: " if ok else "MISS: ") + f"median |error| {s['median_abs_err']:.1%} over the "
                 f"{s['held_out']} row(s) run and not used for fitting (target <= {median:.0%}), worst "
                 f"{s['worst_id']} {s['worst_abs_err']:.1%}"
@@ -352,8 +351,9 @@ def cmd_training(args) -> int:
           + (f" ({', '.join(s['not_run'])})" if s["not_run"] else ""))
     if s["misses"]:
         print(f"# beyond {TARGET_WORST:.0%}: {', '.join(s['misses'])} (their approximations above)")
-    print(f"# updated the relay column of {path}" * bool(args.update), end="\n" * bool(args.update))
-    if getattr(args, "programs", False):  # the rows' own programs launched (slow, opt-in), before the verdict
+    if args.update:
+        print(f"# updated the relay column of {path}")
+    if args.programs:  # the rows' own programs launched (slow, opt-in), before the verdict
         from relay.launch import validate_programs
         validate_programs.cmd_programs(rows, results, path)
     print(line)

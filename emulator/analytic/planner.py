@@ -220,7 +220,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas, fusion=fusion, attention=attention)
     tokens = global_batch * c.seq_len
-    flops = (analytic.moe_flops if hasattr(c, "n_experts") else analytic.llama_flops)(c, tokens)
+    flops = analytic.model_flops(c, tokens)
     step = bd.total
     return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak("bf16")), mb)
 

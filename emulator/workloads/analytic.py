@@ -51,11 +51,16 @@ def attention_flops(c, tokens: int) -> float:
     return 12 * c.n_layers * c.seq_len * d_att * tokens
 
 
+def model_flops(c, tokens: int) -> float:
+    """A model's FLOPs over `tokens` tokens (moe_flops for an MoE config, else llama_flops)."""
+    return (moe_flops if hasattr(c, "n_experts") else llama_flops)(c, tokens)
+
+
 def causal_share(c) -> float:
     """Model FLOPs with the causal convention over those without: the attention term halved (a
     causal mask skips about half the square), as Megatron-LM's and torchtitan's MFUs count it.
     MFU x causal_share is the MFU in that convention."""
-    full = (moe_flops if hasattr(c, "n_experts") else llama_flops)(c, 1)
+    full = model_flops(c, 1)
     return (full - attention_flops(c, 1) / 2) / full
 
 
