@@ -33,7 +33,10 @@ from relay.kernels.gemm import quantisation
 
 # bytes of a floating element as stored: an "fp8" run stores BF16 and casts to FP8 only for the
 # GEMMs of Linear layers (kernels/fp8.py, torchao's float8 training)
-ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 2}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp8": 2, "int8": 2}
+# dtypes whose Linear GEMMs run at a low precision, operands at 1 byte: fp8 (torchao's float8 training,
+# kernels/fp8.py), int8 (W8A8 serving, as CloudMatrix-Infer serves; analytic/serving.py)
+LOW_GEMMS = (fp8.PRECISION, "int8")
 # allocations that write nothing (their bytes are written by the op that fills them)
 _FREE = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
          torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided,
@@ -163,10 +166,10 @@ class CostModel:
                 rng = "a fraction in (0, 1]" if f != "launch_us" else "a number >= 0"
                 raise ValueError(f"{f} = {v!r} is invalid; give {rng}")
         # resolved once: the hot path below only multiplies
-        is_fp8 = self.dtype == fp8.PRECISION
-        object.__setattr__(self, "fp8", is_fp8)
-        object.__setattr__(self, "_flop_rate", self.chip.peak_flops("bf16" if is_fp8 else self.dtype) * self.matmul_eff)
-        object.__setattr__(self, "_fp8_speedup", self._fp8_rate() if is_fp8 else None)
+        low = self.dtype in LOW_GEMMS  # (the attribute keeps fp8's name: Linear GEMMs at the low precision)
+        object.__setattr__(self, "fp8", low)
+        object.__setattr__(self, "_flop_rate", self.chip.peak_flops("bf16" if low else self.dtype) * self.matmul_eff)
+        object.__setattr__(self, "_fp8_speedup", self._low_rate(self.dtype) if low else None)
         object.__setattr__(self, "_byte_rate", self.chip.hbm_Bps * self.mem_eff)
         object.__setattr__(self, "_launch_s", self.launch_us / 1e6)
         object.__setattr__(self, "_float_size", ITEMSIZE[self.dtype])
@@ -243,21 +246,24 @@ class CostModel:
                 fixed_bytes -= saved if fixed is not None and fixed(t) else 0
         return flops, nbytes, fixed_bytes, q
 
-    def _fp8_rate(self) -> float:
-        """An FP8 GEMM's rate over _flop_rate: the chip's FP8 peak x its fp8_eff, scaled as an
-        override scales matmul_eff (the "fp8" recipe's GEMMs, a program's own torch._scaled_mm)."""
-        eff = getattr(self.chip, "fp8_eff", self.chip.matmul_eff) * self.matmul_eff / self.chip.matmul_eff
-        return self.chip.peak_flops("fp8") * eff / self._flop_rate
+    def _low_rate(self, dtype: str) -> float:
+        """A low-precision GEMM's rate over _flop_rate: the chip's FP8 peak x its fp8_eff (the "fp8"
+        recipe's GEMMs, a program's own torch._scaled_mm), or its INT8 peak x matmul_eff (no INT8
+        GEMM efficiency is measured); scaled as an override scales matmul_eff."""
+        eff = getattr(self.chip, "fp8_eff", self.chip.matmul_eff) if dtype == fp8.PRECISION else self.chip.matmul_eff
+        return self.chip.peak_flops(dtype) * eff * self.matmul_eff / self.chip.matmul_eff / self._flop_rate
 
     def _scaled_mm_speedup(self) -> float:
-        if self._fp8_speedup is not None:
+        if self.dtype == fp8.PRECISION:
             return self._fp8_speedup
+        if (rate := getattr(self, "_scaled_speedup", None)) is not None:
+            return rate
         if getattr(self.chip, "fp8_tflops", 1) is None:
             raise fp8.NoFp8(f"torch._scaled_mm on float8 operands: the emulated chip {self.chip.name!r} has no FP8 "
                             "tensor cores (its catalog fp8_tflops is \"none\"), and CUDA refuses the op below compute "
                             "capability 8.9; run the program's FP8 on a chip with FP8 (h100, h200, b200) or in BF16")
-        object.__setattr__(self, "_fp8_speedup", self._fp8_rate())
-        return self._fp8_speedup
+        object.__setattr__(self, "_scaled_speedup", self._low_rate(fp8.PRECISION))
+        return self._scaled_speedup
 
     def casts(self, func, args, fixed=None) -> tuple | None:
         """(kernels, bytes, fixed bytes) of the scaling and casts before a Linear GEMM in FP8

@@ -37,8 +37,10 @@ def add_parser(sub) -> None:
                    f"{serving.PREFILL_TOKENS} tokens' worth, at least 1)")
     p.add_argument("--parallel", help="the layout, e.g. dp=72,tp=1,ep=72 (missing: dp = devices / tp, tp = 1, "
                    "ep = devices for MoE models, 1 for dense ones)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights and GEMMs: bf16, or fp8 "
-                   "(weights quantised ahead of serving, Linear GEMMs at the FP8 peak; chips with FP8)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights and GEMMs: bf16, fp8 "
+                   "(weights quantised ahead of serving, Linear GEMMs at the FP8 peak; chips with FP8) or int8 "
+                   "(W8A8: INT8 weights, Linear and expert GEMMs at the INT8 peak, tokens dispatched in INT8, as "
+                   "CloudMatrix-Infer serves on the 910C; chips with an INT8 peak)")
     p.add_argument("--no-overlap", action="store_true", help="one micro-batch: charge the expert all-to-all after "
                    "the compute (default: two micro-batches overlapping it where that is faster)")
     p.add_argument("--routing", choices=dispatch.ROUTINGS, default="balanced", help="how a device's (token, expert) "
@@ -70,7 +72,7 @@ def _check(args, system) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} = {v} is invalid; give a count >= 1")
-    system.chip.peak_flops(args.precision)  # fp8 on a chip without it: refused here
+    system.chip.peak_flops(args.precision)  # fp8 or int8 on a chip without it: refused here
     given = [flag for flag, v in (("--parallel", args.parallel), ("--batch", args.batch),
                                   ("--prefill-batch", args.prefill_batch), ("--no-overlap", args.no_overlap)) if v]
     if (args.search or args.breakeven) and given:

@@ -58,7 +58,9 @@ from relay.workloads import get as get_workload
 from relay.workloads import inference
 from relay.workloads.inference import EPShard
 
-PRECISIONS = {"bf16": 2, "fp8": 1}  # bytes a weight is stored in (fp8: Linear GEMMs in FP8, kernels/fp8.py)
+# bytes a weight is stored in (fp8: Linear GEMMs in FP8, kernels/fp8.py; int8: W8A8, Linear GEMMs at the
+# INT8 peak, as CloudMatrix-Infer serves DeepSeek-V3 on the 910C, arXiv 2506.12708)
+PRECISIONS = {"bf16": 2, "fp8": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -107,16 +109,18 @@ def check(layout: Layout, config, devices: int) -> None:
 
 @dataclass(frozen=True)
 class ServingCost(CostModel):
-    """The cost model with weights stored as served: in "fp8" a Linear GEMM reads FP8 weights
-    quantised once, ahead of serving (DeepSeek-V3's released FP8 checkpoint), so none of training's
-    per-step scaling and casts (kernels/fp8.py) is charged."""
+    """The cost model with weights stored as served: in "fp8" ("int8") a Linear GEMM reads FP8 (INT8)
+    weights quantised once, ahead of serving (DeepSeek-V3's released FP8 checkpoint; CloudMatrix-Infer's
+    W8A8), so none of training's per-step scaling and casts (kernels/fp8.py) is charged. Attention's
+    own matmuls and the KV cache stay in BF16."""
 
     def casts(self, func, args, fixed=None):
         return None
 
     def op_parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale: float = 1.0):
-        """As the cost model's, and in "fp8" the experts' grouped GEMMs too read FP8 weights at the
-        FP8 rate (DeepGEMM's grouped FP8 GEMMs), as Linear GEMMs do."""
+        """As the cost model's, and in "fp8" ("int8") the experts' grouped GEMMs too read 1-byte weights
+        at the low precision's rate (DeepGEMM's grouped FP8 GEMMs; CloudMatrix-Infer's INT8 experts), as
+        Linear GEMMs do."""
         parts = super().op_parts(func, args, kwargs, out, fixed, scale)
         if parts is None or not self.fp8 or func._overloadpacket is not moe_ops.GROUPED_GEMMS_FORWARD:
             return parts
@@ -233,7 +237,8 @@ def communication(workload: str, layout: Layout, system, dtype: str, batch: int,
         # (under tp > 1 every tp rank of a replica routes all of them: the MoE is not split by tp)
         rows = batch * tokens * c.top_k
         group = system.scaled(layout.ep)
-        # DeepEP dispatches in FP8 where the run is FP8, and combines in BF16
+        # DeepEP dispatches in FP8 where the run is FP8, W8A8 in INT8 (as its expert GEMMs read them; vllm-ascend
+        # sends quantised tokens with their scales), and both combine in BF16
         out["dispatch"] = dispatch.seconds(rows, c.dim * PRECISIONS[dtype], group, routing)
         out["combine"] = dispatch.seconds(rows, c.dim * 2, group, routing)
         out["a2a"] = out["dispatch"] + out["combine"]

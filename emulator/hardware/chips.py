@@ -40,7 +40,8 @@ FIGURES = ("bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tbps", "scaleup_gbps", "s
            "scaleout_gbps", "scaleout_latency_us", "power_w")
 # figures that may be absent from a data sheet, and the word the catalog uses for that
 MAYBE = {"fp8_tflops": "none", "scaleout_gbps": "unknown", "power_w": "unknown"}
-DTYPE_PEAK = {"bf16": "bf16_tflops", "fp16": "bf16_tflops", "fp8": "fp8_tflops"}
+OPTIONAL = ("int8_tops",)  # figures a chip may leave out (absent: None), sourced where given
+DTYPE_PEAK = {"bf16": "bf16_tflops", "fp16": "bf16_tflops", "fp8": "fp8_tflops", "int8": "int8_tops"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Chip:
     scaleup_latency_us: float  # per-message latency inside a scale-up domain, us
     scaleout_latency_us: float  # per-message latency across domains, us
     fp8_tflops: float | None = None  # dense FP8 peak; None: no FP8
+    int8_tops: float | None = None  # dense INT8 peak, 1e12 op/s (W8A8 serving); None: none in the catalog
     scaleout_gbps: float | None = None  # scale-out bandwidth per device, per direction; None: unknown
     power_w: float | None = None  # power per device, W; None: unknown
     display: str = ""  # name as vendors write it
@@ -82,6 +84,10 @@ class Chip:
                 allowed = f' (or "{MAYBE[f]}")' if f in MAYBE else ""
                 raise ConfigError(f"chip {self.name!r}: {f} = {v!r} is invalid; "
                                  f"give a positive number{allowed}")
+        v = self.int8_tops
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"chip {self.name!r}: int8_tops = {v!r} is invalid; give a positive number, or leave "
+                             "it out (then the chip serves no INT8)")
         v = self.fp8_matmul_eff
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
             raise ConfigError(f"chip {self.name!r}: fp8_matmul_eff = {v!r} is invalid; give a fraction of "
@@ -99,13 +105,13 @@ class Chip:
                 raise ConfigError(f"chip {self.name!r}: attention.{impl} = {effs!r} is invalid; give four fractions "
                                  "of the BF16 peak in (0, 1]: forward, backward, causal forward, causal backward")
         for f in self.estimates:
-            if f not in FIGURES:
+            if f not in FIGURES + OPTIONAL:
                 raise ConfigError(f"chip {self.name!r}: estimates lists {f!r}, which is not a figure; "
-                                 f"figures are {', '.join(FIGURES)}")
+                                 f"figures are {', '.join(FIGURES + OPTIONAL)}")
 
     # -- SI views (the only way code should read figures) --
     def peak_flops(self, dtype: str = "bf16") -> float:
-        """Dense peak in FLOP/s for an emulated dtype ("bf16", "fp16", "fp8")."""
+        """Dense peak in FLOP/s (op/s for "int8") for an emulated dtype ("bf16", "fp16", "fp8", "int8")."""
         if dtype not in DTYPE_PEAK:
             raise ConfigError(f"dtype = {dtype!r} is not an emulated dtype; choose one of "
                              f"{', '.join(DTYPE_PEAK)}")
@@ -113,8 +119,8 @@ class Chip:
         if tflops is None:
             with_it = ", ".join(c.name for c in _CATALOG.values() if getattr(c, DTYPE_PEAK[dtype]) is not None)
             raise ConfigError(f"precision = {dtype!r}: chip {self.name!r} has no {dtype} peak (its catalog "
-                             f"{DTYPE_PEAK[dtype]} is \"none\"); emulate precision 'bf16' on it, or choose a chip "
-                             f"with {dtype} ({with_it})")
+                             f"{DTYPE_PEAK[dtype]} is \"none\" or absent); emulate precision 'bf16' on it, or "
+                             f"choose a chip with {dtype} ({with_it})")
         return tflops * 1e12
 
     @property
@@ -153,7 +159,8 @@ def _parse(name: str, raw: dict) -> Chip:
             v = None
         kw[f] = v
     sources = raw.pop("sources", {})
-    missing = [f for f in FIGURES if kw[f] is not None and f not in sources]
+    kw.update({f: raw.pop(f) for f in OPTIONAL if f in raw})
+    missing = [f for f in FIGURES + OPTIONAL if kw.get(f) is not None and f not in sources]
     if missing:
         raise ConfigError(f"chip {name!r}: no source for {', '.join(missing)}; "
                          f"add them under [{name}.sources]")
@@ -164,7 +171,7 @@ def _parse(name: str, raw: dict) -> Chip:
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"chip {name!r}: unknown field(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(FIGURES + tuple(sorted(allowed)))}")
+                         f"known: {', '.join(FIGURES + OPTIONAL + tuple(sorted(allowed)))}")
     kw.update(raw)
     return Chip(**kw)
 
