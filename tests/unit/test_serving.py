@@ -84,6 +84,26 @@ def test_cli_refuses_bad_input_before_running(capsys):
         assert match in capsys.readouterr().err
 
 
+
+def test_shared_refuses_a_layout_over_the_hbm_before_any_device_starts(capsys, monkeypatch):
+    """DeepSeek-V3 on 4 H100 needs ~386 GB a device (its weights alone ~361 GB): the analytic memory
+    refuses it, naming the figures and the fix, before a cluster (and its Ray) starts."""
+    import ray
+
+    from relay.driver import cluster
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a layout that does not fit")
+    monkeypatch.setattr(cluster, "Cluster", no_cluster)
+    ray_before = ray.is_initialized()
+    assert cli.main(["serve", "--chip", "h100", "--devices", "4", "--workload", "deepseek-v3", "--shared"]) == 2
+    err = capsys.readouterr().err
+    assert "--shared with layout dp=4,tp=1,ep=4 of deepseek-v3: needs 386.1 GB per device" in err
+    assert "but h100 has 80 GB of HBM" in err
+    assert "fewer sequences per replica (--batch, now 64" in err and "more devices (--devices, now 4)" in err
+    assert "a larger ep" in err
+    assert ray.is_initialized() == ray_before
+
 def test_bisection_finds_the_largest_batch_meeting_a_monotone_test():
     for hi in range(1, 40):
         for limit in range(0, hi + 3):
