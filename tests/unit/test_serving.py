@@ -169,3 +169,28 @@ def test_validate_inference_takes_validate_trainings_verdict(capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("PASS: median |error| ") and "over the 1 row(s) run and not used for fitting " \
         "(target <= 15%), worst sglang-h100x32-prefill" in line and "beyond" not in line
+
+
+def test_validate_inference_with_only_fit_rows_has_nothing_to_judge(tmp_path, capsys):
+    """Every row run marked `fit` (or --only of fit rows): no median over nothing (it printed nan),
+    but "nothing to judge" and a miss; --only matching no row is refused, as --training's is."""
+    from dataclasses import replace
+
+    from relay.launch import validate_serving as vs
+    from relay.launch.validate_training import summary, verdict
+    rows = [replace(r, fit=True) for r in vs.load()[:2]]
+    s = summary([{"row": r, "err": 0.01} for r in rows], bound=None)
+    assert s["held_out"] == 0 and s["median_abs_err"] is None and s["worst_abs_err"] is None
+    ok, line = verdict(s, vs.TARGET_MEDIAN)
+    assert not ok and line == "MISS: no row run that was not used for fitting: nothing to judge (2 row(s) run)"
+    table = tmp_path / "serving.toml"  # the cheap prefill row marked fit
+    table.write_text(vs.SERVING.read_text().replace('id = "sglang-h100x32-prefill"\n',
+                                                    'id = "sglang-h100x32-prefill"\nfit = true\n'))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["validate", "--inference", "--table", str(table), "--only", "sglang-h100x32-prefill"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    nothing = "MISS: no row run that was not used for fitting: nothing to judge"
+    assert out.strip().splitlines()[-1] == f"{nothing} (1 row(s) run)" and "nan" not in out
+    assert cli.main(["validate", "--inference", "--only", "no-such-row"]) == 2
+    assert "--only = 'no-such-row' matches no row id" in capsys.readouterr().err
