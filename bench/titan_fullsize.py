@@ -44,6 +44,31 @@ ROW = "torchtitan-h100x8-llama3-8b"  # training.toml's row: the layout and the p
 PUBLISHED_MEMORY_GIB = 82.4  # Table 1, row "FSDP"
 
 
+# why a figure of torchtitan's is missing from its console (validate_programs.parse gives None then)
+NO_MFU = "torchtitan prints no MFU under float8"
+NO_PEAK = "no 'Peak FLOPS used for computing MFU' line in its console"
+NO_DEVICE = "no 'CUDA capacity' line in its console"
+
+
+def _mfu(mfu: float | None) -> str:
+    return f"{mfu:.2f}%" if mfu is not None else f"n/a ({NO_MFU})"
+
+
+def step_line(step: int, memory: float, tps: int, tflops: float, mfu: float | None) -> str:
+    """One step of torchtitan's (validate_programs.parse's tuple), as this script prints it."""
+    return (f"[rank 0] torchtitan step {step}: memory {memory:.2f} GiB, tps {tps:,}, tflops {tflops:,.2f}, "
+            f"mfu {_mfu(mfu)} (its own line, emulated)")
+
+
+def own_line(got: dict) -> str:
+    """torchtitan's last step with the MFU peak and device it named (validate_programs.parse's dict)."""
+    step, memory, tps, tflops, mfu = got["steps"][-1]
+    peak = f"{got['peak_flops'] / 1e12:.0f} TFLOPS" if got["peak_flops"] is not None else f"n/a ({NO_PEAK})"
+    device = repr(got["device"]) if got["device"] is not None else f"n/a ({NO_DEVICE})"
+    return (f"  torchtitan's own line on Relay (step {step}, emulated): {tps:,} tps/GPU, {tflops:,.2f} TFLOPS, "
+            f"MFU {_mfu(mfu)}, its peak {peak} for device {device}, memory {memory:.2f} GiB (emulated HBM)")
+
+
 def main(steps: int = 3, chip: str | None = None, row_id: str = ROW, devices: int | None = None) -> None:
     row = {r.id: r for r in vt.load()}[row_id]
     published = row.published if devices in (None, row.devices) else None
@@ -56,18 +81,15 @@ def main(steps: int = 3, chip: str | None = None, row_id: str = ROW, devices: in
     argv = vp.command(row, chip, out, steps)  # the launch `relay validate --training --programs` makes
     print("$ relay", shlex.join(argv))
     got, host_s, rc = vp.launch(argv, f"{out}/console.log")
-    for step, memory, tps, tflops, mfu in got["steps"]:
-        print(f"[rank 0] torchtitan step {step}: memory {memory:.2f} GiB, tps {tps:,}, tflops {tflops:,.2f}, "
-              f"mfu {mfu:.2f}% (its own line, emulated)")
+    for line in got["steps"]:
+        print(step_line(*line))
     if rc or not got["steps"]:
         print(f"run failed (rc {rc}); console: {out}/console.log")
         return
     step, memory, tps, tflops, mfu = got["steps"][-1]
     print(f"\n{row.model} on {row.devices} x {chip}: tp {row.tp}, dp {row.dp} (fsdp {row.fsdp}), local batch "
           f"{row.global_batch // row.dp}, seq {row.seq_len}, recompute {row.recompute}")
-    print(f"  torchtitan's own line on Relay (step {step}, emulated): {tps:,} tps/GPU, {tflops} TFLOPS, MFU {mfu}% "
-          f"of {got['peak_flops'] / 1e12:.0f} TFLOPS (its peak for {got['device']!r}), memory {memory} GiB "
-          "(emulated HBM)")
+    print(own_line(got))
     summary = Path(out) / f"{row.id}-{chip}" / "summary.json"
     if summary.exists():  # Relay's own figures of the launch: the last step over every device
         last = json.loads(summary.read_text())["steps"][-1]

@@ -179,6 +179,15 @@ def cmd_serve(args) -> int:
     s = mtp.serve(args.workload, system, layout, args.batch or BATCH, args.input_len, args.output_len, args.precision,
                   args.mtp, overlap=False if args.no_overlap else None, prefill_batch=args.prefill_batch,
                   routing=args.routing, graphs=not args.eager_decode)
+    if args.shared and not s.fits:  # the devices would run out of HBM: refused before any of them starts
+        m = s.memory
+        ep = ", a larger ep (--parallel dp=..,ep=N)" if hasattr(c, "n_experts") else ""
+        raise ConfigError(f"--shared with layout {s.layout} of {args.workload}: needs {m['total'] / GB:.1f} GB per "
+                          f"device (weights {m['weights'] / GB:.1f} + KV cache {m['kv_cache'] / GB:.1f} + activations "
+                          f"{m['activations'] / GB:.1f} GB) but {system.chip.name} has {m['hbm'] / GB:.0f} GB of HBM; "
+                          f"give fewer sequences per replica (--batch, now {s.batch}; --prefill-batch, now "
+                          f"{s.prefill_batch}), more devices (--devices, now {system.devices}){ep}, or drop --shared "
+                          "for the analytic figures alone")
     print(head)
     print(tabulate(rows(s), headers=HEADERS, disable_numparse=True))
     print(f"# memory per device: {_describe_memory(s)}")

@@ -5,7 +5,8 @@ states, with multi-token prediction where its source states it (`mtp_acceptance`
 acceptance rate of the one draft token, cited in `mtp_source`: analytic/mtp.py). A decode row
 with a latency bound runs the largest batch meeting it (the source's figure
 is the best under the bound); one with a batch runs that batch; a prefill row runs its prompt
-tokens per step. The verdict: median |error| <= 15% over the rows not used for fitting (none is)."""
+tokens per step. The verdict: median |error| <= 15% over the rows run and not used for fitting
+(none is); with no such row there is nothing to judge, a miss."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tabulate import tabulate
 from relay import System, chips
 from relay.analytic import mtp, serving
 from relay.analytic.serving_search import MAX_BATCH, _largest
+from relay.errors import ConfigError
 from relay.launch.validate import update
 from relay.launch.validate_training import summary, verdict
 
@@ -97,6 +99,9 @@ def cmd_inference(args) -> int:
     if args.only:
         import re
         rows = [r for r in rows if re.search(args.only, r.id)]
+        if not rows:  # as --training's: no row is refused, not judged
+            raise ConfigError(f"--only = {args.only!r} matches no row id of {args.table or SERVING}; give a regular "
+                              "expression matching some (e.g. sglang)")
     results = evaluate(rows)
     s = summary(results, bound=None)  # (issue 29's target bounds the median only)
     median = s["median_abs_err"]

@@ -252,26 +252,26 @@ def run(row: TrainingRow, best: bool = True) -> dict:
 
 
 def summary(results: list[dict], bound: float | None = TARGET_WORST) -> dict:
-    """The verdict's figures over the rows run and not used for fitting (`bound`: the |error| a row
-    misses beyond; None: no bound, as `relay validate --inference`'s target has none)."""
+    """The verdict's figures over the rows run and not used for fitting, None where there is none
+    (`bound`: the |error| a row misses beyond; None: no bound, as `relay validate --inference`'s)."""
     ran = [x for x in results if "not_run" not in x]
     held = [x for x in ran if not x["row"].fit]
-    errs = [x["err"] for x in held]
-    worst = max(held, key=lambda x: x["err"]) if held else None
+    worst = max(held, key=lambda x: x["err"], default=None)
     return {"rows": len(results), "ran": len(ran), "held_out": len(held),
             "not_run": [x["row"].id for x in results if "not_run" in x],
-            "median_abs_err": statistics.median(errs) if errs else float("nan"),
-            "worst_id": worst["row"].id if worst else "", "worst_abs_err": worst["err"] if worst else float("nan"),
+            "median_abs_err": statistics.median(x["err"] for x in held) if held else None,
+            "worst_id": worst["row"].id if worst else "", "worst_abs_err": worst["err"] if worst else None,
             "misses": [x["row"].id for x in held if bound is not None and x["err"] > bound], "worst_bound": bound}
 
 
 def verdict(s: dict, median: float = TARGET_MEDIAN) -> tuple[bool, str]:
-    ok = bool(s["held_out"]) and s["median_abs_err"] <= median and not s["misses"]
-    bound = s["worst_bound"]
+    if not s["held_out"]:  # every row run a fit row, or none ran: a median over no row judges nothing
+        return False, f"MISS: no row run that was not used for fitting: nothing to judge ({s['ran']} row(s) run)"
+    ok = s["median_abs_err"] <= median and not s["misses"]
     return ok, (("PASS: " if ok else "MISS: ") + f"median |error| {s['median_abs_err']:.1%} over the "
                 f"{s['held_out']} row(s) run and not used for fitting (target <= {median:.0%}), worst "
-                f"{s['worst_id']} {s['worst_abs_err']:.1%}"
-                + (f", {len(s['misses'])} row(s) beyond {bound:.0%} (target none)" if bound is not None else ""))
+                f"{s['worst_id']} {s['worst_abs_err']:.1%}" + (f", {len(s['misses'])} row(s) beyond "
+                f"{s['worst_bound']:.0%} (target none)" if s["worst_bound"] is not None else ""))
 
 
 def _published_layout(r: TrainingRow) -> str:

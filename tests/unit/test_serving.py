@@ -84,6 +84,26 @@ def test_cli_refuses_bad_input_before_running(capsys):
         assert match in capsys.readouterr().err
 
 
+
+def test_shared_refuses_a_layout_over_the_hbm_before_any_device_starts(capsys, monkeypatch):
+    """DeepSeek-V3 on 4 H100 needs ~386 GB a device (its weights alone ~361 GB): the analytic memory
+    refuses it, naming the figures and the fix, before a cluster (and its Ray) starts."""
+    import ray
+
+    from relay.driver import cluster
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a layout that does not fit")
+    monkeypatch.setattr(cluster, "Cluster", no_cluster)
+    ray_before = ray.is_initialized()
+    assert cli.main(["serve", "--chip", "h100", "--devices", "4", "--workload", "deepseek-v3", "--shared"]) == 2
+    err = capsys.readouterr().err
+    assert "--shared with layout dp=4,tp=1,ep=4 of deepseek-v3: needs 386.1 GB per device" in err
+    assert "but h100 has 80 GB of HBM" in err
+    assert "fewer sequences per replica (--batch, now 64" in err and "more devices (--devices, now 4)" in err
+    assert "a larger ep" in err
+    assert ray.is_initialized() == ray_before
+
 def test_bisection_finds_the_largest_batch_meeting_a_monotone_test():
     for hi in range(1, 40):
         for limit in range(0, hi + 3):
@@ -149,3 +169,28 @@ def test_validate_inference_takes_validate_trainings_verdict(capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("PASS: median |error| ") and "over the 1 row(s) run and not used for fitting " \
         "(target <= 15%), worst sglang-h100x32-prefill" in line and "beyond" not in line
+
+
+def test_validate_inference_with_only_fit_rows_has_nothing_to_judge(tmp_path, capsys):
+    """Every row run marked `fit` (or --only of fit rows): no median over nothing (it printed nan),
+    but "nothing to judge" and a miss; --only matching no row is refused, as --training's is."""
+    from dataclasses import replace
+
+    from relay.launch import validate_serving as vs
+    from relay.launch.validate_training import summary, verdict
+    rows = [replace(r, fit=True) for r in vs.load()[:2]]
+    s = summary([{"row": r, "err": 0.01} for r in rows], bound=None)
+    assert s["held_out"] == 0 and s["median_abs_err"] is None and s["worst_abs_err"] is None
+    ok, line = verdict(s, vs.TARGET_MEDIAN)
+    assert not ok and line == "MISS: no row run that was not used for fitting: nothing to judge (2 row(s) run)"
+    table = tmp_path / "serving.toml"  # the cheap prefill row marked fit
+    table.write_text(vs.SERVING.read_text().replace('id = "sglang-h100x32-prefill"\n',
+                                                    'id = "sglang-h100x32-prefill"\nfit = true\n'))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["validate", "--inference", "--table", str(table), "--only", "sglang-h100x32-prefill"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    nothing = "MISS: no row run that was not used for fitting: nothing to judge"
+    assert out.strip().splitlines()[-1] == f"{nothing} (1 row(s) run)" and "nan" not in out
+    assert cli.main(["validate", "--inference", "--only", "no-such-row"]) == 2
+    assert "--only = 'no-such-row' matches no row id" in capsys.readouterr().err

@@ -97,6 +97,24 @@ def test_torchtitans_own_lines_are_read_from_rank_0():
     assert vp.parse(float8)["steps"] == [(3, 43.4, 8252, 477.91, None)]  # torchtitan prints no MFU under float8
 
 
+
+def test_bench_titan_fullsize_prints_na_where_torchtitan_gave_no_figure():
+    """bench/titan_fullsize.py's lines of a float8 run (parse's MFU None) and of a console without the
+    peak or device line (parse's None): "n/a (reason)", where it used to raise on formatting None."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("titan_fullsize", Path(__file__).resolve().parents[2] / "bench" /
+                                                  "titan_fullsize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    float8 = {"steps": [(3, 43.4, 8252, 477.91, None)], "peak_flops": None, "device": None, "capacity_gib": None}
+    step = bench.step_line(*float8["steps"][-1])
+    assert "tps 8,252" in step and "mfu n/a (torchtitan prints no MFU under float8)" in step
+    own = bench.own_line(float8)
+    assert "8,252 tps/GPU, 477.91 TFLOPS, MFU n/a (torchtitan prints no MFU under float8)" in own
+    assert f"its peak n/a ({bench.NO_PEAK})" in own and f"device n/a ({bench.NO_DEVICE})" in own
+    own = bench.own_line(vp.parse(LOG.read_text()))  # every figure there: printed as before
+    assert "MFU 52.18%, its peak 989 TFLOPS for device 'H100 SXM', memory 51.81 GiB" in own and "n/a" not in own
+
 def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_published_figure(tmp_path):
     todo = {(j.row.id, j.chip): j for j in vp.jobs(ROWS, vt.TRAINING, str(tmp_path))}
     done = [vp.result(todo[(ROW.id, "h100-hbm2e")], vp.parse(LOG.read_text()), 97.0, 0, str(LOG)),
