@@ -32,13 +32,14 @@ def cmd_chips(args) -> None:
 
     def v(c, f):
         x = getattr(c, f)
-        return ("-" if f == "fp8_tflops" else "unknown") if x is None else \
+        return ("-" if f in ("fp8_tflops", "int8_tops") else "unknown") if x is None else \
             f"{x:g}" + (" (est.)" if c.is_estimate(f) else "")
 
-    table = [[c.name, c.display, v(c, "bf16_tflops"), v(c, "fp8_tflops"), v(c, "hbm_gb"), v(c, "hbm_tbps"),
+    table = [[c.name, c.display, v(c, "bf16_tflops"), v(c, "fp8_tflops"), v(c, "int8_tops"), v(c, "hbm_gb"),
+              v(c, "hbm_tbps"),
               v(c, "scaleup_gbps"), v(c, "scaleup_latency_us"), v(c, "scaleout_gbps"), v(c, "power_w")]
              for c in rows]
-    print(tabulate(table, headers=["chip", "name", "BF16 TFLOPS", "FP8 TFLOPS", "HBM GB", "HBM TB/s",
+    print(tabulate(table, headers=["chip", "name", "BF16 TFLOPS", "FP8 TFLOPS", "INT8 TOPS", "HBM GB", "HBM TB/s",
                                    "scale-up GB/s", "scale-up us", "scale-out GB/s", "power W"]))
     print("\nGB/s are per device and direction; (est.) marks estimates or disputed figures.\nSources:")
     for c in rows:

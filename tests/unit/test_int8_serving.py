@@ -74,3 +74,10 @@ def test_cli_refuses_int8_on_a_chip_without_an_int8_peak(capsys):
     assert cli.main(["serve", "--workload", "llama-debug", "--chip", "h100", "--devices", "4",
                      "--precision", "int8"]) == 2
     assert "no int8 peak" in capsys.readouterr().err
+
+
+def test_relay_chips_shows_the_int8_peak_where_there_is_one(capsys):
+    assert cli.main(["chips"]) in (0, None)
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line[:1].isalnum()}
+    assert "INT8 TOPS" in rows["chip"] and "1504 (est.)" in rows["ascend-910c"]
+    assert "1504" not in rows["h100"]
