@@ -6,12 +6,12 @@ Measured, not assumed: `measure` runs models of 0 and 1 block of each kind (dens
 tensors, each through one call, device/fake/measure.py's `measure_block` (its `by_layers` method:
 every block of a kind is identical, so a block's figure is the 1-block model's minus the 0-block
 model's, exactly), with the block split as the plan splits it on one device (`shard` and
-`split_heads`: Megatron tensor parallel divides the heads and the dense SwiGLU's width by tp and
-leaves norms, embeddings, the head, routers and experts whole, as plans.py does; expert parallel
-keeps n_experts / ep experts). Each run charges every aten op by the cost model (forward, backward
-and optimizer step separately) and records what autograd saves for backward (measure.memory's rule),
-at the plan's own micro-batch size (fake tensors cost the same at any size: a 70B block takes well
-under a second), cached per shard and size.
+`split_heads`: Megatron tensor parallel divides the heads, the dense SwiGLU's width and the
+vocabulary of the embedding, head and loss by tp and leaves norms, routers and experts whole, as
+plans.py does; expert parallel keeps n_experts / ep experts). Each run charges every aten op by
+the cost model (forward, backward and optimizer step separately) and records what autograd saves
+(measure.memory's rule), at the plan's own micro-batch size (fake tensors cost the same at any
+size: a 70B block takes well under a second), cached per shard and size.
 
 Closed forms, on top of the measured blocks (`footprint`): which blocks, embedding and head a
 pipeline stage holds, how many microbatches of activations 1F1B keeps in flight on it (pp - stage,
@@ -88,14 +88,14 @@ class Measured:
 
 
 def shard(config, tp: int = 1, ep: int = 1):
-    """The configuration of one device's share of a block's feed-forward under tensor and expert
-    parallelism, as plans.py splits it (the heads split in the built model: `split_heads`).
+    """The configuration of one device's share of a block's feed-forward and of the vocabulary under
+    tensor and expert parallelism, as plans.py splits them (the heads: `split_heads`).
     Expert parallelism keeps n_experts / ep experts per device, each fed by the ep replicas of
     its group: with balanced routing, the same k expert passes per token as on one device, so
     the shard keeps top_k and at least top_k experts (the FLOPs are those of the real split;
     fewer, larger expert GEMMs when n_experts / ep < top_k; the router keeps as many outputs as
     the shard has experts, a fraction of a percent of the block)."""
-    changes = {"ffn_dim": config.ffn_dim // tp}
+    changes = {"ffn_dim": config.ffn_dim // tp, "vocab_size": config.vocab_size // tp}
     if hasattr(config, "n_experts"):
         changes["n_experts"] = max(config.n_experts // ep, config.top_k)
     return replace(config, **changes)
@@ -191,9 +191,9 @@ def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype:
         return _run(_workload(workload, config, tp, n_layers, dense), micro_batch, chips.get(chip), dtype, optimizer,
                     fusion)
 
-    # the model without blocks does not depend on the blocks' shard: measured once per size
-    base = _measure(workload, config_of(workload, config.seq_len), 1, micro_batch, chip, dtype, optimizer,
-                    (), fusion)["base"] if kinds else run(0, 0)
+    # the model without blocks depends on the shard by its vocabulary alone: measured once per vocabulary
+    whole = replace(config_of(workload, config.seq_len), vocab_size=config.vocab_size)
+    base = _measure(workload, whole, 1, micro_batch, chip, dtype, optimizer, (), fusion)["base"] if kinds else run(0, 0)
     out = {"base": base}
     for kind in kinds:
         out[kind] = run(1, 1 if kind == "dense" else 0) - base

@@ -53,7 +53,7 @@ def check(overlap, fusion: str = "eager") -> frozenset:
 
 
 def tensor_parallel(tp_fwd: dict, tp_bwd: dict, parts: dict, plan, overlap: frozenset) -> tuple[dict, dict]:
-    """planner._tensor_parallel's per-kind (exposed, compute) seconds, under TP comm overlap ("tp"
+    """tensor_parallel.all_reduces' per-kind (exposed, compute) seconds, under TP comm overlap ("tp"
     in overlap) each kind's exposed all-reduces hidden behind its block's forward (backward)
     compute, all but a 1 / tp chunk of them."""
     if "tp" not in overlap or plan.tp == 1:

@@ -7,7 +7,8 @@ The step of the slowest pipeline stage, all figures emulated seconds:
 
     per microbatch   t = compute (forward + backward, + forward again with recompute: the
                      fake-tensor measurement of the stage's blocks and its share of the
-                     embedding and head) + tensor parallel + expert all-to-all + pipeline p2p
+                     embedding and head, vocab / tp of them under tp) + tensor parallel
+                     + expert all-to-all + pipeline p2p
     pipeline         1F1B: (m + pp - 1) x t_max; the bubble is (pp - 1) x t_max (/ v, v times the
                      p2p, with v virtual stages: Narayanan et al. 2021), (pp - 1) / m of the work
     data parallel, optimizer   as plans.py runs them (`_data_parallel`, `_optimizer`: measured)
@@ -17,7 +18,9 @@ one scale-up domain runs on its links), algorithm "auto" (the vendor library's c
     tensor parallel  Megatron's pairing as plans.py applies it through DTensor: per block and
                      microbatch, an all-reduce of the block's activation (s b d) after attention
                      and after the dense SwiGLU forward (experts are not split); in backward one
-                     per column-wise layer, the last of each group exposed (`_tensor_parallel`)
+                     per column-wise layer, the last of each group exposed; and the vocabulary
+                     split: the embedding's output on stage 0, the head's input gradient and
+                     loss_parallel's 3 small ones on the last (analytic/tensor_parallel.py)
     expert parallel  per MoE layer and microbatch, 2 all-to-alls forward (dispatch, combine) and
                      2 backward of each device's k s b d routed tokens, balanced routing, and
                      a small all-to-all of the token counts per forward pass; exposed
@@ -36,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from relay.analytic import accumulate, activations, megatron
+from relay.analytic import accumulate, activations, megatron, tensor_parallel
 from relay.analytic import footprint as footprints
 from relay.analytic.footprint import Footprint, config_of, fitting, footprint, measure, stage_layers
 from relay.analytic.overlap import fsdp_exposed
@@ -56,7 +59,6 @@ OPTIMIZER_OPS = {"adamw": 7, "sgd": 1}  # kernels per parameter tensor of relay.
 # ops, counted on llama-debug's aten ops with a TorchDispatchMode on the devices (docs/design.md):
 FSDP_GATHER_KERNELS = 2  # per FSDP2 all-gather: copy-in, copy-out
 FSDP_SCATTER_KERNELS = 1  # per reduce-scatter: chunk_cat
-FUNCOL_KERNELS = 1  # per functional all-reduce (DTensor's): its clone of the input; the others launch none
 TOKENS_PER_STEP = 4 * 2 ** 20  # default global batch: about 4M tokens (a multiple of the devices)
 
 
@@ -178,8 +180,9 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
     kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])
-    tp_fwd, tp_bwd = megatron.tensor_parallel(*_tensor_parallel(system, plan, c, mb, size, kernels), meas.parts,
-                                              plan, overlap)
+    coll = lambda dim, primitive, n: _collective(system, plan, dim, primitive, n)  # noqa: E731
+    tp_fwd, tp_bwd = megatron.tensor_parallel(*tensor_parallel.all_reduces(plan, c, mb, size, kernels, coll),
+                                              meas.parts, plan, overlap)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
     a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
     # and before the dispatch, the token counts per expert (int64), once per forward pass
@@ -196,6 +199,8 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
         compute += (base.forward_s + base.backward_s) if s == plan.pp - 1 else 0.0
         compute += sum((1 + r) * tp_fwd[k][1] + tp_bwd[k][1] for k, (_, r) in zip(kinds, again))
         tp = sum((1 + r) * tp_fwd[k][0] + tp_bwd[k][0] for k, (_, r) in zip(kinds, again))
+        for k in [k for k, here in (("embedding", s == 0), ("head", s == plan.pp - 1)) if here]:  # the vocabulary's
+            compute, tp = compute + tp_fwd[k][1] + tp_bwd[k][1], tp + tp_fwd[k][0] + tp_bwd[k][0]
         ep = sum((2 + r) * 2 * a2a + (1 + r) * counts for k, (_, r) in zip(kinds, again) if k == "moe")
         stages.append((compute, tp, ep, p2p, kinds, s))
     slowest = max(stages, key=lambda x: sum(x[:4]))
@@ -223,31 +228,6 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     flops = analytic.model_flops(c, tokens)
     step = bd.total
     return PlanResult(plan, bd, memory, step, tokens / step, flops / (step * system.peak("bf16")), mb)
-
-
-def _tensor_parallel(system, plan: Parallel, c, mb: int, size: int, kernels: _Kernels) -> tuple[dict, dict]:
-    """(Exposed seconds, compute seconds) of one block's tensor-parallel all-reduces, forward and
-    backward, per kind, as DTensor runs plans.py's plan (counted with CommDebugMode): forward,
-    one after the row-wise wo and one after w2 (dense blocks only: experts are not split);
-    backward, one per column-wise layer for its input's gradient: wq, wk, wv (s b d each) or
-    MLA's wq_b, wkv_b (the two latents) and its shared rotary key, and w1, w3 (dense blocks), of
-    which the last of each group is exposed. Compute: the FUNCOL_KERNELS the cost model charges
-    per functional all-reduce."""
-    if plan.tp == 1:
-        return ({k: (0.0, 0.0) for k in ("dense", "moe")},) * 2
-    tokens = mb * c.seq_len  # elements per unit of width
-
-    def ar(*widths):
-        return (sum(_collective(system, plan, "tp", "all_reduce", tokens * w * size) for w in widths),
-                sum(kernels.seconds(FUNCOL_KERNELS, 2 * FUNCOL_KERNELS * tokens * w) for w in widths))
-
-    mla = getattr(c, "attention", "gqa") == "mla"
-    attn = (c.q_lora_rank, c.kv_lora_rank, c.qk_rope_dim) if mla else (c.dim,) * 3
-
-    def bwd(*groups):  # waited for after the next layer's gradient GEMMs: the last of a group exposed
-        return sum(ar(g[-1])[0] for g in groups), sum(ar(*g)[1] for g in groups)
-
-    return {"dense": ar(c.dim, c.dim), "moe": ar(c.dim)}, {"dense": bwd(attn, (c.dim, c.dim)), "moe": bwd(attn)}
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from relay.analytic import planner
 from relay.analytic.footprint import GB, check, config_of, footprint, measure, parameters
 from relay.collectives import predict
 from relay.device.fake.measure import memory
-from relay.device.training.plans import tensor_parallel
+from relay.device.training.plans import lm_loss, tensor_parallel, vocab_parallel
 from relay.errors import ConfigError
 from relay.hardware.system import System
 from relay.launch.cli import main
@@ -218,21 +219,43 @@ def test_tensor_parallel_all_reduces_are_those_dtensor_runs_for_the_plan():
     """The planner's tensor-parallel charge is one all-reduce per collective that plans.py's
     plan really issues (counted by CommDebugMode on torch's fake process group, no Ray): for
     llama-debug, 2 forward and 5 backward per block, each of the block's activation; exposed, the
-    forward ones and the last backward one of attention's 3 and of the SwiGLU's 2."""
+    forward ones and the last backward one of attention's 3 and of the SwiGLU's 2. The vocabulary
+    split over tp: the embedding's output forward, the head's input gradient backward and the
+    loss's 3 of one fp32 number per token, all exposed; each device holds vocab / 2 rows."""
     c = llama.CONFIGS["llama-debug"]
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        model = llama.build(c)
-        tensor_parallel(model.blocks, init_device_mesh("cpu", (2,)), 2)
-        with CommDebugMode() as comms:
-            model(torch.randint(0, c.vocab_size, (2, c.seq_len))).float().mean().backward()
+        model, mesh = llama.build(c), init_device_mesh("cpu", (2,))
+        tensor_parallel(model.blocks, mesh, 2)
+        vocab_parallel(model, mesh)
+        assert model.tok.weight.to_local().shape == model.head.weight.to_local().shape == (c.vocab_size // 2, c.dim)
+        idx = torch.randint(0, c.vocab_size, (2, c.seq_len))
+        with CommDebugMode() as comms, loss_parallel():
+            lm_loss(model(idx), idx).backward()
         issued = sum(comms.get_comm_counts().values())
     finally:
         dist.destroy_process_group()
-    assert issued == 7 * c.n_layers
+    assert issued == 7 * c.n_layers + 2 + 3
     r = planner.cost(System(H100, 2), "llama-debug", Parallel(tp=2), 2)
     one = predict("all_reduce", "auto", 2 * c.seq_len * c.dim * 2, System(H100, 2))
-    assert r.breakdown.tensor_parallel == pytest.approx(4 * c.n_layers * one, rel=1e-6)
+    loss = predict("all_reduce", "auto", 4 * 2 * c.seq_len, System(H100, 2))
+    assert r.breakdown.tensor_parallel == pytest.approx((4 * c.n_layers + 2) * one + 3 * loss, rel=1e-6)
+
+
+def test_tensor_parallel_splits_the_vocabulary_of_embedding_head_and_loss():
+    """measure's base (embedding, final norm, head, loss) at tp = 2 is one device's share: vocab / 2
+    rows of the embedding and the head (2 V d / 2 + d parameters, by hand) and about half the
+    seconds (the head's GEMMs and the loss on vocab / 2 logits; the embedding's output and the
+    norm stay whole), as plans.vocab_parallel splits it; the memory check holds that share."""
+    c = config_of("llama3-8b", 2048)
+    one, two = (measure("llama3-8b", tp, 1, 1, H100, seq_len=2048).parts["base"] for tp in (1, 2))
+    assert (one.params, two.params) == (2 * c.vocab_size * c.dim + c.dim, c.vocab_size * c.dim + c.dim)
+    assert parameters("llama3-8b", 2, 1, 2048).parts["base"].params == two.params
+    for f in ("forward_s", "backward_s"):
+        assert 0.5 < getattr(two, f) / getattr(one, f) < 0.55
+    block = parameters("llama3-8b", 2, 1, 2048).parts["dense"].params
+    fp = footprint("llama3-8b", Parallel(tp=2), 1, H100, seq_len=2048)
+    assert fp.parameters == 2 * (two.params + c.n_layers * block)  # bf16
 
 
 @pytest.mark.parametrize("name", ["llama-debug", "moe-debug"])

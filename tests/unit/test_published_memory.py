@@ -25,15 +25,15 @@ def test_sequence_parallel_keeps_a_tp_share_of_a_checkpointed_blocks_input():
     count it 2sbh per layer under tensor parallel alone. Under sequence parallel the residual stream
     between blocks is the sequence's shard (plans.py, as torchtitan: RowwiseParallel to Shard(1)),
     so a device keeps 2sbh / t; plus one block's whole activations (its norms' / t) while it
-    recomputes. Tensor parallel alone, stage 0 is the peak (20 blocks x 4 microbatches in flight);
-    with sp the last stage is (20 blocks x 1 microbatch, and the head's logits and loss)."""
+    recomputes. Stage 0 is the peak (20 blocks x 4 microbatches in flight; the last stage holds 1
+    and the head's logits and loss, vocab / t of them: plans.vocab_parallel)."""
     t = PIPE["tp"]
     parts = measure("llama3-70b", t, 1, 1, H100).parts
     part = parts["dense"]
     working = part.activations - part.norm_bytes * (1 - 1 / t)
     sp = footprint("llama3-70b", Parallel(**PIPE, recompute=True, sp=True), 16, H100)
-    assert "stage 3" in sp.device
-    assert sp.activations == pytest.approx(20 * 2 * S * H / t + working + parts["base"].activations, rel=1e-9)
+    assert "stage 0" in sp.device
+    assert sp.activations == pytest.approx(4 * 20 * 2 * S * H / t + working, rel=1e-9)
     tp_alone = footprint("llama3-70b", Parallel(**PIPE, recompute=True), 16, H100)
     assert "stage 0" in tp_alone.device
     assert tp_alone.activations == pytest.approx(4 * 20 * 2 * S * H + part.activations, rel=1e-9)

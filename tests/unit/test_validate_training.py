@@ -132,7 +132,7 @@ def test_the_command_prints_the_table_the_notes_and_the_verdict(capsys):
     out = capsys.readouterr().out
     assert e.value.code in (0, 1)
     assert "automodel-h100x64-llama3-70b" in out and "866.77" in out and "tokens/s/GPU" in out
-    assert "dp=64,fsdp,recompute" in out  # the published layout as Relay ran it
+    assert "dp=64,microbatches=2,fsdp,recompute" in out  # the published layout as Relay ran it (GBS 128, MBS 1)
     assert "cp=2 run as 2x data parallel" in out and "fused kernels run as Relay's fused chains" in out
     last = out.strip().splitlines()[-1]
     assert last.startswith(("PASS: ", "MISS: ")) and "over the 1 row(s) run and not used for fitting" in last

@@ -69,9 +69,9 @@ def _pg(group):
     return group if isinstance(group, dist.ProcessGroup) else _resolve_process_group(group)
 
 
-def _all_reduce(inp, op, group):
+def all_reduce(inp, op, group, async_op: bool = True):
     out = inp.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, op=_REDUCE[op], group=_pg(group), async_op=True)
+    dist.all_reduce(out, op=_REDUCE[op], group=_pg(group), async_op=async_op)
     return out
 
 
@@ -100,7 +100,7 @@ def _wait(inp):
     return torch.empty_like(inp)
 
 
-_FUNCTIONAL = {_F.all_reduce.default: _all_reduce, _F.all_gather_into_tensor.default: _all_gather,
+_FUNCTIONAL = {_F.all_reduce.default: all_reduce, _F.all_gather_into_tensor.default: _all_gather,
                _F.reduce_scatter_tensor.default: _reduce_scatter, _F.all_to_all_single.default: _all_to_all,
                # the result waited for when used, as eager wraps it (fake mode's rule makes a fresh tensor)
                _F._wrap_tensor_autograd.default: AsyncCollectiveTensor, _F.wait_tensor.default: _wait}

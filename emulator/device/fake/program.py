@@ -21,6 +21,7 @@ from torch.distributed import device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from relay.device.backend import comm_throttle
 from relay.device.backend.cuda import Unsupported
 from relay.device.fake.ops import FreshOps
 
@@ -96,15 +97,27 @@ def eager():
     """Functional collectives as in eager mode on fake tensors too: torch takes an active fake
     mode for tracing and waits on each result at once (wait_tensor), where eager wraps it and
     waits when it is used (AsyncCollectiveTensor): the same ops and waits as on real tensors."""
-    traced, wait = funcol._are_we_tracing, funcol.wait_tensor
-    funcol._are_we_tracing, funcol.wait_tensor = (lambda: False), _wait_fake
+    traced, wait, reduce = funcol._are_we_tracing, funcol.wait_tensor, funcol.all_reduce
+    funcol._are_we_tracing, funcol.wait_tensor, funcol.all_reduce = (lambda: False), _wait_fake, _all_reduce_fake
     try:
         yield
     finally:
-        funcol._are_we_tracing, funcol.wait_tensor = traced, wait
+        funcol._are_we_tracing, funcol.wait_tensor, funcol.all_reduce = traced, wait, reduce
 
 
-_WAIT = funcol.wait_tensor
+_WAIT, _ALL_REDUCE = funcol.wait_tensor, funcol.all_reduce
+
+
+def _all_reduce_fake(tensor, reduceOp: str, group, tag: str = ""):
+    """funcol.all_reduce issued inside another op's dispatch, below the throttle (loss_parallel's,
+    plans.vocab_parallel), where fake mode alone would answer it and no message leave: issued as
+    its CPU kernel issues it on real tensors (comm_throttle.py) and waited for at once, as the
+    next op there (below the throttle too) waits on real tensors, so fake runs send and wait as
+    real ones do. Elsewhere the throttle sees the op and issues it (CommThrottle.execute)."""
+    if isinstance(tensor, FakeTensor) and isinstance(_get_current_dispatch_mode(), FakeTensorMode):
+        group = funcol._group_or_group_name(funcol._resolve_group(group, tag))
+        return comm_throttle.all_reduce(tensor, reduceOp.lower(), group, async_op=False)
+    return _ALL_REDUCE(tensor, reduceOp, group, tag)
 
 
 def _wait_fake(tensor):

@@ -22,6 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp._fully_shard import _fsdp_param
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
@@ -87,6 +88,7 @@ class _Model:
             mine = list(part.blocks.values() if plan.pp > 1 else part.blocks) if hasattr(part, "blocks") else []
             if plan.tp > 1:
                 plans.tensor_parallel(mine, tp_mesh, plan.tp, plan.sp)
+                plans.vocab_parallel(part, tp_mesh)
             blocks += mine
         checkpoint.apply(blocks, plan)  # (layer:N counts the device's blocks over its chunks)
         self.parts = parts  # the unwrapped modules: their state is the weights this device holds
@@ -118,7 +120,19 @@ class _Model:
         synchronised over the replicas in the last one's backward only under DDP (no_sync), in
         every one's under FSDP2 (reduce-scattered into the shards, as torchtitan accumulates:
         the whole gradients are never held), each loss scaled by 1 / microbatches so that the gradients
-        are the mean over the replica's batch."""
+        are the mean over the replica's batch. Under tensor parallel the logits are sharded on the
+        vocabulary: forward and backward run inside `loss_parallel` (plans.vocab_parallel)."""
+        with loss_parallel() if self.plan.tp > 1 else contextlib.nullcontext():
+            losses = self._forward_backward(loss_fn, batch)
+        if self.buckets is not None:
+            self.buckets.finish()
+        if self.plan.sp:
+            plans.sum_partial_grads(self.opt.params)
+        if self.experts:
+            experts_plan.sync_experts(self.experts, self.expert_group, self.plan.dp)
+        return [plans.local(x) for x in losses]  # (a DTensor loss: its value, the same on every device)
+
+    def _forward_backward(self, loss_fn, batch) -> list:
         if self.schedule is None:
             losses = []
             for i, micro in enumerate(batch):
@@ -137,12 +151,6 @@ class _Model:
                 self.schedule.step(target=targets, losses=losses)
             else:
                 self.schedule.step()
-        if self.buckets is not None:
-            self.buckets.finish()
-        if self.plan.sp:
-            plans.sum_partial_grads(self.opt.params)
-        if self.experts:
-            experts_plan.sync_experts(self.experts, self.expert_group, self.plan.dp)
         return losses
 
     def _sync_gradients(self, sync: bool) -> None:

@@ -7,8 +7,10 @@ device, on the plan's one DeviceMesh (pp, dp / ep, ep, tp) over the `relay` back
   `stages` > 1 the model is cut into pp x stages chunks and rank r holds chunks r, r + pp, ...
   (virtual stages, as Megatron's), run by ScheduleInterleaved1F1B;
 * tensor parallel (tp): `parallelize_module` on every block, column-wise into attention (the
-  heads split) and the SwiGLU, row-wise out of them (Megatron's pairing); embeddings, norms,
-  the output head, routers and experts stay replicated inside the tensor-parallel group; with
+  heads split) and the SwiGLU, row-wise out of them (Megatron's pairing); the vocabulary split
+  too (`vocab_parallel`: the embedding row-wise, the head column-wise, the loss under
+  `loss_parallel`, as torchtitan and Megatron-LM run them); norms, routers and experts stay
+  replicated inside the tensor-parallel group; with
   `sp` (sequence parallel, as torchtitan's parallelize_llama) the blocks' norms and residual
   stream are split along the sequence (SequenceParallel), gathered into attention and the
   feed-forward (PrepareModuleInput) and reduce-scattered out of them (RowwiseParallel to
@@ -83,11 +85,43 @@ def stage_of(model: nn.Module, stage: int, stages: int) -> Stage:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The language workloads' loss (workloads/tokens.py) as a pipeline schedule calls it."""
+    """The language workloads' loss (workloads/tokens.py) as a pipeline schedule calls it (on
+    vocabulary-sharded logits under tensor parallel: inside `loss_parallel`, see vocab_parallel)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 # ---------------------------------------------------------------- tensor parallel
+def vocab_parallel(part: nn.Module, mesh) -> None:
+    """The vocabulary split over the tensor-parallel group, as torchtitan's parallelize_llama and
+    Megatron-LM split it: the embedding row-wise (vocab / tp rows each; each device looks up the
+    tokens it holds, an all-reduce makes the whole output, Replicate) and the head column-wise
+    (vocab / tp logits each, left a DTensor sharded on the vocabulary, which the loss reads under
+    torch's `loss_parallel()`: a few all-reduces of one number per token, forward). The head takes
+    the blocks' whole (Replicate) output and the final norm stays whole, so the blocks' layouts,
+    sequence parallel's included, are unchanged; torchtitan under sp instead reduce-scatters the
+    embedding's output and gathers the norm's (the same bytes, split differently). `part`: the
+    model or a pipeline stage (its embedding on the first, its head on the last)."""
+    plan = {}
+    if getattr(part, "tok", None) is not None:
+        plan["tok"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if getattr(part, "head", None) is not None:
+        plan["head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
+    if plan:
+        parallelize_module(part, mesh, plan, src_data_rank=None)  # each keeps its shard of the seed's weights
+    if "tok" in plan:  # (before data parallel's hooks, which read the gradient)
+        part.tok.weight.register_post_accumulate_grad_hook(_own_rows)
+
+
+@torch.no_grad()
+def _own_rows(weight) -> None:
+    """DTensor has no row-wise rule for the embedding's backward: each device makes the whole
+    weight's gradient (Replicate), as under torchtitan; it keeps its own rows (a slice, no message),
+    laid out as the weight, for data parallel and the optimizer."""
+    g = weight.grad
+    if isinstance(g, DTensor) and g.placements != weight.placements:
+        weight.grad = g.redistribute(g.device_mesh, weight.placements)
+
+
 def tensor_parallel(blocks, mesh, tp: int, sp: bool = False) -> None:
     """Megatron's pairing on each block: column-wise in, row-wise out, so each block's attention
     and feed-forward cost one all-reduce each way (with `sp`: an all-gather in and a
@@ -186,7 +220,7 @@ class Buckets:
     def __init__(self, params: list, group, bucket_mb: float, overlap: bool = True):
         self.group, self.buckets, size = group, [[]], 0
         for p in reversed(params):
-            n = _local(p).numel() * _local(p).element_size()
+            n = local(p).numel() * local(p).element_size()
             if self.buckets[-1] and size + n > bucket_mb * 1e6:
                 self.buckets.append([])
                 size = 0
@@ -209,7 +243,7 @@ class Buckets:
             self._launch(len(self.sent))
 
     def _launch(self, i: int) -> None:
-        flat = torch.cat([_local(p.grad).reshape(-1) if p.grad is not None else _local(p).new_zeros(_local(p).numel())
+        flat = torch.cat([local(p.grad).reshape(-1) if p.grad is not None else local(p).new_zeros(local(p).numel())
                           for p in self.buckets[i]])
         self.sent.append((dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.group, async_op=True), flat))
 
@@ -221,10 +255,10 @@ class Buckets:
             work.wait()
             at = 0
             for p in bucket:
-                g = _local(p)
+                g = local(p)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                _local(p.grad).copy_(flat[at:at + g.numel()].view_as(g))
+                local(p.grad).copy_(flat[at:at + g.numel()].view_as(g))
                 at += g.numel()
         self.reset()
 
@@ -241,7 +275,7 @@ def sum_partial_grads(params) -> None:
             p.grad = g.redistribute(g.device_mesh, p.placements)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
