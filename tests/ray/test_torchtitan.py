@@ -7,13 +7,18 @@ throughput, MFU and memory lines are emulated figures."""
 from __future__ import annotations
 
 import csv
+import os
 import re
+import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from relay.device.plane.transport import listening_fd
 from relay.launch.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,19 +34,35 @@ STEP = re.compile(r"\[rank 0\] .*step:\s*(\d+)\s+loss:\s*([\d.]+)\s+grad_norm:\s
                   r".*tps: ([\d,]+)\s+tflops: ([\d.]+)\s+mfu: ([\d.]+)%")
 
 
-def torchrun(tmp_path) -> subprocess.Popen:
-    """`torchrun --nproc-per-node 2 bench/titan_reference.py ARGS` on this host, started (it runs
-    beside Relay's launch). Run each time rather than kept: the last digits of its figures move with
-    the host's CPU kernels (loss 8.05884 on one host, 8.05887 on another), and Relay's with them."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "bench" / "titan_reference.py"), *ARGS, "--dump_folder", str(tmp_path / "reference")]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+def reference(tmp_path) -> tuple:
+    """The two ranks of bench/titan_reference.py, started as torchrun would start them (it runs
+    beside Relay's launch), on a rendezvous store and gloo sockets on loopback alone: torchrun's own
+    store listens on every interface and unpickles what it reads. Run each time rather than kept:
+    the last digits of its figures move with the host's CPU kernels (loss 8.05884 on one host,
+    8.05887 on another), and Relay's with them."""
+    fd = listening_fd("127.0.0.1", 0, 2)
+    with socket.socket(fileno=os.dup(fd)) as s:
+        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, 2, True, timedelta(seconds=300), wait_for_workers=False,
+                          master_listen_fd=fd)
+    runs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="1",
+                   GLOO_SOCKET_IFNAME="lo")
+        log = open(tmp_path / f"reference-{rank}.log", "w")
+        runs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "titan_reference.py"), *ARGS,
+                                      "--dump_folder", str(tmp_path / "reference")], env=env, cwd=ROOT,
+                                     stdout=log, stderr=subprocess.STDOUT))
+    return store, runs
 
 
-def steps_of(run: subprocess.Popen) -> list:
-    """(step, loss, grad_norm) as torchtitan printed them under torchrun."""
-    out = re.sub(r"\x1b\[[0-9;]*m", "", run.communicate(timeout=300)[0])
-    assert run.returncode == 0, out[-2000:]
+def steps_of(tmp_path, runs: list) -> list:
+    """(step, loss, grad_norm) as torchtitan printed them in the reference's two ranks."""
+    for run in runs:
+        run.wait(timeout=300)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", "".join((tmp_path / f"reference-{r}.log").read_text() for r in range(2)))
+    assert [run.returncode for run in runs] == [0, 0], out[-2000:]
     steps = {}  # (both ranks print each step's line, with the same figures)
     for s, loss, g in re.findall(r"step:\s*(\d+)\s+loss:\s*([\d.]+)\s+grad_norm:\s*([\d.]+)", out):
         steps.setdefault(int(s), (int(s), float(loss), float(g)))
@@ -49,17 +70,19 @@ def steps_of(run: subprocess.Popen) -> list:
 
 
 def test_torchtitan_llama3_debug_model_under_fsdp_as_it_ships(ray_session, tmp_path, capsys):
-    run = torchrun(tmp_path)
+    store, runs = reference(tmp_path)
     try:
         assert main(["launch", "--chip", "h100", "--devices", "2", "--out", str(tmp_path), "--name", "titan",
                      "-m", "torchtitan.train", *ARGS, "--dump_folder", str(tmp_path / "dump")]) == 0
-        reference = steps_of(run)
+        torchrun = steps_of(tmp_path, runs)
     finally:
-        run.kill()
+        for run in runs:
+            run.kill()
+        del store
     out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
     lines = [m.groups() for m in STEP.finditer(out)]
     # the losses and grad norms torchrun's run prints, at every step
-    assert len(reference) == 2 and [(int(s), float(loss), float(g)) for s, loss, g, *_ in lines] == reference
+    assert len(torchrun) == 2 and [(int(s), float(loss), float(g)) for s, loss, g, *_ in lines] == torchrun
     # the chip it sees and the MFU peak it takes from the chip's name: the emulated H100's
     assert "[rank 0] relay: init_process_group(backend='nccl') runs on the 'relay' backend" in out
     assert "CUDA capacity: H100" in out and "Peak FLOPS used for computing MFU: 9.890e+14" in out
