@@ -151,13 +151,15 @@ class CostModel:
     launch_us: float | None = None
     fusion: str = "eager"  # "eager": a kernel per aten op; "fused": chains fused (kernels/fusion.py)
     attention: str = attention.DEFAULT  # the fused attention kernels' implementation (kernels/attention.py)
+    DTYPES = ("bf16", "fp16", "fp8")  # what trains; int8 only serves (analytic/serving.py's ServingCost)
 
     def __post_init__(self):
         fusion.check(self.fusion)
         attention.check(self.attention)
-        if self.dtype not in ITEMSIZE:
-            raise ValueError(f"dtype = {self.dtype!r} is not an emulated dtype; "
-                             f"choose one of {', '.join(ITEMSIZE)}")
+        if self.dtype not in self.DTYPES:
+            serving = " (int8 is a serving precision: relay serve --precision int8)" if self.dtype in ITEMSIZE else ""
+            raise ValueError(f"dtype = {self.dtype!r} is not an emulated dtype here{serving}; "
+                             f"choose one of {', '.join(self.DTYPES)}")
         for f, lo in (("matmul_eff", 0), ("mem_eff", 0), ("launch_us", -1e-300)):
             v = getattr(self, f)
             if v is None:

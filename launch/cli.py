@@ -32,7 +32,7 @@ def cmd_chips(args) -> None:
 
     def v(c, f):
         x = getattr(c, f)
-        return ("-" if f in ("fp8_tflops", "int8_tops") else "unknown") if x is None else \
+        return ("-" if chips.MAYBE.get(f) == "none" or f in chips.OPTIONAL else "unknown") if x is None else \
             f"{x:g}" + (" (est.)" if c.is_estimate(f) else "")
 
     table = [[c.name, c.display, v(c, "bf16_tflops"), v(c, "fp8_tflops"), v(c, "int8_tops"), v(c, "hbm_gb"),

@@ -13,6 +13,7 @@ from tabulate import tabulate
 from relay.analytic import dispatch, mtp, serving, serving_search
 from relay.analytic.serving import PRECISIONS, Layout, config_of
 from relay.errors import ConfigError
+from relay.hardware.chips import DTYPE_PEAK
 from relay.hardware.system import System
 from relay.kernels.graphs import GRAPH_LAUNCH_US
 from relay.launch.options import add_system_args, system_from
@@ -144,6 +145,10 @@ def cmd_serve(args) -> int:
             raise ConfigError(f"--breakeven = {args.breakeven!r} is not a system preset; choose one of "
                               f"{', '.join(System.presets())}")
         fast_precision = args.fast_precision or args.precision
+        if args.fast_precision is None and getattr(fast.chip, DTYPE_PEAK[fast_precision]) is None:
+            raise ConfigError(f"--breakeven {args.breakeven} with --precision {args.precision}: the fast side's "
+                              f"{fast.chip.name} has no {args.precision} peak and takes --precision unless told; "
+                              "give --fast-precision bf16 (or fp8)")
         fast.chip.peak_flops(fast_precision)
         print(head + f"; break-even against {fast.describe()} ({fast_precision}), latency targets {targets}")
         b = serving_search.breakeven(args.workload, system, fast, args.input_len, args.output_len, args.precision,
@@ -182,11 +187,12 @@ def cmd_serve(args) -> int:
     if args.shared and not s.fits:  # the devices would run out of HBM: refused before any of them starts
         m = s.memory
         ep = ", a larger ep (--parallel dp=..,ep=N)" if hasattr(c, "n_experts") else ""
+        fewer = "" if m["weights"] >= m["hbm"] else (f"fewer sequences per replica (--batch, now {s.batch}; "
+                                                     f"--prefill-batch, now {s.prefill_batch}), ")
         raise ConfigError(f"--shared with layout {s.layout} of {args.workload}: needs {m['total'] / GB:.1f} GB per "
                           f"device (weights {m['weights'] / GB:.1f} + KV cache {m['kv_cache'] / GB:.1f} + activations "
                           f"{m['activations'] / GB:.1f} GB) but {system.chip.name} has {m['hbm'] / GB:.0f} GB of HBM; "
-                          f"give fewer sequences per replica (--batch, now {s.batch}; --prefill-batch, now "
-                          f"{s.prefill_batch}), more devices (--devices, now {system.devices}){ep}, or drop --shared "
+                          f"give {fewer}more devices (--devices, now {system.devices}){ep}, or drop --shared "
                           "for the analytic figures alone")
     print(head)
     print(tabulate(rows(s), headers=HEADERS, disable_numparse=True))

@@ -58,9 +58,8 @@ from relay.workloads import get as get_workload
 from relay.workloads import inference
 from relay.workloads.inference import EPShard
 
-# bytes a weight is stored in (fp8: Linear GEMMs in FP8, kernels/fp8.py; int8: W8A8, Linear GEMMs at the
-# INT8 peak, as CloudMatrix-Infer serves DeepSeek-V3 on the 910C, arXiv 2506.12708)
-PRECISIONS = {"bf16": 2, "fp8": 1, "int8": 1}
+# bytes a weight is stored in (fp8: Linear GEMMs in FP8, kernels/fp8.py; int8: W8A8 at the INT8 peak, as
+PRECISIONS = {"bf16": 2, "fp8": 1, "int8": 1}  # CloudMatrix-Infer serves DeepSeek-V3 on the 910C, arXiv 2506.12708)
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,8 @@ class ServingCost(CostModel):
     W8A8), so none of training's per-step scaling and casts (kernels/fp8.py) is charged. Attention's
     own matmuls and the KV cache stay in BF16."""
 
+    DTYPES = CostModel.DTYPES + ("int8",)
+
     def casts(self, func, args, fixed=None):
         return None
 
@@ -130,7 +131,7 @@ class ServingCost(CostModel):
 
 
 class _Largest(TorchDispatchMode):
-    """The largest tensor an op makes (bytes at the emulated dtype): the activations' high-water mark."""
+    """The largest tensor an op makes (a floating one at `itemsize` bytes): the activations' high-water mark."""
 
     def __init__(self, itemsize: int):
         super().__init__()
@@ -190,7 +191,7 @@ def _measure(workload: str, config, tp: int, local: int, n_layers: int, dense: i
         cache = inference.new_cache(model, batch, max(context, tokens))
         cache.length = context - tokens  # 0 for a prefill; a decode step's tokens (1, or 2 verifying a draft) come last
         idx = torch.zeros(batch, tokens, dtype=torch.long)
-        largest = _Largest(PRECISIONS[dtype] if dtype in PRECISIONS else 2)
+        largest = _Largest(2)  # (activations stay BF16 in fp8 and int8: only GEMM operands are one byte)
         throttle = Throttle(ServingCost(chips.get(chip), dtype, launch_us=launch_us), VirtualLane())
         with throttle, largest:
             inference.forward(model, idx, cache, sample=tokens if cache.length else 1)

@@ -47,7 +47,8 @@ def check(cluster, step: device_serving.Step) -> None:
                           "verifies at most one multi-token prediction draft: give drafts = 1 and tokens = 2")
     if cluster.clock != "virtual" or cluster.dtype != "bf16":
         raise ConfigError(f"serving step: clock = {cluster.clock!r}, dtype = {cluster.dtype!r}; runs on the "
-                          "devices take the virtual clock and bf16 (fp8 serving is the analytic model's only)")
+                          "devices take the virtual clock and bf16 (fp8 and int8 serving are the analytic model's "
+                          "only)")
 
 
 def run(cluster, step: device_serving.Step, shared_run: bool) -> StepResult:

@@ -118,8 +118,9 @@ class Chip:
         tflops = getattr(self, DTYPE_PEAK[dtype])
         if tflops is None:
             with_it = ", ".join(c.name for c in _CATALOG.values() if getattr(c, DTYPE_PEAK[dtype]) is not None)
+            said = f'is "{MAYBE[DTYPE_PEAK[dtype]]}"' if DTYPE_PEAK[dtype] in MAYBE else "is absent"
             raise ConfigError(f"precision = {dtype!r}: chip {self.name!r} has no {dtype} peak (its catalog "
-                             f"{DTYPE_PEAK[dtype]} is \"none\" or absent); emulate precision 'bf16' on it, or "
+                             f"{DTYPE_PEAK[dtype]} {said}); emulate precision 'bf16' on it, or "
                              f"choose a chip with {dtype} ({with_it})")
         return tflops * 1e12
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 from _device import one_thread  # noqa: F401  (tests/unit is on the path)
 
-from relay import System, chips
-from relay.analytic import serving
+from relay import Cluster, System, chips
+from relay.analytic import planner, serving
 from relay.errors import ConfigError
 from relay.kernels import fp8
 from relay.kernels.cost import CostModel
 from relay.launch import cli
+from relay.parallel import Parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 C910 = chips.get("ascend-910c")
@@ -54,7 +55,16 @@ def test_an_int8_linear_gemm_runs_at_twice_the_rate_on_one_byte_operands():
 
 def test_a_programs_own_fp8_gemm_is_still_refused_on_the_910c_under_int8():
     with pytest.raises(fp8.NoFp8, match="no FP8"):
-        CostModel(C910, "int8")._scaled_mm_speedup()
+        serving.ServingCost(C910, "int8")._scaled_mm_speedup()
+
+
+def test_int8_serves_only_training_refuses_it():
+    with pytest.raises(ValueError, match="int8 is a serving precision"):
+        CostModel(C910, "int8")
+    with pytest.raises(ConfigError, match="int8 is a serving precision"):
+        Cluster(System("ascend-910c", 2), dtype="int8")
+    with pytest.raises(ValueError, match="int8 is a serving precision"):
+        planner.cost(System("ascend-910c", 2), "llama-debug", Parallel(dp=2), 4, dtype="int8")
 
 
 def test_int8_serving_stores_weights_in_a_byte_and_dispatches_int8_combines_bf16():
@@ -74,6 +84,9 @@ def test_cli_refuses_int8_on_a_chip_without_an_int8_peak(capsys):
     assert cli.main(["serve", "--workload", "llama-debug", "--chip", "h100", "--devices", "4",
                      "--precision", "int8"]) == 2
     assert "no int8 peak" in capsys.readouterr().err
+    assert cli.main(["serve", "--workload", "deepseek-v3", "--system", "cloudmatrix384", "--breakeven", "nvl72",
+                     "--tpot-ms", "50", "--precision", "int8"]) == 2
+    assert "give --fast-precision bf16 (or fp8)" in capsys.readouterr().err
 
 
 def test_relay_chips_shows_the_int8_peak_where_there_is_one(capsys):

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name,layout", [("llama-debug", serving.Layout(2, 2, 1)),
                                          ("moe-debug", serving.Layout(2, 2, 4)),
                                          ("moe-debug", serving.Layout(4, 1, 2))])
+
+
 def test_fake_equals_real_in_every_figure(name, layout):
     for tokens, context in ((12, 12), (1, 20)):  # a prefill, a decode step
         real, fake = (serving.phase(name, layout, H100x4, "bf16", 3, tokens, context, tensors=t)
@@ -29,6 +31,8 @@ def test_fake_equals_real_in_every_figure(name, layout):
 
 
 @pytest.mark.parametrize("name,tp", [("llama-debug", 1), ("llama-debug", 2), ("moe-debug", 1), ("moe-debug", 2)])
+
+
 def test_decode_reads_the_whole_kv_cache(name, tp):
     """A decode step's HBM traffic grows with the context by exactly the cache it reads, once: GQA's
     keys and values (their kv heads split tp ways); MLA's latent and rotary rows, whole on every tp rank."""
@@ -62,6 +66,8 @@ def test_full_size_deepseek_memory_and_rates():
     (serving.Layout(1, 4, 1), "heads"),  # llama-debug has 2 kv heads
     (serving.Layout(4, 1, 2), "no experts"),
 ])
+
+
 def test_bad_layouts_are_refused(layout, match):
     with pytest.raises(ConfigError, match=match):
         serving.serve("llama-debug", H100x4, layout, 2, 8, 4)
@@ -84,7 +90,6 @@ def test_cli_refuses_bad_input_before_running(capsys):
         assert match in capsys.readouterr().err
 
 
-
 def test_shared_refuses_a_layout_over_the_hbm_before_any_device_starts(capsys, monkeypatch):
     """DeepSeek-V3 on 4 H100 needs ~386 GB a device (its weights alone ~361 GB): the analytic memory
     refuses it, naming the figures and the fix, before a cluster (and its Ray) starts."""
@@ -100,9 +105,15 @@ def test_shared_refuses_a_layout_over_the_hbm_before_any_device_starts(capsys, m
     err = capsys.readouterr().err
     assert "--shared with layout dp=4,tp=1,ep=4 of deepseek-v3: needs 386.1 GB per device" in err
     assert "but h100 has 80 GB of HBM" in err
-    assert "fewer sequences per replica (--batch, now 64" in err and "more devices (--devices, now 4)" in err
+    # the weights alone (361 GB) are over the HBM: fewer sequences would not do
+    assert "fewer sequences" not in err and "give more devices (--devices, now 4)" in err
+    # the weights fit, the cache does not: fewer sequences would
+    assert cli.main(["serve", "--chip", "h100", "--devices", "4", "--workload", "llama3-8b", "--input-len", "8192",
+                     "--batch", "4096", "--shared"]) == 2
+    assert "give fewer sequences per replica (--batch, now 4096" in capsys.readouterr().err
     assert "a larger ep" in err
     assert ray.is_initialized() == ray_before
+
 
 def test_bisection_finds_the_largest_batch_meeting_a_monotone_test():
     for hi in range(1, 40):

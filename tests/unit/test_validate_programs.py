@@ -97,7 +97,6 @@ def test_torchtitans_own_lines_are_read_from_rank_0():
     assert vp.parse(float8)["steps"] == [(3, 43.4, 8252, 477.91, None)]  # torchtitan prints no MFU under float8
 
 
-
 def test_bench_titan_fullsize_prints_na_where_torchtitan_gave_no_figure():
     """bench/titan_fullsize.py's lines of a float8 run (parse's MFU None) and of a console without the
     peak or device line (parse's None): "n/a (reason)", where it used to raise on formatting None."""
@@ -114,6 +113,7 @@ def test_bench_titan_fullsize_prints_na_where_torchtitan_gave_no_figure():
     assert f"its peak n/a ({bench.NO_PEAK})" in own and f"device n/a ({bench.NO_DEVICE})" in own
     own = bench.own_line(vp.parse(LOG.read_text()))  # every figure there: printed as before
     assert "MFU 52.18%, its peak 989 TFLOPS for device 'H100 SXM', memory 51.81 GiB" in own and "n/a" not in own
+
 
 def test_the_table_puts_the_programs_line_beside_the_plan_model_and_the_published_figure(tmp_path):
     todo = {(j.row.id, j.chip): j for j in vp.jobs(ROWS, vt.TRAINING, str(tmp_path))}

@@ -113,7 +113,9 @@ def _all_reduce_fake(tensor, reduceOp: str, group, tag: str = ""):
     plans.vocab_parallel), where fake mode alone would answer it and no message leave: issued as
     its CPU kernel issues it on real tensors (comm_throttle.py) and waited for at once, as the
     next op there (below the throttle too) waits on real tensors, so fake runs send and wait as
-    real ones do. Elsewhere the throttle sees the op and issues it (CommThrottle.execute)."""
+    real ones do. Elsewhere the throttle sees the op and issues it (CommThrottle.execute). Only
+    all_reduce is issued so: an all-gather or reduce-scatter made inside another op's dispatch on fake
+    tensors would still send nothing (no plan makes one)."""
     if isinstance(tensor, FakeTensor) and isinstance(_get_current_dispatch_mode(), FakeTensorMode):
         group = funcol._group_or_group_name(funcol._resolve_group(group, tag))
         return comm_throttle.all_reduce(tensor, reduceOp.lower(), group, async_op=False)
