@@ -304,8 +304,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         kinds = ["dense" if i < dense else "moe" for i in layers]
         blocks = [meas.parts[k] for k in kinds]
         base = meas.parts["base"]
-        # the embedding is on stage 0 and the head on the last; their parameters split by the
-        # vocabulary's share of each (the embedding and the head are the same size)
+        # the embedding on stage 0, the head on the last: half the base's parameters each (the same size)
         share = (0.5 if stage == 0 else 0) + (0.5 if stage == plan.pp - 1 else 0)
         params = sum(b.params for b in blocks) + base.params * share
         experts = sum(b.expert_params for b in blocks)
@@ -319,12 +318,13 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
             gathered = params
         # checkpointing and sequence parallel: activations.py (a block's input is s b d)
         act = activations.kept(plan, blocks, in_flight(plan, stage), size * mb * c.seq_len * c.dim)
-        if stage == plan.pp - 1:
-            act += base.activations  # logits and loss (the embedding's output is small)
+        act += base.activations if stage == plan.pp - 1 else 0  # logits and loss (the embedding's output is small)
         what = " + ".join(x for x in ("embedding" if stage == 0 else "", f"{len(blocks)} blocks",
                                       "head" if stage == plan.pp - 1 else "") if x)
         # (FSDP2 accumulates into the shards: each microbatch reduce-scatters; under a pipeline unsharded)
         grads = params if plan.fsdp and plan.pp > 1 else sharded + gathered
+        if stage == 0 and plan.tp > 1:  # DTensor's embedding backward makes the whole vocabulary's (plans._own_rows)
+            grads += (plan.tp - 1) * base.params / 2
         # the distributed optimizer (ZeRO-1) shards the optimizer state as FSDP does, not the rest
         states = (params - experts) / plan.dp + experts / plan.dp_outer if plan.dist_opt else sharded
         fp = Footprint(f"pipeline stage {stage} ({what})" if plan.pp > 1 else f"every device ({what})",
