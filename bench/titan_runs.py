@@ -1,14 +1,18 @@
 """torchtitan 0.3.0 (PyPI, unmodified) on Relay's virtual CUDA devices against plain torchrun on this
 CPU host (bench/titan_reference.py, its stated harness patch): the llama3 debug model on real
-tensors under FSDP, FSDP x TP and a pipeline schedule; prints each step's loss and grad norm as
+tensors under FSDP, FSDP x TP and pipeline schedules (1F1B, and Interleaved1F1B with two stages per
+rank); prints each step's loss and grad norm as
 torchtitan itself prints them (5 and 4 decimals) on both sides, and Relay's emulated tps and MFU.
 
-    .venv/bin/python bench/titan_runs.py [fsdp tp pp]
+    .venv/bin/python bench/titan_runs.py [fsdp tp pp interleaved]
 
 Flags every run passes (torchtitan's own options, not patches): --training.disable_cuda_graphs
 (torchtitan 0.3 captures CUDA graphs by default; Relay refuses them by name), and
 --parallelism.spmd_backend partial_dtensor (0.3's default spmd_types backend needs a newer torch
-than 2.13: FSDP2 rejects its plain parameters, "all parameters must be DTensors").
+than 2.13: FSDP2 rejects its plain parameters, "all parameters must be DTensors"). torchtitan 0.3.0
+runs its pipeline as schedule.step(arg_mbs=...), torch 2.14's form, which both sides backport onto
+torch 2.13 (relay.device.backend.gpu_libs, applied by the reference too); under torch 2.14.1 itself,
+plain torchrun prints the same losses and grad norms (docs/torchtitan.md).
 """
 
 from __future__ import annotations
@@ -33,13 +37,21 @@ RUNS = {
     "tp": (4, ["--parallelism.tensor_parallel_degree", "2"]),
     "pp": (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule", "1F1B",
                "--training.local_batch_size", "4", "--parallelism.pipeline_parallel_microbatch_size", "2"]),
+    "interleaved": (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule",
+                        "Interleaved1F1B", "--parallelism.pipeline_parallel_layers_per_stage", "2",
+                        "--training.local_batch_size", "4", "--parallelism.pipeline_parallel_microbatch_size", "1"]),
 }
 STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.]+)\s+grad_norm:\s*([-\d.]+).*?tps: ([\d,]+).*?mfu: ([\d.]+%)")
 
 
 def steps(text: str) -> dict:
+    """Each step's line; under a pipeline, the last stage's rank (the others print loss -1)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return {int(m[1]): m.groups()[1:] for m in STEP.finditer(text)}
+    out = {}
+    for m in STEP.finditer(text):
+        if int(m[1]) not in out or out[int(m[1])][0] == "-1.00000":
+            out[int(m[1])] = m.groups()[1:]
+    return out
 
 
 def run(cmd: list, out: str) -> tuple[dict, float]:
@@ -59,7 +71,7 @@ def main(names: list) -> None:
                           "--master-port", "29731", "bench/titan_reference.py", *args,
                           "--dump_folder", f"{tmp}/ref-{name}"], f"{tmp}/ref-{name}.log")
         rel, rel_s = run([PY, "-m", "relay.launch.cli", "launch", "--chip", "h100", "--devices", str(n),
-                          "--out", f"{tmp}/relay-{name}", "-m", "torchtitan.train", *args,
+                          "--out", f"{tmp}/relay-{name}", "--ranks", "all", "-m", "torchtitan.train", *args,
                           "--dump_folder", f"{tmp}/rel-{name}"], f"{tmp}/relay-{name}.log")
         print(f"# {name}: {n} devices, torchtitan {' '.join(extra) or '(FSDP over all devices)'}"
               f"  [host s: torchrun {ref_s:.0f}, relay {rel_s:.0f}; logs {tmp}]")

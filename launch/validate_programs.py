@@ -14,9 +14,11 @@ program on another chip too: Relay-only lines, with no published figure, never i
 
 A row of more than MAX_DEVICES devices launches as a shared run (`relay launch --shared`,
 driver/launch_shared.py: rank 0 recorded alone, every device replayed; with tp > 1 the `--parallel
-dp=,tp=` hint names the groups torchtitan's mesh makes). Not launched, and said so: a
-pipeline-parallel row (torchtitan 0.3.0 calls schedule.step(arg_mbs=...), which torch 2.13 lacks;
-it fails the same under torchrun), and an FP8 row on a chip without FP8 (torchtitan's float8
+dp=,tp=` hint names the groups torchtitan's mesh makes). A pipeline-parallel row launches one
+actor per device (its pipeline schedule's `step(arg_mbs=...)`, torch 2.14's form, is backported on
+the devices: device/backend/gpu_libs.py). Not launched, and said so: a pipeline-parallel row of more
+than MAX_DEVICES devices (a shared run replays rank 0 on every device, and pipeline ranks differ),
+and an FP8 row on a chip without FP8 (torchtitan's float8
 converter refuses compute capability < 8.9, as it would on that chip), and a BF16 row whose config
 builds the float8 converter (torchtitan's llama3_405b: its command line cannot remove it, and it
 would run FP8 GEMMs). An FP8 row names a config
@@ -141,9 +143,9 @@ def overrides(row) -> tuple[list[str], list[str]]:
 
 def why_not(row, chip: str | None = None) -> str:
     """Why the row's program is not launched here on `chip` (the row's by default; "" when it is)."""
-    if row.pp > 1:
-        return ("torchtitan 0.3.0's pipeline schedules call schedule.step(arg_mbs=...), which torch 2.13 lacks "
-                "(the same under torchrun)")
+    if row.pp > 1 and row.devices > MAX_DEVICES:
+        return (f"pipeline parallel on {row.devices} devices: more than {MAX_DEVICES} launch as a shared run, which "
+                "replays rank 0 on every device, and pipeline ranks run different stages")
     c = chips.get(chip or row.chip)
     if row.precision == "fp8" and c.fp8_tflops is None:
         return (f"{c.name} has no FP8 (catalog fp8_tflops \"none\"): torchtitan's float8 converter refuses compute "

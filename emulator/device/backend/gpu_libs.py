@@ -14,12 +14,19 @@ these patches to its own while a program runs; found running torchtitan 0.3.0 as
   written against a newer torch: it shortens every group's timeout after the first step): on
   Relay's backend a collective's timeout is the launch's (`relay launch --timeout-s`), so the
   call is accepted and changes nothing.
+* A pipeline schedule's `step(arg_mbs=, kwarg_mbs=, target_mbs=)` (micro-batches split by the
+  caller, torch 2.14's form; torchtitan 0.3.0's only pipeline call) where this torch's `step` takes
+  the whole batch only: the same body as torch 2.14's, which checks the pre-split lists and runs
+  them through the schedule's own `_step_microbatches`; a whole-batch call runs this torch's `step`.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
+from torch.distributed.pipelining import schedules
 
 from relay.kernels import flex
 
@@ -47,6 +54,30 @@ def _set_timeout(timeout, group=None) -> None:
     """torch.distributed.set_timeout on Relay's backend: the launch's timeout holds."""
 
 
+def _pre_split(step):
+    """A schedule class's `step` that also takes the micro-batches split (torch 2.14's arguments)."""
+    def pre_split_step(self, *args, target=None, losses=None, return_outputs=True, loss_kwargs=None,
+                       arg_mbs=None, kwarg_mbs=None, target_mbs=None, **kwargs):
+        if arg_mbs is None and kwarg_mbs is None and target_mbs is None:
+            return step(self, *args, target=target, losses=losses, return_outputs=return_outputs,
+                        loss_kwargs=loss_kwargs, **kwargs)
+        if args or kwargs or target is not None:
+            raise ValueError("with pre-split inputs (arg_mbs, kwarg_mbs, target_mbs) pass no whole-batch "
+                             f"inputs: got args={len(args)}, kwargs={sorted(kwargs)}, target={target is not None}")
+        if self._has_backward and getattr(self, "_backward_requires_autograd", True) and not torch.is_grad_enabled():
+            raise RuntimeError("step() requires gradients to be enabled for backward computation; "
+                               "it should not be used under torch.no_grad() context. Please call eval() instead.")
+        stages = getattr(self, "_stages", None) or [self._stage]
+        for stage in stages:
+            stage.has_backward = self._has_backward
+            stage.clear_runtime_states()
+        arg_mbs, kwarg_mbs = self._check_inputs(arg_mbs, kwarg_mbs, target_mbs, losses)
+        self._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs, loss_kwargs=loss_kwargs)
+        last = [s for s in stages if s.is_last]
+        return self._merge_outputs(last[0].output_chunks) if last and return_outputs else None
+    return pre_split_step
+
+
 def patches() -> list:
     """(object, name, value) patches, applied while a program runs on the virtual device."""
     global _IS_RNG_SUPPORTED
@@ -57,4 +88,7 @@ def patches() -> list:
              (dispatch, "is_rng_supported_mesh", _no_rng_tracker), (random, "is_rng_supported_mesh", _no_rng_tracker)]
     if not hasattr(dist, "set_timeout"):
         found.append((dist, "set_timeout", _set_timeout))
+    for cls in (schedules.PipelineScheduleSingle, schedules.PipelineScheduleMulti):
+        if "arg_mbs" not in inspect.signature(cls.step).parameters:
+            found.append((cls, "step", _pre_split(cls.step)))
     return found
