@@ -1,10 +1,10 @@
 """torchtitan 0.3.0 (PyPI, unmodified) on Relay's virtual CUDA devices against plain torchrun on this
 CPU host (bench/titan_reference.py, its stated harness patch): the llama3 debug model on real
 tensors under FSDP, FSDP x TP and pipeline schedules (1F1B, and Interleaved1F1B with two stages per
-rank); prints each step's loss and grad norm as
-torchtitan itself prints them (5 and 4 decimals) on both sides, and Relay's emulated tps and MFU.
+rank), and its DeepSeek-V3 debug model under FSDP x EP (experts over 2 devices); prints each step's
+loss and grad norm as torchtitan itself prints them (5 and 4 decimals) on both sides, and Relay's emulated tps and MFU.
 
-    .venv/bin/python bench/titan_runs.py [fsdp tp pp interleaved]
+    .venv/bin/python bench/titan_runs.py [fsdp tp pp interleaved deepseek]
 
 Flags every run passes (torchtitan's own options, not patches): --training.disable_cuda_graphs
 (torchtitan 0.3 captures CUDA graphs by default; Relay refuses them by name), and
@@ -26,20 +26,24 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-COMMON = ["--module", "llama3", "--config", "llama3_debugmodel", "--training.disable_cuda_graphs",
+LLAMA = ["--module", "llama3", "--config", "llama3_debugmodel"]
+COMMON = ["--training.disable_cuda_graphs",
           "--parallelism.spmd_backend", "partial_dtensor",
           "--hf_assets_path", "tests/assets/torchtitan/tokenizer",
           "--dataloader.dataset_path", "tests/assets/torchtitan/c4_test",
           "--training.steps", "4", "--training.seq_len", "256", "--training.local_batch_size", "2",
           "--debug.seed", "0"]
+PP = ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4"]
 RUNS = {
-    "fsdp": (2, []),
-    "tp": (4, ["--parallelism.tensor_parallel_degree", "2"]),
-    "pp": (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule", "1F1B",
-               "--training.local_batch_size", "4", "--parallelism.pipeline_parallel_microbatch_size", "2"]),
-    "interleaved": (2, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_schedule",
-                        "Interleaved1F1B", "--parallelism.pipeline_parallel_layers_per_stage", "2",
-                        "--training.local_batch_size", "4", "--parallelism.pipeline_parallel_microbatch_size", "1"]),
+    "fsdp": (2, LLAMA),
+    "tp": (4, [*LLAMA, "--parallelism.tensor_parallel_degree", "2"]),
+    "pp": (2, [*LLAMA, *PP, "--parallelism.pipeline_parallel_schedule", "1F1B",
+               "--parallelism.pipeline_parallel_microbatch_size", "2"]),
+    "interleaved": (2, [*LLAMA, *PP, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                        "--parallelism.pipeline_parallel_layers_per_stage", "2",
+                        "--parallelism.pipeline_parallel_microbatch_size", "1"]),
+    "deepseek": (2, ["--module", "deepseek_v3", "--config", "deepseek_v3_debugmodel",
+                     "--parallelism.expert_parallel_degree", "2"]),
 }
 STEP = re.compile(r"step:\s*(\d+)\s+loss:\s*([-\d.]+)\s+grad_norm:\s*([-\d.]+).*?tps: ([\d,]+).*?mfu: ([\d.]+%)")
 
@@ -73,7 +77,7 @@ def main(names: list) -> None:
         rel, rel_s = run([PY, "-m", "relay.launch.cli", "launch", "--chip", "h100", "--devices", str(n),
                           "--out", f"{tmp}/relay-{name}", "--ranks", "all", "-m", "torchtitan.train", *args,
                           "--dump_folder", f"{tmp}/rel-{name}"], f"{tmp}/relay-{name}.log")
-        print(f"# {name}: {n} devices, torchtitan {' '.join(extra) or '(FSDP over all devices)'}"
+        print(f"# {name}: {n} devices, torchtitan {' '.join(extra)}"
               f"  [host s: torchrun {ref_s:.0f}, relay {rel_s:.0f}; logs {tmp}]")
         print("step  loss torchrun  loss relay  grad_norm torchrun  grad_norm relay  equal  "
               "relay tps (emulated)  relay mfu")

@@ -35,3 +35,23 @@ def test_algorithm_choices_per_primitive():
     assert algorithms({"all_to_all": "hierarchical"})["all_to_all"] == "hierarchical"
     with pytest.raises(ValueError, match="'ring' does not run all_to_all"):
         algorithms({"all_to_all": "ring"})
+
+
+def test_a_dispatch_sized_by_fake_data_is_refused_naming_why():
+    """An MoE router's token counts read from fake tensors are 0 (they hold no data): the all-to-all
+    they size is refused with the reason and the fixes (torchtitan's DeepSeek-V3 on fake tensors),
+    where splits that do not add up on real tensors keep the plain error."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from relay.device.backend.group import RelayProcessGroup
+
+    pg = SimpleNamespace(g=SimpleNamespace(size=2))  # the argument check reads the group's size alone
+    with FakeTensorMode():
+        routed, out = torch.empty(96, 8), torch.empty(0, 8)
+    with pytest.raises(ValueError, match="on fake tensors a size the program reads.*balanced-routing"):
+        RelayProcessGroup.all_to_all_single(pg, out, routed, [0, 0], [0, 0])
+    with pytest.raises(ValueError, match=r"do not add up to the input \(\(96, 8\)\) / output \(\(0, 8\)\)$"):
+        RelayProcessGroup.all_to_all_single(pg, torch.empty(0, 8), torch.empty(96, 8), [0, 0], [0, 0])

@@ -181,8 +181,13 @@ class _Movement:
         ins = [s * row_in for s in input_splits] if input_splits else [input.numel() // world] * world
         outs = [s * row_out for s in output_splits] if output_splits else [output.numel() // world] * world
         if sum(ins) != input.numel() or sum(outs) != output.numel():
+            unread = isinstance(input, FakeTensor) and not any(input_splits or [1]) and input.numel()
             raise ValueError(f"relay: all_to_all_single splits {list(input_splits)} / {list(output_splits)} do "
-                             f"not add up to the input ({tuple(input.shape)}) / output ({tuple(output.shape)})")
+                             f"not add up to the input ({tuple(input.shape)}) / output ({tuple(output.shape)})"
+                             + (": on fake tensors a size the program reads from a tensor is 0 (they hold no data), "
+                                "so a dispatch sized by data (an MoE router's token counts) cannot run there; run "
+                                "it on real tensors, or cost the model with Relay's balanced-routing plans (relay "
+                                "plan, cluster.train on fake tensors)" if unread else ""))
         return self._all_to_all(lambda: _flat(input), ins, outs, lambda buf: _into(output, buf), [output],
                                 uneven=bool(input_splits or output_splits))
 
