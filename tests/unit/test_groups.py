@@ -51,7 +51,7 @@ def test_a_dispatch_sized_by_fake_data_is_refused_naming_why():
     pg = SimpleNamespace(g=SimpleNamespace(size=2))  # the argument check reads the group's size alone
     with FakeTensorMode():
         routed, out = torch.empty(96, 8), torch.empty(0, 8)
-    with pytest.raises(ValueError, match="on fake tensors a size the program reads.*balanced-routing"):
+    with pytest.raises(ValueError, match="on fake tensors a size read from a tensor is 0.*balanced-routing plans"):
         RelayProcessGroup.all_to_all_single(pg, out, routed, [0, 0], [0, 0])
-    with pytest.raises(ValueError, match=r"do not add up to the input \(\(96, 8\)\) / output \(\(0, 8\)\)$"):
+    with pytest.raises(ValueError, match=r"do not add up to the input \(96, 8\) / output \(0, 8\)$"):
         RelayProcessGroup.all_to_all_single(pg, torch.empty(0, 8), torch.empty(96, 8), [0, 0], [0, 0])

@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 
+from relay.device.backend import fake_values as values
 from relay.kernels.throttle import Throttle, steers
 
 
@@ -21,7 +22,8 @@ class CommThrottle(Throttle):
         super().__init__(*args, **kwargs)
         self.engine = engine
         self.fresh = None  # a fake_ops.FreshOps while a program runs on fake tensors
-        self.fake_scalars = False  # `relay launch --tensors fake`: a scalar read from a fake tensor is 0
+        self.fake_scalars = False  # `relay launch --tensors fake`: a scalar read from a fake tensor is 0, or
+        # its value under balanced routing (backend/fake_values.py)
         self.host_syncs = hasattr(self.lane, "host_sync")  # a Timeline: the host can run ahead
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -38,15 +40,21 @@ class CommThrottle(Throttle):
 
     def execute(self, func, args, kwargs):
         if func in _FUNCTIONAL and isinstance(args[0], FakeTensor):
-            return _FUNCTIONAL[func](*args)
+            out = _FUNCTIONAL[func](*args)
+            if self.fake_scalars:
+                values.after(func, args, {}, out)
+            return out
         scalar = args[0]._local_tensor if func is _SCALAR and isinstance(args[0], DTensor) else args[0]
         if func is _SCALAR and self.fake_scalars and isinstance(scalar, FakeTensor):
             if scalar.constant is not None:  # a fake tensor made from a Python number: its value
                 return scalar.constant.item()  # (nn.init.trunc_normal_'s bounds, new_tensor(a).item())
+            if (value := values.read(scalar)) is not None:  # a count under balanced routing (backend/fake_values.py)
+                return value
             return False if scalar.dtype == torch.bool else 0  # a program's .item() on fake tensors reads 0
-        if self.fresh is not None:
-            return self.fresh.run(func, args, kwargs or {})
-        return func(*args, **(kwargs or {}))
+        out = self.fresh.run(func, args, kwargs or {}) if self.fresh is not None else func(*args, **(kwargs or {}))
+        if self.fake_scalars:
+            values.after(func, args, kwargs or {}, out)
+        return out
 
 
 # A fake tensor's device, asked for by torch's C++ code (autograd, about half of all dispatches of a

@@ -7,10 +7,9 @@ multi_threaded_pg.py). A method torch has but Relay lacks raises rather than fal
 another backend, so no traffic ever leaves the emulated fabric unseen.
 
 `register()` makes the backend known to torch in a device process; `activate(engine)` says which
-engine the groups created from then on use (program.py does both around a program).
-
-Reduce is charged as an all-reduce (Relay has no reduce schedule); gather and scatter are direct
-(every rank to or from the root at once, through the root's one port).
+engine the groups created from then on use (program.py does both around a program). Reduce is
+charged as an all-reduce (Relay has no reduce schedule); gather and scatter are direct (every rank
+to or from the root at once, through the root's one port).
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ from relay.collectives.schedules import Recv, Send, Step, shards
 from relay.device.backend.collective import choose
 
 NAME = "relay"
+_FAKE = (": on fake tensors a size read from a tensor is 0 unless Relay carries it (fake_values.py: balanced routing's "
+         "counts); run on real tensors, or cost the model with balanced-routing plans (relay plan)")
 _engine = None  # the running program's engine, in this device process
 
 
@@ -181,13 +182,9 @@ class _Movement:
         ins = [s * row_in for s in input_splits] if input_splits else [input.numel() // world] * world
         outs = [s * row_out for s in output_splits] if output_splits else [output.numel() // world] * world
         if sum(ins) != input.numel() or sum(outs) != output.numel():
-            unread = isinstance(input, FakeTensor) and not any(input_splits or [1]) and input.numel()
-            raise ValueError(f"relay: all_to_all_single splits {list(input_splits)} / {list(output_splits)} do "
-                             f"not add up to the input ({tuple(input.shape)}) / output ({tuple(output.shape)})"
-                             + (": on fake tensors a size the program reads from a tensor is 0 (they hold no data), "
-                                "so a dispatch sized by data (an MoE router's token counts) cannot run there; run "
-                                "it on real tensors, or cost the model with Relay's balanced-routing plans (relay "
-                                "plan, cluster.train on fake tensors)" if unread else ""))
+            why = _FAKE if isinstance(input, FakeTensor) and not any(input_splits or [1]) and input.numel() else ""
+            raise ValueError(f"relay: all_to_all_single splits {list(input_splits)} / {list(output_splits)} do not "
+                             f"add up to the input {tuple(input.shape)} / output {tuple(output.shape)}{why}")
         return self._all_to_all(lambda: _flat(input), ins, outs, lambda buf: _into(output, buf), [output],
                                 uneven=bool(input_splits or output_splits))
 

@@ -1,0 +1,80 @@
+"""Values of small integer tensors under `relay launch --tensors fake` (backend/fake_values.py): an
+MoE program's routing counts, read as its all-to-all's split sizes, are those of balanced routing,
+the round-robin torchtitan's own `--debug.moe_force_load_balance` routes with, where plain fake
+tensors read 0."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from relay import System
+from relay.collectives import Fabric
+from relay.device.backend import cuda, fake_values, streams
+from relay.device.backend.comm_throttle import CommThrottle
+from relay.device.backend.engine import Engine
+from relay.device.backend.hbm import Hbm
+from relay.device.fake.program import launch_fake
+from relay.hardware import chips
+from relay.kernels.clock import VirtualLane
+from relay.kernels.cost import CostModel
+from relay.kernels.timeline import Timeline
+
+B, L, E, K, EP = 2, 8, 8, 3, 2
+
+
+@contextlib.contextmanager
+def device(fake: bool):
+    """One emulated H100 as a launched program sees it, on fake tensors or real ones."""
+    system, chip = System("h100", 1), chips.get("h100")
+    cost = CostModel(chip)
+    timeline = Timeline(cost.launch_us / 1e6)
+    engine = Engine(0, None, system, Fabric.of(system), timeline, VirtualLane(), 10.0)
+    throttle = CommThrottle(engine, cost, timeline)
+    throttle.memory = Hbm(chip)
+    try:
+        with throttle, streams.emulated(timeline, engine), cuda.emulated(chip, throttle.memory, count=1, index=0):
+            with launch_fake(throttle) if fake else contextlib.nullcontext():
+                yield
+    finally:
+        engine.close()
+
+
+def route(forced: bool) -> tuple:
+    """torchtitan's MoE routing and dispatch sizes (models/common/moe.py, token_dispatcher.py): the
+    router's top-k (or its forced round-robin), the routing map, the counts per expert, the split
+    sizes per EP rank read to the host, the expert-sorted order, and a float read."""
+    scores = torch.randn(B, L, E, device="cuda")
+    if forced:  # MoE router's _debug_force_load_balance_routing
+        ids = torch.arange(B * L * K, device="cuda", dtype=torch.int64).reshape(B, L, K) % E
+    else:
+        ids = scores.topk(K, dim=-1).indices
+    routing = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, ids, True)
+    counts = routing.sum(dim=(0, 1))
+    splits = counts.view(EP, -1).sum(dim=1).to(torch.device("cpu"), non_blocking=False).tolist()
+    order = torch.argsort(ids.view(-1), stable=True) // K
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return counts.tolist(), splits, order.tolist(), offsets[-1].item(), scores.sum().item()
+
+
+def test_routing_counts_on_fake_tensors_are_balanced_routings():
+    with device(fake=False):
+        torch.manual_seed(0)
+        real_counts, real_splits, real_order, real_total, _ = route(forced=True)
+    assert real_counts == [B * L * K // E] * E and real_splits == [B * L * K // EP] * EP
+    for forced in (True, False):  # torchtitan's forced round-robin, and its top-k, on fake tensors
+        with device(fake=True):
+            counts, splits, order, total, float_read = route(forced)
+        assert (counts, splits, order, total) == (real_counts, real_splits, real_order, real_total), forced
+        assert float_read == 0  # the model's data: no value
+
+
+def test_a_value_is_dropped_where_an_in_place_op_reads_an_unknown_one():
+    with device(fake=True):
+        counts = torch.zeros(E, dtype=torch.int64, device="cuda")
+        assert counts.tolist() == [0] * E and fake_values.of(counts) is not None
+        counts.add_(torch.randint(0, 3, (E,), device="cuda"))  # random: no value
+        assert fake_values.of(counts) is None and counts[0].item() == 0
+        huge = torch.zeros(fake_values.LIMIT + 1, dtype=torch.int8, device="cuda")
+        assert fake_values.of(huge) is None  # beyond LIMIT elements: no value kept
