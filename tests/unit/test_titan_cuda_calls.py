@@ -24,6 +24,16 @@ def test_calls_inside_python_level_torch_functions_are_remapped():
     assert seen == [torch.device("cpu")] and w.device.type == "cpu" and x.grad.tolist() == [2.0] * 3
 
 
+def test_a_python_tensor_method_whose_cpp_half_asks_again_runs_once():
+    """Tensor.unflatten (torchtitan's DeepSeek-V3 node-limited routing) is written in Python and
+    calls its C++ half, which asks the remapping mode again under the same name: that call runs as
+    is (redispatched again, it recursed without end)."""
+    with gpu():
+        scores = torch.arange(24.0, device="cuda").view(4, 6)
+        grouped = scores.unflatten(-1, (2, 3))
+    assert grouped.shape == (4, 2, 3) and grouped[1, 1].tolist() == [9.0, 10.0, 11.0]
+
+
 def test_torch_compile_runs_eager_and_is_charged():
     """torch.compile on the virtual device is the function itself (as a call and as a decorator):
     every op reaches the throttle (compiled kernels would bypass it)."""

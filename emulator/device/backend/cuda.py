@@ -80,6 +80,10 @@ _SELF = {torch.Tensor.cuda, torch.Tensor.pin_memory}  # the tensor itself (it is
 class Remap(TorchFunctionMode):
     """Every "cuda" device a call names becomes the host's (see the module's docstring)."""
 
+    def __init__(self):
+        super().__init__()
+        self.inside = set()  # functions in Python being redispatched (see __torch_function__)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.device:  # (a device object is made through torch function too: it stays cuda;
@@ -99,9 +103,13 @@ class Remap(TorchFunctionMode):
                          for a in args)  # .to(local_rank)
         elif any(_cuda(a) for a in args):
             args = tuple(_host(a) for a in args)
-        if isinstance(func, FunctionType):  # a function in Python (Tensor.backward, nn.init.*): what it
-            with self:  # runs inside (a backward pass and FSDP's hooks in it, DTensor's dispatch) is remapped too
-                return torch.overrides.redispatch_function(func, types, args, kwargs)
+        if isinstance(func, FunctionType) and func not in self.inside:  # a function in Python (Tensor.backward,
+            self.inside.add(func)  # nn.init.*): what it runs inside (a backward pass and FSDP's hooks in it,
+            try:  # DTensor's dispatch) is remapped too; its own C++ half (Tensor.unflatten's super()) asks
+                with self:  # again under the same name and is called as is
+                    return torch.overrides.redispatch_function(func, types, args, kwargs)
+            finally:
+                self.inside.discard(func)
         return func(*args, **kwargs)
 
 
