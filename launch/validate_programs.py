@@ -17,7 +17,8 @@ driver/launch_shared.py: rank 0 recorded alone, every device replayed; with tp >
 dp=,tp=` hint names the groups torchtitan's mesh makes). A pipeline-parallel row launches one
 actor per device (its pipeline schedule's `step(arg_mbs=...)`, torch 2.14's form, is backported on
 the devices: device/backend/gpu_libs.py). Not launched, and said so: a pipeline-parallel row of more
-than MAX_DEVICES devices (a shared run replays rank 0 on every device, and pipeline ranks differ),
+than MAX_DEVICES devices (a shared run's recording answers collectives locally, and torchtitan's
+pipeline stages exchange their inputs' metadata with their peers at the first step),
 and an FP8 row on a chip without FP8 (torchtitan's float8
 converter refuses compute capability < 8.9, as it would on that chip), and a BF16 row whose config
 builds the float8 converter (torchtitan's llama3_405b: its command line cannot remove it, and it
@@ -144,8 +145,9 @@ def overrides(row) -> tuple[list[str], list[str]]:
 def why_not(row, chip: str | None = None) -> str:
     """Why the row's program is not launched here on `chip` (the row's by default; "" when it is)."""
     if row.pp > 1 and row.devices > MAX_DEVICES:
-        return (f"pipeline parallel on {row.devices} devices: more than {MAX_DEVICES} launch as a shared run, which "
-                "replays rank 0 on every device, and pipeline ranks run different stages")
+        return (f"pipeline parallel on {row.devices} devices: more than {MAX_DEVICES} launch as a shared run, whose "
+                "recording answers each collective locally, and torchtitan's pipeline stages exchange their inputs' "
+                "metadata with their peers at the first step")
     c = chips.get(chip or row.chip)
     if row.precision == "fp8" and c.fp8_tflops is None:
         return (f"{c.name} has no FP8 (catalog fp8_tflops \"none\"): torchtitan's float8 converter refuses compute "
