@@ -37,6 +37,7 @@ _LIKE = {_aten.zeros_like.default, _aten.ones_like.default, _aten.full_like.defa
          _aten.new_ones.default, _aten.new_full.default}
 _F = torch.ops._c10d_functional
 _PASS = {_F.all_to_all_single.default, _F.wait_tensor.default}
+_SPECIAL = _TOPK | _FACTORIES | _LIKE | _PASS
 
 
 def _kept(t) -> bool:
@@ -76,13 +77,32 @@ def _cpu(kwargs: dict) -> dict:
 
 
 def after(func, args, kwargs, out) -> None:
-    """Give `out` (the fake answer of func(*args, **kwargs)) its value, where it has one."""
-    with unset_fake_temporarily():  # the values are real tensors, computed outside fake mode
-        _after(func, args, kwargs, out)
+    """Give `out` (the fake answer of func(*args, **kwargs)) its value, where it has one. This runs
+    for every op of a fake launched program, so an op none of whose inputs carries a value (nearly
+    all) returns after one shallow scan of its arguments."""
+    if func in _SPECIAL:
+        with unset_fake_temporarily():  # the values are real tensors, computed outside fake mode
+            _special(func, args, kwargs, out)
+        return
+    fakes = [a for a in (*args, *kwargs.values()) if isinstance(a, FakeTensor)]
+    fakes += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, FakeTensor)]
+    known = [hasattr(t, "_relay_value") for t in fakes]
+    if not any(known):
+        return
+    if not all(known) or torch.Tag.nondeterministic_seeded in func.tags:
+        for t in _mutated(func, args, kwargs):  # an in-place op reading an unknown value: now unknown
+            if isinstance(t, FakeTensor) and hasattr(t, "_relay_value"):
+                del t._relay_value
+        return
+    with unset_fake_temporarily():
+        real = tree_map_only(FakeTensor, of, (args, kwargs))
+        result = func(*real[0], **_cpu(real[1]))
+        for t, v in zip(tree_leaves(out), tree_leaves(result)):
+            if isinstance(t, FakeTensor) and isinstance(v, torch.Tensor):
+                _set(t, v)
 
 
-def _after(func, args, kwargs, out) -> None:
-    fakes = [t for t in tree_leaves((args, kwargs)) if isinstance(t, FakeTensor)]
+def _special(func, args, kwargs, out) -> None:
     if func in _TOPK:
         indices, k = out[1], out[1].shape[-1] if out[1].dim() else 1
         dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
@@ -90,28 +110,13 @@ def _after(func, args, kwargs, out) -> None:
             rows = indices.numel() // max(k, 1)
             robin = torch.arange(rows * k).view(*indices.shape[:-1], k) % args[0].shape[-1]
             _set(indices, robin.to(indices.dtype))
-        return
-    if func in _PASS:
+    elif func in _PASS:
         value = of(getattr(args[0], "elem", args[0]))  # (a wait's argument: the AsyncCollectiveTensor)
         if value is not None and (func is _F.wait_tensor.default or _even(value)):
             _set(out, value.reshape(out.shape) if value.numel() == out.numel() else None)
-        return
-    if not fakes or func in _FACTORIES or func in _LIKE:
-        if (func in _FACTORIES or func in _LIKE) and _kept(out if isinstance(out, torch.Tensor) else None):
-            like = tree_map_only(FakeTensor, lambda t: torch.empty(t.shape, dtype=t.dtype), (args, kwargs))
-            _set(out, func(*like[0], **_cpu(like[1])))
-        return
-    values = [of(t) for t in fakes]
-    if any(v is None for v in values) or torch.Tag.nondeterministic_seeded in func.tags:
-        for t in _mutated(func, args, kwargs):
-            if isinstance(t, FakeTensor) and of(t) is not None:
-                del t._relay_value
-        return
-    real = tree_map_only(FakeTensor, of, (args, kwargs))
-    result = func(*real[0], **_cpu(real[1]))
-    for t, v in zip(tree_leaves(out), tree_leaves(result)):
-        if isinstance(t, FakeTensor) and isinstance(v, torch.Tensor):
-            _set(t, v)
+    elif _kept(out if isinstance(out, torch.Tensor) else None):  # a factory: computed
+        like = tree_map_only(FakeTensor, lambda t: torch.empty(t.shape, dtype=t.dtype), (args, kwargs))
+        _set(out, func(*like[0], **_cpu(like[1])))
 
 
 def _even(value) -> bool:
