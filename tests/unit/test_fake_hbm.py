@@ -187,7 +187,7 @@ def test_a_collective_waited_inside_a_dtensor_op_is_waited_and_freed():
             total = out * 2  # waits for it (below the throttle)
             assert [e[0] for e in engine.events if e[0] in ("issue", "wait")] == ["issue", "wait"]
             assert not engine._writing
-            engine.drain()  # (the engine's thread done with the operation: it holds the last job's buffers)
+            engine.drain()  # (the engine's thread done with the operation)
             del out
             assert hbm.allocated - start == 32 * 1024 * 4  # `total` alone
             del total
@@ -198,3 +198,29 @@ def test_a_collective_waited_inside_a_dtensor_op_is_waited_and_freed():
         relay_group.activate(None)
         engine.close()
 
+
+@pytest.mark.parametrize("recording", [False, True])
+def test_the_engine_keeps_no_buffer_of_a_finished_operation(recording):
+    """The engine's thread lets go of an operation (its buffers, its output) once it is done, not
+    when the next one comes: a gathered or reduce-scattered buffer is freed with the program's last
+    reference, as on a GPU (torchtitan's llama3 70B on 256 emulated H100, TP 8: the last 2 GiB
+    all-gather of each block's sequence kept, the step's peak 43.11 GiB for 41.11)."""
+    import time
+
+    from relay.device.fake.launched import ProgramRecorder
+
+    system = System("h100", 2)
+    kind = ProgramRecorder if recording else Engine
+    engine = kind(0, None, system, Fabric.of(system), Timeline(0.0), VirtualLane(), 10.0)
+    try:
+        with no_cyclic_gc():
+            buf, out = torch.empty(1024), torch.empty(1024)
+            alive = [weakref.ref(buf), weakref.ref(out)]
+            engine.submit(lambda ready, held=buf: ready, [out]).wait()  # (its run holds buf)
+            del buf, out
+            deadline = time.monotonic() + 5.0  # (the thread lets go just after it signals the wait)
+            while any(r() is not None for r in alive) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [r() for r in alive] == [None, None]
+    finally:
+        engine.close()
