@@ -239,6 +239,9 @@ class Engine(PointToPoint):
                 continue
             if end is not None:  # None: a point-to-point message, completed by _reap
                 work._done(end)
+            # not kept while the thread waits for the next operation: this one's buffers (its
+            # output among them) are freed with the program's last reference, as on a GPU
+            job = run = work = None
 
     def _post(self, works: list, finish, work: Work) -> None:
         """A posted message: a waiter thread sees its handles through (gloo's point-to-point

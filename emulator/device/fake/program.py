@@ -33,7 +33,7 @@ def fake_tensors(throttle, *, scalars: bool = False):
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     throttle.fresh, throttle.fake_scalars = FreshOps(mode), scalars
     try:
-        with mode, eager():
+        with mode, eager(throttle.engine):
             yield mode
     finally:
         throttle.fresh, throttle.fake_scalars = None, False
@@ -93,12 +93,14 @@ def _swap_or_set(swap):
 
 
 @contextlib.contextmanager
-def eager():
+def eager(engine=None):
     """Functional collectives as in eager mode on fake tensors too: torch takes an active fake
     mode for tracing and waits on each result at once (wait_tensor), where eager wraps it and
-    waits when it is used (AsyncCollectiveTensor): the same ops and waits as on real tensors."""
+    waits when it is used (AsyncCollectiveTensor): the same ops and waits as on real tensors.
+    `engine`: the device's (engine.py), which a wait below the throttle waits on (_wait_fake)."""
     traced, wait, reduce = funcol._are_we_tracing, funcol.wait_tensor, funcol.all_reduce
-    funcol._are_we_tracing, funcol.wait_tensor, funcol.all_reduce = (lambda: False), _wait_fake, _all_reduce_fake
+    funcol._are_we_tracing, funcol.wait_tensor, funcol.all_reduce = \
+        (lambda: False), functools.partial(_wait_fake, engine=engine), _all_reduce_fake
     try:
         yield
     finally:
@@ -122,11 +124,18 @@ def _all_reduce_fake(tensor, reduceOp: str, group, tag: str = ""):
     return _ALL_REDUCE(tensor, reduceOp, group, tag)
 
 
-def _wait_fake(tensor):
+def _wait_fake(tensor, engine=None):
     """funcol.wait_tensor answered as fake mode answers it (its Meta kernel: empty_like) where fake
     mode alone sees it (an AsyncCollectiveTensor used inside an op's dispatch, below the throttle,
     which charges nothing there): fake mode's path for ops outside aten costs 0.5 ms, and a
-    full-size MoE stage waits 18,000 times a step. The wait itself is Engine.wait_for_inputs'."""
+    full-size MoE stage waits 18,000 times a step. The wait itself is the engine's
+    (Engine.wait_for_inputs), as on real tensors c10d's work registry waits for the operation
+    that wrote the tensor: where the throttle saw the tensor only inside another (a DTensor whose
+    local tensor it is: sequence parallelism's reduce-scatters, `redistribute(..., async_op=True)`),
+    the program's clock holds for it here, and the engine lets go of the operation and its output
+    (kept until the program's end otherwise, counted in the emulated HBM)."""
     if isinstance(tensor, FakeTensor) and isinstance(_get_current_dispatch_mode(), FakeTensorMode):
+        if engine is not None:
+            engine.wait_for_inputs((tensor,))
         return torch.empty_like(tensor)
     return _WAIT(tensor)

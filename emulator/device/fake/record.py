@@ -154,6 +154,7 @@ class Recorder(Engine):
                 work._done(0.0, e)
                 continue
             work._done(end if end is not None else 0.0)
+            job = run = work = None  # (as Engine._loop: not kept until the next operation)
 
 
 def _frozen(v):

@@ -177,7 +177,7 @@ def _train(dev, job: Job, config: TrainConfig) -> dict:
     mode = FakeTensorMode(allow_non_fake_inputs=True) if config.fake else None
     ctx.throttle.fresh = FreshOps(mode) if mode else None  # fake mode's answers, remembered (fake_ops.py)
     try:
-        with (mode or contextlib.nullcontext()), (eager() if mode else contextlib.nullcontext()):
+        with (mode or contextlib.nullcontext()), (eager(ctx.engine) if mode else contextlib.nullcontext()):
             return _steps(dev, job, config, ctx, meshes, mode)
     finally:
         ctx.throttle.fresh = None

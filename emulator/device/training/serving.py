@@ -108,7 +108,7 @@ def _serve(dev, job: Job, step: Step) -> dict:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     throttle.fresh = FreshOps(mode)
     try:
-        with mode, eager():
+        with mode, eager(engine):
             with throttle.pause():
                 model = _model(step, mesh.get_group("ep"), ctx.rank)
                 # (to_empty's empty_like converts each meta tensor to a fake one first: 3x the host time)
