@@ -10,7 +10,8 @@ smallest harness patch that lets it, applied here before torchtitan is imported:
      and barrier(device_ids=[current_device()]) needs an index where torch.cpu answers "cpu": 0;
   3. the library patches Relay's virtual device applies to every program
      (relay.device.backend.gpu_libs: torch.compile eager, FlexAttention's host backward,
-     torch.distributed.set_timeout where this torch lacks it), so both sides compute alike;
+     torch.distributed.set_timeout and a pipeline schedule's pre-split step(arg_mbs=...) where
+     this torch lacks them), so both sides compute alike;
   4. gloo has no ReduceOp.PREMUL_SUM, which FSDP2 reduce-scatters gradients with (torchtitan sets
      its divide factor to 1.0: PREMUL_SUM(1.0)): FSDP2 is asked for its sum-then-divide path
      (force_sum_reduction_for_comms), a SUM and a division by 1.0.

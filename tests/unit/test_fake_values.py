@@ -78,3 +78,39 @@ def test_a_value_is_dropped_where_an_in_place_op_reads_an_unknown_one():
         assert fake_values.of(counts) is None and counts[0].item() == 0
         huge = torch.zeros(fake_values.LIMIT + 1, dtype=torch.int8, device="cuda")
         assert fake_values.of(huge) is None  # beyond LIMIT elements: no value kept
+
+
+def test_a_write_without_a_value_reaches_every_view_and_empty_carries_none():
+    with device(fake=True):
+        x = torch.zeros(8, dtype=torch.int64, device="cuda")
+        view = x[:4]
+        view.add_(torch.randint(0, 3, (4,), device="cuda"))  # random: what it writes has no value
+        assert fake_values.of(x) is None and fake_values.of(view) is None
+        assert fake_values.of(torch.empty_like(torch.arange(3, device="cuda"))) is None
+        m = torch.zeros_like(torch.empty(4, 6, device="cuda").t(), dtype=torch.int64) + 2  # strided, as fake mode
+        assert m.t().reshape(-1).tolist() == [2] * 24
+        picked = torch.topk(torch.arange(8, device="cuda") * 3 % 8, 3).indices  # over values: the real top-k
+        assert picked.tolist() == [5, 2, 7]
+
+
+def test_collectives_give_values_only_by_the_all_to_all_rule():
+    """A functional all-to-all of equal splits gives this rank's chunk of every peer's input (every
+    rank's input this rank's: balanced counts); other collectives' outputs carry none and are never
+    run on the values (a second collective would leave the device)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    F = torch.ops._c10d_functional
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        name = dist.group.WORLD.group_name
+        with FakeTensorMode():
+            counts, out, other = (torch.empty(2, 3, dtype=torch.int64) for _ in range(3))
+        counts._relay_value = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        fake_values.after(F.all_to_all_single.default, (counts, [1, 1], [1, 1], name), {}, out)
+        assert fake_values.of(out).tolist() == [[4, 5, 6], [4, 5, 6]]  # rank 1 receives row 1 from both
+        fake_values.after(F.all_reduce.default, (counts, "sum", name), {}, other)
+        assert fake_values.of(other) is None
+    finally:
+        dist.destroy_process_group()

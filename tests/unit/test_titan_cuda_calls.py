@@ -117,32 +117,39 @@ def test_meta_tensors_take_no_hbm():
 def test_a_pipeline_step_takes_the_micro_batches_split():
     """torchtitan 0.3.0 runs its pipeline as schedule.step(arg_mbs=, kwarg_mbs=, target_mbs=) (torch
     2.14's form; 2.13's step takes the whole batch only): on the virtual device that call runs the
-    same micro-batches as a whole-batch step, with the same per-micro-batch losses and gradients,
-    and mixing the two forms is refused as torch 2.14 refuses it."""
+    same micro-batches as a whole-batch step, with the same per-micro-batch losses and gradients, on
+    a single-stage schedule (GPipe) and a multi-stage one (LoopedBFS, two stages on this rank), and
+    mixing the two forms is refused as torch 2.14 refuses it."""
     import pytest
     import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, ScheduleLoopedBFS
 
     torch.manual_seed(0)
-    x, y = torch.randn(4, 8), torch.randn(4, 3)
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    cpu = torch.device("cpu")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        runs = []
-        for pre_split in (False, True):
-            torch.manual_seed(1)
-            model, losses = torch.nn.Linear(8, 3), []
-            with gpu():
-                schedule = ScheduleGPipe(PipelineStage(model, 0, 1, torch.device("cpu")), 2,
-                                         loss_fn=torch.nn.functional.mse_loss)
-                if pre_split:
-                    schedule.step(arg_mbs=[(x[:2],), (x[2:],)], kwarg_mbs=[{}, {}], target_mbs=[y[:2], y[2:]],
-                                  losses=losses, return_outputs=False)
-                    with pytest.raises(ValueError, match="pre-split"):
-                        schedule.step(x, arg_mbs=[(x[:2],), (x[2:],)])
-                else:
-                    schedule.step(x, target=y, losses=losses)
-            runs.append(([float(v.detach()) for v in losses], model.weight.grad.clone()))
-        (whole, grad_whole), (split, grad_split) = runs
-        assert len(whole) == 2 and whole == split and torch.equal(grad_whole, grad_split)
+        for multi in (False, True):
+            runs = []
+            for pre_split in (False, True):
+                torch.manual_seed(1)
+                layers, losses = [torch.nn.Linear(8, 8) for _ in range(2 if multi else 1)], []
+                with gpu():
+                    stages = [PipelineStage(m, i, len(layers), cpu) for i, m in enumerate(layers)]
+                    schedule = (ScheduleLoopedBFS(stages, 2, loss_fn=torch.nn.functional.mse_loss) if multi else
+                                ScheduleGPipe(stages[0], 2, loss_fn=torch.nn.functional.mse_loss))
+                    if pre_split:
+                        schedule.step(arg_mbs=[(x[:2],), (x[2:],)], kwarg_mbs=[{}, {}], target_mbs=[y[:2], y[2:]],
+                                      losses=losses, return_outputs=False)
+                        with pytest.raises(ValueError, match="pre-split"):
+                            schedule.step(x, arg_mbs=[(x[:2],), (x[2:],)])
+                        with pytest.raises(TypeError, match="micro-batch 0"):
+                            schedule.step(arg_mbs=[[x[:2]], [x[2:]]], target_mbs=[y[:2], y[2:]])
+                    else:
+                        schedule.step(x, target=y, losses=losses)
+                runs.append(([float(v.detach()) for v in losses], [m.weight.grad.clone() for m in layers]))
+            (whole, grads_whole), (split, grads_split) = runs
+            assert len(whole) == 2 and whole == split, multi
+            assert all(torch.equal(a, b) for a, b in zip(grads_whole, grads_split)), multi
     finally:
         dist.destroy_process_group()

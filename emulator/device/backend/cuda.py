@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from types import FunctionType
 
@@ -82,7 +83,7 @@ class Remap(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.inside = set()  # functions in Python being redispatched (see __torch_function__)
+        self.local = threading.local()  # .inside: the functions in Python this thread is redispatching
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -103,13 +104,14 @@ class Remap(TorchFunctionMode):
                          for a in args)  # .to(local_rank)
         elif any(_cuda(a) for a in args):
             args = tuple(_host(a) for a in args)
-        if isinstance(func, FunctionType) and func not in self.inside:  # a function in Python (Tensor.backward,
-            self.inside.add(func)  # nn.init.*): what it runs inside (a backward pass and FSDP's hooks in it,
+        inside = self.local.__dict__.setdefault("inside", set())
+        if isinstance(func, FunctionType) and func not in inside:  # a function in Python (Tensor.backward,
+            inside.add(func)  # nn.init.*): what it runs inside (a backward pass and FSDP's hooks in it,
             try:  # DTensor's dispatch) is remapped too; its own C++ half (Tensor.unflatten's super()) asks
                 with self:  # again under the same name and is called as is
                     return torch.overrides.redispatch_function(func, types, args, kwargs)
             finally:
-                self.inside.discard(func)
+                inside.discard(func)
         return func(*args, **kwargs)
 
 

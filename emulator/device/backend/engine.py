@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from relay.collectives.core import Ports, prepare
 from relay.collectives.fabric import Fabric
 from relay.collectives.schedules import Step
+from relay.device.backend import fake_values
 from relay.device.backend.collective import Group, algorithms, group_of, run_collective
 from relay.device.backend.loopback import Loopback
 from relay.device.backend.p2p import PointToPoint, message_payload
@@ -120,7 +121,9 @@ class Engine(PointToPoint):
 
     # ------------------------------------------------------------ issuing (program threads)
     def submit(self, run, outputs: list) -> Work:
-        """Queue `run(ready)` -> emulated end; `outputs` are what the work yields."""
+        """Queue `run(ready)` -> emulated end; `outputs` are what the work yields (on fake tensors
+        they carry no value after it: fake_values.forget)."""
+        fake_values.forget(outputs)
         work = Work(self, outputs)
         self._queue(run, work)
         return work
@@ -130,6 +133,7 @@ class Engine(PointToPoint):
         (a receive takes the first message of its peer and tag not yet taken, as gloo's do)."""
         work = Work(self, [tensor] if kind == "recv" else [])
         work.kind = kind
+        fake_values.forget(work.outputs)
         if peer == group.rank:  # to itself: a local copy (loopback.py)
             sent = message_payload if kind == "send" else lambda t: None  # noqa: E731
             run = lambda ready: self._loopback.post(kind, (group.members, tag), tensor, ready, work,  # noqa: E731

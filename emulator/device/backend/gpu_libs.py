@@ -72,6 +72,10 @@ def _pre_split(step):
             stage.has_backward = self._has_backward
             stage.clear_runtime_states()
         arg_mbs, kwarg_mbs = self._check_inputs(arg_mbs, kwarg_mbs, target_mbs, losses)
+        for i, (arg_mb, kwarg_mb) in enumerate(zip(arg_mbs, kwarg_mbs, strict=True)):
+            if not isinstance(arg_mb, tuple) or not isinstance(kwarg_mb, dict):
+                raise TypeError(f"arg_mbs must be a list of tuples and kwarg_mbs a list of dicts; micro-batch {i} "
+                                f"has {type(arg_mb).__name__} / {type(kwarg_mb).__name__}")
         self._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, losses, return_outputs, loss_kwargs=loss_kwargs)
         last = [s for s in stages if s.is_last]
         return self._merge_outputs(last[0].output_chunks) if last and return_outputs else None

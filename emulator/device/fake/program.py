@@ -5,7 +5,9 @@ The FakeTensorMode stays active for the whole program, below the throttle (an in
 mode, always last on the dispatch stack), so the throttle sees and charges every op as on real
 tensors; fake mode's answers are remembered (ops.py). Functional collectives run as in eager mode
 (`eager`). Under `relay launch`, a value a program reads from a fake tensor (`.item()`, the loss it
-prints) is 0: fake tensors hold no data (the throttle's `fake_scalars`).
+prints) is 0: fake tensors hold no data (the throttle's `fake_scalars`), except a small integer
+tensor's that Relay carries beside it (backend/fake_values.py: factories, what is computed from
+them, and a top-k over the model's data as balanced routing's round-robin).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from relay.device.fake.ops import FreshOps
 @contextlib.contextmanager
 def fake_tensors(throttle, *, scalars: bool = False):
     """A FakeTensorMode for the program inside, its answers remembered by `throttle` (a
-    CommThrottle); `scalars`: a scalar read from a fake tensor is 0 rather than an error."""
+    CommThrottle); `scalars`: a scalar read from a fake tensor is 0 rather than an error, or the
+    value it carries (backend/fake_values.py)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     throttle.fresh, throttle.fake_scalars = FreshOps(mode), scalars
     try:
