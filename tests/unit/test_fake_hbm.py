@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
-from _device import gpu  # tests/unit is on the path (no package)
+from _device import gpu, launched  # tests/unit is on the path (no package)
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -20,7 +20,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from relay import System
 from relay.collectives import Fabric
-from relay.device.backend import cuda, streams
+from relay.device.backend import streams
 from relay.device.backend.comm_throttle import CommThrottle
 from relay.device.backend.engine import Engine
 from relay.device.backend.hbm import Hbm
@@ -48,27 +48,16 @@ def no_cyclic_gc():
 def memory_per_step(fake: bool, steps: int = 3) -> list[tuple[int, int]]:
     """(memory_allocated, max_memory_allocated) after each training step of a small MLP under
     AdamW on one emulated H100, the device as a launched program sees it."""
-    system, chip = System("h100", 1), chips.get("h100")
-    cost = CostModel(chip)
-    timeline = Timeline(cost.launch_us / 1e6)
-    engine = Engine(0, None, system, Fabric.of(system), timeline, VirtualLane(), 10.0)
-    throttle = CommThrottle(engine, cost, timeline)
-    throttle.memory = Hbm(chip)
     rows = []
-    try:
-        with throttle, streams.emulated(timeline, engine), cuda.emulated(chip, throttle.memory, count=1, index=0):
-            with launch_fake(throttle) if fake else contextlib.nullcontext(), no_cyclic_gc():
-                model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
-                                            torch.nn.Linear(512, 256)).cuda()
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-                for _ in range(steps):
-                    torch.cuda.reset_peak_memory_stats()
-                    model(torch.randn(64, 256, device="cuda")).pow(2).mean().backward()
-                    opt.step()
-                    opt.zero_grad()
-                    rows.append((torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
-    finally:
-        engine.close()
+    with launched(fake), no_cyclic_gc():
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(steps):
+            torch.cuda.reset_peak_memory_stats()
+            model(torch.randn(64, 256, device="cuda")).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rows.append((torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
     return rows
 
 

@@ -5,40 +5,12 @@ tensors read 0."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+from _device import launched  # tests/unit is on the path (no package)
 
-from relay import System
-from relay.collectives import Fabric
-from relay.device.backend import cuda, fake_values, streams
-from relay.device.backend.comm_throttle import CommThrottle
-from relay.device.backend.engine import Engine
-from relay.device.backend.hbm import Hbm
-from relay.device.fake.program import launch_fake
-from relay.hardware import chips
-from relay.kernels.clock import VirtualLane
-from relay.kernels.cost import CostModel
-from relay.kernels.timeline import Timeline
+from relay.device.backend import fake_values
 
 B, L, E, K, EP = 2, 8, 8, 3, 2
-
-
-@contextlib.contextmanager
-def device(fake: bool):
-    """One emulated H100 as a launched program sees it, on fake tensors or real ones."""
-    system, chip = System("h100", 1), chips.get("h100")
-    cost = CostModel(chip)
-    timeline = Timeline(cost.launch_us / 1e6)
-    engine = Engine(0, None, system, Fabric.of(system), timeline, VirtualLane(), 10.0)
-    throttle = CommThrottle(engine, cost, timeline)
-    throttle.memory = Hbm(chip)
-    try:
-        with throttle, streams.emulated(timeline, engine), cuda.emulated(chip, throttle.memory, count=1, index=0):
-            with launch_fake(throttle) if fake else contextlib.nullcontext():
-                yield
-    finally:
-        engine.close()
 
 
 def route(forced: bool) -> tuple:
@@ -59,19 +31,19 @@ def route(forced: bool) -> tuple:
 
 
 def test_routing_counts_on_fake_tensors_are_balanced_routings():
-    with device(fake=False):
+    with launched(fake=False):
         torch.manual_seed(0)
         real_counts, real_splits, real_order, real_total, _ = route(forced=True)
     assert real_counts == [B * L * K // E] * E and real_splits == [B * L * K // EP] * EP
     for forced in (True, False):  # torchtitan's forced round-robin, and its top-k, on fake tensors
-        with device(fake=True):
+        with launched(fake=True):
             counts, splits, order, total, float_read = route(forced)
         assert (counts, splits, order, total) == (real_counts, real_splits, real_order, real_total), forced
         assert float_read == 0  # the model's data: no value
 
 
 def test_a_value_is_dropped_where_an_in_place_op_reads_an_unknown_one():
-    with device(fake=True):
+    with launched(fake=True):
         counts = torch.zeros(E, dtype=torch.int64, device="cuda")
         assert counts.tolist() == [0] * E and fake_values.of(counts) is not None
         counts.add_(torch.randint(0, 3, (E,), device="cuda"))  # random: no value
@@ -81,7 +53,7 @@ def test_a_value_is_dropped_where_an_in_place_op_reads_an_unknown_one():
 
 
 def test_a_write_without_a_value_reaches_every_view_and_empty_carries_none():
-    with device(fake=True):
+    with launched(fake=True):
         x = torch.zeros(8, dtype=torch.int64, device="cuda")
         view = x[:4]
         view.add_(torch.randint(0, 3, (4,), device="cuda"))  # random: what it writes has no value
