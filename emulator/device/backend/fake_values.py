@@ -91,7 +91,7 @@ def _set(t, value) -> None:
 
 def _mutated(func, args, kwargs) -> list:
     out = []
-    for i, a in enumerate(func._schema.arguments):
+    for i, a in enumerate(func._schema.arguments if hasattr(func, "_schema") else ()):
         if a.alias_info is not None and a.alias_info.is_write:
             out.append(args[i] if i < len(args) else kwargs.get(a.name))
     return out
@@ -117,8 +117,8 @@ def after(func, args, kwargs, out) -> None:
     known = [hasattr(t, "_relay_value") for t in fakes]
     if not any(known):
         return
-    if not all(known) or func in _EMPTY or torch.Tag.nondeterministic_seeded in func.tags or \
-            func.namespace in _COLLECTIVES:
+    if not all(known) or func in _EMPTY or not isinstance(func, torch._ops.OpOverload) or \
+            torch.Tag.nondeterministic_seeded in func.tags or func.namespace in _COLLECTIVES:
         forget(_mutated(func, args, kwargs))  # an in-place op reading an unknown value: now unknown
         return
     with unset_fake_temporarily():
