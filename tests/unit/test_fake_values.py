@@ -79,7 +79,7 @@ def test_collectives_give_values_only_by_the_all_to_all_rule():
         name = dist.group.WORLD.group_name
         with FakeTensorMode():
             counts, out, other = (torch.empty(2, 3, dtype=torch.int64) for _ in range(3))
-        counts._relay_value = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        fake_values._set(counts, torch.tensor([[1, 2, 3], [4, 5, 6]]))  # (as an op gives it one)
         fake_values.after(F.all_to_all_single.default, (counts, [1, 1], [1, 1], name), {}, out)
         assert fake_values.of(out).tolist() == [[4, 5, 6], [4, 5, 6]]  # rank 1 receives row 1 from both
         fake_values.after(F.all_reduce.default, (counts, "sum", name), {}, other)

@@ -28,6 +28,8 @@ A read of a tensor with a value returns it. Float tensors never carry one (the m
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _resolve_process_group
@@ -47,7 +49,10 @@ _F = torch.ops._c10d_functional
 _PASS = {_F.all_to_all_single.default, _F.wait_tensor.default}
 _SPECIAL = _TOPK | _FACTORIES | _LIKE | _PASS
 _COLLECTIVES = ("_c10d_functional", "_c10d_functional_autograd", "c10d")
-_unknown: set = set()  # storages (their _cdata) an op wrote without a value: no tensor on them has one
+# storages (their _cdata) an op wrote without a value, and when (a count): a value given to a tensor on
+# one before that is gone (a storage freed and its address reused later is not: its tensors' values are newer)
+_unknown: dict = {}
+_clock = itertools.count()
 
 
 def _kept(t) -> bool:
@@ -58,7 +63,7 @@ def _kept(t) -> bool:
 def of(t):
     """The value `t` carries, or None."""
     value = getattr(t, "_relay_value", None) if isinstance(t, FakeTensor) else None
-    if value is not None and _unknown and t.untyped_storage()._cdata in _unknown:
+    if value is not None and _unknown and _unknown.get(t.untyped_storage()._cdata, -1) > t._relay_at:
         del t._relay_value
         return None
     return value
@@ -77,7 +82,7 @@ def forget(tensors) -> None:
     """What a collective writes carries no value (the relay backend calls this for its outputs)."""
     for t in tensors:
         if isinstance(t, FakeTensor) and hasattr(t, "_relay_value"):
-            _unknown.add(t.untyped_storage()._cdata)
+            _unknown[t.untyped_storage()._cdata] = next(_clock)
 
 
 def _set(t, value) -> None:
@@ -85,8 +90,7 @@ def _set(t, value) -> None:
         return
     if value.stride() != t.stride():  # (a factory's value is contiguous where fake mode kept strides)
         value = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(value)
-    _unknown.discard(t.untyped_storage()._cdata)
-    t._relay_value = value
+    t._relay_value, t._relay_at = value, next(_clock)
 
 
 def _mutated(func, args, kwargs) -> list:
