@@ -152,6 +152,6 @@ def _special(func, args, kwargs, out) -> None:
         world, rank = group.size(), dist.get_rank(group)
         if value is not None and value.shape[0] % world == 0 and list(args[1]) == list(args[2]):
             _set(out, value.reshape(world, -1)[rank].repeat(world).view(out.shape))
-    elif _kept(out if isinstance(out, torch.Tensor) else None):  # a factory: computed
+    elif _kept(out):  # a factory: computed
         like = tree_map_only(FakeTensor, lambda t: torch.empty((), dtype=t.dtype).expand(t.shape), (args, kwargs))
         _set(out, func(*like[0], **_cpu(like[1])))

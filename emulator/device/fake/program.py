@@ -96,7 +96,7 @@ def _swap_or_set(swap):
 
 
 @contextlib.contextmanager
-def eager(engine=None):
+def eager(engine):
     """Functional collectives as in eager mode on fake tensors too: torch takes an active fake
     mode for tracing and waits on each result at once (wait_tensor), where eager wraps it and
     waits when it is used (AsyncCollectiveTensor): the same ops and waits as on real tensors.
@@ -127,7 +127,7 @@ def _all_reduce_fake(tensor, reduceOp: str, group, tag: str = ""):
     return _ALL_REDUCE(tensor, reduceOp, group, tag)
 
 
-def _wait_fake(tensor, engine=None):
+def _wait_fake(tensor, engine):
     """funcol.wait_tensor answered as fake mode answers it (its Meta kernel: empty_like) where fake
     mode alone sees it (an AsyncCollectiveTensor used inside an op's dispatch, below the throttle,
     which charges nothing there): fake mode's path for ops outside aten costs 0.5 ms, and a
@@ -138,7 +138,6 @@ def _wait_fake(tensor, engine=None):
     the program's clock holds for it here, and the engine lets go of the operation and its output
     (kept until the program's end otherwise, counted in the emulated HBM)."""
     if isinstance(tensor, FakeTensor) and isinstance(_get_current_dispatch_mode(), FakeTensorMode):
-        if engine is not None:
-            engine.wait_for_inputs((tensor,))
+        engine.wait_for_inputs((tensor,))
         return torch.empty_like(tensor)
     return _WAIT(tensor)
