@@ -299,10 +299,16 @@ class CostModel:
                 fixed_bytes += f
         return nbytes, fixed_bytes
 
-    def matmul_cost(self, m: int, k: int, n: int) -> OpCost:
-        """Cost of one (m, k) @ (k, n) matmul, without running it."""
-        a, b = torch.empty(m, k, device="meta"), torch.empty(k, n, device="meta")
-        return self.op_cost(torch.ops.aten.mm.default, (a, b), None, torch.empty(m, n, device="meta"))
+    def matmul_cost(self, m: int, k: int, n: int, fp8: bool = False) -> OpCost:
+        """Cost of one (m, k) @ (k, n) matmul, without running it; fp8: as torch._scaled_mm on float8
+        operands with per-tensor scales (what the MAMF finder times: the GEMM alone, no casts)."""
+        if not fp8:
+            a, b = torch.empty(m, k, device="meta"), torch.empty(k, n, device="meta")
+            return self.op_cost(torch.ops.aten.mm.default, (a, b), None, torch.empty(m, n, device="meta"))
+        a, b = (torch.empty(*s, device="meta", dtype=torch.float8_e4m3fn) for s in ((m, k), (k, n)))
+        scale = torch.empty((), device="meta")
+        return self.op_cost(torch.ops.aten._scaled_mm.default, (a, b, scale, scale), {"out_dtype": torch.bfloat16},
+                            torch.empty(m, n, device="meta", dtype=torch.bfloat16))
 
 
 def _memo_flops(func, formula, args, kwargs, out) -> float:

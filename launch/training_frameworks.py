@@ -29,6 +29,10 @@ ASYNC_P2P = "asynchronous pipeline p2p"  # an extra the plan model costs (planne
 # Korthikanti et al.'s, and Megatron-Bridge's TP comm overlap (costed on its rows) is gated on it
 # (docs.nvidia.com/nemo/megatron-bridge/latest/skills/perf-techniques/tp-dp-comm-overlap/SKILL.html)
 SEQUENCE_PARALLEL = ("torchtitan", "meta", "megatron-core")
+# of those, the ones whose sequence parallel keeps shards of the column-wise layers' inputs and gathers
+# them again in backward (Megatron's LinearWithGradAccumulationAndAsyncCommunication; Korthikanti et
+# al.'s, whom the Llama 3 paper cites); torchtitan's DTensor keeps them gathered (analytic/activations.py)
+REGATHER = ("meta", "megatron-core")
 TE_ATTENTION = "Transformer Engine"  # an extra whose attention runs TE's (cuDNN on Hopper) instead of torch's SDPA
 
 

@@ -51,6 +51,7 @@ class Row:
     algorithm: str = "auto"  # what the measurement ran ("auto": the library's choice)
     size: str = ""  # bytes of the nccl-tests buffer, e.g. "16G"
     shape: tuple = ()  # M, N, K of a GEMM
+    precision: str = "bf16"  # a GEMM's operands: "bf16", or "fp8" (torch._scaled_mm, per-tensor scales)
     domain: int | None = None  # devices per scale-up domain; None: one domain
     scaleout_gbps: float | None = None
     scaleout_fabric: str | None = None
@@ -80,7 +81,7 @@ def relay_figure(row: Row) -> tuple[float, str]:
     """Relay's figure for a row in the row's unit, and what Relay ran (algorithm/protocol)."""
     if row.kind == "matmul":
         m, n, k = row.shape
-        cost = CostModel(chips.get(row.chip), "bf16").matmul_cost(m, k, n)
+        cost = CostModel(chips.get(row.chip), "bf16").matmul_cost(m, k, n, fp8=row.precision == "fp8")
         return cost.flops / cost.seconds / 1e12, "cost model"
     links = {"scaleout_gbps": row.scaleout_gbps} if row.scaleout_gbps else {}
     system = System(row.chip, row.devices, domain=row.domain, **links)
@@ -148,7 +149,8 @@ def update(path: Path | str, results: list[dict]) -> None:
 
 
 def report(results: list[dict]) -> str:
-    table = [[x["row"].id, x["row"].kind if x["row"].kind == "matmul" else f"{x['row'].kind} {x['row'].size}",
+    table = [[x["row"].id, (f"matmul {x['row'].precision}" if x["row"].precision != "bf16" else "matmul")
+              if x["row"].kind == "matmul" else f"{x['row'].kind} {x['row'].size}",
               x["ran"], f"{x['row'].published:g}", f"{x['relay']:.4g}", x["row"].unit, f"{x['ratio']:.3f}",
               f"{x['err']:.1%}", "fit" if x["row"].fit else ""] for x in results]
     return tabulate(table, headers=["row", "what", "relay ran", "published", "relay (emulated)", "unit",

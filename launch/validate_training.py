@@ -27,9 +27,9 @@ from tabulate import tabulate
 
 from relay import System, chips
 from relay.analytic import planner
-from relay.analytic.footprint import GB, config_of
+from relay.analytic.footprint import GB, config_of, footprint
 from relay.errors import ConfigError
-from relay.launch import validate
+from relay.launch import training_frameworks, validate
 from relay.launch.training_frameworks import ASYNC_P2P, FRAMEWORKS, FUSED_EXTRAS, attention_of, kernels_of, plan_words
 from relay.parallel import Parallel
 from relay.workloads import analytic
@@ -142,20 +142,21 @@ class Layout:
     approximations: tuple  # each a sentence: "<published feature> run as <what Relay ran>"
     fusion: str = "eager"  # how the blocks' kernels are charged (kernels/fusion.py)
     overlap: tuple = ()  # Megatron's communication overlaps costed (analytic/megatron.py)
+    cp: int = 1  # context-parallel ranks each costed device stands for (their optimizer shards: footprint)
 
 
 def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     """The nearest plan the plan model costs for the row's published layout (see PLANNER_COSTS)."""
-    out, dp, seq_len, devices = [], row.dp, row.seq_len, row.devices
+    out, dp, seq_len, devices, ranks = [], row.dp, row.seq_len, row.devices, 1
     if row.cp > 1 and not costs["cp"] and row.pp == 1:
         dp *= row.cp
         out.append(f"cp={row.cp} run as {row.cp}x data parallel (dp={dp}: whole sequences, the same tokens and "
                    "attention FLOPs per device; no CP exchange of keys and values)")
     elif row.cp > 1 and not costs["cp"]:  # folding cp into dp would cut the pipeline's micro-batches
-        seq_len, devices = seq_len // row.cp, devices // row.cp
+        seq_len, devices, ranks = seq_len // row.cp, devices // row.cp, row.cp
         out.append(f"cp={row.cp} run as one CP rank per group: {devices} devices on sequences of {seq_len} tokens "
                    f"(the pipeline's micro-batches kept; attention FLOPs 1/{row.cp} of CP's; no CP exchange of keys "
-                   "and values; the step's tokens counted over all devices)")
+                   "and values; the step's tokens counted over all devices; optimizer state sharded over dp x cp)")
     stages = None
     if row.stages > 1:
         if costs["stages"]:
@@ -193,7 +194,7 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     plan = Parallel(dp=dp, tp=row.tp, pp=row.pp, ep=row.ep, fsdp=row.fsdp and dp > 1, microbatches=microbatches,
                     recompute=row.recompute == "full", stages=stages, ac=ac, dist_opt=dist_opt, sp=sp, **cp)
     fusion, overlap, kernels = kernels_of(row)
-    return Layout(plan, dtype, seq_len, devices, tuple(out + kernels), fusion, overlap)
+    return Layout(plan, dtype, seq_len, devices, tuple(out + kernels), fusion, overlap, ranks)
 
 
 def system_of(row: TrainingRow, devices: int | None = None) -> System:
@@ -215,9 +216,12 @@ def per_gpu(row: TrainingRow, step_s: float) -> float:
 
 
 def cost(row: TrainingRow, lay: Layout):
-    """planner.cost of the row at its published layout, with the kernels and overlaps it runs."""
-    return planner.cost(system_of(row, lay.devices), row.workload, lay.plan, row.global_batch, dtype=lay.dtype,
-                        seq_len=lay.seq_len, fusion=lay.fusion, attention=attention_of(row), overlap=lay.overlap,
+    """planner.cost of the row at its published layout, with the kernels, overlaps and memory its framework runs."""
+    system, kw = system_of(row, lay.devices), dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion,
+                                                   attention=attention_of(row))
+    memory = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw, cp=lay.cp,
+                       regather=row.framework in training_frameworks.REGATHER)  # (Megatron's SP: activations.py)
+    return planner.cost(system, row.workload, lay.plan, row.global_batch, memory, **kw, overlap=lay.overlap,
                         async_p2p=ASYNC_P2P in row.extras)
 
 
@@ -276,14 +280,9 @@ def verdict(s: dict, median: float = TARGET_MEDIAN) -> tuple[bool, str]:
 
 def _published_layout(r: TrainingRow) -> str:
     dims = [f"{k}{getattr(r, k)}" for k in ("tp", "pp", "cp", "dp", "ep") if getattr(r, k) > 1]
-    dims += [f"vp{r.stages}"] if r.stages > 1 else []
-    dims += ["fsdp"] if r.fsdp else []
+    dims += ([f"vp{r.stages}"] if r.stages > 1 else []) + (["fsdp"] if r.fsdp else [])
     return (f"{' '.join(dims) or 'dp1'}, GBS {r.global_batch} MBS {r.micro_batch} seq {r.seq_len}, "
             f"{r.precision}, recompute {r.recompute}")
-
-
-def _memory(fp) -> str:
-    return f"{fp.total / GB:.0f} / {fp.capacity / GB:.0f}" + ("" if fp.fits else " (over)")
 
 
 def report(results: list[dict]) -> str:
@@ -296,7 +295,8 @@ def report(results: list[dict]) -> str:
             continue
         best = f"{x['best']:.4g}" if "best" in x else "-"
         table.append(head + [str(x["plan"]), f"{x['relay']:.4g}", f"{x['ratio']:.3f}", f"{x['err']:.1%}",
-                             best, str(x.get("best_plan", "-")), _memory(x["memory"])])
+                             best, str(x.get("best_plan", "-")), f"{x['memory'].total / GB:.0f} / "
+                             f"{x['memory'].capacity / GB:.0f}" + ("" if x["memory"].fits else " (over)")])
     return tabulate(table, headers=["#", "row", "chips", "published layout", "published", "unit",
                                     "Relay ran (plan)", "Relay\n(emulated,\nrow's unit)", "ratio", "|error|",
                                     "best plan\n(emulated,\nrow's unit)", "best plan",

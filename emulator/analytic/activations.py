@@ -16,9 +16,12 @@ Sequence parallel divides what the blocks' norms save by tp (`norm_bytes`: plans
 1 / tp of the sequence), and a checkpointed block's kept input by tp: between blocks the
 residual stream is the sequence's shard (plans.py, as torchtitan: RowwiseParallel to Shard(1)),
 so what torch.utils.checkpoint saves is s/tp x b x d (Korthikanti et al.'s 2sbh per layer of full
-recompute, Table 2, is for tensor parallel alone); the rest of a block is tensor parallel's (the gathered inputs of the
-column-wise layers are saved whole by DTensor, where Megatron saves its shard and gathers it
-again in backward).
+recompute, Table 2, is for tensor parallel alone); the rest of a block is tensor parallel's. The
+gathered inputs of the column-wise layers (a dense block's attention and MLP, a MoE block's
+attention: s b d each) are saved whole by DTensor, as Relay's runs and torchtitan keep them;
+Megatron saves its shard and gathers it again in backward (`regather`: its
+LinearWithGradAccumulationAndAsyncCommunication, which overlaps that all-gather with the input
+gradient's GEMM), so only 1 / tp of each is kept (Korthikanti et al.'s 34 s b h / t per layer).
 """
 
 from __future__ import annotations
@@ -26,27 +29,33 @@ from __future__ import annotations
 from relay.workloads import checkpoint
 
 
-def block_activations(plan, part) -> float:
+def block_activations(plan, part, gathered: float = 0.0) -> float:
     """Bytes one block (a footprint.Part) saves for backward in one microbatch's forward, without
-    checkpointing, under the plan's sequence parallelism."""
-    return part.activations - (part.norm_bytes * (1 - 1 / plan.tp) if plan.sp else 0.0)
+    checkpointing, under the plan's sequence parallelism; `gathered`: the bytes of one s b d when
+    the column-wise layers' gathered inputs are kept as shards (Megatron's regather), else 0."""
+    if not plan.sp:
+        return part.activations
+    inputs = 1 if part.expert_params else 2  # a MoE block's experts take the sequence's shard: no gather
+    return part.activations - (part.norm_bytes + inputs * gathered) * (1 - 1 / plan.tp)
 
 
-def kept(plan, blocks: list, held: float, block_input: float) -> float:
+def kept(plan, blocks: list, held: float, block_input: float, regather: bool = False) -> float:
     """Bytes the device's `blocks` (in order) hold at its peak, `held` microbatches in flight:
     per block what it keeps, and one checkpointed block's whole activations while it recomputes.
     `block_input`: the bytes of one microbatch's s b d at the emulated dtype (a 1 / tp share of
-    it is kept under sequence parallel)."""
+    it is kept under sequence parallel); `regather`: the column-wise layers keep shards of their
+    gathered inputs and gather them again in backward (Megatron, module docstring)."""
+    gathered = block_input if regather else 0.0
     if plan.sp:
         block_input /= plan.tp
     per_mb, live = 0.0, 0.0
     for i, b in enumerate(blocks):
         how = checkpoint.recomputed(plan, i)
         if how == "none":
-            per_mb += block_activations(plan, b)
+            per_mb += block_activations(plan, b, gathered)
             continue
         per_mb += block_input + (b.ac_saved_bytes if how == "op" else 0.0)
-        live = max(live, block_activations(plan, b))
+        live = max(live, block_activations(plan, b, gathered))
     return held * per_mb + live
 
 

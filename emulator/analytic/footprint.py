@@ -27,9 +27,8 @@ as torchtitan runs it; under a pipeline the stage's parameters and gradients are
 as torch's pipelining runs FSDP2 between the first backward and the reduce-scatter after the
 schedule), the distributed optimizer (`dist_opt`: optimizer state alone divided so), and the
 2 + 2 + 12 bytes per parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
-Gradient accumulation without a pipeline holds one microbatch's activations.
-
-Units: bytes in the figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
+Gradient accumulation without a pipeline holds one microbatch's activations. Units: bytes in the
+figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
 """
 
 from __future__ import annotations
@@ -285,9 +284,10 @@ def in_flight(plan: Parallel, rank: int) -> float:
 
 def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: str = "bf16",
               optimizer: str = "adamw", seq_len: int | None = None, measured: Measured | None = None,
-              fusion: str = "eager", attention: str = "sdpa") -> Footprint:
-    """The most loaded device's memory under `plan` for a step of `global_batch` samples (see the
-    module docstring for what is measured and what is closed form)."""
+              fusion: str = "eager", attention: str = "sdpa", regather: bool = False, cp: int = 1) -> Footprint:
+    """The most loaded device's memory under `plan` for `global_batch` samples (module docstring);
+    regather: Megatron's sequence parallel (activations.py); cp: CP ranks one device stands for
+    (their parameters the same: FSDP and the distributed optimizer shard over dp x cp)."""
     chip = chips.get(chip)
     chip.peak_flops(dtype)  # a precision the chip lacks (fp8 on an A100): refused before anything is measured
     c = config_of(workload, seq_len)
@@ -309,7 +309,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         params = sum(b.params for b in blocks) + base.params * share
         experts = sum(b.expert_params for b in blocks)
         # FSDP shards experts over the dp / ep replicas that hold them, the rest over dp (plans.py)
-        sharded = (params - experts) / plan.dp + experts / plan.dp_outer if plan.fsdp else params
+        sharded = ((params - experts) / plan.dp + experts / plan.dp_outer) / cp if plan.fsdp else params
         gathered = max((b.params for b in blocks), default=0) if plan.fsdp else 0  # one block gathered whole
         if plan.fsdp and plan.pp > 1:
             # torch's pipelining leaves each FSDP2 unit unsharded from its first backward on, its gradients
@@ -317,7 +317,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
             # backward_maybe_with_nosync, perform_reduce_grad): the stage's blocks all gathered at the peak
             gathered = params
         # checkpointing and sequence parallel: activations.py (a block's input is s b d)
-        act = activations.kept(plan, blocks, in_flight(plan, stage), size * mb * c.seq_len * c.dim)
+        act = activations.kept(plan, blocks, in_flight(plan, stage), size * mb * c.seq_len * c.dim, regather)
         act += base.activations if stage == plan.pp - 1 else 0  # logits and loss (the embedding's output is small)
         what = " + ".join(x for x in ("embedding" if stage == 0 else "", f"{len(blocks)} blocks",
                                       "head" if stage == plan.pp - 1 else "") if x)
@@ -326,7 +326,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         if stage == 0 and plan.tp > 1:  # DTensor's embedding backward makes the whole vocabulary's (plans._own_rows)
             grads += (plan.tp - 1) * base.params / 2
         # the distributed optimizer (ZeRO-1) shards the optimizer state as FSDP does, not the rest
-        states = (params - experts) / plan.dp + experts / plan.dp_outer if plan.dist_opt else sharded
+        states = ((params - experts) / plan.dp + experts / plan.dp_outer) / cp if plan.dist_opt else sharded
         fp = Footprint(f"pipeline stage {stage} ({what})" if plan.pp > 1 else f"every device ({what})",
                        (sharded + gathered) * size, grads * size, states * opt_bytes, act, chip.hbm_bytes)
         best = fp if best is None or fp.total > best.total else best

@@ -61,6 +61,23 @@ def test_a_causal_flash_kernel_is_charged_half_the_square_at_its_published_rate(
     assert gemm_rule < fwd.seconds < 2 * gemm_rule
 
 
+def test_the_a100_flash_table_is_its_measured_forward_and_an_estimated_backward():
+    """A100's sdpa (FlashAttention-2) table, by hand from its source: the measured forward and causal
+    forward (184.04 and 156.27 TFLOPS of 312), and backwards at FlashAttention-2's backward / forward
+    ratio on H100 (318 / 370: the FlashAttention-3 paper). A causal 8K forward runs half the square at
+    that rate: 1.78x the time the GEMM rule's rate would give the same half (0.89x what the GEMM rule
+    charged before the table, the whole square)."""
+    fwd, bwd, causal_fwd, causal_bwd = A100.attention["sdpa"]
+    assert (fwd, causal_fwd) == (pytest.approx(184.04 / 312, abs=1e-4), pytest.approx(156.27 / 312, abs=1e-4))
+    assert (bwd, causal_bwd) == (pytest.approx(fwd * 318 / 370, abs=1e-4), pytest.approx(causal_fwd * 318 / 370,
+                                                                                          abs=1e-4))
+    assert "liangan1/GPU_travel" in A100.sources["attention"] and "estimate" in A100.sources["attention"]
+    model, peak, launch = CostModel(A100), A100.peak_flops("bf16"), A100.launch_us / 1e6
+    assert _forward(model, True).seconds == pytest.approx(launch + PRODUCT / (peak * causal_fwd), rel=1e-12)
+    half = PRODUCT / (peak * A100.matmul_eff)  # the causal half at the GEMM rule's rate
+    assert _forward(model, True).seconds - launch == pytest.approx(1.78 * half, abs=0.01 * half)
+
+
 def test_cudnn_is_charged_at_its_own_rate_and_a_chip_without_a_table_keeps_the_gemm_rule():
     sdpa, cudnn = CostModel(H100), CostModel(H100, attention="cudnn")
     for causal in (True, False):
@@ -75,7 +92,7 @@ def test_cudnn_is_charged_at_its_own_rate_and_a_chip_without_a_table_keeps_the_g
     launch, rate = H100.launch_us / 1e6, H100.peak_flops("bf16") * H100.matmul_eff
     assert sdpa.op_cost(FWD, (q, k, v), flex.UNKNOWN_MASK, out).seconds == pytest.approx(launch + 2 * PRODUCT / rate,
                                                                                            rel=1e-12)
-    a100 = CostModel(A100, attention="cudnn")  # no sourced attention figures: matmul_eff over torch's full count
+    a100 = CostModel(A100, attention="cudnn")  # no cudnn table for A100: matmul_eff over torch's full count
     rate = A100.peak_flops("bf16") * A100.matmul_eff
     assert _forward(a100, True).seconds == pytest.approx(A100.launch_us / 1e6 + 2 * PRODUCT / rate, rel=1e-12)
     assert _backward(a100, True).seconds == pytest.approx(A100.launch_us / 1e6 + 5 * PRODUCT / rate, rel=1e-12)

@@ -39,6 +39,47 @@ def test_sequence_parallel_keeps_a_tp_share_of_a_checkpointed_blocks_input():
     assert tp_alone.activations == pytest.approx(4 * 20 * 2 * S * H + part.activations, rel=1e-9)
 
 
+def test_megatrons_sequence_parallel_keeps_a_tp_share_of_the_gathered_linear_inputs():
+    """Without checkpointing, DTensor's sequence parallel (torchtitan, Relay's runs) saves the
+    all-gathered inputs of the column-wise layers whole; Megatron saves its shard and gathers it
+    again in backward (regather), so each dense block keeps (1 - 1/t) of two s b h inputs (its
+    attention's and its MLP's) less, in every microbatch in flight (4 x 20 blocks on stage 0), and
+    in nothing else."""
+    t = PIPE["tp"]
+    plan = Parallel(**PIPE, sp=True)
+    dtensor, megatron = (footprint("llama3-70b", plan, 16, H100, regather=r) for r in (False, True))
+    assert "stage 0" in dtensor.device and "stage 0" in megatron.device
+    assert dtensor.activations - megatron.activations == pytest.approx(4 * 20 * 2 * (2 * S * H) * (1 - 1 / t),
+                                                                       rel=1e-9)
+    assert (megatron.parameters, megatron.gradients, megatron.optimizer) == \
+        (dtensor.parameters, dtensor.gradients, dtensor.optimizer)
+    # without sequence parallel there is no gather to redo: nothing changes
+    plain = Parallel(**PIPE)
+    assert footprint("llama3-70b", plain, 16, H100, regather=True) == footprint("llama3-70b", plain, 16, H100)
+    # the rows: Megatron's and the Llama 3 paper's tensor-parallel rows regather, torchtitan's do not
+    meta, titan = ROWS["llama3-paper-h100x8192-405b"], ROWS["torchtitan-h100x256-llama3-70b-tp8"]
+    assert vt.cost(meta, vt.layout(meta)).memory == footprint(
+        "llama3-405b", vt.layout(meta).plan, meta.global_batch, H100, regather=True)
+    lay = vt.layout(titan)
+    assert vt.cost(titan, lay).memory == footprint("llama3-70b", lay.plan, titan.global_batch, titan.chip)
+
+
+def test_a_cp_rank_costed_for_its_group_shards_the_optimizer_over_dp_x_cp():
+    """A pipeline row with context parallel runs one CP rank of each group (its micro-batches kept):
+    the CP ranks hold the same parameters, and Megatron's distributed optimizer shards over the
+    data- and context-parallel ranks together, so the state is 1 / (dp cp) of the stage's."""
+    row = ROWS["mbridge-b200x128-llama3-405b-fp8"]
+    lay = vt.layout(row)
+    assert (row.cp, lay.cp, lay.plan.dp, lay.plan.dist_opt) == (2, 2, 2, True)
+    kw = dict(dtype=lay.dtype, seq_len=lay.seq_len, fusion=lay.fusion, attention="cudnn", regather=True)
+    one, group = (footprint(row.workload, lay.plan, row.global_batch, row.chip, **kw, cp=c) for c in (1, 2))
+    assert group.optimizer == pytest.approx(one.optimizer / 2, rel=1e-12)
+    assert (group.parameters, group.gradients, group.activations) == (one.parameters, one.gradients,
+                                                                      one.activations)
+    assert vt.cost(row, lay).memory == group and "optimizer state sharded over dp x cp" in " ".join(
+        lay.approximations)
+
+
 def test_fsdp_under_a_pipeline_holds_the_stages_parameters_and_gradients_unsharded():
     """torch's pipelining runs FSDP2 without resharding after the first backward and without a
     gradient sync until the reduce-scatter after the last microbatch (stage.py:
@@ -91,11 +132,15 @@ def test_torchtitans_published_70b_tp_layout_fits_its_chip():
 
 def test_the_grand_teton_h100_is_a_sourced_catalog_chip():
     """torchtitan's H100 benchmarks ran on 96 GB HBM2e at 2.4 TB/s, 500 W (its performance page's
-    405B run too: 'HBM2e based lower TDP SXM H100'); its peak is unpublished (an estimate, the
-    SXM's as an upper bound); every figure has a source."""
-    c = chips.get("h100-hbm2e")
+    405B run too: 'HBM2e based lower TDP SXM H100'); its peak is unpublished, 'between SXM and NVL':
+    an estimate, interpolated by power limit between the SXM's (700 W) and the NVL's (400 W), for BF16
+    and FP8 alike; every figure has a source."""
+    c, sxm = chips.get("h100-hbm2e"), chips.get(H100)
     assert (c.hbm_bytes, c.hbm_Bps, c.power_w) == (96e9, 2.4e12, 500)
-    assert c.is_estimate("bf16_tflops") and c.peak_flops("bf16") == chips.get(H100).peak_flops("bf16")
+    for dtype, nvl in (("bf16", 835.5e12), ("fp8", 1670.5e12)):
+        assert c.is_estimate(f"{dtype}_tflops")
+        assert c.peak_flops(dtype) == pytest.approx(nvl + (sxm.peak_flops(dtype) - nvl) * (500 - 400) / (700 - 400),
+                                                    abs=0.05e12)
     for f in FIGURES:
         if getattr(c, f) is not None:
             assert c.sources.get(f), f
