@@ -29,9 +29,9 @@ NOT_MODELLED = [
     "Precision: the BF16 rows run both sides in BF16; the best-precision rows run the B200 in FP8 as torchao's "
     "float8 training does (Linear GEMMs in FP8 with their casts and scales charged, attention and the rest in "
     "BF16) and the 910C in BF16 (it has no FP8). The B200's FP8 GEMMs reach the catalog's `fp8_matmul_eff`, "
-    "0.762 of the FP8 peak, set from GB200's measured best-shape FP8 GEMM (3,616 of 5,000 TFLOPS, "
-    "torch._scaled_mm through cuBLAS) as its BF16 0.766 is. MLA and the MoE blocks are modelled as workloads/ "
-    "builds them; DeepSeek's DualPipe and its all-to-all kernels are not.",
+    "0.762 of the FP8 peak before a shape's quantisation, set from GB200's measured best-shape FP8 GEMM (3,616 "
+    "of 5,000 TFLOPS, 0.723, torch._scaled_mm through cuBLAS) as its BF16 0.766 is. MLA and the MoE blocks are "
+    "modelled as workloads/ builds them; DeepSeek's DualPipe and its all-to-all kernels are not.",
     "Power is the catalog's all-in figure per device times the devices, whatever the load (no idle or "
     "partial-load power); scale-out switches between racks are not added for the multi-rack systems.",
 ]

@@ -70,6 +70,10 @@ def nbytes(size: str) -> int:
 def load(path: Path | str = PUBLISHED) -> list[Row]:
     with open(path, "rb") as fh:
         rows = [Row(**{**r, "shape": tuple(r.get("shape", ()))}) for r in tomllib.load(fh)["row"]]
+    for r in rows:
+        if r.precision not in ("bf16", "fp8") or (r.precision != "bf16" and r.kind != "matmul"):
+            raise ConfigError(f"{path}: row {r.id!r}: precision = {r.precision!r} is invalid; give \"bf16\" or, on a "
+                              "matmul row, \"fp8\" (torch._scaled_mm with per-tensor scales)")
     ids = [r.id for r in rows]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:

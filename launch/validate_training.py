@@ -155,8 +155,8 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
     elif row.cp > 1 and not costs["cp"]:  # folding cp into dp would cut the pipeline's micro-batches
         seq_len, devices, ranks = seq_len // row.cp, devices // row.cp, row.cp
         out.append(f"cp={row.cp} run as one CP rank per group: {devices} devices on sequences of {seq_len} tokens "
-                   f"(the pipeline's micro-batches kept; attention FLOPs 1/{row.cp} of CP's; no CP exchange of keys "
-                   "and values; the step's tokens counted over all devices; optimizer state sharded over dp x cp)")
+                   f"(the pipeline's micro-batches kept; attention FLOPs 1/{row.cp} of CP's; no CP exchange of K, V; "
+                   "the step's tokens counted over all devices; optimizer state sharded over dp x cp, timed over dp)")
     stages = None
     if row.stages > 1:
         if costs["stages"]:

@@ -35,8 +35,9 @@ def block_activations(plan, part, gathered: float = 0.0) -> float:
     the column-wise layers' gathered inputs are kept as shards (Megatron's regather), else 0."""
     if not plan.sp:
         return part.activations
-    inputs = 1 if part.expert_params else 2  # a MoE block's experts take the sequence's shard: no gather
-    return part.activations - (part.norm_bytes + inputs * gathered) * (1 - 1 / plan.tp)
+    inputs = 1 if part.expert_params else 2  # a MoE block: its attention's alone (its MoE's, not modelled)
+    # (at least 0: a parameters-only measurement, footprint.parameters, saves nothing to keep shards of)
+    return max(part.activations - (part.norm_bytes + inputs * gathered) * (1 - 1 / plan.tp), 0.0)
 
 
 def kept(plan, blocks: list, held: float, block_input: float, regather: bool = False) -> float:

@@ -120,8 +120,8 @@ class ServingCost(CostModel):
 
     def op_parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale: float = 1.0):
         """As the cost model's, and in "fp8" ("int8") the experts' grouped GEMMs too read 1-byte weights
-        at the low precision's rate (DeepGEMM's grouped FP8 GEMMs; CloudMatrix-Infer's INT8 experts), as
-        Linear GEMMs do."""
+        at the low precision's rate (SGLang's DeepGEMM grouped FP8 GEMMs, charged at the chip's cuBLAS
+        fp8_matmul_eff; CloudMatrix-Infer's INT8 experts), as Linear GEMMs do."""
         parts = super().op_parts(func, args, kwargs, out, fixed, scale)
         if parts is None or not self.fp8 or func._overloadpacket is not moe_ops.GROUPED_GEMMS_FORWARD:
             return parts

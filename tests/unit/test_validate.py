@@ -4,6 +4,7 @@ import statistics
 
 import pytest
 
+from relay.errors import ConfigError
 from relay.launch import validate
 from relay.launch.validate import REGRESSION_TOL, load, relay_figure
 
@@ -30,6 +31,24 @@ def test_no_validated_figure_moves_without_the_table(row):
     assert got == pytest.approx(row.relay, rel=REGRESSION_TOL), (
         f"{row.id}: Relay now gives {got:.4g} {row.unit} (table: {row.relay:.4g}, published "
         f"{row.published:g}); if the model change is meant, run `relay validate --update`")
+
+
+def test_the_fp8_gemm_rows_time_a_scaled_mm_and_a_bad_precision_is_refused(tmp_path):
+    """An FP8 row is costed as the torch._scaled_mm the MAMF finder times (no casts), at the chip's
+    FP8 peak x fp8_matmul_eff; a precision that is not "bf16" or, on a matmul row, "fp8" is refused
+    naming the row, the field and the value."""
+    row = next(r for r in ROWS if r.id == "h100-fp8-gemm-best")
+    assert row.precision == "fp8" and row.fit
+    fp8, _ = relay_figure(row)
+    bf16, _ = relay_figure(next(r for r in ROWS if r.id == "h100-gemm-best"))
+    assert fp8 == pytest.approx(row.published, rel=1e-3) and fp8 > 1.7 * bf16
+    text = validate.PUBLISHED.read_text()
+    path = tmp_path / "t.toml"
+    for old, new in (('precision = "fp8"', 'precision = "FP8"'),  # a misspelt precision; fp8 on a collective row
+                     ('kind = "all_reduce"', 'kind = "all_reduce"\nprecision = "fp8"')):
+        path.write_text(text.replace(old, new, 1))
+        with pytest.raises(ConfigError, match=r"row '.+': precision = '(FP8|fp8)' is invalid; give \"bf16\""):
+            load(path)
 
 
 def test_summary_and_verdict():
