@@ -308,8 +308,9 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         share = (0.5 if stage == 0 else 0) + (0.5 if stage == plan.pp - 1 else 0)
         params = sum(b.params for b in blocks) + base.params * share
         experts = sum(b.expert_params for b in blocks)
-        # FSDP shards experts over the dp / ep replicas that hold them, the rest over dp (plans.py)
-        sharded = ((params - experts) / plan.dp + experts / plan.dp_outer) / cp if plan.fsdp else params
+        # FSDP (ZeRO-1: its state alone) shards experts over the dp / ep replicas holding them, the rest over dp
+        shard = ((params - experts) / plan.dp + experts / plan.dp_outer) / cp
+        sharded = shard if plan.fsdp else params
         gathered = max((b.params for b in blocks), default=0) if plan.fsdp else 0  # one block gathered whole
         if plan.fsdp and plan.pp > 1:
             # torch's pipelining leaves each FSDP2 unit unsharded from its first backward on, its gradients
@@ -325,8 +326,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
         grads = params if plan.fsdp and plan.pp > 1 else sharded + gathered
         if stage == 0 and plan.tp > 1:  # DTensor's embedding backward makes the whole vocabulary's (plans._own_rows)
             grads += (plan.tp - 1) * base.params / 2
-        # the distributed optimizer (ZeRO-1) shards the optimizer state as FSDP does, not the rest
-        states = ((params - experts) / plan.dp + experts / plan.dp_outer) / cp if plan.dist_opt else sharded
+        states = shard if plan.dist_opt else sharded
         fp = Footprint(f"pipeline stage {stage} ({what})" if plan.pp > 1 else f"every device ({what})",
                        (sharded + gathered) * size, grads * size, states * opt_bytes, act, chip.hbm_bytes)
         best = fp if best is None or fp.total > best.total else best

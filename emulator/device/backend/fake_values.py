@@ -147,7 +147,7 @@ def _special(func, args, kwargs, out) -> None:
             _set(indices, robin.to(indices.dtype))
     elif func is _F.wait_tensor.default:
         _set(out, of(getattr(args[0], "elem", args[0])))  # (its argument: the AsyncCollectiveTensor)
-    elif func in _PASS:  # all_to_all_single(input, output_splits, input_splits, group)
+    elif func is _F.all_to_all_single.default:  # (input, output_splits, input_splits, group)
         value, group = of(args[0]), _resolve_process_group(args[3])
         world, rank = group.size(), dist.get_rank(group)
         if value is not None and value.shape[0] % world == 0 and list(args[1]) == list(args[2]):
