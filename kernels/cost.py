@@ -151,6 +151,10 @@ class CostModel:
     launch_us: float | None = None
     fusion: str = "eager"  # "eager": a kernel per aten op; "fused": chains fused (kernels/fusion.py)
     attention: str = attention.DEFAULT  # the fused attention kernels' implementation (kernels/attention.py)
+    # floating tensors at their own itemsize: the run already holds its tensors in the emulated dtype,
+    # so what it upcasts (norms, rotary, loss in fp32, as trainers do) moves fp32 bytes; otherwise
+    # every floating tensor at the emulated dtype's (a model run in fp32 for the emulated bf16)
+    real_sizes: bool = False
     DTYPES = ("bf16", "fp16", "fp8")  # what trains; int8 only serves (analytic/serving.py's ServingCost)
 
     def __post_init__(self):
@@ -177,8 +181,13 @@ class CostModel:
         object.__setattr__(self, "_float_size", ITEMSIZE[self.dtype])
 
     def tensor_bytes(self, t: torch.Tensor) -> int:
-        size = ITEMSIZE[self.dtype] if t.is_floating_point() and t.dtype not in fp8.BYTE_FLOATS else t.element_size()
-        return t.numel() * size
+        return t.numel() * self._itemsize(t)
+
+    def _itemsize(self, t: torch.Tensor) -> int:
+        """Bytes per element the cost model charges `t` (float8: 1 byte, kernels/fp8.py)."""
+        if self.real_sizes or not t.is_floating_point() or t.dtype in fp8.BYTE_FLOATS:
+            return t.element_size()
+        return self._float_size
 
     def seconds(self, flops: float, nbytes: float, launches: int = 1) -> float:
         return launches * self._launch_s + max(flops / self._flop_rate, nbytes / self._byte_rate)
@@ -243,7 +252,7 @@ class CostModel:
         if low:  # a Linear GEMM in FP8: its rate (folded into q) and its operands at 1 byte
             q *= self._fp8_speedup
             for t in low:
-                saved = t.numel() * (self._float_size - fp8.OPERAND_BYTES)
+                saved = t.numel() * (self._itemsize(t) - fp8.OPERAND_BYTES)
                 nbytes -= saved
                 fixed_bytes -= saved if fixed is not None and fixed(t) else 0
         return flops, nbytes, fixed_bytes, q
@@ -275,7 +284,7 @@ class CostModel:
         low = fp8.operands(func, args)
         if not low:
             return None
-        moved = [fp8.cast_bytes(t, self._float_size) for t in low]
+        moved = [fp8.cast_bytes(t, self._itemsize(t)) for t in low]
         fixed_bytes = sum(b for t, b in zip(low, moved) if fixed is not None and fixed(t))
         return fp8.CAST_KERNELS * len(low), sum(moved), fixed_bytes
 
@@ -288,8 +297,7 @@ class CostModel:
         nbytes = fixed_bytes = 0
         for y in x:
             if isinstance(y, torch.Tensor):
-                n = y.numel() * (self._float_size if y.is_floating_point() and y.dtype not in fp8.BYTE_FLOATS
-                                 else y.element_size())  # (float8: 1 byte, kernels/fp8.py)
+                n = y.numel() * self._itemsize(y)
                 nbytes += n
                 if fixed is not None and fixed(y):
                     fixed_bytes += n

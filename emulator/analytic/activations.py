@@ -12,11 +12,13 @@ While a checkpointed block runs its backward its whole activations are live agai
 such block is added once (Korthikanti et al. 2022, section 5: "the memory needed to store the
 activations of a single layer" on top of the stored inputs).
 
-Sequence parallel divides what the blocks' norms save by tp (`norm_bytes`: plans.py runs them on
-1 / tp of the sequence), and a checkpointed block's kept input by tp: between blocks the
-residual stream is the sequence's shard (plans.py, as torchtitan: RowwiseParallel to Shard(1)),
-so what torch.utils.checkpoint saves is s/tp x b x d (Korthikanti et al.'s 2sbh per layer of full
-recompute, Table 2, is for tensor parallel alone); the rest of a block is tensor parallel's. The
+Sequence parallel: the blocks are measured with their norms and residual adds on 1 / tp of the
+sequence (sequence_parallel.py, as plans.py runs them), so what the norms save is already a
+1 / tp share (`norm_bytes`, of the blocks measured without it); a checkpointed block's kept
+input is divided by tp here: between blocks the residual stream is the sequence's shard
+(plans.py, as torchtitan: RowwiseParallel to Shard(1)), so what torch.utils.checkpoint saves is
+s/tp x b x d (Korthikanti et al.'s 2sbh per layer of full recompute, Table 2, is for tensor
+parallel alone); the rest of a block is tensor parallel's. The
 gathered inputs of the column-wise layers (a dense block's attention and MLP, a MoE block's
 attention: s b d each) are saved whole by DTensor, as Relay's runs and torchtitan keep them;
 Megatron saves its shard and gathers it again in backward (`regather`: its
@@ -30,14 +32,15 @@ from relay.workloads import checkpoint
 
 
 def block_activations(plan, part, gathered: float = 0.0) -> float:
-    """Bytes one block (a footprint.Part) saves for backward in one microbatch's forward, without
-    checkpointing, under the plan's sequence parallelism; `gathered`: the bytes of one s b d when
-    the column-wise layers' gathered inputs are kept as shards (Megatron's regather), else 0."""
+    """Bytes one block (a footprint.Part, measured under the plan's sequence parallelism) saves
+    for backward in one microbatch's forward, without checkpointing; `gathered`: the bytes of one
+    s b d when the column-wise layers' gathered inputs are kept as shards (Megatron's regather),
+    else 0."""
     if not plan.sp:
         return part.activations
     inputs = 1 if part.expert_params else 2  # a MoE block: its attention's alone (its MoE's, not modelled)
     # (at least 0: a parameters-only measurement, footprint.parameters, saves nothing to keep shards of)
-    return max(part.activations - (part.norm_bytes + inputs * gathered) * (1 - 1 / plan.tp), 0.0)
+    return max(part.activations - inputs * gathered * (1 - 1 / plan.tp), 0.0)
 
 
 def kept(plan, blocks: list, held: float, block_input: float, regather: bool = False) -> float:

@@ -18,17 +18,15 @@ pipeline stage holds, how many microbatches of activations 1F1B keeps in flight 
 at most the microbatches; interleaved 1F1B, `stages` = v chunks per rank: torch's warm-up count,
 (v - 1) x the microbatches of a round + 2 (pp - 1 - stage), plus one, chunks of 1 / v of the
 rank's blocks, at most v x the microbatches), activation checkpointing and sequence parallel
-(activations.py: full recompute keeps each block's input, 2 s b d bytes at bf16, a 1 / tp share
-of it under sp, selective op mode that and the kept ops' outputs, and one block's activations are
-live while it is recomputed; sp divides the norms' saved tensors by tp), FSDP (parameters,
-gradients and optimizer state divided by the replicas, experts by the dp / ep replicas that hold
-them, plus one block gathered whole; with gradient accumulation each microbatch reduce-scatters,
-as torchtitan runs it; under a pipeline the stage's parameters and gradients are held unsharded,
-as torch's pipelining runs FSDP2 between the first backward and the reduce-scatter after the
-schedule), the distributed optimizer (`dist_opt`: optimizer state alone divided so), and the
-2 + 2 + 12 bytes per parameter of bf16 mixed-precision AdamW (ZeRO, Rajbhandari et al. 2020).
-Gradient accumulation without a pipeline holds one microbatch's activations. Units: bytes in the
-figures, GB (1e9 bytes, the catalog's unit of HBM capacity) where printed.
+(activations.py; under sp the blocks are measured on the sequence's shard, sequence_parallel.py),
+FSDP (parameters, gradients and optimizer state divided by the replicas, experts by the dp / ep
+replicas that hold them, plus one block gathered whole; with gradient accumulation each
+microbatch reduce-scatters, as torchtitan runs it; under a pipeline the stage's parameters and
+gradients are held unsharded, as torch's pipelining runs FSDP2 between the first backward and
+the reduce-scatter after the schedule), the distributed optimizer (`dist_opt`: optimizer state
+alone divided so), and the 2 + 2 + 12 bytes per parameter of bf16 mixed-precision AdamW (ZeRO,
+Rajbhandari et al. 2020). Gradient accumulation without a pipeline holds one microbatch's
+activations. Units: bytes in the figures, GB (1e9 bytes) where printed.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ import torch
 from torch import nn
 
 from relay.analytic import activations
+from relay.analytic.sequence_parallel import shard_sequence
 from relay.device.fake.measure import measure_block
 from relay.errors import ConfigError
 from relay.hardware import chips
@@ -68,7 +67,7 @@ class Part:
     expert_params: int  # of which experts' (synchronised and sharded over dp / ep replicas, not dp)
     ac_saved_s: float = 0.0  # forward seconds of the ops selective (op) checkpointing keeps (blockops.py)
     ac_saved_bytes: float = 0.0  # bytes of their outputs
-    norm_bytes: float = 0.0  # of `activations`, what the norms save (sequence parallel divides it by tp)
+    norm_bytes: float = 0.0  # of `activations`, what the norms save (a 1 / tp share when measured under sp)
     weight_cast_s: float = 0.0  # of forward_s + backward_s, FP8 weight casts a fused run makes once a step
 
     def __sub__(self, o: Part) -> Part:
@@ -120,33 +119,34 @@ def split_heads(model, tp: int):
     return model
 
 
-def _workload(workload: str, config, tp: int, n_layers: int, dense: int):
+def _workload(workload: str, config, tp: int, n_layers: int, dense: int, sp: bool = False):
     """The named workload built from `config` with n_layers blocks (the first `dense` of them
-    dense), the heads split tp ways."""
+    dense), the heads split tp ways; sp: the residual stream on 1 / tp of the sequence."""
     family = importlib.import_module(type(config).__module__)
     extra = {"n_dense_layers": dense} if hasattr(config, "n_dense_layers") else {}
     wl = family.workload(workload, replace(config, n_layers=n_layers, **extra))
-    return replace(wl, build_model=lambda: split_heads(wl.build_model(), tp))
+    split = (lambda m: shard_sequence(split_heads(m, tp), tp)) if sp else (lambda m: split_heads(m, tp))
+    return replace(wl, build_model=lambda: split(wl.build_model()))
 
 
 def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dtype: str = "bf16",
-            optimizer: str = "adamw", seq_len: int | None = None, fusion: str = "eager", attention="sdpa") -> Measured:
-    """One device's share of each kind of part of `workload` under tensor parallel `tp` and
-    expert parallel `ep`, measured on fake tensors at `micro_batch` samples (cached).
-
-    A MoE block's attention splits by tp and its experts by ep, independently, and its figures
+            optimizer: str = "adamw", seq_len: int | None = None, fusion: str = "eager", attention="sdpa",
+            sp: bool = False) -> Measured:
+    """One device's share of each kind of part of `workload` under tensor parallel `tp` (and
+    sequence parallel `sp`) and expert parallel `ep`, on fake tensors at `micro_batch` samples
+    (cached). A MoE block's attention splits by tp and its experts by ep, independently, and its figures
     are sums over its ops, so for tp > 1 it is measured once per ep at tp = 1 and its attention
     swapped: + (dense block with only the heads split by tp) - (the same at tp = 1). Exact, and
     a full-size MoE block (256 experts) is what takes seconds."""
     c = config_of(workload, seq_len)
     # a dense block holds no experts: measured at ep = 1, shared by every ep
     fusion = check_fusion(fusion, attention)  # (fusion, attention): how the kernels run, for measure_block
-    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",), fusion))
+    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",), fusion, sp))
     if hasattr(c, "n_experts"):
         moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",), fusion)["moe"]
         if tp > 1:
-            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",), fusion)["dense"]
-                            for t in (tp, 1))
+            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",), fusion, sp)
+                            ["dense"] for t in (tp, 1))
             moe = moe + split - whole
         parts["moe"] = _per_expert_share(c, ep, moe)
     return Measured(parts, micro_batch)
@@ -184,11 +184,11 @@ def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> M
 
 @functools.cache
 def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype: str, optimizer: str,
-             kinds: tuple, fusion: tuple = ("eager", "sdpa")) -> dict:
+             kinds: tuple, fusion: tuple = ("eager", "sdpa"), sp: bool = False) -> dict:
     """{"base": the model without blocks, kind: one block of each of `kinds`} (by_layers' method)."""
     def run(n_layers: int, dense: int) -> Part:
-        return _run(_workload(workload, config, tp, n_layers, dense), micro_batch, chips.get(chip), dtype, optimizer,
-                    fusion)
+        return _run(_workload(workload, config, tp, n_layers, dense, sp and tp > 1), micro_batch, chips.get(chip),
+                    dtype, optimizer, fusion)
 
     # the model without blocks depends on the shard by its vocabulary alone: measured once per vocabulary
     whole = replace(config_of(workload, config.seq_len), vocab_size=config.vocab_size)
@@ -295,7 +295,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
     m = plan.n_microbatches
     mb = max(replica // m, 1)
     meas = measured or measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
-                               seq_len=seq_len, fusion=fusion, attention=attention)
+                               seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp)
     size, opt_bytes = ITEMSIZE[dtype], OPTIMIZER_BYTES[optimizer]
     dense = getattr(c, "n_dense_layers", c.n_layers)
     best = None
@@ -341,7 +341,7 @@ def fitting(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Foo
                      measured=parameters(workload, plan.tp, plan.ep, kw.get("seq_len"))).fits:
         return None
     mb = global_batch // plan.dp // plan.n_microbatches
-    measured = measure(workload, plan.tp, plan.ep, mb, chip, **kw)
+    measured = measure(workload, plan.tp, plan.ep, mb, chip, **kw, sp=plan.sp)
     fp = footprint(workload, plan, global_batch, chip, **kw, measured=measured)
     return fp if fp.fits else None
 

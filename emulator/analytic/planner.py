@@ -176,7 +176,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     m = plan.n_microbatches
     mb = global_batch // plan.dp // m
     meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer,
-                   seq_len=seq_len, fusion=fusion, attention=attention)
+                   seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp)
     size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
     kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])

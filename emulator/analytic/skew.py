@@ -100,7 +100,7 @@ def cost(system, workload: str, plan, global_batch: int, routing=None, memory=No
     chip = system.chip
     balanced = expert_path_s(chip, dtype, rows, c.dim, c.expert_dim, c.n_experts // plan.ep)
     part = measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
-                   seq_len=seq_len, fusion=fusion, attention=attention).parts["moe"]
+                   seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp).parts["moe"]
     routed = rows * c.dim * (message_bytes or {"fp32": 4}.get(dtype, 2))
     a2a = planner._collective(system, plan, "ep", "all_to_all", routed)
     dense = getattr(c, "n_dense_layers", 0)

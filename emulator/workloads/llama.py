@@ -59,7 +59,8 @@ def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x (..., T, hs): each pair (x_i, x_{i + hs/2}) turned by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    # in the tables' fp32 and back to x's dtype, as torchtitan's and Megatron's rotary do
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
 class Attention(nn.Module):

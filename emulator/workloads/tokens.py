@@ -45,7 +45,8 @@ def batches(vocab: int, seq_len: int):
 def loss(model, batch) -> torch.Tensor:
     idx, targets = batch
     logits = model(idx)  # (B, T, vocab)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    # in fp32, as trainers compute it from low-precision logits (torchtitan, Megatron)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 def named(configs: dict, build):

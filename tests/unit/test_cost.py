@@ -79,6 +79,24 @@ def test_integer_tensors_count_their_real_size_and_fp8_stores_bf16():
     assert model.tensor_bytes(torch.randn(10)) == 20 and model.tensor_bytes(torch.arange(10)) == 80
 
 
+def test_real_sizes_charge_a_low_precision_runs_fp32_upcasts_at_four_bytes():
+    """A run already in the emulated dtype (the plan model's fake blocks: measure_block) charges each
+    floating tensor at its own size, so an fp32 upcast (torch's rms_norm on bf16, a loss in fp32)
+    moves fp32 bytes; by default every float is at the emulated dtype's size (a model run in fp32
+    for the emulated bf16)."""
+    x = torch.randn(1000).to(torch.bfloat16)
+
+    def bytes_of(real_sizes):
+        with Throttle(CostModel(TOY, "bf16", real_sizes=real_sizes), VirtualLane()) as t:
+            x.float()  # aten._to_copy: reads 1000 bf16, writes 1000 fp32
+        return t.bytes
+
+    assert (bytes_of(False), bytes_of(True)) == (1000 * (2 + 2), 1000 * (2 + 4))
+    real = CostModel(TOY, "bf16", real_sizes=True)
+    assert (real.tensor_bytes(torch.randn(10)), real.tensor_bytes(x[:10]), real.tensor_bytes(torch.arange(10))) \
+        == (40, 20, 80)
+
+
 def test_views_and_allocations_are_free():
     x = torch.randn(8, 8)
     assert charged(lambda: (x.view(64), x.t(), x[2:], torch.empty(10)))[0] == 0

@@ -5,8 +5,8 @@ fake-tensor step as the block's other figures (measure.py's `measure_block`).
 * Under torchtitan's selective op checkpointing (workloads/checkpoint.py), the ops whose outputs
   the policy keeps: their outputs' bytes (what the block holds besides its input) and their
   forward seconds (what the recompute in backward does not rerun).
-* What autograd saves inside the block's norms: the bytes sequence parallelism divides by tp
-  (plans.py runs the norms on 1 / tp of the sequence).
+* What autograd saves inside the block's norms (a 1 / tp share when the block is measured under
+  sequence parallelism, analytic/sequence_parallel.py, as plans.py runs the norms).
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ from relay.workloads import get as get_workload
 from relay.workloads.routing import balanced
 
 TENSORS = ("real", "fake")
+# the torch dtype a block is measured in per emulated dtype (FP8 training keeps bf16 activations)
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ def _moe_layers(model) -> list:
     return [m for m in model.modules() if hasattr(m, "routing") and hasattr(m, "counts")]
 
 
-def _model_and_batch(wl: Workload, per_device_batch: int, tensors: str, seed: int, routing):
-    """(model, batch, fake mode or None). The fake mode must stay active while they are used."""
+def _model_and_batch(wl: Workload, per_device_batch: int, tensors: str, seed: int, routing, dtype=None):
+    """(model, batch, fake mode or None). The fake mode must stay active while they are used.
+    dtype: the fake model's parameters in that torch dtype (default: the workload's, fp32)."""
     _check_tensors(tensors)
     batch = next(wl.batches(0, 1, per_device_batch, seed))  # token ids: small, made for real
     if tensors == "real":
@@ -69,7 +72,7 @@ def _model_and_batch(wl: Workload, per_device_batch: int, tensors: str, seed: in
                              "by their real top-k (leave routing None)")
         torch.manual_seed(seed)
         return wl.build_model(), batch, None
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
+    with torch.device("meta"), _default_dtype(dtype):  # shapes only: no memory, no initialisation
         model = wl.build_model()
     # the meta parameters are inputs of to_empty's empty_like: the mode must take them
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -79,6 +82,17 @@ def _model_and_batch(wl: Workload, per_device_batch: int, tensors: str, seed: in
     for layer in _moe_layers(model):
         layer.routing = routing or balanced()
     return model, batch, mode
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """torch's default floating dtype set to `dtype` inside (None: left as it is)."""
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or was)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(was)
 
 
 def step_cost(workload, per_device_batch: int, chip, *, tensors: str = "fake", routing=None,
@@ -110,9 +124,10 @@ def memory(workload, per_device_batch: int, *, dtype: str = "bf16", optimizer: s
     """Bytes one device holds for a step, without sharding: parameters and gradients at the
     emulated dtype, optimizer state (fp32 master weights, and Adam's two moments), and
     activations: what autograd saves in the forward pass (found on fake tensors, so at any size),
-    each storage counted once, floating ones at the emulated dtype, parameters left out."""
+    each storage counted once, floating ones at the emulated dtype, parameters left out. The model
+    is built in the emulated dtype, as measure_block builds it (what its fp32 upcasts save)."""
     wl = get_workload(workload)
-    model, batch, mode = _model_and_batch(wl, per_device_batch, "fake", 0, routing)
+    model, batch, mode = _model_and_batch(wl, per_device_batch, "fake", 0, routing, TORCH_DTYPES.get(dtype))
     size = ITEMSIZE[dtype]
     held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
     saved = {}
@@ -188,8 +203,11 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
                   attention: str = "sdpa") -> Block:
     """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`,
     its kernels charged as `fusion` runs them (kernels/fusion.py), its attention as `attention`'s
-    kernels (kernels/attention.py)."""
-    model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None)
+    kernels (kernels/attention.py). The model is built in the emulated dtype and its tensors
+    charged at their own sizes (CostModel.real_sizes), so what it computes in fp32 as trainers
+    do (the norms, the rotary embedding, the loss) moves fp32 bytes; what autograd saves is
+    counted at the emulated dtype (measure.memory's rule)."""
+    model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None, TORCH_DTYPES.get(dtype))
     size = ITEMSIZE[dtype]
     held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
     saved, norms = {}, {}
@@ -203,7 +221,7 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
                 norms[key] = saved[key]
         return t
 
-    throttle = Throttle(CostModel(chip, dtype, fusion=fusion, attention=attention), VirtualLane())
+    throttle = Throttle(CostModel(chip, dtype, fusion=fusion, attention=attention, real_sizes=True), VirtualLane())
     ops = BlockOps(throttle, size)
     if throttle.fuser is not None:  # the parameters, whose FP8 casts Transformer Engine caches (kernels/fusion.py)
         throttle.fuser.weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
