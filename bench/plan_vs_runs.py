@@ -3,8 +3,9 @@ plan it costs, on a small system: the runs are the ground truth (the real model 
 plans.py's plans on the emulated fabric), the analytic model what `relay plan` ranks by.
 
 Every plan that fits, trained 2 steps on fake tensors (one device actor per device), the second
-step's emulated time compared with the analytic one, both at fp32 messages (the runs move fp32
-parameters and gradients; planner.search(message_bytes=4)). Prints per plan both steps, their
+step's emulated time compared with the analytic one, both at fp32 messages and the model held in
+fp32 (the runs move fp32 parameters and gradients and charge every float at the emulated dtype;
+planner.search(message_bytes=4, model_dtype="fp32")). Prints per plan both steps, their
 ratio and both ranks, then the largest deviation. Targets: the analytic top plan is the runs'
 fastest, and every plan's analytic step within MAX_DEV of its run's.
 
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
                    "pipeline), to bound the time (moe-debug's 52 plans take over 20 minutes on a busy host)")
     args = p.parse_args(argv)
     system = System(args.chip, args.devices, domain=args.domain or args.devices)
-    found = planner.search(system, args.workload, args.global_batch, top=10_000, message_bytes=4)
+    found = planner.search(system, args.workload, args.global_batch, top=10_000, message_bytes=4, model_dtype="fp32")
     if args.max_microbatches:
         found.results[:] = [r for r in found.results if r.plan.n_microbatches <= args.max_microbatches]
     print(f"# {args.workload} on {system.describe()}, global batch {args.global_batch}: {len(found.results)} plans "

@@ -155,13 +155,15 @@ def cmd_plan(args) -> int:
         print(MFU_NOTE)
         print(f"# memory (most loaded device): {fp.describe()}")
         if plan.sp:
-            print("# sp: its memory modelled (the norms' activations / tp); its time as tensor parallel's all-reduces "
-                  "(an all-gather and a reduce-scatter move the bytes of one all-reduce)")
+            print("# sp: the norms and residual adds on 1 / tp of the sequence (their time and what they save); its "
+                  "communication as tensor parallel's all-reduces (an all-gather and a reduce-scatter move the bytes "
+                  "of one all-reduce)")
         return 0
-    # the runs --confirm compares with move fp32 messages (the model is not cast)
+    # the runs --confirm compares with move fp32 messages and hold their model in fp32 (it is not cast)
     found = skew.search(system, args.workload, batch, args.routing, top=max(args.top, args.confirm),
                         seq_len=args.seq_len, message_bytes=4 if args.confirm else None, dtype=args.precision,
-                        fusion=args.fusion, attention=args.attention)
+                        fusion=args.fusion, attention=args.attention,
+                        model_dtype="fp32" if args.confirm else "emulated")
     if not found.results:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "
                                   f"batch {batch} ({found.considered} considered, all over the HBM); use more "

@@ -40,7 +40,7 @@ from torch import nn
 
 from relay.analytic import activations
 from relay.analytic.sequence_parallel import shard_sequence
-from relay.device.fake.measure import measure_block
+from relay.device.fake.measure import check_model_dtype, measure_block
 from relay.errors import ConfigError
 from relay.hardware import chips
 from relay.kernels.attention import IMPLEMENTATIONS as ATTENTIONS
@@ -131,16 +131,15 @@ def _workload(workload: str, config, tp: int, n_layers: int, dense: int, sp: boo
 
 def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dtype: str = "bf16",
             optimizer: str = "adamw", seq_len: int | None = None, fusion: str = "eager", attention="sdpa",
-            sp: bool = False) -> Measured:
+            sp: bool = False, model_dtype: str = "emulated") -> Measured:
     """One device's share of each kind of part of `workload` under tensor parallel `tp` (and
     sequence parallel `sp`) and expert parallel `ep`, on fake tensors at `micro_batch` samples
-    (cached). A MoE block's attention splits by tp and its experts by ep, independently, and its figures
-    are sums over its ops, so for tp > 1 it is measured once per ep at tp = 1 and its attention
-    swapped: + (dense block with only the heads split by tp) - (the same at tp = 1). Exact, and
-    a full-size MoE block (256 experts) is what takes seconds."""
-    c = config_of(workload, seq_len)
-    # a dense block holds no experts: measured at ep = 1, shared by every ep
-    fusion = check_fusion(fusion, attention)  # (fusion, attention): how the kernels run, for measure_block
+    (cached; model_dtype: measure_block's). A MoE block's attention splits by tp and its experts by
+    ep, independently, and its figures are sums over its ops, so for tp > 1 it is measured once per
+    ep at tp = 1 and its attention swapped: + (dense block with only the heads split by tp) - (the
+    same at tp = 1). Exact, and a full-size MoE block (256 experts) is what takes seconds."""
+    c = config_of(workload, seq_len)  # (a dense block holds no experts: measured at ep = 1, shared by every ep)
+    fusion = check_fusion(fusion, attention, model_dtype)  # how the kernels run, for measure_block
     parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",), fusion, sp))
     if hasattr(c, "n_experts"):
         moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",), fusion)["moe"]
@@ -231,9 +230,9 @@ class Footprint:
                 f"{g(self.capacity)} HBM")
 
 
-def check_fusion(fusion, attention: str = "sdpa") -> tuple:
-    """(fusion, attention), or a ConfigError for a fusion mode (kernels/fusion.py) or attention kernel
-    (kernels/attention.py) the cost model lacks, before any measurement."""
+def check_fusion(fusion, attention: str = "sdpa", model_dtype: str = "emulated") -> tuple:
+    """(fusion, attention, model_dtype), or a ConfigError for one the cost model lacks, before any measurement."""
+    check_model_dtype(model_dtype)
     if attention not in ATTENTIONS:
         raise ConfigError(f"attention = {attention!r} is unknown; choose one of {', '.join(ATTENTIONS)} ('sdpa': "
                           "PyTorch's flash backend, FlashAttention-2; 'cudnn': cuDNN, as Transformer Engine runs it)")
@@ -241,7 +240,7 @@ def check_fusion(fusion, attention: str = "sdpa") -> tuple:
         raise ConfigError(f"fusion = {fusion!r} is unknown; choose 'eager' (a kernel per aten op, as eager PyTorch "
                           "runs) or 'fused' (memory-bound op chains as one kernel, as Megatron-LM with Transformer "
                           "Engine or torch.compile runs them)")
-    return fusion, attention
+    return fusion, attention, model_dtype
 
 
 def config_of(workload, seq_len: int | None = None):
@@ -284,7 +283,8 @@ def in_flight(plan: Parallel, rank: int) -> float:
 
 def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: str = "bf16",
               optimizer: str = "adamw", seq_len: int | None = None, measured: Measured | None = None,
-              fusion: str = "eager", attention: str = "sdpa", regather: bool = False, cp: int = 1) -> Footprint:
+              fusion: str = "eager", attention: str = "sdpa", regather: bool = False, cp: int = 1,
+              model_dtype: str = "emulated") -> Footprint:
     """The most loaded device's memory under `plan` for `global_batch` samples (module docstring);
     regather: Megatron's sequence parallel (activations.py); cp: CP ranks one device stands for
     (their parameters the same: FSDP and the distributed optimizer shard over dp x cp)."""
@@ -295,7 +295,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
     m = plan.n_microbatches
     mb = max(replica // m, 1)
     meas = measured or measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
-                               seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp)
+                               seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp, model_dtype=model_dtype)
     size, opt_bytes = ITEMSIZE[dtype], OPTIMIZER_BYTES[optimizer]
     dense = getattr(c, "n_dense_layers", c.n_layers)
     best = None

@@ -140,7 +140,8 @@ def plans(system: System, workload: str, global_batch: int, seq_len: int | None 
 
 def search(system, workload: str, global_batch: int | None = None, devices: int | None = None, top: int = 5, *,
            seq_len: int | None = None, dtype: str = "bf16", optimizer: str = "adamw",
-           message_bytes: int | None = None, fusion: str = "eager", attention: str = "sdpa") -> Search:
+           message_bytes: int | None = None, fusion: str = "eager", attention: str = "sdpa",
+           model_dtype: str = "emulated") -> Search:
     """The `top` fastest plans of `workload` on `system` (a System or a preset name, scaled to
     `devices` if given) that fit in memory, by emulated step time. message_bytes: bytes per
     element of every message (default: the emulated dtype's; real-mode plans move fp32, 4)."""
@@ -151,7 +152,8 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
     for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", 1 if seq_len is None else seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
-    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len, fusion=fusion, attention=attention)
+    kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len, fusion=fusion, attention=attention,
+              model_dtype=model_dtype)
     chip = system.chip.name
     fits, considered = [], 0
     for p in plans(system, workload, global_batch, seq_len):
@@ -166,7 +168,8 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
 
 def cost(system: System, workload: str, plan: Parallel, global_batch: int, memory: Footprint | None = None, *,
          dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None,
-         message_bytes: int | None = None, fusion="eager", overlap=(), async_p2p=False, attention="sdpa") -> PlanResult:
+         message_bytes: int | None = None, fusion="eager", overlap=(), async_p2p=False, attention="sdpa",
+         model_dtype: str = "emulated") -> PlanResult:
     """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`; fusion ("eager"
     or "fused": kernels/fusion.py), attention (kernels/attention.py) and Megatron's overlaps: analytic/megatron.py.
     async_p2p: the pipeline's p2p messages overlap the compute (the Llama 3 paper's PP, section
@@ -176,7 +179,7 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     m = plan.n_microbatches
     mb = global_batch // plan.dp // m
     meas = measure(workload, plan.tp, plan.ep, mb, system.chip.name, dtype=dtype, optimizer=optimizer,
-                   seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp)
+                   seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp, model_dtype=model_dtype)
     size = message_bytes or ITEMSIZE[dtype]  # bytes per element of a message
     act = mb * c.seq_len * c.dim * size  # one microbatch's activation, bytes
     kernels = _Kernels(CostModel(system.chip, dtype), ITEMSIZE[dtype])

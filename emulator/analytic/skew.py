@@ -84,11 +84,12 @@ def expert_path_s(chip, dtype: str, rows: int, dim: int, hidden: int, local: int
 
 def cost(system, workload: str, plan, global_batch: int, routing=None, memory=None, *, dtype: str = "bf16",
          optimizer: str = "adamw", seq_len: int | None = None, message_bytes: int | None = None,
-         fusion: str = "eager", attention: str = "sdpa"):
+         fusion: str = "eager", attention: str = "sdpa", model_dtype: str = "emulated"):
     """planner.cost with `routing` (a routing model or its text; None or balanced: the same)."""
     model = parse(routing)
     base = planner.cost(system, workload, plan, global_batch, memory, dtype=dtype, optimizer=optimizer,
-                        seq_len=seq_len, message_bytes=message_bytes, fusion=fusion, attention=attention)
+                        seq_len=seq_len, message_bytes=message_bytes, fusion=fusion, attention=attention,
+                        model_dtype=model_dtype)
     c = config_of(workload, seq_len)
     if model is None or plan.ep == 1 or not hasattr(c, "n_experts"):
         return base
@@ -99,8 +100,8 @@ def cost(system, workload: str, plan, global_batch: int, routing=None, memory=No
         return base
     chip = system.chip
     balanced = expert_path_s(chip, dtype, rows, c.dim, c.expert_dim, c.n_experts // plan.ep)
-    part = measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer,
-                   seq_len=seq_len, fusion=fusion, attention=attention, sp=plan.sp).parts["moe"]
+    part = measure(workload, plan.tp, plan.ep, mb, chip.name, dtype=dtype, optimizer=optimizer, seq_len=seq_len,
+                   fusion=fusion, attention=attention, sp=plan.sp, model_dtype=model_dtype).parts["moe"]
     routed = rows * c.dim * (message_bytes or {"fp32": 4}.get(dtype, 2))
     a2a = planner._collective(system, plan, "ep", "all_to_all", routed)
     dense = getattr(c, "n_dense_layers", 0)
@@ -128,7 +129,7 @@ def search(system, workload: str, global_batch: int, routing=None, top: int = 5,
         return planner.search(system, workload, global_batch, top=top, **kw)
     start = time.perf_counter()
     chip, considered, fits = system.chip.name, 0, []
-    mem = {k: kw[k] for k in ("dtype", "optimizer", "seq_len", "fusion", "attention") if k in kw}
+    mem = {k: kw[k] for k in ("dtype", "optimizer", "seq_len", "fusion", "attention", "model_dtype") if k in kw}
     for p in planner.plans(system, workload, global_batch, kw.get("seq_len")):
         considered += 1
         fp = fitting(workload, p, global_batch, chip, **mem)

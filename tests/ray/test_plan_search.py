@@ -21,13 +21,15 @@ from relay.analytic import planner, skew
 from relay.launch.plan import run_plans
 
 WORKLOAD, BATCH = "llama-debug", 16
+# the runs move fp32 messages and hold their models in fp32, every float charged at the emulated dtype
+AS_RUNS = dict(message_bytes=4, model_dtype="fp32")
 MAX_DEV = 0.10  # |analytic / run - 1|, bench/plan_vs_runs.py's target
 
 
 def test_plan_search_returns_the_plan_fake_runs_find_fastest(cluster8):
     system = System("h100", 4)
     cluster8.configure(system, clock="virtual")
-    found = planner.search(system, WORKLOAD, BATCH, top=1000, message_bytes=4)  # the runs move fp32
+    found = planner.search(system, WORKLOAD, BATCH, top=1000, **AS_RUNS)
     space = [r for r in found.results if r.plan.ac is None and r.plan.n_microbatches <= 2
              and (r.plan.pp > 1 or r.plan.microbatches is None)]
     assert len(space) == 6 and {(r.plan.tp > 1, r.plan.pp > 1, r.plan.fsdp) for r in space} >= {
@@ -49,7 +51,7 @@ def test_moe_plans_cost_what_fake_runs_cost(cluster8):
     system = System("h100", 4)
     cluster8.configure(system, clock="virtual")
     plans = [Parallel.parse(p) for p in MOE_PLANS]
-    analytic = [planner.cost(system, "moe-debug", p, BATCH, message_bytes=4) for p in plans]
+    analytic = [planner.cost(system, "moe-debug", p, BATCH, **AS_RUNS) for p in plans]
     runs = run_plans(cluster8, "moe-debug", plans, BATCH)
     for p, a, x in zip(MOE_PLANS, analytic, runs):
         assert x["step_s"] == pytest.approx(a.step_s, rel=0.02), (p, a.step_s, x["step_s"])
@@ -65,7 +67,7 @@ def test_skewed_routing_costs_what_a_fake_run_costs(cluster8):
     steps = {}
     for routing in ("balanced", "zipf:1.5"):
         run, = run_plans(cluster8, "moe-debug", [plan], batch, routing=routing)
-        steps[routing] = (skew.cost(system, "moe-debug", plan, batch, routing, message_bytes=4).step_s, run["step_s"])
+        steps[routing] = (skew.cost(system, "moe-debug", plan, batch, routing, **AS_RUNS).step_s, run["step_s"])
         assert steps[routing][0] == pytest.approx(steps[routing][1], rel=0.02), (routing, steps)
     (a0, r0), (a1, r1) = steps.values()
     assert r1 > r0 and (a1 - a0) == pytest.approx(r1 - r0, rel=0.25), steps
@@ -85,5 +87,5 @@ def test_accumulation_and_selective_checkpointing_steps_match_fake_runs(cluster8
     plans = [Parallel.parse(t) for t in texts]
     runs = run_plans(cluster8, workload, plans, BATCH)
     for plan, run in zip(plans, runs):
-        analytic = planner.cost(system, workload, plan, BATCH, message_bytes=4)
+        analytic = planner.cost(system, workload, plan, BATCH, **AS_RUNS)
         assert analytic.step_s == pytest.approx(run["step_s"], rel=MAX_DEV), plan

@@ -211,7 +211,7 @@ def test_relay_plan_costs_what_the_plan_model_models(capsys):
     assert "dp=2,pp=4,microbatches=8,stages=2" in capsys.readouterr().out
     assert main(["plan", "--chip", "h100", "--devices", "4", "--workload", "llama-debug", "--parallel",
                  "dp=2,tp=2,sp"]) == 0
-    assert "sp: its memory modelled" in capsys.readouterr().out
+    assert "sp: the norms and residual adds on 1 / tp of the sequence" in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")  # the token ids need no gradient
@@ -276,6 +276,20 @@ def test_relay_plan_confirm_refuses_bad_input_before_any_device(capsys):
     assert "not with --parallel" in capsys.readouterr().err
     assert main([*base, "--confirm", "1", "--seq-len", "16"]) == 2
     assert "--seq-len = 16" in capsys.readouterr().err
+
+
+def test_the_blocks_are_measured_as_gpu_trainers_hold_them_or_as_relays_runs_do():
+    """model_dtype "emulated" (the default): the block in bf16, its fp32 upcasts (RMSNorm, rotary,
+    loss) charged at 4 bytes, so it costs more than the same block held in fp32 with every float at
+    the emulated dtype, as Relay's runs hold it ("fp32", what tests/ray/test_plan_search.py compares
+    the runs with); the FLOPs are the same, and an unknown model_dtype is refused before anything is
+    measured."""
+    gpu, runs = (measure("llama-debug", 1, 1, 4, H100, model_dtype=m).parts for m in ("emulated", "fp32"))
+    for kind in ("dense", "base"):
+        assert gpu[kind].forward_s > runs[kind].forward_s and gpu[kind].backward_s > runs[kind].backward_s
+        assert gpu[kind].params == runs[kind].params and gpu[kind].activations == runs[kind].activations
+    with pytest.raises(ConfigError, match="model_dtype = 'fp64'"):
+        planner.cost(System(H100, 4), "llama-debug", Parallel(dp=4), 16, model_dtype="fp64")
 
 
 def test_fsdp2_prefetch_timeline_by_hand():

@@ -25,6 +25,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_map
 
 from relay.device.fake.blockops import BlockOps
+from relay.errors import ConfigError
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import ITEMSIZE, CostModel
 from relay.kernels.throttle import Throttle
@@ -36,6 +37,10 @@ from relay.workloads.routing import balanced
 TENSORS = ("real", "fake")
 # the torch dtype a block is measured in per emulated dtype (FP8 training keeps bf16 activations)
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+# how the plan model's blocks hold their tensors (measure_block): "emulated", as GPU trainers (the
+# emulated dtype, fp32 upcasts charged at 4 bytes); "fp32", as Relay's own runs (every float charged
+# at the emulated dtype): what a comparison with those runs measures
+MODEL_DTYPES = ("emulated", "fp32")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,13 @@ class StepCost:
     forward_backward_flops: float
     routing: tuple  # per MoE layer, tokens per expert (empty for dense models)
     host_s: float  # real seconds this host took
+
+
+def check_model_dtype(model_dtype) -> None:
+    """A ConfigError naming an unknown model_dtype and the choices."""
+    if model_dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model_dtype = {model_dtype!r} is unknown; choose 'emulated' (the blocks in the emulated "
+                         "dtype, as GPU trainers hold them) or 'fp32' (as Relay's runs hold them)")
 
 
 def _check_tensors(tensors: str) -> None:
@@ -200,14 +212,18 @@ class Block:
 
 
 def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: str, fusion: str = "eager",
-                  attention: str = "sdpa") -> Block:
+                  attention: str = "sdpa", model_dtype: str = "emulated") -> Block:
     """Block figures of `wl` (built whole on fake tensors) at `micro_batch` samples on `chip`,
     its kernels charged as `fusion` runs them (kernels/fusion.py), its attention as `attention`'s
-    kernels (kernels/attention.py). The model is built in the emulated dtype and its tensors
-    charged at their own sizes (CostModel.real_sizes), so what it computes in fp32 as trainers
-    do (the norms, the rotary embedding, the loss) moves fp32 bytes; what autograd saves is
-    counted at the emulated dtype (measure.memory's rule)."""
-    model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None, TORCH_DTYPES.get(dtype))
+    kernels (kernels/attention.py). model_dtype "emulated": the model is built in the emulated dtype
+    and its tensors charged at their own sizes (CostModel.real_sizes), so what it computes in fp32
+    as GPU trainers do (the norms, the rotary embedding, the loss) moves fp32 bytes; "fp32": built
+    in fp32, every float charged at the emulated dtype, as Relay's runs hold it. What autograd
+    saves is counted at the emulated dtype (measure.memory's rule)."""
+    check_model_dtype(model_dtype)
+    emulated = model_dtype == "emulated"
+    built = TORCH_DTYPES.get(dtype) if emulated else None
+    model, batch, mode = _model_and_batch(wl, micro_batch, "fake", 0, None, built)
     size = ITEMSIZE[dtype]
     held = {StorageWeakRef(t.untyped_storage()) for t in [*model.parameters(), *model.buffers()]}
     saved, norms = {}, {}
@@ -221,7 +237,7 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
                 norms[key] = saved[key]
         return t
 
-    throttle = Throttle(CostModel(chip, dtype, fusion=fusion, attention=attention, real_sizes=True), VirtualLane())
+    throttle = Throttle(CostModel(chip, dtype, fusion=fusion, attention=attention, real_sizes=emulated), VirtualLane())
     ops = BlockOps(throttle, size)
     if throttle.fuser is not None:  # the parameters, whose FP8 casts Transformer Engine caches (kernels/fusion.py)
         throttle.fuser.weights = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
