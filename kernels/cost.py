@@ -11,8 +11,9 @@ matmuls, convolutions, attention), completed below for the attention kernels the
 (the CPU flash kernel among them), less the score matrix a fused attention backward recomputes
 (the kernel's work, not the model's: charged as time, see FUSED_BACKWARD); every other op has
 none and is memory-bound. Bytes are the op's inputs plus outputs, floating tensors counted at
-the *emulated* dtype (bf16 by default, whatever the host computes in), integer and bool tensors at
-their real size. Views and bare allocations launch no kernel: they cost 0.
+the *emulated* dtype (bf16 by default, whatever the host computes in; with `real_sizes`, a run
+already in the emulated dtype, at their own), integer and bool tensors at their real size. Views
+and bare allocations launch no kernel: they cost 0.
 
 The chip is any object with the catalog's SI views (`peak_flops(dtype)`, `hbm_Bps`) and the
 default `matmul_eff`, `mem_eff`, `launch_us` and `compute_units`: an
@@ -63,7 +64,7 @@ def _free(packet) -> bool:
 class OpCost:
     seconds: float  # emulated seconds
     flops: float
-    bytes: float  # at the emulated dtype
+    bytes: float  # floats at the emulated dtype (CostModel.real_sizes: at their own)
 
 
 _ZERO = OpCost(0.0, 0.0, 0.0)
@@ -311,8 +312,8 @@ class CostModel:
         """Cost of one (m, k) @ (k, n) matmul, without running it; fp8: as torch._scaled_mm on float8
         operands with per-tensor scales (what the MAMF finder times: the GEMM alone, no casts)."""
         if not fp8:
-            a, b = torch.empty(m, k, device="meta"), torch.empty(k, n, device="meta")
-            return self.op_cost(torch.ops.aten.mm.default, (a, b), None, torch.empty(m, n, device="meta"))
+            a, b, out = (torch.empty(*s, device="meta", dtype=torch.bfloat16) for s in ((m, k), (k, n), (m, n)))
+            return self.op_cost(torch.ops.aten.mm.default, (a, b), None, out)
         a, b = (torch.empty(*s, device="meta", dtype=torch.float8_e4m3fn) for s in ((m, k), (k, n)))
         scale = torch.empty((), device="meta")
         return self.op_cost(torch.ops.aten._scaled_mm.default, (a, b, scale, scale), {"out_dtype": torch.bfloat16},

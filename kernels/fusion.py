@@ -82,7 +82,7 @@ class Fuser:
     """The open chain of one device's op stream (one per Throttle)."""
 
     def __init__(self, size_of):
-        self.size_of = size_of  # tensor -> bytes at the emulated dtype (CostModel.tensor_bytes)
+        self.size_of = size_of  # tensor -> bytes the cost model charges it (CostModel.tensor_bytes)
         self.written: dict = {}  # storages the open chain wrote -> their bytes
         self.read: set = set()  # storages from outside the chain it has read
         self.last: set = set()  # storages the chain closed last wrote (an FP8 GEMM's producer)

@@ -13,7 +13,7 @@ such block is added once (Korthikanti et al. 2022, section 5: "the memory needed
 activations of a single layer" on top of the stored inputs).
 
 Sequence parallel: the blocks are measured with their norms and residual adds on 1 / tp of the
-sequence (sequence_parallel.py, as plans.py runs them), so what the norms save is already a
+sequence (sequence_parallel.py, as plans.py runs them), so what its two norms save is already a
 1 / tp share (`norm_bytes`, of the blocks measured without it); a checkpointed block's kept
 input is divided by tp here: between blocks the residual stream is the sequence's shard
 (plans.py, as torchtitan: RowwiseParallel to Shard(1)), so what torch.utils.checkpoint saves is

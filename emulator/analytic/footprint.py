@@ -67,7 +67,7 @@ class Part:
     expert_params: int  # of which experts' (synchronised and sharded over dp / ep replicas, not dp)
     ac_saved_s: float = 0.0  # forward seconds of the ops selective (op) checkpointing keeps (blockops.py)
     ac_saved_bytes: float = 0.0  # bytes of their outputs
-    norm_bytes: float = 0.0  # of `activations`, what the norms save (a 1 / tp share when measured under sp)
+    norm_bytes: float = 0.0  # of `activations`, what the norms save (the block's two: a 1 / tp share under sp)
     weight_cast_s: float = 0.0  # of forward_s + backward_s, FP8 weight casts a fused run makes once a step
 
     def __sub__(self, o: Part) -> Part:
@@ -144,8 +144,8 @@ def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dty
     if hasattr(c, "n_experts"):
         moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",), fusion)["moe"]
         if tp > 1:
-            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",), fusion, sp)
-                            ["dense"] for t in (tp, 1))
+            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",), fusion,
+                                     sp and t > 1)["dense"] for t in (tp, 1))
             moe = moe + split - whole
         parts["moe"] = _per_expert_share(c, ep, moe)
     return Measured(parts, micro_batch)

@@ -7,15 +7,20 @@ On fake tensors the gather before each of them and the scatter after are free (n
 kernel, no bytes): the all-gather and the reduce-scatter are tensor parallel's communication,
 costed apart (tensor_parallel.py). What the wrapped model measures, beyond the split heads: the
 memory-bound ops outside the tensor-parallel regions at a 1 / tp share, in every pass (forward,
-backward, recompute), and the norms' saved tensors at that share. Not modelled: the FP8 cast of
-a gathered input is charged on the whole sequence (Transformer Engine and torchao cast the
-shard before gathering it in FP8).
+backward, recompute), and what the block's two norms save at that share (norms inside the
+attention, as MLA's on its latents, see the whole sequence). Not modelled: the FP8 cast of a
+gathered input is charged on the whole sequence (Transformer Engine and torchao cast the shard
+before gathering it in FP8); under fusion="fused" the shard's first and last ops are fresh
+tensors, so the chains across a block's ends break (a launch or two a block: negligible at full
+size, where sp still saves hundreds of microseconds a block).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from relay.errors import ConfigError
 
 
 class _Gather(torch.autograd.Function):
@@ -36,6 +41,9 @@ class _Scatter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tp: int):
+        if x.shape[1] % tp:
+            raise ConfigError(f"sequence parallel splits the sequence tp ways: seq_len = {x.shape[1]} is not a "
+                              f"multiple of tp = {tp}; give a multiple of tp, or drop sp")
         ctx.tp = tp
         return x.new_empty(x.shape[0], x.shape[1] // tp, *x.shape[2:])
 
@@ -52,15 +60,15 @@ class _Region(nn.Module):
         super().__init__()
         self.inner, self.tp = inner, tp
 
-    def forward(self, x, *args):
-        return _Scatter.apply(self.inner(_Gather.apply(x, self.tp), *args), self.tp)
+    def forward(self, x, *args, **kwargs):
+        return _Scatter.apply(self.inner(_Gather.apply(x, self.tp), *args, **kwargs), self.tp)
 
 
 def shard_sequence(model: nn.Module, tp: int) -> nn.Module:
-    """`model` (its blocks' attention `attn` and feed-forward `ffn` split by tp already) with the
-    residual stream between its blocks on 1 / tp of the sequence: scattered before the first
-    block, gathered after the last (so the embedding, final norm and head, measured without
-    blocks, are unchanged)."""
+    """`model` (its blocks' attention `attn` and feed-forward `ffn` split by tp already; a fake-tensor
+    model, whose blocks take the residual stream first and positionally) with the residual stream
+    between its blocks on 1 / tp of the sequence: scattered before the first block, gathered after
+    the last (so the embedding, final norm and head, measured without blocks, are unchanged)."""
     blocks = list(getattr(model, "blocks", []))
     if tp == 1 or not blocks:
         return model

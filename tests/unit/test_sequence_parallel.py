@@ -9,6 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from relay import chips
 from relay.analytic.footprint import measure
+from relay.errors import ConfigError
 from relay.kernels.clock import VirtualLane
 from relay.kernels.cost import CostModel
 from relay.kernels.throttle import Throttle
@@ -47,7 +48,24 @@ def test_the_norms_and_residual_adds_run_on_a_tp_share_of_the_sequence():
     assert shard.params == whole.params and shard.optimizer_s == pytest.approx(whole.optimizer_s, rel=1e-9)
 
 
-def test_without_tensor_parallel_sequence_parallel_changes_nothing():
-    """The base (embedding, final norm, head, loss) is measured without blocks: the same under sp."""
+def test_the_base_is_measured_without_blocks_so_sp_leaves_it_unchanged():
+    """The embedding, final norm, head and loss (the model without blocks) are the same under sp."""
     whole, shard = (measure("llama-debug", TP, 1, B, "h100", sp=sp).parts["base"] for sp in (False, True))
     assert whole == shard
+
+
+def test_a_moe_block_under_sp_saves_what_its_dense_twin_saves():
+    """footprint.measure costs a MoE block under tp as its tp = 1 measurement with the attention
+    swapped (+ the split dense block - the whole one): under sp the swap carries the norms' and
+    residual adds' share, the same seconds and bytes the dense block saves (the two norms and
+    adds are alike in both kinds of block)."""
+    whole, shard = (measure("moe-debug", TP, 1, B, "h100", sp=sp).parts for sp in (False, True))
+    for f in ("forward_s", "backward_s", "activations"):
+        saved = getattr(whole["dense"], f) - getattr(shard["dense"], f)
+        assert saved > 0
+        assert getattr(whole["moe"], f) - getattr(shard["moe"], f) == pytest.approx(saved, rel=1e-9), f
+
+
+def test_a_sequence_tp_does_not_divide_is_refused_by_name():
+    with pytest.raises(ConfigError, match="seq_len = 31 is not a multiple of tp = 2"):
+        measure("llama-debug", TP, 1, B, "h100", seq_len=31, sp=True)

@@ -5,8 +5,8 @@ fake-tensor step as the block's other figures (measure.py's `measure_block`).
 * Under torchtitan's selective op checkpointing (workloads/checkpoint.py), the ops whose outputs
   the policy keeps: their outputs' bytes (what the block holds besides its input) and their
   forward seconds (what the recompute in backward does not rerun).
-* What autograd saves inside the block's norms (a 1 / tp share when the block is measured under
-  sequence parallelism, analytic/sequence_parallel.py, as plans.py runs the norms).
+* What autograd saves inside the block's norms (of its two norms, a 1 / tp share when the block is
+  measured under sequence parallelism, analytic/sequence_parallel.py, as plans.py runs them).
 """
 
 from __future__ import annotations

@@ -90,7 +90,9 @@ def _model_and_batch(wl: Workload, per_device_batch: int, tensors: str, seed: in
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model = model.to_empty(device="cpu")
-    batch = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+    # (a floating input in the model's dtype, as a low-precision trainer feeds it; token ids unchanged)
+    batch = tree_map(lambda t: mode.from_tensor(t.to(dtype) if dtype and t.is_floating_point() else t)
+                     if isinstance(t, torch.Tensor) else t, batch)
     for layer in _moe_layers(model):
         layer.routing = routing or balanced()
     return model, batch, mode
@@ -219,7 +221,8 @@ def measure_block(wl: Workload, micro_batch: int, chip, dtype: str, optimizer: s
     and its tensors charged at their own sizes (CostModel.real_sizes), so what it computes in fp32
     as GPU trainers do (the norms, the rotary embedding, the loss) moves fp32 bytes; "fp32": built
     in fp32, every float charged at the emulated dtype, as Relay's runs hold it. What autograd
-    saves is counted at the emulated dtype (measure.memory's rule)."""
+    saves is counted at the emulated dtype (measure.memory's rule: an fp32 tensor it saves, as the
+    norms' upcast input or the loss's fp32 log-softmax, at 2 bytes, an undercount)."""
     check_model_dtype(model_dtype)
     emulated = model_dtype == "emulated"
     built = TORCH_DTYPES.get(dtype) if emulated else None
