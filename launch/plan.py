@@ -67,8 +67,9 @@ def run_plans(cluster: Cluster, workload: str, plans, global_batch: int, optimiz
               routing: str | None = None) -> list:
     """Each plan trained CONFIRM_STEPS steps on fake tensors on `cluster` (its system as
     configured): per plan the last step's row (step_s, compute_s, ..., emulated seconds), with
-    host_s, the real seconds the run took. The runs move fp32 parameters and gradients (the
-    model is not cast): compare with the planner's message_bytes=4."""
+    host_s, the real seconds the run took. The runs move fp32 parameters and gradients and hold
+    their model in fp32 (it is not cast): compare with the planner's message_bytes=4,
+    model_dtype="fp32"."""
     out = []
     for plan in plans:
         start = time.perf_counter()
@@ -91,7 +92,7 @@ def confirm(system, workload: str, results: list, global_batch: int, dtype: str 
     rows = [[i + 1, str(r.plan), f"{r.step_s:.4g}", f"{x['step_s']:.4g}", f"{x['step_s'] / r.step_s:.3f}",
              f"{x['host_s']:.1f}"] for i, (r, x) in enumerate(zip(results, runs))]
     print(f"# confirmed by fake-tensor runs ({CONFIRM_STEPS} steps, the last compared; every plan's messages at "
-          "fp32, as the runs move them):")
+          "fp32 and its blocks measured in fp32, as the runs move and hold them):")
     print(tabulate(rows, headers=CONFIRM_HEADERS, disable_numparse=True))
     best = min(range(len(runs)), key=lambda i: runs[i]["step_s"])
     print(f"# fastest by the runs: plan {best + 1} ({results[best].plan}); confirmation took "
@@ -139,8 +140,8 @@ def cmd_plan(args) -> int:
           f"{args.routing or 'balanced'} routing; "
           "analytic model, every "
           "figure emulated"
-          + ("; messages at fp32 (4 bytes per element), as the fake-tensor runs of --confirm move them"
-             if args.confirm else ""))
+          + ("; messages at fp32 (4 bytes per element) and the blocks measured in fp32 (model_dtype='fp32'), as "
+             "the fake-tensor runs of --confirm move and hold them" if args.confirm else ""))
     if args.parallel:
         plan = Parallel.parse(args.parallel)
         if batch % plan.dp:

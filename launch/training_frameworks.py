@@ -12,8 +12,9 @@ its kernels' fusion (kernels/fusion.py) and Megatron's communication overlaps
     meta            the Llama 3 paper's own framework: nothing published to cost, eager
 Their attention kernels (kernels/attention.py): Transformer Engine's DotProductAttention prefers its
 FusedAttention (cuDNN) backend on Hopper and newer GPUs when FlashAttention also qualifies (Transformer
-Engine documentation, "Attention Backend Selection"), so Megatron-Core and the rows whose extras name
-"Transformer Engine" (AutoModel's DeepSeek-V3 configs: backend attn: te) run cuDNN attention;
+Engine documentation, "Attention Backend Selection"), so Megatron-Core and the rows whose extras list
+exactly "Transformer Engine" (TE's layers with its attention: AutoModel's DeepSeek-V3 configs,
+backend attn: te) run cuDNN attention;
 torchtitan and the rest call PyTorch's scaled_dot_product_attention, whose flash backend is
 FlashAttention-2 ("sdpa"), as AutoModel's Llama 3 70B CP row does (attn_implementation: sdpa,
 "required for cp>1", with Transformer Engine's Linear alone: its extras say so).

@@ -139,12 +139,12 @@ def measure(workload: str, tp: int, ep: int, micro_batch: int, chip: str, *, dty
     ep at tp = 1 and its attention swapped: + (dense block with only the heads split by tp) - (the
     same at tp = 1). Exact, and a full-size MoE block (256 experts) is what takes seconds."""
     c = config_of(workload, seq_len)  # (a dense block holds no experts: measured at ep = 1, shared by every ep)
-    fusion = check_fusion(fusion, attention, model_dtype)  # how the kernels run, for measure_block
-    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",), fusion, sp))
+    kernels = check_fusion(fusion, attention, model_dtype)  # how the kernels run, for measure_block
+    parts = dict(_measure(workload, shard(c, tp, 1), tp, micro_batch, chip, dtype, optimizer, ("dense",), kernels, sp))
     if hasattr(c, "n_experts"):
-        moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",), fusion)["moe"]
+        moe = _measure(workload, shard(c, 1, ep), 1, micro_batch, chip, dtype, optimizer, ("moe",), kernels)["moe"]
         if tp > 1:
-            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",), fusion,
+            split, whole = (_measure(workload, c, t, micro_batch, chip, dtype, optimizer, ("dense",), kernels,
                                      sp and t > 1)["dense"] for t in (tp, 1))
             moe = moe + split - whole
         parts["moe"] = _per_expert_share(c, ep, moe)
@@ -183,23 +183,23 @@ def parameters(workload: str, tp: int, ep: int, seq_len: int | None = None) -> M
 
 @functools.cache
 def _measure(workload: str, config, tp: int, micro_batch: int, chip: str, dtype: str, optimizer: str,
-             kinds: tuple, fusion: tuple = ("eager", "sdpa"), sp: bool = False) -> dict:
+             kinds: tuple, kernels: tuple = ("eager", "sdpa", "emulated"), sp: bool = False) -> dict:
     """{"base": the model without blocks, kind: one block of each of `kinds`} (by_layers' method)."""
     def run(n_layers: int, dense: int) -> Part:
         return _run(_workload(workload, config, tp, n_layers, dense, sp and tp > 1), micro_batch, chips.get(chip),
-                    dtype, optimizer, fusion)
+                    dtype, optimizer, kernels)
 
-    # the model without blocks depends on the shard by its vocabulary alone: measured once per vocabulary
-    whole = replace(config_of(workload, config.seq_len), vocab_size=config.vocab_size)
-    base = _measure(workload, whole, 1, micro_batch, chip, dtype, optimizer, (), fusion)["base"] if kinds else run(0, 0)
+    whole = replace(config_of(workload, config.seq_len), vocab_size=config.vocab_size)  # (the base: once per vocab)
+    base = run(0, 0) if not kinds else _measure(workload, whole, 1, micro_batch, chip, dtype, optimizer, (),
+                                                kernels)["base"]
     out = {"base": base}
     for kind in kinds:
         out[kind] = run(1, 1 if kind == "dense" else 0) - base
     return out
 
 
-def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str, fusion: tuple) -> Part:
-    b = measure_block(wl, micro_batch, chip, dtype, optimizer, *fusion)
+def _run(wl, micro_batch: int, chip, dtype: str, optimizer: str, kernels: tuple) -> Part:
+    b = measure_block(wl, micro_batch, chip, dtype, optimizer, *kernels)  # (fusion, attention, model_dtype)
     return Part(b.forward_s, b.backward_s, b.optimizer_s, b.activations, b.params, b.expert_params, b.ac_saved_s,
                 b.ac_saved_bytes, b.norm_bytes, b.weight_cast_s)
 
@@ -336,7 +336,7 @@ def footprint(workload: str, plan: Parallel, global_batch: int, chip, *, dtype: 
 def fitting(workload: str, plan: Parallel, global_batch: int, chip, **kw) -> Footprint | None:
     """The plan's footprint when it fits in the chip's HBM, else None, as the plan searches prune:
     the parameters alone (counted, no fake run) rule out most plans; then one measurement per (tp,
-    ep, microbatch), cached, serves every plan that shares it. kw: dtype, optimizer, seq_len, fusion."""
+    ep, microbatch), cached, serves every plan that shares it. kw: footprint's (dtype ... model_dtype)."""
     if not footprint(workload, plan, global_batch, chip, **kw,
                      measured=parameters(workload, plan.tp, plan.ep, kw.get("seq_len"))).fits:
         return None

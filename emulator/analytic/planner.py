@@ -41,7 +41,7 @@ import torch
 
 from relay.analytic import accumulate, activations, megatron, tensor_parallel
 from relay.analytic import footprint as footprints
-from relay.analytic.footprint import Footprint, config_of, fitting, footprint, measure, stage_layers
+from relay.analytic.footprint import Footprint, check_fusion, config_of, fitting, footprint, measure, stage_layers
 from relay.analytic.overlap import fsdp_exposed
 from relay.collectives import predict
 from relay.collectives.fabric import Fabric
@@ -152,6 +152,7 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
     for name, v in (("global_batch", global_batch), ("top", top), ("seq_len", 1 if seq_len is None else seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
+    check_fusion(fusion, attention, model_dtype)  # (refused before any plan is measured)
     kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len, fusion=fusion, attention=attention,
               model_dtype=model_dtype)
     chip = system.chip.name

@@ -117,14 +117,19 @@ def test_a_run_and_the_plan_model_charge_the_attention_kernels_rate():
 
 
 def test_the_rows_run_the_attention_their_framework_runs():
-    """Transformer Engine prefers cuDNN attention on Hopper: Megatron-Core rows and AutoModel's TE rows
-    run "cudnn"; torchtitan's (PyTorch's SDPA: FlashAttention-2) and the rest "sdpa"."""
+    """Transformer Engine prefers cuDNN attention on Hopper: Megatron-Core rows and AutoModel's rows with
+    TE's attention (its DeepSeek-V3 configs, backend attn: te) run "cudnn"; torchtitan's (PyTorch's
+    SDPA: FlashAttention-2) and the rest "sdpa", AutoModel's Llama 3 70B CP row among them (its
+    config: attn_implementation: sdpa, "required for cp>1", with TE's Linear alone)."""
     rows = vt.load()
     for r in rows:
         want = "cudnn" if r.framework == "megatron-core" or "Transformer Engine" in r.extras else "sdpa"
         assert attention_of(r) == want, r.id
     assert {attention_of(r) for r in rows if r.framework == "torchtitan"} == {"sdpa"}
     assert {attention_of(r) for r in rows if r.framework == "megatron-core"} == {"cudnn"}
+    by_id = {r.id: r for r in rows}
+    assert attention_of(by_id["automodel-h100x64-llama3-70b"]) == "sdpa"
+    assert {attention_of(r) for r in rows if r.framework == "automodel" and "deepseek" in r.id} == {"cudnn"}
     assert config_of("llama3-8b").seq_len == 8192  # the sequence the catalog's figures were measured at
 
 

@@ -282,8 +282,8 @@ def test_the_blocks_are_measured_as_gpu_trainers_hold_them_or_as_relays_runs_do(
     """model_dtype "emulated" (the default): the block in bf16, its fp32 upcasts (RMSNorm, rotary,
     loss) charged at 4 bytes, so it costs more than the same block held in fp32 with every float at
     the emulated dtype, as Relay's runs hold it ("fp32", what tests/ray/test_plan_search.py compares
-    the runs with); the FLOPs are the same, and an unknown model_dtype is refused before anything is
-    measured."""
+    the runs with); on llama-debug the parameters and saved bytes are the same, and an unknown
+    model_dtype is refused before anything is measured."""
     gpu, runs = (measure("llama-debug", 1, 1, 4, H100, model_dtype=m).parts for m in ("emulated", "fp32"))
     for kind in ("dense", "base"):
         assert gpu[kind].forward_s > runs[kind].forward_s and gpu[kind].backward_s > runs[kind].backward_s

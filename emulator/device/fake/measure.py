@@ -61,7 +61,7 @@ def check_model_dtype(model_dtype) -> None:
     """A ConfigError naming an unknown model_dtype and the choices."""
     if model_dtype not in MODEL_DTYPES:
         raise ConfigError(f"model_dtype = {model_dtype!r} is unknown; choose 'emulated' (the blocks in the emulated "
-                         "dtype, as GPU trainers hold them) or 'fp32' (as Relay's runs hold them)")
+                          "dtype, as GPU trainers hold them) or 'fp32' (as Relay's runs hold them)")
 
 
 def _check_tensors(tensors: str) -> None:
