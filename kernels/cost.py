@@ -182,9 +182,9 @@ class CostModel:
         object.__setattr__(self, "_float_size", ITEMSIZE[self.dtype])
 
     def tensor_bytes(self, t: torch.Tensor) -> int:
-        return t.numel() * self._itemsize(t)
+        return t.numel() * self.itemsize(t)
 
-    def _itemsize(self, t: torch.Tensor) -> int:
+    def itemsize(self, t: torch.Tensor) -> int:
         """Bytes per element the cost model charges `t` (float8: 1 byte, kernels/fp8.py)."""
         if self.real_sizes or not t.is_floating_point() or t.dtype in fp8.BYTE_FLOATS:
             return t.element_size()
@@ -253,7 +253,7 @@ class CostModel:
         if low:  # a Linear GEMM in FP8: its rate (folded into q) and its operands at 1 byte
             q *= self._fp8_speedup
             for t in low:
-                saved = t.numel() * (self._itemsize(t) - fp8.OPERAND_BYTES)
+                saved = t.numel() * (self.itemsize(t) - fp8.OPERAND_BYTES)
                 nbytes -= saved
                 fixed_bytes -= saved if fixed is not None and fixed(t) else 0
         return flops, nbytes, fixed_bytes, q
@@ -285,7 +285,7 @@ class CostModel:
         low = fp8.operands(func, args)
         if not low:
             return None
-        moved = [fp8.cast_bytes(t, self._itemsize(t)) for t in low]
+        moved = [fp8.cast_bytes(t, self.itemsize(t)) for t in low]
         fixed_bytes = sum(b for t, b in zip(low, moved) if fixed is not None and fixed(t))
         return fp8.CAST_KERNELS * len(low), sum(moved), fixed_bytes
 
@@ -298,7 +298,7 @@ class CostModel:
         nbytes = fixed_bytes = 0
         for y in x:
             if isinstance(y, torch.Tensor):
-                n = y.numel() * self._itemsize(y)
+                n = y.numel() * self.itemsize(y)
                 nbytes += n
                 if fixed is not None and fixed(y):
                     fixed_bytes += n
@@ -311,13 +311,13 @@ class CostModel:
     def matmul_cost(self, m: int, k: int, n: int, fp8: bool = False) -> OpCost:
         """Cost of one (m, k) @ (k, n) matmul, without running it; fp8: as torch._scaled_mm on float8
         operands with per-tensor scales (what the MAMF finder times: the GEMM alone, no casts)."""
+        a, b = (torch.empty(*s, device="meta", dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
+                for s in ((m, k), (k, n)))
+        out = torch.empty(m, n, device="meta", dtype=torch.bfloat16)
         if not fp8:
-            a, b, out = (torch.empty(*s, device="meta", dtype=torch.bfloat16) for s in ((m, k), (k, n), (m, n)))
             return self.op_cost(torch.ops.aten.mm.default, (a, b), None, out)
-        a, b = (torch.empty(*s, device="meta", dtype=torch.float8_e4m3fn) for s in ((m, k), (k, n)))
         scale = torch.empty((), device="meta")
-        return self.op_cost(torch.ops.aten._scaled_mm.default, (a, b, scale, scale), {"out_dtype": torch.bfloat16},
-                            torch.empty(m, n, device="meta", dtype=torch.bfloat16))
+        return self.op_cost(torch.ops.aten._scaled_mm.default, (a, b, scale, scale), {"out_dtype": torch.bfloat16}, out)
 
 
 def _memo_flops(func, formula, args, kwargs, out) -> float:

@@ -162,10 +162,11 @@ class Fuser:
         return (0 if joins else 1), nbytes - taken, fixed_bytes - share
 
 
-def casts(fuser: Fuser, func, args, stored_size: int, fixed=None) -> tuple | None:
+def casts(fuser: Fuser, func, args, itemsize, fixed=None) -> tuple | None:
     """(kernels, bytes, fixed bytes) of the FP8 casts before a Linear GEMM (kernels/fp8.py) under
     fusion: an operand the chain just before wrote is cast by it (its FP8 copy written, no
-    kernel); any other (a weight, an attention output) is scaled and cast as eager does."""
+    kernel); any other (a weight, an attention output) is scaled and cast as eager does, read at
+    itemsize(operand) bytes an element (CostModel.itemsize)."""
     if func._overloadpacket not in fp8.GEMMS:
         return None
     low = fp8.operands(func, args)
@@ -174,7 +175,7 @@ def casts(fuser: Fuser, func, args, stored_size: int, fixed=None) -> tuple | Non
     kernels = nbytes = fixed_bytes = 0
     for t in low:
         fused = fuser.fused_cast(t)
-        b = t.numel() * fp8.OPERAND_BYTES if fused else fp8.cast_bytes(t, stored_size)
+        b = t.numel() * fp8.OPERAND_BYTES if fused else fp8.cast_bytes(t, itemsize(t))
         k = 0 if fused else fp8.CAST_KERNELS
         kernels, nbytes = kernels + k, nbytes + b
         fixed_bytes += b if fixed is not None and fixed(t) else 0

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from relay.kernels import flex, fp8, fusion
 from relay.kernels.clock import VirtualLane
-from relay.kernels.cost import ITEMSIZE, CostModel
+from relay.kernels.cost import CostModel
 
 
 class Throttle(TorchDispatchMode):
@@ -106,7 +106,7 @@ class Throttle(TorchDispatchMode):
         seconds = model.seconds(flops / q, nbytes, launches)
         if model.fp8:  # a Linear GEMM's FP8 casts, charged with it (kernels/fp8.py)
             casts = model.casts(func, args, fixed_of) if fuser is None else \
-                fusion.casts(fuser, func, args, ITEMSIZE[model.dtype], fixed_of)
+                fusion.casts(fuser, func, args, model.itemsize, fixed_of)
             if casts:
                 kernels, moved, fixed = casts
                 moved = (moved - fixed) * k + fixed
