@@ -1,23 +1,18 @@
 """Why the MoE rows of `relay validate --training` miss: each row's emulated step broken into its
 parts, its expert-parallel groups placed on the system (inside a scale-up domain or across), one
 MoE block's compute by op class (expert grouped GEMMs, other GEMMs, attention, the dispatch's
-permutations, the rest), and two what-ifs that are NOT the model, each a documented behaviour of
-the framework that ran the row and that Relay does not cost yet:
+permutations, the rest), and a what-if that is NOT the model, a documented behaviour of the
+framework that ran the row and that Relay does not cost yet:
 
-  deepep-node   AutoModel's DeepSeek-V3 rows run DeepEP (enable_deepep: true) with its
-                FakeBalancedGate, which sends token i to experts 8i..8i+7 mod 256
-                (nemo_automodel/components/moe/layers.py at Automodel 89e3a9fdd): with 4 experts
-                per rank (EP 64), 2 ranks of one node. DeepEP's internode dispatch sends a token
-                once per destination node over RDMA and forwards it over NVLink
-                (github.com/deepseek-ai/DeepEP README, "normal kernels ... forwarding data from
-                NVLink domain to RDMA domain"), so a token crosses the network once, not top_k
-                = 8 times as Relay's all-to-all charges it. Costed here as the all-to-all of one
-                copy per token.
   te-fp8        Megatron-Core runs the experts as Transformer Engine's GroupedLinear, which runs
                 its GEMMs in FP8 under the FP8 recipes (TE's _GroupedLinear "autograd function
                 with FP8 support"); Relay charges grouped GEMMs at BF16 under "fp8"
                 (kernels/moe_ops.py: torchao's float8 converter swaps nn.Linear only). Costed
-                here as the grouped GEMMs at the FP8 rate (no casts added).
+                here as the grouped GEMMs in FP8: operands at 1 byte, the FP8 rate and cap, no casts.
+
+AutoModel's DeepSeek-V3 rows run DeepEP under its FakeBalancedGate: the plan model costs that
+(analytic/deepep.py: a copy per domain a token reaches), so their expert all-to-all column is
+DeepEP's.
 
     .venv/bin/python bench/moe_rows.py          (about 15 s: fake-tensor blocks of each row)
 
@@ -30,7 +25,7 @@ import contextlib
 import sys
 
 from relay import chips
-from relay.analytic import footprint, planner
+from relay.analytic import footprint
 from relay.device.fake.measure import measure_block
 from relay.kernels import cost, moe_ops
 from relay.kernels.throttle import Throttle
@@ -90,41 +85,24 @@ def costed(row):
 
 
 @contextlib.contextmanager
-def deepep_node(copies: int):
-    """The expert all-to-alls of routed tokens (top_k copies a token) charged as `copies` a token."""
-    real = planner._collective
-
-    def one_copy_per_node(system, plan, dim, primitive, nbytes):
-        c = footprint.config_of("deepseek-v3")
-        routed = dim == "ep" and primitive == "all_to_all" and nbytes > 8 * c.n_experts
-        return real(system, plan, dim, primitive, nbytes * copies / c.top_k if routed else nbytes)
-
-    planner._collective = one_copy_per_node
-    try:
-        yield
-    finally:
-        planner._collective = real
-
-
-@contextlib.contextmanager
 def te_fp8_experts():
-    """Grouped GEMMs at the FP8 rate under "fp8" (block measurements redone, then dropped)."""
-    real = cost.CostModel.op_parts
-    grouped = set(moe_ops.GROUPED_GEMMS) | {moe_ops.GROUPED_DW}
+    """The grouped GEMMs under "fp8" as FP8 GEMMs: their operands read at 1 byte, at the FP8 rate and
+    under its cap, no casts added (block measurements redone, then dropped)."""
+    real = cost.CostModel.low_operands
 
-    def parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale=1.0):
-        r = real(self, func, args, kwargs, out, fixed, scale)
-        if r is not None and self.fp8 and func._overloadpacket in grouped:
-            flops, nbytes, fixed_bytes, q = r
-            return flops, nbytes, fixed_bytes, q * self._fp8_speedup
-        return r
+    def low(self, func, args):
+        if func._overloadpacket in moe_ops.GROUPED_GEMMS:  # (rows, weights, counts)
+            return [args[0], *args[1]]
+        if func._overloadpacket is moe_ops.GROUPED_DW:  # (grad, rows, counts)
+            return [args[0], args[1]]
+        return real(self, func, args)
 
-    cost.CostModel.op_parts = parts
+    cost.CostModel.low_operands = low
     footprint._measure.cache_clear()
     try:
         yield
     finally:
-        cost.CostModel.op_parts = real
+        cost.CostModel.low_operands = real
         footprint._measure.cache_clear()
 
 
@@ -154,16 +132,13 @@ def main() -> int:
         total = sum(parts.values())
         print(f"  {'':40s} one MoE block, fwd + bwd of a microbatch: {total * 1e3:.2f} ms = "
               + ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items()))
-    print("# what-ifs (not the model): ratio Relay / published at the published layout")
-    for name, rows_of, ctx in (
-            ("deepep-node", lambda r: r.framework == "automodel", lambda: deepep_node(1)),
-            ("te-fp8", lambda r: r.framework == "megatron-core" and r.precision == "fp8", te_fp8_experts)):
-        with ctx():
-            for row in filter(rows_of, rows):
-                r, _ = costed(row)
-                pub = row.global_batch * row.seq_len / row.published / row.devices
-                print(f"  {name:12s} {row.id:40s} ratio {pub / base[row.id]:.3f} -> {pub / r.step_s:.3f} "
-                      f"(expert a2a {r.breakdown.expert_all_to_all:.3f} s, compute {r.breakdown.compute:.3f} s)")
+    print("# what-if (not the model): ratio Relay / published at the published layout")
+    with te_fp8_experts():
+        for row in [r for r in rows if r.framework == "megatron-core" and r.precision == "fp8"]:
+            r, _ = costed(row)
+            pub = row.global_batch * row.seq_len / row.published / row.devices
+            print(f"  te-fp8       {row.id:40s} ratio {pub / base[row.id]:.3f} -> {pub / r.step_s:.3f} "
+                  f"(expert a2a {r.breakdown.expert_all_to_all:.3f} s, compute {r.breakdown.compute:.3f} s)")
     return 0
 
 

@@ -53,6 +53,9 @@ class _ProbeChip:
     def peak_flops(self, dtype: str) -> float:
         return 1e15
 
+    def gemm_cap(self, fp8: bool = False) -> float:
+        return 1.0
+
 
 _PROBE_CHIP = _ProbeChip()
 

@@ -145,7 +145,7 @@ def _signature(x):
 
 @dataclass(frozen=True)
 class CostModel:
-    chip: object  # a relay.hardware.chips.Chip (or anything with its SI views)
+    chip: object  # a relay.hardware.chips.Chip (or anything with its SI views and gemm_cap)
     dtype: str = "bf16"  # emulated dtype of floating tensors
     matmul_eff: float | None = None  # None: the chip's default
     mem_eff: float | None = None
@@ -180,6 +180,7 @@ class CostModel:
         object.__setattr__(self, "_byte_rate", self.chip.hbm_Bps * self.mem_eff)
         object.__setattr__(self, "_launch_s", self.launch_us / 1e6)
         object.__setattr__(self, "_float_size", ITEMSIZE[self.dtype])
+        object.__setattr__(self, "_gemm_cap", (self.chip.gemm_cap(), self.chip.gemm_cap(fp8=True)))
 
     def tensor_bytes(self, t: torch.Tensor) -> int:
         return t.numel() * self.itemsize(t)
@@ -221,7 +222,7 @@ class CostModel:
                 ATTENTION_FLOPS.get(packet) or moe_ops.FLOPS.get(packet) or flop_registry.get(packet, 1)
         if kind == 0:
             return None
-        flops, q, low = 0, 1.0, None
+        flops, q, low, gemm, scaled = 0, 1.0, None, False, False
         if kind != 1:  # a FLOP formula, computed once per distinct signature
             flops = _memo_flops(func, kind, args, kwargs, out)
             if func._overloadpacket in FUSED_BACKWARD:
@@ -231,7 +232,8 @@ class CostModel:
                 r = attention.rate(self.chip, self.attention, func._overloadpacket in attention.BACKWARD,
                                    attention.causal(func, args, kwargs))
                 q *= r / self.chip.matmul_eff if r else 1.0
-            if func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2:
+            gemm = func._overloadpacket in _GEMMS and isinstance(out, torch.Tensor) and out.dim() >= 2
+            if gemm:
                 *batch, m, n = out.shape
                 a = args[1] if func._overloadpacket in _ADDS else args[0]
                 k = a.shape[-1] if isinstance(a, torch.Tensor) else None
@@ -243,12 +245,11 @@ class CostModel:
                 else:
                     q = quantisation(int(m * scale), n, self.chip.compute_units, 1, k)
             elif func._overloadpacket is moe_ops.GROUPED_DW and out:  # per group a weight gradient
-                rows = int(args[0].shape[0] * scale / len(out))
+                gemm, rows = True, int(args[0].shape[0] * scale / len(out))
                 q = quantisation(out[0].shape[0], out[0].shape[1], self.chip.compute_units, len(out), rows or 1)
-            if self.fp8 and func._overloadpacket in fp8.GEMMS:
-                low = fp8.operands(func, args)
-            elif fp8.scaled(func, args):  # a program's own FP8 GEMM (its operands are float8 already)
-                q *= self._scaled_mm_speedup()
+            low = self.low_operands(func, args) if self.fp8 else None
+            if not low and fp8.scaled(func, args):  # a program's own FP8 GEMM (its operands are float8 already)
+                q, scaled = q * self._scaled_mm_speedup(), True
         nbytes, fixed_bytes = self._bytes((args, out, tuple(kwargs.values()) if kwargs else ()), fixed)
         if low:  # a Linear GEMM in FP8: its rate (folded into q) and its operands at 1 byte
             q *= self._fp8_speedup
@@ -256,7 +257,26 @@ class CostModel:
                 saved = t.numel() * (self.itemsize(t) - fp8.OPERAND_BYTES)
                 nbytes -= saved
                 fixed_bytes -= saved if fixed is not None and fixed(t) else 0
+        if gemm and not (low and self.dtype != fp8.PRECISION):  # (no INT8 GEMM was measured: INT8 is not capped)
+            q = self._capped(q, flops * scale, bool(low) or scaled)
         return flops, nbytes, fixed_bytes, q
+
+    def low_operands(self, func, args) -> list | tuple | None:
+        """The operands a GEMM reads at one byte at the low precision (its rate, kernels/fp8.py), or
+        None: a Linear GEMM's two."""
+        return fp8.operands(func, args) if func._overloadpacket in fp8.GEMMS else None
+
+    def _capped(self, q: float, flops: float, fp8_rate: bool) -> float:
+        """A GEMM's q lowered, where needed, so that it runs, its launch included, no faster than
+        the fastest GEMM measured at its precision (the chip's MAMF: chips.Chip.gemm_cap); the
+        measured best shape itself is unchanged (its efficiency was set from it, launch included)."""
+        cap = self._gemm_cap[fp8_rate]
+        if cap >= 1 or not flops:
+            return q
+        speedup = self._scaled_mm_speedup() if fp8_rate else 1.0  # (the "fp8" recipe's rate, or a program's)
+        # launch + flops / (rate q) >= flops / (cap rate), rate = _flop_rate x speedup, q with the speedup in it
+        over = 1 / cap - self._launch_s * self._flop_rate * speedup / flops
+        return min(q, speedup / over) if over > 0 else q
 
     def _low_rate(self, dtype: str) -> float:
         """A low-precision GEMM's rate over _flop_rate: the chip's FP8 peak x its fp8_eff (the "fp8"

@@ -10,7 +10,7 @@ import time
 from tabulate import tabulate
 
 from relay import Cluster
-from relay.analytic import planner, skew
+from relay.analytic import deepep, planner, skew
 from relay.analytic.footprint import GB, check, config_of
 from relay.errors import ConfigError
 from relay.kernels.attention import IMPLEMENTATIONS as ATTENTIONS
@@ -54,6 +54,10 @@ def add_parser(sub) -> None:
                    "(kernels/attention.py)")
     p.add_argument("--routing", help="MoE routing of the plans costed: balanced (default), zipf:S (S the Zipf "
                    "exponent) or a JSON file of token counts per expert; the step follows the busiest device")
+    p.add_argument("--dispatch", choices=deepep.DISPATCHES, default="all_to_all", help="the MoE expert dispatch and "
+                   "combine costed: all_to_all (default: a copy per token and expert, as Relay's runs send it) or "
+                   "deepep (DeepEP's normal kernels: a token once per scale-up domain its experts are in, then over "
+                   "the scale-up links to their ranks, under uniform routing; emulator/analytic/deepep.py)")
     p.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
     p.add_argument("--parallel", help="cost this one plan instead of searching, e.g. tp=8,pp=4,dp=12,fsdp "
                    "(refused with its memory breakdown if it does not fit)")
@@ -121,6 +125,10 @@ def cmd_plan(args) -> int:
     if args.confirm and args.attention != "sdpa":
         raise ConfigError(f"--confirm with --attention = {args.attention!r}: the fake-tensor runs charge PyTorch's "
                           "SDPA kernels ('sdpa'); drop --confirm or --attention")
+    if args.dispatch != "all_to_all" and (args.confirm or skew.parse(args.routing) is not None):
+        other = "--confirm" if args.confirm else "--routing"
+        raise ConfigError(f"--dispatch = {args.dispatch!r} with {other}: the fake-tensor runs and the routing skew "
+                          f"send the runs' all-to-all (a copy per token and expert); drop --dispatch or {other}")
     if args.confirm and args.fusion != "eager":
         raise ConfigError(f"--confirm with --fusion = {args.fusion!r}: the fake-tensor runs charge eager kernels "
                           "(fusion is modelled in the plan search only); drop --confirm or --fusion")
@@ -137,7 +145,7 @@ def cmd_plan(args) -> int:
     print(f"# relay plan: {args.workload} on {system.describe()}, global batch {batch} samples "
           f"({tokens:,} tokens), {args.precision}, {args.fusion} kernels, "
           f"{attention_words(system.chip, args.attention)}, "
-          f"{args.routing or 'balanced'} routing; "
+          f"{args.routing or 'balanced'} routing, {args.dispatch} expert dispatch; "
           "analytic model, every "
           "figure emulated"
           + ("; messages at fp32 (4 bytes per element) and the blocks measured in fp32 (model_dtype='fp32'), as "
@@ -151,7 +159,7 @@ def cmd_plan(args) -> int:
         fp = check(args.workload, plan, batch, system.chip.name, seq_len=args.seq_len, dtype=args.precision,
                    fusion=args.fusion, attention=args.attention)
         r = skew.cost(system, args.workload, plan, batch, args.routing, fp, seq_len=args.seq_len, dtype=args.precision,
-                      fusion=args.fusion, attention=args.attention)
+                      fusion=args.fusion, attention=args.attention, dispatch=args.dispatch)
         print(tabulate([row(1, r, share)], headers=HEADERS, disable_numparse=True))
         print(MFU_NOTE)
         print(f"# memory (most loaded device): {fp.describe()}")
@@ -163,7 +171,7 @@ def cmd_plan(args) -> int:
     # the runs --confirm compares with move fp32 messages and hold their model in fp32 (it is not cast)
     found = skew.search(system, args.workload, batch, args.routing, top=max(args.top, args.confirm),
                         seq_len=args.seq_len, message_bytes=4 if args.confirm else None, dtype=args.precision,
-                        fusion=args.fusion, attention=args.attention,
+                        fusion=args.fusion, attention=args.attention, dispatch=args.dispatch,
                         model_dtype="fp32" if args.confirm else "emulated")
     if not found.results:
         raise ConfigError(f"no plan of {args.workload} fits {system.devices} x {system.chip.name} at global "

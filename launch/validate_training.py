@@ -1,14 +1,12 @@
-"""`relay validate --training`: Relay's emulated training step against published end-to-end
-training throughput. Each row of emulator/hardware/training.toml is a published run (model, chips,
-fabric, layout, batch, sequence, precision, recompute, framework, figure and source). Relay costs
-the *published* layout on the row's System with the analytic plan model (planner.cost, as `relay
-plan --parallel` does; its kernels and overlaps as the row's framework runs them:
-training_frameworks.py) and, beside it, the planner's best plan, in the row's unit.
-What the plan model cannot cost yet is never dropped in silence: `layout` maps a row to the nearest
-plan it can cost and names every approximation (PLANNER_COSTS lists the features); a row whose
-layout does not map is "not run", with the reason. The verdict is the issue's target: median
-|error| <= 10% and no row beyond 25%, over the rows that ran and are not `fit` rows.
-"""
+"""`relay validate --training`: Relay's emulated training step against published end-to-end training
+throughput. Each row of emulator/hardware/training.toml is a published run (model, chips, fabric, layout,
+batch, sequence, precision, recompute, framework, figure, source). Relay costs the *published* layout on
+the row's System with the analytic plan model (planner.cost, as `relay plan --parallel`; its kernels and
+overlaps as the row's framework runs them: training_frameworks.py) and the planner's best plan beside it,
+in the row's unit. What the plan model cannot cost yet is never dropped in silence: `layout` maps a row
+to the nearest plan it can cost and names every approximation (PLANNER_COSTS lists the features); a row
+that does not map is "not run", with the reason. The verdict is the issue's target: median |error| <= 10%
+and no row beyond 25%, over the rows that ran and are not `fit` rows."""
 
 from __future__ import annotations
 
@@ -30,20 +28,17 @@ from relay.analytic import planner
 from relay.analytic.footprint import GB, config_of, footprint
 from relay.errors import ConfigError
 from relay.launch import training_frameworks, validate
-from relay.launch.training_frameworks import ASYNC_P2P, FRAMEWORKS, FUSED_EXTRAS, attention_of, kernels_of, plan_words
+from relay.launch.training_frameworks import FRAMEWORKS, FUSED_EXTRAS, MODELLED, attention_of, dispatch_of, kernels_of
 from relay.parallel import Parallel
 from relay.workloads import analytic
 from relay.workloads import get as get_workload
 
 TRAINING = chips.CATALOG.with_name("training.toml")  # beside the chip catalog, in relay.hardware
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.25  # |relay / published - 1| (issue 26's acceptance)
-MODELLED = ("balanced routing", "token-dropless", ASYNC_P2P)  # extras the plan model assumes or costs
 METRICS = {"tokens_per_gpu": "tokens/s/GPU", "tflops_per_gpu": "TFLOPS/GPU"}
-PRECISIONS = ("bf16", "fp8")
-RECOMPUTES = ("none", "full", "selective")
-# Layout features the analytic plan model (relay.analytic.planner.cost) costs today. `layout`
-# approximates each False one by the nearest plan it can cost, and says so on the row; set an
-# entry True when the planner learns the feature and `layout` passes the row's value through.
+PRECISIONS, RECOMPUTES = ("bf16", "fp8"), ("none", "full", "selective")
+# Layout features the analytic plan model (relay.analytic.planner.cost) costs today. `layout` approximates each False
+# one by the nearest plan it can cost, and says so on the row; True: the planner costs it, `layout` passes it through.
 PLANNER_COSTS = {
     "stages": True,  # virtual pipeline stages (interleaved 1F1B)
     "cp": False,  # context parallel: no Parallel dimension yet (True passes cp= to Parallel)
@@ -85,6 +80,7 @@ class TrainingRow:
     fit: bool = False
     relay: float = 0.0  # Relay's figure at the published layout when the table was last updated
     program: str = ""  # the program that ran it, as --programs launches it (validate_programs)
+    schedules: int = 1  # pipeline schedules a step runs (gradient accumulation over a pipeline: AutoModel's GA)
 
 
 def _check(r: TrainingRow, path) -> None:
@@ -105,6 +101,9 @@ def _check(r: TrainingRow, path) -> None:
         raise bad("seq_len", f"context parallel splits the sequence {r.cp} ways; give a multiple of cp")
     if r.global_batch % (r.dp * r.micro_batch):
         raise bad("global_batch", f"give a multiple of dp x micro_batch ({r.dp * r.micro_batch})")
+    n = r.global_batch // (r.dp * r.micro_batch)  # micro-batches a replica runs a step
+    if type(r.schedules) is not int or r.schedules < 1 or n % r.schedules or (r.schedules > 1 and r.pp == 1):
+        raise bad("schedules", f"give 1, or with pp > 1 a divisor of its {n} micro-batches")
     if r.dp % r.ep:
         raise bad("ep", f"expert parallelism is counted inside dp ({r.dp}); give ep dividing it")
     if not (r.published > 0 and r.source.startswith("http")):
@@ -185,7 +184,7 @@ def layout(row: TrainingRow, costs: dict = PLANNER_COSTS) -> Layout:
             out.append("the source's selective recompute run as torchtitan's op policy (ac=op)")
     elif row.recompute == "selective":
         out.append("selective recompute run as none")
-    dist_opt, sp = plan_words(row, dp)
+    dist_opt, sp = training_frameworks.plan_words(row, dp)
     dtype = row.precision
     if row.precision == "fp8" and not costs["fp8"]:
         dtype = "bf16"
@@ -222,14 +221,14 @@ def cost(row: TrainingRow, lay: Layout):
     memory = footprint(row.workload, lay.plan, row.global_batch, system.chip.name, **kw, cp=lay.cp,
                        regather=row.framework in training_frameworks.REGATHER)  # (Megatron's SP: activations.py)
     return planner.cost(system, row.workload, lay.plan, row.global_batch, memory, **kw, overlap=lay.overlap,
-                        async_p2p=ASYNC_P2P in row.extras)
+                        **training_frameworks.planner_kw(row))
 
 
 def run(row: TrainingRow, best: bool = True) -> dict:
     """Relay's figure for the row at its published layout (and the planner's best plan), in the
     row's unit, or {"not_run": reason}."""
     lay = layout(row)
-    extras = tuple(e for e in row.extras if not e.startswith(MODELLED + (FUSED_EXTRAS * (lay.fusion == "fused"))))
+    extras = tuple(e for e in row.extras if not e.startswith(MODELLED + FUSED_EXTRAS))  # (fused, or said: kernels_of)
     out = {"row": row, "approximations": lay.approximations, "extras": extras}
     system = system_of(row, lay.devices)
     c = config_of(row.workload, lay.seq_len)
@@ -248,8 +247,8 @@ def run(row: TrainingRow, best: bool = True) -> dict:
     out.update(plan=lay.plan, relay=fig, ratio=fig / row.published, err=abs(fig / row.published - 1),
                step_s=r.step_s, memory=r.memory)
     if best:  # on the row's own system and sequence (a CP row above ran one CP rank of each group)
-        found = planner.search(system_of(row), row.workload, row.global_batch, top=1, dtype=lay.dtype,
-                               seq_len=row.seq_len, fusion=lay.fusion, attention=attention_of(row))
+        kw = dict(dtype=lay.dtype, seq_len=row.seq_len, fusion=lay.fusion, attention=attention_of(row))
+        found = planner.search(system_of(row), row.workload, row.global_batch, top=1, **kw, **dispatch_of(row)[0])
         if found.results:
             out.update(best=per_gpu(row, found.results[0].step_s), best_plan=found.results[0].plan)
     return out

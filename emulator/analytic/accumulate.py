@@ -2,9 +2,13 @@
 with or without a pipeline. Without one, a replica runs its m microbatches' forward and backward
 one after the other; DDP synchronises its gradients once, in the last backward (no_sync), FSDP2
 reduce-scatters each microbatch's into the shards (as torchtitan; device/training/parallel.py),
-so that any dp dividing the global batch over the micro-batch size takes the same global batch."""
+so that any dp dividing the global batch over the micro-batch size takes the same global batch.
+With one, a training loop may still accumulate over several pipeline schedules (torch's
+schedule.step called per local batch, as NeMo AutoModel does): planner.cost(schedules=)."""
 
 from __future__ import annotations
+
+from relay.errors import ConfigError
 
 MICRO_BATCHES = (1, 2, 4)  # samples per microbatch the search tries
 
@@ -30,3 +34,11 @@ def adds(plan, parts, tensors, kernels) -> float:
     held = (dense / plan.dp + experts / plan.dp_outer if plan.shards_experts else dense / plan.dp + experts) \
         if plan.fsdp else dense + experts  # (as footprint.py holds them)
     return (m - 1) * kernels.seconds(sum(n for n, _ in tensors), 3 * held)
+
+
+def check_schedules(plan, schedules: int) -> None:
+    """Refuses pipeline schedules a step cannot run: its microbatches split evenly, and only under a pipeline."""
+    pipelined = schedules == 1 or plan.pp > 1
+    if type(schedules) is not int or schedules < 1 or plan.n_microbatches % schedules or not pipelined:
+        raise ConfigError(f"schedules = {schedules!r} is invalid for {plan}; give 1, or with pp > 1 a divisor of its "
+                          f"{plan.n_microbatches} microbatches")

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from relay.analytic import accumulate, activations, megatron, tensor_parallel
+from relay.analytic import accumulate, activations, deepep, megatron, tensor_parallel
 from relay.analytic import footprint as footprints
 from relay.analytic.footprint import Footprint, check_fusion, config_of, fitting, footprint, measure, stage_layers
 from relay.analytic.overlap import fsdp_exposed
@@ -141,10 +141,11 @@ def plans(system: System, workload: str, global_batch: int, seq_len: int | None 
 def search(system, workload: str, global_batch: int | None = None, devices: int | None = None, top: int = 5, *,
            seq_len: int | None = None, dtype: str = "bf16", optimizer: str = "adamw",
            message_bytes: int | None = None, fusion: str = "eager", attention: str = "sdpa",
-           model_dtype: str = "emulated") -> Search:
+           model_dtype: str = "emulated", dispatch: str = "all_to_all", routing: str = "uniform") -> Search:
     """The `top` fastest plans of `workload` on `system` (a System or a preset name, scaled to
     `devices` if given) that fit in memory, by emulated step time. message_bytes: bytes per
-    element of every message (default: the emulated dtype's; real-mode plans move fp32, 4)."""
+    element of every message (default: the emulated dtype's; real-mode plans move fp32, 4);
+    dispatch and routing as `cost`."""
     start = time.perf_counter()
     system = System.preset(system) if isinstance(system, str) else system
     system = system.scaled(devices) if devices else system
@@ -153,6 +154,7 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"plan search: {name} = {v!r} is invalid; give an integer >= 1")
     check_fusion(fusion, attention, model_dtype)  # (refused before any plan is measured)
+    deepep.check(dispatch, routing)
     kw = dict(dtype=dtype, optimizer=optimizer, seq_len=seq_len, fusion=fusion, attention=attention,
               model_dtype=model_dtype)
     chip = system.chip.name
@@ -162,20 +164,27 @@ def search(system, workload: str, global_batch: int | None = None, devices: int 
         fp = fitting(workload, p, global_batch, chip, **kw)  # memory first
         if fp is not None:
             fits.append((p, fp))
-    results = sorted((cost(system, workload, p, global_batch, fp, **kw, message_bytes=message_bytes) for p, fp in fits),
-                     key=lambda r: r.step_s)
+    results = sorted((cost(system, workload, p, global_batch, fp, **kw, message_bytes=message_bytes,
+                           dispatch=dispatch, routing=routing) for p, fp in fits), key=lambda r: r.step_s)
     return Search(results[:top], considered, considered - len(fits), global_batch, time.perf_counter() - start)
 
 
 def cost(system: System, workload: str, plan: Parallel, global_batch: int, memory: Footprint | None = None, *,
          dtype: str = "bf16", optimizer: str = "adamw", seq_len: int | None = None,
          message_bytes: int | None = None, fusion="eager", overlap=(), async_p2p=False, attention="sdpa",
-         model_dtype: str = "emulated") -> PlanResult:
+         model_dtype: str = "emulated", dispatch: str = "all_to_all", routing: str = "uniform",
+         schedules: int = 1) -> PlanResult:
     """The plan's emulated step on `system` (see the module docstring); message_bytes as `search`; fusion ("eager"
     or "fused": kernels/fusion.py), attention (kernels/attention.py) and Megatron's overlaps: analytic/megatron.py.
     async_p2p: the pipeline's p2p messages overlap the compute (the Llama 3 paper's PP, section
-    3.3.2), so only the bubble's chain pays them; torch's schedules, which the runs use, expose them."""
+    3.3.2), so only the bubble's chain pays them; torch's schedules, which the runs use, expose them.
+    dispatch: "all_to_all" (a copy per token and expert, as the runs send it) or "deepep" (a copy per
+    domain reached under `routing`: analytic/deepep.py). schedules: pipeline schedules a step runs
+    on its microbatches (a loop calling torch's schedule.step per local batch), each with its bubble
+    and, as torch's stages do at their last backward, its data-parallel gradient sync."""
     overlap = megatron.check(overlap, fusion)
+    accumulate.check_schedules(plan, schedules)
+    deepep.check(dispatch, routing)
     c = config_of(workload, seq_len)
     m = plan.n_microbatches
     mb = global_batch // plan.dp // m
@@ -188,7 +197,11 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     tp_fwd, tp_bwd = megatron.tensor_parallel(*tensor_parallel.all_reduces(plan, c, mb, size, kernels, coll),
                                               meas.parts, plan, overlap)
     routed = c.top_k * act if hasattr(c, "n_experts") else 0
-    a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
+    if dispatch == "deepep" and routed and plan.ep > 1:
+        a2a = deepep.seconds(act, c.top_k, c.n_experts, *_group(system, plan.dp, plan.tp, plan.pp, plan.ep, "ep"),
+                             routing)
+    else:
+        a2a = _collective(system, plan, "ep", "all_to_all", routed) if plan.ep > 1 else 0.0
     # and before the dispatch, the token counts per expert (int64), once per forward pass
     counts = _collective(system, plan, "ep", "all_to_all", 8 * c.n_experts) if plan.ep > 1 else 0.0
     p2p = 2 * system.link(0, system.devices // plan.pp).seconds(act) if plan.pp > 1 else 0.0
@@ -221,11 +234,12 @@ def cost(system: System, workload: str, plan: Parallel, global_batch: int, memor
     if plan.ep == 1:  # without expert parallelism plans.py syncs and shards experts as any parameter
         held, tensors = [replace(p, expert_params=0) for p in held], [(n, 0) for n, _ in tensors]
     opt = _optimizer(plan, held, tensors, kernels, OPTIMIZER_OPS.get(optimizer, 1))
-    copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m, overlap)
+    copies, dp = _data_parallel(system, plan, held, tensors, size, kernels, m, overlap, schedules)
     dp = megatron.data_parallel(dp, plan, overlap)
     v = plan.n_stages  # interleaved 1F1B: a v-th of the bubble, v times the p2p messages
     exposed_p2p = 0.0 if async_p2p else m * v * p2p
-    bd = Breakdown(m * compute - cached + opt + copies, m * tp, (plan.pp - 1) * t_max / v + exposed_p2p, m * ep, dp)
+    bd = Breakdown(m * compute - cached + opt + copies, m * tp, schedules * (plan.pp - 1) * t_max / v + exposed_p2p,
+                   m * ep, schedules * dp)
     memory = memory or footprint(workload, plan, global_batch, system.chip.name, dtype=dtype, optimizer=optimizer,
                                  seq_len=seq_len, measured=meas, fusion=fusion, attention=attention)
     tokens = global_batch * c.seq_len
@@ -258,7 +272,8 @@ def _optimizer(plan: Parallel, parts, tensors, kernels: _Kernels, ops: int) -> f
     return out
 
 
-def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _Kernels, m: int, overlap=()) -> tuple:
+def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _Kernels, m: int, overlap=(),
+                   schedules: int = 1) -> tuple:
     """(Compute, exposed communication) of data parallelism, emulated seconds, as plans.py runs it.
 
     Buckets (no fsdp, any tp): gradients in BUCKET_MB buckets, each all-reduced when its last gradient
@@ -283,8 +298,8 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     if plan.fsdp:
         # units: each block and the root (the stage's embedding, norm and head); each MoE block's experts
         experts = [p.expert_params for p in parts if p.expert_params] if plan.shards_experts else []
-        compute += _fsdp(plan, [d[0] for d in dense if d[0]], len(dense) - 1, kernels, m) + \
-            _fsdp(plan, experts, len(experts), kernels, m)
+        compute += _fsdp(plan, [d[0] for d in dense if d[0]], len(dense) - 1, kernels, m, schedules) + \
+            _fsdp(plan, experts, len(experts), kernels, m, schedules)
         coll = lambda dim, primitive, n: _collective(system, plan, dim, primitive, n * size)  # noqa: E731
         return compute, exposed + fsdp_exposed(plan, parts, [d[0] for d in dense], coll, m)  # (overlap.py)
     grads = params * size
@@ -296,14 +311,14 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     return compute, megatron.buckets(exposed, buckets * each, sum(d[2] for d in dense), each, overlap)
 
 
-def _fsdp(plan: Parallel, units: list, blocks: int, kernels: _Kernels, m: int) -> float:
+def _fsdp(plan: Parallel, units: list, blocks: int, kernels: _Kernels, m: int, schedules: int = 1) -> float:
     """Emulated seconds of the kernels FSDP2 units of `units` parameters charge around their
     collectives (copy-in, copy-out, chunk_cat): each microbatch gathers every unit forward, the
     first `blocks` again backward, and reduce-scatters each (a pipeline keeps them gathered after
-    the first backward and reduce-scatters once). The collectives themselves: overlap.py."""
+    the first backward and reduce-scatters once a schedule). The collectives themselves: overlap.py."""
     if not units:
         return 0.0
-    again, syncs = (m, m) if plan.pp == 1 else (1, 1)  # backward's gathers; reduce-scatters (each microbatch)
+    again, syncs = (m, m) if plan.pp == 1 else (schedules, schedules)  # backward's gathers; reduce-scatters
     n_gather, n_scatter = m * len(units) + again * blocks, syncs * len(units)
     launches = FSDP_GATHER_KERNELS * n_gather + FSDP_SCATTER_KERNELS * n_scatter
     return kernels.seconds(launches, 2 * sum(units) * (n_gather + n_scatter) / len(units))

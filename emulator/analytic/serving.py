@@ -118,16 +118,13 @@ class ServingCost(CostModel):
     def casts(self, func, args, fixed=None):
         return None
 
-    def op_parts(self, func, args=(), kwargs=None, out=None, fixed=None, scale: float = 1.0):
-        """As the cost model's, and in "fp8" ("int8") the experts' grouped GEMMs too read 1-byte weights
-        at the low precision's rate (SGLang's DeepGEMM grouped FP8 GEMMs, charged at the chip's cuBLAS
-        fp8_matmul_eff; CloudMatrix-Infer's INT8 experts), as Linear GEMMs do."""
-        parts = super().op_parts(func, args, kwargs, out, fixed, scale)
-        if parts is None or not self.fp8 or func._overloadpacket is not moe_ops.GROUPED_GEMMS_FORWARD:
-            return parts
-        flops, nbytes, fixed_bytes, q = parts
-        weights = sum(w.numel() for w in args[1]) * (self._float_size - 1)
-        return flops, nbytes - weights, fixed_bytes, q * self._fp8_speedup
+    def low_operands(self, func, args):
+        """As the cost model's, and the experts' grouped GEMMs' weights: in "fp8" ("int8") they are read
+        at 1 byte at the low precision's rate (SGLang's DeepGEMM grouped FP8 GEMMs, charged at the chip's
+        cuBLAS fp8_matmul_eff; CloudMatrix-Infer's INT8 experts), as Linear GEMMs' operands are."""
+        if func._overloadpacket is moe_ops.GROUPED_GEMMS_FORWARD:
+            return list(args[1])
+        return super().low_operands(func, args)
 
 
 class _Largest(TorchDispatchMode):

@@ -84,12 +84,17 @@ def expert_path_s(chip, dtype: str, rows: int, dim: int, hidden: int, local: int
 
 def cost(system, workload: str, plan, global_batch: int, routing=None, memory=None, *, dtype: str = "bf16",
          optimizer: str = "adamw", seq_len: int | None = None, message_bytes: int | None = None,
-         fusion: str = "eager", attention: str = "sdpa", model_dtype: str = "emulated"):
-    """planner.cost with `routing` (a routing model or its text; None or balanced: the same)."""
+         fusion: str = "eager", attention: str = "sdpa", model_dtype: str = "emulated",
+         dispatch: str = "all_to_all"):
+    """planner.cost with `routing` (a routing model or its text; None or balanced: the same); a skewed
+    routing's hot experts costed over the runs' all-to-all (dispatch "all_to_all" only)."""
     model = parse(routing)
+    if model is not None and dispatch != "all_to_all":
+        raise ConfigError(f"dispatch = {dispatch!r} with routing {routing!r}: the skew's all-to-all is the runs' "
+                          "(a copy per token and expert); give dispatch all_to_all, or balanced routing")
     base = planner.cost(system, workload, plan, global_batch, memory, dtype=dtype, optimizer=optimizer,
                         seq_len=seq_len, message_bytes=message_bytes, fusion=fusion, attention=attention,
-                        model_dtype=model_dtype)
+                        model_dtype=model_dtype, dispatch=dispatch)
     c = config_of(workload, seq_len)
     if model is None or plan.ep == 1 or not hasattr(c, "n_experts"):
         return base

@@ -40,7 +40,7 @@ FIGURES = ("bf16_tflops", "fp8_tflops", "hbm_gb", "hbm_tbps", "scaleup_gbps", "s
            "scaleout_gbps", "scaleout_latency_us", "power_w")
 # figures that may be absent from a data sheet, and the word the catalog uses for that
 MAYBE = {"fp8_tflops": "none", "scaleout_gbps": "unknown", "power_w": "unknown"}
-OPTIONAL = ("int8_tops",)  # figures a chip may leave out (absent: None), sourced where given
+OPTIONAL = ("int8_tops", "mamf_tflops", "fp8_mamf_tflops")  # figures a chip may leave out (None), sourced where given
 DTYPE_PEAK = {"bf16": "bf16_tflops", "fp16": "bf16_tflops", "fp8": "fp8_tflops", "int8": "int8_tops"}
 
 
@@ -55,6 +55,10 @@ class Chip:
     scaleout_latency_us: float  # per-message latency across domains, us
     fp8_tflops: float | None = None  # dense FP8 peak; None: no FP8
     int8_tops: float | None = None  # dense INT8 peak, 1e12 op/s (W8A8 serving); None: none in the catalog
+    # the fastest GEMM measured (the "maximum achievable matmul FLOPS" sweep's best shape), BF16 and FP8,
+    # 1e12 FLOP/s: matmul_eff and fp8_matmul_eff are set from them, and no GEMM is charged faster (gemm_cap)
+    mamf_tflops: float | None = None
+    fp8_mamf_tflops: float | None = None
     scaleout_gbps: float | None = None  # scale-out bandwidth per device, per direction; None: unknown
     power_w: float | None = None  # power per device, W; None: unknown
     display: str = ""  # name as vendors write it
@@ -84,10 +88,16 @@ class Chip:
                 allowed = f' (or "{MAYBE[f]}")' if f in MAYBE else ""
                 raise ConfigError(f"chip {self.name!r}: {f} = {v!r} is invalid; "
                                  f"give a positive number{allowed}")
-        v = self.int8_tops
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
-            raise ConfigError(f"chip {self.name!r}: int8_tops = {v!r} is invalid; give a positive number, or leave "
-                             "it out (then the chip serves no INT8)")
+        for f, absent in (("int8_tops", "the chip serves no INT8"), ("mamf_tflops", "no GEMM cap"),
+                          ("fp8_mamf_tflops", "no FP8 GEMM cap")):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise ConfigError(f"chip {self.name!r}: {f} = {v!r} is invalid; give a positive number, or leave "
+                                 f"it out (then {absent})")
+        if self.fp8_mamf_tflops is not None and self.fp8_tflops is None:
+            raise ConfigError(f"chip {self.name!r}: fp8_mamf_tflops = {self.fp8_mamf_tflops!r} is given, but the chip "
+                             "has no FP8 (fp8_tflops \"none\"); leave it out, or give fp8_tflops")
         v = self.fp8_matmul_eff
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
             raise ConfigError(f"chip {self.name!r}: fp8_matmul_eff = {v!r} is invalid; give a fraction of "
@@ -129,6 +139,20 @@ class Chip:
         """Fraction of the FP8 peak a large FP8 GEMM reaches (the catalog's, else matmul_eff)."""
         return self.matmul_eff if self.fp8_matmul_eff is None else self.fp8_matmul_eff
 
+    def gemm_cap(self, fp8: bool = False) -> float:
+        """The most of its efficiency (matmul_eff x peak, or the FP8 ones) a GEMM is charged at, in (0, 1]:
+        the MAMF sweep's fastest GEMM over that rate. matmul_eff is set from the sweep's best shape
+        after its tile and wave quantisation and its launch (kernels/gemm.py), so a long GEMM with no
+        quantisation loss would otherwise run faster than any GEMM the sweep measured (on an H100 843
+        TFLOPS, of a measured best of 794.5). 1 where the catalog gives no MAMF."""
+        share = self._mamf_share(fp8)
+        return 1.0 if share is None else min(1.0, share)
+
+    def _mamf_share(self, fp8: bool) -> float | None:
+        mamf, peak, eff = ((self.fp8_mamf_tflops, self.fp8_tflops, self.fp8_eff) if fp8
+                           else (self.mamf_tflops, self.bf16_tflops, self.matmul_eff))
+        return None if mamf is None or peak is None else mamf / (peak * eff)
+
     @property
     def hbm_bytes(self) -> float:
         return self.hbm_gb * 1e9
@@ -141,8 +165,18 @@ class Chip:
         return figure in self.estimates
 
     def replace(self, **changes) -> Chip:
-        """A copy with some fields changed (validated again), e.g. chip.replace(matmul_eff=0.5)."""
-        return replace(self, **changes)
+        """A copy with some fields changed (validated again), e.g. chip.replace(matmul_eff=0.5). The
+        fastest GEMMs measured (mamf_tflops, fp8_mamf_tflops) move with the peak and efficiency they
+        were measured at unless given, so the GEMM cap stays the same share of the rate (gemm_cap)."""
+        if "fp8_tflops" in changes and changes["fp8_tflops"] is None:  # no FP8: no FP8 GEMM measured either
+            changes = {"fp8_mamf_tflops": None, **changes}
+        out = replace(self, **changes)
+        kept = {}
+        for fp8, f in ((False, "mamf_tflops"), (True, "fp8_mamf_tflops")):
+            share = self._mamf_share(fp8)
+            if f not in changes and share is not None:
+                kept[f] = share * (out.fp8_tflops * out.fp8_eff if fp8 else out.bf16_tflops * out.matmul_eff)
+        return replace(out, **kept) if kept else out
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

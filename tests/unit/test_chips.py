@@ -103,6 +103,9 @@ def test_a_good_catalog_loads(tmp_path):
     (("scaleup_gbps = 100\n", ""), r"chip 'toy': figure scaleup_gbps is missing"),
     (('power_w = "s"\n', ""), r"no source for power_w"),
     (("[toy.sources]", 'colour = "red"\n[toy.sources]'), r"unknown field\(s\) colour"),
+    (("[toy.sources]", 'mamf_tflops = 0\n[toy.sources]\nmamf_tflops = "s"'),
+     r"chip 'toy': mamf_tflops = 0 is invalid; give a positive number, or leave it out \(then no GEMM cap\)"),
+    (("[toy.sources]", 'mamf_tflops = 100\n[toy.sources]'), r"no source for mamf_tflops"),
 ])
 def test_bad_catalog_entries_name_chip_field_and_value(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -301,3 +301,26 @@ def test_fsdp2_prefetch_timeline_by_hand():
     assert fsdp_microbatch([2.0] * 3, [4.0] * 3, [1.0] * 3, [1.0] * 3, (0.0, 0.0), (0.0, 0.0)) == 21.0  # 18 + 3
     # slow gathers (3 > a forward of 2): the lane, not the compute, sets the pace
     assert fsdp_microbatch([2.0] * 3, [4.0] * 3, [3.0] * 3, [1.0] * 3, (0.0, 0.0), (0.0, 0.0)) == 27.0  # 18 + 9
+
+
+def test_relay_plan_costs_deepeps_dispatch_where_asked_and_refuses_what_cannot_go_with_it(capsys):
+    """--dispatch deepep: the expert all-to-all as DeepEP's kernels send it (uniform routing: fewer
+    copies crossing the nodes than a copy per expert), the rest of the step the same; refused with
+    --confirm and a skewed --routing, whose runs and hot experts send the runs' all-to-all."""
+    base = ["plan", "--chip", "h100", "--devices", "16", "--domain", "4", "--workload", "mixtral-8x7b",
+            "--parallel", "dp=16,ep=8,fsdp,recompute", "--global-batch", "16", "--seq-len", "4096"]  # EP 8 over 2 nodes
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "all_to_all expert dispatch" in out
+    plain = next(x for x in out.splitlines() if x.startswith("1 ")).split()
+    assert main(base + ["--dispatch", "deepep"]) == 0
+    out = capsys.readouterr().out
+    assert "deepep expert dispatch" in out
+    deep = next(x for x in out.splitlines() if x.startswith("1 ")).split()
+    a2a = -5  # the expert all-to-all column (emulated s), before data parallel and the memory's "x / y"
+    assert float(deep[a2a]) < float(plain[a2a]) and deep[-8:-5] == plain[-8:-5]
+    assert main(base + ["--dispatch", "deepep", "--routing", "zipf:0.2"]) == 2
+    assert "--dispatch = 'deepep' with --routing" in capsys.readouterr().err
+    search = ["plan", "--chip", "h100", "--devices", "4", "--workload", "moe-debug", "--dispatch", "deepep"]
+    assert main(search + ["--confirm", "1"]) == 2
+    assert "drop --dispatch or --confirm" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 
 from relay.analytic import planner
 from relay.errors import ConfigError
-from relay.launch import cli, validate
+from relay.launch import cli, training_frameworks, validate
 from relay.launch import validate_training as vt
 from relay.workloads import get as get_workload
 
@@ -86,7 +86,7 @@ def test_the_llama3_papers_asynchronous_p2p_is_costed_as_overlapped():
     assert exposed.breakdown.pipeline - overlapped.breakdown.pipeline == pytest.approx(32 * 8 * p2p, rel=1e-9)
     assert overlapped.breakdown.compute == exposed.breakdown.compute
     assert vt.run(row, best=False)["step_s"] == pytest.approx(overlapped.step_s, rel=1e-12)
-    assert vt.ASYNC_P2P in row.extras and row.extras[0].startswith(vt.MODELLED)
+    assert training_frameworks.ASYNC_P2P in row.extras and row.extras[0].startswith(vt.MODELLED)
 
 
 def test_a_bad_row_is_refused_naming_the_row_the_field_and_the_fix(tmp_path):
@@ -94,10 +94,12 @@ def test_a_bad_row_is_refused_naming_the_row_the_field_and_the_fix(tmp_path):
     for old, new, words in [('precision = "bf16"', 'precision = "fp4"', "precision = 'fp4' is invalid"),
                             ("dp = 32\n", "dp = 31\n", "tp x pp x cp x dp must be devices"),
                             ('chip = "h100"', 'chip = "h1000"', "h1000"),
-                            ("fit = false", "fits = false", "unknown field(s) fits")]:
+                            ("fit = false", "fits = false", "unknown field(s) fits"),
+                            ("fit = false", "fit = false\nschedules = 2", "schedules = 2 is invalid; give 1, or"),
+                            ("schedules = 4", "schedules = 3", "schedules = 3 is invalid; give 1, or")]:
         path = tmp_path / "t.toml"
         path.write_text(text.replace(old, new, 1))
-        with pytest.raises(ConfigError, match="automodel-h100x64-llama3-70b|h1000") as e:
+        with pytest.raises(ConfigError, match="automodel-h100x(64-llama3-70b|1024-deepseek-v3)|h1000") as e:
             vt.load(path)
         assert words in str(e.value)
 
@@ -163,3 +165,16 @@ def test_a_context_parallel_fold_that_drops_attention_is_not_run():
     assert "leaves out 54% of the row's model FLOPs" in x["not_run"] and "needs a CP dimension" in x["not_run"]
     y = vt.run(BY_ID["mbridge-b200x128-llama3-405b-fp8"], best=False)
     assert "not_run" not in y and y["ratio"] > 0
+
+
+def test_automodels_rows_run_eager_around_transformer_engine_unless_compiled():
+    """AutoModel's DeepSeek-V3 configs name no torch.compile: TE's layers in an eager model, costed
+    eager and said so; its Llama 3 70B config compiles: fused. Neither lists TE as not modelled."""
+    for row_id, fusion in (("automodel-h100x256-deepseek-v3", "eager"), ("automodel-h100x1024-deepseek-v3", "eager"),
+                           ("automodel-h100x64-llama3-70b", "fused")):
+        row = BY_ID[row_id]
+        lay = vt.layout(row)
+        assert lay.fusion == fusion, row_id
+        assert any(a.startswith("Transformer Engine's layers in an eager model") for a in lay.approximations) == \
+            (fusion == "eager"), row_id
+        assert not [e for e in vt.run(row, best=False)["extras"] if "Transformer Engine" in e or e == "DeepEP"], row_id
