@@ -2,9 +2,11 @@
 
     seconds = launch_s + max(flops / (peak[dtype] * matmul_eff * q), bytes / (hbm_Bps * mem_eff))
 
-q is 1 except for GEMMs (mm, addmm, bmm, baddbmm), where it is the tile and wave quantisation of
-the output's shape on the chip (kernels/gemm.py): small and skinny GEMMs reach less of the peak;
-and for fused attention backward kernels, whose recompute of the scores it stands for.
+q is 1 except for GEMMs (mm, addmm, bmm, baddbmm, the experts' grouped ones), where it is the tile
+and wave quantisation of the output's shape on the chip (kernels/gemm.py): small and skinny GEMMs
+reach less of the peak; lowered where needed so that no GEMM runs, launch included, faster than
+the chip's fastest measured one at its precision (`chip.gemm_cap`, `CostModel._capped`); and for
+fused attention backward kernels, whose recompute of the scores it stands for.
 
 FLOPs (the model's) come from PyTorch's own formulas (torch.utils.flop_counter's registry:
 matmuls, convolutions, attention), completed below for the attention kernels the registry lacks
@@ -15,8 +17,8 @@ the *emulated* dtype (bf16 by default, whatever the host computes in; with `real
 already in the emulated dtype, at their own), integer and bool tensors at their real size. Views
 and bare allocations launch no kernel: they cost 0.
 
-The chip is any object with the catalog's SI views (`peak_flops(dtype)`, `hbm_Bps`) and the
-default `matmul_eff`, `mem_eff`, `launch_us` and `compute_units`: an
+The chip is any object with the catalog's SI views (`peak_flops(dtype)`, `hbm_Bps`), the
+default `matmul_eff`, `mem_eff`, `launch_us` and `compute_units`, and `gemm_cap(fp8)`: an
 `relay.hardware.chips.Chip`. This layer sits below the rest of Relay and imports none of it;
 its bad-input errors are ValueErrors that the driver checks before any device starts.
 """

@@ -54,5 +54,6 @@ def quantisation(m: int, n: int, units: int | None, batch: int = 1, k: int | Non
 
 def efficiency(chip, m: int, n: int, k: int, best: float | None = None) -> float:
     """Fraction of dense peak a (m, k) @ (k, n) GEMM reaches on `chip`; `best` overrides the
-    chip's best-shape efficiency (a run's --matmul-eff)."""
+    chip's best-shape efficiency (a run's --matmul-eff). Before the cost model's cap at the chip's
+    fastest measured GEMM (CostModel._capped), which only long, well quantised GEMMs reach."""
     return (chip.matmul_eff if best is None else best) * quantisation(m, n, chip.compute_units, k=k)

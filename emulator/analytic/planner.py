@@ -286,8 +286,9 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     dp / ep, exposed; under Megatron's "dp" overlap in its own buckets, as the dense (megatron.py)."""
     expert_tensors, expert_params = sum(e for _, e in tensors), sum(p.expert_params for p in parts)
     compute, exposed = accumulate.adds(plan, parts, tensors, kernels), 0.0  # (accumulated microbatches)
+    syncs = schedules if plan.pp > 1 else 1  # gradient syncs a step (each pipeline schedule's, under one)
     if expert_tensors and not plan.shards_experts:
-        compute += kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
+        compute += syncs * kernels.seconds(expert_tensors, 2 * expert_params)  # sync_experts' div_
         if plan.dp_outer > 1:  # per tensor (Megatron's "dp" overlap: in its buckets, megatron.messages)
             n = megatron.messages(expert_tensors, expert_params * size, plan.dp, size, overlap)
             exposed = n * _collective(system, plan, "dp_outer", "all_reduce", expert_params * size / n)
@@ -305,7 +306,7 @@ def _data_parallel(system, plan: Parallel, parts, tensors, size: int, kernels: _
     grads = params * size
     buckets = max(math.ceil(grads / megatron.bucket_bytes(BUCKET_MB * 1e6, plan.dp, size, overlap)), 1)
     each = _collective(system, plan, "dp", "all_reduce", grads / buckets)
-    compute += kernels.seconds(buckets + owned, 4 * params)
+    compute += syncs * kernels.seconds(buckets + owned, 4 * params)
     if plan.pp > 1:
         return compute, exposed + buckets * each
     return compute, megatron.buckets(exposed, buckets * each, sum(d[2] for d in dense), each, overlap)

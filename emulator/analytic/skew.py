@@ -89,9 +89,7 @@ def cost(system, workload: str, plan, global_batch: int, routing=None, memory=No
     """planner.cost with `routing` (a routing model or its text; None or balanced: the same); a skewed
     routing's hot experts costed over the runs' all-to-all (dispatch "all_to_all" only)."""
     model = parse(routing)
-    if model is not None and dispatch != "all_to_all":
-        raise ConfigError(f"dispatch = {dispatch!r} with routing {routing!r}: the skew's all-to-all is the runs' "
-                          "(a copy per token and expert); give dispatch all_to_all, or balanced routing")
+    _refuse_deepep(model, routing, dispatch)
     base = planner.cost(system, workload, plan, global_batch, memory, dtype=dtype, optimizer=optimizer,
                         seq_len=seq_len, message_bytes=message_bytes, fusion=fusion, attention=attention,
                         model_dtype=model_dtype, dispatch=dispatch)
@@ -128,8 +126,15 @@ def cost(system, workload: str, plan, global_batch: int, routing=None, memory=No
                    mfu=base.mfu * base.step_s / step)
 
 
+def _refuse_deepep(model, routing, dispatch: str) -> None:
+    if model is not None and dispatch != "all_to_all":
+        raise ConfigError(f"dispatch = {dispatch!r} with routing {routing!r}: the skew's all-to-all is the runs' "
+                          "(a copy per token and expert); give dispatch all_to_all, or balanced routing")
+
+
 def search(system, workload: str, global_batch: int, routing=None, top: int = 5, **kw) -> planner.Search:
     """planner.search with `routing`: the same plans and memory pruning, ranked by `cost`."""
+    _refuse_deepep(parse(routing), routing, kw.get("dispatch", "all_to_all"))  # (before any plan is measured)
     if parse(routing) is None:
         return planner.search(system, workload, global_batch, top=top, **kw)
     start = time.perf_counter()

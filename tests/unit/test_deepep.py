@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from relay import System
-from relay.analytic import deepep, planner
+from relay.analytic import deepep, planner, skew
 from relay.analytic.footprint import config_of, stage_layers
 from relay.errors import ConfigError
 from relay.launch import training_frameworks
@@ -76,6 +76,13 @@ def test_the_plan_model_charges_deepep_where_the_all_to_all_was():
     assert deep.step_s < 0.6 * plain.step_s
     with pytest.raises(ConfigError, match="dispatch = 'nccl' is not an expert dispatch; choose one of all_to_all"):
         planner.cost(system, row.workload, plan, row.global_batch, deep.memory, dispatch="nccl")
+    # refused before any plan is measured: a bad routing, and DeepEP beside a skewed router (its hot experts'
+    # all-to-all is the runs')
+    small = System("h100", 8, domain=4)
+    with pytest.raises(ConfigError, match="routing = 'skewed' is not a DeepEP routing"):
+        planner.search(small, "moe-debug", 16, dispatch="deepep", routing="skewed")
+    with pytest.raises(ConfigError, match="dispatch = 'deepep' with routing 'zipf:0.2'"):
+        skew.search(small, "moe-debug", 16, "zipf:0.2", dispatch="deepep")
 
 
 def test_each_pipeline_schedule_of_a_step_pays_its_bubble_and_its_gradient_sync():
