@@ -50,7 +50,7 @@ def check(dispatch: str, routing: str) -> None:
 def reach(top_k: int, experts: int, p1: int, q: int, routing: str) -> tuple[float, float]:
     """(domains, ranks) one token's top_k experts reach, of `experts` spread evenly over an ep group
     of q domains of p1 ranks (expected under uniform routing)."""
-    check(DISPATCHES[1], routing)
+    check("deepep", routing)
     ranks = p1 * q
     if routing == "grouped":
         return min(math.ceil(top_k * q / experts), q), min(math.ceil(top_k * ranks / experts), ranks)

@@ -134,8 +134,9 @@ def _refuse_deepep(model, routing, dispatch: str) -> None:
 
 def search(system, workload: str, global_batch: int, routing=None, top: int = 5, **kw) -> planner.Search:
     """planner.search with `routing`: the same plans and memory pruning, ranked by `cost`."""
-    _refuse_deepep(parse(routing), routing, kw.get("dispatch", "all_to_all"))  # (before any plan is measured)
-    if parse(routing) is None:
+    model = parse(routing)
+    _refuse_deepep(model, routing, kw.get("dispatch", "all_to_all"))  # (before any plan is measured)
+    if model is None:
         return planner.search(system, workload, global_batch, top=top, **kw)
     start = time.perf_counter()
     chip, considered, fits = system.chip.name, 0, []
